@@ -1,0 +1,134 @@
+"""Run refsd on golden cases and judge it against the oracle's outputs.
+
+The goldens (``golden/cases``, format in golden/README.md) are captured from the oracle only. This
+module is the consumer side: it reads a case, runs the matching refsd operation on any backend,
+and reports the error against the tolerance stored in the case.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from refsd import attention as _attention
+from refsd import ops
+from refsd import xp as rxp
+from refsd.errors import GoldenError
+
+# op name in a case's metadata -> the refsd callable. Inputs are passed by name.
+OPS = {
+    "linear": ops.linear,
+    "conv2d": ops.conv2d,
+    "group_norm": ops.group_norm,
+    "layer_norm": ops.layer_norm,
+    "silu": ops.silu,
+    "gelu": ops.gelu,
+    "quick_gelu": ops.quick_gelu,
+    "erf": ops.erf,
+    "softmax": ops.softmax,
+    "upsample_nearest2x": ops.upsample_nearest2x,
+    "pad": ops.pad,
+    "attention": _attention.attention,
+}
+
+
+def default_root() -> Path:
+    """The golden folder of a source checkout (``<repo>/golden``)."""
+    return Path(__file__).resolve().parent.parent / "golden"
+
+
+@dataclass(frozen=True)
+class GoldenCase:
+    id: str
+    path: Path
+    meta: dict
+    tensors: dict[str, np.ndarray]
+
+    def group(self, kind: str) -> dict[str, np.ndarray]:
+        """Tensors of one kind ('in', 'out', 'param', 'trace'), keys without the prefix."""
+        pre = kind + "/"
+        return {k[len(pre):]: v for k, v in self.tensors.items() if k.startswith(pre)}
+
+
+@dataclass(frozen=True)
+class Result:
+    case: str
+    variant: dict
+    output: str
+    max_abs: float
+    max_rel: float  # max |refsd - oracle| / max |oracle|
+    worst_ratio: float  # max over elements of |err| / (atol + rtol*|oracle|); <= 1 passes
+    atol: float
+    rtol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.worst_ratio <= 1.0
+
+
+def manifest(root: Path | None = None) -> dict:
+    root = root or default_root()
+    path = root / "MANIFEST.json"
+    if not path.exists():
+        raise GoldenError(f"{path}: no golden manifest (run python -m golden.capture)")
+    return json.loads(path.read_text())["cases"]
+
+
+def load_case(case_id: str, root: Path | None = None) -> GoldenCase:
+    """Read one case by id (e.g. 'ops/conv2d_1x1_f32'), checking its sha256 against the manifest."""
+    import hashlib
+
+    from refsd.weights import SafeTensorsFile
+
+    root = root or default_root()
+    entries = manifest(root)
+    if case_id not in entries:
+        raise GoldenError(f"unknown golden case {case_id!r}; {len(entries)} cases in {root / 'MANIFEST.json'}")
+    path = root / entries[case_id]["path"]
+    if hashlib.sha256(path.read_bytes()).hexdigest() != entries[case_id]["sha256"]:
+        raise GoldenError(f"{path}: sha256 differs from MANIFEST.json; the golden was altered")
+    with SafeTensorsFile(path) as f:
+        tensors = {k: np.array(f.numpy(k)) for k in f.keys()}
+        meta = json.loads(f.metadata["golden"])
+    return GoldenCase(case_id, path, meta, tensors)
+
+
+def run_case(case: GoldenCase, xp, device) -> list[Result]:
+    """Run refsd on ``case`` for each variant on backend (xp, device); one Result per output."""
+    op = case.meta["op"]
+    fn = OPS.get(op["name"])
+    if fn is None:
+        raise GoldenError(f"{case.id}: no refsd operation named {op['name']!r}")
+    inputs = {k: rxp.asarray(v, xp=xp, device=device) for k, v in case.group("in").items()}
+    expected = case.group("out")
+    atol, rtol = case.meta["atol"], case.meta["rtol"]
+    results = []
+    for variant in op.get("variants") or [{}]:
+        got = fn(**inputs, **op["kwargs"], **variant)
+        got = got if isinstance(got, dict) else {next(iter(expected)): got}
+        for name, ref in expected.items():
+            results.append(_judge(case.id, variant, name, rxp.to_numpy(got[name]), ref, atol, rtol))
+    return results
+
+
+def _judge(case_id, variant, name, got, ref, atol, rtol) -> Result:
+    if got.shape != ref.shape:
+        raise GoldenError(f"{case_id}: output {name} has shape {got.shape}, oracle {ref.shape}")
+    if got.dtype != ref.dtype:
+        raise GoldenError(f"{case_id}: output {name} has dtype {got.dtype}, oracle {ref.dtype}")
+    g, r = got.astype(np.float64), ref.astype(np.float64)
+    err = np.abs(g - r)
+    err = np.where(np.isnan(g) != np.isnan(r), np.inf, np.nan_to_num(err, nan=0.0))
+    scale = float(np.max(np.abs(r), initial=0.0))
+    return Result(case_id, variant, name, float(err.max(initial=0.0)),
+                  float(err.max(initial=0.0)) / scale if scale else float(err.max(initial=0.0)),
+                  float(np.max(err / (atol + rtol * np.abs(r)), initial=0.0)), atol, rtol)
+
+
+def run_all(xp, device, root: Path | None = None, only: str | None = None) -> list[Result]:
+    """Every case in the manifest (optionally filtered by id substring) on one backend."""
+    return [r for cid in manifest(root) if only is None or only in cid
+            for r in run_case(load_case(cid, root), xp, device)]
