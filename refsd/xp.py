@@ -126,6 +126,8 @@ def to_numpy(x: Any) -> np.ndarray:
         return t.numpy()
     if _compat.is_cupy_array(x):
         return x.get()
+    if not _compat.is_array_api_obj(x):  # lists, scalars, buffers
+        return np.asarray(x)
     if _compat.is_array_api_strict_namespace(_compat.array_namespace(x)):
         # array-api-strict refuses np.asarray off its default device, but speaks DLPack everywhere.
         return np.from_dlpack(x)
@@ -144,6 +146,10 @@ def asarray(obj: Any, *, like: Any = None, xp=None, device=None, dtype=None):
         raise BackendError("asarray needs like= or xp=")
     if isinstance(dtype, str):
         dtype = resolve_dtype(xp, dtype)
+    if _compat.is_torch_namespace(xp) and isinstance(obj, np.ndarray) and not obj.flags.writeable:
+        # torch aliases NumPy memory and warns when it is read-only (a memory-mapped weights file):
+        # give torch a private copy instead of a tensor that would fault on write.
+        obj = np.array(obj)
     if _compat.is_torch_namespace(xp) and isinstance(obj, np.ndarray) and obj.dtype.name == "bfloat16":
         # torch cannot read ml_dtypes.bfloat16 buffers; go through the raw bits.
         import torch
@@ -271,3 +277,15 @@ def map_chunks(fn: Callable, x, chunk: int):
         with ThreadPoolExecutor(max_workers=n) as pool:
             list(pool.map(run, range(n)))
     return out.reshape(x.shape)
+
+
+def synchronize(x) -> None:
+    """Wait until the work producing ``x`` has finished (for timing on asynchronous GPU backends)."""
+    if _compat.is_torch_array(x) and x.device.type in ("cuda", "mps"):
+        import torch
+
+        (torch.cuda if x.device.type == "cuda" else torch.mps).synchronize()
+    elif _compat.is_cupy_array(x):
+        import cupy
+
+        cupy.cuda.get_current_stream().synchronize()

@@ -1,0 +1,1 @@
+"""Per-backend folders (requirements + notes) and the conformance runner: ``python -m backends NAME``."""

@@ -1,0 +1,38 @@
+"""python -m bench ops [--repeats N] [--quick] [--json PATH]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description="refsd vs torch benchmarks (ratios in one run)")
+    ap.add_argument("suite", choices=["ops"], help="which benchmark suite")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per case (median reported)")
+    ap.add_argument("--quick", action="store_true", help="skip the slowest cases (VAE conv, naive attention)")
+    ap.add_argument("--json", default=None, help="also write the rows as JSON")
+    args = ap.parse_args(argv)
+    import numpy as np
+    import torch
+
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, numpy {np.__version__}, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '')}")
+    from bench import ops
+
+    rows = ops.run(repeats=args.repeats, quick=args.quick)
+    s = ops.summary(rows)
+    if s:
+        print(s)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.__dict__ | {"ratio": r.ratio} for r in rows], f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""``Params``: the read-only, lazily placed mapping of diffusers state-dict keys that layers read.
+
+A layer gets a view scoped to its module path (``p.sub("down_blocks.0.resnets.1")``) and reads
+``p["conv1.weight"]``. Tensors are placed on the target backend (and cast, if asked) on first
+access and memoised in one store shared by every view, so each is converted once. On NumPy a
+float32 tensor of an aligned safetensors file is never copied: it views the memory map.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import ml_dtypes
+import numpy as np
+
+from refsd import xp as rxp
+from refsd.errors import BackendError, WeightsError
+from refsd.weights.safetensors import DTYPES, SafeTensorsFile
+
+MAX_PROBLEM_LINES = 50
+
+
+def _dtype_name(dt: Any) -> str:
+    """A backend-neutral dtype name: np.dtype('float32'), torch.float32 and xp.float32 -> 'float32'."""
+    return dt.name if isinstance(dt, np.dtype) else str(dt).rsplit(".", 1)[-1]
+
+
+def _is_float(name: str) -> bool:
+    return name.startswith(("float", "bfloat"))  # float8_e4m3fn and friends included
+
+
+def _host_dtype(name: str) -> np.dtype:
+    return np.dtype(getattr(ml_dtypes, name)) if name == "bfloat16" else np.dtype(name)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    load: Callable[[], Any]  # -> np.ndarray or a backend array, not yet placed or cast
+    shape: tuple[int, ...]
+    dtype: str  # as stored, e.g. "float16"
+    origin: str  # where it came from, for messages
+
+
+@dataclass
+class _Store:
+    """What all views of one Params share: the sources, the placement, the memo."""
+
+    entries: dict[str, _Entry]
+    xp: Any
+    device: Any
+    dtype: str | None
+    cache: dict[str, Any] = field(default_factory=dict)
+    files: list[SafeTensorsFile] = field(default_factory=list)  # kept open while the store lives
+
+    def target_dtype(self, key: str) -> str:
+        stored = self.entries[key].dtype
+        return self.dtype if self.dtype is not None and _is_float(stored) else stored
+
+    def materialise(self, key: str):
+        e = self.entries[key]
+        target = self.target_dtype(key)
+        xp, dev = self.xp, self.device
+        try:
+            v = e.load()
+            try:  # already on the target backend and device: no round trip through the host
+                same = rxp.namespace(v) is xp and (dev is None or rxp.device(v) == dev)
+            except BackendError:
+                same = False
+            if same:
+                out = v if target == e.dtype else xp.astype(v, rxp.resolve_dtype(xp, target))
+            else:
+                host = rxp.to_numpy(v)
+                if target != e.dtype:
+                    host = host.astype(_host_dtype(target))
+                out = rxp.asarray(host, xp=xp, device=dev)
+        except Exception as exc:
+            raise BackendError(
+                f"parameter {key!r} ({e.dtype} {e.shape} from {e.origin}) cannot be placed on "
+                f"{rxp.backend_name(xp)} as {target}: {exc}"
+            ) from exc
+        return self.cache.setdefault(key, out)
+
+
+def _file_entries(f: SafeTensorsFile) -> dict[str, _Entry]:
+    origin = str(f.path)
+    return {
+        k: _Entry(lambda k=k: f.numpy(k), t.shape, DTYPES[t.dtype].name, origin) for k, t in f.header.tensors.items()
+    }
+
+
+def _entries_of(source: Any) -> tuple[dict[str, _Entry], list[SafeTensorsFile]]:
+    if isinstance(source, SafeTensorsFile):
+        source = [source]
+    if isinstance(source, (list, tuple)) and all(isinstance(f, SafeTensorsFile) for f in source):
+        entries: dict[str, _Entry] = {}
+        for f in source:
+            new = _file_entries(f)
+            dup = [k for k in new if k in entries]
+            if dup:
+                shown = ", ".join(repr(k) for k in dup[:5]) + (f" and {len(dup) - 5} more" if len(dup) > 5 else "")
+                raise WeightsError(f"{f.path}: key {shown} also in {entries[dup[0]].origin}")
+            entries.update(new)
+        return entries, list(source)
+    if not isinstance(source, Mapping):
+        raise TypeError(f"Params source must be a Mapping or SafeTensorsFile(s), got {type(source).__name__}")
+    entries = {}
+    for k, v in source.items():
+        if not isinstance(k, str):
+            raise WeightsError(f"parameter names must be str, got {k!r}")
+        entries[k] = _Entry(lambda v=v: v, tuple(int(d) for d in v.shape), _dtype_name(v.dtype), "<mapping>")
+    return entries, []
+
+
+class Params(Mapping):
+    """Read-only ``Mapping[str, array]`` of diffusers-style keys, placed lazily on ``xp``/``device``.
+
+    ``source``: a Mapping of name -> NumPy or backend array, or a SafeTensorsFile or list of them
+    (lazy; shapes come from the headers; a key in two files is an error naming both).
+    ``dtype``: a name from refsd.xp.FLOAT_DTYPES to cast floating tensors to once, when first
+    read (integer/bool tensors keep theirs); None keeps the stored dtype.
+    ``prefix``: scope of the returned view (see ``sub``). Defaults: NumPy on the CPU.
+    """
+
+    def __init__(self, source: Any, *, xp=None, device=None, dtype: str | None = None, prefix: str = ""):
+        if xp is None:
+            xp, default_device = rxp.backend("numpy")
+            device = default_device if device is None else device
+        if dtype is not None:
+            rxp.resolve_dtype(xp, dtype)  # fail now, not at the first layer, if xp lacks it
+        entries, files = _entries_of(source)
+        self._store = _Store(entries, xp, device, dtype, files=files)
+        self._prefix = _clean(prefix)
+
+    @classmethod
+    def _view(cls, store: _Store, prefix: str) -> Params:
+        p = cls.__new__(cls)
+        p._store, p._prefix = store, prefix
+        return p
+
+    # ---- scoping
+
+    @property
+    def prefix(self) -> str:
+        """The view's full dotted prefix: "" at the root, e.g. "down_blocks.0" below it."""
+        return self._prefix
+
+    def sub(self, prefix: str | int) -> Params:
+        """A view of the keys under ``prefix + "."``, relative to this view; views nest."""
+        rel = _clean(str(prefix))
+        if not rel:
+            return self
+        return Params._view(self._store, f"{self._prefix}.{rel}" if self._prefix else rel)
+
+    def _full(self, key: str) -> str:
+        return f"{self._prefix}.{key}" if self._prefix else key
+
+    def _own(self) -> Iterator[tuple[str, str]]:
+        """(relative key, full key) for every key in this view, in source order."""
+        if not self._prefix:
+            for k in self._store.entries:
+                yield k, k
+            return
+        head = self._prefix + "."
+        for k in self._store.entries:
+            if k.startswith(head):
+                yield k[len(head):], k
+
+    # ---- Mapping
+
+    def __getitem__(self, key: str):
+        if not isinstance(key, str):
+            raise KeyError(f"parameter keys are str, got {key!r}")
+        full = self._full(key)
+        store = self._store
+        if full not in store.entries:
+            raise KeyError(self._missing(full))
+        hit = store.cache.get(full)
+        return hit if hit is not None else store.materialise(full)
+
+    def _missing(self, full: str) -> str:
+        msg = f"no parameter {full!r}"
+        # Within the view first: full keys share long prefixes, which makes any two look alike.
+        rel = full[len(self._prefix) + 1 :] if self._prefix else full
+        close = [self._full(k) for k in difflib.get_close_matches(rel, list(self), n=1, cutoff=0.6)]
+        close = close or difflib.get_close_matches(full, list(self._store.entries), n=1, cutoff=0.85)
+        if close:
+            msg += f"; did you mean {close[0]!r}?"
+        return msg + f" ({len(self._store.entries)} parameters in all)"
+
+    def __contains__(self, key: object) -> bool:  # without materialising, and without a difflib search
+        return isinstance(key, str) and self._full(key) in self._store.entries
+
+    def get(self, key: str, default=None):
+        return self[key] if key in self else default
+
+    def __iter__(self) -> Iterator[str]:
+        return (rel for rel, _ in self._own())
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self._own())
+
+    # ---- without materialising
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Relative key -> shape, from the source (no tensor is read)."""
+        return {rel: self._store.entries[full].shape for rel, full in self._own()}
+
+    def dtype_of(self, key: str) -> str:
+        """The dtype name ``self[key]`` has (after casting), e.g. "float32", without reading it."""
+        full = self._full(key)
+        if full not in self._store.entries:
+            raise KeyError(self._missing(full))
+        return self._store.target_dtype(full)
+
+    @property
+    def xp(self):
+        return self._store.xp
+
+    @property
+    def device(self):
+        return self._store.device
+
+    @property
+    def dtype(self) -> str | None:
+        """The cast requested for floating tensors, or None (stored dtypes kept)."""
+        return self._store.dtype
+
+    def __repr__(self) -> str:
+        where = f"{rxp.backend_name(self.xp)}:{self.device}"
+        return f"Params(prefix={self._prefix!r}, {len(self)} keys, {where}, dtype={self.dtype})"
+
+
+def _clean(prefix: str) -> str:
+    return prefix.strip(".")
+
+
+def wb(p: Mapping, name: str):
+    """``(p[name.weight], p[name.bias] or None)``: the arguments of linear/conv2d/norm ops."""
+    return p[f"{name}.weight"], p.get(f"{name}.bias")
+
+
+def load_params(
+    paths: str | os.PathLike | Iterable[str | os.PathLike],
+    *,
+    backend: str | None = None,
+    xp=None,
+    device=None,
+    dtype: str | None = None,
+) -> Params:
+    """Params over one or several .safetensors files (e.g. a sharded model), memory-mapped.
+
+    ``backend`` (e.g. "torch:cuda") or ``xp``/``device`` choose the placement; default NumPy.
+    A key present in two files is an error naming both.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if backend is not None:
+        if xp is not None:
+            raise BackendError(f"load_params: pass backend={backend!r} or xp=, not both")
+        xp, device = rxp.backend(backend)
+    files: list[SafeTensorsFile] = []
+    try:
+        for path in paths:
+            files.append(SafeTensorsFile(path))
+        return Params(files, xp=xp, device=device, dtype=dtype)
+    except BaseException:
+        for f in files:
+            f.close()
+        raise
+
+
+def _shape_of(v: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in (v if isinstance(v, (tuple, list)) else v.shape))
+
+
+def check_params(params_or_shapes: Mapping, expected: Mapping[str, tuple], *, what: str) -> None:
+    """Raise one WeightsError listing every missing key, unexpected key and shape mismatch.
+
+    ``params_or_shapes``: a Params, or a Mapping of key -> shape or array. ``what`` names the
+    component in the message (e.g. "UNet from v1-5.safetensors").
+    """
+    if isinstance(params_or_shapes, Params):
+        got = params_or_shapes.shapes()
+    else:
+        got = {k: _shape_of(v) for k, v in params_or_shapes.items()}
+    want = {k: _shape_of(v) for k, v in expected.items()}
+    missing = [f"missing: {k} (expected {want[k]})" for k in want if k not in got]
+    unexpected = [f"unexpected: {k} (shape {got[k]})" for k in got if k not in want]
+    wrong = [f"{k}: expected {want[k]}, got {got[k]}" for k in want if k in got and got[k] != want[k]]
+    problems = missing + unexpected + wrong
+    if not problems:
+        return
+    shown = problems[:MAX_PROBLEM_LINES]
+    if len(problems) > len(shown):
+        shown.append(f"... and {len(problems) - len(shown)} more")
+    raise WeightsError(
+        f"{what}: {len(problems)} parameter problem(s) ({len(missing)} missing, {len(unexpected)} unexpected, "
+        f"{len(wrong)} shape mismatches):\n  " + "\n  ".join(shown)
+    )

@@ -1,0 +1,61 @@
+"""Static rules the Array API libraries cannot enforce themselves.
+
+array-api-strict does not catch ``np.exp(strict_array)`` (NumPy silently converts) nor
+``ndarray + strict``: so NumPy may appear only in the modules that handle host data or backends.
+Backend branches (is_torch, is_numpy, ...) live only in refsd/xp.py.
+"""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parent.parent / "refsd"
+
+# Modules allowed to import NumPy: host-side I/O, noise, reports. Never model or op code.
+NUMPY_ALLOWED = {"xp.py", "golden.py", "compare.py", "trace.py", "cli.py", "weights/safetensors.py",
+                 "weights/params.py", "weights/__init__.py", "sampling/rng.py"}
+BACKEND_BRANCH = re.compile(r"^is_(numpy|torch|cupy|jax|dask|array_api_strict)_(namespace|array)$")
+
+
+def modules():
+    return sorted(p for p in PKG.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(PKG)))
+def test_numpy_only_where_allowed(path):
+    rel = str(path.relative_to(PKG))
+    tree = ast.parse(path.read_text())
+    imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    uses_numpy = any((isinstance(n, ast.Import) and any(a.name.split(".")[0] == "numpy" for a in n.names))
+                     or (isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "numpy")
+                     for n in imports)
+    assert not uses_numpy or rel in NUMPY_ALLOWED, f"refsd/{rel} imports numpy: model code must use xp only"
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(PKG)))
+def test_backend_branches_only_in_xp(path):
+    rel = str(path.relative_to(PKG))
+    if rel == "xp.py":
+        return
+    hits = []
+    for n in ast.walk(ast.parse(path.read_text())):
+        if isinstance(n, ast.Import):
+            hits += [a.name for a in n.names if a.name.split(".")[0] in ("torch", "cupy", "jax")]
+        elif isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] in ("torch", "cupy", "jax"):
+            hits.append(n.module)
+        elif isinstance(n, (ast.Name, ast.Attribute)):
+            ident = n.id if isinstance(n, ast.Name) else n.attr
+            if BACKEND_BRANCH.search(ident):
+                hits.append(ident)
+    assert not hits, f"refsd/{rel} branches on a backend (only refsd/xp.py may): {hits[:3]}"
+
+
+def test_nothing_unpickles():
+    """Loading never executes code: no pickle, torch.load or numpy allow_pickle anywhere in refsd."""
+    bad = re.compile(r"\bpickle\.load|\btorch\.load\b|allow_pickle\s*=\s*True|\bUnpickler\b")
+    for path in modules():
+        for line in path.read_text().splitlines():
+            if bad.search(line) and not line.strip().startswith("#"):
+                assert '"' in line or "'" in line, f"{path.name}: {line.strip()}"  # mentions in messages are fine
