@@ -12,7 +12,7 @@ import sys
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description="refsd vs torch benchmarks (ratios in one run)")
     ap.add_argument("suite", choices=["ops"], help="which benchmark suite")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per case (median reported)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per block (the best is reported; two alternating blocks per side)")
     ap.add_argument("--quick", action="store_true", help="skip the slowest cases (VAE conv, naive attention)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON")
     args = ap.parse_args(argv)

@@ -19,12 +19,23 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
+def _malloc_trim() -> None:
+    """Return freed heap memory to the OS so RSS starts from what is really in use (glibc only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_extra_mib(fn) -> float | None:
     """Peak resident memory added while ``fn()`` runs, in MiB (Linux: resets VmHWM via clear_refs).
 
     Counts every allocator (NumPy, torch, BLAS buffers), unlike tracemalloc. None off Linux.
     """
     gc.collect()
+    _malloc_trim()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the high-water mark to the current RSS
@@ -37,17 +48,37 @@ def peak_extra_mib(fn) -> float | None:
     return None if before is None or peak is None else (peak - before) / 1024
 
 
-def median_seconds(fn, repeats: int, sync=lambda: None) -> float:
-    """Median wall time of ``repeats`` calls after one warm-up call."""
+def best_seconds(fn, repeats: int, sync=lambda: None) -> float:
+    """Fastest of ``repeats`` calls after one warm-up call.
+
+    The minimum, not the median: on a shared 2-core VM the same GEMM varies by +-30% between
+    seconds, and the minimum is the least disturbed estimate of what each library can do.
+    """
     fn()
     sync()
-    times = []
+    best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
         sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def compare_seconds(ours, ref, repeats: int, rounds: int = 2, pause: float = 0.3) -> tuple[float, float]:
+    """Best times of ``ours`` and ``ref``, measured in alternating blocks.
+
+    Blocks alternate (ref, ours, ref, ours, ...) so drifting machine speed hits both alike, and
+    pause between blocks: torch's OpenMP and OpenBLAS worker threads spin for a while after a call
+    and would otherwise steal the cores from the other library.
+    """
+    t_ours = t_ref = float("inf")
+    for _ in range(rounds):
+        time.sleep(pause)
+        t_ref = min(t_ref, best_seconds(ref, repeats))
+        time.sleep(pause)
+        t_ours = min(t_ours, best_seconds(ours, repeats))
+    return t_ours, t_ref
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.common import Row, format_table, median_seconds, peak_extra_mib
+from bench.common import Row, compare_seconds, format_table, peak_extra_mib
 
 
 def run(repeats: int = 3, quick: bool = False) -> list[Row]:
@@ -27,9 +27,8 @@ def run(repeats: int = 3, quick: bool = False) -> list[Row]:
 
     def measure(name, ours, ref, target=None, reps=repeats):
         with torch.inference_mode():
-            ref_s = median_seconds(ref, reps)
+            ours_s, ref_s = compare_seconds(ours, ref, reps, rounds=1 if reps == 1 else 2)
             ref_mib = peak_extra_mib(ref)
-        ours_s = median_seconds(ours, reps)
         ours_mib = peak_extra_mib(ours)
         rows.append(Row(name, ours_s, ref_s, ours_mib, ref_mib, target))
         print(format_table(rows[-1:], "refsd", "torch").splitlines()[1], flush=True)

@@ -241,14 +241,21 @@ def _blas_single_thread():
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def parallel_map(xp, fn: Callable, items: Iterable) -> list:
-    """``[fn(i) for i in items]``, on ``cpu_threads(xp)`` threads where that pays (NumPy)."""
+def parallel_map(xp, fn: Callable, items: Iterable, *, blas_threads_per_item: int | None = 1) -> list:
+    """``[fn(i) for i in items]``, on ``cpu_threads(xp)`` threads where that pays (NumPy).
+
+    With ``blas_threads_per_item=1`` (for items dominated by matmuls) BLAS is pinned to one thread
+    while the items run; pinning costs ~0.5 ms, so pass None for items of cheap elementwise work.
+    """
     items = list(items)
     n = min(cpu_threads(xp), len(items))
     if n <= 1:
         return [fn(i) for i in items]
-    with _blas_single_thread(), ThreadPoolExecutor(max_workers=n) as pool:
-        return list(pool.map(fn, items))
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        if blas_threads_per_item is None:
+            return list(pool.map(fn, items))
+        with _blas_single_thread():
+            return list(pool.map(fn, items))
 
 
 def map_chunks(fn: Callable, x, chunk: int):
@@ -289,3 +296,26 @@ def synchronize(x) -> None:
         import cupy
 
         cupy.cuda.get_current_stream().synchronize()
+
+
+
+def map_rows(fn: Callable, x, *extras):
+    """``fn(x, *extras)`` for an ``fn`` that treats axis 0 as independent rows and keeps x's shape
+    and dtype (e.g. normalising (batch, group) slabs).
+
+    On NumPy the rows are split into one contiguous block per CPU thread, each writing its slice of
+    the output: NumPy's ufuncs are single-threaded, and these passes are memory-bound.
+    ``extras`` are split along axis 0 alongside ``x``. Other backends get one vectorised call.
+    """
+    n = cpu_threads(_compat.array_namespace(x))
+    if not isinstance(x, np.ndarray) or n <= 1 or x.shape[0] < 2:
+        return fn(x, *extras)
+    out = np.empty_like(x)
+    bounds = [round(i * x.shape[0] / n) for i in range(n + 1)]
+
+    def run(i):
+        lo, hi = bounds[i], bounds[i + 1]
+        out[lo:hi] = fn(x[lo:hi], *(e[lo:hi] for e in extras))
+
+    parallel_map(_compat.array_namespace(x), run, range(n), blas_threads_per_item=None)
+    return out
