@@ -12,9 +12,11 @@ import sys
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description="refsd vs torch benchmarks (ratios in one run)")
     ap.add_argument("suite", choices=["ops"], help="which benchmark suite")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per block (the best is reported; two alternating blocks per side)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per block (median over two alternating blocks per side is reported)")
     ap.add_argument("--quick", action="store_true", help="skip the slowest cases (VAE conv, naive attention)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON")
+    ap.add_argument("--tune-allocator", action="store_true",
+                    help="call refsd.xp.tune_allocator() first (keeps freed heap memory mapped; affects torch too)")
     args = ap.parse_args(argv)
     import numpy as np
     import torch
@@ -22,6 +24,10 @@ def main(argv=None) -> int:
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, numpy {np.__version__}, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '')}")
+    if args.tune_allocator:
+        from refsd.xp import tune_allocator
+
+        print(f"# tune_allocator(): {tune_allocator()}")
     from bench import ops
 
     rows = ops.run(repeats=args.repeats, quick=args.quick)

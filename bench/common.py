@@ -48,37 +48,34 @@ def peak_extra_mib(fn) -> float | None:
     return None if before is None or peak is None else (peak - before) / 1024
 
 
-def best_seconds(fn, repeats: int, sync=lambda: None) -> float:
-    """Fastest of ``repeats`` calls after one warm-up call.
-
-    The minimum, not the median: on a shared 2-core VM the same GEMM varies by +-30% between
-    seconds, and the minimum is the least disturbed estimate of what each library can do.
-    """
+def block_seconds(fn, repeats: int, sync=lambda: None) -> list[float]:
+    """Wall times of ``repeats`` calls after one warm-up call."""
     fn()
     sync()
-    best = float("inf")
+    times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
         sync()
-        best = min(best, time.perf_counter() - t)
-    return best
+        times.append(time.perf_counter() - t)
+    return times
 
 
 def compare_seconds(ours, ref, repeats: int, rounds: int = 2, pause: float = 0.3) -> tuple[float, float]:
-    """Best times of ``ours`` and ``ref``, measured in alternating blocks.
+    """Median times of ``ours`` and ``ref`` over ``rounds`` alternating blocks of ``repeats`` runs.
 
-    Blocks alternate (ref, ours, ref, ours, ...) so drifting machine speed hits both alike, and
-    pause between blocks: torch's OpenMP and OpenBLAS worker threads spin for a while after a call
-    and would otherwise steal the cores from the other library.
+    Blocks alternate (ref, ours, ref, ours, ...) so a drifting machine speed (a shared 2-core VM
+    varies +-30% over seconds) hits both alike, and pause between blocks: torch's OpenMP and
+    OpenBLAS worker threads spin for a while after a call and would otherwise steal the cores
+    from the other library's first runs.
     """
-    t_ours = t_ref = float("inf")
+    t_ours, t_ref = [], []
     for _ in range(rounds):
         time.sleep(pause)
-        t_ref = min(t_ref, best_seconds(ref, repeats))
+        t_ref += block_seconds(ref, repeats)
         time.sleep(pause)
-        t_ours = min(t_ours, best_seconds(ours, repeats))
-    return t_ours, t_ref
+        t_ours += block_seconds(ours, repeats)
+    return statistics.median(t_ours), statistics.median(t_ref)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import os
 import sys
@@ -24,11 +25,14 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from golden import oracle_ops  # noqa: F401  (registers its cases)
 from golden.registry import DTYPES, FORMAT_VERSION, REGISTRY, Capture, Case
 from golden.tolerances import CHECK_NOISE, tolerance
 
 ROOT = Path(__file__).resolve().parent
+
+# Every golden/oracle_<topic>.py registers its cases on import.
+for _module in sorted(p.stem for p in ROOT.glob("oracle_*.py")):
+    importlib.import_module(f"golden.{_module}")
 
 # --------------------------------------------------------------------------------------------
 # writing and checking

@@ -319,3 +319,25 @@ def map_rows(fn: Callable, x, *extras):
 
     parallel_map(_compat.array_namespace(x), run, range(n), blas_threads_per_item=None)
     return out
+
+
+def tune_allocator() -> bool:
+    """Opt-in: make glibc keep freed memory mapped instead of returning it to the OS every time.
+
+    NumPy allocates a fresh buffer for every temporary; glibc serves large ones with mmap and
+    unmaps them on free, so each reuse page-faults its memory in again (~0.25 us per 4 KiB page:
+    ~3 ms for a 10 MB activation). After this call blocks up to 32 MiB come from the heap and stay
+    there (M_MMAP_THRESHOLD = 32 MiB, M_TRIM_THRESHOLD = 2 GiB, M_TOP_PAD = 64 MiB): measured
+    before on this machine, VAE conv 1030 -> 727 ms and GELU 205 -> 121 ms, for ~600 MB more
+    resident memory. Process-wide and irreversible; never called by refsd itself. Returns False
+    where it does not apply (not glibc).
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # <malloc.h>
+    return all(libc.mallopt(param, value) == 1 for param, value in (
+        (m_mmap_threshold, 32 << 20), (m_trim_threshold, (2 << 30) - 1), (m_top_pad, 64 << 20)))
