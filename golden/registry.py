@@ -6,6 +6,10 @@ Like every oracle-side module, this imports nothing from refsd.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
+import types
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,3 +76,29 @@ def randn(g: torch.Generator, shape, dtype, scale: float = 1.0, shift: float = 0
     return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) * scale + shift
 
 
+def load_kdiffusion():
+    """(k_diffusion.sampling, k_diffusion.external) from the installed files, without the package
+    __init__ (it imports torchvision, absent here). k_diffusion/utils.py imports
+    torchvision.transforms.functional for PIL helpers no schedule calls: an empty stand-in is in
+    sys.modules only while utils.py executes."""
+    if "k_diffusion.external" in sys.modules:
+        return sys.modules["k_diffusion.sampling"], sys.modules["k_diffusion.external"]
+    if "k_diffusion" not in sys.modules:
+        root = Path(importlib.util.find_spec("k_diffusion").origin).parent
+        pkg = types.ModuleType("k_diffusion")
+        pkg.__path__ = [str(root)]
+        sys.modules["k_diffusion"] = pkg
+    stubs = {}
+    if importlib.util.find_spec("torchvision") is None and "k_diffusion.utils" not in sys.modules:
+        tv, tr, fn = (types.ModuleType(n) for n in ("torchvision", "torchvision.transforms",
+                                                     "torchvision.transforms.functional"))
+        tv.transforms, tr.functional = tr, fn
+        stubs = {"torchvision": tv, "torchvision.transforms": tr, "torchvision.transforms.functional": fn}
+    sys.modules.update(stubs)
+    try:
+        sampling = importlib.import_module("k_diffusion.sampling")
+        external = importlib.import_module("k_diffusion.external")
+    finally:
+        for name in stubs:
+            sys.modules.pop(name, None)
+    return sampling, external

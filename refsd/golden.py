@@ -18,7 +18,55 @@ from refsd import ops
 from refsd import xp as rxp
 from refsd.errors import GoldenError
 
-# op name in a case's metadata -> the refsd callable. Inputs are passed by name.
+
+def _run_sample(x, sigmas, noise, mean, std, *, sampler: str, options: dict | None = None,
+                model_sampling: dict | None = None):
+    """Golden adapter for sampler cases (op "sample"): an exact Gaussian-data denoiser, fixed noise.
+
+    Inputs: ``x`` the initial noisy sample, ``sigmas`` the schedule (ending in 0), ``noise`` the
+    noise draws (K, *x.shape) in the order the sampler consumes them, ``mean``/``std`` the Gaussian
+    data distribution. ``model_sampling`` is a diffusers-style scheduler config for samplers that
+    need timesteps or alphas (ModelSamplingDiscrete.from_config).
+    """
+    from refsd.sampling import SAMPLERS
+    from refsd.sampling.denoisers import GaussianDenoiser
+    from refsd.sampling.model_sampling import ModelSamplingDiscrete
+    from refsd.sampling.noise import SequenceNoiseSampler
+
+    if sampler not in SAMPLERS:
+        raise GoldenError(f"golden case names sampler {sampler!r}, which refsd does not have")
+    ms = None if model_sampling is None else ModelSamplingDiscrete.from_config(model_sampling, like=x)
+    model = GaussianDenoiser(mean, std, model_sampling=ms)
+    return SAMPLERS[sampler](model, x, sigmas, noise_sampler=SequenceNoiseSampler(noise), **(options or {}))
+
+
+def _run_schedule(like, *, scheduler: str, steps: int, model_sampling: dict, options: dict | None = None,
+                  denoise: float = 1.0, zsnr_terminal: str = "comfyui"):
+    """Golden adapter for schedule cases (op "schedule"): the sigmas of ``scheduler`` for ``steps``
+    steps at ``denoise`` (refsd.sampling.schedules.get_sigmas), on the model sampling built from the
+    diffusers-style config ``model_sampling``. ``like`` (a (1,) zero) only carries the backend,
+    device and dtype; ``options`` go to the scheduler (rho, alpha, ...)."""
+    from refsd.sampling.model_sampling import from_config
+    from refsd.sampling.schedules import get_sigmas
+
+    ms = from_config(model_sampling, like=like, zsnr_terminal=zsnr_terminal)
+    return get_sigmas(scheduler, ms, steps, denoise=denoise, **(options or {}))
+
+
+def _run_model_sampling_table(sigma, timestep, *, model_sampling: dict, zsnr_terminal: str = "comfyui"):
+    """Golden adapter for model sampling cases (op "model_sampling_table"): the tables of
+    ModelSamplingDiscrete.from_config(model_sampling) (``sigmas``, ``log_sigmas``, ``alphas_cumprod``)
+    and its maps on probe values: ``timestep`` = timestep(sigma), ``timestep_round`` =
+    timestep(sigma, rounding="round"), ``sigma`` = sigma(timestep)."""
+    from refsd.sampling.model_sampling import ModelSamplingDiscrete
+
+    ms = ModelSamplingDiscrete.from_config(model_sampling, like=sigma, zsnr_terminal=zsnr_terminal)
+    return {"sigmas": ms.sigmas, "log_sigmas": ms.log_sigmas, "alphas_cumprod": ms.alphas_cumprod,
+            "timestep": ms.timestep(sigma), "timestep_round": ms.timestep(sigma, rounding="round"),
+            "sigma": ms.sigma(timestep)}
+
+
+# op name in a case's metadata -> the refsd callable (or adapter above). Inputs are passed by name.
 OPS = {
     "linear": ops.linear,
     "conv2d": ops.conv2d,
@@ -32,6 +80,9 @@ OPS = {
     "upsample_nearest2x": ops.upsample_nearest2x,
     "pad": ops.pad,
     "attention": _attention.attention,
+    "sample": _run_sample,
+    "schedule": _run_schedule,
+    "model_sampling_table": _run_model_sampling_table,
 }
 
 

@@ -7,11 +7,12 @@ from pathlib import Path
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
+def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert blocks, "README has no python example"
-    script = tmp_path / "example.py"
-    script.write_text(blocks[0])
+    assert len(blocks) >= 2, "README lost its python examples"
     monkeypatch.chdir(tmp_path)
-    runpy.run_path(str(script), run_name="__main__")
+    for i, block in enumerate(blocks):
+        script = tmp_path / f"example_{i}.py"
+        script.write_text(block)
+        runpy.run_path(str(script), run_name="__main__")
     assert "['conv_in']" in capsys.readouterr().out

@@ -7,7 +7,6 @@ import threading
 import numpy as np
 import pytest
 
-from refsd import xp as rxp
 from refsd.compare import compare
 from refsd.errors import WeightsError
 from refsd.trace import emit, load_trace, record, scope, trace_order

@@ -1,0 +1,87 @@
+"""Classifier-free guidance as a denoiser wrapper (Ho & Salimans 2022).
+
+    denoised = uncond + scale * (cond - uncond)
+
+in x0 space, as ComfyUI's cfg_function (comfy/samplers.py: uncond_pred + (cond_pred - uncond_pred)
+* cond_scale); for eps/v models this equals guiding the network output, since D is affine in it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from refsd import xp as rxp
+
+
+def _is_array(v) -> bool:
+    return hasattr(v, "shape") and hasattr(v, "dtype")
+
+
+class CFGDenoiser:
+    """``CFGDenoiser(model, cond, uncond, scale)(x, sigma, **extra) -> guided denoised``.
+
+    ``model(x, sigma, **kwargs) -> denoised`` is the inner denoiser (e.g. a Denoiser over the UNet).
+    ``cond`` and ``uncond`` are the per-branch keyword arguments of the inner model, dicts such as
+    ``{"encoder_hidden_states": ctx}`` whose arrays have x's batch size B on axis 0. Call-time
+    ``extra`` keyword arguments are shared by both branches and passed unchanged.
+
+    Batching: when cond and uncond have the same keys, every array pair has equal shapes with
+    B = x.shape[0] on axis 0, and every non-array value is equal, the inner model is called once
+    on 2B samples: x twice, sigma twice (0-d sigma stays 0-d), each array concat([cond, uncond]).
+    Otherwise it is called once per branch; the result is the same up to the model's own batch
+    invariance.
+
+    ``scale == 1`` (math.isclose, as ComfyUI's sampling_function) skips the unconditional pass:
+    denoised = cond, and ``uncond_denoised`` is None after the call, so CFG++ samplers (which need
+    it) raise; pass ``always_uncond=True`` (ComfyUI's disable_cfg1_optimization) to keep it.
+
+    After each call: ``cond_denoised``, ``uncond_denoised`` (the branch predictions of the most
+    recent call). ``model_sampling`` is the inner model's (None if it has none).
+    """
+
+    def __init__(self, model: Callable, cond: dict[str, Any] | None, uncond: dict[str, Any] | None,
+                 scale: float, *, always_uncond: bool = False):
+        self.inner_model = model
+        self.cond = dict(cond or {})
+        self.uncond = dict(uncond or {})
+        self.scale = float(scale)
+        self.always_uncond = always_uncond
+        self.cond_denoised = None
+        self.uncond_denoised = None
+
+    @property
+    def model_sampling(self):
+        return getattr(self.inner_model, "model_sampling", None)
+
+    def _batchable(self, batch: int) -> bool:
+        if set(self.cond) != set(self.uncond):
+            return False
+        for k, c in self.cond.items():
+            u = self.uncond[k]
+            if _is_array(c) != _is_array(u):
+                return False
+            if _is_array(c):
+                if tuple(c.shape) != tuple(u.shape) or c.ndim == 0 or c.shape[0] != batch:
+                    return False
+            elif c is not u and c != u:
+                return False
+        return True
+
+    def __call__(self, x, sigma, **extra):
+        if math.isclose(self.scale, 1.0) and not self.always_uncond:
+            self.cond_denoised = self.inner_model(x, sigma, **self.cond, **extra)
+            self.uncond_denoised = None
+            return self.cond_denoised
+        xp = rxp.namespace(x)
+        b = x.shape[0]
+        if self._batchable(b):
+            kw = {k: (xp.concat([c, self.uncond[k]], axis=0) if _is_array(c) else c) for k, c in self.cond.items()}
+            s2 = sigma if not _is_array(sigma) or sigma.ndim == 0 else xp.concat([sigma, sigma], axis=0)
+            out = self.inner_model(xp.concat([x, x], axis=0), s2, **kw, **extra)
+            cond, uncond = out[:b, ...], out[b:, ...]
+        else:
+            cond = self.inner_model(x, sigma, **self.cond, **extra)
+            uncond = self.inner_model(x, sigma, **self.uncond, **extra)
+        self.cond_denoised, self.uncond_denoised = cond, uncond
+        return uncond + (cond - uncond) * self.scale
