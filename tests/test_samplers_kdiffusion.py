@@ -30,7 +30,10 @@ from refsd.sampling.denoisers import GaussianDenoiser
 from refsd.sampling.guidance import CFGDenoiser
 from refsd.sampling.model_sampling import ModelSamplingDiscrete, ModelSamplingDiscreteFlow
 from refsd.sampling.noise import SequenceNoiseSampler
+from refsd.sampling.samplers import dpm_solver
 from refsd.sampling.samplers import kdiffusion as kd
+
+KD_SAMPLERS = {**kd.SAMPLERS, **dpm_solver.SAMPLERS}  # this file covers kdiffusion.py and dpm_solver.py
 
 SMAX, SEND = 14.6146, 0.05
 M, S = 0.3, 0.5  # scalar data law for the weak (distribution) tests
@@ -111,7 +114,7 @@ def _ode_exact(mean, std, x, smax, s):
 
 def _path_error(name, sigmas, **opts):
     mean, std, x = _problem()
-    y = kd.SAMPLERS[name](_wrap(name, GaussianDenoiser(mean, std)), x, sigmas, noise_sampler=no_noise, **opts)
+    y = KD_SAMPLERS[name](_wrap(name, GaussianDenoiser(mean, std)), x, sigmas, noise_sampler=no_noise, **opts)
     return float(np.abs(y - _ode_exact(mean, std, x, sigmas[0], sigmas[-1])).max())
 
 
@@ -120,7 +123,7 @@ def _affine(name, sigmas, model, **opts):
     x = np.zeros((rows, 1))
     x[1, 0] = 1.0
     noise = UnitNoise(rows)
-    y = kd.SAMPLERS[name](_wrap(name, model), x, sigmas, noise_sampler=noise, **opts)[:, 0]
+    y = KD_SAMPLERS[name](_wrap(name, model), x, sigmas, noise_sampler=noise, **opts)[:, 0]
     return y[0], y[1] - y[0], y[2:2 + noise.calls] - y[0]
 
 
@@ -200,7 +203,7 @@ SPECIAL = {"dpm_fast", "dpm_adaptive", "lcm"}  # tested below with their own mea
 
 def test_every_sampler_has_a_convergence_test():
     covered = {n for n, *_ in DETERMINISTIC + STARTUP_LIMITED + WEAK} | SPECIAL
-    assert covered == set(kd.SAMPLERS)
+    assert covered == set(KD_SAMPLERS)
 
 
 @pytest.mark.parametrize("name,opts,order", DETERMINISTIC, ids=[f"{n}{o or ''}" for n, o, _ in DETERMINISTIC])
@@ -249,7 +252,7 @@ def test_dpm_adaptive_error_follows_tolerance(order):
     for rtol in (1e-3, 1e-4, 1e-5):
         calls = []
         g = GaussianDenoiser(mean, std)
-        y = kd.sample_dpm_adaptive(lambda x_, s_: calls.append(1) or g(x_, s_), x, sig, order=order,
+        y = dpm_solver.sample_dpm_adaptive(lambda x_, s_: calls.append(1) or g(x_, s_), x, sig, order=order,
                                    rtol=rtol, atol=rtol / 10)
         errs.append(float(np.abs(y - _ode_exact(mean, std, x, SMAX, SEND)).max()))
         nfes.append(len(calls))
@@ -277,7 +280,7 @@ def test_lcm_matches_its_exact_variance_recursion():
 # --------------------------------------------------------------------------------------------
 # (b) a single-point data distribution (std = 0: D(x, sigma) = mean) is reached exactly
 
-ENDS_AT_ZERO = sorted(set(kd.SAMPLERS) - {"dpm_fast", "dpm_adaptive"})
+ENDS_AT_ZERO = sorted(set(KD_SAMPLERS) - {"dpm_fast", "dpm_adaptive"})
 
 
 def _single_point_model(name, mean):
@@ -290,7 +293,7 @@ def test_single_point_data_is_returned(name):
     mean, _, x = _problem()
     sig = log_sigmas(10, send=0.0292, zero=True)
     noise = SequenceNoiseSampler(np.random.default_rng(1).normal(size=(40, *x.shape)))
-    y = kd.SAMPLERS[name](_single_point_model(name, mean), x, sig, noise_sampler=noise)
+    y = KD_SAMPLERS[name](_single_point_model(name, mean), x, sig, noise_sampler=noise)
     np.testing.assert_allclose(y, mean, rtol=0, atol=1e-13 * SMAX)
 
 
@@ -300,7 +303,7 @@ def test_single_point_data_dpm_solver_is_exact_at_sigma_min(name):
     # stays at the last nonzero sigma (as ComfyUI): mean + (x - mean) sigma_min / sigma_max.
     mean, _, x = _problem()
     sig = log_sigmas(10, send=0.0292, zero=True)
-    y = kd.SAMPLERS[name](GaussianDenoiser(mean, 0.0), x, sig)
+    y = KD_SAMPLERS[name](GaussianDenoiser(mean, 0.0), x, sig)
     np.testing.assert_allclose(y, mean + (x - mean) * (0.0292 / SMAX), rtol=0, atol=1e-13 * SMAX)
 
 
@@ -333,8 +336,8 @@ def test_eta_zero_reduces_to_deterministic(a, a_opts, b, b_opts, flow):
     else:
         mean, std, x = _problem()
         model, sig = GaussianDenoiser(mean, std), log_sigmas(9, zero=True)
-    ya = kd.SAMPLERS[a](_wrap(a, model), x, sig, noise_sampler=no_noise, **a_opts)
-    yb = kd.SAMPLERS[b](_wrap(b, model), x, sig, noise_sampler=no_noise, **b_opts)
+    ya = KD_SAMPLERS[a](_wrap(a, model), x, sig, noise_sampler=no_noise, **a_opts)
+    yb = KD_SAMPLERS[b](_wrap(b, model), x, sig, noise_sampler=no_noise, **b_opts)
     np.testing.assert_allclose(ya, yb, rtol=0, atol=1e-12 * np.abs(yb).max())
 
 
@@ -353,10 +356,10 @@ def _small_case(name, xp, device):
     ms = ModelSamplingDiscrete.from_config({}, like=xm) if name == "lcm" else None
     model = _wrap(name, GaussianDenoiser(xm, put(std), model_sampling=ms))
     sig = put(log_sigmas(6, send=0.0292, zero=True))
-    return kd.SAMPLERS[name](model, put(x), sig, noise_sampler=SequenceNoiseSampler(put(noise)))
+    return KD_SAMPLERS[name](model, put(x), sig, noise_sampler=SequenceNoiseSampler(put(noise)))
 
 
-@pytest.mark.parametrize("name", sorted(kd.SAMPLERS))
+@pytest.mark.parametrize("name", sorted(KD_SAMPLERS))
 def test_backends_agree(name, xp, device):
     import array_api_compat.numpy as np_xp
 
@@ -367,7 +370,7 @@ def test_backends_agree(name, xp, device):
     np.testing.assert_allclose(rxp.to_numpy(got), ref, rtol=0, atol=1e-12 * float(np.abs(ref).max()))
 
 
-@pytest.mark.parametrize("name", sorted(kd.SAMPLERS))
+@pytest.mark.parametrize("name", sorted(KD_SAMPLERS))
 def test_float32_tracks_float64(name):
     rng = np.random.default_rng(3)
     mean, std = rng.normal(size=(2, 8)) * 0.5, rng.uniform(0.2, 1.0, size=(2, 8))
@@ -376,7 +379,7 @@ def test_float32_tracks_float64(name):
     for dt in (np.float32, np.float64):
         ms = ModelSamplingDiscrete.from_config({}, like=x.astype(dt)) if name == "lcm" else None
         model = _wrap(name, GaussianDenoiser(mean.astype(dt), std.astype(dt), model_sampling=ms))
-        out[dt] = kd.SAMPLERS[name](model, x.astype(dt), log_sigmas(6, zero=True).astype(dt),
+        out[dt] = KD_SAMPLERS[name](model, x.astype(dt), log_sigmas(6, zero=True).astype(dt),
                                     noise_sampler=SequenceNoiseSampler(noise.astype(dt)))
     assert out[np.float32].dtype == np.float32
     # dpm_adaptive's step sizes come from an error estimate (a difference of two solutions, ~rtol) whose
@@ -389,7 +392,7 @@ def test_float32_tracks_float64(name):
 # goldens (k-diffusion 0.1.1 is the oracle), run straight on this module on every backend
 
 SAMPLING_CASES = sorted(c for c in golden.manifest() if c.startswith("sampling/")
-                        and golden.load_case(c).meta["op"]["kwargs"]["sampler"] in kd.SAMPLERS)
+                        and golden.load_case(c).meta["op"]["kwargs"]["sampler"] in KD_SAMPLERS)
 
 
 @pytest.mark.parametrize("case_id", SAMPLING_CASES)
@@ -398,7 +401,7 @@ def test_kdiffusion_goldens(case_id, xp, device):
     inp = {k: rxp.asarray(v, xp=xp, device=device) for k, v in case.group("in").items()}
     kw = case.meta["op"]["kwargs"]
     assert kw["model_sampling"] is None
-    y = kd.SAMPLERS[kw["sampler"]](GaussianDenoiser(inp["mean"], inp["std"]), inp["x"], inp["sigmas"],
+    y = KD_SAMPLERS[kw["sampler"]](GaussianDenoiser(inp["mean"], inp["std"]), inp["x"], inp["sigmas"],
                                    noise_sampler=SequenceNoiseSampler(inp["noise"]), **kw["options"])
     ref = case.group("out")["y"]
     np.testing.assert_allclose(rxp.to_numpy(y), ref, rtol=case.meta["rtol"], atol=case.meta["atol"])
@@ -431,9 +434,9 @@ def test_cfg_pp_step_is_uncond_step_plus_guidance(name, plain, opts):
     cfg, inner, mc, mu, x = _cfg()
     sig = np.array([3.0, 1.2])
     z = np.random.default_rng(9).normal(size=(4, *x.shape))
-    y = kd.SAMPLERS[name](cfg, x, sig, noise_sampler=SequenceNoiseSampler(z), **opts)
+    y = KD_SAMPLERS[name](cfg, x, sig, noise_sampler=SequenceNoiseSampler(z), **opts)
     uncond_only = lambda x_, s_: inner(x_, s_, mean=mu)  # noqa: E731
-    y_plain = kd.SAMPLERS[plain](uncond_only, x, sig, noise_sampler=SequenceNoiseSampler(z), **opts)
+    y_plain = KD_SAMPLERS[plain](uncond_only, x, sig, noise_sampler=SequenceNoiseSampler(z), **opts)
     guidance = cfg(x, np.asarray(3.0)) - inner(x, np.asarray(3.0), mean=mu)
     np.testing.assert_allclose(y, y_plain + guidance, rtol=0, atol=1e-13)
 
@@ -452,14 +455,14 @@ def test_dpmpp_2m_cfg_pp_second_step():
     np.testing.assert_allclose(y, plain + (1 - math.expm1(-h) * h / (2 * h_last)) * guidance, rtol=0, atol=1e-13)
 
 
-@pytest.mark.parametrize("name", [n for n in kd.SAMPLERS if "cfg_pp" in n])
+@pytest.mark.parametrize("name", [n for n in KD_SAMPLERS if "cfg_pp" in n])
 def test_cfg_pp_needs_uncond_denoised(name):
     mean, std, x = _problem()
     with pytest.raises(RefsdError, match=name):
-        kd.SAMPLERS[name](GaussianDenoiser(mean, std), x, log_sigmas(3, zero=True))
+        KD_SAMPLERS[name](GaussianDenoiser(mean, std), x, log_sigmas(3, zero=True))
     cfg1, *_ = _cfg(scale=1.0)  # ComfyUI's cfg=1 shortcut skips the uncond pass
     with pytest.raises(RefsdError, match="uncond_denoised"):
-        kd.SAMPLERS[name](cfg1, np.zeros((1, 2, 3)), log_sigmas(3, zero=True))
+        KD_SAMPLERS[name](cfg1, np.zeros((1, 2, 3)), log_sigmas(3, zero=True))
 
 
 def test_lcm_needs_model_sampling_and_ddpm_refuses_flow():

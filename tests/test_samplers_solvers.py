@@ -19,7 +19,11 @@ from refsd.sampling.denoisers import GaussianDenoiser
 from refsd.sampling.guidance import CFGDenoiser
 from refsd.sampling.model_sampling import ModelSamplingDiscrete
 from refsd.sampling.noise import SequenceNoiseSampler, default_noise_sampler
+from refsd.sampling.samplers import deis as D
+from refsd.sampling.samplers import numerics as N
 from refsd.sampling.samplers import solvers as S
+
+SOLVER_SAMPLERS = {**D.SAMPLERS, **S.SAMPLERS}  # this file covers samplers/deis.py and samplers/solvers.py
 
 SHAPE = (2, 3, 4, 4)
 SIGMA_MAX, SIGMA_MIN = 14.614641, 0.029167  # SD 1.x's range
@@ -66,7 +70,7 @@ def run(name, prob, sigmas, *, xp=None, device=None, dtype="float64", noise=None
     if name.endswith("_cfg_pp"):
         model = _cfg(model)
     ns = SequenceNoiseSampler(put(prob.noise if noise is None else noise))
-    y = S.SAMPLERS[name](model, put(prob.x), put(sigmas), noise_sampler=ns, **opts)
+    y = SOLVER_SAMPLERS[name](model, put(prob.x), put(sigmas), noise_sampler=ns, **opts)
     return rxp.to_numpy(y), ns.used
 
 
@@ -77,8 +81,8 @@ def run(name, prob, sigmas, *, xp=None, device=None, dtype="float64", noise=None
 def test_registry_uses_comfyui_names_and_the_protocol_signature():
     import inspect
 
-    assert set(S.SAMPLERS) == COMFYUI_NAMES
-    for name, fn in S.SAMPLERS.items():
+    assert set(SOLVER_SAMPLERS) == COMFYUI_NAMES
+    for name, fn in SOLVER_SAMPLERS.items():
         params = inspect.signature(fn).parameters
         assert list(params)[:3] == ["model", "x", "sigmas"], name
         for kw in ("extra_args", "callback", "noise_sampler", "seed"):
@@ -98,6 +102,8 @@ ORDERS = [
     ("deis", {}, (2.85, 3.1)),
     ("deis", {"max_order": 2}, (1.9, 2.1)),
     ("deis", {"max_order": 4}, (3.6, 4.4)),
+    ("deis", {"coefficients": "exact"}, (2.85, 3.1)),
+    ("deis", {"max_order": 4, "coefficients": "exact"}, (3.6, 4.4)),
     ("uni_pc", {}, (1.9, 2.15)),
     ("uni_pc_bh2", {}, (1.9, 2.15)),
     ("sa_solver", {"eta": 0.0}, (3.8, 4.2)),
@@ -109,6 +115,7 @@ ORDERS = [
     ("gradient_estimation", {}, (0.85, 1.05)),
     ("gradient_estimation_cfg_pp", {}, (0.85, 1.05)),
     ("er_sde", {"solver_type": "ODE"}, (1.4, 2.1)),
+    ("er_sde", {"solver_type": "ODE", "sums": "float64"}, (1.4, 2.1)),
     ("seeds_2", {"eta": 0.0}, (1.95, 2.05)),
     ("seeds_2", {"eta": 0.0, "solver_type": "phi_2"}, (1.95, 2.05)),
     ("seeds_3", {"eta": 0.0}, (2.85, 3.1)),
@@ -155,7 +162,7 @@ STOCHASTIC = [("sa_solver", {}), ("sa_solver", {"sde_start_percent": 0.0, "sde_e
               ("seeds_2", {"solver_type": "phi_2", "r": 0.4}), ("seeds_3", {}), ("exp_heun_2_x0_sde", {})]
 
 
-@pytest.mark.parametrize("name", sorted(S.SAMPLERS))
+@pytest.mark.parametrize("name", sorted(SOLVER_SAMPLERS))
 def test_point_data_returns_the_point(name):
     prob = Problem(std=0.0)
     y, _ = run(name, prob, karras(12))
@@ -207,7 +214,7 @@ def test_sde_samplers_reproduce_the_data_distribution(name, opts):
     x = rxp.asarray(prob.x, like=model.mean)
     if name.endswith("_cfg_pp"):
         model = _cfg(model)
-    y = S.SAMPLERS[name](model, x, rxp.asarray(karras(40), like=x), noise_sampler=default_noise_sampler(x, 11), **opts)
+    y = SOLVER_SAMPLERS[name](model, x, rxp.asarray(karras(40), like=x), noise_sampler=default_noise_sampler(x, 11), **opts)
     z = (rxp.to_numpy(y) - prob.mean) / prob.std
     assert abs(z.mean()) < 0.04 and abs(z.std() - 1) < 0.05, (name, opts, z.mean(), z.std())
 
@@ -229,7 +236,7 @@ def test_noise_is_drawn_where_comfyui_draws_it():
 # backends and dtypes
 
 
-@pytest.mark.parametrize("name", sorted(S.SAMPLERS))
+@pytest.mark.parametrize("name", sorted(SOLVER_SAMPLERS))
 def test_backends_agree_in_float64(name, xp, device, backend_name):
     prob, sig = Problem(), karras(7)
     ref, used_ref = run(name, prob, sig)
@@ -238,14 +245,14 @@ def test_backends_agree_in_float64(name, xp, device, backend_name):
     np.testing.assert_allclose(got, ref, atol=1e-12, rtol=0, err_msg=f"{name} on {backend_name}")
 
 
-@pytest.mark.parametrize("name", sorted(S.SAMPLERS))
+@pytest.mark.parametrize("name", sorted(SOLVER_SAMPLERS))
 def test_float32_stays_float32(name):
     xp = rxp.backend("numpy")[0]
     prob, sig = Problem(), karras(7)
     y64, _ = run(name, prob, sig)
     model = prob.model(xp, dtype="float32")
     x = rxp.asarray(prob.x, xp=xp, dtype="float32")
-    y = S.SAMPLERS[name](model if not name.endswith("_cfg_pp") else _cfg(model), x, rxp.asarray(sig, like=x),
+    y = SOLVER_SAMPLERS[name](model if not name.endswith("_cfg_pp") else _cfg(model), x, rxp.asarray(sig, like=x),
                          noise_sampler=SequenceNoiseSampler(rxp.asarray(prob.noise, like=x)))
     assert y.dtype == xp.float32
     np.testing.assert_allclose(rxp.to_numpy(y), y64, atol=2e-5 * np.abs(y64).max(), rtol=0)
@@ -263,7 +270,7 @@ def _cfg(model):
 
 def test_gauss_legendre_matches_numpy():
     for n in (5, 20):
-        z, w = S.gauss_legendre(n)
+        z, w = N.gauss_legendre(n)
         rz, rw = np.polynomial.legendre.leggauss(n)
         np.testing.assert_allclose(sorted(z), rz, atol=1e-15)
         np.testing.assert_allclose([w[i] for i in np.argsort(z)], rw, atol=1e-15)
@@ -272,7 +279,7 @@ def test_gauss_legendre_matches_numpy():
 def test_deis_coefficients_match_scipy_quad():
     from scipy import integrate
 
-    bd, bm = S._DEIS_BETA_D, S._DEIS_BETA_MIN
+    bd, bm = D._DEIS_BETA_D, D._DEIS_BETA_MIN
 
     def dsigma_dt(t):  # sigma(t) = sqrt(exp(bd t^2 / 2 + bm t) - 1)
         e = math.exp(0.5 * bd * t * t + bm * t)
@@ -283,14 +290,91 @@ def test_deis_coefficients_match_scipy_quad():
         s = list(karras(n))
         for i in range(1, n - 1):
             for order in range(2, min(4, i + 1) + 1):
-                nodes = [S.deis_vp_time(s[i - k]) for k in range(order)]
-                t0, t1 = S.deis_vp_time(s[i]), S.deis_vp_time(s[i + 1])
-                ref = [integrate.quad(lambda t: S._lagrange(nodes, j, t) * dsigma_dt(t), t0, t1,
+                nodes = [D.deis_vp_time(s[i - k]) for k in range(order)]
+                t0, t1 = D.deis_vp_time(s[i]), D.deis_vp_time(s[i + 1])
+                ref = [integrate.quad(lambda t: N.lagrange(nodes, j, t) * dsigma_dt(t), t0, t1,
                                       epsabs=0, epsrel=1e-13, limit=200)[0] for j in range(order)]
-                got = S.deis_coefficients(s, i, order)
+                got = D.deis_coefficients(s, i, order)
                 worst = max(worst, max(abs(a - b) for a, b in zip(got, ref)) / (s[i] - s[i + 1]))
                 assert abs(sum(got) - (s[i + 1] - s[i])) < 1e-13 * s[i]  # Lagrange bases sum to 1
     assert worst < 1e-12
+
+
+# ComfyUI's own numbers, captured once (torch 2.13 CPU, numpy 2.4, x86-64 AVX512) by running
+# comfy/k_diffusion/deis.py get_deis_coeff_list(torch.tensor(karras(10)), max_order=4) (float64 sigmas) and
+# printing float(c) of C[i]; refsd's default coefficients="comfyui" reproduces its float32 arithmetic.
+# They differ from the exact integrals by 6e-6..2e-5 relative (float32 Riemann sum); the residual here
+# (<= 3e-7, most bit for bit) is float32 exp ulps (torch's MKL/SLEEF exp vs a correctly rounded one).
+DEIS_COMFYUI_COEFFS = {
+    1: [-5.549757111337934, 1.9252071101095007],
+    2: [-4.733561527406673, 3.823022736488963, -1.3992595264146435],
+    3: [-3.669444899548943, 5.14989160398246, -4.199938105673054, 1.3002981368691884],
+    6: [-0.4169119216334393, 0.289005027786194, -0.15737778461497243, 0.03976509623761109],
+    8: [-0.07259537919629734, 0.024903161803229757, -0.0056161651698653624, 0.000565490034051023],
+}
+
+
+def test_deis_default_coefficients_are_comfyuis():
+    xp = rxp.backend("numpy")[0]
+    s = list(karras(10))
+    for i, want in DEIS_COMFYUI_COEFFS.items():
+        got = D.deis_coefficients_comfyui(s, i, len(want), xp)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+        exact = D.deis_coefficients(s, i, len(want))
+        assert max(abs(a / b - 1) for a, b in zip(exact, want)) > 5e-6  # the option is a real difference
+    # the sampler uses them by default, the exact ones under coefficients="exact"
+    prob, sig = Problem(), karras(10)
+    default, comfy = run("deis", prob, sig)[0], run("deis", prob, sig, coefficients="comfyui")[0]
+    exact = run("deis", prob, sig, coefficients="exact")[0]
+    _same(default, comfy, 0)
+    assert 1e-8 < np.max(np.abs(default - exact)) < 1e-3
+
+
+# sample_er_sde's stage sums as ComfyUI computes them: float(torch.sum(1 / psi(pos)) * step) and
+# float(torch.sum((pos - lam_s) / psi(pos)) * step), pos = lam_t + torch.arange(0, 200.0, dtype=float32) * step,
+# step = -(lam_t - lam_s) / 200 with 0-d float64 lam_s, lam_t and psi the SamplerER_SDE node's scaler;
+# captured once with torch 2.13 CPU (x86-64 AVX512). (solver_type, eta, lam_s, lam_t, s, s_u)
+ER_SDE_COMFYUI_SUMS = [
+    ("ER-SDE", 1.0, 5.4783887848885975, 3.168600100329656, 0.037431509908146754, -0.04795160351325992),
+    ("ER-SDE", 1.0, 0.4469171116107996, 0.20139765400233653, 0.0665008300589977, -0.009317705358890583),
+    ("ER-SDE", 0.5, 5.4783887848885975, 3.168600100329656, 0.14325006864551995, -0.18241037468278587),
+    ("Reverse-time SDE", 1.0, 0.4469171116107996, 0.20139765400233653, 2.7398374034156907, -0.4257116556900193),
+    ("Reverse-time SDE", 0.5, 5.4783887848885975, 3.168600100329656, 0.26965089390237523, -0.3553957763993061),
+    ("ODE", 1.0, 5.4783887848885975, 3.168600100329656, 0.5482902566685646, -0.6939584778602503),
+    ("ODE", 1.0, 0.4469171116107996, 0.20139765400233653, 0.7987685737232377, -0.11146388940917237),
+]
+
+
+def test_er_sde_default_sums_are_comfyuis():
+    xp = rxp.backend("numpy")[0]
+    for solver_type, eta, lam_s, lam_t, want_s, want_u in ER_SDE_COMFYUI_SUMS:
+        scaler = S.er_sde_noise_scaler(solver_type, eta)
+        got = S.er_sde_sums_comfyui(xp, None, scaler, lam_s, lam_t)
+        # exact but for float32 exp / pow ulps (torch's SLEEF vs correctly rounded): <= 2e-7 seen
+        np.testing.assert_allclose(got, [want_s, want_u], rtol=5e-7, atol=0)
+        # a host-float scaler (no .f32) goes point by point, rounded to float32: the same here for ODE
+        if solver_type == "ODE":
+            got = S.er_sde_sums_comfyui(xp, None, lambda v: v, lam_s, lam_t)
+            np.testing.assert_allclose(got, [want_s, want_u], rtol=1e-15, atol=0)
+    prob, sig = Problem(), karras(10)
+    default = run("er_sde", prob, sig, solver_type="ODE")[0]
+    f64 = run("er_sde", prob, sig, solver_type="ODE", sums="float64")[0]
+    _same(default, run("er_sde", prob, sig, solver_type="ODE", sums="comfyui")[0], 0)
+    assert 1e-12 < np.max(np.abs(default - f64)) < 1e-5
+
+
+def test_torch_sum_f32_order():
+    """torch_sum_f32 against sums whose float32 order matters: pinned with torch.sum (torch 2.13 CPU)."""
+    xp = rxp.backend("numpy")[0]
+    torch = pytest.importorskip("torch")
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("torch's float32 sum is 8-lane on x86-64 (AVX2 kernel); other CPUs reduce otherwise")
+    g = np.random.default_rng(3)
+    for n in (7, 37, 200, 1000, 10000, 30000):
+        a = (g.standard_normal(n) * np.exp(g.standard_normal(n) * 3)).astype(np.float32)
+        want = torch.sum(torch.from_numpy(a)).item()
+        got = float(N.torch_sum_f32(xp, rxp.asarray(a, xp=xp, dtype="float32")))
+        assert got == want, n
 
 
 @pytest.mark.filterwarnings("ignore::scipy.integrate.IntegrationWarning")  # quad's own caution at tau = 3
@@ -312,7 +396,7 @@ def test_sa_solver_coefficients_match_scipy_quad():
         sigma_next = math.exp(-lam_t)
         got = S.sa_solver_coefficients(sigma_next, lams, lam_s, lam_t, tau, is_corrector_step=corrector)
         ref = [sigma_next * math.exp(lam_t) * tm * integrate.quad(
-            lambda u: math.exp(tm * (u - lam_t)) * S._lagrange(lams, j, u), lam_s, lam_t, epsabs=0, epsrel=1e-13)[0]
+            lambda u: math.exp(tm * (u - lam_t)) * N.lagrange(lams, j, u), lam_s, lam_t, epsabs=0, epsrel=1e-13)[0]
             for j in range(n)]
         np.testing.assert_allclose(got, ref, atol=1e-14, rtol=1e-12)
 
@@ -372,7 +456,7 @@ def test_golden(case_id, xp, device):
     cfg = kw["model_sampling"]
     ms = None if cfg is None else ModelSamplingDiscrete.from_config(cfg, like=ins["x"])
     ns = SequenceNoiseSampler(ins["noise"])
-    y = S.SAMPLERS[kw["sampler"]](GaussianDenoiser(ins["mean"], ins["std"], model_sampling=ms), ins["x"],
+    y = SOLVER_SAMPLERS[kw["sampler"]](GaussianDenoiser(ins["mean"], ins["std"], model_sampling=ms), ins["x"],
                                   ins["sigmas"], noise_sampler=ns, **kw["options"])
     assert ns.used == ins["noise"].shape[0]
     ref = case.group("out")["y"]
@@ -417,11 +501,11 @@ def test_res_multistep_cfg_pp_first_step_renoises_along_uncond():
 
 def test_callback_sees_every_step():
     prob, sig = Problem(), karras(6)
-    for name in sorted(S.SAMPLERS):
+    for name in sorted(SOLVER_SAMPLERS):
         seen = []
         model = prob.model()
         x = rxp.asarray(prob.x, like=model.mean)
-        S.SAMPLERS[name](model if not name.endswith("_cfg_pp") else _cfg(model), x, rxp.asarray(sig, like=x),
+        SOLVER_SAMPLERS[name](model if not name.endswith("_cfg_pp") else _cfg(model), x, rxp.asarray(sig, like=x),
                          noise_sampler=SequenceNoiseSampler(rxp.asarray(prob.noise, like=x)),
                          callback=lambda d: seen.append(d))
         assert [d["i"] for d in seen] == list(range(len(sig) - 1)), name
@@ -441,10 +525,14 @@ def test_clear_errors():
     with pytest.raises(RefsdError, match="gradient_estimation_cfg_pp.*uncond_denoised"):
         S.sample_gradient_estimation_cfg_pp(no_ms, x, s)
     with pytest.raises(RefsdError, match="rhoab"):
-        S.sample_deis(no_ms, x, s, deis_mode="rhoab")
+        D.sample_deis(no_ms, x, s, deis_mode="rhoab")
     with pytest.raises(RefsdError, match="solver_type"):
         S.sample_er_sde(no_ms, x, s, solver_type="SDE")
+    with pytest.raises(RefsdError, match="coefficients"):
+        D.sample_deis(no_ms, x, s, coefficients="float32")
+    with pytest.raises(RefsdError, match="sums"):
+        S.sample_er_sde(no_ms, x, s, sums="exact")
     with pytest.raises(RefsdError, match="phi_1"):
         S.sample_seeds_2(no_ms, x, s, solver_type="phi_3")
     with pytest.raises(TypeError):
-        S.sample_deis(no_ms, x, s, eta=1.0)
+        D.sample_deis(no_ms, x, s, eta=1.0)

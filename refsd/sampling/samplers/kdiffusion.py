@@ -39,58 +39,7 @@ import math
 
 from refsd import xp as rxp
 from refsd.errors import RefsdError
-
-# --------------------------------------------------------------------------------------------
-# host-float helpers
-
-
-def _neg_log(sigma: float) -> float:
-    """Half-log-SNR of a VE/VP sigma, -log(sigma) (ComfyUI sigma_to_half_log_snr); +inf at sigma 0."""
-    return -math.log(sigma) if sigma > 0 else math.inf
-
-
-def _flow_half_log_snr(sigma: float) -> float:
-    """Half-log-SNR of a rectified-flow sigma, log((1 - sigma) / sigma) = -logit(sigma)."""
-    if sigma <= 0:
-        return math.inf
-    return math.log1p(-sigma) - math.log(sigma) if sigma < 1 else -math.inf
-
-
-def _sigmoid_neg(lam: float) -> float:
-    """1 / (1 + exp(lam)): the rectified-flow sigma of a half-log-SNR, without overflow."""
-    if lam >= 0:
-        e = math.exp(-lam)
-        return e / (1 + e)
-    return 1 / (1 + math.exp(lam))
-
-
-def _rf_ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, float, float]:
-    """ComfyUI's rectified-flow ancestral split: (sigma_down, alpha_next / alpha_down, renoise_coeff).
-
-    Step deterministically to sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta), rescale
-    by alpha_next / alpha_down (alpha = 1 - sigma) and add renoise_coeff * noise to land at sigma_next.
-    """
-    sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
-    alpha_next, alpha_down = 1 - sigma_next, 1 - sigma_down
-    renoise = sigma_next**2 - sigma_down**2 * alpha_next**2 / alpha_down**2
-    return sigma_down, alpha_next / alpha_down, math.sqrt(max(renoise, 0.0))
-
-
-def _ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
-    """(sigma_down, sigma_up): the deterministic target and the noise to add (k-diffusion get_ancestral_step)."""
-    if not eta:
-        return sigma_to, 0.0
-    sigma_up = min(sigma_to, eta * math.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2))
-    return math.sqrt(sigma_to**2 - sigma_up**2), sigma_up
-
-
-def _linspace(start: float, end: float, n: int) -> list[float]:
-    """torch.linspace's values: the first half counts up from start, the second half down from end."""
-    if n == 1:
-        return [start]
-    step = (end - start) / (n - 1)
-    return [start + step * i if i < n // 2 else end - step * (n - 1 - i) for i in range(n)]
-
+from refsd.sampling.samplers.common import Run, ancestral_step, churn, flow_half_log_snr, neg_log, rf_ancestral_step, sigmoid_neg
 
 def _lms_coeff(order: int, s: list[float], i: int, j: int) -> float:
     """Integral over [s[i], s[i+1]] of the Lagrange basis polynomial of node s[i-j] on s[i], ..., s[i-order+1].
@@ -115,103 +64,16 @@ def _lms_coeff(order: int, s: list[float], i: int, j: int) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# the per-run plumbing shared by every sampler
-
-
-class _Run:
-    """One sampler call: namespace, host sigmas, model/callback/noise plumbing."""
-
-    def __init__(self, name, model, x, sigmas, extra_args, callback, noise_sampler=None, seed=None,
-                 brownian=False):
-        self.name, self.model_fn, self.cb = name, model, callback
-        self.xp = rxp.namespace(x, sigmas)
-        self.dtype, self.device = x.dtype, rxp.device(x)
-        self.extra = {} if extra_args is None else extra_args
-        self.s = [float(v) for v in rxp.to_numpy(sigmas)]
-        positive = [v for v in self.s if v > 0]
-        self._range = (min(positive), max(self.s)) if positive else None  # before any offset (ComfyUI)
-        self._x0, self._seed, self._brownian = x, seed, brownian
-        self.noise_sampler = noise_sampler
-        self.ms = getattr(model, "model_sampling", None)
-        self.flow = self.ms is not None and getattr(self.ms, "prediction", None) == "const"
-
-    def model(self, x, sigma: float):
-        """The denoiser at a host-float sigma, passed as a 0-d array in x's dtype and device."""
-        return self.model_fn(x, self.xp.asarray(sigma, dtype=self.dtype, device=self.device), **self.extra)
-
-    def callback(self, i, x, sigma, sigma_hat, denoised):
-        if self.cb is not None:
-            self.cb({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
-
-    def noise(self, sigma: float, sigma_next: float):
-        """The next noise draw, built lazily from ComfyUI's default sampler when none was given."""
-        if self.noise_sampler is None:
-            from refsd.sampling.noise import BrownianTreeNoiseSampler, default_noise_sampler
-
-            seed = 0 if self._seed is None else self._seed
-            if self._brownian:
-                self.noise_sampler = BrownianTreeNoiseSampler(self._x0, *self._range, seed)
-            else:
-                self.noise_sampler = default_noise_sampler(self._x0, seed)
-        n = self.noise_sampler(sigma, sigma_next)
-        return n if n.dtype == self.dtype else self.xp.astype(n, self.dtype)
-
-    def uncond(self):
-        """The unconditional prediction of the model's latest call (CFG++ samplers)."""
-        u = getattr(self.model_fn, "uncond_denoised", None)
-        if u is None:
-            raise RefsdError(
-                f"sampler {self.name!r} is a CFG++ sampler: it needs a classifier-free-guidance model that "
-                f"exposes uncond_denoised (refsd.sampling.guidance.CFGDenoiser); "
-                f"{type(self.model_fn).__name__} has none")
-        return u
-
-    def model_sampling(self):
-        if self.ms is None:
-            raise RefsdError(f"sampler {self.name!r} needs model.model_sampling (a ModelSamplingDiscrete); "
-                             f"{type(self.model_fn).__name__} has none")
-        return self.ms
-
-    def noise_scale(self) -> float:
-        """ComfyUI's ``getattr(model_sampling, "noise_scale", 1.0)`` factor on s_noise."""
-        return 1.0 if self.ms is None else float(getattr(self.ms, "noise_scale", 1.0))
-
-    def lam(self, sigma: float) -> float:
-        """Half-log-SNR log(alpha / sigma) (ComfyUI sigma_to_half_log_snr)."""
-        return _flow_half_log_snr(sigma) if self.flow else _neg_log(sigma)
-
-    def sigma(self, lam: float) -> float:
-        """The sigma of a half-log-SNR (ComfyUI half_log_snr_to_sigma)."""
-        return _sigmoid_neg(lam) if self.flow else math.exp(-lam)
-
-    def offset_first_sigma(self, percent_offset: float = 1e-4) -> None:
-        """ComfyUI offset_first_sigma_for_snr: a flow schedule starting at sigma >= 1 (half-log-SNR
-        -inf) starts at percent_to_sigma(1e-4) instead."""
-        if len(self.s) > 1 and self.flow and self.s[0] >= 1:
-            self.s[0] = float(self.ms.percent_to_sigma(percent_offset))
-
-
-def _churn(r: _Run, x, i: int, s_churn, s_tmin, s_tmax, s_noise):
-    """Karras et al. 2022 Algorithm 2 lines 4-6: raise sigma to sigma_hat by adding noise."""
-    s = r.s
-    gamma = min(s_churn / (len(s) - 1), 2**0.5 - 1) if s_churn > 0 and s_tmin <= s[i] <= s_tmax else 0.0
-    sigma_hat = s[i] * (gamma + 1)
-    if gamma > 0:
-        x = x + r.noise(s[i], sigma_hat) * (s_noise * math.sqrt(sigma_hat**2 - s[i] ** 2))
-    return x, sigma_hat
-
-
-# --------------------------------------------------------------------------------------------
 # Euler / Heun / DPM-2 family (Karras et al. 2022, sigma-space ODE dx/dsigma = (x - D) / sigma)
 
 
 def sample_euler(model, x, sigmas, *, extra_args=None, callback=None, noise_sampler=None, seed=None,
                  s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
     """Euler steps (Karras et al. 2022, Algorithm 2 with Euler steps). ComfyUI sample_euler."""
-    r = _Run("euler", model, x, sigmas, extra_args, callback, noise_sampler, seed)
+    r = Run("euler", model, x, sigmas, extra_args, callback, noise_sampler, seed)
     s = r.s
     for i in range(len(s) - 1):
-        x, sigma_hat = _churn(r, x, i, s_churn, s_tmin, s_tmax, s_noise)
+        x, sigma_hat = churn(r, x, i, s_churn, s_tmin, s_tmax, s_noise)
         denoised = r.model(x, sigma_hat)
         d = (x - denoised) / sigma_hat
         r.callback(i, x, s[i], sigma_hat, denoised)
@@ -222,13 +84,13 @@ def sample_euler(model, x, sigmas, *, extra_args=None, callback=None, noise_samp
 def sample_euler_ancestral(model, x, sigmas, *, extra_args=None, callback=None, noise_sampler=None, seed=None,
                            eta=1.0, s_noise=1.0):
     """Euler steps down to sigma_down, then fresh noise up to sigma_next. ComfyUI sample_euler_ancestral."""
-    r = _Run("euler_ancestral", model, x, sigmas, extra_args, callback, noise_sampler, seed)
+    r = Run("euler_ancestral", model, x, sigmas, extra_args, callback, noise_sampler, seed)
     if r.flow:
         return _euler_ancestral_rf(r, x, eta, s_noise)
     s, noisy = r.s, bool(eta) and s_noise != 0
     for i in range(len(s) - 1):
         denoised = r.model(x, s[i])
-        sigma_down, sigma_up = _ancestral_step(s[i], s[i + 1], eta)
+        sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
         r.callback(i, x, s[i], s[i], denoised)
         if sigma_down == 0:
             x = denoised
@@ -239,7 +101,7 @@ def sample_euler_ancestral(model, x, sigmas, *, extra_args=None, callback=None, 
     return x
 
 
-def _euler_ancestral_rf(r: _Run, x, eta, s_noise):
+def _euler_ancestral_rf(r: Run, x, eta, s_noise):
     """ComfyUI sample_euler_ancestral_RF: interpolate towards D down to sigma_down, rescale, renoise."""
     s = r.s
     s_noise = s_noise * r.noise_scale()
@@ -249,7 +111,7 @@ def _euler_ancestral_rf(r: _Run, x, eta, s_noise):
         if s[i + 1] == 0:
             x = denoised
             continue
-        sigma_down, alpha_ratio, renoise = _rf_ancestral_step(s[i], s[i + 1], eta)
+        sigma_down, alpha_ratio, renoise = rf_ancestral_step(s[i], s[i + 1], eta)
         ratio = sigma_down / s[i]
         x = x * ratio + denoised * (1 - ratio)
         if eta > 0:
@@ -262,10 +124,10 @@ def _euler_ancestral_rf(r: _Run, x, eta, s_noise):
 def sample_heun(model, x, sigmas, *, extra_args=None, callback=None, noise_sampler=None, seed=None,
                 s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
     """Heun's second-order method (Karras et al. 2022, Algorithm 2); Euler on the last step to 0."""
-    r = _Run("heun", model, x, sigmas, extra_args, callback, noise_sampler, seed)
+    r = Run("heun", model, x, sigmas, extra_args, callback, noise_sampler, seed)
     s = r.s
     for i in range(len(s) - 1):
-        x, sigma_hat = _churn(r, x, i, s_churn, s_tmin, s_tmax, s_noise)
+        x, sigma_hat = churn(r, x, i, s_churn, s_tmin, s_tmax, s_noise)
         denoised = r.model(x, sigma_hat)
         d = (x - denoised) / sigma_hat
         r.callback(i, x, s[i], sigma_hat, denoised)
@@ -285,11 +147,11 @@ def sample_heunpp2(model, x, sigmas, *, extra_args=None, callback=None, noise_sa
 
     ref: ComfyUI sample_heunpp2, from Carzit/sd-webui-samplers-scheduler (MIT).
     """
-    r = _Run("heunpp2", model, x, sigmas, extra_args, callback, noise_sampler, seed)
+    r = Run("heunpp2", model, x, sigmas, extra_args, callback, noise_sampler, seed)
     s = r.s
     s_end = s[-1]
     for i in range(len(s) - 1):
-        x, sigma_hat = _churn(r, x, i, s_churn, s_tmin, s_tmax, s_noise)
+        x, sigma_hat = churn(r, x, i, s_churn, s_tmin, s_tmax, s_noise)
         denoised = r.model(x, sigma_hat)
         d = (x - denoised) / sigma_hat
         r.callback(i, x, s[i], sigma_hat, denoised)
@@ -324,10 +186,10 @@ def sample_dpm_2(model, x, sigmas, *, extra_args=None, callback=None, noise_samp
     ComfyUI schedules it with one extra step and drops the penultimate sigma
     (refsd.sampling.schedules.get_sigmas(..., discard_penultimate=True)).
     """
-    r = _Run("dpm_2", model, x, sigmas, extra_args, callback, noise_sampler, seed)
+    r = Run("dpm_2", model, x, sigmas, extra_args, callback, noise_sampler, seed)
     s = r.s
     for i in range(len(s) - 1):
-        x, sigma_hat = _churn(r, x, i, s_churn, s_tmin, s_tmax, s_noise)
+        x, sigma_hat = churn(r, x, i, s_churn, s_tmin, s_tmax, s_noise)
         denoised = r.model(x, sigma_hat)
         d = (x - denoised) / sigma_hat
         r.callback(i, x, s[i], sigma_hat, denoised)
@@ -344,7 +206,7 @@ def sample_dpm_2(model, x, sigmas, *, extra_args=None, callback=None, noise_samp
 def sample_dpm_2_ancestral(model, x, sigmas, *, extra_args=None, callback=None, noise_sampler=None, seed=None,
                            eta=1.0, s_noise=1.0):
     """dpm_2 steps down to sigma_down, then fresh noise up to sigma_next. ComfyUI sample_dpm_2_ancestral."""
-    r = _Run("dpm_2_ancestral", model, x, sigmas, extra_args, callback, noise_sampler, seed)
+    r = Run("dpm_2_ancestral", model, x, sigmas, extra_args, callback, noise_sampler, seed)
     s = r.s
     if r.flow:  # ComfyUI sample_dpm_2_ancestral_RF: the rectified-flow split, noise scaled by noise_scale
         s_noise = s_noise * r.noise_scale()
@@ -352,9 +214,9 @@ def sample_dpm_2_ancestral(model, x, sigmas, *, extra_args=None, callback=None, 
     for i in range(len(s) - 1):
         denoised = r.model(x, s[i])
         if r.flow:
-            sigma_down, alpha_ratio, sigma_up = _rf_ancestral_step(s[i], s[i + 1], eta)
+            sigma_down, alpha_ratio, sigma_up = rf_ancestral_step(s[i], s[i + 1], eta)
         else:
-            (sigma_down, sigma_up), alpha_ratio = _ancestral_step(s[i], s[i + 1], eta), 1.0
+            (sigma_down, sigma_up), alpha_ratio = ancestral_step(s[i], s[i + 1], eta), 1.0
         r.callback(i, x, s[i], s[i], denoised)
         d = (x - denoised) / s[i]
         if sigma_down == 0:
@@ -376,7 +238,7 @@ def sample_lms(model, x, sigmas, *, extra_args=None, callback=None, noise_sample
 
     The last step to sigma 0 returns the denoised prediction (ComfyUI; k-diffusion 0.1.1 extrapolates).
     """
-    r = _Run("lms", model, x, sigmas, extra_args, callback)
+    r = Run("lms", model, x, sigmas, extra_args, callback)
     s, ds = r.s, []
     for i in range(len(s) - 1):
         denoised = r.model(x, s[i])
@@ -393,190 +255,24 @@ def sample_lms(model, x, sigmas, *, extra_args=None, callback=None, noise_sample
 
 
 # --------------------------------------------------------------------------------------------
-# DPM-Solver (Lu et al. 2022) with fixed and adaptive steps, in t = -log(sigma)
-
-
-class _PIDStepSizeController:
-    """PID step-size control for the adaptive solver (host floats; k-diffusion PIDStepSizeController)."""
-
-    def __init__(self, h, pcoeff, icoeff, dcoeff, order=1, accept_safety=0.81, eps=1e-8):
-        self.h = h
-        self.b1 = (pcoeff + icoeff + dcoeff) / order
-        self.b2 = -(pcoeff + 2 * dcoeff) / order
-        self.b3 = dcoeff / order
-        self.accept_safety, self.eps, self.errs = accept_safety, eps, []
-
-    def propose_step(self, error: float) -> bool:
-        inv_error = 1 / (error + self.eps)
-        if not self.errs:
-            self.errs = [inv_error, inv_error, inv_error]
-        self.errs[0] = inv_error
-        factor = self.errs[0] ** self.b1 * self.errs[1] ** self.b2 * self.errs[2] ** self.b3
-        factor = 1 + math.atan(factor - 1)  # limiter
-        accept = factor >= self.accept_safety
-        if accept:
-            self.errs[2], self.errs[1] = self.errs[1], self.errs[0]
-        self.h *= factor
-        return accept
-
-
-class _DPMSolver:
-    """DPM-Solver-1/2/3 single steps on eps = (x - D) / sigma, time t = -log(sigma)."""
-
-    def __init__(self, run: _Run):
-        self.r = run
-
-    @staticmethod
-    def sigma(t):
-        return math.exp(-t)
-
-    @staticmethod
-    def t(sigma):
-        return -math.log(sigma)
-
-    def eps(self, cache, key, x, t):
-        if key not in cache:
-            sigma = self.sigma(t)
-            cache[key] = (x - self.r.model(x, sigma)) / sigma
-        return cache[key]
-
-    def step_1(self, x, t, t_next, cache):
-        h = t_next - t
-        return x - self.eps(cache, "eps", x, t) * (self.sigma(t_next) * math.expm1(h))
-
-    def step_2(self, x, t, t_next, cache, r1=1 / 2):
-        h = t_next - t
-        eps = self.eps(cache, "eps", x, t)
-        s1 = t + r1 * h
-        u1 = x - eps * (self.sigma(s1) * math.expm1(r1 * h))
-        eps_r1 = self.eps(cache, "eps_r1", u1, s1)
-        sn, e = self.sigma(t_next), math.expm1(h)
-        return x - eps * (sn * e) - (eps_r1 - eps) * (sn / (2 * r1) * e)
-
-    def step_3(self, x, t, t_next, cache, r1=1 / 3, r2=2 / 3):
-        h = t_next - t
-        eps = self.eps(cache, "eps", x, t)
-        s1, s2 = t + r1 * h, t + r2 * h
-        u1 = x - eps * (self.sigma(s1) * math.expm1(r1 * h))
-        eps_r1 = self.eps(cache, "eps_r1", u1, s1)
-        u2 = (x - eps * (self.sigma(s2) * math.expm1(r2 * h))
-              - (eps_r1 - eps) * (self.sigma(s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1)))
-        eps_r2 = self.eps(cache, "eps_r2", u2, s2)
-        sn = self.sigma(t_next)
-        return x - eps * (sn * math.expm1(h)) - (eps_r2 - eps) * (sn / r2 * (math.expm1(h) / h - 1))
-
-    def eta_target(self, t, t_next, t_end, eta):
-        """(t_next_, sigma_up): where the deterministic step lands and the noise to add after it."""
-        if not eta:
-            return t_next, 0.0
-        sd, _ = _ancestral_step(self.sigma(t), self.sigma(t_next), eta)
-        t_next_ = min(t_end, self.t(sd))
-        return t_next_, math.sqrt(self.sigma(t_next) ** 2 - self.sigma(t_next_) ** 2)
-
-
-def _sigma_range(s: list[float]) -> tuple[float, float]:
-    """ComfyUI ksampler(): (sigma_min, sigma_max) = (last sigma, or the one before a final 0; first sigma)."""
-    sigma_min = s[-1] if s[-1] != 0 else s[-2]
-    if sigma_min <= 0 or s[0] <= 0:
-        raise ValueError("sigma_min and sigma_max must not be 0")
-    return sigma_min, s[0]
-
-
-def sample_dpm_fast(model, x, sigmas, *, extra_args=None, callback=None, noise_sampler=None, seed=None,
-                    eta=0.0, s_noise=1.0):
-    """DPM-Solver-fast: len(sigmas) - 1 model evaluations on a uniform t grid, third-order steps.
-
-    Like ComfyUI, only sigmas[0] and the smallest nonzero sigma are used, and the result is at that
-    sigma (no final denoising to 0).
-    """
-    r = _Run("dpm_fast", model, x, sigmas, extra_args, callback, noise_sampler, seed)
-    if len(r.s) <= 1:
-        return x
-    sigma_min, sigma_max = _sigma_range(r.s)
-    nfe, dpm = len(r.s) - 1, _DPMSolver(r)
-    t_start, t_end = dpm.t(sigma_max), dpm.t(sigma_min)
-    if not t_end > t_start and eta:
-        raise ValueError("eta must be 0 for reverse sampling")
-    m = nfe // 3 + 1
-    ts = _linspace(t_start, t_end, m + 1)
-    orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
-    noisy = bool(eta) and s_noise != 0
-    for i, order in enumerate(orders):
-        cache = {}
-        t, t_next = ts[i], ts[i + 1]
-        t_next_, su = dpm.eta_target(t, t_next, t_end, eta)
-        eps = dpm.eps(cache, "eps", x, t)
-        r.callback(i, x, dpm.sigma(t), dpm.sigma(t), x - eps * dpm.sigma(t))
-        step = {1: dpm.step_1, 2: dpm.step_2, 3: dpm.step_3}[order]
-        x = step(x, t, t_next_, cache)
-        if noisy:
-            x = x + r.noise(dpm.sigma(t), dpm.sigma(t_next)) * (su * s_noise)
-    return x
-
-
-def sample_dpm_adaptive(model, x, sigmas, *, extra_args=None, callback=None, noise_sampler=None, seed=None,
-                        order=3, rtol=0.05, atol=0.0078, h_init=0.05, pcoeff=0.0, icoeff=1.0, dcoeff=0.0,
-                        accept_safety=0.81, eta=0.0, s_noise=1.0):
-    """DPM-Solver-12 / 23 with embedded error estimate and PID step-size control, from sigmas[0] to the
-    smallest nonzero sigma (as ComfyUI; no final denoising to 0). The error norm and the controller
-    are host floats; each step's error is read back from the device once.
-    """
-    r = _Run("dpm_adaptive", model, x, sigmas, extra_args, callback, noise_sampler, seed)
-    if len(r.s) <= 1:
-        return x
-    if order not in {2, 3}:
-        raise ValueError("order should be 2 or 3")
-    xp, dpm = r.xp, _DPMSolver(r)
-    sigma_min, sigma_max = _sigma_range(r.s)
-    t_start, t_end = dpm.t(sigma_max), dpm.t(sigma_min)
-    forward = t_end > t_start
-    if not forward and eta:
-        raise ValueError("eta must be 0 for reverse sampling")
-    h_init = abs(h_init) * (1 if forward else -1)
-    s_, x_prev = t_start, x
-    pid = _PIDStepSizeController(h_init, pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
-    noisy, steps, root_n = bool(eta) and s_noise != 0, 0, math.sqrt(math.prod(x.shape))
-    while s_ < t_end - 1e-5 if forward else s_ > t_end + 1e-5:
-        cache = {}
-        t = min(t_end, s_ + pid.h) if forward else max(t_end, s_ + pid.h)
-        t_, su = dpm.eta_target(s_, t, t_end, eta)
-        eps = dpm.eps(cache, "eps", x, s_)
-        denoised = x - eps * dpm.sigma(s_)
-        if order == 2:
-            x_low, x_high = dpm.step_1(x, s_, t_, cache), dpm.step_2(x, s_, t_, cache)
-        else:
-            x_low, x_high = dpm.step_2(x, s_, t_, cache, r1=1 / 3), dpm.step_3(x, s_, t_, cache)
-        delta = xp.clip(rtol * xp.maximum(xp.abs(x_low), xp.abs(x_prev)), min=atol)
-        z = (x_low - x_high) / delta
-        error = math.sqrt(float(rxp.to_numpy(xp.sum(z * z)))) / root_n
-        if pid.propose_step(error):
-            x_prev = x_low
-            x = x_high + r.noise(dpm.sigma(s_), dpm.sigma(t)) * (su * s_noise) if noisy else x_high
-            s_ = t
-        steps += 1
-        r.callback(steps - 1, x, dpm.sigma(s_), dpm.sigma(s_), denoised)
-    return x
-
-
-# --------------------------------------------------------------------------------------------
 # DPM-Solver++ family (Lu et al. 2022b): data prediction, exponential integrators in lambda = -log sigma
 
 
 def sample_dpmpp_2s_ancestral(model, x, sigmas, *, extra_args=None, callback=None, noise_sampler=None, seed=None,
                               eta=1.0, s_noise=1.0):
     """DPM-Solver++(2S) single-step second order down to sigma_down, then ancestral noise."""
-    r = _Run("dpmpp_2s_ancestral", model, x, sigmas, extra_args, callback, noise_sampler, seed)
+    r = Run("dpmpp_2s_ancestral", model, x, sigmas, extra_args, callback, noise_sampler, seed)
     if r.flow:
         return _dpmpp_2s_ancestral_rf(r, x, eta, s_noise, cfg_pp=False)
     s, noisy = r.s, bool(eta) and s_noise != 0
     for i in range(len(s) - 1):
         denoised = r.model(x, s[i])
-        sigma_down, sigma_up = _ancestral_step(s[i], s[i + 1], eta)
+        sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
         r.callback(i, x, s[i], s[i], denoised)
         if sigma_down == 0:
             x = x + (x - denoised) / s[i] * (sigma_down - s[i])
         else:
-            t, t_next = _neg_log(s[i]), _neg_log(sigma_down)
+            t, t_next = neg_log(s[i]), neg_log(sigma_down)
             h = t_next - t
             sigma_s = math.exp(-(t + h / 2))
             x_2 = x * (sigma_s / s[i]) - denoised * math.expm1(-h / 2)
@@ -587,7 +283,7 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, *, extra_args=None, callback=Non
     return x
 
 
-def _dpmpp_2s_ancestral_rf(r: _Run, x, eta, s_noise, cfg_pp: bool):
+def _dpmpp_2s_ancestral_rf(r: Run, x, eta, s_noise, cfg_pp: bool):
     """ComfyUI sample_dpmpp_2s_ancestral_RF (and _RF_cfg_pp): the 2S midpoint in flow half-log-SNR."""
     s = r.s
     s_noise = s_noise * r.noise_scale()
@@ -597,7 +293,7 @@ def _dpmpp_2s_ancestral_rf(r: _Run, x, eta, s_noise, cfg_pp: bool):
         if cfg_pp:
             target = r.uncond()
             guidance = denoised - target
-        sigma_down, alpha_ratio, renoise = _rf_ancestral_step(s[i], s[i + 1], eta)
+        sigma_down, alpha_ratio, renoise = rf_ancestral_step(s[i], s[i + 1], eta)
         r.callback(i, x, s[i], s[i], denoised)
         if s[i + 1] == 0:
             x = x + (x - target) / s[i] * (sigma_down - s[i])
@@ -605,8 +301,8 @@ def _dpmpp_2s_ancestral_rf(r: _Run, x, eta, s_noise, cfg_pp: bool):
             if s[i] == 1.0:
                 sigma_s = 0.9999
             else:
-                t_i, t_down = _flow_half_log_snr(s[i]), _flow_half_log_snr(sigma_down)
-                sigma_s = _sigmoid_neg(t_i + (t_down - t_i) / 2)
+                t_i, t_down = flow_half_log_snr(s[i]), flow_half_log_snr(sigma_down)
+                sigma_s = sigmoid_neg(t_i + (t_down - t_i) / 2)
             ratio = sigma_s / s[i]
             d_i = r.model(x * ratio + target * (1 - ratio), sigma_s)
             if cfg_pp:
@@ -628,7 +324,7 @@ def sample_dpmpp_sde(model, x, sigmas, *, extra_args=None, callback=None, noise_
 
     Default noise: a Brownian tree over [min positive sigma, max sigma] (two draws per step).
     """
-    run = _Run("dpmpp_sde", model, x, sigmas, extra_args, callback, noise_sampler, seed, brownian=True)
+    run = Run("dpmpp_sde", model, x, sigmas, extra_args, callback, noise_sampler, seed, brownian=True)
     s = run.s
     if len(s) <= 1:
         return x
@@ -650,15 +346,15 @@ def sample_dpmpp_sde(model, x, sigmas, *, extra_args=None, callback=None, noise_
         alpha_s, alpha_s_1 = s[i] * math.exp(lambda_s), sigma_s_1 * math.exp(lambda_s_1)
         alpha_t = s[i + 1] * math.exp(lambda_t)
         # stage 1
-        sd, su = _ancestral_step(math.exp(-lambda_s), math.exp(-lambda_s_1), eta)
-        h_ = _neg_log(sd) - lambda_s
+        sd, su = ancestral_step(math.exp(-lambda_s), math.exp(-lambda_s_1), eta)
+        h_ = neg_log(sd) - lambda_s
         x_2 = x * (alpha_s_1 / alpha_s * math.exp(-h_)) - denoised * (alpha_s_1 * math.expm1(-h_))
         if noisy:
             x_2 = x_2 + run.noise(s[i], sigma_s_1) * (alpha_s_1 * s_noise * su)
         denoised_2 = run.model(x_2, sigma_s_1)
         # stage 2
-        sd, su = _ancestral_step(math.exp(-lambda_s), math.exp(-lambda_t), eta)
-        h_ = _neg_log(sd) - lambda_s
+        sd, su = ancestral_step(math.exp(-lambda_s), math.exp(-lambda_t), eta)
+        h_ = neg_log(sd) - lambda_s
         denoised_d = denoised * (1 - fac) + denoised_2 * fac
         x = x * (alpha_t / alpha_s * math.exp(-h_)) - denoised_d * (alpha_t * math.expm1(-h_))
         if noisy:
@@ -668,17 +364,17 @@ def sample_dpmpp_sde(model, x, sigmas, *, extra_args=None, callback=None, noise_
 
 def sample_dpmpp_2m(model, x, sigmas, *, extra_args=None, callback=None, noise_sampler=None, seed=None):
     """DPM-Solver++(2M): second-order multistep in lambda, first order on the first and last steps."""
-    r = _Run("dpmpp_2m", model, x, sigmas, extra_args, callback)
+    r = Run("dpmpp_2m", model, x, sigmas, extra_args, callback)
     s, old_denoised = r.s, None
     for i in range(len(s) - 1):
         denoised = r.model(x, s[i])
         r.callback(i, x, s[i], s[i], denoised)
-        t, t_next = _neg_log(s[i]), _neg_log(s[i + 1])
+        t, t_next = neg_log(s[i]), neg_log(s[i + 1])
         h = t_next - t
         if old_denoised is None or s[i + 1] == 0:
             denoised_d = denoised
         else:
-            k = 1 / (2 * ((t - _neg_log(s[i - 1])) / h))
+            k = 1 / (2 * ((t - neg_log(s[i - 1])) / h))
             denoised_d = denoised * (1 + k) - old_denoised * k
         x = x * (s[i + 1] / s[i]) - denoised_d * math.expm1(-h)
         old_denoised = denoised
@@ -694,7 +390,7 @@ def sample_dpmpp_2m_sde(model, x, sigmas, *, extra_args=None, callback=None, noi
     if solver_type not in {"heun", "midpoint"}:
         raise ValueError("solver_type must be 'heun' or 'midpoint'")
     name = "dpmpp_2m_sde" if solver_type == "midpoint" else "dpmpp_2m_sde_heun"
-    r = _Run(name, model, x, sigmas, extra_args, callback, noise_sampler, seed, brownian=True)
+    r = Run(name, model, x, sigmas, extra_args, callback, noise_sampler, seed, brownian=True)
     s = r.s
     if len(s) <= 1:
         return x
@@ -740,7 +436,7 @@ def sample_dpmpp_3m_sde(model, x, sigmas, *, extra_args=None, callback=None, noi
 
     Default noise: a Brownian tree over [min positive sigma, max sigma].
     """
-    r = _Run("dpmpp_3m_sde", model, x, sigmas, extra_args, callback, noise_sampler, seed, brownian=True)
+    r = Run("dpmpp_3m_sde", model, x, sigmas, extra_args, callback, noise_sampler, seed, brownian=True)
     s = r.s
     if len(s) <= 1:
         return x
@@ -788,7 +484,7 @@ def sample_ddpm(model, x, sigmas, *, extra_args=None, callback=None, noise_sampl
     Follows ComfyUI (generic_step_sampler + DDPMSampler_step): alphas come from sigma itself,
     alpha_cumprod = 1 / (1 + sigma^2), so model_sampling is not needed. One noise draw per step but the last.
     """
-    r = _Run("ddpm", model, x, sigmas, extra_args, callback, noise_sampler, seed)
+    r = Run("ddpm", model, x, sigmas, extra_args, callback, noise_sampler, seed)
     if r.flow:  # ComfyUI would run the VP formulas on flow sigmas; refsd refuses instead
         raise RefsdError("sampler 'ddpm' assumes VP alphas (alpha_cumprod = 1 / (1 + sigma^2)) and does not "
                          "apply to a rectified-flow model (model_sampling prediction 'const')")
@@ -814,7 +510,7 @@ def sample_lcm(model, x, sigmas, *, extra_args=None, callback=None, noise_sample
     per-step noise multiplier, linear across steps; ``noise_clip_std`` > 0 clamps the noise to that
     many (unbiased) standard deviations.
     """
-    r = _Run("lcm", model, x, sigmas, extra_args, callback, noise_sampler, seed)
+    r = Run("lcm", model, x, sigmas, extra_args, callback, noise_sampler, seed)
     ms, xp, s = r.model_sampling(), r.xp, r.s
     n_steps = max(1, len(s) - 1)
     s_start = float(s_noise)
@@ -836,7 +532,7 @@ def sample_lcm(model, x, sigmas, *, extra_args=None, callback=None, noise_sample
 
 
 def _ipndm(name, model, x, sigmas, extra_args, callback, max_order, variable):
-    r = _Run(name, model, x, sigmas, extra_args, callback)
+    r = Run(name, model, x, sigmas, extra_args, callback)
     s, buf = r.s, []  # buf: up to max_order - 1 previous slopes, oldest first
     for i in range(len(s) - 1):
         denoised = r.model(x, s[i])
@@ -915,7 +611,7 @@ def sample_euler_cfg_pp(model, x, sigmas, *, extra_args=None, callback=None, noi
 
 
 def _euler_ancestral_cfg_pp(name, model, x, sigmas, extra_args, callback, noise_sampler, seed, eta, s_noise):
-    r = _Run(name, model, x, sigmas, extra_args, callback, noise_sampler, seed)
+    r = Run(name, model, x, sigmas, extra_args, callback, noise_sampler, seed)
     s = r.s
     s_noise = s_noise * r.noise_scale()
     noisy = eta > 0 and s_noise > 0
@@ -929,7 +625,7 @@ def _euler_ancestral_cfg_pp(name, model, x, sigmas, extra_args, callback, noise_
         alpha_s = s[i] * math.exp(r.lam(s[i]))  # 1 (up to rounding) for VE/VP sigmas, 1 - sigma for flow
         alpha_t = s[i + 1] * math.exp(r.lam(s[i + 1]))
         d = (x - uncond * alpha_s) / s[i]
-        sigma_down, sigma_up = _ancestral_step(s[i] / alpha_s, s[i + 1] / alpha_t, eta)
+        sigma_down, sigma_up = ancestral_step(s[i] / alpha_s, s[i + 1] / alpha_t, eta)
         x = denoised * alpha_t + d * (alpha_t * sigma_down)
         if noisy:
             x = x + r.noise(s[i], s[i + 1]) * (alpha_t * s_noise * sigma_up)
@@ -940,7 +636,7 @@ def sample_dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, *, extra_args=None, callb
                                      seed=None, eta=1.0, s_noise=1.0):
     """CFG++ DPM-Solver++(2S) ancestral: both stages advance on the unconditional prediction, then the
     step's guidance vector (D_cfg - D_uncond at the step start) is added."""
-    r = _Run("dpmpp_2s_ancestral_cfg_pp", model, x, sigmas, extra_args, callback, noise_sampler, seed)
+    r = Run("dpmpp_2s_ancestral_cfg_pp", model, x, sigmas, extra_args, callback, noise_sampler, seed)
     if r.flow:
         return _dpmpp_2s_ancestral_rf(r, x, eta, s_noise, cfg_pp=True)
     s = r.s
@@ -950,12 +646,12 @@ def sample_dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, *, extra_args=None, callb
         denoised = r.model(x, s[i])
         uncond = r.uncond()
         guidance = denoised - uncond
-        sigma_down, sigma_up = _ancestral_step(s[i], s[i + 1], eta)
+        sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
         r.callback(i, x, s[i], s[i], denoised)
         if sigma_down == 0:
             x = x + (x - uncond) / s[i] * (sigma_down - s[i])
         else:
-            t, t_next = _neg_log(s[i]), _neg_log(sigma_down)
+            t, t_next = neg_log(s[i]), neg_log(sigma_down)
             h = t_next - t
             sigma_s = math.exp(-(t + h / 2))
             x_2 = x * (sigma_s / s[i]) - uncond * math.expm1(-h / 2)
@@ -969,18 +665,18 @@ def sample_dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, *, extra_args=None, callb
 
 def sample_dpmpp_2m_cfg_pp(model, x, sigmas, *, extra_args=None, callback=None, noise_sampler=None, seed=None):
     """CFG++ DPM-Solver++(2M): x = D_cfg + exp(-h) (x - D_uncond) + second-order term on the uncond history."""
-    r = _Run("dpmpp_2m_cfg_pp", model, x, sigmas, extra_args, callback)
+    r = Run("dpmpp_2m_cfg_pp", model, x, sigmas, extra_args, callback)
     s, old_uncond = r.s, None
     for i in range(len(s) - 1):
         denoised = r.model(x, s[i])
         uncond = r.uncond()
         r.callback(i, x, s[i], s[i], denoised)
-        t, t_next = _neg_log(s[i]), _neg_log(s[i + 1])
+        t, t_next = neg_log(s[i]), neg_log(s[i + 1])
         h = t_next - t
         e = math.exp(-h)
         mix = uncond * -e
         if old_uncond is not None and s[i + 1] != 0:
-            inv_2r = 1 / (2 * ((t - _neg_log(s[i - 1])) / h))
+            inv_2r = 1 / (2 * ((t - neg_log(s[i - 1])) / h))
             mix = mix - (denoised - old_uncond) * (math.expm1(-h) * inv_2r)
         x = denoised + mix + x * e
         old_uncond = uncond
@@ -1000,8 +696,6 @@ SAMPLERS = {
     "dpm_2": sample_dpm_2,
     "dpm_2_ancestral": sample_dpm_2_ancestral,
     "lms": sample_lms,
-    "dpm_fast": sample_dpm_fast,
-    "dpm_adaptive": sample_dpm_adaptive,
     "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
     "dpmpp_2s_ancestral_cfg_pp": sample_dpmpp_2s_ancestral_cfg_pp,
     "dpmpp_sde": sample_dpmpp_sde,

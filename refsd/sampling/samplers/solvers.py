@@ -1,15 +1,17 @@
 """Multistep and exponential-integrator samplers under ComfyUI's names, written against the Array API.
 
-ddim, deis, uni_pc, uni_pc_bh2, sa_solver, sa_solver_pece, res_multistep(_ancestral)(_cfg_pp),
+ddim, uni_pc, uni_pc_bh2, sa_solver, sa_solver_pece, res_multistep(_ancestral)(_cfg_pp),
 gradient_estimation(_cfg_pp), er_sde, seeds_2, seeds_3, exp_heun_2_x0(_sde).
 
 Each sampler is ``sample_<name>(model, x, sigmas, *, extra_args=None, callback=None,
 noise_sampler=None, seed=None, **options) -> x`` over a denoiser ``model(x, sigma, **extra) -> x0``
 (refsd/sampling/PROTOCOLS.md). Step coefficients are host floats (float64, ``math``), computed once per
 step; the integrals some methods need (DEIS, SA-Solver) are evaluated here by Gauss-Legendre
-quadrature to ~1e-15 (checked against scipy in tests/test_samplers_solvers.py). Array arithmetic keeps
-x's dtype. The plumbing (host sigmas, model calls, noise, callback, CFG++'s uncond_denoised) is
-samplers/kdiffusion.py's ``_Run``, so both files behave alike.
+quadrature to ~1e-15 (checked against scipy in tests/test_samplers_solvers.py), except where ComfyUI's
+own float32 arithmetic is the default: DEIS (coefficients="comfyui") and ER-SDE's stage sums
+(sums="comfyui") mirror ComfyUI's torch float32 operations and torch.sum's order on small float32
+arrays of x's namespace. Array arithmetic keeps x's dtype. The plumbing (host sigmas, model calls, noise,
+callback, CFG++'s uncond_denoised) is samplers/common.py's ``Run``, shared by every sampler module.
 
 Semantics are ComfyUI's, for discrete-time eps / v models:
   ref: comfyanonymous/ComfyUI@02159d814dee609acc27994c1bf25fc5b40e2aaa comfy/k_diffusion/sampling.py
@@ -37,102 +39,8 @@ from __future__ import annotations
 import math
 
 from refsd.errors import RefsdError
-from refsd.sampling.samplers.kdiffusion import _ancestral_step, _neg_log, _Run
-
-# --------------------------------------------------------------------------------------------
-# host-float numerics: quadrature, Lagrange bases, small linear systems
-
-
-def _legendre(n: int, z: float) -> tuple[float, float]:
-    """P_n(z) and P_n'(z) by the three-term recurrence."""
-    p0, p1 = 1.0, z
-    for k in range(2, n + 1):
-        p0, p1 = p1, ((2 * k - 1) * z * p1 - (k - 1) * p0) / k
-    return p1, n * (z * p1 - p0) / (z * z - 1.0)
-
-
-def gauss_legendre(n: int) -> tuple[list[float], list[float]]:
-    """Nodes and weights of the n-point Gauss-Legendre rule on [-1, 1], exact for polynomials of degree
-    2n - 1: Newton's method on P_n from Tricomi's initial guesses, weights 2 / ((1 - z^2) P_n'(z)^2)."""
-    nodes, weights = [], []
-    for i in range(1, n + 1):
-        z = math.cos(math.pi * (i - 0.25) / (n + 0.5))
-        for _ in range(100):
-            p, dp = _legendre(n, z)
-            z -= p / dp
-            if abs(p / dp) < 1e-16:
-                break
-        dp = _legendre(n, z)[1]
-        nodes.append(z)
-        weights.append(2.0 / ((1.0 - z * z) * dp * dp))
-    return nodes, weights
-
-
-_GL_NODES, _GL_WEIGHTS = gauss_legendre(20)  # a constant table, like a coefficient list
-
-
-def _gl(f, a: float, b: float) -> float:
-    """Integral of f over [a, b] by the 20-point Gauss-Legendre rule."""
-    c, r = 0.5 * (a + b), 0.5 * (b - a)
-    return r * math.fsum(w * f(c + r * z) for z, w in zip(_GL_NODES, _GL_WEIGHTS))
-
-
-def _lagrange(nodes: list[float], j: int, u: float) -> float:
-    """The Lagrange basis polynomial of node j over ``nodes``, at u."""
-    out = 1.0
-    for k, v in enumerate(nodes):
-        if k != j:
-            out *= (u - v) / (nodes[j] - v)
-    return out
-
-
-def _solve(a: list[list[float]], b: list[float]) -> list[float]:
-    """Solve a x = b (small, dense) by Gaussian elimination with partial pivoting, as LAPACK's gesv."""
-    n = len(b)
-    m = [list(row[:n]) + [b[i]] for i, row in enumerate(a[:n])]
-    for c in range(n):
-        p = max(range(c, n), key=lambda r: abs(m[r][c]))
-        m[c], m[p] = m[p], m[c]
-        for r in range(c + 1, n):
-            f = m[r][c] / m[c][c]
-            for k in range(c, n + 1):
-                m[r][k] -= f * m[c][k]
-    out = [0.0] * n
-    for r in range(n - 1, -1, -1):
-        out[r] = (m[r][n] - sum(m[r][k] * out[k] for k in range(r + 1, n))) / m[r][r]
-    return out
-
-
-def _nan_to_num(v: float) -> float:
-    """torch.nan_to_num(v, nan=0.0) for a host float: nan -> 0, +-inf -> the largest finite float."""
-    if math.isnan(v):
-        return 0.0
-    if math.isinf(v):
-        return math.copysign(1.7976931348623157e308, v)
-    return v
-
-
-def _div(a: float, b: float) -> float:
-    """a / b with IEEE semantics (x / 0 = +-inf, 0 / 0 = nan), as torch divides."""
-    if b != 0:
-        return a / b
-    if a == 0 or math.isnan(a):
-        return math.nan
-    return math.copysign(math.inf, a) * math.copysign(1.0, b)
-
-
-def _lerp(a, b, w: float):
-    """torch.lerp(a, b, w) with torch's formula (a + w (b - a) for |w| < 1/2, else b - (b - a)(1 - w)),
-    for arrays or host floats."""
-    return a + (b - a) * w if abs(w) < 0.5 else b - (b - a) * (1.0 - w)
-
-
-def _weighted_sum(arrays, coeffs):
-    """sum_k coeffs[k] * arrays[k], in order (ComfyUI's tensordot/einsum over the history axis)."""
-    out = arrays[0] * coeffs[0]
-    for a, c in zip(arrays[1:], coeffs[1:]):
-        out = out + a * c
-    return out
+from refsd.sampling.samplers.common import Run, ancestral_step, neg_log
+from refsd.sampling.samplers.numerics import safe_div, f32_via_f64, integrate_gl, lagrange, lerp, nan_to_num, round_f32, solve, weighted_sum, torch_sum_f32
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,7 +58,7 @@ def sample_ddim(model, x, sigmas, *, extra_args=None, callback=None, noise_sampl
     inpaint_options random=True only changes the noise of inpainted regions, outside the sampler).
     ref: ComfyUI comfy/samplers.py sampler_object; comfy/k_diffusion/sampling.py sample_euler.
     """
-    r = _Run("ddim", model, x, sigmas, extra_args, callback, noise_sampler, seed)
+    r = Run("ddim", model, x, sigmas, extra_args, callback, noise_sampler, seed)
     s = r.s
     for i in range(len(s) - 1):
         denoised = r.model(x, s[i])
@@ -160,84 +68,10 @@ def sample_ddim(model, x, sigmas, *, extra_args=None, callback=None, noise_sampl
 
 
 # --------------------------------------------------------------------------------------------
-# DEIS (tAB-DEIS in the VP time of EDM's sigma range)
-
-# comfy/k_diffusion/deis.py edm2t: a VP schedule fitted to EDM's range, fixed whatever the model.
-_DEIS_EPS_S, _DEIS_SIGMA_MIN, _DEIS_SIGMA_MAX = 1e-3, 0.002, 80.0
-_DEIS_BETA_D = (2 * (math.log(_DEIS_SIGMA_MIN**2 + 1) / _DEIS_EPS_S - math.log(_DEIS_SIGMA_MAX**2 + 1))
-                / (_DEIS_EPS_S - 1))
-_DEIS_BETA_MIN = math.log(_DEIS_SIGMA_MAX**2 + 1) - 0.5 * _DEIS_BETA_D
-
-
-def deis_vp_time(sigma: float) -> float:
-    """The VP time t of a sigma under deis.py's fitted schedule sigma(t)^2 = exp(beta_d t^2 / 2 +
-    beta_min t) - 1 (its vp_sigma_inv)."""
-    bd, bm = _DEIS_BETA_D, _DEIS_BETA_MIN
-    return (math.sqrt(bm * bm + 2 * bd * math.log1p(sigma * sigma)) - bm) / bd
-
-
-def deis_coefficients(s: list[float], i: int, order: int) -> list[float]:
-    """tAB-DEIS coefficients of step i (sigma s[i] -> s[i+1]) for the slopes at s[i], s[i-1], ...:
-
-        C_j = integral over tau in [t_i, t_{i+1}] of L_j(tau) dsigma/dtau
-            = integral over sigma in [s_i, s_{i+1}] of L_j(t(sigma)) dsigma,
-
-    L_j the Lagrange basis on the VP times t_i, t_{i-1}, ..., t_{i-order+1}. deis.py integrates the
-    first form with a 10000-point Riemann sum in float32 (errors up to 1.3e-5 of the step, see
-    docs/samplers.md (Solvers section)); here the second form (smooth in sigma) is integrated by Gauss-Legendre
-    on pieces [a, 2a] (the integrand has a branch point at sigma = +-7.9e-4 i) to ~1e-15.
-    """
-    nodes = [deis_vp_time(s[i - k]) for k in range(order)]
-    lo, hi = sorted((s[i + 1], s[i]))
-    cuts = [lo]
-    while lo > 0 and cuts[-1] * 2 < hi:
-        cuts.append(cuts[-1] * 2)
-    cuts.append(hi)
-    sign = 1.0 if s[i + 1] >= s[i] else -1.0
-    return [sign * math.fsum(_gl(lambda sg: _lagrange(nodes, j, deis_vp_time(sg)), a, b)
-                             for a, b in zip(cuts, cuts[1:]))
-            for j in range(order)]
-
-
-def sample_deis(model, x, sigmas, *, extra_args=None, callback=None, noise_sampler=None, seed=None,
-                max_order=3, deis_mode="tab"):
-    """DEIS (Zhang & Chen 2023), Adams-Bashforth in time t ("tAB") on dx/dsigma: the slope
-    d = (x - D) / sigma is interpolated by a polynomial in VP time t over the last ``max_order`` (1..4)
-    points and integrated over the step (deis_coefficients); Euler on the first step and to sigma = 0.
-    ComfyUI sample_deis + deis.get_deis_coeff_list(deis_mode="tab").
-
-    ComfyUI's other mode, "rhoab", is not offered: ComfyUI's own code unpacks max_order + 1
-    coefficients into max_order names from step max_order on, and fails there.
-    """
-    if deis_mode != "tab":
-        raise RefsdError(f"deis: deis_mode {deis_mode!r} is not supported; valid: 'tab' (ComfyUI's "
-                         "'rhoab' raises an unpacking error from step max_order on)")
-    if not 1 <= max_order <= 4:
-        raise RefsdError(f"deis: max_order must be 1..4, got {max_order}")
-    r = _Run("deis", model, x, sigmas, extra_args, callback, noise_sampler, seed)
-    s = r.s
-    history = []  # slopes of earlier steps, oldest first (at most max_order - 1)
-    for i in range(len(s) - 1):
-        denoised = r.model(x, s[i])
-        r.callback(i, x, s[i], s[i], denoised)
-        d = (x - denoised) / s[i]
-        order = 1 if s[i + 1] <= 0 else min(max_order, i + 1)
-        if order == 1:
-            x_next = x + d * (s[i + 1] - s[i])
-        else:
-            c = deis_coefficients(s, i, order)
-            x_next = x + _weighted_sum([d] + history[::-1][:order - 1], c)
-        if max_order > 1:
-            history = (history + [d])[-(max_order - 1):]
-        x = x_next
-    return x
-
-
-# --------------------------------------------------------------------------------------------
 # UniPC (multistep, B(h) variants), in k-diffusion's x rather than ComfyUI's x / sqrt(1 + sigma^2)
 
 
-def _unipc_update(r: _Run, x, models, lams, sig_s, sig_t, lam_t, order, use_corrector, variant):
+def _unipc_update(r: Run, x, models, lams, sig_s, sig_t, lam_t, order, use_corrector, variant):
     """One UniP-p step from sigma ``sig_s`` (the last of ``models``/``lams``) to ``sig_t``, followed,
     if ``use_corrector``, by UniC-p on a model evaluation at the predicted point.
 
@@ -267,15 +101,15 @@ def _unipc_update(r: _Run, x, models, lams, sig_s, sig_t, lam_t, order, use_corr
     x_t_ = x * (sig_t / sig_s) - m0 * h_phi_1
     x_t = x_t_
     if d1s:
-        rhos_p = [0.5] if order == 2 else _solve([row[:-1] for row in rmat[:-1]], b[:-1])
-        x_t = x_t_ - _weighted_sum(d1s, rhos_p) * b_h
+        rhos_p = [0.5] if order == 2 else solve([row[:-1] for row in rmat[:-1]], b[:-1])
+        x_t = x_t_ - weighted_sum(d1s, rhos_p) * b_h
     if not use_corrector:
         return x_t, None
-    rhos_c = [0.5] if order == 1 else _solve(rmat, b)
+    rhos_c = [0.5] if order == 1 else solve(rmat, b)
     model_t = r.model(x_t, sig_t)
     res = (model_t - m0) * rhos_c[-1]
     if d1s:
-        res = _weighted_sum(d1s, rhos_c[:-1]) + res
+        res = weighted_sum(d1s, rhos_c[:-1]) + res
     return x_t_ - res * b_h, model_t
 
 
@@ -283,7 +117,7 @@ def _uni_pc(name, variant, model, x, sigmas, extra_args, callback, noise_sampler
     """ComfyUI sample_unipc + UniPC.sample(method="multistep", order=min(3, steps - 1),
     lower_order_final=True): a final sigma 0 is replaced by 0.001 and the result is x at that sigma
     (no final denoising); every step but the last is corrected (UniC) with the next step's model call."""
-    r = _Run(name, model, x, sigmas, extra_args, callback, noise_sampler, seed)
+    r = Run(name, model, x, sigmas, extra_args, callback, noise_sampler, seed)
     ts = list(r.s)
     if ts and ts[-1] == 0:
         ts[-1] = 0.001  # uni_pc.py: "timesteps[-1] = 0.001" (it also writes this into the caller's sigmas)
@@ -365,8 +199,8 @@ def sa_solver_coefficients(sigma_next: float, lams: list[float], lam_s: float, l
     cuts = [lam_s + h * k / pieces for k in range(pieces)] + [lam_t]
     out = []
     for j in range(len(lams)):
-        f = lambda u: math.exp(tau_mul * (u - lam_t)) * _lagrange(lams, j, u)  # noqa: E731
-        out.append(alpha_t * tau_mul * math.fsum(_gl(f, a, b) for a, b in zip(cuts, cuts[1:])))
+        f = lambda u: math.exp(tau_mul * (u - lam_t)) * lagrange(lams, j, u)  # noqa: E731
+        out.append(alpha_t * tau_mul * math.fsum(integrate_gl(f, a, b) for a, b in zip(cuts, cuts[1:])))
     return out
 
 
@@ -385,7 +219,7 @@ def sa_solver_tau_interval(start_sigma: float, end_sigma: float, eta: float = 1.
 def _sa_solver(name, model, x, sigmas, extra_args, callback, noise_sampler, seed, tau_func, s_noise,
                predictor_order, corrector_order, use_pece, simple_order_2, eta, sde_start_percent,
                sde_end_percent):
-    r = _Run(name, model, x, sigmas, extra_args, callback, noise_sampler, seed)
+    r = Run(name, model, x, sigmas, extra_args, callback, noise_sampler, seed)
     s = r.s
     if len(s) <= 1:
         return x
@@ -397,7 +231,7 @@ def _sa_solver(name, model, x, sigmas, extra_args, callback, noise_sampler, seed
         ms = r.model_sampling()  # ComfyUI's default interval is set in model percent
         tau_func = sa_solver_tau_interval(ms.percent_to_sigma(sde_start_percent),
                                           ms.percent_to_sigma(sde_end_percent), eta=eta)
-    lam = [_neg_log(v) for v in s]
+    lam = [neg_log(v) for v in s]
     max_used = max(predictor_order, corrector_order)
     lower_order_to_end = s[-1] == 0
     x_pred, h, tau_t, noise = x, 0.0, 0.0, None
@@ -417,7 +251,7 @@ def _sa_solver(name, model, x, sigmas, extra_args, callback, noise_sampler, seed
         else:
             b = sa_solver_coefficients(s[i], lam[i - c_used + 1:i + 1], lam[i - 1], lam[i], tau_t,
                                        simple_order_2, is_corrector_step=True)
-            x = x * (s[i] / s[i - 1] * math.exp(-(tau_t**2) * h)) + _weighted_sum(preds[-c_used:], b)
+            x = x * (s[i] / s[i - 1] * math.exp(-(tau_t**2) * h)) + weighted_sum(preds[-c_used:], b)
             if tau_t > 0 and s_noise > 0:
                 x = x + noise  # the predictor's noise, reused
             if use_pece:
@@ -431,7 +265,7 @@ def _sa_solver(name, model, x, sigmas, extra_args, callback, noise_sampler, seed
             b = sa_solver_coefficients(s[i + 1], lam[i - p_used + 1:i + 1], lam[i], lam[i + 1], tau_t,
                                        simple_order_2, is_corrector_step=False)
             h = lam[i + 1] - lam[i]
-            x_pred = x * (s[i + 1] / s[i] * math.exp(-(tau_t**2) * h)) + _weighted_sum(preds[-p_used:], b)
+            x_pred = x * (s[i + 1] / s[i] * math.exp(-(tau_t**2) * h)) + weighted_sum(preds[-p_used:], b)
             if tau_t > 0 and s_noise > 0:
                 noise = r.noise(s[i], s[i + 1]) * (s[i + 1] * math.sqrt(-math.expm1(-2 * tau_t**2 * h)) * s_noise)
                 x_pred = x_pred + noise
@@ -473,14 +307,14 @@ def sample_sa_solver_pece(model, x, sigmas, *, extra_args=None, callback=None, n
 def _res_multistep(name, model, x, sigmas, extra_args, callback, noise_sampler, seed, s_noise, eta, cfg_pp):
     """ComfyUI res_multistep: second-order exponential multistep in t = -log sigma (RES, arXiv:2308.02157
     eq. (4) with c2 from the previous step), toward sigma_down, plus ancestral noise sigma_up."""
-    r = _Run(name, model, x, sigmas, extra_args, callback, noise_sampler, seed)
+    r = Run(name, model, x, sigmas, extra_args, callback, noise_sampler, seed)
     s = r.s
     s_noise = s_noise * r.noise_scale()
     old_sigma_down = old_denoised = None
     for i in range(len(s) - 1):
         denoised = r.model(x, s[i])
         uncond = r.uncond() if cfg_pp else None
-        sigma_down, sigma_up = _ancestral_step(s[i], s[i + 1], eta)
+        sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
         r.callback(i, x, s[i], s[i], denoised)
         if sigma_down == 0 or old_denoised is None:
             if cfg_pp:
@@ -488,12 +322,12 @@ def _res_multistep(name, model, x, sigmas, extra_args, callback, noise_sampler, 
             else:
                 x = x + ((x - denoised) / s[i]) * (sigma_down - s[i])
         else:
-            t, t_old, t_next, t_prev = (_neg_log(v) for v in (s[i], old_sigma_down, sigma_down, s[i - 1]))
+            t, t_old, t_next, t_prev = (neg_log(v) for v in (s[i], old_sigma_down, sigma_down, s[i - 1]))
             h = t_next - t
-            c2 = _div(t_prev - t_old, h)
-            phi1 = _div(math.expm1(-h), -h)
-            phi2 = _div(phi1 - 1.0, -h)
-            b1, b2 = _nan_to_num(phi1 - _div(phi2, c2)), _nan_to_num(_div(phi2, c2))
+            c2 = safe_div(t_prev - t_old, h)
+            phi1 = safe_div(math.expm1(-h), -h)
+            phi2 = safe_div(phi1 - 1.0, -h)
+            b1, b2 = nan_to_num(phi1 - safe_div(phi2, c2)), nan_to_num(safe_div(phi2, c2))
             if cfg_pp:
                 x = x + (denoised - uncond)
                 x = x * math.exp(-h) + (uncond * b1 + old_denoised * b2) * h
@@ -542,7 +376,7 @@ def sample_res_multistep_ancestral_cfg_pp(model, x, sigmas, *, extra_args=None, 
 
 
 def _gradient_estimation(name, model, x, sigmas, extra_args, callback, noise_sampler, seed, ge_gamma, cfg_pp):
-    r = _Run(name, model, x, sigmas, extra_args, callback, noise_sampler, seed)
+    r = Run(name, model, x, sigmas, extra_args, callback, noise_sampler, seed)
     s = r.s
     old_d = None
     for i in range(len(s) - 1):
@@ -583,21 +417,66 @@ def sample_gradient_estimation_cfg_pp(model, x, sigmas, *, extra_args=None, call
 ER_SDE_SOLVER_TYPES = ("ER-SDE", "Reverse-time SDE", "ODE")
 
 
+def _pow_f32(xp, v, p: float):
+    """torch's float32 ``tensor ** p``: its exact special cases (1 a copy, 2 v*v, 3 v*v*v, -1 1/v, -2 1/(v*v),
+    0.5 sqrt), else pow to the exponent rounded to float32 (torch casts the scalar to the tensor's dtype:
+    ** 0.3 is ** 0.30000001192...), rounded once to float32 (f32_via_f64)."""
+    special = {1.0: lambda: v, 2.0: lambda: v * v, 3.0: lambda: v * v * v, -1.0: lambda: 1.0 / v,
+               -2.0: lambda: 1.0 / (v * v), 0.5: lambda: xp.sqrt(v)}
+    if float(p) in special:
+        return special[float(p)]()
+    return f32_via_f64(xp, lambda a: a ** round_f32(p), v)
+
+
 def er_sde_noise_scaler(solver_type: str = "ER-SDE", eta: float = 1.0):
     """The noise scaler psi(lambda) of ComfyUI's SamplerER_SDE node, on host floats:
     "ER-SDE" lambda (e^(lambda^0.3) + 10)^eta (eta = 1: sample_er_sde's default), "Reverse-time SDE"
-    lambda^(eta + 1), "ODE" lambda."""
+    lambda^(eta + 1), "ODE" lambda. Its attribute ``f32(xp, v)`` evaluates it on a float32 array with
+    torch's float32 operations, in ComfyUI's order (sample_er_sde sums="comfyui")."""
     if solver_type not in ER_SDE_SOLVER_TYPES:
         raise RefsdError(f"er_sde: solver_type {solver_type!r} unknown; valid: {', '.join(ER_SDE_SOLVER_TYPES)}")
     if solver_type == "ODE" or eta == 0:
-        return lambda v: v
-    if solver_type == "ER-SDE":
-        return lambda v: v * (math.exp(v**0.3) + 10.0) ** eta
-    return lambda v: v ** (eta + 1)
+        fn, f32 = (lambda v: v), (lambda xp, v: v)
+    elif solver_type == "ER-SDE":
+        def fn(v):
+            return v * (math.exp(v**0.3) + 10.0) ** eta
+
+        def f32(xp, v):
+            return v * _pow_f32(xp, f32_via_f64(xp, xp.exp, _pow_f32(xp, v, 0.3)) + 10.0, eta)
+    else:
+        def fn(v):
+            return v ** (eta + 1)
+
+        def f32(xp, v):
+            return _pow_f32(xp, v, eta + 1)
+    fn.f32 = f32
+    return fn
+
+
+ER_SDE_SUMS = ("comfyui", "float64")
+
+
+def er_sde_sums_comfyui(xp, device, noise_scaler, lam_s: float, lam_t: float, n_points: int = 200,
+                        with_u: bool = True) -> tuple[float, float]:
+    """sample_er_sde's stage sums with ComfyUI's arithmetic: lambda_pos = lambda_t + arange(200, float32)
+    * step is float32 (a 0-d float64 tensor does not promote a float32 one), psi(lambda_pos), 1 / psi and
+    (lambda_pos - lambda_s) / psi are float32, torch.sum adds in float32 (torch_sum_f32), and the 0-d
+    float32 sum times the float64 step is float64. Returns (s, s_u) (s_u 0.0 unless with_u)."""
+    f32 = xp.float32
+    step = -(lam_t - lam_s) / n_points
+    pos = round_f32(lam_t) + xp.arange(n_points, dtype=f32, device=device) * round_f32(step)
+    f32_fn = getattr(noise_scaler, "f32", None)
+    if f32_fn is not None:
+        scaled = f32_fn(xp, pos)
+    else:
+        scaled = xp.asarray([round_f32(noise_scaler(float(pos[k]))) for k in range(n_points)], dtype=f32, device=device)
+    s_int = float(torch_sum_f32(xp, 1.0 / scaled)) * step
+    s_u = float(torch_sum_f32(xp, (pos - round_f32(lam_s)) / scaled)) * step if with_u else 0.0
+    return s_int, s_u
 
 
 def sample_er_sde(model, x, sigmas, *, extra_args=None, callback=None, noise_sampler=None, seed=None,
-                  s_noise=1.0, noise_scaler=None, max_stage=3, solver_type="ER-SDE", eta=1.0):
+                  s_noise=1.0, noise_scaler=None, max_stage=3, solver_type="ER-SDE", eta=1.0, sums="comfyui"):
     """ER-SDE-Solver-3 (VP, data prediction) in lambda = sigma / alpha: a first-order exponential step
     with the SDE's drift r = psi(lambda_t) / psi(lambda_s), plus second- and third-stage Taylor terms
     from the previous one and two model outputs, plus noise sqrt(lambda_t^2 - lambda_s^2 r^2).
@@ -606,6 +485,11 @@ def sample_er_sde(model, x, sigmas, *, extra_args=None, callback=None, noise_sam
     ``noise_scaler(lambda: float) -> float`` overrides psi; else psi comes from ``solver_type`` and
     ``eta`` as in ComfyUI's SamplerER_SDE node (``er_sde_noise_scaler``); "ODE" or eta = 0 also sets
     s_noise = 0, as the node does. ``max_stage`` in 1..3.
+
+    ``sums``: "comfyui" (default) evaluates the stage sums as ComfyUI does, in float32 (its points
+    lambda_t + arange(200, float32) * step and psi of them in float32, torch.sum's float32 order:
+    torch_sum_f32), then times the float64 step; "float64" evaluates them in float64 (math.fsum).
+    A custom ``noise_scaler`` (host floats) is applied per float32 point and rounded to float32.
     """
     if noise_scaler is None:
         noise_scaler = er_sde_noise_scaler(solver_type, eta)
@@ -613,11 +497,13 @@ def sample_er_sde(model, x, sigmas, *, extra_args=None, callback=None, noise_sam
             s_noise = 0.0
     if max_stage not in (1, 2, 3):
         raise RefsdError(f"er_sde: max_stage must be 1, 2 or 3, got {max_stage}")
-    r = _Run("er_sde", model, x, sigmas, extra_args, callback, noise_sampler, seed)
+    if sums not in ER_SDE_SUMS:
+        raise RefsdError(f"er_sde: sums {sums!r} unknown; valid: {', '.join(ER_SDE_SUMS)}")
+    r = Run("er_sde", model, x, sigmas, extra_args, callback, noise_sampler, seed)
     s = r.s
     s_noise = s_noise * r.noise_scale()
     n_points = 200
-    er_lam = [math.exp(-_neg_log(v)) for v in s]  # sigma / alpha; = sigma for VE/VP sigmas
+    er_lam = [math.exp(-neg_log(v)) for v in s]  # sigma / alpha; = sigma for VE/VP sigmas
     old_denoised = old_denoised_d = None
     for i in range(len(s) - 1):
         denoised = r.model(x, s[i])
@@ -633,19 +519,23 @@ def sample_er_sde(model, x, sigmas, *, extra_args=None, callback=None, noise_sam
             if stage >= 2:
                 dt = lam_t - lam_s
                 step = -dt / n_points
-                pos = [lam_t + k * step for k in range(n_points)]
-                scaled = [noise_scaler(p) for p in pos]
-                s_int = math.fsum(1 / v for v in scaled) * step
+                if sums == "comfyui":
+                    s_int, s_u = er_sde_sums_comfyui(r.xp, r.device, noise_scaler, lam_s, lam_t, n_points,
+                                                     stage >= 3)
+                else:
+                    pos = [lam_t + k * step for k in range(n_points)]
+                    scaled = [noise_scaler(p) for p in pos]
+                    s_int = math.fsum(1 / v for v in scaled) * step
+                    s_u = math.fsum((p - lam_s) / v for p, v in zip(pos, scaled)) * step if stage >= 3 else 0.0
                 denoised_d = (denoised - old_denoised) / (lam_s - er_lam[i - 1])
                 x = x + denoised_d * (alpha_t * (dt + s_int * noise_scaler(lam_t)))
                 if stage >= 3:
-                    s_u = math.fsum((p - lam_s) / v for p, v in zip(pos, scaled)) * step
                     denoised_u = (denoised_d - old_denoised_d) / ((lam_s - er_lam[i - 2]) / 2)
                     x = x + denoised_u * (alpha_t * (dt**2 / 2 + s_u * noise_scaler(lam_t)))
                 old_denoised_d = denoised_d
             if s_noise > 0:
                 var = lam_t**2 - lam_s**2 * rr**2
-                amp = _nan_to_num(math.sqrt(var)) if var >= 0 else 0.0  # sqrt(<0) = nan -> 0 in ComfyUI
+                amp = nan_to_num(math.sqrt(var)) if var >= 0 else 0.0  # sqrt(<0) = nan -> 0 in ComfyUI
                 x = x + r.noise(s[i], s[i + 1]) * (alpha_t * s_noise * amp)
         old_denoised = denoised
     return x
@@ -658,7 +548,7 @@ def sample_er_sde(model, x, sigmas, *, extra_args=None, callback=None, noise_sam
 def _seeds_2(name, model, x, sigmas, extra_args, callback, noise_sampler, seed, eta, s_noise, r_mid, solver_type):
     if solver_type not in ("phi_1", "phi_2"):
         raise RefsdError(f"{name}: solver_type must be 'phi_1' or 'phi_2', got {solver_type!r}")
-    r = _Run(name, model, x, sigmas, extra_args, callback, noise_sampler, seed)
+    r = Run(name, model, x, sigmas, extra_args, callback, noise_sampler, seed)
     s = r.s
     s_noise = s_noise * r.noise_scale()
     inject = eta > 0 and s_noise > 0
@@ -669,10 +559,10 @@ def _seeds_2(name, model, x, sigmas, extra_args, callback, noise_sampler, seed, 
         if s[i + 1] == 0:
             x = denoised
             continue
-        lam_s, lam_t = _neg_log(s[i]), _neg_log(s[i + 1])
+        lam_s, lam_t = neg_log(s[i]), neg_log(s[i + 1])
         h = lam_t - lam_s
         h_eta = h * (eta + 1)
-        lam_1 = _lerp(lam_s, lam_t, r_mid)
+        lam_1 = lerp(lam_s, lam_t, r_mid)
         sig_1 = math.exp(-lam_1)
         alpha_1, alpha_t = sig_1 * math.exp(lam_1), s[i + 1] * math.exp(lam_t)
         # stage 1: exponential Euler to lambda_s + r h
@@ -683,7 +573,7 @@ def _seeds_2(name, model, x, sigmas, extra_args, callback, noise_sampler, seed, 
         denoised_2 = r.model(x_2, sig_1)
         # stage 2
         if solver_type == "phi_1":
-            denoised_d = _lerp(denoised, denoised_2, fac)
+            denoised_d = lerp(denoised, denoised_2, fac)
             x = x * (s[i + 1] / s[i] * math.exp(-h * eta)) - denoised_d * (alpha_t * math.expm1(-h_eta))
         else:
             b2 = (math.expm1(-h_eta) + h_eta) / -h_eta / r_mid
@@ -724,7 +614,7 @@ def sample_seeds_3(model, x, sigmas, *, extra_args=None, callback=None, noise_sa
                    eta=1.0, s_noise=1.0, r_1=1.0 / 3, r_2=2.0 / 3):
     """SEEDS-3: three-stage stochastic exponential solver (stages at fractions r_1, r_2 of the lambda
     step), one Brownian path across the stages. eta = 0 is deterministic. ComfyUI sample_seeds_3."""
-    r = _Run("seeds_3", model, x, sigmas, extra_args, callback, noise_sampler, seed)
+    r = Run("seeds_3", model, x, sigmas, extra_args, callback, noise_sampler, seed)
     s = r.s
     s_noise = s_noise * r.noise_scale()
     inject = eta > 0 and s_noise > 0
@@ -741,10 +631,10 @@ def sample_seeds_3(model, x, sigmas, *, extra_args=None, callback=None, noise_sa
         if s[i + 1] == 0:
             x = denoised
             continue
-        lam_s, lam_t = _neg_log(s[i]), _neg_log(s[i + 1])
+        lam_s, lam_t = neg_log(s[i]), neg_log(s[i + 1])
         h = lam_t - lam_s
         h_eta = h * (eta + 1)
-        lam_1, lam_2 = _lerp(lam_s, lam_t, r_1), _lerp(lam_s, lam_t, r_2)
+        lam_1, lam_2 = lerp(lam_s, lam_t, r_1), lerp(lam_s, lam_t, r_2)
         sig_1, sig_2 = math.exp(-lam_1), math.exp(-lam_2)
         alpha_1, alpha_2 = sig_1 * math.exp(lam_1), sig_2 * math.exp(lam_2)
         alpha_t = s[i + 1] * math.exp(lam_t)
@@ -776,7 +666,6 @@ def sample_seeds_3(model, x, sigmas, *, extra_args=None, callback=None, noise_sa
 
 SAMPLERS = {
     "ddim": sample_ddim,
-    "deis": sample_deis,
     "uni_pc": sample_uni_pc,
     "uni_pc_bh2": sample_uni_pc_bh2,
     "sa_solver": sample_sa_solver,
