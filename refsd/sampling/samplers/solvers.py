@@ -6,18 +6,16 @@ gradient_estimation(_cfg_pp), er_sde, seeds_2, seeds_3, exp_heun_2_x0(_sde).
 Each sampler is ``sample_<name>(model, x, sigmas, *, extra_args=None, callback=None,
 noise_sampler=None, seed=None, **options) -> x`` over a denoiser ``model(x, sigma, **extra) -> x0``
 (refsd/sampling/PROTOCOLS.md). Step coefficients are host floats (float64, ``math``), computed once per
-step; the integrals some methods need (DEIS, SA-Solver) are evaluated here by Gauss-Legendre
-quadrature to ~1e-15 (checked against scipy in tests/test_samplers_solvers.py), except where ComfyUI's
-own float32 arithmetic is the default: DEIS (coefficients="comfyui") and ER-SDE's stage sums
-(sums="comfyui") mirror ComfyUI's torch float32 operations and torch.sum's order on small float32
-arrays of x's namespace. Array arithmetic keeps x's dtype. The plumbing (host sigmas, model calls, noise,
+step; the integrals SA-Solver needs are evaluated by Gauss-Legendre quadrature to ~1e-15 (checked
+against scipy in tests/test_samplers_solvers.py). ER-SDE's stage sums follow ComfyUI's own float32
+arithmetic by default (sums="comfyui"): torch float32 operations and torch.sum's order, mirrored on
+small float32 arrays of x's namespace (samplers/numerics.py). Array arithmetic keeps x's dtype. The plumbing (host sigmas, model calls, noise,
 callback, CFG++'s uncond_denoised) is samplers/common.py's ``Run``, shared by every sampler module.
 
 Semantics are ComfyUI's, for discrete-time eps / v models:
   ref: comfyanonymous/ComfyUI@02159d814dee609acc27994c1bf25fc5b40e2aaa comfy/k_diffusion/sampling.py
-       (sample_deis, res_multistep, sample_gradient_estimation, sample_er_sde, sample_seeds_2/3,
+       (res_multistep, sample_gradient_estimation, sample_er_sde, sample_seeds_2/3,
        sample_exp_heun_2_x0(_sde), sample_sa_solver(_pece))
-  ref: comfyanonymous/ComfyUI@c828fdcf0c11dff5cb204f50791e182a53d63d31 comfy/k_diffusion/deis.py
   ref: comfyanonymous/ComfyUI@4328fa894d96811bde5bcdce56b6a4106f62feed comfy/k_diffusion/sa_solver.py
   ref: comfyanonymous/ComfyUI@9bffd67fc9f8d0d76591b0735739e985830bf6c9 comfy/extra_samplers/uni_pc.py
   ref: comfyanonymous/ComfyUI comfy/samplers.py (sampler_object: "ddim" is ksampler("euler"), uni_pc*;
@@ -28,8 +26,7 @@ Where refsd departs from ComfyUI's arithmetic (never its semantics), docs/sample
 Not implemented: ComfyUI's rectified-flow (model_sampling CONST) variants; samplers that have one
 raise RefsdError for a flow model.
 
-Papers: Song et al. DDIM (arXiv:2010.02502); Zhang & Chen DEIS (arXiv:2204.13902; zju-pi/diff-sampler);
-Zhao et al. UniPC (arXiv:2302.04867); Xue et al. SA-Solver (arXiv:2309.05019); Zhang et al. RES
+Papers: Song et al. DDIM (arXiv:2010.02502); Zhao et al. UniPC (arXiv:2302.04867); Xue et al. SA-Solver (arXiv:2309.05019); Zhang et al. RES
 (arXiv:2308.02157); Permenter & Yuan, gradient estimation (arXiv:2306.04848); Cui et al. ER-SDE
 (arXiv:2309.06169); Gonzalez et al. SEEDS (arXiv:2305.14267); Chung et al. CFG++ (arXiv:2406.08070).
 """
