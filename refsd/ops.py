@@ -220,14 +220,12 @@ def erf(x):
     return rxp.map_chunks(_erf_chunk, x, _CHUNK_ELEMS)
 
 
-def _erf_chunk(x):
-    xp = rxp.namespace(x)
-    t = xp.clip(x, -4.0, 4.0)
+def _erf_chunk(x, out=None):
+    t = rxp.into("clip", x, -4.0, 4.0, out=out)
     t2 = t * t
     p = _horner(_ERF_P, t2)
     p *= t
-    p /= _horner(_ERF_Q, t2)
-    return p
+    return rxp.into("divide", p, _horner(_ERF_Q, t2), out=out)
 
 
 def gelu(x, approximate: str = "none"):
@@ -251,19 +249,17 @@ _GELU_Q = tuple(c * 0.5 ** (len(_ERF_Q) - 1 - i) for i, c in enumerate(_ERF_Q))
 _GELU_XMAX = 4.0 * math.sqrt(2.0)
 
 
-def _gelu_chunk(x):
-    xp = rxp.namespace(x)
-    xc = xp.clip(x, -_GELU_XMAX, _GELU_XMAX)
+def _gelu_chunk(x, out=None):
+    xc = rxp.into("clip", x, -_GELU_XMAX, _GELU_XMAX, out=out)  # out doubles as xc's storage
     u = xc * xc
     h = _horner(_GELU_P, u)
     h *= xc
     h /= _horner(_GELU_Q, u)  # h = 0.5 * erf(x / sqrt 2)
     h += 0.5
-    h *= x
-    return h
+    return rxp.into("multiply", h, x, out=out)
 
 
-def _gelu_tanh_chunk(x):
+def _gelu_tanh_chunk(x, out=None):
     xp = rxp.namespace(x)
     inner = x * x
     inner *= 0.044715
@@ -272,9 +268,8 @@ def _gelu_tanh_chunk(x):
     inner *= math.sqrt(2.0 / math.pi)
     h = xp.tanh(inner)
     h += 1.0
-    h *= x
     h *= 0.5
-    return h
+    return rxp.into("multiply", h, x, out=out)
 
 
 def silu(x):
@@ -282,10 +277,10 @@ def silu(x):
     return rxp.map_chunks(_silu_chunk, x, _CHUNK_ELEMS)
 
 
-def _silu_chunk(x):
+def _silu_chunk(x, out=None):
     d = rxp.exp_(-x)
     d += 1.0
-    return x / d
+    return rxp.into("divide", x, d, out=out)
 
 
 def quick_gelu(x):
@@ -293,10 +288,10 @@ def quick_gelu(x):
     return rxp.map_chunks(_quick_gelu_chunk, x, _CHUNK_ELEMS)
 
 
-def _quick_gelu_chunk(x):
+def _quick_gelu_chunk(x, out=None):
     d = rxp.exp_(x * -1.702)
     d += 1.0
-    return x / d
+    return rxp.into("divide", x, d, out=out)
 
 
 def softmax(x, axis: int = -1):

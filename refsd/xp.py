@@ -259,12 +259,13 @@ def parallel_map(xp, fn: Callable, items: Iterable, *, blas_threads_per_item: in
 
 
 def map_chunks(fn: Callable, x, chunk: int):
-    """Apply an elementwise ``fn`` (array -> array of the same shape and dtype) to ``x``.
+    """Apply an elementwise ``fn(x, out=None)`` (same shape and dtype out) to ``x``.
 
-    On NumPy, ``x`` is processed in flat chunks of ``chunk`` elements, split across CPU threads:
-    a chain of ufuncs over a cache-resident chunk (``fn`` may update its own temporaries in place)
-    runs 2-3x faster than over a whole activation, and NumPy's ufuncs are single-threaded. Other
-    backends get ``fn(x)`` whole: they fuse or parallelise internally.
+    On NumPy, ``x`` is processed in flat chunks of ``chunk`` elements, split across CPU threads, and
+    ``fn`` receives ``out=``, the matching chunk of the result, to write into (through ``into``):
+    a chain of ufuncs over a cache-resident chunk runs 2-3x faster than over a whole activation, and
+    writing the last step straight into the result saves a copy (GELU 2x4096x5120: 239 -> 181 ms).
+    Other backends get ``fn(x)`` whole: they fuse or parallelise internally.
     """
     if not isinstance(x, np.ndarray) or x.size <= chunk:
         return fn(x)
@@ -276,7 +277,7 @@ def map_chunks(fn: Callable, x, chunk: int):
     def run(part):
         for i in range(bounds[part], bounds[part + 1], chunk):
             j = min(i + chunk, bounds[part + 1])
-            out[i:j] = fn(flat[i:j])
+            fn(flat[i:j], out=out[i:j])
 
     if n == 1:
         run(0)
@@ -284,6 +285,15 @@ def map_chunks(fn: Callable, x, chunk: int):
         with ThreadPoolExecutor(max_workers=n) as pool:
             list(pool.map(run, range(n)))
     return out.reshape(x.shape)
+
+
+def into(op: str, *args, out=None):
+    """``xp.<op>(*args)`` (a standard elementwise function: clip, multiply, divide, ...), written into
+    ``out`` when given. Only ``map_chunks`` passes ``out``, and only on NumPy, where it is a chunk of
+    the result; elsewhere this is the plain standard call."""
+    if out is not None:
+        return getattr(np, op)(*args, out=out)
+    return getattr(_compat.array_namespace(*(a for a in args if not isinstance(a, (int, float)))), op)(*args)
 
 
 def synchronize(x) -> None:
