@@ -154,11 +154,12 @@ def group_norm(x, weight, bias, groups: int, eps: float = 1e-5):
         return xp.reshape(xp.broadcast_to(xp.reshape(v, (1, groups, per_group)), (b, groups, per_group)),
                           (b * groups, per_group, 1))
 
-    y = rxp.map_rows(lambda s, w, o: _group_norm_rows(s, w, o, eps), slabs, affine(weight, 1.0), affine(bias, 0.0))
+    y = rxp.map_rows(lambda s, w, o, out=None: _group_norm_rows(s, w, o, eps, out=out),
+                     slabs, affine(weight, 1.0), affine(bias, 0.0))
     return xp.reshape(y, x.shape)
 
 
-def _group_norm_rows(s, weight, bias, eps):
+def _group_norm_rows(s, weight, bias, eps, out=None):
     """Normalise each row of s (R, C/G, N) over its last two axes, then scale and shift per channel.
 
     y = (x - mean) * (rstd * weight) + bias. Subtracting the mean first, rather than folding it into
@@ -168,7 +169,7 @@ def _group_norm_rows(s, weight, bias, eps):
     """
     xp = rxp.namespace(s)
     n = s.shape[1] * s.shape[2]
-    d = s - xp.mean(s, axis=(1, 2), keepdims=True)
+    d = rxp.into("subtract", s, xp.mean(s, axis=(1, 2), keepdims=True), out=out)  # later steps update d in place
     flat = xp.reshape(d, (s.shape[0], n))
     var = xp.reshape(xp.vecdot(flat, flat), (-1, 1, 1)) / n
     d *= weight / xp.sqrt(var + eps)

@@ -310,12 +310,13 @@ def synchronize(x) -> None:
 
 
 def map_rows(fn: Callable, x, *extras):
-    """``fn(x, *extras)`` for an ``fn`` that treats axis 0 as independent rows and keeps x's shape
-    and dtype (e.g. normalising (batch, group) slabs).
+    """``fn(x, *extras, out=None)`` for an ``fn`` that treats axis 0 as independent rows and keeps
+    x's shape and dtype (e.g. normalising (batch, group) slabs).
 
-    On NumPy the rows are split into one contiguous block per CPU thread, each writing its slice of
-    the output: NumPy's ufuncs are single-threaded, and these passes are memory-bound.
-    ``extras`` are split along axis 0 alongside ``x``. Other backends get one vectorised call.
+    On NumPy the rows are split into one contiguous block per CPU thread, and ``fn`` gets ``out=``,
+    its block of the result, to build its answer in (through ``into``): NumPy's ufuncs are
+    single-threaded, and these passes are memory-bound. ``extras`` are split along axis 0 alongside
+    ``x``. Other backends get one vectorised call.
     """
     n = cpu_threads(_compat.array_namespace(x))
     if not isinstance(x, np.ndarray) or n <= 1 or x.shape[0] < 2:
@@ -325,7 +326,7 @@ def map_rows(fn: Callable, x, *extras):
 
     def run(i):
         lo, hi = bounds[i], bounds[i + 1]
-        out[lo:hi] = fn(x[lo:hi], *(e[lo:hi] for e in extras))
+        fn(x[lo:hi], *(e[lo:hi] for e in extras), out=out[lo:hi])
 
     parallel_map(_compat.array_namespace(x), run, range(n), blas_threads_per_item=None)
     return out
