@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PIP     := $(BIN)/python -m pip install --only-binary=:all: -c requirements/lock.txt
 
-.PHONY: setup demo test test-slow golden-check bench conformance clean
+.PHONY: setup demo test golden-check bench conformance clean
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,9 +29,6 @@ test: setup golden-check
 
 golden-check: setup
 	$(BIN)/python -m golden.capture --check
-
-test-slow: setup
-	$(BIN)/python -m pytest -q -m slow
 
 bench: setup
 	$(BIN)/python -m bench ops
