@@ -30,6 +30,8 @@ TOLERANCES: dict[tuple[str, str], tuple[float, float]] = {
     ("sampling", "float64"): (1e-10, 1e-10),
     # Schedules and model sampling tables (sigmas, timesteps), float64.
     ("schedules", "float64"): (1e-12, 1e-12),
+    # Token ids: exact.
+    ("text", "float64"): (0.0, 0.0),
 }
 
 # How far a fresh oracle run may drift from a committed golden before --check fails: float noise

@@ -66,6 +66,18 @@ def _run_model_sampling_table(sigma, timestep, *, model_sampling: dict, zsnr_ter
             "sigma": ms.sigma(timestep)}
 
 
+def _run_tokenize(text_bytes, text_offsets, *, max_length: int, pad_token: int):
+    """Golden adapter for tokenizer cases (op "tokenize"): prompts stored as UTF-8 bytes (uint8) and
+    N+1 offsets (int64) -> (N, max_length) int64 ids of ``CLIPTokenizer.from_package()``."""
+    from refsd.text import CLIPTokenizer
+
+    data, offsets = bytes(rxp.to_numpy(text_bytes).astype(np.uint8)), rxp.to_numpy(text_offsets).tolist()
+    tok = CLIPTokenizer.from_package()
+    ids = [tok(data[a:b].decode("utf-8"), max_length=max_length, pad_token=pad_token)
+           for a, b in zip(offsets[:-1], offsets[1:])]
+    return rxp.asarray(np.asarray(ids, dtype=np.int64), like=text_bytes)
+
+
 # op name in a case's metadata -> the refsd callable (or adapter above). Inputs are passed by name.
 OPS = {
     "linear": ops.linear,
@@ -83,6 +95,7 @@ OPS = {
     "sample": _run_sample,
     "schedule": _run_schedule,
     "model_sampling_table": _run_model_sampling_table,
+    "tokenize": _run_tokenize,
 }
 
 
@@ -174,9 +187,12 @@ def _judge(case_id, variant, name, got, ref, atol, rtol) -> Result:
     err = np.abs(g - r)
     err = np.where(np.isnan(g) != np.isnan(r), np.inf, np.nan_to_num(err, nan=0.0))
     scale = float(np.max(np.abs(r), initial=0.0))
+    allowed = atol + rtol * np.abs(r)
+    # A zero tolerance (token ids) means exact: an error of 0 uses none of it, any other all and more.
+    ratio = np.divide(err, allowed, out=np.where(err > 0, np.inf, 0.0), where=allowed > 0)
     return Result(case_id, variant, name, float(err.max(initial=0.0)),
                   float(err.max(initial=0.0)) / scale if scale else float(err.max(initial=0.0)),
-                  float(np.max(err / (atol + rtol * np.abs(r)), initial=0.0)), atol, rtol)
+                  float(np.max(ratio, initial=0.0)), atol, rtol)
 
 
 def run_all(xp, device, root: Path | None = None, only: str | None = None) -> list[Result]:

@@ -29,3 +29,14 @@ def test_manifest_covers_every_op():
         assert op in seen, f"no golden for op {op!r}"
         if any(comp in ("ops", "attention") for comp, _ in seen[op]):
             assert {dt for _, dt in seen[op]} >= {"float32", "float64"}, f"{op}: needs float32 and float64 goldens"
+
+
+def test_zero_tolerance_means_exact():
+    """Token-id goldens use atol = rtol = 0: equal passes, any difference fails (no 0/0)."""
+    import numpy as np
+
+    ref = np.array([49406, 320, 49407], dtype=np.int64)
+    assert golden._judge("t", {}, "ids", ref.copy(), ref, 0.0, 0.0).ok
+    bad = ref.copy()
+    bad[1] += 1
+    assert not golden._judge("t", {}, "ids", bad, ref, 0.0, 0.0).ok
