@@ -12,7 +12,9 @@ $(STAMP): pyproject.toml requirements/lock.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[test,oracle]'
-	$(PIP) --no-deps k-diffusion  # oracle for samplers and schedules; its declared deps are not needed
+	# Oracles installed without their declared deps (torchvision, wandb, ...), which they don't need here:
+	# k-diffusion (samplers, schedules), open_clip_torch (ships the CLIP BPE vocabulary the text goldens use).
+	$(PIP) --no-deps k-diffusion open_clip_torch
 	touch $(STAMP)
 
 setup: $(STAMP)
