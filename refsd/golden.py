@@ -167,6 +167,11 @@ def run_case(case: GoldenCase, xp, device) -> list[Result]:
     if fn is None:
         raise GoldenError(f"{case.id}: no refsd operation named {op['name']!r}")
     inputs = {k: rxp.asarray(v, xp=xp, device=device) for k, v in case.group("in").items()}
+    weights = case.group("param")
+    if weights:  # random-weight model cases: the weights travel as a Params mapping, diffusers keys
+        from refsd.weights import Params
+
+        inputs["params"] = Params(weights, xp=xp, device=device)
     expected = case.group("out")
     atol, rtol = case.meta["atol"], case.meta["rtol"]
     results = []
