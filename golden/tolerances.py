@@ -30,6 +30,10 @@ TOLERANCES: dict[tuple[str, str], tuple[float, float]] = {
     ("sampling", "float64"): (1e-10, 1e-10),
     # Schedules and model sampling tables (sigmas, timesteps), float64.
     ("schedules", "float64"): (1e-12, 1e-12),
+    # CLIP text encoder, tiny random models (golden/oracle_clip.py; activations up to ~7): summation
+    # order in GEMMs, LayerNorm and softmax over 2-3 layers. Measured over numpy, array-api-strict and
+    # torch-CPU, all attention strategies: max abs 2.9e-6, max |err|/max|ref| 4.1e-7 (0.15x this bound).
+    ("text_encoder", "float32"): (1e-5, 1e-5),
     # Token ids: exact.
     ("text", "float64"): (0.0, 0.0),
 }

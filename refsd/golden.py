@@ -78,6 +78,17 @@ def _run_tokenize(text_bytes, text_offsets, *, max_length: int, pad_token: int):
     return rxp.asarray(np.asarray(ids, dtype=np.int64), like=text_bytes)
 
 
+def _run_clip_text(input_ids, *, params, config: dict, attention: str = "sliced"):
+    """Golden adapter for CLIP text encoder cases (op "clip_text"): refsd.text.clip.clip_text on a
+    transformers config dict; outputs named as the case's ``out/`` keys (``hidden_state_<i>``)."""
+    from refsd.text.clip import CLIPTextConfig, clip_text
+
+    out = clip_text(params, input_ids, cfg=CLIPTextConfig.from_dict(config), attention=attention)
+    res = {k: v for k, v in out.items() if k != "hidden_states"}
+    res.update({f"hidden_state_{i}": h for i, h in enumerate(out["hidden_states"])})
+    return res
+
+
 # op name in a case's metadata -> the refsd callable (or adapter above). Inputs are passed by name.
 OPS = {
     "linear": ops.linear,
@@ -96,6 +107,7 @@ OPS = {
     "schedule": _run_schedule,
     "model_sampling_table": _run_model_sampling_table,
     "tokenize": _run_tokenize,
+    "clip_text": _run_clip_text,
 }
 
 

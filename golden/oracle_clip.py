@@ -1,0 +1,97 @@
+"""CLIP text encoder cases: transformers' CLIPTextModel / CLIPTextModelWithProjection are the oracle.
+
+Tiny models built offline from config dicts; every parameter is redrawn from the case generator
+(weights ~ N(0, 1/fan_in), LayerNorm weights 1 + 0.1 N, biases 0.1 N, embeddings N(0, 1)) so the
+goldens do not depend on transformers' init scheme and the activations are far from trivial.
+Params are stored under ``param/<state_dict key>`` exactly; traces are forward hooks on the model's
+own module paths. This module imports nothing from refsd.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from golden.registry import Capture, case
+
+CLIP_L_TINY = {  # OpenAI CLIP-L layout (SD1): quick_gelu, legacy eos_token_id 2 -> pooling by argmax(ids)
+    "vocab_size": 1000, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5, "projection_dim": 24, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+}
+OPENCLIP_TINY = {  # OpenCLIP-H/bigG layout (SD2/SDXL): gelu, projection, pooling at the first eos_token_id
+    "vocab_size": 1000, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 3,
+    "num_attention_heads": 4, "max_position_embeddings": 77, "hidden_act": "gelu",
+    "layer_norm_eps": 1e-5, "projection_dim": 24, "bos_token_id": 998, "eos_token_id": 999, "pad_token_id": 0,
+}
+ATTENTION_VARIANTS = [{"attention": "sliced"}, {"attention": "naive"}, {"attention": "tiled"}]
+
+
+def _randomise(model, g):
+    for name, t in model.state_dict().items():
+        r = torch.randn(t.shape, generator=g, dtype=torch.float64)
+        if "norm" in name and name.endswith("weight"):
+            r = 1.0 + 0.1 * r
+        elif name.endswith("bias"):
+            r = 0.1 * r
+        elif "embedding" not in name:
+            r = r / t.shape[-1] ** 0.5
+        t.copy_(r.to(t.dtype))
+
+
+def _ids(g, lengths, pad, n=77, bos=998, eos=999):
+    """(len(lengths), n) ids: BOS, random tokens in [3, bos), EOS, then pad (pad may equal EOS).
+    BOS/EOS are the tokenizer's (the two largest ids, as 49406/49407 in CLIP's vocabulary)."""
+    rows = []
+    for L in lengths:
+        body = torch.randint(3, bos, (L,), generator=g)
+        row = torch.full((n,), pad, dtype=torch.int64)
+        row[0], row[1:L + 1], row[L + 1] = bos, body, eos
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def _clip_case(g, dt, cfg, with_projection, ids, desc):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    hf_cfg = CLIPTextConfig(**cfg, attention_dropout=0.0)
+    model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(hf_cfg).eval().to(dt)
+    _randomise(model, g)
+    layers = {name: m for name, m in model.named_modules()
+              if name.split(".")[-2:-1] == ["layers"] or name.endswith(("embeddings", "final_layer_norm"))}
+    trace = {}
+    hooks = [m.register_forward_hook(lambda _m, _i, o, name=name: trace.__setitem__(name, (o[0] if isinstance(o, tuple) else o).clone()))
+             for name, m in layers.items()]
+    try:
+        o = model(input_ids=ids, output_hidden_states=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    text = model.text_model if with_projection else model
+    last, pooled = o.last_hidden_state, o.pooler_output if not with_projection else None
+    if pooled is None:  # CLIPTextModelOutput drops pooler_output: recompute it from the inner model
+        pooled = text(input_ids=ids).pooler_output
+    outputs = {"last_hidden_state": last, "pooler_output": pooled}
+    outputs.update({f"hidden_state_{i}": h for i, h in enumerate(o.hidden_states)})
+    if with_projection:
+        outputs["text_embeds"] = o.text_embeds
+    cls = "CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"
+    return Capture("clip_text", {"input_ids": ids}, outputs,
+                   f"transformers.{cls}(CLIPTextConfig(**config))(input_ids, output_hidden_states=True)",
+                   desc, kwargs={"config": cfg}, variants=ATTENTION_VARIANTS,
+                   params={k: v.clone() for k, v in model.state_dict().items()}, trace=trace)
+
+
+@case("text_encoder", "clip_l_tiny", dtypes=("float32",))
+def _clip_l_tiny(g, dt):
+    # SD1 pads with EOS: EOS (999) is the largest id, so legacy argmax pooling picks its first
+    # occurrence (the config's eos_token_id 2 is the stale legacy value, not the token).
+    ids = _ids(g, [5, 40], pad=999)
+    return _clip_case(g, dt, CLIP_L_TINY, False, ids,
+                      "tiny CLIP-L-like text encoder (quick_gelu, legacy eos_token_id=2 argmax pooling), EOS padding")
+
+
+@case("text_encoder", "openclip_tiny_proj", dtypes=("float32",))
+def _openclip_tiny(g, dt):
+    ids = _ids(g, [7, 75], pad=OPENCLIP_TINY["pad_token_id"])
+    return _clip_case(g, dt, OPENCLIP_TINY, True, ids,
+                      "tiny OpenCLIP-like text encoder with projection (gelu, first-EOS pooling), zero padding")
