@@ -89,6 +89,21 @@ def _run_clip_text(input_ids, *, params, config: dict, attention: str = "sliced"
     return res
 
 
+def _run_vae(z=None, x=None, noise=None, *, params, config: dict, mode: str, attention: str = "sliced"):
+    """Golden adapter for VAE cases (op "vae"): refsd.models.vae on a diffusers AutoencoderKL config
+    dict. ``mode="decode"``: z -> ``sample``; ``mode="encode"``: x -> ``mean``, ``logvar`` and
+    ``latent_sample`` = sample_latent(mean, logvar, noise)."""
+    from refsd.models.vae import VAEConfig, decode, encode, sample_latent
+
+    cfg = VAEConfig.from_dict(config)
+    if mode == "decode":
+        return {"sample": decode(params, z, cfg=cfg, attention=attention)}
+    if mode == "encode":
+        mean, logvar = encode(params, x, cfg=cfg, attention=attention)
+        return {"mean": mean, "logvar": logvar, "latent_sample": sample_latent(mean, logvar, noise)}
+    raise GoldenError(f"vae golden: unknown mode {mode!r}")
+
+
 # op name in a case's metadata -> the refsd callable (or adapter above). Inputs are passed by name.
 OPS = {
     "linear": ops.linear,
@@ -108,6 +123,7 @@ OPS = {
     "model_sampling_table": _run_model_sampling_table,
     "tokenize": _run_tokenize,
     "clip_text": _run_clip_text,
+    "vae": _run_vae,
 }
 
 

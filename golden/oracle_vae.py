@@ -1,0 +1,97 @@
+"""VAE cases: diffusers' AutoencoderKL is the oracle.
+
+A tiny AutoencoderKL built offline from a config dict; every parameter is redrawn from the case
+generator (weights ~ N(0, 1/fan_in), norm weights 1 + 0.1 N, biases 0.1 N), as oracle_clip.py does.
+Params are stored under ``param/<state_dict key>``; traces are forward hooks on the model's block
+modules (down/up blocks, mid blocks, conv_out, quant convs). This module imports nothing from refsd.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from golden.registry import Capture, case
+
+VAE_TINY = {
+    "in_channels": 3, "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "block_out_channels": [8, 16], "layers_per_block": 1, "act_fn": "silu", "latent_channels": 4,
+    "norm_num_groups": 4, "sample_size": 32, "scaling_factor": 0.18215,
+}
+
+
+def _traced(name: str) -> bool:
+    parts = name.split(".")
+    if len(parts) == 3 and parts[1] in ("down_blocks", "up_blocks"):
+        return True
+    return name in ("encoder.mid_block", "encoder.conv_out", "quant_conv", "post_quant_conv",
+                    "decoder.mid_block", "decoder.conv_out")
+
+
+def _randomise(model, g):
+    for name, t in model.state_dict().items():
+        r = torch.randn(t.shape, generator=g, dtype=torch.float64)
+        if "norm" in name and name.endswith("weight"):
+            r = 1.0 + 0.1 * r
+        elif name.endswith("bias"):
+            r = 0.1 * r
+        else:
+            r = r / math.prod(t.shape[1:]) ** 0.5
+        t.copy_(r.to(t.dtype))
+
+
+def _model(g, dt):
+    from diffusers import AutoencoderKL
+
+    model = AutoencoderKL(**VAE_TINY).eval()
+    if dt != torch.float32:  # .to() on a float32 model only prints a from_pretrained warning
+        model = model.to(dt)
+    _randomise(model, g)
+    return model
+
+
+def _hooked(model, fn):
+    trace = {}
+    hooks = [m.register_forward_hook(lambda _m, _i, o, name=name: trace.__setitem__(name, o.detach().clone()))
+             for name, m in model.named_modules() if _traced(name)]
+    try:
+        with torch.no_grad():
+            out = fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, trace
+
+
+def _params(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@case("vae", "decode_tiny", dtypes=("float32",))
+def _decode_tiny(g, dt):
+    model = _model(g, dt)
+    z = torch.randn((1, 4, 8, 8), generator=g, dtype=torch.float64).to(dt)
+    sample, trace = _hooked(model, lambda: model.decode(z).sample)
+    return Capture("vae", {"z": z}, {"sample": sample}, "diffusers.AutoencoderKL(**config).decode(z).sample",
+                   "tiny AutoencoderKL (2 blocks, 8/16 channels, 1 layer per block, mid attention): decode",
+                   kwargs={"config": VAE_TINY, "mode": "decode"}, params=_params(model), trace=trace)
+
+
+@case("vae", "encode_tiny", dtypes=("float32",))
+def _encode_tiny(g, dt):
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    model = _model(g, dt)
+    x = torch.randn((1, 3, 16, 16), generator=g, dtype=torch.float64).to(dt)
+    noise = torch.randn((1, 4, 8, 8), generator=g, dtype=torch.float64).to(dt)
+    dist, trace = _hooked(model, lambda: model.encode(x).latent_dist)
+    assert isinstance(dist, DiagonalGaussianDistribution)
+    latent = dist.mean + dist.std * noise  # DiagonalGaussianDistribution.sample with this noise
+    return Capture("vae", {"x": x, "noise": noise},
+                   {"mean": dist.mean, "logvar": dist.logvar, "latent_sample": latent},
+                   "d = diffusers.AutoencoderKL(**config).encode(x).latent_dist; (d.mean, d.logvar, d.mean + d.std * noise)",
+                   "tiny AutoencoderKL (2 blocks, 8/16 channels, 1 layer per block, mid attention): encode + posterior",
+                   kwargs={"config": VAE_TINY, "mode": "encode"}, params=_params(model), trace=trace)
