@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from golden.registry import Capture, case
+from golden.registry import Capture, case, randomise_weights
 
 CLIP_L_TINY = {  # OpenAI CLIP-L layout (SD1): quick_gelu, legacy eos_token_id 2 -> pooling by argmax(ids)
     "vocab_size": 1000, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
@@ -26,16 +26,6 @@ OPENCLIP_TINY = {  # OpenCLIP-H/bigG layout (SD2/SDXL): gelu, projection, poolin
 ATTENTION_VARIANTS = [{"attention": "sliced"}, {"attention": "naive"}, {"attention": "tiled"}]
 
 
-def _randomise(model, g):
-    for name, t in model.state_dict().items():
-        r = torch.randn(t.shape, generator=g, dtype=torch.float64)
-        if "norm" in name and name.endswith("weight"):
-            r = 1.0 + 0.1 * r
-        elif name.endswith("bias"):
-            r = 0.1 * r
-        elif "embedding" not in name:
-            r = r / t.shape[-1] ** 0.5
-        t.copy_(r.to(t.dtype))
 
 
 def _ids(g, lengths, pad, n=77, bos=998, eos=999):
@@ -55,7 +45,7 @@ def _clip_case(g, dt, cfg, with_projection, ids, desc):
 
     hf_cfg = CLIPTextConfig(**cfg, attention_dropout=0.0)
     model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(hf_cfg).eval().to(dt)
-    _randomise(model, g)
+    randomise_weights(model, g)
     layers = {name: m for name, m in model.named_modules()
               if name.split(".")[-2:-1] == ["layers"] or name.endswith(("embeddings", "final_layer_norm"))}
     trace = {}

@@ -8,11 +8,10 @@ modules (down/up blocks, mid blocks, conv_out, quant convs). This module imports
 
 from __future__ import annotations
 
-import math
 
 import torch
 
-from golden.registry import Capture, case
+from golden.registry import Capture, case, randomise_weights
 
 VAE_TINY = {
     "in_channels": 3, "out_channels": 3,
@@ -31,16 +30,6 @@ def _traced(name: str) -> bool:
                     "decoder.mid_block", "decoder.conv_out")
 
 
-def _randomise(model, g):
-    for name, t in model.state_dict().items():
-        r = torch.randn(t.shape, generator=g, dtype=torch.float64)
-        if "norm" in name and name.endswith("weight"):
-            r = 1.0 + 0.1 * r
-        elif name.endswith("bias"):
-            r = 0.1 * r
-        else:
-            r = r / math.prod(t.shape[1:]) ** 0.5
-        t.copy_(r.to(t.dtype))
 
 
 def _model(g, dt):
@@ -49,7 +38,7 @@ def _model(g, dt):
     model = AutoencoderKL(**VAE_TINY).eval()
     if dt != torch.float32:  # .to() on a float32 model only prints a from_pretrained warning
         model = model.to(dt)
-    _randomise(model, g)
+    randomise_weights(model, g)
     return model
 
 

@@ -102,3 +102,21 @@ def load_kdiffusion():
         for name in stubs:
             sys.modules.pop(name, None)
     return sampling, external
+
+
+def randomise_weights(model, g: torch.Generator) -> None:
+    """Redraw every parameter of ``model`` from ``g`` (float64 draws, cast), so model goldens do not
+    depend on the oracle library's own initialisation: norm weights 1 + 0.1 N, biases 0.1 N,
+    embeddings N, other weights N / sqrt(fan_in) with fan_in = prod(shape[1:]) (linear and conv)."""
+    import math
+
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            r = torch.randn(t.shape, generator=g, dtype=torch.float64)
+            if "norm" in name and name.endswith("weight"):
+                r = 1.0 + 0.1 * r
+            elif name.endswith("bias"):
+                r = 0.1 * r
+            elif "embedding" not in name:
+                r = r / math.prod(t.shape[1:]) ** 0.5
+            t.copy_(r.to(t.dtype))

@@ -26,13 +26,6 @@ def test_cases_exist():
 
 
 @pytest.mark.parametrize("case_id", CASES)
-def test_golden(case_id, xp, device):
-    results = golden.run_case(golden.load_case(case_id), xp, device)
-    bad = [r for r in results if not r.ok]
-    assert not bad, "\n".join(f"{r.output} {r.variant}: abs {r.max_abs:.2e} ratio {r.worst_ratio:.2f}" for r in bad)
-
-
-@pytest.mark.parametrize("case_id", CASES)
 def test_trace_names_match_transformers_modules(case_id, xp, device):
     """refsd emits under the module paths the oracle hooked, in the same order, with the same values."""
     case, params, ids, cfg = _setup(case_id, xp, device)
