@@ -151,6 +151,14 @@ def broadcast_sigma(sigma, x):
 # discrete DDPM models (SD 1.x / 2.x / XL): eps- and v-prediction
 
 
+def _is_max_denoise(sigma_max: float, sigma) -> bool:
+    """ComfyUI Sampler.max_denoise: sigma within 1e-5 relative of sigma_max (ComfyUI's own rel_tol;
+    a schedule's first sigma is sigma_max up to float32 rounding), or above it. Decides
+    noise_scaling's max_denoise."""
+    s = float(rxp.to_numpy(sigma)) if hasattr(sigma, "shape") else float(sigma)
+    return math.isclose(sigma_max, s, rel_tol=1e-05) or s > sigma_max
+
+
 class ModelSamplingDiscrete:
     """A discrete-time DDPM's noise levels, sigma <-> timestep maps and output parameterisation.
 
@@ -276,10 +284,8 @@ class ModelSamplingDiscrete:
         return float(rxp.to_numpy(self.sigma((1.0 - percent) * (self.num_timesteps - 1))))
 
     def is_max_denoise(self, sigma) -> bool:
-        """Whether sampling starting at ``sigma`` starts from pure noise (ComfyUI Sampler.max_denoise:
-        sigma within 1e-5 relative of sigma_max, or above it). Decides noise_scaling's max_denoise."""
-        s = float(rxp.to_numpy(sigma)) if hasattr(sigma, "shape") else float(sigma)
-        return math.isclose(self.sigma_max, s, rel_tol=1e-05) or s > self.sigma_max
+        """Whether sampling starting at ``sigma`` starts from pure noise (see ``_is_max_denoise``)."""
+        return _is_max_denoise(self.sigma_max, sigma)
 
     # -- the network's input and output ------------------------------------------------------
 
@@ -379,8 +385,7 @@ class ModelSamplingDiscreteFlow:
         return time_snr_shift(self.shift, 1.0 - percent)
 
     def is_max_denoise(self, sigma) -> bool:
-        s = float(rxp.to_numpy(sigma)) if hasattr(sigma, "shape") else float(sigma)
-        return math.isclose(self.sigma_max, s, rel_tol=1e-05) or s > self.sigma_max
+        return _is_max_denoise(self.sigma_max, sigma)
 
     def calculate_input(self, sigma, x):
         """c_in = 1: a flow network sees x itself (ComfyUI CONST.calculate_input)."""
