@@ -80,6 +80,15 @@ def _clip_l_tiny(g, dt):
                       "tiny CLIP-L-like text encoder (quick_gelu, legacy eos_token_id=2 argmax pooling), EOS padding")
 
 
+@case("text_encoder", "openclip_h_tiny", dtypes=("float32",))
+def _openclip_h_tiny(g, dt):
+    # SD2's text_encoder: CLIPTextModel (no projection), gelu, zero padding, and the legacy
+    # eos_token_id 2 of its config.json -> argmax pooling, which finds EOS (the largest id).
+    ids = _ids(g, [0, 30], pad=OPENCLIP_TINY["pad_token_id"])
+    return _clip_case(g, dt, {**OPENCLIP_TINY, "eos_token_id": 2}, False, ids,
+                      "tiny OpenCLIP-H-like text encoder (SD2: gelu, no projection, legacy argmax pooling), zero padding")
+
+
 @case("text_encoder", "openclip_tiny_proj", dtypes=("float32",))
 def _openclip_tiny(g, dt):
     ids = _ids(g, [7, 75], pad=OPENCLIP_TINY["pad_token_id"])
