@@ -171,7 +171,7 @@ def _group_norm_rows(s, weight, bias, eps, out=None):
     n = s.shape[1] * s.shape[2]
     d = rxp.into("subtract", s, xp.mean(s, axis=(1, 2), keepdims=True), out=out)  # later steps update d in place
     flat = xp.reshape(d, (s.shape[0], n))
-    var = xp.reshape(xp.vecdot(flat, flat), (-1, 1, 1)) / n
+    var = xp.reshape(rxp.sum_of_squares(flat), (-1, 1, 1)) / n
     d *= weight / xp.sqrt(var + eps)
     d += bias
     return d
