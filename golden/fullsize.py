@@ -1,0 +1,290 @@
+"""Full-size slow tier: the released architectures with seeded random weights, oracle vs refsd in one process.
+
+    python -m golden.fullsize                      # every case, each in its own subprocess
+    python -m golden.fullsize unet_sd15 clip_l     # some cases
+    python -m golden.fullsize --json out.json      # also write the rows
+    python -m golden.fullsize --markdown           # print the golden/README.md table
+
+Nothing here is written to ``golden/cases``: a 10 GB SDXL UNet is no committed golden. Each case builds
+the oracle model (diffusers / transformers) from ``golden/configs.py``, redraws its weights from a
+seeded generator (``golden.registry.randomise_weights``), runs it, and hands the *same* tensors to refsd
+without a copy (``tensor.numpy()`` for the NumPy backend, the tensors themselves for torch), so the
+whole case costs one set of weights in memory. This is the one golden module that imports refsd: it
+compares, it never produces a golden.
+
+Target (issue #3): max |refsd - oracle| <= 1e-4 x max |oracle| on every output, float32. Each case runs
+in a fresh subprocess so its peak memory is its own; peaks are per phase (Linux VmHWM, reset between
+phases through /proc/self/clear_refs) and include the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from golden.configs import CLIP_L, OPENCLIP_BIGG, UNET_SD15, UNET_SDXL, VAE_SD
+from golden.registry import randomise_weights
+
+REL_TARGET = 1e-4  # max abs error / max |oracle|, per output
+BACKENDS = ("numpy", "torch:cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# memory
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not permitted: the peak stays the process's running maximum
+        pass
+
+
+def _peak_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# --------------------------------------------------------------------------------------------
+# cases: each returns (oracle model, inputs dict of torch tensors, oracle fn, refsd fn)
+
+
+def _generator(name: str) -> torch.Generator:
+    import zlib
+
+    return torch.Generator().manual_seed(zlib.crc32(f"fullsize/{name}".encode()))
+
+
+def _ids(g, batch: int, *, pad: int) -> torch.Tensor:
+    """(batch, 77) ids: BOS, a random body of a different length per row, EOS, padding."""
+    rows = []
+    for i in range(batch):
+        n = 20 + 37 * i
+        row = torch.full((77,), pad, dtype=torch.int64)
+        row[0], row[1:n + 1], row[n + 1] = 49406, torch.randint(0, 49406, (n,), generator=g), 49407
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def _clip(name, cfg, with_projection, pad):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    g = _generator(name)
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    model = cls(CLIPTextConfig(**cfg, attention_dropout=0.0)).eval()
+    randomise_weights(model, g)
+    ids = _ids(g, 2, pad=pad)
+
+    def oracle():
+        o = model(input_ids=ids, output_hidden_states=True)
+        out = {"last_hidden_state": o.last_hidden_state, "penultimate": o.hidden_states[-2]}
+        if with_projection:
+            out["text_embeds"] = o.text_embeds
+        else:
+            out["pooler_output"] = o.pooler_output
+        return out
+
+    def refsd(params, put):
+        from refsd.text.clip import CLIPTextConfig as Cfg, clip_text
+
+        o = clip_text(params, put(ids), cfg=Cfg.from_dict(cfg))
+        out = {"last_hidden_state": o["last_hidden_state"], "penultimate": o["hidden_states"][-2]}
+        out.update({k: o[k] for k in ("text_embeds",) if with_projection} or {"pooler_output": o["pooler_output"]})
+        return out
+
+    return model, oracle, refsd, "2 x 77 tokens"
+
+
+def _vae_decoder(name):
+    from diffusers import AutoencoderKL
+
+    g = _generator(name)
+    model = AutoencoderKL(**VAE_SD).eval()
+    randomise_weights(model, g)
+    z = torch.randn((1, 4, 32, 32), generator=g)
+
+    def oracle():
+        return {"sample": model.decode(z).sample}
+
+    def refsd(params, put):
+        from refsd.models.vae import VAEConfig, decode
+
+        return {"sample": decode(params, put(z), cfg=VAEConfig.from_dict(VAE_SD))}
+
+    return model, oracle, refsd, "decode latent 1x4x32x32 -> 256x256"
+
+
+def _unet(name, cfg, batch, sdxl: bool):
+    from diffusers import UNet2DConditionModel
+
+    g = _generator(name)
+    model = UNet2DConditionModel(**cfg).eval()
+    randomise_weights(model, g)
+    sample = torch.randn((batch, 4, 32, 32), generator=g)
+    t = torch.tensor([999.0, 411.5][:batch])
+    ctx = torch.randn((batch, 77, cfg["cross_attention_dim"]), generator=g)
+    extra = {}
+    if sdxl:
+        extra = {"text_embeds": torch.randn((batch, 1280), generator=g),
+                 "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * batch)}
+
+    def oracle():
+        kw = {"added_cond_kwargs": extra} if sdxl else {}
+        return {"sample": model(sample, t, ctx, **kw).sample}
+
+    def refsd(params, put):
+        from refsd.models.unet import UNetConfig, unet
+
+        kw = {k: put(v) for k, v in extra.items()}
+        return {"sample": unet(params, put(sample), put(t), put(ctx), cfg=UNetConfig.from_dict(cfg), **kw)}
+
+    what = f"latent {batch}x4x32x32, 77 tokens" + (", text_time" if sdxl else "")
+    return model, oracle, refsd, what
+
+
+CASES = {
+    "clip_l": lambda: _clip("clip_l", CLIP_L, False, pad=49407),
+    "openclip_bigg": lambda: _clip("openclip_bigg", OPENCLIP_BIGG, True, pad=0),
+    "vae_decoder_sd": lambda: _vae_decoder("vae_decoder_sd"),
+    "unet_sd15": lambda: _unet("unet_sd15", UNET_SD15, 2, sdxl=False),
+    "unet_sdxl": lambda: _unet("unet_sdxl", UNET_SDXL, 1, sdxl=True),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# running
+
+
+@dataclass
+class Row:
+    case: str
+    what: str
+    params: int
+    backend: str
+    seconds: float
+    oracle_seconds: float
+    peak_bytes: int
+    oracle_peak_bytes: int
+    errors: dict = field(default_factory=dict)  # output -> (max abs err, max |oracle|)
+
+    @property
+    def worst_rel(self) -> float:
+        return max(e / m if m else e for e, m in self.errors.values())
+
+    @property
+    def ok(self) -> bool:
+        return self.worst_rel <= REL_TARGET
+
+
+def run_one(name: str, backends=BACKENDS) -> list[Row]:
+    """One case in this process: oracle forward, then refsd on each backend with zero-copy weights."""
+    from refsd import xp as rxp
+    from refsd.weights.params import Params
+
+    torch.manual_seed(0)  # nothing should draw from it; a fixed state anyway
+    model, oracle, refsd, what = CASES[name]()
+    state = model.state_dict()  # views of the model's own storage
+    n_params = sum(v.numel() for v in state.values())
+    with torch.no_grad():
+        _reset_peak()
+        t0 = time.perf_counter()
+        ref = {k: v.detach().numpy() for k, v in oracle().items()}
+        oracle_s, oracle_peak = time.perf_counter() - t0, _peak_bytes()
+    rows = []
+    for backend in backends:
+        xp, dev = rxp.backend(backend)
+        if backend.startswith("torch"):
+            params = Params(dict(state), xp=xp, device=dev)  # the oracle's tensors themselves
+        else:
+            params = Params({k: v.numpy() for k, v in state.items()}, xp=xp, device=dev)
+        put = lambda a, xp=xp, dev=dev: rxp.asarray(a.numpy(), xp=xp, device=dev)  # noqa: E731
+        _reset_peak()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = {k: rxp.to_numpy(v) for k, v in refsd(params, put).items()}
+        seconds, peak = time.perf_counter() - t0, _peak_bytes()
+        errors = {k: (float(np.max(np.abs(out[k].astype(np.float64) - ref[k]))), float(np.max(np.abs(ref[k]))))
+                  for k in ref}
+        rows.append(Row(name, what, n_params, backend, seconds, oracle_s, peak, oracle_peak, errors))
+        del params, out
+    return rows
+
+
+def run(names, backends=BACKENDS) -> list[Row]:
+    """Each case in a fresh subprocess (own peak memory); rows come back as JSON on stdout."""
+    rows = []
+    for name in names:
+        cmd = [sys.executable, "-m", "golden.fullsize", "--one", name, "--backends", ",".join(backends)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if proc.returncode != 0:
+            raise RuntimeError(f"fullsize case {name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        line = [s for s in proc.stdout.splitlines() if s.startswith("ROWS ")][-1]
+        rows += [Row(**r) for r in json.loads(line[5:])]
+    return rows
+
+
+def markdown(rows: list[Row]) -> str:
+    out = ["| case | input | params | backend | max abs err / max abs ref (worst output) | refsd s | oracle s | "
+           "time ratio | refsd peak GiB | oracle peak GiB |",
+           "|---|---|---:|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        k = max(r.errors, key=lambda k: r.errors[k][0] / (r.errors[k][1] or 1))
+        e, m = r.errors[k]
+        out.append(f"| {r.case} | {r.what} | {r.params / 1e6:.0f}M | {r.backend} | {e:.2g} / {m:.3g} = "
+                   f"{e / m:.2g} ({k}) | {r.seconds:.1f} | {r.oracle_seconds:.1f} | {r.seconds / r.oracle_seconds:.2f} | "
+                   f"{r.peak_bytes / 2**30:.1f} | {r.oracle_peak_bytes / 2**30:.1f} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m golden.fullsize", description=__doc__.split("\n")[0])
+    ap.add_argument("cases", nargs="*", help=f"among {', '.join(CASES)} (default: all)")
+    ap.add_argument("--backends", default=",".join(BACKENDS), help="refsd backends, comma-separated")
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--markdown", action="store_true", help="print the result as a markdown table")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one case in this process
+    args = ap.parse_args(argv)
+    backends = tuple(b for b in args.backends.split(",") if b)
+    if args.one:
+        rows = run_one(args.one, backends)
+        print("ROWS " + json.dumps([r.__dict__ for r in rows]))
+        return 0
+    unknown = [c for c in args.cases if c not in CASES]
+    if unknown:
+        print(f"unknown case(s) {unknown}; known: {', '.join(CASES)}", file=sys.stderr)
+        return 2
+    rows = []
+    for name in args.cases or list(CASES):
+        got = run([name], backends)
+        for r in got:
+            print(f"{r.case:16s} {r.backend:10s} worst rel err {r.worst_rel:.2e} ({'ok' if r.ok else 'FAIL'}) "
+                  f"refsd {r.seconds:6.1f} s vs oracle {r.oracle_seconds:6.1f} s; peak {r.peak_bytes / 2**30:.1f} "
+                  f"vs {r.oracle_peak_bytes / 2**30:.1f} GiB", flush=True)
+        rows += got
+    if args.markdown:
+        print(markdown(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.__dict__ for r in rows], f, indent=1)
+    return 0 if all(r.ok for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
