@@ -1,4 +1,4 @@
-"""python -m bench ops [--repeats N] [--quick] [--json PATH]"""
+"""python -m bench ops [--repeats N] [--quick] [--json PATH]  |  python -m bench unet [--repeats N]"""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description="refsd vs torch benchmarks (ratios in one run)")
-    ap.add_argument("suite", choices=["ops"], help="which benchmark suite")
+    ap.add_argument("suite", choices=["ops", "unet"], help="ops: single ops at SD1.5 shapes; unet: full-size SD1.5 UNet forward")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per block (median over two alternating blocks per side is reported)")
     ap.add_argument("--quick", action="store_true", help="skip the slowest cases (VAE conv, naive attention)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON")
@@ -28,6 +28,15 @@ def main(argv=None) -> int:
         from refsd.xp import tune_allocator
 
         print(f"# tune_allocator(): {tune_allocator()}")
+    if args.suite == "unet":
+        from bench import unet
+
+        res = unet.run(repeats=max(1, args.repeats // 2))
+        print(unet.summary(res))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return 0
     from bench import ops
 
     rows = ops.run(repeats=args.repeats, quick=args.quick)

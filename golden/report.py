@@ -23,7 +23,8 @@ BACKENDS = ("numpy", "array-api-strict", "torch")
 
 
 def measure(backends=BACKENDS) -> dict:
-    """(component/op, dtype) -> {backend: (max_abs, max_rel, worst_ratio, n_results)}."""
+    """(component/op, dtype) -> {backend: (max_abs, max_rel, worst_ratio, n_results)}; model cases
+    (text encoders, VAE, UNet: they carry ``param/`` tensors) are keyed component/case instead."""
     table: dict = defaultdict(dict)
     for name in backends:
         try:
@@ -33,7 +34,10 @@ def measure(backends=BACKENDS) -> dict:
             continue
         for cid in golden.manifest():
             case = golden.load_case(cid)
-            key = (f"{case.meta['component']}/{case.meta['op']['name']}", case.meta["dtype"])
+            # Model cases (they carry their weights) get a row per configuration, the rest per op.
+            model = any(k.startswith("param/") for k in case.tensors)
+            what = cid.split("/", 1)[1].rsplit("_", 1)[0] if model else case.meta["op"]["name"]
+            key = (f"{case.meta['component']}/{what}", case.meta["dtype"])
             for r in golden.run_case(case, xp, device):
                 a, rel, w, n = table[key].get(name, (0.0, 0.0, 0.0, 0))
                 table[key][name] = (max(a, r.max_abs), max(rel, r.max_rel), max(w, r.worst_ratio), n + 1)
