@@ -84,3 +84,67 @@ def _encode_tiny(g, dt):
                    "d = diffusers.AutoencoderKL(**config).encode(x).latent_dist; (d.mean, d.logvar, d.mean + d.std * noise)",
                    "tiny AutoencoderKL (2 blocks, 8/16 channels, 1 layer per block, mid attention): encode + posterior",
                    kwargs={"config": VAE_TINY, "mode": "encode"}, params=_params(model), trace=trace)
+
+
+# Tiled cases: diffusers' enable_tiling() on the same tiny VAE. sample_size 32 -> pixel tiles of 32,
+# latent tiles of int(32 / 2) = 16, overlap 0.25: a 40x24 latent gives 4x2 tiles (latent rows start at
+# 0, 12, 24, 36; columns at 0, 12), blends of 8 pixels (decode) / 4 latents (encode), partial tiles at
+# the bottom and right. The trace keeps only each tile's last module output (before blending), named
+# with trace.py's repeat suffix (``decoder.conv_out``, ``decoder.conv_out#1``, ...): the full per-tile
+# block traces would be ~1 MB. This keeps the files under 400 KB.
+
+
+def _hooked_repeats(model, fn, names):
+    trace, calls = {}, {}
+
+    def hook(_m, _i, o, name):
+        k = calls.get(name, 0)
+        calls[name] = k + 1
+        trace[name if k == 0 else f"{name}#{k}"] = o.detach().clone()
+
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_hook(lambda m, i, o, name=n: hook(m, i, o, name)) for n in names]
+    try:
+        with torch.no_grad():
+            out = fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, trace
+
+
+@case("vae", "decode_tiled_tiny", dtypes=("float32",))
+def _decode_tiled_tiny(g, dt):
+    model = _model(g, dt)
+    model.enable_tiling()
+    assert (model.tile_sample_min_size, model.tile_latent_min_size, model.tile_overlap_factor) == (32, 16, 0.25)
+    z = torch.randn((1, 4, 40, 24), generator=g, dtype=torch.float64).to(dt)
+    sample, trace = _hooked_repeats(model, lambda: model.decode(z).sample, ["decoder.conv_out"])
+    assert len(trace) == 8  # 4 x 2 tiles: the tiled path ran
+    return Capture("vae", {"z": z}, {"sample": sample},
+                   "m = diffusers.AutoencoderKL(**config); m.enable_tiling(); m.decode(z).sample",
+                   "tiny AutoencoderKL, tiled decode (enable_tiling: 16-latent tiles, overlap 0.25, 4x2 tiles); "
+                   "trace: each tile's decoder output before blending",
+                   kwargs={"config": VAE_TINY, "mode": "decode", "tiling": {"sample_size": None, "overlap": 0.25}},
+                   params=_params(model), trace=trace)
+
+
+@case("vae", "encode_tiled_tiny", dtypes=("float32",))
+def _encode_tiled_tiny(g, dt):
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    model = _model(g, dt)
+    model.enable_tiling()
+    x = torch.randn((1, 3, 80, 48), generator=g, dtype=torch.float64).to(dt)
+    noise = torch.randn((1, 4, 40, 24), generator=g, dtype=torch.float64).to(dt)
+    dist, trace = _hooked_repeats(model, lambda: model.encode(x).latent_dist, ["quant_conv"])
+    assert isinstance(dist, DiagonalGaussianDistribution) and len(trace) == 8
+    latent = dist.mean + dist.std * noise
+    return Capture("vae", {"x": x, "noise": noise},
+                   {"mean": dist.mean, "logvar": dist.logvar, "latent_sample": latent},
+                   "m = diffusers.AutoencoderKL(**config); m.enable_tiling(); d = m.encode(x).latent_dist; "
+                   "(d.mean, d.logvar, d.mean + d.std * noise)",
+                   "tiny AutoencoderKL, tiled encode (enable_tiling: 32-pixel tiles, overlap 0.25, 4x2 tiles) + "
+                   "posterior; trace: each tile's moments before blending",
+                   kwargs={"config": VAE_TINY, "mode": "encode", "tiling": {"sample_size": None, "overlap": 0.25}},
+                   params=_params(model), trace=trace)

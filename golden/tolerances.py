@@ -36,8 +36,8 @@ TOLERANCES: dict[tuple[str, str], tuple[float, float]] = {
     ("text_encoder", "float32"): (1e-5, 1e-5),
     # VAE, tiny random AutoencoderKL (golden/oracle_vae.py; outputs up to ~5.5): summation order in
     # convs, GroupNorm and the single-head mid attention. Measured over numpy, array-api-strict and
-    # torch-CPU, decode and encode (mean, logvar, posterior sample): max abs 1.9e-6, max |err|/max|ref|
-    # 8.7e-7 (0.10x this bound).
+    # torch-CPU, decode and encode (mean, logvar, posterior sample), untiled and tiled: max abs 3.3e-6
+    # (tiled decode), max |err|/max|ref| 8.7e-7 (0.15x this bound).
     ("vae", "float32"): (1e-5, 1e-5),
     # Token ids: exact.
     ("text", "float64"): (0.0, 0.0),

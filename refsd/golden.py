@@ -89,17 +89,21 @@ def _run_clip_text(input_ids, *, params, config: dict, attention: str = "sliced"
     return res
 
 
-def _run_vae(z=None, x=None, noise=None, *, params, config: dict, mode: str, attention: str = "sliced"):
+def _run_vae(z=None, x=None, noise=None, *, params, config: dict, mode: str, attention: str = "sliced",
+             tiling: dict | bool | None = None):
     """Golden adapter for VAE cases (op "vae"): refsd.models.vae on a diffusers AutoencoderKL config
     dict. ``mode="decode"``: z -> ``sample``; ``mode="encode"``: x -> ``mean``, ``logvar`` and
-    ``latent_sample`` = sample_latent(mean, logvar, noise)."""
-    from refsd.models.vae import VAEConfig, decode, encode, sample_latent
+    ``latent_sample`` = sample_latent(mean, logvar, noise). ``tiling``: None (off), True (diffusers'
+    enable_tiling defaults) or the fields of refsd.models.vae.Tiling (``sample_size``, ``overlap``)."""
+    from refsd.models.vae import Tiling, VAEConfig, decode, encode, sample_latent
 
     cfg = VAEConfig.from_dict(config)
+    if isinstance(tiling, dict):
+        tiling = Tiling(**tiling)
     if mode == "decode":
-        return {"sample": decode(params, z, cfg=cfg, attention=attention)}
+        return {"sample": decode(params, z, cfg=cfg, attention=attention, tiling=tiling)}
     if mode == "encode":
-        mean, logvar = encode(params, x, cfg=cfg, attention=attention)
+        mean, logvar = encode(params, x, cfg=cfg, attention=attention, tiling=tiling)
         return {"mean": mean, "logvar": logvar, "latent_sample": sample_latent(mean, logvar, noise)}
     raise GoldenError(f"vae golden: unknown mode {mode!r}")
 
