@@ -48,6 +48,13 @@ examples:
 INFO_HELP = """\
 Summarise a .safetensors file (tensor and parameter counts, dtypes, bytes, key prefixes, metadata),
 or every .safetensors file in a diffusers folder (unet/, vae/, text_encoder/, ...). Reads headers only.
+
+A Stable Diffusion checkpoint -- a single file with model.diffusion_model.* / first_stage_model.* /
+cond_stage_model.* / conditioner.embedders.* keys, or a diffusers folder whose model_index.json lists
+a unet -- is also loaded as refsd would load it: its architecture (sd1, sd1-inpaint, sd2, sd2-inpaint,
+sdxl, sdxl-inpaint, sdxl-refiner) and each component's parameter count and dtypes are printed, and
+a checkpoint refsd cannot load (unknown architecture, stray or missing keys, wrong shapes) is an
+error. Other tensor files (goldens, traces, single components) get the summary only.
 """
 
 INFO_EXAMPLES = """\
@@ -145,12 +152,19 @@ def _cmd_info(args) -> int:
     if not p.exists():
         raise RefsdError(f"{args.path}: no such file or directory")
     lines = describe_folder(p, depth=args.depth) if p.is_dir() else describe_file(p, depth=args.depth)
+    if not any(line.startswith("architecture:") for line in lines):
+        lines.append("architecture: none recognised (no model.diffusion_model / first_stage_model / "
+                     "cond_stage_model / conditioner.embedders keys, no model_index.json with a unet): "
+                     "not a Stable Diffusion checkpoint")
     print("\n".join(lines))
     return 0
 
 
 def describe_folder(folder: Path, *, depth: int = 1) -> list[str]:
-    """``describe_file`` for every ``*.safetensors`` under a (diffusers) folder, plus its model_index."""
+    """``describe_file`` for every ``*.safetensors`` under a (diffusers) folder, plus its model_index
+    and, for a pipeline folder with a unet, the loaded checkpoint's architecture and components."""
+    from refsd.weights.checkpoint import claims_checkpoint, load_checkpoint
+
     lines = [f"folder: {folder}"]
     index = folder / "model_index.json"
     if index.is_file():
@@ -163,6 +177,8 @@ def describe_folder(folder: Path, *, depth: int = 1) -> list[str]:
     files = sorted(f for f in folder.rglob("*.safetensors") if f.is_file())
     if not files:
         raise WeightsError(f"{folder}: no .safetensors files in it or its sub-folders")
+    if claims_checkpoint(folder):
+        lines += load_checkpoint(folder).summary()
     for f in files:
         lines += ["", f"== {f.relative_to(folder)}"]
         lines += ["  " + line for line in describe_file(f, depth=depth)]
@@ -242,9 +258,17 @@ def _metadata(header, depth: int, limit: int = 80) -> list[str]:
     return lines
 
 
-# Sections of describe_file, in print order; each (header, depth) -> lines. Architecture
-# detection will add one when the model components land.
-FILE_SECTIONS: list[Callable] = [_counts, _dtypes, _prefixes, _metadata]
+def _checkpoint(header, depth: int) -> list[str]:
+    """A single-file SD checkpoint: architecture and components as load_checkpoint sees them."""
+    from refsd.weights.checkpoint import claims_checkpoint, load_checkpoint
+
+    if not claims_checkpoint(header.path, header.tensors):
+        return []
+    return load_checkpoint(header.path).summary()
+
+
+# Sections of describe_file, in print order; each (header, depth) -> lines.
+FILE_SECTIONS: list[Callable] = [_counts, _dtypes, _prefixes, _metadata, _checkpoint]
 
 
 def _si(n: float) -> str:

@@ -1,11 +1,14 @@
-"""Weights: safetensors I/O (strict, memory-mapped, never unpickling) and the ``Params`` mapping.
+"""Weights: safetensors I/O (strict, memory-mapped, never unpickling), the ``Params`` mapping, checkpoints.
 
 ``load_params("unet.safetensors")`` gives a read-only mapping of diffusers state-dict keys whose
 tensors are placed on the chosen backend on first use; ``check_params`` names every missing,
-unexpected or misshapen key at once.
+unexpected or misshapen key at once. ``load_checkpoint`` opens a diffusers folder or a single-file
+(LDM) checkpoint as per-component Params; ``refsd.weights.detect.detect`` names a checkpoint's architecture
+and ``refsd.weights.ldm`` holds the LDM <-> diffusers key tables.
 """
 
-from refsd.weights.params import Params, check_params, load_params, wb
+from refsd.weights.checkpoint import Checkpoint, TokenizerInfo, load_checkpoint
+from refsd.weights.params import LazyTensor, Params, check_params, lazy_tensors, load_params, wb
 from refsd.weights.safetensors import (
     Header,
     SafeTensorsFile,
@@ -17,11 +20,16 @@ from refsd.weights.safetensors import (
 )
 
 __all__ = [
+    "Checkpoint",
     "Header",
+    "LazyTensor",
     "Params",
     "SafeTensorsFile",
     "TensorInfo",
+    "TokenizerInfo",
     "check_params",
+    "lazy_tensors",
+    "load_checkpoint",
     "load_numpy",
     "load_params",
     "read_header",

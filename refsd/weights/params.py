@@ -38,18 +38,26 @@ def _host_dtype(name: str) -> np.dtype:
 
 
 @dataclass(frozen=True)
-class _Entry:
-    load: Callable[[], Any]  # -> np.ndarray or a backend array, not yet placed or cast
+class LazyTensor:
+    """A tensor known by its header, read only when first used: a value of a ``Params`` source.
+
+    ``load()`` returns it as a NumPy or backend array, not yet placed or cast (it may be a view of
+    a memory-mapped file, e.g. a row slice or a reshape: the checkpoint loader renames and splits
+    tensors this way without reading them). ``dtype`` is the stored dtype name, e.g. "float16";
+    ``origin`` says where it came from, for messages.
+    """
+
+    load: Callable[[], Any]
     shape: tuple[int, ...]
-    dtype: str  # as stored, e.g. "float16"
-    origin: str  # where it came from, for messages
+    dtype: str
+    origin: str
 
 
 @dataclass
 class _Store:
     """What all views of one Params share: the sources, the placement, the memo."""
 
-    entries: dict[str, _Entry]
+    entries: dict[str, LazyTensor]
     xp: Any
     device: Any
     dtype: str | None
@@ -85,20 +93,22 @@ class _Store:
         return self.cache.setdefault(key, out)
 
 
-def _file_entries(f: SafeTensorsFile) -> dict[str, _Entry]:
+def lazy_tensors(f: SafeTensorsFile) -> dict[str, LazyTensor]:
+    """Every tensor of an open safetensors file as a LazyTensor (zero-copy views when read)."""
     origin = str(f.path)
     return {
-        k: _Entry(lambda k=k: f.numpy(k), t.shape, DTYPES[t.dtype].name, origin) for k, t in f.header.tensors.items()
+        k: LazyTensor(lambda k=k: f.numpy(k), t.shape, DTYPES[t.dtype].name, origin)
+        for k, t in f.header.tensors.items()
     }
 
 
-def _entries_of(source: Any) -> tuple[dict[str, _Entry], list[SafeTensorsFile]]:
+def _entries_of(source: Any) -> tuple[dict[str, LazyTensor], list[SafeTensorsFile]]:
     if isinstance(source, SafeTensorsFile):
         source = [source]
     if isinstance(source, (list, tuple)) and all(isinstance(f, SafeTensorsFile) for f in source):
-        entries: dict[str, _Entry] = {}
+        entries: dict[str, LazyTensor] = {}
         for f in source:
-            new = _file_entries(f)
+            new = lazy_tensors(f)
             dup = [k for k in new if k in entries]
             if dup:
                 shown = ", ".join(repr(k) for k in dup[:5]) + (f" and {len(dup) - 5} more" if len(dup) > 5 else "")
@@ -111,15 +121,19 @@ def _entries_of(source: Any) -> tuple[dict[str, _Entry], list[SafeTensorsFile]]:
     for k, v in source.items():
         if not isinstance(k, str):
             raise WeightsError(f"parameter names must be str, got {k!r}")
-        entries[k] = _Entry(lambda v=v: v, tuple(int(d) for d in v.shape), _dtype_name(v.dtype), "<mapping>")
+        if isinstance(v, LazyTensor):  # read on first use, like a file's tensors
+            entries[k] = v
+            continue
+        entries[k] = LazyTensor(lambda v=v: v, tuple(int(d) for d in v.shape), _dtype_name(v.dtype), "<mapping>")
     return entries, []
 
 
 class Params(Mapping):
     """Read-only ``Mapping[str, array]`` of diffusers-style keys, placed lazily on ``xp``/``device``.
 
-    ``source``: a Mapping of name -> NumPy or backend array, or a SafeTensorsFile or list of them
-    (lazy; shapes come from the headers; a key in two files is an error naming both).
+    ``source``: a Mapping of name -> NumPy or backend array or LazyTensor (read on first use), or a
+    SafeTensorsFile or list of them (lazy; shapes come from the headers; a key in two files is an
+    error naming both).
     ``dtype``: a name from refsd.xp.FLOAT_DTYPES to cast floating tensors to once, when first
     read (integer/bool tensors keep theirs); None keeps the stored dtype.
     ``prefix``: scope of the returned view (see ``sub``). Defaults: NumPy on the CPU.
