@@ -108,6 +108,17 @@ def _run_vae(z=None, x=None, noise=None, *, params, config: dict, mode: str, att
     raise GoldenError(f"vae golden: unknown mode {mode!r}")
 
 
+def _run_unet(sample, encoder_hidden_states, timestep=None, text_embeds=None, time_ids=None, *, params,
+              config: dict, attention: str = "sliced"):
+    """Golden adapter for UNet cases (op "unet"): refsd.models.unet.unet on a diffusers
+    UNet2DConditionModel config dict -> ``sample`` (the noise prediction). ``timestep`` is an input
+    array, or a Python number stored in the case's kwargs (as diffusers received it)."""
+    from refsd.models.unet import UNetConfig, unet
+
+    return {"sample": unet(params, sample, timestep, encoder_hidden_states, cfg=UNetConfig.from_dict(config),
+                           text_embeds=text_embeds, time_ids=time_ids, attention=attention)}
+
+
 # op name in a case's metadata -> the refsd callable (or adapter above). Inputs are passed by name.
 OPS = {
     "linear": ops.linear,
@@ -128,6 +139,7 @@ OPS = {
     "tokenize": _run_tokenize,
     "clip_text": _run_clip_text,
     "vae": _run_vae,
+    "unet": _run_unet,
 }
 
 

@@ -207,7 +207,8 @@ def precision(xp, storage: str = "float32") -> Precision:
 def exp_(x):
     """``exp(x)``, overwriting ``x`` where the backend allows. ``x`` must be a temporary the caller owns."""
     if isinstance(x, np.ndarray):  # NumPy / CuPy-style out= avoids a second buffer the size of x.
-        return np.exp(x, out=x)
+        with np.errstate(over="ignore"):  # exp(large) = inf is the right limit for silu / sigmoid callers
+            return np.exp(x, out=x)
     if _compat.is_torch_array(x):
         return x.exp_()
     if _compat.is_cupy_array(x):
