@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PIP     := $(BIN)/python -m pip install --only-binary=:all: -c requirements/lock.txt
 
-.PHONY: setup demo test test-slow golden-check bench conformance clean
+.PHONY: setup demo test test-slow golden-check bench bench-unet conformance clean
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,9 @@ golden-check: setup
 
 bench: setup
 	$(BIN)/python -m bench ops
+
+bench-unet: setup
+	$(BIN)/python -m bench unet
 
 conformance: setup
 	$(BIN)/python -m backends numpy
