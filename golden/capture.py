@@ -52,6 +52,7 @@ def _meta(c: Case, cap: Capture) -> dict:
         "inputs": list(cap.inputs),
         "outputs": list(cap.outputs),
         "params": list(cap.params),
+        **({"params_from": cap.params_from} if cap.params_from else {}),
         "trace_order": list(cap.trace),
         "atol": atol,
         "rtol": rtol,
@@ -59,13 +60,20 @@ def _meta(c: Case, cap: Capture) -> dict:
     }
 
 
-def run(c: Case) -> tuple[dict[str, np.ndarray], dict]:
-    """Run one case on the oracle: (tensors by file key, metadata)."""
+def _capture(c: Case) -> Capture:
     g = torch.Generator().manual_seed(c.seed)
     with torch.no_grad():
-        cap = c.fn(g, DTYPES[c.dtype])
+        return c.fn(g, DTYPES[c.dtype])
+
+
+def run(c: Case, cap: Capture | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Run one case on the oracle (or take its Capture): (tensors by file key, metadata). The params a
+    case borrows (``params_from``) are left out: they live in that case's file."""
+    cap = _capture(c) if cap is None else cap
     tensors = {}
-    for kind, group in (("param", cap.params), ("in", cap.inputs), ("out", cap.outputs), ("trace", cap.trace)):
+    lent = _borrowed(cap)
+    params = {k: v for k, v in cap.params.items() if k not in lent}
+    for kind, group in (("param", params), ("in", cap.inputs), ("out", cap.outputs), ("trace", cap.trace)):
         for name, t in group.items():
             tensors[f"{kind}/{name}"] = np.ascontiguousarray(t.detach().cpu().numpy())
     return tensors, _meta(c, cap)
@@ -127,9 +135,33 @@ def check(cases: list[Case], root: Path, *, full_set: bool) -> list[str]:
         except Exception as e:  # a damaged file is a finding, not a crash
             problems.append(f"{c.id}: unreadable ({type(e).__name__}: {e})")
             continue
-        fresh, meta = run(c)
+        cap = _capture(c)
+        fresh, meta = run(c, cap)
         problems += _diff(c, committed, committed_meta, fresh, meta)
+        if cap.params_from:
+            problems += _check_borrowed(c, cap, root, manifest)
     return problems
+
+
+def _borrowed(cap: Capture) -> set[str]:
+    """The param names a Capture takes from its ``params_from`` case (none without one)."""
+    if not cap.params_from:
+        return set()
+    return set(cap.params) if cap.borrowed is None else set(cap.borrowed)
+
+
+def _check_borrowed(c: Case, cap: Capture, root: Path, manifest: dict) -> list[str]:
+    """A ``params_from`` case: the named case's file must hold the borrowed params, bit for bit."""
+    entry = manifest.get(cap.params_from)
+    if entry is None:
+        return [f"{c.id}: params_from {cap.params_from!r} is not in MANIFEST.json"]
+    stored = {k[len("param/"):]: v for k, v in load_file(str(root / entry["path"])).items() if k.startswith("param/")}
+    lent = sorted(_borrowed(cap))
+    missing = [k for k in lent if k not in stored]
+    if missing:
+        return [f"{c.id}: params_from {cap.params_from!r} lacks {len(missing)} borrowed params, e.g. {missing[0]}"]
+    return [f"{c.id}: param/{k} (stored in {cap.params_from}) differs from a fresh seeded draw"
+            for k in lent if not np.array_equal(stored[k], cap.params[k].detach().cpu().numpy())]
 
 
 def _diff(c: Case, old: dict, old_meta: dict, new: dict, new_meta: dict) -> list[str]:

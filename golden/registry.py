@@ -36,6 +36,11 @@ class Capture:
     tol_component: str | None = None  # tolerance-table key if finer than the component
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     trace: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Another case's id whose file stores the ``borrowed`` params (None: all of ``params``), bit-identical;
+    # this case's file holds only the rest (big shared weights, e.g. a pipeline's text encoder, are
+    # committed once). See golden/README.md.
+    params_from: str | None = None
+    borrowed: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,45 @@ def _run_unet(sample, encoder_hidden_states, timestep=None, text_embeds=None, ti
                            text_embeds=text_embeds, time_ids=time_ids, attention=attention)}
 
 
+def _run_pipeline(init_image=None, mask=None, *, params, model: dict, mode: str, prompt: str, negative_prompt: str,
+                  steps: int, cfg: float, sampler: str, scheduler: str, seed: int, rng: str, batch_size: int,
+                  clip_skip: int | None, parity: str, width: int | None = None, height: int | None = None,
+                  strength: float | None = None, attention: str = "sliced"):
+    """Golden adapter for pipeline cases (op "pipeline"): refsd.pipelines.txt2img / img2img / inpaint on a
+    tiny model whose weights are ``param/<component>.<key>`` and whose configs are in ``model`` (``unet``,
+    ``vae``, ``text_encoder``, ``scheduler``, ``architecture``, ``pad_token``). Outputs: ``noise``,
+    ``image_latents`` (img2img; inpainting below strength 1), ``masked_image_latents`` (inpainting: the
+    un-repeated first), ``init_latents``, ``step.<i>`` (latents after step i), ``latents``, ``image``
+    (float pixels (B, H, W, 3) before the uint8 rounding)."""
+    from refsd.pipelines import img2img, inpaint, make_model, txt2img
+
+    comps = ("unet", "vae", "text_encoder")
+    m = make_model({c: params.sub(c) for c in comps}, {c: model[c] for c in (*comps, "scheduler")},
+                   architecture=model["architecture"], pad_token=model["pad_token"], attention=attention,
+                   name=f"tiny-{model['architecture']}")
+    steps_done = {}
+    common = dict(steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, seed=seed, rng=rng,
+                  batch_size=batch_size, clip_skip=clip_skip, parity=parity,
+                  callback=lambda i, total, latents: steps_done.__setitem__(f"step.{i}", latents))
+    if mode == "txt2img":
+        res = txt2img(m, prompt, negative_prompt, width=width, height=height, **common)
+    elif mode == "img2img":
+        res = img2img(m, rxp.to_numpy(init_image), prompt, negative_prompt, strength=strength, **common)
+    elif mode == "inpaint":
+        res = inpaint(m, rxp.to_numpy(init_image), rxp.to_numpy(mask), prompt, negative_prompt, strength=strength,
+                      **common)
+    else:
+        raise GoldenError(f"pipeline golden: unknown mode {mode!r}")
+    xp = rxp.namespace(res.latents)
+    out = {"noise": rxp.asarray(res.noise, like=res.latents), "init_latents": res.init_latents,
+           **steps_done, "latents": res.latents, "image": rxp.asarray(res.pixels, like=res.latents)}
+    if res.image_latents is not None:
+        out["image_latents"] = res.image_latents if mode == "img2img" else res.image_latents[:1, ...]
+    if res.masked_image_latents is not None:
+        out["masked_image_latents"] = res.masked_image_latents[:1, ...]
+    return {k: (v if v.dtype == xp.float32 else xp.astype(v, xp.float32)) for k, v in out.items()}
+
+
 # op name in a case's metadata -> the refsd callable (or adapter above). Inputs are passed by name.
 OPS = {
     "linear": ops.linear,
@@ -140,6 +179,7 @@ OPS = {
     "clip_text": _run_clip_text,
     "vae": _run_vae,
     "unet": _run_unet,
+    "pipeline": _run_pipeline,
 }
 
 
@@ -201,6 +241,15 @@ def load_case(case_id: str, root: Path | None = None) -> GoldenCase:
     with SafeTensorsFile(path) as f:
         tensors = {k: np.array(f.numpy(k)) for k in f.keys()}
         meta = json.loads(f.metadata["golden"])
+    lent = [k for k in meta.get("params", []) if f"param/{k}" not in tensors]
+    if lent:  # listed params this file does not hold live in another case's file (golden/README.md)
+        if not meta.get("params_from"):
+            raise GoldenError(f"{case_id}: lists {len(lent)} params it does not hold, e.g. {lent[0]!r}")
+        owner = load_case(meta["params_from"], root)
+        missing = [k for k in lent if f"param/{k}" not in owner.tensors]
+        if missing:
+            raise GoldenError(f"{case_id}: params_from {meta['params_from']!r} lacks {missing[0]!r}")
+        tensors.update({f"param/{k}": owner.tensors[f"param/{k}"] for k in lent})
     return GoldenCase(case_id, path, meta, tensors)
 
 

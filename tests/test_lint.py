@@ -17,7 +17,11 @@ PKG = Path(__file__).resolve().parent.parent / "refsd"
 NUMPY_ALLOWED = {"xp.py", "golden.py", "compare.py", "trace.py", "cli.py", "weights/safetensors.py",
                  "weights/params.py", "weights/__init__.py", "sampling/rng.py",
                  "sampling/noise.py",
-                 "weights/ldm.py"}  # ldm.py: to_ldm concatenates fused q/k/v on the host, to write files
+                 "weights/ldm.py",  # ldm.py: to_ldm concatenates fused q/k/v on the host, to write files
+                 "pipelines/png.py",  # host uint8 images in and out of PNG files
+                 "pipelines/demo.py",  # writes the demo checkpoint's seeded random weights (host arrays to a file)
+                 "pipelines/images.py",  # host uint8 images <-> float pixels, each profile's rounding
+                 "pipelines/parity.py"}  # reproduces diffusers' own host-side NumPy/float32 schedule arithmetic
 BACKEND_BRANCH = re.compile(r"^is_(numpy|torch|cupy|jax|dask|array_api_strict)_(namespace|array)$")
 
 

@@ -1,0 +1,531 @@
+"""The generation pipelines: API, validation, each profile's rules, and both profiles against an oracle.
+
+diffusers parity is held to diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline by the
+golden cases (golden/oracle_pipelines.py; tests/test_golden.py runs them on every backend). Here, on
+NumPy and the same tiny models: the noise is bit-exact, loading a diffusers folder reproduces the
+goldens, the schedules equal diffusers' scheduler objects, the ComfyUI profile equals a k-diffusion
+reconstruction of ComfyUI's KSampler, and every malformed input is one clear RefsdError before any
+network runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+
+import numpy as np
+import pytest
+
+from refsd import golden
+from refsd import xp as rxp
+from refsd.errors import RefsdError
+from refsd.pipelines import (
+    GenerationResult,
+    img2img,
+    inpaint,
+    load_model,
+    make_model,
+    txt2img,
+)
+from refsd.pipelines import parity as P
+from refsd.weights import Params, save_safetensors
+
+SD1 = "pipeline/txt2img_sd1_euler_f32"
+SD2 = "pipeline/txt2img_sd2_euler_f32"
+COMPONENTS = ("unet", "vae", "text_encoder")
+T2I = sys.modules["refsd.pipelines.txt2img"]  # the module (refsd.pipelines.txt2img is the function)
+
+
+def _case_model(case_id: str, backend: str = "numpy"):
+    case = golden.load_case(case_id)
+    m = case.meta["op"]["kwargs"]["model"]
+    xp, dev = rxp.backend(backend)
+    params = Params(case.group("param"), xp=xp, device=dev)
+    return make_model({c: params.sub(c) for c in COMPONENTS}, {c: m[c] for c in (*COMPONENTS, "scheduler")},
+                      architecture=m["architecture"], pad_token=m["pad_token"], name=m["architecture"])
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    return _case_model(SD1)
+
+
+@pytest.fixture(scope="module")
+def sd2():
+    return _case_model(SD2)
+
+
+def _golden_settings(case) -> dict:
+    kw = dict(case.meta["op"]["kwargs"])
+    for k in ("model", "mode"):
+        kw.pop(k)
+    return kw
+
+
+def _run_case_settings(model, case, **over):
+    kw = {**_golden_settings(case), **over}
+    if case.meta["op"]["kwargs"]["mode"] == "img2img":
+        return img2img(model, case.group("in")["init_image"], kw.pop("prompt"), kw.pop("negative_prompt"), **kw)
+    return txt2img(model, kw.pop("prompt"), kw.pop("negative_prompt"), **kw)
+
+
+def _assert_close(got, ref, case, name):
+    r = golden._judge(case.id, {}, name, np.asarray(rxp.to_numpy(got), dtype=ref.dtype), ref,
+                      case.meta["atol"], case.meta["rtol"])
+    assert r.ok, f"{case.id} {name}: max_abs {r.max_abs:.3e}, {r.worst_ratio:.2f}x the tolerance"
+
+
+# --------------------------------------------------------------------------------------------
+# the API and what it returns
+
+
+def test_result_and_noise_bit_exact(sd1):
+    """txt2img returns images, latents, seeds, info; its initial noise and initial latents are
+    diffusers' bit for bit (randn(generator) * init_noise_sigma)."""
+    case = golden.load_case(SD1)
+    res = _run_case_settings(sd1, case)
+    assert isinstance(res, GenerationResult)
+    out = case.group("out")
+    assert np.array_equal(res.noise, out["noise"])
+    assert np.array_equal(rxp.to_numpy(res.init_latents), out["init_latents"])
+    _assert_close(res.latents, out["latents"], case, "latents")
+    assert len(res.images) == 1 and res.images[0].dtype == np.uint8 and res.images[0].shape == (64, 64, 3)
+    assert res.seeds == [42]
+    info = res.info
+    for k, v in {"prompt": case.meta["op"]["kwargs"]["prompt"], "negative_prompt": "", "steps": 5, "cfg": 7.5,
+                 "sampler": "euler", "scheduler": "normal", "seed": 42, "width": 64, "height": 64,
+                 "parity": "diffusers", "clip_skip": None, "strength": None, "rng": "torch-cpu",
+                 "prediction": "epsilon", "model": "sd1", "batch_size": 1}.items():
+        assert info[k] == v, k
+
+
+@pytest.mark.parametrize("case_id", ["pipeline/txt2img_sd1_dpmpp_2m_f32", "pipeline/img2img_sd1_dpmpp_2m_f32"])
+def test_batch_noise_bit_exact(sd1, case_id):
+    """A batch draws ONE (B, 4, h, w) randn (txt2img) / posterior then noise (img2img) from one generator,
+    as diffusers: the recorded noise is reproduced bit for bit; image i's seed is the batch's seed."""
+    case = golden.load_case(case_id)
+    res = _run_case_settings(sd1, case)
+    assert np.array_equal(res.noise, case.group("out")["noise"])
+    assert res.seeds == [case.meta["op"]["kwargs"]["seed"]] * 2 and len(res.images) == 2
+    _assert_close(res.latents, case.group("out")["latents"], case, "latents")
+
+
+def test_images_rounding_per_profile(sd1):
+    """diffusers: uint8 = round half to even of x * 255; ComfyUI: truncation of clip(x * 255)."""
+    for parity, rule in (("diffusers", np.round), ("comfyui", np.floor)):
+        res = txt2img(sd1, "a cat", width=64, height=64, steps=2, seed=3, parity=parity)
+        want = rule(np.clip(res.pixels[0] * np.float32(255), 0, 255)).astype(np.uint8)
+        assert np.array_equal(res.images[0], want)
+        assert res.pixels.dtype == np.float32 and res.pixels.min() >= 0 and res.pixels.max() <= 1
+
+
+def test_callback_per_step(sd1):
+    """callback(i, total, latents) once per step, i = 0 .. total - 1; img2img runs int(steps * strength)."""
+    seen = []
+    txt2img(sd1, "a cat", width=64, height=64, steps=3, seed=1,
+            callback=lambda i, total, lat: seen.append((i, total, tuple(lat.shape))))
+    assert seen == [(0, 3, (1, 4, 8, 8)), (1, 3, (1, 4, 8, 8)), (2, 3, (1, 4, 8, 8))]
+    seen.clear()
+    image = golden.load_case("pipeline/img2img_sd1_dpmpp_2m_f32").group("in")["init_image"]
+    img2img(sd1, image, "a cat", strength=0.5, steps=4, seed=1, callback=lambda i, total, lat: seen.append((i, total)))
+    assert seen == [(0, 2), (1, 2)]
+
+
+def test_guidance_one_skips_uncond(sd1, monkeypatch):
+    """diffusers runs the unconditional branch only for cfg > 1 (one batched call on [uncond, cond]);
+    ComfyUI for cfg != 1."""
+    batches = []
+    unet = T2I._unet
+
+    def counting(p, x, *a, **k):
+        batches.append(x.shape[0])
+        return unet(p, x, *a, **k)
+
+    monkeypatch.setattr(T2I, "_unet", counting)
+    for parity, cfg, want in (("diffusers", 1.0, 1), ("diffusers", 0.5, 1), ("diffusers", 7.5, 2),
+                              ("comfyui", 1.0, 1), ("comfyui", 0.5, 2)):
+        batches.clear()
+        txt2img(sd1, "a cat", width=64, height=64, steps=2, cfg=cfg, seed=1, parity=parity)
+        assert batches == [want, want], (parity, cfg)
+
+
+def test_clip_skip_negative_rule(sd1):
+    """diffusers applies clip skip to the prompt only (its encode_prompt encodes the negative prompt with
+    text_encoder(...)[0]); ComfyUI to both."""
+    def enc(parity, skip):
+        s = T2I.check_settings(sd1, prompt="a cat", negative_prompt="a dog", width=64, height=64, steps=2, cfg=7.5,
+                               sampler="euler", scheduler="normal", seed=0, rng="torch-cpu", batch_size=1,
+                               clip_skip=skip, parity=parity)
+        return [rxp.to_numpy(z) for z in T2I.encode_text(sd1, s)]
+
+    c1, u1 = enc("diffusers", None)
+    c2, u2 = enc("diffusers", 2)
+    assert not np.allclose(c1, c2) and np.array_equal(u1, u2)
+    _, v1 = enc("comfyui", None)
+    k2, v2 = enc("comfyui", 2)
+    assert np.array_equal(k2, c2) and not np.allclose(v1, v2)
+
+
+# --------------------------------------------------------------------------------------------
+# validation: one clear RefsdError naming the culprit, before any network runs
+
+
+BAD = [
+    ({"width": 500}, "width 500 is not a multiple of 8"),
+    ({"height": 0}, "height must be >= 1"),
+    ({"steps": 0}, "steps must be >= 1"),
+    ({"steps": 2.5}, "steps must be an integer"),
+    ({"cfg": float("nan")}, "cfg must be finite"),
+    ({"sampler": "foo"}, "unknown sampler 'foo'; valid: euler, "),
+    ({"sampler": "heun"}, "parity='comfyui' runs every sampler"),
+    ({"scheduler": "nope"}, "unknown scheduler 'nope'; valid: simple, "),
+    ({"scheduler": "exponential"}, "scheduler 'exponential' is not available under parity='diffusers'"),
+    ({"sampler": "ddim", "scheduler": "karras"}, "DDIMScheduler has no such option"),
+    ({"parity": "a1111"}, "parity 'a1111' is not implemented yet"),
+    ({"parity": "webui"}, "unknown parity 'webui'; valid: diffusers, comfyui"),
+    ({"rng": "mt"}, "unknown rng 'mt'; valid: torch-cpu, cuda-philox, numpy"),
+    ({"seed": 2**64}, "seed 18446744073709551616 is out of range"),
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"clip_skip": 3}, "clip_skip 3 is out of range: the text encoder has 2 layers"),
+    ({"prompt": None}, "prompt must be a str"),
+]
+
+
+@pytest.mark.parametrize("bad,message", BAD, ids=[m.split(";")[0][:40] for _, m in BAD])
+def test_txt2img_rejects(sd1, monkeypatch, bad, message):
+    monkeypatch.setattr(T2I, "encode_text", lambda *a, **k: pytest.fail("validation must come first"))
+    kw = {"width": 64, "height": 64, "steps": 2, **bad}
+    prompt = kw.pop("prompt", "a cat")
+    with pytest.raises(RefsdError) as e:
+        txt2img(sd1, prompt, **kw)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+IMG = np.zeros((64, 64, 3), dtype=np.uint8)
+BAD_IMG2IMG = [
+    ({"strength": 0.0}, "strength must be in (0, 1], got 0.0"),
+    ({"strength": 1.5}, "strength must be in (0, 1], got 1.5"),
+    ({"strength": 0.1, "steps": 5}, "strength 0.1 x steps 5 < 1"),
+    ({"init_image": IMG[:60]}, "init_image is 64x60 (width x height); both must be positive multiples of 8"),
+    ({"init_image": IMG.astype(np.float32)}, "init_image must be a uint8 array of shape (H, W, 3)"),
+    ({"init_image": IMG[..., :1]}, "init_image must be a uint8 array of shape (H, W, 3)"),
+    ({"init_image": [[0]]}, "init_image must be a uint8 NumPy array"),
+    ({"width": 128}, "width 128 differs from init_image's 64 (64x64); refsd does not resize"),
+]
+
+
+@pytest.mark.parametrize("bad,message", BAD_IMG2IMG, ids=[m[:40] for _, m in BAD_IMG2IMG])
+def test_img2img_rejects(sd1, monkeypatch, bad, message):
+    monkeypatch.setattr(sys.modules["refsd.pipelines.img2img"], "encode_text",
+                        lambda *a, **k: pytest.fail("validation must come first"))
+    kw = {"init_image": IMG, "steps": 4, **bad}
+    image = kw.pop("init_image")
+    with pytest.raises(RefsdError) as e:
+        img2img(sd1, image, "a cat", **kw)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unsupported_architectures_and_inpaint_models(sd1):
+    case = golden.load_case(SD1)
+    m = case.meta["op"]["kwargs"]["model"]
+    params = Params(case.group("param"))
+    parts = {c: params.sub(c) for c in COMPONENTS}
+    configs = {c: m[c] for c in COMPONENTS}
+    with pytest.raises(RefsdError, match=r"sdxl \(Stable Diffusion XL base.*not supported.*issue #6"):
+        make_model(parts, configs, architecture="sdxl", pad_token=49407)
+    with pytest.raises(RefsdError, match="has no text_encoder"):
+        make_model({c: parts[c] for c in ("unet", "vae")}, configs, architecture="sd1", pad_token=49407)
+    with pytest.raises(RefsdError, match="unknown prediction 'x0'"):
+        make_model(parts, configs, architecture="sd1", pad_token=49407, prediction="x0")
+    with pytest.raises(RefsdError, match="use refsd.pipelines.inpaint"):
+        inpaint = make_model(parts, {**configs, "unet": {**m["unet"], "in_channels": 9}},
+                             architecture="sd1-inpaint", pad_token=49407)
+        txt2img(inpaint, "a cat", width=64, height=64, steps=1)
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def _write_folder(root, case_id):
+    """A diffusers folder holding a golden case's tiny model (no tokenizer/: the shipped vocabulary)."""
+    case = golden.load_case(case_id)
+    m, params = case.meta["op"]["kwargs"]["model"], case.group("param")
+    names = {"unet": ("diffusion_pytorch_model", "diffusers", "UNet2DConditionModel"),
+             "vae": ("diffusion_pytorch_model", "diffusers", "AutoencoderKL"),
+             "text_encoder": ("model", "transformers", "CLIPTextModel")}
+    index = {"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", m["scheduler"]["_class_name"]]}
+    for comp, (stem, lib, cls) in names.items():
+        (root / comp).mkdir(parents=True)
+        save_safetensors(root / comp / f"{stem}.safetensors",
+                         {k[len(comp) + 1:]: v for k, v in params.items() if k.startswith(comp + ".")})
+        (root / comp / "config.json").write_text(json.dumps(m[comp]))
+        index[comp] = [lib, cls]
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(m["scheduler"]))
+    (root / "model_index.json").write_text(json.dumps(index))
+    return case
+
+
+@pytest.mark.parametrize("case_id", [SD1, SD2])
+def test_load_model_diffusers_folder_reproduces_golden(tmp_path, case_id):
+    """load_model on a diffusers folder: architecture, prediction type from its scheduler config, pad
+    token by encoder kind; txt2img then reproduces diffusers' golden."""
+    case = _write_folder(tmp_path / "model", case_id)
+    model = load_model(tmp_path / "model")
+    arch = case.meta["op"]["kwargs"]["model"]["architecture"]
+    assert (model.architecture, model.name, model.path.name) == (arch, "model", "model")
+    assert model.prediction == ("v_prediction" if arch == "sd2" else "epsilon")
+    assert model.prediction_source == "scheduler config"
+    assert model.pad_token == (0 if arch == "sd2" else 49407)
+    assert model.short_hash is None  # a folder has no single-file hash
+    res = _run_case_settings(model, case)
+    out = case.group("out")
+    assert np.array_equal(res.noise, out["noise"])
+    _assert_close(res.latents, out["latents"], case, "latents")
+    _assert_close(res.pixels, out["image"], case, "image")
+    forced = load_model(tmp_path / "model", prediction="epsilon")
+    assert (forced.prediction, forced.prediction_source) == ("epsilon", "given")
+
+
+def test_load_model_arguments(tmp_path):
+    with pytest.raises(RefsdError, match="unknown prediction 'v'"):
+        load_model(tmp_path, prediction="v")
+    with pytest.raises(RefsdError, match="no such file or directory"):
+        load_model(tmp_path / "missing.safetensors")
+    _write_folder(tmp_path / "m", SD1)
+    with pytest.raises(RefsdError, match="unknown attention strategy 'fast'"):
+        load_model(tmp_path / "m", attention="fast")
+
+
+def test_sd2_prediction_from_weights():
+    """Single files do not say eps or v: ComfyUI's test on one norm bias's spread decides for SD 2.x."""
+    from refsd.pipelines.model import V_PREDICTION_PROBE, resolve_prediction
+
+    for std, want in ((0.2, "v_prediction"), (0.01, "epsilon")):
+        bias = (np.arange(64, dtype=np.float32) % 2 * 2 - 1) * std
+        pred, source = resolve_prediction("sd2", Params({V_PREDICTION_PROBE: bias}), None, None)
+        assert pred == want and "ComfyUI" in source
+    assert resolve_prediction("sd1", Params({}), None, None) == ("epsilon", "architecture default")
+    assert resolve_prediction("sd2", Params({}), {"prediction_type": "v_prediction"}, None)[0] == "v_prediction"
+
+
+# --------------------------------------------------------------------------------------------
+# the diffusers profile's schedules equal diffusers' scheduler objects
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers' own np.array(tensor)
+def test_diffusers_plans_match_scheduler_objects():
+    diffusers = pytest.importorskip("diffusers")
+    for pred in ("epsilon", "v_prediction"):
+        for spacing in (None, "leading", "trailing"):
+            cfg = {**P.DEFAULT_SCHEDULER_CONFIG, "prediction_type": pred}
+            if spacing:
+                cfg["timestep_spacing"] = spacing
+            for sampler, (cls, over) in P.DIFFUSERS_SAMPLERS.items():
+                for sched, (sover, samplers) in P.DIFFUSERS_SCHEDULERS.items():
+                    for steps in (1, 4, 7, 20):
+                        if sampler not in samplers or (sampler == "ddim" and spacing == "trailing"):
+                            continue
+                        plan = P.diffusers_plan(cfg, sampler, sched, steps)
+                        s = getattr(diffusers, cls).from_config(cfg, **over, **sover)
+                        s.set_timesteps(steps)
+                        where = (pred, spacing, sampler, sched, steps)
+                        assert list(plan.timesteps) == pytest.approx(s.timesteps.double().tolist(), abs=4e-5), where
+                        if cls == "DDIMScheduler":
+                            ac = s.alphas_cumprod.double()
+                            want = [math.sqrt((1 - ac[int(t)]) / ac[int(t)]) for t in s.timesteps]
+                            assert list(plan.sigmas[:-1]) == pytest.approx(want, rel=2e-7), where
+                            assert plan.sigmas[-1] == pytest.approx(math.sqrt((1 - ac[0]) / ac[0]), rel=2e-7)
+                            continue
+                        # one float32 ulp: torch's float32 sqrt differs from the correctly rounded one
+                        # on 6 of the 1000 table entries (parity.diffusers_tables)
+                        assert list(plan.sigmas) == pytest.approx(s.sigmas.double().tolist(), rel=1.2e-7), where
+                        assert plan.init_noise_sigma == pytest.approx(float(s.init_noise_sigma), rel=1.2e-7), where
+
+
+def test_diffusers_tables_bit_exact():
+    torch = pytest.importorskip("torch")
+    from diffusers import DDIMScheduler
+
+    for cfg in (P.DEFAULT_SCHEDULER_CONFIG, {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}):
+        ac, sig = P.diffusers_tables(cfg)
+        ref = DDIMScheduler.from_config(cfg).alphas_cumprod
+        assert np.array_equal(ac, ref.numpy())
+        assert np.array_equal(P.torch_linspace_f32(0.1, 0.7, 1000), torch.linspace(0.1, 0.7, 1000).numpy())
+        ref_sig = ((1 - ref) / ref) ** 0.5
+        assert np.mean(sig != ref_sig.numpy()) < 0.01 and np.max(np.abs(sig / ref_sig.numpy() - 1)) < 1.2e-7
+
+
+# --------------------------------------------------------------------------------------------
+# the ComfyUI profile equals ComfyUI's KSampler rebuilt from k-diffusion
+
+
+def _kdiffusion_comfyui(case, *, prompt, negative, seed, steps, cfg, sampler, init_image=None, denoise=None):
+    """ComfyUI KSampler semantics on the oracle libraries: diffusers UNet/VAE + transformers CLIP with the
+    golden weights, k-diffusion's DiscreteEpsDDPMDenoiser (quantize=True: ComfyUI's rounded timesteps),
+    CFG on x0, noise = randn(seed) * sqrt(1 + sigma_max^2) (or latent + noise * sigma_0), ancestral noise
+    from a FRESH generator with the seed, VAE decode, (x + 1) / 2, truncation to uint8."""
+    torch = pytest.importorskip("torch")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from golden.registry import load_kdiffusion
+    from refsd.sampling.model_sampling import ModelSamplingDiscrete
+    from refsd.sampling.schedules import get_sigmas
+    from refsd.text import CLIPTokenizer
+
+    m, params = case.meta["op"]["kwargs"]["model"], case.group("param")
+
+    def state(comp):
+        return {k[len(comp) + 1:]: torch.from_numpy(v) for k, v in params.items() if k.startswith(comp + ".")}
+
+    unet = UNet2DConditionModel(**m["unet"]).eval()
+    unet.load_state_dict(state("unet"))
+    vae = AutoencoderKL(**m["vae"]).eval()
+    vae.load_state_dict(state("vae"))
+    text = CLIPTextModel(CLIPTextConfig(**m["text_encoder"])).eval()
+    text.load_state_dict(state("text_encoder"), strict=False)
+    sampling, external = load_kdiffusion()
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2  # ComfyUI make_beta_schedule
+    eps = external.DiscreteEpsDDPMDenoiser(
+        lambda x, t, cond: unet(x, t, encoder_hidden_states=cond).sample,
+        torch.tensor(np.cumprod(1 - betas), dtype=torch.float32), quantize=True)
+    tok = CLIPTokenizer.from_package()
+    with torch.no_grad():
+        c, u = (text(torch.tensor([tok(p, pad_is_special=False)]))[0] for p in (prompt, negative))
+
+        def model(x, sigma):
+            out = eps(torch.cat([x, x]), sigma.expand(2 * x.shape[0]), cond=torch.cat([c, u]))
+            cc, uu = out.chunk(2)
+            return uu + (cc - uu) * cfg
+
+        ms = ModelSamplingDiscrete.from_config(m["scheduler"], like=np.zeros(1))
+        sigmas = torch.from_numpy(np.asarray(get_sigmas("normal", ms, steps, denoise=denoise))).float()
+        if init_image is None:
+            noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
+            x = noise * torch.sqrt(1.0 + sigmas[0] ** 2)
+        else:
+            pixels = torch.from_numpy(init_image.astype(np.float32) / 255.0).permute(2, 0, 1)[None] * 2.0 - 1.0
+            latent = vae.encode(pixels).latent_dist.mean * 0.18215
+            noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+            x = latent + noise * sigmas[0]
+        g = torch.Generator().manual_seed(seed)
+        fn = getattr(sampling, f"sample_{sampler}")
+        x = fn(model, x, sigmas, disable=True,
+               **({"noise_sampler": lambda s, t: torch.randn(x.shape, generator=g)} if "ancestral" in sampler else {}))
+        img = torch.clamp((vae.decode(x / 0.18215).sample + 1.0) / 2.0, 0, 1).permute(0, 2, 3, 1).numpy()
+    return x.numpy(), img, np.clip(255.0 * img, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("mode", ["txt2img", "img2img"])
+def test_comfyui_profile_matches_kdiffusion(sd1, mode):
+    case = golden.load_case(SD1)
+    kw = {"prompt": "a photo of a cat", "negative": "", "seed": 7, "cfg": 6.0}
+    if mode == "txt2img":
+        res = txt2img(sd1, kw["prompt"], kw["negative"], width=64, height=64, steps=6, cfg=kw["cfg"],
+                      sampler="euler_ancestral", seed=kw["seed"], parity="comfyui")
+        x, img, u8 = _kdiffusion_comfyui(case, steps=6, sampler="euler_ancestral", **kw)
+    else:
+        image = golden.load_case("pipeline/img2img_sd1_dpmpp_2m_f32").group("in")["init_image"]
+        res = img2img(sd1, image, kw["prompt"], kw["negative"], strength=0.6, steps=4, cfg=kw["cfg"],
+                      sampler="dpmpp_2m", seed=kw["seed"], parity="comfyui")
+        x, img, u8 = _kdiffusion_comfyui(case, steps=4, sampler="dpmpp_2m", init_image=image, denoise=0.6, **kw)
+    got = rxp.to_numpy(res.latents)
+    assert np.max(np.abs(got - x)) <= 1e-5 * np.max(np.abs(x))
+    assert np.max(np.abs(res.pixels - img)) <= 1e-4
+    assert np.max(np.abs(res.images[0].astype(int) - u8[0])) <= 1 and np.mean(res.images[0] != u8[0]) < 0.01
+
+
+def test_nan_latents_name_the_step():
+    case = golden.load_case(SD1)
+    m = case.meta["op"]["kwargs"]["model"]
+    weights = dict(case.group("param"))
+    weights["unet.conv_out.bias"] = np.full_like(weights["unet.conv_out.bias"], np.nan)
+    params = Params(weights)
+    model = make_model({c: params.sub(c) for c in COMPONENTS}, {c: m[c] for c in (*COMPONENTS, "scheduler")},
+                       architecture="sd1", pad_token=49407)
+    with pytest.raises(RefsdError, match="NaN/Inf after step 1 of 2"):
+        txt2img(model, "a cat", width=64, height=64, steps=2)
+
+
+def test_params_from_check_catches_altered_weights(tmp_path):
+    """A case that borrows its weights (params_from) fails `golden.capture --check` when the file holding
+    them is altered, even though its own file is intact."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    dst = tmp_path / "golden"
+    shutil.copytree(root / "golden", dst, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    owner = dst / json.loads((dst / "MANIFEST.json").read_text())["cases"][SD1]["path"]
+    data = bytearray(owner.read_bytes())
+    data[-1] ^= 0x01  # the last tensor by name: a param/vae.* weight
+    owner.write_bytes(bytes(data))
+    r = subprocess.run([sys.executable, "-m", "golden.capture", "--check", "--root", str(dst), "--only",
+                        "pipeline/txt2img_sd1_ddim_cfg1"], check=False, cwd=root, capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"(stored in {SD1}) differs from a fresh seeded draw" in r.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# inpainting (9-channel models)
+
+INPAINT = "pipeline/inpaint_sd1_dpmpp_2m_f32"
+
+
+@pytest.fixture(scope="module")
+def sd1_inpaint():
+    return _case_model(INPAINT)
+
+
+def _run_inpaint(model, case, **over):
+    kw = {**_golden_settings(case), **over}
+    ins = case.group("in")
+    return inpaint(model, ins["init_image"], kw.pop("mask", ins["mask"]), kw.pop("prompt"), kw.pop("negative_prompt"),
+                   **kw)
+
+
+@pytest.mark.parametrize("case_id", [INPAINT, "pipeline/inpaint_sd1_euler_ancestral_f32"])
+def test_inpaint_noise_bit_exact(sd1_inpaint, case_id):
+    """Draw order as diffusers: (init posterior,) noise, masked-image posterior: the noise is the
+    recorded one bit for bit, whatever came before it."""
+    case = golden.load_case(case_id)
+    res = _run_inpaint(sd1_inpaint, case)
+    out = case.group("out")
+    assert np.array_equal(res.noise, out["noise"])
+    _assert_close(res.masked_image_latents[:1], out["masked_image_latents"], case, "masked_image_latents")
+    _assert_close(res.latents, out["latents"], case, "latents")
+
+
+def test_inpaint_mask_forms(sd1_inpaint):
+    """A uint8 mask, the same as bool, as RGB and as float give the same result (binarized at 0.5)."""
+    case = golden.load_case(INPAINT)
+    m = case.group("in")["mask"]
+    kw = {"steps": 4}
+    ref = _run_inpaint(sd1_inpaint, case, mask=m, **kw).latents
+    for form in (m >= 128, np.repeat(m[..., None], 3, axis=2), m.astype(np.float32) / 255, m[..., None]):
+        assert np.array_equal(rxp.to_numpy(_run_inpaint(sd1_inpaint, case, mask=form, **kw).latents),
+                              rxp.to_numpy(ref))
+
+
+def test_inpaint_rejects(sd1, sd1_inpaint):
+    image = np.zeros((64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    for model, args, kw, msg in [
+        (sd1, (image, mask), {}, "inpainting needs a 9-channel inpainting model"),
+        (sd1_inpaint, (image, mask), {"parity": "comfyui"}, "inpainting under parity='comfyui' is not implemented"),
+        (sd1_inpaint, (image, mask[:32]), {}, "mask is 64x32 (width x height) but init_image is 64x64"),
+        (sd1_inpaint, (image, mask.astype(np.int32)), {}, "mask must be bool, uint8 or float"),
+        (sd1_inpaint, (image, mask.astype(np.float32) + 2), {}, "float values must be in [0, 1]"),
+        (sd1_inpaint, (image, "mask.png"), {}, "mask must be a NumPy array"),
+        (sd1_inpaint, (image, mask), {"strength": 0}, "strength must be in (0, 1]"),
+    ]:
+        with pytest.raises(RefsdError, match=re.escape(msg)):
+            inpaint(model, *args, "a hat", steps=2, **kw)
+    with pytest.raises(RefsdError, match="use refsd.pipelines.inpaint with a mask"):
+        img2img(sd1_inpaint, image, "a hat", steps=2)
