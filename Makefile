@@ -19,11 +19,17 @@ $(STAMP): pyproject.toml requirements/lock.txt
 
 setup: $(STAMP)
 
-# The main job on an embedded default. Until the generation pipeline lands (issue #5) this runs the
-# golden conformance suite on NumPy and prints its table: the numbers every later stage stands on.
+# The main job on the embedded default model: a tiny SD1-architecture checkpoint whose seeded random
+# weights refsd writes on first use (17 MB, in $REFSD_CACHE or ~/.cache/refsd; refsd/pipelines/demo.py).
+# Random weights: the PNG shows the pipeline working, not a picture. out/ is git-ignored.
+DEMO_OUT ?= out/demo.png
 demo: setup
-	@echo "refsd demo: image generation arrives with the pipeline issue; showing NumPy conformance vs the oracle."
-	$(BIN)/python -m backends numpy
+	@mkdir -p $(dir $(DEMO_OUT))
+	$(BIN)/python -m refsd generate --demo --prompt "a lighthouse on a cliff at sunset" --seed 42 \
+		--steps 20 --width 512 --height 512 --out $(DEMO_OUT)
+	@echo "refsd demo: wrote $(DEMO_OUT) with the embedded tiny model. Its weights are random, so the image"
+	@echo "shows the pipeline working, not a picture. For a real image, use a checkpoint you have:"
+	@echo '  $(BIN)/refsd generate --model sd15.safetensors --prompt "a photo of a cat" --out out.png'
 
 # Default tier: re-capture every golden with the oracle and compare, then the test suite.
 test: setup golden-check
