@@ -83,6 +83,7 @@ SCHEDULERS = {
     "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),  # diffusers-only name (SD 1.5's default scheduler)
 }
 SCHEDULE_OPTIONS = {"normal": {}, "karras": {"use_karras_sigmas": True}}
 OWNER = {}  # model -> the case id that stores its weights (the first registered case of the model)
@@ -226,9 +227,11 @@ def _pipeline_case(g, dt, *, name: str, model: str, sampler: str, scheduler: str
     if img2img:
         outputs["image_latents"] = rec["image_latents"]
     if inpaint:
-        if strength < 1.0:
+        blend = spec["unet"]["in_channels"] == 4  # latent blending: the image latents are always encoded
+        if strength < 1.0 or blend:
             outputs["image_latents"] = encoded[0]
-        outputs["masked_image_latents"] = encoded[-1]
+        if not blend:  # a 4-channel UNet ignores the masked image's latents (diffusers still encodes them)
+            outputs["masked_image_latents"] = encoded[-1]
     outputs["init_latents"] = rec["init_latents"]
     outputs.update({f"step.{i}": x for i, x in enumerate(steps_done)})
     outputs["latents"] = steps_done[-1]
@@ -308,6 +311,10 @@ _register("txt2img_sd1_ddim_cfg1", model="sd1", sampler="ddim", prompt=ASTRONAUT
           cfg=1.0, seed=5,
           desc="tiny SD1 txt2img, DDIM (leading spacing, steps_offset 1, last step to alphas_cumprod[0]), 5 steps, "
                "guidance scale 1: no unconditional pass")
+_register("txt2img_sd1_pndm", model="sd1", sampler="pndm", prompt=ASTRONAUT, negative="blurry", steps=6, cfg=7.5,
+          seed=8,
+          desc="tiny SD1 txt2img, PNDMScheduler (SD 1.5's config: skip_prk_steps, leading + steps_offset 1), 6 steps "
+               "= 7 UNet calls (the second timestep repeated), final level alphas_cumprod[0]")
 _register("img2img_sd1_euler_ancestral", model="sd1", sampler="euler_ancestral", prompt="a watercolor landscape",
           steps=5, cfg=7.5, seed=11, strength=0.6,
           desc="tiny SD1 img2img, strength 0.6 of 5 steps (3 run), Euler ancestral: posterior sample (1st draw), "
@@ -330,3 +337,12 @@ _register("inpaint_sd1_dpmpp_2m", model="sd1-inpaint", sampler="dpmpp_2m", promp
           seed=32, strength=0.75, inpaint=True,
           desc="tiny SD1 9-channel inpainting, strength 0.75 of 5 steps (3 run), DPM-Solver++(2M): image posterior "
                "(1st draw), noise (2nd), masked image posterior (3rd)")
+_register("inpaint_blend_sd1_euler", model="sd1", sampler="euler", prompt="a red hat", negative="blurry", steps=4,
+          cfg=7.5, seed=41, strength=1.0, inpaint=True,
+          desc="tiny SD1 (4-channel UNet) inpainting by latent blending (StableDiffusionInpaintPipeline), strength 1, "
+               "Euler: image posterior (1st draw), noise (2nd), masked image posterior (3rd, unused); after each step "
+               "the known region is add_noise(image_latents, noise, t_next), after the last image_latents")
+_register("inpaint_blend_sd1_dpmpp_2m", model="sd1", sampler="dpmpp_2m", prompt="a red hat", steps=6, cfg=6.0,
+          seed=42, strength=0.75, batch=2, inpaint=True,
+          desc="tiny SD1 (4-channel UNet) inpainting by latent blending, strength 0.75 of 6 steps (4 run), "
+               "DPM-Solver++(2M), batch 2")

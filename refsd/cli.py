@@ -323,8 +323,10 @@ is loaded: a bad one is one "refsd: error:" line, exit status 2, and no file.
 Samplers and schedulers have ComfyUI's names. --rng says how a seed becomes noise: torch-cpu (torch's
 CPU generator, as diffusers on CPU and ComfyUI), cuda-philox (CUDA's randn, as A1111 on NVIDIA GPUs,
 reproduced on any machine), numpy. --parity says whose conventions "same seed, same image" follows:
-diffusers (default; its four samplers: euler, euler_ancestral, dpmpp_2m, ddim) or comfyui (every
-sampler and scheduler); a1111 is planned. --seed -1 (the default) draws a random seed, recorded in the PNG.
+diffusers (default; its samplers: euler, euler_ancestral, dpmpp_2m, ddim, and pndm, a diffusers-only
+name), comfyui (every sampler and scheduler) or a1111 (txt2img with A1111's k-diffusion samplers and
+normal/karras/exponential schedules; image i of a batch is seeded seed + i, as in A1111; a PNG from A1111
+re-runs under it). --seed -1 (the default) draws a random seed, recorded in the PNG.
 """
 
 GENERATE_EXAMPLES = """\
@@ -388,7 +390,7 @@ def _add_generation_flags(p, *, out_default: str, out_help: str) -> None:
     g.add_argument("--rng", metavar="MODE", help=f"torch-cpu | cuda-philox | numpy (default {d['rng']})")
     g.add_argument("--clip-skip", type=int, metavar="N", help="skip the last N-1 CLIP layers, A1111's count "
                                                               "(default: none)")
-    g.add_argument("--parity", metavar="PROFILE", help=f"diffusers | comfyui (a1111: planned): whose same-seed "
+    g.add_argument("--parity", metavar="PROFILE", help=f"diffusers | comfyui | a1111: whose same-seed "
                                                        f"conventions (default {d['parity']})")
     g = p.add_argument_group("image")
     g.add_argument("--width", type=int, help="pixels, a multiple of 8 (default 512, or the init image's)")
@@ -397,7 +399,17 @@ def _add_generation_flags(p, *, out_default: str, out_help: str) -> None:
     g.add_argument("--init-image", metavar="IMAGE", help="start from this image (img2img)")
     g.add_argument("--strength", type=float, help="how much of the init image is repainted, in (0, 1] "
                                                   "(default 0.75; 1.0 with --mask)")
-    g.add_argument("--mask", metavar="IMAGE", help="inpainting mask, the init image's size (white = repaint)")
+    g.add_argument("--mask", metavar="IMAGE", help="inpainting mask, the init image's size (white = repaint; with "
+                                                   "an alpha channel: transparent = repaint); any model: an "
+                                                   "inpainting one, or a normal one by latent blending")
+    g.add_argument("--mask-grow", type=int, metavar="PX", help="grow the mask by PX pixels (square, as ComfyUI's "
+                                                                "grow_mask_by; default 0)")
+    g.add_argument("--mask-blur", type=float, metavar="PX", help="Gaussian blur of the mask, sigma PX pixels (as "
+                                                                  "A1111's mask blur; default 0)")
+    g.add_argument("--composite", action="store_true", help="with --mask: paste the results onto the init image "
+                                                            "through the (grown, blurred) mask, so unmasked pixels "
+                                                            "are the original's exactly. Off by default: diffusers "
+                                                            "and ComfyUI return the decoded image as it is")
     g = p.add_argument_group("runtime")
     g.add_argument("--backend", metavar="NAME", help=f"numpy | torch | torch:mps | torch:cuda | cupy "
                                                      f"(default {d['backend']})")
@@ -416,11 +428,12 @@ class GenerateJob:
     settings: dict  # GENERATE_DEFAULTS' keys, final values (the PNG records them)
     model: Path | None  # None: the demo model
     init_image: np.ndarray | None  # uint8 (H, W, 3)
-    mask: np.ndarray | None  # uint8 (H, W)
+    mask: np.ndarray | None  # float32 (H, W) in [0, 1], 1 = repaint (refsd.pipelines.masks.load_mask)
     outputs: list[Path]
     keep: int | None  # --from-png of image i of a batch: rerun the batch up to i, keep image i
     random_seed: bool = False
     notes: list[str] = field(default_factory=list)  # printed on stderr when the job runs
+    mask_options: dict = field(default_factory=dict)  # inpaint(mask_grow=, mask_blur=, composite=)
 
 
 def _cmd_generate(args) -> int:
@@ -485,17 +498,28 @@ def generate_job(args) -> GenerateJob:
     # names and numbers
     if s["prompt"] is None:
         raise RefsdError("--prompt is required (or --from-png IMAGE to reuse a PNG's)")
-    _choice("sampler", s["sampler"], list(SAMPLERS))
+    _choice("sampler", s["sampler"], [*SAMPLERS, *parity.DIFFUSERS_ONLY_SAMPLERS])
     _choice("scheduler", s["scheduler"], list(SCHEDULERS))
     _choice("rng mode", s["rng"], RNG_MODES)
     _choice("parity profile", s["parity"], PARITIES)
-    if s["parity"] not in parity.PARITIES and "parity" not in explicit:
-        # a PNG from A1111 asks for the a1111 profile; until it exists, ComfyUI's is the nearest
-        # (the same k-diffusion samplers and schedules, any pair)
-        notes.append(f"note: parity {s['parity']!r} is not available; using 'comfyui'")
-        s["parity"] = "comfyui"
+    if s["parity"] == "a1111" and "parity" not in explicit:
+        # a PNG from A1111 asks for the a1111 profile; where it cannot reproduce the run (a sampler or
+        # schedule it does not cover, img2img), ComfyUI's is the nearest (the same k-diffusion samplers)
+        why = "img2img / inpainting" if args.init_image else None
+        try:
+            parity.check_sampler("a1111", s["sampler"], s["scheduler"])
+        except RefsdError as e:
+            why = why or str(e).split(" (")[0]
+        if why:
+            notes.append(f"note: parity 'a1111' does not cover this run ({why}); using 'comfyui'")
+            s["parity"] = "comfyui"
     parity.check_parity(s["parity"])
     parity.check_sampler(s["parity"], s["sampler"], s["scheduler"])  # pairs the profile cannot reproduce
+    if args.init_image and s["parity"] == "a1111":
+        raise RefsdError("--parity a1111 runs txt2img only (A1111 samples the VAE posterior from torch's global "
+                         "RNG); use --parity comfyui or diffusers with --init-image")
+    if args.init_image and s["sampler"] in parity.DIFFUSERS_ONLY_SAMPLERS:
+        raise RefsdError(f"--sampler {s['sampler']} runs txt2img only; pick another sampler with --init-image")
     _choice("dtype", s["dtype"], GENERATE_DTYPES)
     _choice("attention strategy", s["attention"], STRATEGIES)
     if s["prediction"] is not None:
@@ -522,7 +546,9 @@ def generate_job(args) -> GenerateJob:
             raise RefsdError(f"{args.init_image} is {w}x{h} but the size asked for is {s['width']}x{s['height']}: "
                              f"resize the image, or leave --width/--height out")
         if args.mask:
-            mask = png.read_image(args.mask, mode="L")
+            from refsd.pipelines import masks
+
+            mask = masks.load_mask(args.mask)
             if mask.shape != init.shape[:2]:
                 raise RefsdError(f"{args.mask} is {mask.shape[1]}x{mask.shape[0]} but the init image "
                                  f"{args.init_image} is {w}x{h}: the mask must be the same size")
@@ -534,6 +560,19 @@ def generate_job(args) -> GenerateJob:
         where = f"{args.from_png} was made from an init image (strength {s['strength']}): " if "strength" not in \
             explicit else ""
         raise RefsdError(f"{where}--strength needs --init-image")
+    mask_options = {}
+    if getattr(args, "composite", False) and mask is None:
+        raise RefsdError("--composite needs --mask")
+    for flag, key in (("--mask-grow", "mask_grow"), ("--mask-blur", "mask_blur")):
+        v = getattr(args, key, None)
+        if v is not None and mask is None:
+            raise RefsdError(f"{flag} needs --mask")
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise RefsdError(f"{flag} must be a number of pixels >= 0, got {v}")
+        if v is not None:
+            mask_options[key] = v
+    if mask is not None:
+        mask_options["composite"] = bool(getattr(args, "composite", False))
     s["width"] = 512 if s["width"] is None else s["width"]
     s["height"] = 512 if s["height"] is None else s["height"]
     for key in ("width", "height"):
@@ -554,7 +593,7 @@ def generate_job(args) -> GenerateJob:
         raise RefsdError(f"--out {args.out}: folder {out.parent} does not exist")
     n = 1 if keep is not None else s["batch"]
     outputs = [out] if n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}") for i in range(n)]
-    return GenerateJob(s, model, init, mask, outputs, keep, random_seed, notes)
+    return GenerateJob(s, model, init, mask, outputs, keep, random_seed, notes, mask_options)
 
 
 GENERATE_ARCHITECTURES = ("sd1", "sd1-inpaint", "sd2", "sd2-inpaint")
@@ -641,7 +680,7 @@ def _run_pipeline(job: GenerateJob, on_step: Callable | None = None):
     try:
         if job.mask is not None:
             result = pipelines.inpaint(model, job.init_image, job.mask, s["prompt"], s["negative_prompt"],
-                                       strength=s["strength"], **common)
+                                       strength=s["strength"], **job.mask_options, **common)
         elif job.init_image is not None:
             result = pipelines.img2img(model, job.init_image, s["prompt"], s["negative_prompt"],
                                        strength=s["strength"], **common)

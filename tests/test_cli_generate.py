@@ -89,6 +89,9 @@ def test_help_lists_flags_and_examples():
     (SMALL + ["--prompt", "x", "--parity", "auto"], ["unknown parity profile 'auto'", "diffusers"]),
     (SMALL + ["--prompt", "x", "--sampler", "dpmpp_sde"], ["'dpmpp_sde'", "parity='diffusers'", "comfyui"]),
     (SMALL + ["--prompt", "x", "--sampler", "ddim", "--scheduler", "karras"], ["'karras'", "'ddim'"]),
+    (SMALL + ["--prompt", "x", "--parity", "a1111", "--sampler", "ddim"], ["'ddim'", "parity='a1111'"]),
+    (SMALL + ["--prompt", "x", "--parity", "a1111", "--init-image", "{d}/init.png"], ["--parity a1111 runs txt2img"]),
+    (SMALL + ["--prompt", "x", "--sampler", "pndm", "--init-image", "{d}/init.png"], ["--sampler pndm runs txt2img"]),
     (SMALL + ["--prompt", "x", "--init-image", "{d}/corrupt.png"], ["corrupt.png: unreadable image"]),
     (SMALL + ["--prompt", "x", "--init-image", "{d}/text.png"], ["text.png: not an image"]),
     (SMALL + ["--prompt", "x", "--init-image", "{d}/nope.png"], ["nope.png: no such file"]),
@@ -208,9 +211,30 @@ def test_trace_writes_layers_and_pipeline_outputs(env, tmp_path):
 
 
 @needs_pipeline
+def test_a1111_parity_and_pndm_sampler(env, tmp_path):
+    """--parity a1111 seeds image i with seed + i (each PNG records its own seed); --sampler pndm, the
+    diffusers-only name, runs under the diffusers profile and is refused under another."""
+    proc = run(env, *SMALL, "--prompt", "x", "--seed", "5", "--batch", "2", "--parity", "a1111",
+               "--sampler", "dpmpp_2m", "--scheduler", "karras", "--out", tmp_path / "a.png")
+    assert proc.returncode == 0, proc.stderr
+    seeds = [png.read_parameters(tmp_path / f"a_{i}.png")["Seed"] for i in range(2)]
+    assert seeds == ["5", "6"]
+    one = run(env, *SMALL, "--prompt", "x", "--seed", "6", "--parity", "a1111", "--sampler", "dpmpp_2m",
+              "--scheduler", "karras", "--out", tmp_path / "b.png")
+    assert one.returncode == 0, one.stderr
+    diff = np.abs(png.read_image(tmp_path / "a_1.png").astype(int) - png.read_image(tmp_path / "b.png"))
+    assert diff.max() <= 1
+    assert run(env, *SMALL, "--prompt", "x", "--sampler", "pndm", "--out", tmp_path / "p.png").returncode == 0
+    assert png.read_parameters(tmp_path / "p.png")["refsd sampler"] == "pndm"
+    assert_one_line_error(run(env, *SMALL, "--prompt", "x", "--sampler", "pndm", "--parity", "comfyui",
+                              "--out", tmp_path / "q.png"), "'pndm' is diffusers-only")
+
+
+@needs_pipeline
 def test_from_an_a1111_png(env, tmp_path):
-    """A PNG A1111 made: its names are mapped back; the model must be named; A1111 conventions run as
-    the nearest implemented profile (comfyui), with A1111's default GPU noise (cuda-philox)."""
+    """A PNG A1111 made: its names are mapped back; the model must be named; it re-runs under the a1111
+    profile with A1111's default GPU noise (cuda-philox); a sampler the profile does not cover falls
+    back to comfyui, with a note."""
     a1111 = tmp_path / "a1111.png"
     png.write_png(a1111, np.zeros((64, 64, 3), np.uint8), "a cat, (fluffy:1.1)\nNegative prompt: dog\nSteps: 2, "
                   "Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 5, Size: 64x64, Model hash: "
@@ -219,21 +243,57 @@ def test_from_an_a1111_png(env, tmp_path):
                           "made with v1-5-pruned-emaonly, hash 6ce0161689", "--model")
     proc = run(env, "--from-png", a1111, "--demo", "--out", tmp_path / "o.png")
     assert proc.returncode == 0, proc.stderr
-    assert "parity 'a1111' is not available; using 'comfyui'" in proc.stderr
+    assert "note: parity" not in proc.stderr
     p = png.read_parameters(tmp_path / "o.png")
     assert (p["Prompt"], p["Negative prompt"], p["Sampler"], p["Schedule type"]) == (
         "a cat, (fluffy:1.1)", "dog", "Euler a", "Karras")
-    assert (p["refsd parity"], p["refsd rng"], p["RNG"], p["Seed"]) == ("comfyui", "cuda-philox", "NV", "5")
+    assert (p["refsd parity"], p["refsd rng"], p["RNG"], p["Seed"]) == ("a1111", "cuda-philox", "NV", "5")
+    ddim = tmp_path / "ddim.png"
+    png.write_png(ddim, np.zeros((64, 64, 3), np.uint8), "a cat\nSteps: 2, Sampler: DDIM, CFG scale: 7, Seed: 5, "
+                  "Size: 64x64, Model hash: 6ce0161689")
+    proc = run(env, "--from-png", ddim, "--demo", "--out", tmp_path / "d.png")
+    assert proc.returncode == 0, proc.stderr
+    assert "note: parity 'a1111' does not cover this run (sampler 'ddim' is not reproduced" in proc.stderr
+    assert png.read_parameters(tmp_path / "d.png")["refsd parity"] == "comfyui"
 
 
 @needs_pipeline
-def test_mask_runs_inpainting_or_refuses_cleanly(env, images, tmp_path):
+def test_mask_inpaints_a_normal_model_keeping_the_outside(env, images, tmp_path):
+    """The demo model has a 4-channel UNet: --mask inpaints by latent blending; with --composite the PNG
+    is the init image, exactly, outside the mask (blur 0); inside, something new was painted. Without
+    it the PNG is the decoder's output everywhere (diffusers' and ComfyUI's result)."""
     proc = run(env, *SMALL, "--prompt", "x", "--seed", "1", "--init-image", images / "init.png", "--mask",
-               images / "mask.png", "--out", tmp_path / "m.png")
-    if proc.returncode == 0:  # inpainting implemented: a PNG whose parameters record the strength
-        assert png.read_parameters(tmp_path / "m.png")["Denoising strength"] == "1"
-    else:  # not yet: the pipeline's error as the one error line (after the demo's notice), nothing written
-        assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("refsd: error: ")]
-        assert len(errors) == 1 and "inpainting" in errors[0] and proc.stderr.splitlines()[-1] == errors[0]
-        assert pngs(tmp_path) == []
+               images / "mask.png", "--out", tmp_path / "raw.png")
+    assert proc.returncode == 0, proc.stderr
+    raw = png.read_image(tmp_path / "raw.png")
+    proc = run(env, *SMALL, "--prompt", "x", "--seed", "1", "--init-image", images / "init.png", "--mask",
+               images / "mask.png", "--composite", "--out", tmp_path / "m.png")
+    assert proc.returncode == 0, proc.stderr
+    assert png.read_parameters(tmp_path / "m.png")["Denoising strength"] == "1"
+    init, out = png.read_image(images / "init.png"), png.read_image(tmp_path / "m.png")
+    inside = png.read_image(images / "mask.png", mode="L") >= 128
+    assert np.array_equal(out[~inside], init[~inside])
+    assert not np.array_equal(out[inside], init[inside])
+    assert not np.array_equal(raw[~inside], init[~inside])  # the decoder's output, not the original
+    proc = run(env, *SMALL, "--prompt", "x", "--seed", "1", "--init-image", images / "init.png", "--mask",
+               images / "mask.png", "--mask-grow", "2", "--mask-blur", "1", "--parity", "comfyui",
+               "--composite", "--out", tmp_path / "g.png")
+    assert proc.returncode == 0, proc.stderr
+    grown = np.zeros_like(inside)
+    grown[14:50, 14:50] = True  # 2 px of growth, then a blur reaching int(2.5 + 0.5) = 3 px further
+    grown[11:53, 11:53] = True
+    g = png.read_image(tmp_path / "g.png")
+    assert np.array_equal(g[~grown], init[~grown]) and not np.array_equal(g[grown], init[grown])
+
+
+@needs_pipeline
+@pytest.mark.parametrize("flags, fragments", [
+    (["--mask-blur", "2"], ["--mask-blur needs --mask"]),
+    (["--composite"], ["--composite needs --mask"]),
+    (["--mask", "{d}/mask.png", "--mask-grow", "-1"], ["--mask-grow must be a number of pixels >= 0"]),
+])
+def test_mask_option_errors(env, images, tmp_path, flags, fragments):
+    flags = [f.format(d=images) for f in flags]
+    proc = run(env, *SMALL, "--prompt", "x", "--init-image", images / "init.png", *flags, "--out", tmp_path / "e.png")
+    assert_one_line_error(proc, *fragments)
+    assert pngs(tmp_path) == []

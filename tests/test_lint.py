@@ -21,6 +21,7 @@ NUMPY_ALLOWED = {"xp.py", "golden.py", "compare.py", "trace.py", "cli.py", "weig
                  "pipelines/png.py",  # host uint8 images in and out of PNG files
                  "pipelines/demo.py",  # writes the demo checkpoint's seeded random weights (host arrays to a file)
                  "pipelines/images.py",  # host uint8 images <-> float pixels, each profile's rounding
+                 "pipelines/masks.py",  # host inpainting masks: read, grow, blur, resize, composite onto the image
                  "pipelines/parity.py"}  # reproduces diffusers' own host-side NumPy/float32 schedule arithmetic
 BACKEND_BRANCH = re.compile(r"^is_(numpy|torch|cupy|jax|dask|array_api_strict)_(namespace|array)$")
 

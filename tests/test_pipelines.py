@@ -183,8 +183,7 @@ BAD = [
     ({"scheduler": "nope"}, "unknown scheduler 'nope'; valid: simple, "),
     ({"scheduler": "exponential"}, "scheduler 'exponential' is not available under parity='diffusers'"),
     ({"sampler": "ddim", "scheduler": "karras"}, "DDIMScheduler has no such option"),
-    ({"parity": "a1111"}, "parity 'a1111' is not implemented yet"),
-    ({"parity": "webui"}, "unknown parity 'webui'; valid: diffusers, comfyui"),
+    ({"parity": "webui"}, "unknown parity 'webui'; valid: diffusers, comfyui, a1111"),
     ({"rng": "mt"}, "unknown rng 'mt'; valid: torch-cpu, cuda-philox, numpy"),
     ({"seed": 2**64}, "seed 18446744073709551616 is out of range"),
     ({"batch_size": 0}, "batch_size must be >= 1"),
@@ -334,7 +333,7 @@ def test_diffusers_plans_match_scheduler_objects():
                         s.set_timesteps(steps)
                         where = (pred, spacing, sampler, sched, steps)
                         assert list(plan.timesteps) == pytest.approx(s.timesteps.double().tolist(), abs=4e-5), where
-                        if cls == "DDIMScheduler":
+                        if cls in ("DDIMScheduler", "PNDMScheduler"):
                             ac = s.alphas_cumprod.double()
                             want = [math.sqrt((1 - ac[int(t)]) / ac[int(t)]) for t in s.timesteps]
                             assert list(plan.sigmas[:-1]) == pytest.approx(want, rel=2e-7), where
@@ -344,6 +343,50 @@ def test_diffusers_plans_match_scheduler_objects():
                         # on 6 of the 1000 table entries (parity.diffusers_tables)
                         assert list(plan.sigmas) == pytest.approx(s.sigmas.double().tolist(), rel=1.2e-7), where
                         assert plan.init_noise_sigma == pytest.approx(float(s.init_noise_sigma), rel=1.2e-7), where
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+def test_pndm_matches_diffusers_scheduler():
+    """sample_pndm over a fixed nonlinear stand-in network equals diffusers' PNDMScheduler.step loop
+    (skip_prk_steps: the improved-Euler warm-up on the repeated timestep, then Adams-Bashforth 2..4)."""
+    torch = pytest.importorskip("torch")
+    from diffusers import PNDMScheduler
+
+    from refsd.pipelines.diffusers_schedulers import sample_pndm
+
+    w = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32) * 0.3
+
+    def net(x, t):  # (B, 4, h, w) -> same; depends on x and t
+        return np.tanh(np.einsum("oc,bchw->bohw", w, x)) * np.float32(1 + t / 1000) + np.float32(t / 2000)
+
+    x0 = np.random.default_rng(1).standard_normal((1, 4, 3, 3)).astype(np.float32)
+    for pred in ("epsilon", "v_prediction"):
+        for spacing in ("leading", "linspace"):
+            for steps in (1, 2, 3, 7, 20):
+                cfg = {**P.DEFAULT_SCHEDULER_CONFIG, "prediction_type": pred, "timestep_spacing": spacing}
+                sched = PNDMScheduler.from_config(cfg)
+                sched.set_timesteps(steps)
+                x = torch.from_numpy(x0.copy())
+                for t in sched.timesteps:
+                    x = sched.step(torch.from_numpy(net(x.numpy(), int(t))), t, x).prev_sample
+                plan = P.diffusers_plan(cfg, "pndm", "normal", steps)
+                assert plan.timesteps == tuple(float(t) for t in sched.timesteps)
+                ac, _ = P.diffusers_tables(cfg)
+                got = sample_pndm(net, x0, plan.timesteps, step_ratio=1000 // steps, prediction=pred,
+                                  transfer=lambda t, tp, ac=ac: P.pndm_transfer(ac, float(ac[0]), t, tp))
+                err = np.max(np.abs(got - x.numpy())) / np.max(np.abs(x.numpy()))
+                assert err < 2e-6, (pred, spacing, steps, err)
+
+
+def test_pndm_is_diffusers_txt2img_only(sd1):
+    for kw, msg in (({"parity": "comfyui"}, "sampler 'pndm' is diffusers-only"),
+                    ({"scheduler": "karras"}, "scheduler 'karras' is not available for sampler 'pndm'")):
+        with pytest.raises(RefsdError, match=msg):
+            txt2img(sd1, "a cat", width=64, height=64, steps=2, sampler="pndm", **kw)
+    with pytest.raises(RefsdError, match="sampler 'pndm' runs txt2img only"):
+        img2img(sd1, IMG, "a cat", steps=4, strength=0.5, sampler="pndm")
+    with pytest.raises(RefsdError, match="skip_prk_steps=False"):
+        P.diffusers_plan({**P.DEFAULT_SCHEDULER_CONFIG, "skip_prk_steps": False}, "pndm", "normal", 5)
 
 
 def test_diffusers_tables_bit_exact():
@@ -363,19 +406,11 @@ def test_diffusers_tables_bit_exact():
 # the ComfyUI profile equals ComfyUI's KSampler rebuilt from k-diffusion
 
 
-def _kdiffusion_comfyui(case, *, prompt, negative, seed, steps, cfg, sampler, init_image=None, denoise=None):
-    """ComfyUI KSampler semantics on the oracle libraries: diffusers UNet/VAE + transformers CLIP with the
-    golden weights, k-diffusion's DiscreteEpsDDPMDenoiser (quantize=True: ComfyUI's rounded timesteps),
-    CFG on x0, noise = randn(seed) * sqrt(1 + sigma_max^2) (or latent + noise * sigma_0), ancestral noise
-    from a FRESH generator with the seed, VAE decode, (x + 1) / 2, truncation to uint8."""
-    torch = pytest.importorskip("torch")
+def _oracle_models(case):
+    """The golden case's weights in diffusers' UNet / VAE and transformers' CLIP (eval mode)."""
+    import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from golden.registry import load_kdiffusion
-    from refsd.sampling.model_sampling import ModelSamplingDiscrete
-    from refsd.sampling.schedules import get_sigmas
-    from refsd.text import CLIPTokenizer
 
     m, params = case.meta["op"]["kwargs"]["model"], case.group("param")
 
@@ -388,6 +423,23 @@ def _kdiffusion_comfyui(case, *, prompt, negative, seed, steps, cfg, sampler, in
     vae.load_state_dict(state("vae"))
     text = CLIPTextModel(CLIPTextConfig(**m["text_encoder"])).eval()
     text.load_state_dict(state("text_encoder"), strict=False)
+    return unet, vae, text
+
+
+def _kdiffusion_comfyui(case, *, prompt, negative, seed, steps, cfg, sampler, init_image=None, denoise=None,
+                        mask=None):
+    """ComfyUI KSampler semantics on the oracle libraries: diffusers UNet/VAE + transformers CLIP with the
+    golden weights, k-diffusion's DiscreteEpsDDPMDenoiser (quantize=True: ComfyUI's rounded timesteps),
+    CFG on x0, noise = randn(seed) * sqrt(1 + sigma_max^2) (or latent + noise * sigma_0), ancestral noise
+    from a FRESH generator with the seed, VAE decode, (x + 1) / 2, truncation to uint8."""
+    torch = pytest.importorskip("torch")
+    from golden.registry import load_kdiffusion
+    from refsd.sampling.model_sampling import ModelSamplingDiscrete
+    from refsd.sampling.schedules import get_sigmas
+    from refsd.text import CLIPTokenizer
+
+    unet, vae, text = _oracle_models(case)
+    m = case.meta["op"]["kwargs"]["model"]
     sampling, external = load_kdiffusion()
     betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2  # ComfyUI make_beta_schedule
     eps = external.DiscreteEpsDDPMDenoiser(
@@ -411,10 +463,19 @@ def _kdiffusion_comfyui(case, *, prompt, negative, seed, steps, cfg, sampler, in
             pixels = torch.from_numpy(init_image.astype(np.float32) / 255.0).permute(2, 0, 1)[None] * 2.0 - 1.0
             latent = vae.encode(pixels).latent_dist.mean * 0.18215
             noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
-            x = latent + noise * sigmas[0]
+            full = denoise is None or denoise == 1.0  # ComfyUI noise_scaling(max_denoise=True)
+            x = latent + noise * (torch.sqrt(1.0 + sigmas[0] ** 2) if full else sigmas[0])
+        sample_model = model
+        if mask is not None:  # SetLatentNoiseMask: comfy prepare_mask + KSamplerX0Inpaint
+            m = torch.nn.functional.interpolate(torch.from_numpy(mask)[None, None], size=tuple(latent.shape[2:]),
+                                                mode="bilinear")
+
+            def sample_model(x, sigma):
+                x = x * m + (latent + noise * sigma) * (1.0 - m)
+                return model(x, sigma) * m + latent * (1.0 - m)
         g = torch.Generator().manual_seed(seed)
         fn = getattr(sampling, f"sample_{sampler}")
-        x = fn(model, x, sigmas, disable=True,
+        x = fn(sample_model, x, sigmas, disable=True,
                **({"noise_sampler": lambda s, t: torch.randn(x.shape, generator=g)} if "ancestral" in sampler else {}))
         img = torch.clamp((vae.decode(x / 0.18215).sample + 1.0) / 2.0, 0, 1).permute(0, 2, 3, 1).numpy()
     return x.numpy(), img, np.clip(255.0 * img, 0, 255).astype(np.uint8)
@@ -437,6 +498,127 @@ def test_comfyui_profile_matches_kdiffusion(sd1, mode):
     assert np.max(np.abs(got - x)) <= 1e-5 * np.max(np.abs(x))
     assert np.max(np.abs(res.pixels - img)) <= 1e-4
     assert np.max(np.abs(res.images[0].astype(int) - u8[0])) <= 1 and np.mean(res.images[0] != u8[0]) < 0.01
+
+
+@pytest.mark.parametrize("sampler, strength, grow, blur", [("dpmpp_2m", 0.8, 0, 0.0), ("euler_ancestral", 1.0, 2, 1.5)])
+def test_comfyui_blend_inpaint_matches_kdiffusion(sd1, sampler, strength, grow, blur):
+    """parity="comfyui" latent-blending inpainting = ComfyUI's KSamplerX0Inpaint around k-diffusion's
+    sampler, with the soft (grown, blurred) mask resized bilinearly by torch."""
+    from refsd.pipelines import masks
+
+    case = golden.load_case(SD1)
+    ins = golden.load_case("pipeline/inpaint_sd1_dpmpp_2m_f32").group("in")
+    image, mask = ins["init_image"], ins["mask"]
+    kw = {"prompt": "a red hat", "negative": "", "seed": 5, "cfg": 6.0}
+    res = inpaint(sd1, image, mask, kw["prompt"], kw["negative"], strength=strength, steps=4, cfg=kw["cfg"],
+                  sampler=sampler, seed=kw["seed"], parity="comfyui", mask_grow=grow, mask_blur=blur)
+    soft = masks.prepare_mask(mask, mask.shape, grow=grow, blur=blur)
+    x, img, _ = _kdiffusion_comfyui(case, steps=4, sampler=sampler, init_image=image, denoise=strength, mask=soft,
+                                    **kw)
+    got = rxp.to_numpy(res.latents)
+    assert np.max(np.abs(got - x)) <= 1e-5 * np.max(np.abs(x))
+    assert np.max(np.abs(res.pixels - img)) <= 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# the A1111 profile equals A1111's txt2img rebuilt from k-diffusion (no A1111 install here)
+
+
+def _kdiffusion_a1111(case, *, prompt, negative, seeds, steps, cfg, sampler, scheduler, clip_skip=None):
+    """A1111 1.10 txt2img semantics on the oracle libraries, written from its source: the LDM schedule
+    (float64 betas and cumprod, float32 buffer), k-diffusion's CompVisDenoiser (DiscreteEpsDDPMDenoiser,
+    quantize=False: continuous t), prompts parsed by A1111's syntax (refsd's tokenizer, tested against
+    A1111's parser elsewhere) with EmphasisOriginal applied here in torch, clip skip on both prompts,
+    CFG on x0 over [cond, uncond] (combine_denoised), get_sigmas (Automatic = model get_sigmas; Karras
+    between the table's ends; discard_next_to_last_sigma), image i's noise from its own CPU generator
+    seeded seeds[i], x = noise * sigmas[0], ancestral noise from the same generators continued
+    (TorchHijack -> ImageRNG.next), decode, clamp((x + 1) / 2), 255 * x truncated to uint8."""
+    torch = pytest.importorskip("torch")
+    from golden.registry import load_kdiffusion
+    from refsd.text import CLIPTokenizer
+
+    unet, vae, text = _oracle_models(case)
+    m = case.meta["op"]["kwargs"]["model"]
+    sampling, external = load_kdiffusion()
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # ldm make_beta_schedule
+    alphas_cumprod = torch.tensor(np.cumprod(1.0 - betas.numpy(), axis=0), dtype=torch.float32)
+    eps = external.DiscreteEpsDDPMDenoiser(
+        lambda x, t, cond: unet(x, t, encoder_hidden_states=cond).sample, alphas_cumprod, quantize=False)
+    tok = CLIPTokenizer.from_package()
+
+    def encode(p):
+        zs = []
+        for ids, weights in tok.chunks(p, syntax="a1111", pad_token=m["pad_token"]):
+            out = text(torch.tensor([ids]), output_hidden_states=clip_skip is not None)
+            z = out[0] if clip_skip is None else text.final_layer_norm(out.hidden_states[-clip_skip])
+            mean = z.mean()
+            z = z * torch.tensor(weights, dtype=z.dtype)[None, :, None]
+            zs.append(z * (mean / z.mean()))  # sd_emphasis.EmphasisOriginal
+        return torch.cat(zs, dim=1)
+
+    with torch.no_grad():
+        c, u = encode(prompt), encode(negative)
+        b = len(seeds)
+        c, u = c.expand(b, -1, -1), u.expand(b, -1, -1)
+
+        def model(x, sigma):
+            out = eps(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=torch.cat([c, u]))
+            cc, uu = out[:b], out[b:]
+            return uu + (cc - uu) * cfg
+
+        discard = sampler in ("dpm_2", "dpm_2_ancestral", "dpmpp_3m_sde")
+        n = steps + discard
+        if scheduler == "karras":
+            sigmas = sampling.get_sigmas_karras(n, eps.sigmas[0].item(), eps.sigmas[-1].item(), device="cpu")
+        else:
+            sigmas = eps.get_sigmas(n)
+        if discard:
+            sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+        gens = [torch.Generator().manual_seed(sd) for sd in seeds]
+
+        def draw():
+            return torch.stack([torch.randn((4, 8, 8), generator=g) for g in gens])
+
+        x = draw() * sigmas[0]
+        fn = getattr(sampling, f"sample_{sampler}")
+        x = fn(model, x, sigmas, disable=True, **({"noise_sampler": lambda s, t: draw()} if "ancestral" in sampler else {}))
+        img = torch.clamp((vae.decode(x / 0.18215).sample + 1.0) / 2.0, 0, 1).permute(0, 2, 3, 1).numpy()
+    return x.numpy(), img, (255.0 * img).astype(np.uint8)
+
+
+@pytest.mark.parametrize("sampler,scheduler,batch,clip_skip", [("euler_ancestral", "normal", 2, None),
+                                                               ("dpmpp_2m", "karras", 1, 2),
+                                                               ("dpm_2_ancestral", "karras", 2, None)])
+def test_a1111_profile_matches_kdiffusion(sd1, sampler, scheduler, batch, clip_skip):
+    case = golden.load_case(SD1)
+    kw = {"prompt": "a (red:1.3) cat, [blurry] photo", "negative": "", "cfg": 6.0}
+    res = txt2img(sd1, kw["prompt"], kw["negative"], width=64, height=64, steps=5, cfg=kw["cfg"], sampler=sampler,
+                  scheduler=scheduler, seed=40, batch_size=batch, clip_skip=clip_skip, parity="a1111")
+    assert res.seeds == [40 + i for i in range(batch)]
+    x, img, u8 = _kdiffusion_a1111(case, seeds=res.seeds, steps=5, sampler=sampler, scheduler=scheduler,
+                                   clip_skip=clip_skip, **kw)
+    got = rxp.to_numpy(res.latents)
+    # k-diffusion computes t(sigma) in float32 (up to 1e-4 from refsd's float64 t at Karras sigmas)
+    assert np.max(np.abs(got - x)) <= 3e-5 * np.max(np.abs(x))
+    assert np.max(np.abs(res.pixels - img)) <= 1e-4
+    for i in range(batch):
+        assert np.max(np.abs(res.images[i].astype(int) - u8[i])) <= 1 and np.mean(res.images[i] != u8[i]) < 0.01
+    if batch > 1:  # image 1 of the batch is the image a single run with seed 41 makes
+        one = txt2img(sd1, kw["prompt"], kw["negative"], width=64, height=64, steps=5, cfg=kw["cfg"],
+                      sampler=sampler, scheduler=scheduler, seed=41, clip_skip=clip_skip, parity="a1111")
+        assert np.array_equal(one.noise[0], res.noise[1])
+        assert np.max(np.abs(rxp.to_numpy(one.latents)[0] - got[1])) <= 1e-5 * np.max(np.abs(x))
+
+
+def test_a1111_profile_rules(sd1):
+    for kw, msg in (({"sampler": "ddim"}, "sampler 'ddim' is not reproduced under parity='a1111'"),
+                    ({"scheduler": "simple"}, "scheduler 'simple' is not reproduced under parity='a1111'")):
+        with pytest.raises(RefsdError, match=msg):
+            txt2img(sd1, "a cat", width=64, height=64, steps=2, parity="a1111", **kw)
+    with pytest.raises(RefsdError, match="img2img / inpainting under parity='a1111' is not implemented"):
+        img2img(sd1, IMG, "a cat", steps=4, strength=0.5, parity="a1111")
+    plan = P.a1111_plan(T2I.model_sampling(sd1, np.zeros(1, np.float32)), "dpmpp_3m_sde", "exponential", 4)
+    assert plan.steps == 4 and plan.init_noise_sigma == plan.sigmas[0] and plan.timestep_rounding == "none"
 
 
 def test_nan_latents_name_the_step():
@@ -517,8 +699,9 @@ def test_inpaint_rejects(sd1, sd1_inpaint):
     image = np.zeros((64, 64, 3), dtype=np.uint8)
     mask = np.zeros((64, 64), dtype=np.uint8)
     for model, args, kw, msg in [
-        (sd1, (image, mask), {}, "inpainting needs a 9-channel inpainting model"),
-        (sd1_inpaint, (image, mask), {"parity": "comfyui"}, "inpainting under parity='comfyui' is not implemented"),
+        (sd1, (image, mask), {"mask_grow": -1}, "mask grow must be a whole number of pixels >= 0"),
+        (sd1, (image, mask), {"mask_blur": float("nan")}, "mask blur must be a radius in pixels >= 0"),
+        (sd1_inpaint, (image, mask), {"parity": "comfyui"}, "9-channel inpainting models run under parity='diffusers'"),
         (sd1_inpaint, (image, mask[:32]), {}, "mask is 64x32 (width x height) but init_image is 64x64"),
         (sd1_inpaint, (image, mask.astype(np.int32)), {}, "mask must be bool, uint8 or float"),
         (sd1_inpaint, (image, mask.astype(np.float32) + 2), {}, "float values must be in [0, 1]"),
@@ -529,3 +712,79 @@ def test_inpaint_rejects(sd1, sd1_inpaint):
             inpaint(model, *args, "a hat", steps=2, **kw)
     with pytest.raises(RefsdError, match="use refsd.pipelines.inpaint with a mask"):
         img2img(sd1_inpaint, image, "a hat", steps=2)
+
+
+# --------------------------------------------------------------------------------------------
+# inpainting by latent blending (4-channel models) and masks
+
+BLEND = "pipeline/inpaint_blend_sd1_dpmpp_2m_f32"
+
+
+def test_blend_inpaint_noise_and_known_region(sd1):
+    """Draw order as diffusers with a 4-channel UNet: image posterior, noise (recorded bit for bit), masked
+    image posterior (skipped over); the final latents equal the image latents where the mask is 0."""
+    case = golden.load_case(BLEND)
+    res = _run_inpaint(sd1, case)
+    out = case.group("out")
+    assert np.array_equal(res.noise, out["noise"])
+    keep = case.group("in")["mask"][::8, ::8] < 128
+    lat, known = rxp.to_numpy(res.latents), rxp.to_numpy(res.image_latents)
+    assert np.array_equal(lat[:, :, keep], known[:, :, keep])
+    _assert_close(res.latents, out["latents"], case, "latents")
+
+
+def test_blend_inpaint_composite_keeps_original(sd1):
+    """composite=True: outside the (grown) mask the images are the init image, exactly."""
+    from refsd.pipelines import masks
+
+    ins = golden.load_case(BLEND).group("in")
+    image, mask = ins["init_image"], ins["mask"]
+    for parity in ("diffusers", "comfyui"):
+        res = inpaint(sd1, image, mask, "a hat", steps=2, parity=parity, mask_grow=1, composite=True, batch_size=2)
+        outside = masks.grow_mask(masks.as_float_mask(mask), 1) == 0
+        for im in res.images:
+            assert np.array_equal(im[outside], image[outside])
+            assert not np.array_equal(im, image)
+        raw = masks.composite(res.images, image, np.ones(mask.shape, np.float32))
+        assert np.array_equal(raw[0], res.images[0])
+
+
+def test_mask_grow_blur_and_resize():
+    torch = pytest.importorskip("torch")
+    from refsd.pipelines import masks
+
+    m = np.zeros((24, 32), np.float32)
+    m[11, 14] = 1.0
+    g = masks.grow_mask(m, 2)
+    assert g.sum() == 25 and g[9:14, 12:17].all()
+    ones = torch.nn.functional.conv2d(torch.from_numpy(m)[None, None], torch.ones(1, 1, 5, 5), padding=2)
+    assert np.array_equal(g, ones.clamp(0, 1)[0, 0].numpy())  # ComfyUI grow_mask_by on a 0/1 mask
+    b = masks.blur_mask(g, 1.5)
+    assert abs(b.sum() - g.sum()) < 1e-4 and b.max() < 1 and b[11, 14] > 0.8
+    assert len(masks.gaussian_kernel(1.5)) == 2 * int(2.5 * 1.5 + 0.5) + 1
+    assert masks.blur_mask(g, 0) is g and masks.grow_mask(g, 0) is g
+    rnd = np.random.default_rng(0).random((64, 48)).astype(np.float32)
+    for size in ((8, 6), (5, 7), (64, 48), (100, 50)):
+        ref = torch.nn.functional.interpolate(torch.from_numpy(rnd)[None, None], size=size, mode="bilinear")
+        assert np.allclose(masks.resize_bilinear(rnd, size), ref[0, 0].numpy(), atol=1e-6)
+
+
+def test_load_mask_rules(tmp_path):
+    from PIL import Image
+
+    from refsd.pipelines import masks
+
+    lum = np.zeros((8, 8, 3), np.uint8)
+    lum[2:4, 2:4] = 255
+    Image.fromarray(lum).save(tmp_path / "rgb.png")
+    assert np.array_equal(masks.load_mask(tmp_path / "rgb.png"), lum[..., 0] / np.float32(255))
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 3] = 255
+    Image.fromarray(rgba).save(tmp_path / "opaque.png")  # fully opaque: luminance (black = keep)
+    assert masks.load_mask(tmp_path / "opaque.png").max() == 0
+    rgba[:4, :, 3] = 0
+    Image.fromarray(rgba).save(tmp_path / "alpha.png")  # transparent = repaint
+    got = masks.load_mask(tmp_path / "alpha.png")
+    assert got[:4].min() == 1 and got[4:].max() == 0
+    with pytest.raises(RefsdError, match="no such file"):
+        masks.load_mask(tmp_path / "missing.png")

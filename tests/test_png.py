@@ -75,6 +75,10 @@ def test_settings_from_a1111_names():
     assert (s["sampler"], s["scheduler"], s["rng"], s["clip_skip"]) == ("dpmpp_2m_sde", "exponential", "torch-cpu", 2)
     s = png.settings(png.parse_parameters("x\nSteps: 4, Sampler: DDIM, Schedule type: DDIM, CFG scale: 5, Seed: 1"))
     assert (s["sampler"], s["scheduler"]) == ("ddim", "ddim_uniform")
+    s = png.settings(png.parse_parameters("x\nSteps: 4, Sampler: DPM++ 2M, Schedule type: Automatic, Seed: 1"))
+    assert (s["sampler"], s["scheduler"]) == ("dpmpp_2m", "karras")  # A1111's default for DPM++ 2M
+    s = png.settings(png.parse_parameters("x\nSteps: 4, Sampler: Euler a, Schedule type: Automatic, Seed: 1"))
+    assert "scheduler" not in s  # no default: k-diffusion's own schedule, refsd's "normal"
     with pytest.raises(RefsdError, match="Steps 'many' is not an integer"):
         png.settings(png.parse_parameters("x\nSteps: many, Sampler: Euler, CFG scale: 5, Seed: 1"))
     with pytest.raises(RefsdError, match="Size '5' is not WIDTHxHEIGHT"):

@@ -61,36 +61,3 @@ def to_host(x) -> np.ndarray:
 def stack(images: list[np.ndarray]) -> np.ndarray:
     """Host arrays (1, ...) each -> one (B, ...) array."""
     return np.concatenate(images, axis=0)
-
-
-def check_mask(mask, size: tuple[int, int], *, what: str = "mask") -> np.ndarray:
-    """The repaint mask as float32 (H, W) of 0 (keep) and 1 (repaint), binarized as diffusers'
-    mask processor does (grayscale / 255 >= 0.5, i.e. uint8 >= 128).
-
-    Accepted: bool (H, W); uint8 (H, W), (H, W, 1) or (H, W, 3) (RGB becomes grayscale by PIL's "L"
-    conversion, (19595 R + 38470 G + 7471 B + 2**15) >> 16, as diffusers' convert("L")); float (H, W)
-    in [0, 1]. ``size``: the init image's (H, W), which the mask must match.
-    """
-    if not isinstance(mask, np.ndarray):
-        raise RefsdError(f"{what} must be a NumPy array (H, W) (bool, uint8 or float in [0, 1]), got {type(mask).__name__}")
-    m = mask
-    if m.ndim == 3 and m.shape[2] == 1:
-        m = m[:, :, 0]
-    if m.ndim == 3 and m.shape[2] == 3 and m.dtype == np.uint8:
-        rgb = m.astype(np.uint32)
-        m = ((19595 * rgb[..., 0] + 38470 * rgb[..., 1] + 7471 * rgb[..., 2] + 0x8000) >> 16).astype(np.uint8)
-    if m.ndim != 2:
-        raise RefsdError(f"{what} must be (H, W) (or uint8 (H, W, 1) / (H, W, 3)), got shape {mask.shape}")
-    if tuple(m.shape) != tuple(size):
-        raise RefsdError(f"{what} is {m.shape[1]}x{m.shape[0]} (width x height) but init_image is {size[1]}x{size[0]}")
-    if m.dtype == np.bool_:
-        return m.astype(np.float32)
-    if m.dtype == np.uint8:
-        v = m.astype(np.float32) / np.float32(255.0)
-    elif np.issubdtype(m.dtype, np.floating):
-        v = m.astype(np.float32)
-        if not (np.all(np.isfinite(v)) and v.min() >= 0 and v.max() <= 1):
-            raise RefsdError(f"{what}: float values must be in [0, 1]")
-    else:
-        raise RefsdError(f"{what} must be bool, uint8 or float, got {m.dtype}")
-    return (v >= np.float32(0.5)).astype(np.float32)

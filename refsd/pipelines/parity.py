@@ -1,4 +1,4 @@
-"""Parity profiles: the rules that make "same seed" mean the same image as diffusers or ComfyUI.
+"""Parity profiles: the rules that make "same seed" mean the same image as diffusers, ComfyUI or A1111.
 
 ``PROFILES`` is the table (docs/pipelines.md prints it); the functions below turn a profile, a
 sampler and a scheduler name into a ``Plan``: the noise levels the sampler visits, the timestep the
@@ -57,8 +57,8 @@ import numpy as np
 from refsd.errors import RefsdError
 from refsd.sampling import SAMPLERS, SCHEDULERS
 
-PARITIES = ("diffusers", "comfyui")
-PLANNED_PARITIES = ("a1111",)  # DESIGN.md names it; not implemented yet
+PARITIES = ("diffusers", "comfyui", "a1111")
+PLANNED_PARITIES: tuple[str, ...] = ()
 
 # The rules of each profile, one row per convention (docs/pipelines.md shows this table).
 PROFILES: dict[str, dict[str, str]] = {
@@ -69,9 +69,10 @@ PROFILES: dict[str, dict[str, str]] = {
         "negative prompt": "encoded like the prompt; '' is the empty string; clip skip is NOT applied to it",
         "clip skip": "prompt only: hidden_states[-clip_skip] then final_layer_norm (diffusers clip_skip = ours - 1)",
         "guidance": "cfg > 1: one UNet call on [uncond, cond], guidance on the UNet output; else cond only",
-        "samplers": "euler, euler_ancestral, dpmpp_2m, ddim (diffusers' schedulers, see DIFFUSERS_SAMPLERS)",
+        "samplers": "euler, euler_ancestral, dpmpp_2m, ddim, pndm (diffusers' schedulers, see DIFFUSERS_SAMPLERS; "
+                    "pndm = PNDMScheduler, SD 1.5's default, a diffusers-only name)",
         "schedulers": "normal (the model's scheduler config), karras (use_karras_sigmas; euler, dpmpp_2m)",
-        "timesteps": "the scheduler's own t (fractional for Euler linspace, integer for DPM-Solver and DDIM)",
+        "timesteps": "the scheduler's own t (fractional for Euler linspace, integer for DPM-Solver, DDIM, PNDM)",
         "sigmas": "float32 tables as diffusers builds them; linear interpolation in sigma",
         "initial noise": "ONE randn of (B, 4, h, w) from the generator, * init_noise_sigma",
         "ancestral noise": "the SAME generator, continued after the initial draw",
@@ -95,7 +96,41 @@ PROFILES: dict[str, dict[str, str]] = {
         "img2img": "VAE posterior MEAN; denoise = strength: a steps/strength-step schedule's last steps+1 sigmas",
         "decode": "clip((x + 1) / 2, 0, 1); uint8 = truncation of clip(x * 255, 0, 255)",
     },
+    "a1111": {
+        "reference": "AUTOMATIC1111 web UI 1.10 txt2img (KDiffusionSampler over k-diffusion's CompVisDenoiser / "
+                     "CompVisVDenoiser, quantization off); rebuilt from source, no A1111 run here",
+        "prompt": "A1111 emphasis syntax and math (weights, then the mean restored: 'Original'), 75-token chunks, "
+                  "comma backtrack 20",
+        "negative prompt": "encoded like the prompt; '' is the empty string; clip skip applies to it too",
+        "clip skip": "both prompts: hidden_states[-clip_skip] then final_layer_norm (CLIP_stop_at_last_layers)",
+        "guidance": "cfg != 1: one denoiser call on [cond, uncond], uncond + (cond - uncond) * cfg on the denoised x0",
+        "samplers": "A1111's k-diffusion samplers (A1111_SAMPLERS: euler, euler_ancestral, lms, heun, dpm_2, "
+                    "dpm_2_ancestral, dpmpp_2s_ancestral, dpmpp_sde, dpmpp_2m, dpmpp_2m_sde, dpmpp_2m_sde_heun, "
+                    "dpmpp_3m_sde); txt2img only",
+        "schedulers": "normal (A1111 'Automatic' for samplers without a default = k-diffusion get_sigmas), karras, "
+                      "exponential; A1111's 'Automatic' is A1111_AUTOMATIC_SCHEDULERS[sampler]",
+        "timesteps": "continuous t(sigma) (k-diffusion sigma_to_t, log-sigma interpolation)",
+        "sigmas": "k-diffusion schedules on the model's table; penultimate sigma dropped for dpm_2, dpm_2_ancestral, "
+                  "dpmpp_3m_sde (discard_next_to_last_sigma)",
+        "initial noise": "image i: randn(4, h, w) from its OWN generator seeded seed + i; x = noise * sigmas[0]",
+        "ancestral noise": "each image's generator, continued after its initial draw (TorchHijack randn_like = "
+                           "ImageRNG.next()); SDE samplers: Brownian tree per image seeded seed + i",
+        "img2img": "not reproduced (A1111 samples the VAE posterior from torch's global RNG): a clear error",
+        "decode": "clip((x + 1) / 2, 0, 1); uint8 = truncation of 255 * x (astype(np.uint8))",
+    },
 }
+# parity="a1111": A1111 1.10's k-diffusion samplers (modules/sd_samplers_kdiffusion.py samplers_k_diffusion,
+# without DPM fast / DPM adaptive / Restart), their "Automatic" schedule type (the 'scheduler' option;
+# absent: k-diffusion's model get_sigmas = refsd "normal"), discard_next_to_last_sigma and brownian_noise.
+A1111_SAMPLERS = ("euler", "euler_ancestral", "lms", "heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral",
+                  "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
+A1111_AUTOMATIC_SCHEDULERS = {
+    "dpmpp_2m": "karras", "dpmpp_sde": "karras", "dpmpp_2m_sde": "exponential", "dpmpp_2m_sde_heun": "exponential",
+    "dpmpp_2s_ancestral": "karras", "dpmpp_3m_sde": "exponential", "dpm_2": "karras", "dpm_2_ancestral": "karras",
+}
+A1111_DISCARD_PENULTIMATE = frozenset({"dpm_2", "dpm_2_ancestral", "dpmpp_3m_sde"})
+A1111_BROWNIAN = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"})
+A1111_SCHEDULERS = ("normal", "karras", "exponential")
 
 # ComfyUI sampler name -> (diffusers scheduler class, config overrides) for parity="diffusers".
 DIFFUSERS_SAMPLERS: dict[str, tuple[str, dict]] = {
@@ -103,7 +138,10 @@ DIFFUSERS_SAMPLERS: dict[str, tuple[str, dict]] = {
     "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),  # diffusers-only name: ComfyUI has no PNDM (see DIFFUSERS_ONLY_SAMPLERS)
 }
+# Sampler names that exist only under parity="diffusers" (no k-diffusion / ComfyUI sampler of that name).
+DIFFUSERS_ONLY_SAMPLERS = ("pndm",)
 # ComfyUI scheduler name -> (diffusers config overrides, the samplers whose class has that option).
 DIFFUSERS_SCHEDULERS: dict[str, tuple[dict, tuple[str, ...]]] = {
     "normal": ({}, tuple(DIFFUSERS_SAMPLERS)),
@@ -112,7 +150,7 @@ DIFFUSERS_SCHEDULERS: dict[str, tuple[dict, tuple[str, ...]]] = {
 
 # Default timestep_spacing of each diffusers class (used when the model's config has none).
 _SPACING = {"EulerDiscreteScheduler": "linspace", "EulerAncestralDiscreteScheduler": "linspace",
-            "DPMSolverMultistepScheduler": "linspace", "DDIMScheduler": "leading"}
+            "DPMSolverMultistepScheduler": "linspace", "DDIMScheduler": "leading", "PNDMScheduler": "leading"}
 
 # The scheduler config SD 1.x ships (runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json;
 # SD 2.x's differs only in _class_name and prediction_type), for single files that carry none:
@@ -164,10 +202,23 @@ def check_parity(parity) -> str:
 
 def check_sampler(parity: str, sampler, scheduler) -> None:
     """Clear errors for unknown names, and for pairs the profile cannot reproduce."""
-    if sampler not in SAMPLERS:
-        raise RefsdError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+    if sampler in DIFFUSERS_ONLY_SAMPLERS:
+        if parity != "diffusers":
+            raise RefsdError(f"sampler {sampler!r} is diffusers-only ({DIFFUSERS_SAMPLERS[sampler][0]}; ComfyUI has no "
+                             f"such sampler): use it with parity='diffusers'")
+    elif sampler not in SAMPLERS:
+        raise RefsdError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)} "
+                         f"(parity='diffusers' only: {', '.join(DIFFUSERS_ONLY_SAMPLERS)})")
     if scheduler not in SCHEDULERS:
         raise RefsdError(f"unknown scheduler {scheduler!r}; valid: {', '.join(SCHEDULERS)}")
+    if parity == "a1111":
+        if sampler not in A1111_SAMPLERS:
+            raise RefsdError(f"sampler {sampler!r} is not reproduced under parity='a1111' (A1111's k-diffusion "
+                             f"samplers: {', '.join(A1111_SAMPLERS)}); parity='comfyui' runs every sampler")
+        if scheduler not in A1111_SCHEDULERS:
+            raise RefsdError(f"scheduler {scheduler!r} is not reproduced under parity='a1111' (supported: "
+                             f"{', '.join(A1111_SCHEDULERS)}); parity='comfyui' runs every scheduler")
+        return
     if parity != "diffusers":
         return
     if sampler not in DIFFUSERS_SAMPLERS:
@@ -336,6 +387,9 @@ def diffusers_plan(config: dict, sampler: str, scheduler: str, steps: int) -> Pl
         sigmas = np.concatenate([sig, [0.0]]).astype(np.float32)
         return Plan(sampler, tuple(map(float, sigmas)), tuple(float(int(t)) for t in ts), 1.0, vp=True)
 
+    if cls == "PNDMScheduler":
+        return _pndm_plan(config, spacing, n, steps, offset, table)
+
     # DDIMScheduler, eta = 0: Euler steps from sigma(t) to sigma(t - n // steps)
     if config.get("clip_sample", True):
         raise RefsdError("scheduler config: clip_sample=True (DDIMScheduler's default, clamping x0 to [-1, 1]) is not "
@@ -348,6 +402,45 @@ def diffusers_plan(config: dict, sampler: str, scheduler: str, steps: int) -> Pl
     final = 0.0 if config.get("set_alpha_to_one", True) else float(table[0])
     sigmas = [float(table[int(t)]) for t in ts] + [final]
     return Plan(sampler, tuple(sigmas), tuple(float(int(t)) for t in ts), 1.0, vp=True)
+
+
+def _pndm_plan(config: dict, spacing: str, n: int, steps: int, offset: int, table: np.ndarray) -> Plan:
+    """PNDMScheduler with skip_prk_steps (PLMS): ``steps + 1`` UNet calls at diffusers' plms_timesteps,
+    the spacing's timesteps in descending order with the second one repeated (the warm-up's corrector
+    call, see ``refsd.pipelines.diffusers_schedulers.sample_pndm``). ``sigmas`` lists sigma(t) of each
+    call and, last, the final level (alphas_cumprod[0] when set_alpha_to_one is False, as DDIM), so
+    ``Plan.steps`` counts UNet calls (diffusers' loop and callbacks do too); not descending strictly."""
+    if not config.get("skip_prk_steps", False):
+        raise RefsdError("scheduler config: PNDMScheduler with skip_prk_steps=False (Runge-Kutta warm-up) is not "
+                         "supported under parity='diffusers'; SD's own config sets skip_prk_steps true")
+    if spacing == "linspace":
+        base = np.linspace(0, n - 1, steps).round().astype(np.int64)
+    elif spacing == "leading":
+        base = (np.arange(0, steps) * (n // steps)).round().astype(np.int64) + offset
+    elif spacing == "trailing":
+        base = np.round(np.arange(n, 0, -n / steps))[::-1].astype(np.int64) - 1
+    else:
+        raise RefsdError(f"scheduler config: timestep_spacing {spacing!r} is not supported "
+                         f"(valid: linspace, leading, trailing)")
+    ts = np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1]  # steps == 1: just [t]
+    final = 0.0 if config.get("set_alpha_to_one", True) else float(table[0])
+    sigmas = [float(table[int(t)]) for t in ts] + [final]
+    return Plan("pndm", tuple(sigmas), tuple(float(int(t)) for t in ts), 1.0, vp=True)
+
+
+def pndm_transfer(alphas_cumprod: np.ndarray, final_alpha_cumprod: float, t: int, t_prev: int):
+    """The float32 host coefficients of diffusers' PNDMScheduler._get_prev_sample from t to t_prev
+    (a_prev = final_alpha_cumprod when t_prev < 0): (sqrt(a_prev / a_t), a_prev - a_t, a_t sqrt(1 - a_prev)
+    + sqrt(a_t (1 - a_t) a_prev), sqrt(a_t), sqrt(1 - a_t)) as Python floats, each rounded as torch's
+    0-dim float32 arithmetic rounds it. x_prev = c0 x - c1 e / c2 (refsd.pipelines.diffusers_schedulers)."""
+    ac = np.asarray(alphas_cumprod, dtype=np.float32)
+    a_t = ac[t]
+    a_prev = ac[t_prev] if t_prev >= 0 else np.float32(final_alpha_cumprod)
+    b_t, b_prev = np.float32(1.0) - a_t, np.float32(1.0) - a_prev
+    c_sample = np.sqrt(np.float32(a_prev / a_t))
+    denom = np.float32(a_t * np.sqrt(b_prev)) + np.sqrt(np.float32(a_t * b_t * a_prev))
+    return (float(c_sample), float(np.float32(a_prev - a_t)), float(np.float32(denom)), float(np.sqrt(a_t)),
+            float(np.sqrt(b_t)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,3 +464,36 @@ def comfyui_plan(model_sampling, sampler: str, scheduler: str, steps: int, denoi
     max_denoise = model_sampling.is_max_denoise(first)
     init = math.sqrt(1.0 + first * first) if max_denoise else first
     return Plan(sampler, sigmas, None, init, vp=False, timestep_rounding="round")
+
+
+# --------------------------------------------------------------------------------------------
+# A1111
+
+
+def a1111_plan(model_sampling, sampler: str, scheduler: str, steps: int) -> Plan:
+    """A1111 KDiffusionSampler.get_sigmas for txt2img: one step more with the penultimate sigma dropped
+    for A1111_DISCARD_PENULTIMATE; "normal" is k-diffusion's ``get_sigmas(steps)`` (t = linspace(999, 0,
+    steps), log-sigma interpolation: ComfyUI's "normal" formula), karras / exponential between the
+    model's sigma_min and sigma_max; continuous timesteps; x = noise * sigmas[0]."""
+    from refsd import xp as rxp
+    from refsd.sampling.schedules import get_sigmas
+
+    check_sampler("a1111", sampler, scheduler)
+    s = get_sigmas(scheduler, model_sampling, steps, discard_penultimate=sampler in A1111_DISCARD_PENULTIMATE)
+    sigmas = tuple(float(v) for v in rxp.to_numpy(s))
+    return Plan(sampler, sigmas, None, sigmas[0], vp=False, timestep_rounding="none")
+
+
+def a1111_model_sampling(config: dict, *, like):
+    """The model's noise table as A1111 holds it: the LDM schedule's alphas_cumprod, computed in float64
+    and stored as a float32 buffer (ldm DDPM.register_schedule), then k-diffusion's DiscreteSchedule
+    sigmas = ((1 - a) / a) ** 0.5 in float32. Rounding alphas_cumprod to float32 moves sigma_min by
+    3.5e-5 relative (1 - a is small there), which Karras / exponential schedules start from."""
+    from refsd import xp as rxp
+    from refsd.sampling.model_sampling import ModelSamplingDiscrete
+
+    ms = ModelSamplingDiscrete.from_config(config, like=like)
+    ac = np.asarray(rxp.to_numpy(ms.alphas_cumprod), dtype=np.float64).astype(np.float32)
+    sigmas = np.sqrt((np.float32(1.0) - ac) / ac)
+    return ModelSamplingDiscrete([float(v) for v in sigmas], like=like, prediction=ms.prediction,
+                                 alphas_cumprod=[float(a) for a in ac], config=ms.config)

@@ -299,7 +299,7 @@ def settings(params: Mapping[str, str], *, what: str = "parameters") -> dict[str
     refsd's own keys win; a PNG from another tool is read through the A1111 keys: Sampler and
     Schedule type by ``A1111_SAMPLERS`` / ``A1111_SCHEDULERS`` (an A1111 "Automatic" or missing
     schedule type is left unset; names like "DPM++ 2M Karras" from A1111 < 1.9 split into sampler and
-    scheduler), RNG by ``A1111_RNG`` (missing: A1111's GPU default, cuda-philox), and the parity
+    scheduler; an explicit "Automatic" is the sampler's A1111 default, parity.A1111_AUTOMATIC_SCHEDULERS), RNG by ``A1111_RNG`` (missing: A1111's GPU default, cuda-philox), and the parity
     profile "a1111". For an image of a batch (``refsd batch`` i/B), the batch is rerun up to image i
     from ``refsd seed`` (``batch_index`` says which image to keep).
     """
@@ -334,6 +334,10 @@ def settings(params: Mapping[str, str], *, what: str = "parameters") -> dict[str
     label = params.get("Schedule type")
     if scheduler is None and label not in (None, "Automatic"):
         scheduler = _reverse(A1111_SCHEDULERS, label) or label
+    if scheduler is None and label == "Automatic" and not refsd_made:
+        from refsd.pipelines.parity import A1111_AUTOMATIC_SCHEDULERS  # A1111 1.10's per-sampler default
+
+        scheduler = A1111_AUTOMATIC_SCHEDULERS.get(sampler)
     if sampler is not None:
         out["sampler"] = sampler
     if scheduler is not None:

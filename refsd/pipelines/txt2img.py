@@ -20,6 +20,7 @@ KSampler, VAEDecode, SaveImage), comfy/samplers.py (KSampler.sample, cfg_functio
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Callable
@@ -39,7 +40,7 @@ from refsd.sampling import rng as _rng
 from refsd.sampling.denoisers import Denoiser
 from refsd.sampling.guidance import CFGDenoiser
 from refsd.sampling.model_sampling import ModelSamplingDiscrete
-from refsd.sampling.noise import default_noise_sampler
+from refsd.sampling.noise import BrownianTreeNoiseSampler, default_noise_sampler
 from refsd.text.conditioning import clip_encode_fn, encode_prompt
 
 Callback = Callable[[int, int, Any], None]  # (step index just finished, steps in this run, latents)
@@ -161,10 +162,16 @@ def check_settings(model: Model, *, prompt, negative_prompt, width, height, step
         if clip_skip > layers:
             raise RefsdError(f"clip_skip {clip_skip} is out of range: the text encoder has {layers} layers "
                              f"(1 = last layer, 2 = penultimate, ...)")
+    if strength is not None and parity == "a1111":
+        raise RefsdError("img2img / inpainting under parity='a1111' is not implemented (A1111 samples the VAE "
+                         "posterior from torch's global RNG, which no seed reproduces); use 'comfyui' or 'diffusers'")
     if strength is not None:
         strength = _float("strength", strength)
         if not 0.0 < strength <= 1.0:
             raise RefsdError(f"strength must be in (0, 1], got {strength}")
+        if sampler in _parity.DIFFUSERS_ONLY_SAMPLERS:
+            raise RefsdError(f"sampler {sampler!r} runs txt2img only (diffusers' PNDM img2img timestep slicing is not "
+                             f"reproduced); pick another sampler for img2img / inpainting")
         if parity == "diffusers" and int(steps * strength) < 1:
             raise RefsdError(f"strength {strength} x steps {steps} < 1: diffusers would run no step "
                              f"(int(steps * strength) must be >= 1)")
@@ -190,7 +197,7 @@ def encode_text(model: Model, s: Settings):
     like = xp.zeros((1,), dtype=xp.float32, device=model.device)
     p, cfg, att = model.params["text_encoder"], model.text_config, model.attention
     skip = s.clip_skip or 1
-    syntax = "diffusers" if s.parity == "diffusers" else "comfyui"
+    syntax = s.parity  # "diffusers" (literal), "comfyui", "a1111": each its own emphasis syntax and math
 
     def encode(text: str, clip_skip: int):
         fn = clip_encode_fn(p, cfg, skip=clip_skip, final_layer_norm=True, pooled=None, attention=att)
@@ -276,6 +283,8 @@ def plan_for(model: Model, s: Settings, like, *, denoise: float | None = None) -
     """The profile's Plan for these settings (diffusers: the scheduler's; ComfyUI: KSampler's)."""
     if s.parity == "diffusers":
         return _parity.diffusers_plan(model.scheduler_config, s.sampler, s.scheduler, s.steps)
+    if s.parity == "a1111":
+        return _parity.a1111_plan(_parity.a1111_model_sampling(model.scheduler_config, like=like), s.sampler, s.scheduler, s.steps)
     return _parity.comfyui_plan(model_sampling(model, like), s.sampler, s.scheduler, s.steps, denoise=denoise)
 
 
@@ -294,26 +303,41 @@ def from_profile(x, sigma: float, plan: _parity.Plan):
 
 
 def run_sampler(model: Model, s: Settings, plan: _parity.Plan, x, cond, uncond, *, generator=None,
-                callback: Callback | None = None, unet_extra=None):
+                callback: Callback | None = None, unet_extra=None, wrap_denoiser=None):
     """Run the plan's sampler from x (x0 + sigma * noise at plan.sigmas[0]) -> final latents in the
     profile's convention. ``generator``: the diffusers profile's generator, continued by ancestral
     samplers; ``callback(i, total, latents)`` after each step; ``unet_extra``: channels appended to
-    the UNet input (diffusers profile; inpainting UNets)."""
+    the UNet input (diffusers profile; inpainting UNets); ``wrap_denoiser(denoiser) -> denoiser``: a
+    wrapper around the guided denoiser (latent-blending inpainting)."""
     xp = model.xp
     dev = model.device
     sigmas = xp.asarray(list(plan.sigmas), dtype=x.dtype, device=dev)
     host = [float(v) for v in rxp.to_numpy(sigmas)]
     total = plan.steps
     kwargs: dict = {}
+    if plan.sampler == "pndm":  # diffusers' PNDMScheduler: a multistep method on eps, no k-diffusion sampler
+        return _run_pndm(model, s, plan, x, cond, uncond, callback=callback, unet_extra=unet_extra)
     if s.parity == "diffusers":
         ms = model_sampling(model, x)
         denoiser = _ScheduledDenoiser(_GuidedUNet(model, cond, uncond, s.cfg, unet_extra), ms, host, plan.timesteps)
         kwargs["noise_sampler"] = default_noise_sampler(x, generator, mode=s.rng)
+    elif s.parity == "a1111":  # KDiffusionSampler: CompVisDenoiser, continuous t, CFG on x0
+        ms = _parity.a1111_model_sampling(model.scheduler_config, like=x)
+        inner = Denoiser(unet_fn(model), ms, timestep_rounding=plan.timestep_rounding)
+        denoiser = CFGDenoiser(inner, {"encoder_hidden_states": cond},
+                               None if uncond is None else {"encoder_hidden_states": uncond}, s.cfg)
+        if plan.sampler in _parity.A1111_BROWNIAN:  # create_noise_sampler: one tree per image seed
+            positive = [v for v in host if v > 0]
+            kwargs["noise_sampler"] = BrownianTreeNoiseSampler(x, min(positive), max(host), generator.seeds)
+        else:  # TorchHijack.randn_like = ImageRNG.next(): each image's generator, continued
+            kwargs["noise_sampler"] = default_noise_sampler(x, generator, mode=s.rng)
     else:
         inner = Denoiser(unet_fn(model), model_sampling(model, x), timestep_rounding=plan.timestep_rounding)
         denoiser = CFGDenoiser(inner, {"encoder_hidden_states": cond},
                                None if uncond is None else {"encoder_hidden_states": uncond}, s.cfg)
         kwargs["seed"] = s.seed
+    if wrap_denoiser is not None:
+        denoiser = wrap_denoiser(denoiser)
 
     def step_done(d):
         i = int(d["i"])
@@ -328,6 +352,28 @@ def run_sampler(model: Model, s: Settings, plan: _parity.Plan, x, cond, uncond, 
     if callback is not None:
         callback(total - 1, total, latents)
     return latents
+
+
+def _run_pndm(model: Model, s: Settings, plan: _parity.Plan, x, cond, uncond, *, callback=None, unet_extra=None):
+    """diffusers' PNDMScheduler (skip_prk_steps) from x = x0 + sigma * noise at plan.sigmas[0]: the
+    guided UNet gets the DDPM sample itself (scale_model_input is the identity) at plan.timesteps."""
+    from refsd.pipelines.diffusers_schedulers import sample_pndm
+
+    config = model.scheduler_config
+    ac, _ = _parity.diffusers_tables(config)
+    final = 1.0 if config.get("set_alpha_to_one", True) else float(ac[0])
+    n = int(config.get("num_train_timesteps", 1000))
+    net = _GuidedUNet(model, cond, uncond, s.cfg, unet_extra)
+    total = plan.steps
+
+    def step_done(i, latents):
+        _check_finite(latents, i, total, plan.sigmas[i + 1])
+        if callback is not None:
+            callback(i, total, latents)
+
+    return sample_pndm(net, to_profile(x, plan.sigmas[0], plan), plan.timesteps,
+                       transfer=functools.partial(_parity.pndm_transfer, ac, final), step_ratio=n // s.steps,
+                       prediction=model.prediction, callback=step_done)
 
 
 def _check_finite(x, i: int, total: int, sigma: float) -> None:
@@ -372,7 +418,8 @@ def txt2img(model: Model, prompt: str, negative_prompt: str = "", *, width: int 
     parity="diffusers" the pairs in ``refsd.pipelines.parity.DIFFUSERS_SAMPLERS`` /
     ``DIFFUSERS_SCHEDULERS``). ``seed`` + ``rng`` ("torch-cpu" | "cuda-philox" | "numpy") make the
     noise; ``clip_skip``: A1111 / ComfyUI count (None or 1 = last layer, 2 = penultimate; diffusers'
-    own ``clip_skip`` is this minus 1); ``parity``: "diffusers" | "comfyui" (docs/pipelines.md);
+    own ``clip_skip`` is this minus 1); ``parity``: "diffusers" | "comfyui" | "a1111" (docs/pipelines.md;
+    a1111: image i seeded seed + i, ``res.seeds`` lists them);
     ``callback(i, total, latents)`` after each step (i from 0). Width and height: multiples of 8.
     """
     s = check_settings(model, prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
@@ -389,11 +436,30 @@ def txt2img(model: Model, prompt: str, negative_prompt: str = "", *, width: int 
     x = from_profile(init, plan.sigmas[0], plan)
     latents = run_sampler(model, s, plan, x, cond, uncond, generator=gen, callback=callback)
     pixels, images = decode_images(model, latents, s.parity)
-    return GenerationResult(images, latents, [s.seed] * s.batch_size, s.info(model), pixels=pixels,
-                            init_latents=init, noise=noise_host)
+    seeds = list(gen.seeds) if s.parity == "a1111" else [s.seed] * s.batch_size
+    return GenerationResult(images, latents, seeds, s.info(model), pixels=pixels, init_latents=init, noise=noise_host)
 
 
 def make_generator(s: Settings):
     """The run's noise generator: ``rng.generator(seed, mode=rng)``, drawn from in order (initial noise;
-    img2img: posterior sample, then the added noise; diffusers' ancestral noise continues it)."""
+    img2img: posterior sample, then the added noise; diffusers' ancestral noise continues it).
+    parity="a1111": one generator per image, seeded seed + i (``PerImageGenerators``)."""
+    if s.parity == "a1111":
+        return PerImageGenerators([s.seed + i for i in range(s.batch_size)], s.rng)
     return _rng.generator(s.seed, mode=s.rng)
+
+
+class PerImageGenerators:
+    """A1111's ImageRNG: image i has its own generator seeded ``seeds[i]``; ``randn((B, ...))`` stacks
+    one (...)-shaped draw from each, so image i's noise does not depend on the batch (A1111
+    modules/rng.py ImageRNG.first / next, create_generator; cuda-philox = its "NV" source)."""
+
+    def __init__(self, seeds, mode: str):
+        self.seeds = [_rng._check_seed(v) for v in seeds]
+        self.generators = [_rng.generator(v, mode=mode) for v in self.seeds]
+
+    def randn(self, shape, dtype: str = "float32"):
+        shape = tuple(shape)
+        if not shape or shape[0] != len(self.generators):
+            raise RefsdError(f"per-image noise of shape {shape} for {len(self.generators)} seeds")
+        return _images.stack([g.randn((1, *shape[1:]), dtype) for g in self.generators])  # (1, ...): same values
