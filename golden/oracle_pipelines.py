@@ -329,6 +329,12 @@ _register("txt2img_sd2_euler", model="sd2", sampler="euler", prompt="a photo of 
                "holds the sd2 weights")
 _register("txt2img_sd2_ddim", model="sd2", sampler="ddim", prompt="a photo of a dog", steps=4, cfg=7.5, seed=22,
           desc="tiny SD2 txt2img, v-prediction, DDIM, 4 steps")
+_register("txt2img_sd2_euler_ancestral", model="sd2", sampler="euler_ancestral", prompt="a photo of a dog",
+          negative="blurry", steps=4, cfg=7.0, seed=23,
+          desc="tiny SD2 txt2img, v-prediction, Euler ancestral (noise continues the generator), 4 steps")
+_register("txt2img_sd2_dpmpp_2m", model="sd2", sampler="dpmpp_2m", prompt="a photo of a (dog:1.2)", steps=5,
+          cfg=7.5, seed=24, batch=2,
+          desc="tiny SD2 txt2img, v-prediction, DPM-Solver++(2M), 5 steps, batch 2, brackets taken literally")
 _register("inpaint_sd1_euler_ancestral", model="sd1-inpaint", sampler="euler_ancestral", prompt="a red hat",
           negative="blurry", steps=4, cfg=7.5, seed=31, strength=1.0, batch=2, inpaint=True,
           desc="tiny SD1 9-channel inpainting (StableDiffusionInpaintPipeline), strength 1, Euler ancestral, batch 2: "
