@@ -661,6 +661,11 @@ def _run_pipeline(job: GenerateJob, on_step: Callable | None = None):
     model_hash = _Background(png.model_hash, model_path)  # overlaps the sampling; A1111's short sha256
     model = pipelines.load_model(model_path, backend=s["backend"], dtype=s["dtype"], attention=s["attention"],
                                  prediction=s["prediction"])
+    # Weights are memory-mapped and placed lazily; place them all now, with a bar, so a dtype conversion
+    # or a copy to a GPU happens here rather than as a long first step.
+    tensors = [(p, key) for p in model.params.values() for key in p]
+    for p, key in tqdm(tensors, desc="loading", unit="tensor", file=sys.stderr, dynamic_ncols=True, leave=False):
+        p[key]
 
     bars = []  # made at the first step, so an error before sampling shows no empty bar
 
