@@ -40,7 +40,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from refsd.errors import RefsdError
+from refsd.files import atomic_write
 
 KEY = "parameters"
 
@@ -144,22 +144,7 @@ def write_png(path: str | os.PathLike, image: np.ndarray, parameters: str | None
     if parameters is not None:
         info = PngImagePlugin.PngInfo()
         info.add_text(KEY, parameters)  # tEXt when Latin-1, else iTXt (Pillow's rule, as in A1111)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(a).save(f, format="PNG", pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise RefsdError(f"{path}: could not write ({e}); nothing was changed") from e
-        raise
+    atomic_write(path, lambda f: Image.fromarray(a).save(f, format="PNG", pnginfo=info))
     return path
 
 

@@ -21,7 +21,6 @@ import json
 import math
 import mmap
 import os
-import secrets
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import ml_dtypes
 import numpy as np
 
 from refsd.errors import WeightsError
+from refsd.files import atomic_write
 from refsd.xp import to_numpy
 
 # Same cap as the reference reader (MAX_HEADER_SIZE): a header is a few hundred KB even for SDXL.
@@ -401,25 +401,12 @@ def save_safetensors(
     if len(raw) > MAX_HEADER_BYTES:
         raise WeightsError(f"{path}: header would be {len(raw)} bytes, over the {MAX_HEADER_BYTES}-byte limit")
 
-    # A fresh name in the same directory, so os.replace is an atomic rename on the same filesystem.
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666: the umask applies, as for open()
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for name in order:
-                a = arrays[name][1]
-                if a.size:
-                    f.write(memoryview(a.reshape(-1).view(np.uint8)))
-            f.flush()
-            os.fsync(f.fileno())  # the bytes must be on disk before the rename makes them visible
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise WeightsError(f"{path}: could not write ({e}); nothing was changed") from e
-        raise
+    def write(f):
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in order:
+            a = arrays[name][1]
+            if a.size:
+                f.write(memoryview(a.reshape(-1).view(np.uint8)))
+
+    atomic_write(path, write, error=WeightsError)
