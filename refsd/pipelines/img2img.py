@@ -62,6 +62,22 @@ def encode_image(model: Model, s: Settings, image, generator):
     return z if s.batch_size == 1 else xp.concat([z] * s.batch_size, axis=0)
 
 
+def image_settings(model: Model, init_image, width: int | None, height: int | None, **settings):
+    """The checked init image (uint8 (H, W, 3), H and W multiples of the VAE's downscale) and the
+    validated Settings at its size (``width`` / ``height``: None or the image's own; refsd does not
+    resize). ``settings``: check_settings' keyword arguments other than the size."""
+    if not hasattr(init_image, "shape"):
+        raise RefsdError(f"init_image must be a uint8 NumPy array of shape (H, W, 3), got {type(init_image).__name__}")
+    f = max(8, model.vae_scale_factor) if isinstance(model, Model) else 8
+    image = _images.check_image(init_image, multiple=f)
+    h, w = image.shape[:2]
+    for name, given, actual in (("width", width, w), ("height", height, h)):
+        if given is not None and given != actual:
+            raise RefsdError(f"{name} {given} differs from init_image's {actual} ({w}x{h}); refsd does not resize: "
+                             f"pass a {w}x{h} size or resize the image first")
+    return image, check_settings(model, width=w, height=h, **settings)
+
+
 def img2img(model: Model, init_image, prompt: str, negative_prompt: str = "", *, strength: float = 0.75,
             width: int | None = None, height: int | None = None, steps: int = 20, cfg: float = 7.5,
             sampler: str = "euler", scheduler: str = "normal", seed: int = 0, rng: str = "torch-cpu",
@@ -72,18 +88,9 @@ def img2img(model: Model, init_image, prompt: str, negative_prompt: str = "", *,
     noise-dominated latents). ``width`` / ``height``: None, or the image's size (refsd does not
     resize). Other arguments as ``txt2img``. Runs int(steps * strength) steps under parity="diffusers",
     ``steps`` steps under parity="comfyui" (denoise semantics)."""
-    if not hasattr(init_image, "shape"):
-        raise RefsdError(f"init_image must be a uint8 NumPy array of shape (H, W, 3), got {type(init_image).__name__}")
-    f = max(8, model.vae_scale_factor) if isinstance(model, Model) else 8
-    image = _images.check_image(init_image, multiple=f)
-    h, w = image.shape[:2]
-    for name, given, actual in (("width", width, w), ("height", height, h)):
-        if given is not None and given != actual:
-            raise RefsdError(f"{name} {given} differs from init_image's {actual} ({w}x{h}); refsd does not resize: "
-                             f"pass a {w}x{h} size or resize the image first")
-    s = check_settings(model, prompt=prompt, negative_prompt=negative_prompt, width=w, height=h, steps=steps,
-                       cfg=cfg, sampler=sampler, scheduler=scheduler, seed=seed, rng=rng, batch_size=batch_size,
-                       clip_skip=clip_skip, parity=parity, strength=strength)
+    image, s = image_settings(model, init_image, width, height, prompt=prompt, negative_prompt=negative_prompt,
+                              steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, seed=seed, rng=rng,
+                              batch_size=batch_size, clip_skip=clip_skip, parity=parity, strength=strength)
     xp = model.xp
     like = xp.zeros((1,), dtype=rxp.resolve_dtype(xp, model.dtype), device=model.device)
     if s.parity == "diffusers":

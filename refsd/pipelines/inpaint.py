@@ -45,12 +45,11 @@ from refsd.models.vae import encode as _vae_encode
 from refsd.models.vae import sample_latent, to_latent
 from refsd.pipelines import images as _images
 from refsd.pipelines import masks as _masks
-from refsd.pipelines.img2img import diffusers_start, encode_image
+from refsd.pipelines.img2img import diffusers_start, encode_image, image_settings
 from refsd.pipelines.model import Model
 from refsd.pipelines.txt2img import (
     Callback,
     GenerationResult,
-    check_settings,
     decode_images,
     encode_text,
     from_profile,
@@ -92,19 +91,11 @@ def inpaint(model: Model, init_image, mask, prompt: str, negative_prompt: str = 
     if nine and parity == "comfyui":
         raise RefsdError("9-channel inpainting models run under parity='diffusers' only; use parity='diffusers' "
                          "(parity='comfyui' inpaints with ordinary 4-channel models)")
-    if not hasattr(init_image, "shape"):
-        raise RefsdError(f"init_image must be a uint8 NumPy array of shape (H, W, 3), got {type(init_image).__name__}")
-    f = max(8, model.vae_scale_factor) if isinstance(model, Model) else 8
-    image = _images.check_image(init_image, multiple=f)
-    h, w = image.shape[:2]
-    repaint = _masks.prepare_mask(mask, (h, w), grow=mask_grow, blur=mask_blur)  # float32 (H, W), 1 = repaint
-    for name, given, actual in (("width", width, w), ("height", height, h)):
-        if given is not None and given != actual:
-            raise RefsdError(f"{name} {given} differs from init_image's {actual} ({w}x{h}); refsd does not resize: "
-                             f"pass a {w}x{h} size or resize the image first")
-    s = check_settings(model, prompt=prompt, negative_prompt=negative_prompt, width=w, height=h, steps=steps,
-                       cfg=cfg, sampler=sampler, scheduler=scheduler, seed=seed, rng=rng, batch_size=batch_size,
-                       clip_skip=clip_skip, parity=parity, strength=strength, inpaint_unet_ok=True)
+    image, s = image_settings(model, init_image, width, height, prompt=prompt, negative_prompt=negative_prompt,
+                              steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, seed=seed, rng=rng,
+                              batch_size=batch_size, clip_skip=clip_skip, parity=parity, strength=strength,
+                              inpaint_unet_ok=True)
+    repaint = _masks.prepare_mask(mask, image.shape[:2], grow=mask_grow, blur=mask_blur)  # float32 (H, W), 1 = repaint
     if s.parity not in ("diffusers", "comfyui"):
         raise RefsdError(f"inpainting runs under parity='diffusers' or 'comfyui', not {s.parity!r}")
     run = _nine_channel if nine else _blend_diffusers if s.parity == "diffusers" else _blend_comfyui
