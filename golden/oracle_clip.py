@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from golden.registry import Capture, case, randomise_weights
+from golden.registry import Capture, case, hooked, randomise_weights
 
 CLIP_L_TINY = {  # OpenAI CLIP-L layout (SD1): quick_gelu, legacy eos_token_id 2 -> pooling by argmax(ids)
     "vocab_size": 1000, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
@@ -46,16 +46,8 @@ def _clip_case(g, dt, cfg, with_projection, ids, desc):
     hf_cfg = CLIPTextConfig(**cfg, attention_dropout=0.0)
     model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(hf_cfg).eval().to(dt)
     randomise_weights(model, g)
-    layers = {name: m for name, m in model.named_modules()
-              if name.split(".")[-2:-1] == ["layers"] or name.endswith(("embeddings", "final_layer_norm"))}
-    trace = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, o, name=name: trace.__setitem__(name, (o[0] if isinstance(o, tuple) else o).clone()))
-             for name, m in layers.items()]
-    try:
-        o = model(input_ids=ids, output_hidden_states=True)
-    finally:
-        for h in hooks:
-            h.remove()
+    o, trace = hooked(model, lambda: model(input_ids=ids, output_hidden_states=True),
+                      lambda name: name.split(".")[-2:-1] == ["layers"] or name.endswith(("embeddings", "final_layer_norm")))
     text = model.text_model if with_projection else model
     last, pooled = o.last_hidden_state, o.pooler_output if not with_projection else None
     if pooled is None:  # CLIPTextModelOutput drops pooler_output: recompute it from the inner model

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from golden.registry import Capture, case, randomise_weights
+from golden.registry import Capture, case, hooked, randomise_weights
 
 ATTENTION_VARIANTS = [{"attention": "sliced"}, {"attention": "naive"}, {"attention": "tiled"}]
 
@@ -85,14 +85,6 @@ def _traced(name: str) -> bool:
     return False
 
 
-def _value(o) -> torch.Tensor:
-    if isinstance(o, tuple):
-        o = o[0]
-    if hasattr(o, "sample"):
-        o = o.sample
-    return o.detach().clone()
-
-
 def _unet_case(g, dt, config, *, batch=2, size=(8, 8), tokens=12, timestep="array", text_width=16, desc=""):
     from diffusers import UNet2DConditionModel
 
@@ -116,15 +108,7 @@ def _unet_case(g, dt, config, *, batch=2, size=(8, 8), tokens=12, timestep="arra
         time_ids = torch.tensor([base, [v * 0.75 + 3.5 for v in base]][:batch], dtype=dt)
         inputs.update(text_embeds=text_embeds, time_ids=time_ids)
         extra = {"added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": time_ids}}
-    trace = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, o, name=name: trace.__setitem__(name, _value(o)))
-             for name, m in model.named_modules() if _traced(name)]
-    try:
-        with torch.no_grad():
-            out = model(sample, t, context, **extra).sample
-    finally:
-        for h in hooks:
-            h.remove()
+    out, trace = hooked(model, lambda: model(sample, t, context, **extra).sample, _traced)
     call = "diffusers.UNet2DConditionModel(**config)(sample, timestep, encoder_hidden_states"
     call += ", added_cond_kwargs={'text_embeds': text_embeds, 'time_ids': time_ids}).sample" if extra else ").sample"
     return Capture("unet", inputs, {"sample": out}, call, desc, kwargs=kwargs, variants=ATTENTION_VARIANTS,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from golden.registry import Capture, case, randomise_weights
+from golden.registry import Capture, case, hooked, randomise_weights
 
 VAE_TINY = {
     "in_channels": 3, "out_channels": 3,
@@ -42,19 +42,6 @@ def _model(g, dt):
     return model
 
 
-def _hooked(model, fn):
-    trace = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, o, name=name: trace.__setitem__(name, o.detach().clone()))
-             for name, m in model.named_modules() if _traced(name)]
-    try:
-        with torch.no_grad():
-            out = fn()
-    finally:
-        for h in hooks:
-            h.remove()
-    return out, trace
-
-
 def _params(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -63,7 +50,7 @@ def _params(model):
 def _decode_tiny(g, dt):
     model = _model(g, dt)
     z = torch.randn((1, 4, 8, 8), generator=g, dtype=torch.float64).to(dt)
-    sample, trace = _hooked(model, lambda: model.decode(z).sample)
+    sample, trace = hooked(model, lambda: model.decode(z).sample, _traced)
     return Capture("vae", {"z": z}, {"sample": sample}, "diffusers.AutoencoderKL(**config).decode(z).sample",
                    "tiny AutoencoderKL (2 blocks, 8/16 channels, 1 layer per block, mid attention): decode",
                    kwargs={"config": VAE_TINY, "mode": "decode"}, params=_params(model), trace=trace)
@@ -76,7 +63,7 @@ def _encode_tiny(g, dt):
     model = _model(g, dt)
     x = torch.randn((1, 3, 16, 16), generator=g, dtype=torch.float64).to(dt)
     noise = torch.randn((1, 4, 8, 8), generator=g, dtype=torch.float64).to(dt)
-    dist, trace = _hooked(model, lambda: model.encode(x).latent_dist)
+    dist, trace = hooked(model, lambda: model.encode(x).latent_dist, _traced)
     assert isinstance(dist, DiagonalGaussianDistribution)
     latent = dist.mean + dist.std * noise  # DiagonalGaussianDistribution.sample with this noise
     return Capture("vae", {"x": x, "noise": noise},
@@ -94,32 +81,13 @@ def _encode_tiny(g, dt):
 # block traces would be ~1 MB. This keeps the files under 400 KB.
 
 
-def _hooked_repeats(model, fn, names):
-    trace, calls = {}, {}
-
-    def hook(_m, _i, o, name):
-        k = calls.get(name, 0)
-        calls[name] = k + 1
-        trace[name if k == 0 else f"{name}#{k}"] = o.detach().clone()
-
-    modules = dict(model.named_modules())
-    hooks = [modules[n].register_forward_hook(lambda m, i, o, name=n: hook(m, i, o, name)) for n in names]
-    try:
-        with torch.no_grad():
-            out = fn()
-    finally:
-        for h in hooks:
-            h.remove()
-    return out, trace
-
-
 @case("vae", "decode_tiled_tiny", dtypes=("float32",))
 def _decode_tiled_tiny(g, dt):
     model = _model(g, dt)
     model.enable_tiling()
     assert (model.tile_sample_min_size, model.tile_latent_min_size, model.tile_overlap_factor) == (32, 16, 0.25)
     z = torch.randn((1, 4, 40, 24), generator=g, dtype=torch.float64).to(dt)
-    sample, trace = _hooked_repeats(model, lambda: model.decode(z).sample, ["decoder.conv_out"])
+    sample, trace = hooked(model, lambda: model.decode(z).sample, lambda n: n == "decoder.conv_out")
     assert len(trace) == 8  # 4 x 2 tiles: the tiled path ran
     return Capture("vae", {"z": z}, {"sample": sample},
                    "m = diffusers.AutoencoderKL(**config); m.enable_tiling(); m.decode(z).sample",
@@ -137,7 +105,7 @@ def _encode_tiled_tiny(g, dt):
     model.enable_tiling()
     x = torch.randn((1, 3, 80, 48), generator=g, dtype=torch.float64).to(dt)
     noise = torch.randn((1, 4, 40, 24), generator=g, dtype=torch.float64).to(dt)
-    dist, trace = _hooked_repeats(model, lambda: model.encode(x).latent_dist, ["quant_conv"])
+    dist, trace = hooked(model, lambda: model.encode(x).latent_dist, lambda n: n == "quant_conv")
     assert isinstance(dist, DiagonalGaussianDistribution) and len(trace) == 8
     latent = dist.mean + dist.std * noise
     return Capture("vae", {"x": x, "noise": noise},
