@@ -7,6 +7,14 @@ file (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*
 ``conditioner.embedders.N.*``, as A1111 and ComfyUI save them) is renamed by ``refsd.weights.ldm``'s
 tables and its configs inferred by ``refsd.weights.detect``.
 
+``config=`` (single files only; diffusers' ``from_single_file(config=...)``) supplies what the
+weights cannot say (head counts, upcast_attention, prediction type, ...): a diffusers folder whose
+``<component>/config.json`` replaces the inferred config of every component the file holds (weights
+not needed; its scheduler config, tokenizers and model_index.json flags are taken too), or one
+UNet2DConditionModel ``config.json`` (a folder holding one), which replaces the UNet's alone. The
+given configs must imply exactly the file's keys and shapes, split their widths into whole heads,
+and describe the architecture the weights show; otherwise a WeightsError names the config file.
+
 Either way every tensor stays in the memory-mapped file until first used (the rename maps names
 to the file's entries; fused q/k/v become row-slice views), every source key is consumed or known
 to be ignorable (``ldm.IGNORED``), and every component is checked against the full key/shape list
@@ -20,7 +28,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -38,6 +46,9 @@ WEIGHT_NAMES = ("diffusion_pytorch_model", "model")  # diffusers models, transfo
 PAD = {"clip": 49407, "openclip": 0}  # CLIP-L pads with <|endoftext|>, OpenCLIP with "!" (id 0)
 # Keys a diffusers folder's text encoder may carry that no layer reads (older transformers saved it).
 FOLDER_IGNORED = (r"(^|\.)embeddings\.position_ids$",)
+# model_index.json entries (besides the components) that change what a pipeline does.
+PIPELINE_FLAGS = ("_class_name", "force_zeros_for_empty_prompt", "requires_aesthetics_score")
+CONFIG_CLASSES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}  # a config.json's _class_name
 
 
 @dataclass(frozen=True)
@@ -92,8 +103,10 @@ class Checkpoint:
     ``format``: "single-file" or "diffusers". ``architecture``: a ``refsd.weights.detect.ARCHITECTURES``
     name. ``params``: component ("unet", "vae", "text_encoder", "text_encoder_2") -> Params with
     diffusers / transformers state-dict keys. ``configs``: component -> config.json dict (a
-    diffusers folder's ``scheduler`` config too, when present). ``tokenizers``: "tokenizer" /
-    "tokenizer_2" -> TokenizerInfo. ``ignored``: source keys deliberately not loaded.
+    diffusers folder's or ``config=`` folder's ``scheduler`` config too, when present). ``tokenizers``:
+    "tokenizer" / "tokenizer_2" -> TokenizerInfo. ``ignored``: source keys deliberately not loaded.
+    ``pipeline_config``: the model_index.json entries in ``PIPELINE_FLAGS`` that it has (empty for a
+    single file loaded without a config folder).
     """
 
     path: Path
@@ -103,6 +116,7 @@ class Checkpoint:
     configs: Mapping[str, dict]
     tokenizers: Mapping[str, TokenizerInfo]
     ignored: tuple[str, ...] = ()
+    pipeline_config: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -171,60 +185,194 @@ def load_checkpoint(
     device=None,
     dtype: str | None = None,
     variant: str | None = None,
+    config: str | os.PathLike | None = None,
 ) -> Checkpoint:
     """Open a diffusers folder or a single-file ``.safetensors`` checkpoint (see the module docstring).
 
     ``backend`` (e.g. "torch:cuda") or ``xp``/``device`` place the tensors (default NumPy), ``dtype``
     casts floating ones on first use (as ``load_params``). ``variant``: a diffusers folder's weight
-    variant, e.g. "fp16" (``diffusion_pytorch_model.fp16.safetensors``).
+    variant, e.g. "fp16" (``diffusion_pytorch_model.fp16.safetensors``). ``config`` (single files
+    only): a diffusers folder whose configs replace the inferred ones, or a UNet config.json.
     """
     p = Path(path)
     xp, device = _placement(backend, xp, device)
     if p.is_dir():
+        if config is not None:
+            raise WeightsError(f"{p}: a diffusers folder carries its own configs; config= is for single files")
         return _load_folder(p, xp=xp, device=device, dtype=dtype, variant=variant)
     if not p.exists():
         raise WeightsError(f"{p}: no such file or directory")
-    return _load_single_file(p, xp=xp, device=device, dtype=dtype)
+    return _load_single_file(p, xp=xp, device=device, dtype=dtype, config=config)
 
 
 # --------------------------------------------------------------------------------------------
 # single files
 
 
-def _load_single_file(path: Path, *, xp, device, dtype) -> Checkpoint:
+def _load_single_file(path: Path, *, xp, device, dtype, config) -> Checkpoint:
+    given = None if config is None else _given_configs(Path(config))
     f = SafeTensorsFile(path)  # refuses pickles, validates the header
     try:
         header = f.header.tensors
-        shapes = {k: t.shape for k, t in header.items()}
-        found = det.detect_checkpoint(shapes, what=str(path))
+        found = det.detect_checkpoint({k: t.shape for k, t in header.items()}, what=str(path))
         plan = found.plan
         if plan is None:  # a diffusers UNet state dict on its own: keys as they are
-            unet = lazy_tensors(f)
-            check_params({k: e.shape for k, e in unet.items()}, det.unet_shapes(found.configs["unet"]),
-                         what=f"unet of {path}")
-            return Checkpoint(path, "single-file", found.architecture,
-                              MappingProxyType({"unet": Params(unet, xp=xp, device=device, dtype=dtype)}),
-                              MappingProxyType(found.configs), MappingProxyType({}))
-        params: dict[str, Params] = {}
-        for comp, sources in plan.sources.items():
-            entries = {}
-            for key, src in sources.items():
-                info = header[src.key]
-                entries[key] = LazyTensor(lambda src=src: src.take(f.numpy(src.key)), plan.shapes[comp][key],
-                                          DTYPES[info.dtype].name, f"{path}:{src.key}")
-            slot = plan.slots[comp]
-            want = det.expected_shapes(comp, found.configs[comp], projection=slot.projection)
-            check_params({k: e.shape for k, e in entries.items()}, want, what=f"{comp} of {path}")
-            params[comp] = Params(entries, xp=xp, device=device, dtype=dtype)
+            entries = {"unet": lazy_tensors(f)}
+        else:
+            entries = {comp: {key: LazyTensor(lambda src=src: src.take(f.numpy(src.key)), plan.shapes[comp][key],
+                                              DTYPES[header[src.key].dtype].name, f"{path}:{src.key}")
+                              for key, src in sources.items()}
+                       for comp, sources in plan.sources.items()}
+        order = [c for c in MODEL_COMPONENTS if c in entries]
+        projection = {c: plan is not None and plan.slots[c].projection for c in order}
+        shapes = {c: {k: e.shape for k, e in entries[c].items()} for c in order}
+        configs = {c: found.configs[c] for c in order}
+        for comp in order:
+            want = det.expected_shapes(comp, configs[comp], projection=projection[comp])
+            check_params(shapes[comp], want, what=f"{comp} of {path}")
+        if given is not None:
+            configs = _apply_configs(given, configs, shapes, projection, found.architecture, path)
+            if given.scheduler is not None:
+                configs["scheduler"] = given.scheduler
+        kinds = {c: plan.slots[c].kind for c in order if c in TOKENIZERS}  # (plan is None: a UNet alone)
+        tokenizers = _tokenizers(given.folder if given is not None else None, kinds)
+        params = {c: Params(entries[c], xp=xp, device=device, dtype=dtype) for c in order}
     except BaseException:
         f.close()
         raise
-    order = [c for c in MODEL_COMPONENTS if c in params]
-    tokenizers = {TOKENIZERS[c]: TokenizerInfo(None, PAD[plan.slots[c].kind])
-                  for c in ("text_encoder", "text_encoder_2") if c in plan.slots}
-    return Checkpoint(path, "single-file", found.architecture, MappingProxyType({c: params[c] for c in order}),
-                      MappingProxyType({c: found.configs[c] for c in order}), MappingProxyType(tokenizers),
-                      plan.ignored)
+    return Checkpoint(path, "single-file", found.architecture, MappingProxyType(params), MappingProxyType(configs),
+                      MappingProxyType(tokenizers), plan.ignored if plan is not None else (),
+                      MappingProxyType(given.pipeline if given is not None else {}))
+
+
+@dataclass(frozen=True)
+class _Given:
+    """What ``config=`` supplies. ``configs``: component -> (its config.json, the dict; a text
+    encoder's ``text_config``); ``folder``: the diffusers folder (None for a bare UNet config.json),
+    whose scheduler config and model_index.json flags are ``scheduler`` and ``pipeline``."""
+
+    source: Path
+    configs: dict[str, tuple[Path, dict]]
+    folder: Path | None = None
+    scheduler: dict | None = None
+    pipeline: dict[str, Any] = field(default_factory=dict)
+
+
+def _given_configs(q: Path) -> _Given:
+    """Read ``config=``: a diffusers folder (model_index.json), a folder with a config.json, or a
+    UNet2DConditionModel config.json."""
+    accepted = ("config= takes a diffusers folder (model_index.json + <component>/config.json) or a "
+                "UNet2DConditionModel config.json")
+    if q.is_dir():
+        index = q / "model_index.json"
+        if index.is_file():
+            model_index = _read_json(index)
+            configs = {}
+            for comp in _listed(model_index):
+                file = q / comp / "config.json"
+                if file.is_file():
+                    cfg = _read_json(file)
+                    configs[comp] = (file, cfg.get("text_config", cfg) if comp in TOKENIZERS else cfg)
+            sched = q / "scheduler" / "scheduler_config.json"
+            return _Given(q, configs, q, _read_json(sched) if sched.is_file() else None, _pipeline_flags(model_index))
+        if not (q / "config.json").is_file():
+            raise WeightsError(f"{q}: neither model_index.json nor config.json here; {accepted}")
+        q = q / "config.json"
+    elif not q.is_file():
+        raise WeightsError(f"{q}: no such file or directory (config=)")
+    cfg = _read_json(q)
+    cls = cfg.get("_class_name")
+    if cls is None and not {"block_out_channels", "cross_attention_dim"} <= set(cfg):
+        raise WeightsError(f"{q}: not a UNet config (no _class_name, no block_out_channels + "
+                           f"cross_attention_dim); {accepted}")
+    if cls not in (None, CONFIG_CLASSES["unet"]):
+        raise WeightsError(f"{q}: a {cls} config; {accepted}")
+    return _Given(q, {"unet": (q, cfg)})
+
+
+def _apply_configs(given: _Given, configs: dict[str, dict], shapes: dict[str, dict], projection: dict[str, bool],
+                   architecture: str, path: Path) -> dict[str, dict]:
+    """``configs`` with ``given``'s in place of the inferred ones, each checked against its component's
+    ``shapes`` and heads; the architecture they describe must be ``architecture``."""
+    out = dict(configs)
+    for comp in configs:
+        if comp not in given.configs:
+            if given.folder is None:
+                continue  # a bare UNet config.json replaces the UNet's only
+            raise WeightsError(f"{given.source}: no {comp}/config.json (or model_index.json lists no {comp}), "
+                               f"but {path} holds a {comp}")
+        file, cfg = given.configs[comp]
+        what = f"{path}: its {comp} does not fit {file}"
+        cls = cfg.get("_class_name")
+        if cls not in (None, CONFIG_CLASSES.get(comp, cls)):
+            raise WeightsError(f"{what}: a {cls} config, not {CONFIG_CLASSES[comp]}")
+        try:
+            want = det.expected_shapes(comp, cfg, projection=projection[comp])
+        except KeyError as e:
+            raise WeightsError(f"{what}: the config has no {e}") from None
+        except WeightsError as e:
+            raise WeightsError(f"{what}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise WeightsError(f"{what}: malformed config ({e})") from None
+        check_params(shapes[comp], want, what=what)
+        bad = _head_problems(comp, cfg)
+        if bad:
+            raise WeightsError(f"{what}: widths that do not split into whole heads (diffusers would build other "
+                               f"shapes): {'; '.join(bad)}")
+        out[comp] = cfg
+    what = f"{path} with the configs of {given.source}"
+    arch = det.architecture_of(out, what=what)
+    if arch != architecture:
+        raise WeightsError(f"{what}: they describe a {arch} model, but the weights are {architecture}")
+    t = det._text_time_dim(out["unet"], out, det.BY_NAME[arch].family, what)
+    if t is not None and out["unet"].get("addition_time_embed_dim") != t:
+        raise WeightsError(f"{what}: addition_time_embed_dim {out['unet'].get('addition_time_embed_dim')} does "
+                           f"not fit the UNet's add_embedding ({t} per time id)")
+    return out
+
+
+def _head_problems(comp: str, cfg: dict) -> list[str]:
+    """Where a head count does not divide the width it splits (UNet: ``attention_head_dim``, the head
+    COUNT (diffusers #2011), per attention block; text encoders: ``num_attention_heads``)."""
+    if comp in TOKENIZERS:
+        d, h = cfg.get("hidden_size"), cfg.get("num_attention_heads", 8)  # transformers' CLIPTextConfig default
+        ok = isinstance(d, int) and isinstance(h, int) and h > 0 and d % h == 0
+        return [] if ok else [f"hidden_size {d}, num_attention_heads {h}"]
+    if comp != "unet":
+        return []
+    ch = list(cfg.get("block_out_channels", (320, 640, 1280, 1280)))
+    given = cfg.get("attention_head_dim", 8)
+    heads = [given] * len(ch) if isinstance(given, int) else list(given) if isinstance(given, (list, tuple)) else []
+    if len(heads) != len(ch):
+        return [f"attention_head_dim {given!r} is not an int or a list of {len(ch)}"]
+    down = list(cfg.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]))  # diffusers' defaults
+    up = list(reversed(cfg.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)))
+    attends = [i == len(ch) - 1 or "CrossAttn" in down[i] or "CrossAttn" in up[i] for i in range(len(ch))]
+    return [f"block {i}: {c} channels, attention_head_dim {h}" for i, (c, h, a) in enumerate(zip(ch, heads, attends))
+            if a and not (isinstance(h, int) and h > 0 and c % h == 0)]
+
+
+def _tokenizers(folder: Path | None, kinds: Mapping[str, str]) -> dict[str, TokenizerInfo]:
+    """TokenizerInfo per text encoder (``kinds``: component -> "clip" | "openclip"): the diffusers
+    ``folder``'s tokenizer/ or tokenizer_2/ when there is one, else the shipped CLIP vocabulary."""
+    out = {}
+    for comp, kind in kinds.items():
+        tok = TOKENIZERS[comp]
+        if folder is not None and _has_tokenizer(folder / tok):
+            out[tok] = TokenizerInfo(folder / tok, _pad_token(folder / tok, kind))
+        else:
+            out[tok] = TokenizerInfo(None, PAD[kind])
+    return out
+
+
+def _listed(model_index: dict) -> list[str]:
+    """The model components a model_index.json lists (not as [null, null])."""
+    return [c for c in MODEL_COMPONENTS
+            if isinstance(model_index.get(c), list) and model_index[c] and model_index[c][0] is not None]
+
+
+def _pipeline_flags(model_index: dict) -> dict[str, Any]:
+    return {k: model_index[k] for k in PIPELINE_FLAGS if k in model_index}
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,8 +495,7 @@ def _load_folder(folder: Path, *, xp, device, dtype, variant) -> Checkpoint:
     if not index.is_file():
         raise WeightsError(f"{folder}: not a diffusers folder (no model_index.json)")
     model_index = _read_json(index)
-    present = [c for c in MODEL_COMPONENTS
-               if isinstance(model_index.get(c), list) and model_index[c] and model_index[c][0] is not None]
+    present = _listed(model_index)
     if "unet" not in present:
         raise WeightsError(f"{index}: lists no unet; components: {', '.join(present) or 'none'}")
     configs: dict[str, dict] = {}
@@ -372,22 +519,17 @@ def _load_folder(folder: Path, *, xp, device, dtype, variant) -> Checkpoint:
             check_params({k: e.shape for k, e in entries.items()}, want, what=f"{comp} of {folder}")
             configs[comp] = cfg
             params[comp] = Params(entries, xp=xp, device=device, dtype=dtype)
+        arch = det.architecture_of(configs, what=str(folder))
+        tokenizers = _tokenizers(folder, {c: det.text_kind(configs[c]) for c in TOKENIZERS if c in configs})
+        scheduler = folder / "scheduler" / "scheduler_config.json"
+        if scheduler.is_file():
+            configs["scheduler"] = _read_json(scheduler)
     except BaseException:
         for f in opened:
             f.close()
         raise
-    arch = det.architecture_of(configs, what=str(folder))
-    scheduler = folder / "scheduler" / "scheduler_config.json"
-    if scheduler.is_file():
-        configs["scheduler"] = _read_json(scheduler)
-    tokenizers = {}
-    for comp, tok in TOKENIZERS.items():
-        if comp in configs and _has_tokenizer(folder / tok):
-            tokenizers[tok] = TokenizerInfo(folder / tok, _pad_token(folder / tok, det.text_kind(configs[comp])))
-        elif comp in configs:
-            tokenizers[tok] = TokenizerInfo(None, PAD[det.text_kind(configs[comp])])
     return Checkpoint(folder, "diffusers", arch, MappingProxyType(params), MappingProxyType(configs),
-                      MappingProxyType(tokenizers), tuple(ignored))
+                      MappingProxyType(tokenizers), tuple(ignored), MappingProxyType(_pipeline_flags(model_index)))
 
 
 def claims_checkpoint(path: str | os.PathLike, keys: Any = None) -> bool:
