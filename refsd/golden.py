@@ -119,26 +119,74 @@ def _run_unet(sample, encoder_hidden_states, timestep=None, text_embeds=None, ti
                            text_embeds=text_embeds, time_ids=time_ids, attention=attention)}
 
 
-def _run_pipeline(init_image=None, mask=None, *, params, model: dict, mode: str, prompt: str, negative_prompt: str,
-                  steps: int, cfg: float, sampler: str, scheduler: str, seed: int, rng: str, batch_size: int,
-                  clip_skip: int | None, parity: str, width: int | None = None, height: int | None = None,
-                  strength: float | None = None, attention: str = "sliced"):
-    """Golden adapter for pipeline cases (op "pipeline"): refsd.pipelines.txt2img / img2img / inpaint on a
-    tiny model whose weights are ``param/<component>.<key>`` and whose configs are in ``model`` (``unet``,
-    ``vae``, ``text_encoder``, ``scheduler``, ``architecture``, ``pad_token``). Outputs: ``noise``,
-    ``image_latents`` (img2img; inpainting below strength 1), ``masked_image_latents`` (inpainting: the
-    un-repeated first), ``init_latents``, ``step.<i>`` (latents after step i), ``latents``, ``image``
-    (float pixels (B, H, W, 3) before the uint8 rounding)."""
-    from refsd.pipelines import img2img, inpaint, make_model, txt2img
+def _tiny_model(params, model: dict, attention: str, prefixes: dict | None = None):
+    """A pipelines Model over a case's ``param/<component>.<key>`` weights (``prefixes``: component ->
+    another key prefix, e.g. the refiner's own UNet under "refiner.unet") and ``model`` configs."""
+    from refsd.pipelines import make_model
 
-    comps = ("unet", "vae", "text_encoder")
-    m = make_model({c: params.sub(c) for c in comps}, {c: model[c] for c in (*comps, "scheduler")},
-                   architecture=model["architecture"], pad_token=model["pad_token"], attention=attention,
-                   name=f"tiny-{model['architecture']}")
+    comps = [c for c in ("unet", "vae", "text_encoder", "text_encoder_2") if c in model]
+    pads = model.get("pad_tokens", model.get("pad_token"))
+    flags = {k: model[k] for k in ("force_zeros_for_empty_prompt", "requires_aesthetics_score") if k in model}
+    prefixes = prefixes or {}
+    return make_model({c: params.sub(prefixes.get(c, c)) for c in comps}, {c: model[c] for c in (*comps, "scheduler")},
+                      architecture=model["architecture"], pad_token=pads, attention=attention,
+                      name=f"tiny-{model['architecture']}", pipeline_config=flags)
+
+
+def _pipeline_outputs(res, steps_done: dict, *, mode: str, prefix: str = "") -> dict:
+    """A GenerationResult as the golden's ``out/`` names (``prefix`` for a base stage)."""
+    xp = rxp.namespace(res.latents)
+    out = {"init_latents": res.init_latents, **steps_done, "latents": res.latents}
+    if res.noise is not None:
+        out["noise"] = rxp.asarray(res.noise, like=res.latents)
+    if res.pixels is not None:
+        out["image"] = rxp.asarray(res.pixels, like=res.latents)
+    if res.image_latents is not None and mode != "refiner":
+        out["image_latents"] = res.image_latents if mode == "img2img" else res.image_latents[:1, ...]
+    if res.masked_image_latents is not None:
+        out["masked_image_latents"] = res.masked_image_latents[:1, ...]
+    if "text_embeds" in res.cond:  # SDXL: the conditioning as diffusers' encode_prompt returns it
+        out.update(prompt_embeds=res.cond["encoder_hidden_states"], pooled_prompt_embeds=res.cond["text_embeds"])
+        ids = res.cond["time_ids"]
+        if res.uncond is not None:
+            out.update(negative_prompt_embeds=res.uncond["encoder_hidden_states"],
+                       negative_pooled_prompt_embeds=res.uncond["text_embeds"])
+            ids = xp.concat([res.uncond["time_ids"], ids], axis=0)
+        out["add_time_ids"] = ids
+    return {prefix + k: (v if v.dtype == xp.float32 else xp.astype(v, xp.float32)) for k, v in out.items()}
+
+
+MICRO_KEYS = ("original_size", "crop", "target_size", "negative_original_size", "negative_crop",
+              "negative_target_size", "aesthetic_score", "negative_aesthetic_score")
+
+
+def _run_pipeline(init_image=None, mask=None, *, params, model: dict, mode: str, prompt: str,
+                  negative_prompt: str | None, steps: int, cfg: float, sampler: str, scheduler: str, seed: int,
+                  rng: str, batch_size: int, clip_skip: int | None, parity: str, width: int | None = None,
+                  height: int | None = None, strength: float | None = None, attention: str = "sliced",
+                  refiner: dict | None = None, switch: float | None = None, **micro):
+    """Golden adapter for pipeline cases (op "pipeline"): refsd.pipelines.txt2img / img2img / inpaint (and
+    txt2img with an SDXL ``refiner``, mode "base_refiner") on a tiny model whose weights are
+    ``param/<component>.<key>`` (the refiner's UNet: ``param/refiner.unet.<key>``) and whose configs are
+    in ``model`` (``unet``, ``vae``, ``text_encoder``[, ``text_encoder_2``], ``scheduler``,
+    ``architecture``, ``pad_token`` or ``pad_tokens``, SDXL pipeline flags). ``micro``: SDXL
+    micro-conditioning fields. Outputs: ``noise``, ``image_latents`` (img2img; inpainting below
+    strength 1), ``masked_image_latents`` (inpainting: the un-repeated first), ``init_latents``,
+    ``step.<i>`` (latents after step i), ``latents``, ``image`` (float pixels (B, H, W, 3) before the
+    uint8 rounding); SDXL: ``prompt_embeds``, ``pooled_prompt_embeds``, ``negative_*``, ``add_time_ids``
+    (as the UNet's batch gets them); base + refiner: the base stage's under ``base.``."""
+    from refsd.pipelines import img2img, inpaint, txt2img
+
+    unknown = sorted(set(micro) - set(MICRO_KEYS))
+    if unknown:
+        raise GoldenError(f"pipeline golden: unknown kwargs {unknown}")
+    m = _tiny_model(params, model, attention)
     steps_done = {}
     common = dict(steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, seed=seed, rng=rng,
                   batch_size=batch_size, clip_skip=clip_skip, parity=parity,
-                  callback=lambda i, total, latents: steps_done.__setitem__(f"step.{i}", latents))
+                  callback=lambda i, total, latents: steps_done.__setitem__(i, latents))
+    if micro:
+        common["micro"] = micro
     if mode == "txt2img":
         res = txt2img(m, prompt, negative_prompt, width=width, height=height, **common)
     elif mode == "img2img":
@@ -146,16 +194,19 @@ def _run_pipeline(init_image=None, mask=None, *, params, model: dict, mode: str,
     elif mode == "inpaint":
         res = inpaint(m, rxp.to_numpy(init_image), rxp.to_numpy(mask), prompt, negative_prompt, strength=strength,
                       **common)
+    elif mode == "base_refiner":
+        ref = _tiny_model(params, refiner, attention, {"unet": "refiner.unet"})  # bigG and VAE: the base's
+        res = txt2img(m, prompt, negative_prompt, width=width, height=height, refiner=ref, refiner_switch=switch,
+                      **common)
+        k = res.base.info["steps_run"]
+        base = {f"step.{i}": x for i, x in steps_done.items() if i < k}
+        out = _pipeline_outputs(res.base, base, mode="txt2img", prefix="base.")
+        out.update(_pipeline_outputs(res, {f"step.{i - k}": x for i, x in steps_done.items() if i >= k},
+                                     mode="refiner"))
+        return out
     else:
         raise GoldenError(f"pipeline golden: unknown mode {mode!r}")
-    xp = rxp.namespace(res.latents)
-    out = {"noise": rxp.asarray(res.noise, like=res.latents), "init_latents": res.init_latents,
-           **steps_done, "latents": res.latents, "image": rxp.asarray(res.pixels, like=res.latents)}
-    if res.image_latents is not None:
-        out["image_latents"] = res.image_latents if mode == "img2img" else res.image_latents[:1, ...]
-    if res.masked_image_latents is not None:
-        out["masked_image_latents"] = res.masked_image_latents[:1, ...]
-    return {k: (v if v.dtype == xp.float32 else xp.astype(v, xp.float32)) for k, v in out.items()}
+    return _pipeline_outputs(res, {f"step.{i}": x for i, x in steps_done.items()}, mode=mode)
 
 
 # op name in a case's metadata -> the refsd callable (or adapter above). Inputs are passed by name.

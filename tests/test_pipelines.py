@@ -158,7 +158,7 @@ def test_clip_skip_negative_rule(sd1):
         s = T2I.check_settings(sd1, prompt="a cat", negative_prompt="a dog", width=64, height=64, steps=2, cfg=7.5,
                                sampler="euler", scheduler="normal", seed=0, rng="torch-cpu", batch_size=1,
                                clip_skip=skip, parity=parity)
-        return [rxp.to_numpy(z) for z in T2I.encode_text(sd1, s)]
+        return [rxp.to_numpy(z["encoder_hidden_states"]) for z in T2I.encode_text(sd1, s)]
 
     c1, u1 = enc("diffusers", None)
     c2, u2 = enc("diffusers", 2)
@@ -232,7 +232,10 @@ def test_unsupported_architectures_and_inpaint_models(sd1):
     params = Params(case.group("param"))
     parts = {c: params.sub(c) for c in COMPONENTS}
     configs = {c: m[c] for c in COMPONENTS}
-    with pytest.raises(RefsdError, match=r"sdxl \(Stable Diffusion XL base.*not supported.*issue #6"):
+    with pytest.raises(RefsdError, match=r"sd3 \(sd3\) is not supported by the pipelines"):
+        make_model(parts, configs, architecture="sd3", pad_token=49407)
+    with pytest.raises(RefsdError, match="has no text_encoder_2; sdxl generation needs unet, vae, text_encoder, "
+                                         "text_encoder_2"):
         make_model(parts, configs, architecture="sdxl", pad_token=49407)
     with pytest.raises(RefsdError, match="has no text_encoder"):
         make_model({c: parts[c] for c in ("unet", "vae")}, configs, architecture="sd1", pad_token=49407)

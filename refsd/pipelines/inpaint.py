@@ -41,7 +41,6 @@ from __future__ import annotations
 
 from refsd import xp as rxp
 from refsd.errors import RefsdError
-from refsd.models.vae import encode as _vae_encode
 from refsd.models.vae import sample_latent, to_latent
 from refsd.pipelines import images as _images
 from refsd.pipelines import masks as _masks
@@ -51,6 +50,7 @@ from refsd.pipelines.txt2img import (
     Callback,
     GenerationResult,
     decode_images,
+    encode_posterior,
     encode_text,
     from_profile,
     make_generator,
@@ -65,17 +65,18 @@ def _posterior_sample(model: Model, x, generator, batch: int):
     """diffusers _encode_vae_image: VAE posterior sampled with the generator's next draw, * scaling_factor,
     repeated to ``batch``."""
     xp = model.xp
-    mean, logvar = _vae_encode(model.params["vae"], x, cfg=model.vae_config, attention=model.attention)
+    mean, logvar = encode_posterior(model, x)
     eps = generator.randn(tuple(mean.shape), "float32")
     z = to_latent(sample_latent(mean, logvar, rxp.asarray(eps, like=mean, dtype=mean.dtype)), cfg=model.vae_config)
     return z if batch == 1 else xp.concat([z] * batch, axis=0)
 
 
-def inpaint(model: Model, init_image, mask, prompt: str, negative_prompt: str = "", *, strength: float = 1.0,
+def inpaint(model: Model, init_image, mask, prompt: str, negative_prompt: str | None = None, *, strength: float = 1.0,
             width: int | None = None, height: int | None = None, steps: int = 20, cfg: float = 7.5,
             sampler: str = "euler", scheduler: str = "normal", seed: int = 0, rng: str = "torch-cpu",
             batch_size: int = 1, clip_skip: int | None = None, parity: str = "diffusers", mask_grow: int = 0,
-            mask_blur: float = 0.0, composite: bool = False, callback: Callback | None = None) -> GenerationResult:
+            mask_blur: float = 0.0, composite: bool = False, micro=None,
+            callback: Callback | None = None) -> GenerationResult:
     """Repaint where ``mask`` is set in ``init_image`` (uint8 (H, W, 3)). ``mask``: bool, uint8 (/ 255;
     (H, W), or RGB made grayscale) or float in [0, 1], (H, W), 1 = repaint; ``mask_grow`` pixels of
     dilation then a ``mask_blur``-pixel Gaussian (refsd.pipelines.masks). A 9-channel inpainting model
@@ -83,7 +84,9 @@ def inpaint(model: Model, init_image, mask, prompt: str, negative_prompt: str = 
     blending (both profiles). ``strength``: 1 (default) starts from pure noise; below 1, from the
     image noised as img2img. ``composite``: paste the results onto ``init_image`` through the mask
     (``images`` change; ``pixels`` and ``latents`` stay the decoder's). Other arguments as
-    ``txt2img``; ``res.masked_image_latents`` holds the 9-channel route's masked image latents."""
+    ``txt2img`` (``micro``: SDXL micro-conditioning); ``res.masked_image_latents`` holds the 9-channel
+    route's masked image latents. SDXL inpainting (9-channel SDXL inpainting UNets, or blending with any
+    SDXL base) follows StableDiffusionXLInpaintPipeline, which draws and blends as the SD pipeline does."""
     nine = isinstance(model, Model) and model.unet_config.in_channels == 9
     if isinstance(model, Model) and model.unet_config.in_channels not in (4, 9):
         raise RefsdError(f"{model.name} has a {model.unet_config.in_channels}-channel UNet: inpainting needs a "
@@ -94,7 +97,7 @@ def inpaint(model: Model, init_image, mask, prompt: str, negative_prompt: str = 
     image, s = image_settings(model, init_image, width, height, prompt=prompt, negative_prompt=negative_prompt,
                               steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, seed=seed, rng=rng,
                               batch_size=batch_size, clip_skip=clip_skip, parity=parity, strength=strength,
-                              inpaint_unet_ok=True)
+                              inpaint_unet_ok=True, micro=micro, mode="inpaint")
     repaint = _masks.prepare_mask(mask, image.shape[:2], grow=mask_grow, blur=mask_blur)  # float32 (H, W), 1 = repaint
     if s.parity not in ("diffusers", "comfyui"):
         raise RefsdError(f"inpainting runs under parity='diffusers' or 'comfyui', not {s.parity!r}")
@@ -120,7 +123,7 @@ def _nine_channel(model: Model, s, image, repaint, callback) -> GenerationResult
     f = model.vae_scale_factor
     keep = _masks.binarize(repaint)
     plan = plan_for(model, s, like).tail(diffusers_start(s.steps, s.strength))
-    cond, uncond = encode_text(model, s)
+    cond, uncond = encode_text(model, s, "inpaint")
     gen = make_generator(s)
     b, c = s.batch_size, model.latent_channels
     x_img = _images.to_model_input(image, xp=xp, device=dev, dtype=dtype)
@@ -143,7 +146,8 @@ def _nine_channel(model: Model, s, image, repaint, callback) -> GenerationResult
     latents = run_sampler(model, s, plan, x, cond, uncond, generator=gen, callback=callback, unet_extra=extra)
     pixels, images = decode_images(model, latents, s.parity)
     return GenerationResult(images, latents, [s.seed] * b, s.info(model), pixels=pixels, init_latents=init,
-                            noise=noise_host, image_latents=image_latents, masked_image_latents=masked_latents)
+                            noise=noise_host, image_latents=image_latents, masked_image_latents=masked_latents,
+                            cond=cond, uncond=uncond)
 
 
 def _blend_diffusers(model: Model, s, image, repaint, callback) -> GenerationResult:
@@ -152,7 +156,7 @@ def _blend_diffusers(model: Model, s, image, repaint, callback) -> GenerationRes
     h, w = image.shape[:2]
     f = model.vae_scale_factor
     plan = plan_for(model, s, like).tail(diffusers_start(s.steps, s.strength))
-    cond, uncond = encode_text(model, s)
+    cond, uncond = encode_text(model, s, "inpaint")
     gen = make_generator(s)
     b, c = s.batch_size, model.latent_channels
     x_img = _images.to_model_input(image, xp=xp, device=dev, dtype=dtype)
@@ -187,7 +191,7 @@ def _blend_diffusers(model: Model, s, image, repaint, callback) -> GenerationRes
     latents = blended(plan.steps - 1, plan.steps, latents)
     pixels, images = decode_images(model, latents, s.parity)
     return GenerationResult(images, latents, [s.seed] * b, s.info(model), pixels=pixels, init_latents=init,
-                            noise=noise_host, image_latents=image_latents)
+                            noise=noise_host, image_latents=image_latents, cond=cond, uncond=uncond)
 
 
 def _blend_comfyui(model: Model, s, image, repaint, callback) -> GenerationResult:
@@ -196,7 +200,7 @@ def _blend_comfyui(model: Model, s, image, repaint, callback) -> GenerationResul
     h, w = image.shape[:2]
     f = model.vae_scale_factor
     plan = plan_for(model, s, like, denoise=s.strength)
-    cond, uncond = encode_text(model, s)
+    cond, uncond = encode_text(model, s, "inpaint")
     gen = make_generator(s)
     image_latents = encode_image(model, s, image, gen)  # posterior mean, repeated to the batch
     noise_host = gen.randn(tuple(image_latents.shape), "float32")
@@ -207,4 +211,4 @@ def _blend_comfyui(model: Model, s, image, repaint, callback) -> GenerationResul
                           wrap_denoiser=lambda d: InpaintDenoiser(d, image_latents, noise, m))
     pixels, images = decode_images(model, latents, s.parity)
     return GenerationResult(images, latents, [s.seed] * s.batch_size, s.info(model), pixels=pixels,
-                            init_latents=x, noise=noise_host, image_latents=image_latents)
+                            init_latents=x, noise=noise_host, image_latents=image_latents, cond=cond, uncond=uncond)

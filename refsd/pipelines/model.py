@@ -1,9 +1,12 @@
-"""``load_model``: a checkpoint's components, configs, tokenizer and prediction type, held for the pipelines.
+"""``load_model``: a checkpoint's components, configs, tokenizers and prediction type, held for the pipelines.
 
-A ``Model`` is what txt2img / img2img need from a checkpoint: the UNet, VAE and text encoder
-Params (diffusers keys, placed once on the chosen backend), their configs, the tokenizer with its
-pad token, the scheduler config (the checkpoint's own, or SD's when a single file carries none) and
-the prediction type. Nothing here runs a network.
+A ``Model`` is what txt2img / img2img / inpaint need from a checkpoint: the UNet, VAE and text
+encoder Params (diffusers keys, placed once on the chosen backend), their configs, each text
+encoder's tokenizer with its pad token (SD 1.x / 2.x: one encoder; SDXL: CLIP-L and OpenCLIP-bigG;
+the SDXL refiner: bigG only), the scheduler config (the checkpoint's own, or the family's released
+one when a single file carries none), the pipeline flags SDXL's model_index.json carries
+(``force_zeros_for_empty_prompt``, ``requires_aesthetics_score``) and the prediction type. Nothing
+here runs a network.
 
 Prediction type (``prediction=None``): a diffusers folder's scheduler config says it; a single file
 cannot (SD 2.x 512-base is epsilon, 768-v is v-prediction, with identical shapes), so refsd uses
@@ -32,22 +35,44 @@ from refsd.text.tokenizer import CLIPTokenizer
 from refsd.weights.checkpoint import Checkpoint, load_checkpoint
 from refsd.weights.detect import BY_NAME
 
-SUPPORTED_ARCHITECTURES = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint")
+SUPPORTED_ARCHITECTURES = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint", "sdxl", "sdxl-inpaint", "sdxl-refiner")
+XL_ARCHITECTURES = ("sdxl", "sdxl-inpaint", "sdxl-refiner")
 PREDICTIONS = ("epsilon", "v_prediction")
-COMPONENTS = ("unet", "vae", "text_encoder")
+TEXT_ENCODERS = {"sdxl": ("text_encoder", "text_encoder_2"), "sdxl-inpaint": ("text_encoder", "text_encoder_2"),
+                 "sdxl-refiner": ("text_encoder_2",)}  # others: ("text_encoder",)
+TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+DEFAULT_PAD = {"text_encoder": 49407, "text_encoder_2": 0}  # SDXL: CLIP-L pads with EOS, bigG with "!"
+# model_index.json flags of the released SDXL pipelines (stabilityai/stable-diffusion-xl-base-1.0,
+# -refiner-1.0, diffusers/stable-diffusion-xl-1.0-inpainting-0.1), used when a checkpoint has none.
+PIPELINE_FLAGS = {"sdxl": {"force_zeros_for_empty_prompt": True},
+                  "sdxl-inpaint": {"force_zeros_for_empty_prompt": True},
+                  "sdxl-refiner": {"force_zeros_for_empty_prompt": False, "requires_aesthetics_score": True}}
 # ComfyUI SD20.model_type: this bias's std tells SD 2.x 768-v from 512-base (see the module docstring).
 V_PREDICTION_PROBE = "up_blocks.3.attentions.2.transformer_blocks.0.norm1.bias"
 V_PREDICTION_STD = 0.09
 
 
 @dataclass(frozen=True)
-class Model:
-    """A Stable Diffusion 1.x / 2.x model ready for ``txt2img`` / ``img2img``.
+class TextEncoder:
+    """One text encoder of a Model: its component name ("text_encoder" | "text_encoder_2"), config,
+    tokenizer and pad token id (49407 = EOS for CLIP-L, 0 = "!" for OpenCLIP)."""
 
-    ``params``: component ("unet", "vae", "text_encoder") -> Params; ``*_config``: their configs;
-    ``scheduler_config``: diffusers scheduler config keys, ``prediction_type`` set to ``prediction``;
-    ``tokenizer`` + ``pad_token`` (49407 for CLIP-L / SD1, 0 for OpenCLIP / SD2);
-    ``prediction``: "epsilon" | "v_prediction", and ``prediction_source`` says how it was decided;
+    component: str
+    config: CLIPTextConfig
+    tokenizer: CLIPTokenizer
+    pad_token: int
+
+
+@dataclass(frozen=True)
+class Model:
+    """A Stable Diffusion 1.x / 2.x / XL model ready for ``txt2img`` / ``img2img`` / ``inpaint``.
+
+    ``params``: component ("unet", "vae", "text_encoder", "text_encoder_2") -> Params; ``*_config``:
+    their configs; ``text_encoders``: the TextEncoders in conditioning order (SDXL: CLIP-L, then
+    bigG, whose hidden states are concatenated in that order); ``scheduler_config``: diffusers
+    scheduler config keys, ``prediction_type`` set to ``prediction``; ``prediction``: "epsilon" |
+    "v_prediction", and ``prediction_source`` says how it was decided; ``force_zeros_for_empty_prompt``
+    (SDXL base: no negative prompt = zero conditioning, under parity="diffusers");
     ``attention``: the refsd.attention strategy every network call uses; ``dtype``: the compute dtype.
     """
 
@@ -56,16 +81,62 @@ class Model:
     params: Mapping[str, Any]
     unet_config: UNetConfig
     vae_config: VAEConfig
-    text_config: CLIPTextConfig
+    text_encoders: tuple[TextEncoder, ...]
     scheduler_config: dict
-    tokenizer: CLIPTokenizer
-    pad_token: int
     prediction: str
     prediction_source: str
+    force_zeros_for_empty_prompt: bool = False
     attention: str = "sliced"
     dtype: str = "float32"
     path: Path | None = None
     checkpoint: Checkpoint | None = field(default=None, repr=False)
+
+    @property
+    def text_config(self) -> CLIPTextConfig:
+        """The first text encoder's config (SD 1.x / 2.x: the only one)."""
+        return self.text_encoders[0].config
+
+    @property
+    def tokenizer(self) -> CLIPTokenizer:
+        return self.text_encoders[0].tokenizer
+
+    @property
+    def pad_token(self) -> int:
+        return self.text_encoders[0].pad_token
+
+    @property
+    def is_xl(self) -> bool:
+        """SDXL base, inpainting or refiner: pooled text embeddings and micro-conditioning time ids."""
+        return self.architecture in XL_ARCHITECTURES
+
+    @property
+    def time_ids(self) -> int:
+        """How many micro-conditioning time ids the UNet takes: 6 (SDXL base: original size, crop,
+        target size), 5 (refiner: original size, crop, aesthetic score), 0 (SD 1.x / 2.x)."""
+        if self.unet_config.addition_embed_type != "text_time":
+            return 0
+        pooled = self.text_encoders[-1].config.projection_dim
+        return (self.unet_config.projection_class_embeddings_input_dim - pooled) // self.unet_config.addition_time_embed_dim
+
+    @property
+    def requires_aesthetics_score(self) -> bool:
+        """diffusers' flag of the refiner: its 5 time ids end in an aesthetic score."""
+        return self.time_ids == 5
+
+    @cached_property
+    def vae_params(self):
+        """The VAE's Params as the VAE runs: float32 when the model is float16 and its VAE config says
+        ``force_upcast`` (SDXL's VAE overflows in float16; diffusers' XL pipelines run it in float32
+        unless the VAE is a known fp16-safe one, whose config sets force_upcast false), else
+        ``params["vae"]``."""
+        vae = self.params["vae"]
+        if self.is_xl and self.dtype == "float16" and self.vae_config.force_upcast and hasattr(vae, "astype"):
+            return vae.astype("float32")
+        return vae
+
+    @property
+    def vae_dtype(self) -> str:
+        return "float32" if self.vae_params is not self.params["vae"] else self.dtype
 
     @property
     def xp(self):
@@ -139,36 +210,73 @@ def resolve_prediction(architecture: str, unet_params, scheduler_config: dict | 
     return "epsilon", "architecture default"
 
 
-def make_model(params: Mapping[str, Any], configs: Mapping[str, dict], *, architecture: str, pad_token: int,
-               tokenizer: CLIPTokenizer | None = None, prediction: str | None = None, attention: str = "sliced",
-               name: str = "model", path: Path | None = None, checkpoint: Checkpoint | None = None) -> Model:
-    """A Model from per-component Params and configs (``configs["scheduler"]`` optional: SD's
-    default scheduler config otherwise). ``tokenizer``: None for refsd's shipped CLIP vocabulary."""
+def make_model(params: Mapping[str, Any], configs: Mapping[str, dict], *, architecture: str,
+               pad_token: int | Mapping[str, int], tokenizer: CLIPTokenizer | Mapping[str, Any] | None = None,
+               prediction: str | None = None, attention: str = "sliced", name: str = "model",
+               path: Path | None = None, checkpoint: Checkpoint | None = None,
+               pipeline_config: Mapping[str, Any] | None = None) -> Model:
+    """A Model from per-component Params and configs (``configs["scheduler"]`` optional: the family's
+    released scheduler config otherwise). ``pad_token`` / ``tokenizer``: one value (SD 1.x / 2.x) or
+    a mapping by text-encoder component; a missing tokenizer is refsd's shipped CLIP vocabulary.
+    ``pipeline_config``: model_index.json flags (``force_zeros_for_empty_prompt``); absent ones take
+    the released pipelines' values (PIPELINE_FLAGS)."""
     from refsd.attention import STRATEGIES
-    from refsd.pipelines.parity import DEFAULT_SCHEDULER_CONFIG
+    from refsd.pipelines.parity import DEFAULT_SCHEDULER_CONFIG, SDXL_SCHEDULER_CONFIG
 
     _check_choice("attention strategy", attention, STRATEGIES)
     if architecture not in SUPPORTED_ARCHITECTURES:
         desc = BY_NAME[architecture].description if architecture in BY_NAME else architecture
-        raise RefsdError(f"{name}: {architecture} ({desc}) is not supported by the SD 1.x / 2.x pipelines "
-                         f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}); SDXL is planned (issue #6)")
-    missing = [c for c in COMPONENTS if c not in params]
+        raise RefsdError(f"{name}: {architecture} ({desc}) is not supported by the pipelines "
+                         f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    encoders = TEXT_ENCODERS.get(architecture, ("text_encoder",))
+    missing = [c for c in ("unet", "vae", *encoders) if c not in params]
     if missing:
-        raise RefsdError(f"{name}: the checkpoint has no {', '.join(missing)}; generation needs a UNet, a VAE and "
-                         f"a text encoder (found: {', '.join(params) or 'nothing'})")
+        raise RefsdError(f"{name}: the checkpoint has no {', '.join(missing)}; {architecture} generation needs "
+                         f"{', '.join(('unet', 'vae', *encoders))} (found: {', '.join(params) or 'nothing'})")
+    xl = architecture in XL_ARCHITECTURES
     pred, source = resolve_prediction(architecture, params["unet"], configs.get("scheduler"), prediction)
-    sched = {**(configs.get("scheduler") or DEFAULT_SCHEDULER_CONFIG), "prediction_type": pred}
+    default = SDXL_SCHEDULER_CONFIG if xl else DEFAULT_SCHEDULER_CONFIG
+    sched = {**(configs.get("scheduler") or default), "prediction_type": pred}
+    text = []
+    for comp in encoders:
+        pad = pad_token.get(comp, DEFAULT_PAD[comp]) if isinstance(pad_token, Mapping) else pad_token
+        tok = tokenizer.get(comp) if isinstance(tokenizer, Mapping) else tokenizer
+        text.append(TextEncoder(comp, CLIPTextConfig.from_dict(configs[comp]), tok or CLIPTokenizer.from_package(),
+                                int(pad)))
+    flags = {**PIPELINE_FLAGS.get(architecture, {}), **(pipeline_config or {})}
     unet_params = params["unet"]
     dtype = unet_params.dtype or unet_params.dtype_of("conv_in.weight")
-    return Model(name=name, architecture=architecture, params=dict(params),
-                 unet_config=UNetConfig.from_dict(configs["unet"]), vae_config=VAEConfig.from_dict(configs["vae"]),
-                 text_config=CLIPTextConfig.from_dict(configs["text_encoder"]), scheduler_config=sched,
-                 tokenizer=tokenizer or CLIPTokenizer.from_package(), pad_token=int(pad_token), prediction=pred,
-                 prediction_source=source, attention=attention, dtype=dtype, path=path, checkpoint=checkpoint)
+    model = Model(name=name, architecture=architecture, params=dict(params),
+                  unet_config=UNetConfig.from_dict(configs["unet"]), vae_config=VAEConfig.from_dict(configs["vae"]),
+                  text_encoders=tuple(text), scheduler_config=sched, prediction=pred, prediction_source=source,
+                  force_zeros_for_empty_prompt=bool(flags.get("force_zeros_for_empty_prompt", False)),
+                  attention=attention, dtype=dtype, path=path, checkpoint=checkpoint)
+    if xl:
+        _check_xl(model, flags)
+    return model
+
+
+def _check_xl(model: Model, flags: Mapping[str, Any]) -> None:
+    """The UNet's added-embedding width must be the last encoder's pooled width plus whole time ids."""
+    u, pooled = model.unet_config, model.text_encoders[-1].config
+    if u.addition_embed_type != "text_time" or not u.addition_time_embed_dim:
+        raise RefsdError(f"{model.name}: an SDXL UNet needs addition_embed_type 'text_time' (got "
+                         f"{u.addition_embed_type!r})")
+    extra = u.projection_class_embeddings_input_dim - pooled.projection_dim
+    if extra % u.addition_time_embed_dim or model.time_ids not in (5, 6):
+        raise RefsdError(f"{model.name}: the UNet's projection_class_embeddings_input_dim "
+                         f"{u.projection_class_embeddings_input_dim} is not {model.text_encoders[-1].component}'s "
+                         f"pooled width {pooled.projection_dim} + 5 or 6 time ids x {u.addition_time_embed_dim}")
+    wanted = flags.get("requires_aesthetics_score")
+    if wanted is not None and bool(wanted) != model.requires_aesthetics_score:
+        raise RefsdError(f"{model.name}: model_index.json says requires_aesthetics_score={wanted}, but the UNet takes "
+                         f"{model.time_ids} time ids ({'5 = with' if model.time_ids == 5 else '6 = without'} "
+                         f"an aesthetic score)")
 
 
 def load_model(path_or_checkpoint: str | os.PathLike | Checkpoint, *, backend: str | None = None,
-               dtype: str | None = None, attention: str = "sliced", prediction: str | None = None) -> Model:
+               dtype: str | None = None, attention: str = "sliced", prediction: str | None = None,
+               config: str | os.PathLike | None = None) -> Model:
     """Open a single-file ``.safetensors`` checkpoint or a diffusers folder for generation.
 
     ``backend``: "numpy" (default), "array-api-strict", "torch", "torch:cuda", "torch:mps", "cupy".
@@ -176,26 +284,33 @@ def load_model(path_or_checkpoint: str | os.PathLike | Checkpoint, *, backend: s
     array-api-strict) arithmetic is float32 whatever the storage (refsd.xp.precision), so the weights
     are cast to float32 once. ``attention``: "sliced" (default) | "naive" | "tiled".
     ``prediction``: None (the folder's scheduler config, else decided from the weights; see the module
-    docstring) | "epsilon" | "v_prediction". A loaded Checkpoint is used as placed (``backend`` and
-    ``dtype`` must then be None). Raises RefsdError for SDXL and other architectures.
+    docstring) | "epsilon" | "v_prediction". ``config``: for a single file, a diffusers folder or a
+    UNet config.json whose configs replace the detected ones (head counts, upcast_attention,
+    scheduler; as diffusers' ``from_single_file(config=)``; see refsd.weights.load_checkpoint).
+    A loaded Checkpoint is used as placed (``backend``, ``dtype`` and ``config`` must then be None).
+    Raises RefsdError for architectures the pipelines do not run.
     """
     if prediction is not None:
         _check_choice("prediction", prediction, PREDICTIONS)
     if isinstance(path_or_checkpoint, Checkpoint):
-        if backend is not None or dtype is not None:
-            raise RefsdError("load_model: a loaded Checkpoint keeps its own placement; pass a path to choose "
-                             "backend or dtype")
+        if backend is not None or dtype is not None or config is not None:
+            raise RefsdError("load_model: a loaded Checkpoint keeps its own placement and configs; pass a path to "
+                             "choose backend, dtype or config")
         ck = path_or_checkpoint
     else:
         xp, device = rxp.backend(backend or "numpy")
         compute = rxp.precision(xp, dtype or "float32").compute
-        ck = load_checkpoint(path_or_checkpoint, xp=xp, device=device, dtype=compute)
+        extra = {} if config is None else {"config": config}
+        ck = load_checkpoint(path_or_checkpoint, xp=xp, device=device, dtype=compute, **extra)
     path = Path(ck.path)
     name = path.stem if path.is_file() else path.name
-    tokenizer = None
-    info = ck.tokenizers.get("tokenizer")
-    if info is not None and info.folder is not None:
-        tokenizer = info.load()
-    pad = info.pad_token if info is not None else 49407
-    return make_model(ck.params, ck.configs, architecture=ck.architecture, pad_token=pad, tokenizer=tokenizer,
-                      prediction=prediction, attention=attention, name=name, path=path, checkpoint=ck)
+    tokenizers, pads = {}, {}
+    for comp, tok in TOKENIZER_OF.items():
+        info = ck.tokenizers.get(tok)
+        if info is not None:
+            pads[comp] = info.pad_token
+            if info.folder is not None:
+                tokenizers[comp] = info.load()
+    return make_model(ck.params, ck.configs, architecture=ck.architecture, pad_token=pads, tokenizer=tokenizers,
+                      prediction=prediction, attention=attention, name=name, path=path, checkpoint=ck,
+                      pipeline_config=getattr(ck, "pipeline_config", None))

@@ -161,6 +161,15 @@ DEFAULT_SCHEDULER_CONFIG = {
     "clip_sample": False, "trained_betas": None, "prediction_type": "epsilon",
 }
 
+# stabilityai/stable-diffusion-xl-base-1.0 (and -refiner-1.0) scheduler/scheduler_config.json: Euler with
+# "leading" spacing (init_noise_sigma = sqrt(sigma_max^2 + 1)); what from_single_file uses for SDXL.
+SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "clip_sample": False, "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+    "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
+}
+
 
 @dataclass(frozen=True)
 class Plan:

@@ -192,8 +192,8 @@ def clip_encode_fn(params, cfg, *, skip: int = 1, final_layer_norm: bool = True,
         if final_layer_norm:
             hidden = out["last_hidden_state"] if skip == 1 else penultimate(out, params, cfg, skip=skip)
         else:
-            if not 1 <= skip <= len(out["hidden_states"]) - 1:
-                raise RefsdError(f"clip skip {skip} out of range 1..{len(out['hidden_states']) - 1}")
+            if not 1 <= skip <= len(out["hidden_states"]):  # hidden_states[0]: the embeddings' output
+                raise RefsdError(f"clip skip {skip} out of range 1..{len(out['hidden_states'])}")
             hidden = out["hidden_states"][-skip]
         return hidden, (None if pooled is None else out[pooled])
 

@@ -217,6 +217,13 @@ class Params(Mapping):
     def __len__(self) -> int:
         return sum(1 for _ in self._own())
 
+    def astype(self, dtype: str) -> Params:
+        """This view's tensors as a new Params (keys relative to this view) whose floating tensors are
+        cast to ``dtype`` on first use, read again from their sources; this store's memo is untouched.
+        (SDXL's VAE runs in float32 this way when the model is float16: ``force_upcast``.)"""
+        return Params({rel: self._store.entries[full] for rel, full in self._own()}, xp=self.xp, device=self.device,
+                      dtype=dtype)
+
     # ---- without materialising
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
