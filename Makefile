@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PIP     := $(BIN)/python -m pip install --only-binary=:all: -c requirements/lock.txt
 
-.PHONY: setup demo test test-slow golden-check bench bench-unet conformance clean
+.PHONY: setup demo test test-slow golden-check bench bench-unet bench-unet-sdxl conformance clean
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -48,6 +48,11 @@ bench: setup
 
 bench-unet: setup
 	$(BIN)/python -m bench unet
+
+# One full-size SDXL base UNet CFG step (latent 2x4x128x128 = 1024x1024), refsd-numpy vs torch-CPU;
+# ~11 GiB resident per side (one at a time), ~15 minutes on 2 cores (weights are drawn in each process).
+bench-unet-sdxl: setup
+	$(BIN)/python -m bench unet --model sdxl --latent 128 --warmup 0 --repeats 1
 
 conformance: setup
 	$(BIN)/python -m backends numpy

@@ -1,4 +1,5 @@
-"""python -m bench ops [--repeats N] [--quick] [--json PATH]  |  python -m bench unet [--repeats N]"""
+"""python -m bench ops [--repeats N] [--quick] [--json PATH]
+python -m bench unet [--model sd15|sdxl] [--latent N] [--warmup W] [--repeats N] [--rounds R] [--json PATH]"""
 
 from __future__ import annotations
 
@@ -8,13 +9,18 @@ import os
 import platform
 import sys
 
+from bench.unet import add_options as unet_options
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description="refsd vs torch benchmarks (ratios in one run)")
-    ap.add_argument("suite", choices=["ops", "unet"], help="ops: single ops at SD1.5 shapes; unet: full-size SD1.5 UNet forward")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per block (median over two alternating blocks per side is reported)")
+    ap.add_argument("suite", choices=["ops", "unet"], help="ops: single ops at SD1.5 shapes; unet: full-size UNet forward")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="ops: timed runs per block (median over two alternating blocks per side is reported); "
+                         "unet: timed forwards per side in all, split over --rounds (N // rounds each, at least 1)")
     ap.add_argument("--quick", action="store_true", help="skip the slowest cases (VAE conv, naive attention)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON")
+    unet_options(ap)  # --model, --latent, --warmup, --rounds
     ap.add_argument("--tune-allocator", action="store_true",
                     help="call refsd.xp.tune_allocator() first (keeps freed heap memory mapped; affects torch too)")
     args = ap.parse_args(argv)
@@ -31,7 +37,7 @@ def main(argv=None) -> int:
     if args.suite == "unet":
         from bench import unet
 
-        res = unet.run(repeats=max(1, args.repeats // 2))
+        res = unet.from_args(args, ap.error)
         print(unet.summary(res))
         if args.json:
             with open(args.json, "w") as f:
