@@ -264,3 +264,70 @@ def test_nan_decode_is_reported(base):
     with pytest.raises(RefsdError, match="the VAE decode of image 0 produced NaN/Inf; nothing was written"):
         decode_images(model, rxp.asarray(latents, xp=model.xp, device=model.device), "diffusers")
     del base
+
+
+# --------------------------------------------------------------------------------------------
+# loading: diffusers folders with model_index.json flags
+
+
+def _write_xl_folder(root, case_id, unet_from=None, **flags):
+    """A diffusers folder (no tokenizers: the shipped vocabulary) of a tiny SDXL golden model."""
+    import json
+
+    from refsd.weights import save_safetensors
+
+    case = golden.load_case(case_id)
+    m, params = case.meta["op"]["kwargs"]["model"], dict(case.group("param"))
+    if unet_from is not None:
+        params.update({k: v for k, v in golden.load_case(unet_from).group("param").items() if not k.startswith("unet.")})
+    names = {"unet": ("diffusion_pytorch_model", "diffusers", "UNet2DConditionModel"),
+             "vae": ("diffusion_pytorch_model", "diffusers", "AutoencoderKL"),
+             "text_encoder": ("model", "transformers", "CLIPTextModel"),
+             "text_encoder_2": ("model", "transformers", "CLIPTextModelWithProjection")}
+    index = {"_class_name": "StableDiffusionXLPipeline", "scheduler": ["diffusers", m["scheduler"]["_class_name"]],
+             **flags}
+    for comp, (stem, lib, cls) in names.items():
+        if comp not in m:
+            continue
+        (root / comp).mkdir(parents=True)
+        save_safetensors(root / comp / f"{stem}.safetensors",
+                         {k[len(comp) + 1:]: v for k, v in params.items() if k.startswith(comp + ".")})
+        (root / comp / "config.json").write_text(json.dumps(m[comp]))
+        index[comp] = [lib, cls]
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(m["scheduler"]))
+    (root / "model_index.json").write_text(json.dumps(index))
+    return case
+
+
+def test_diffusers_folders_reproduce_goldens(tmp_path):
+    """load_model on SDXL base and refiner folders: architecture, pipeline flags from model_index.json,
+    pad tokens by encoder; the golden runs reproduce diffusers."""
+    from refsd.pipelines import load_model
+
+    case = _write_xl_folder(tmp_path / "base", BASE, force_zeros_for_empty_prompt=True)
+    base = load_model(tmp_path / "base")
+    assert (base.architecture, base.force_zeros_for_empty_prompt) == ("sdxl", True)
+    assert [e.pad_token for e in base.text_encoders] == [49407, 0]
+    kw = {k: v for k, v in case.meta["op"]["kwargs"].items() if k not in ("model", "mode")}
+    res = txt2img(base, kw.pop("prompt"), kw.pop("negative_prompt"), **kw)
+    out = case.group("out")
+    assert np.max(np.abs(rxp.to_numpy(res.latents) - out["latents"])) <= 5e-4
+    assert not rxp.to_numpy(res.uncond["encoder_hidden_states"]).any()  # negative None -> zeros
+
+    ref_case = _write_xl_folder(tmp_path / "refiner", REFINER, unet_from=BASE, requires_aesthetics_score=True,
+                                force_zeros_for_empty_prompt=False)
+    refiner = load_model(tmp_path / "refiner")
+    assert (refiner.architecture, refiner.requires_aesthetics_score) == ("sdxl-refiner", True)
+    kw = {k: v for k, v in ref_case.meta["op"]["kwargs"].items() if k not in ("model", "mode")}
+    micro = {k: kw.pop(k) for k in list(kw) if "aesthetic" in k}
+    res = img2img(refiner, ref_case.group("in")["init_image"], kw.pop("prompt"), kw.pop("negative_prompt"),
+                  micro=micro, **kw)
+    ref = ref_case.group("out")["latents"]
+    assert np.max(np.abs(rxp.to_numpy(res.latents) - ref)) <= 5e-4
+    # a model_index.json that contradicts the UNet is refused
+    (tmp_path / "refiner" / "model_index.json").write_text(
+        (tmp_path / "refiner" / "model_index.json").read_text().replace('"requires_aesthetics_score": true',
+                                                                         '"requires_aesthetics_score": false'))
+    with pytest.raises(RefsdError, match="requires_aesthetics_score=False, but the UNet takes 5 time ids"):
+        load_model(tmp_path / "refiner")

@@ -1,5 +1,5 @@
-"""Generation pipelines for Stable Diffusion 1.x / 2.x: txt2img, img2img and inpainting (9-channel
-inpainting models), under a parity profile.
+"""Generation pipelines for Stable Diffusion 1.x / 2.x / XL: txt2img, img2img and inpainting (9-channel
+inpainting models or latent blending), SDXL's base + refiner handoff, under a parity profile.
 
     from refsd.pipelines import load_model, txt2img, img2img
     model = load_model("v1-5-pruned-emaonly.safetensors")          # or a diffusers folder
@@ -15,6 +15,7 @@ docs/pipelines.md explains them.
 from refsd.pipelines.img2img import img2img
 from refsd.pipelines.inpaint import inpaint
 from refsd.pipelines.model import Model, load_model, make_model
+from refsd.pipelines.sdxl import MicroConditioning
 from refsd.pipelines.parity import (
            DIFFUSERS_SAMPLERS,
            DIFFUSERS_SCHEDULERS,
@@ -29,6 +30,7 @@ __all__ = [
            "PARITIES",
            "PROFILES",
            "GenerationResult",
+           "MicroConditioning",
            "Model",
            "img2img",
            "inpaint",
