@@ -331,3 +331,25 @@ def test_diffusers_folders_reproduce_goldens(tmp_path):
                                                                          '"requires_aesthetics_score": false'))
     with pytest.raises(RefsdError, match="requires_aesthetics_score=False, but the UNet takes 5 time ids"):
         load_model(tmp_path / "refiner")
+
+
+@pytest.mark.parametrize("case_id", ["pipeline/txt2img_sdxl_euler_ancestral_microcond_f32",
+                                     "pipeline/img2img_sdxl_euler_f32", "pipeline/base_refiner_euler_f32"])
+def test_exact_outputs(case_id):
+    """Time ids, the initial noise and latents, and zero negatives are exact; the conditioning is the
+    CLIP's float noise (~3e-7 relative)."""
+    case = golden.load_case(case_id)
+    ref = case.group("out")
+    from refsd.weights import Params
+
+    inputs = dict(case.group("in"))
+    got = golden.OPS["pipeline"](**inputs, params=Params(case.group("param")), **case.meta["op"]["kwargs"])
+    got = {k: rxp.to_numpy(v) for k, v in got.items()}
+    for name in ref:
+        if name.endswith(("add_time_ids", "noise")) or name.endswith("init_latents") and "base" in name:
+            assert np.array_equal(got[name], ref[name]), name
+        if name.endswith(("prompt_embeds", "pooled_prompt_embeds")):
+            scale = max(np.abs(ref[name]).max(), 1e-30)
+            assert np.abs(got[name] - ref[name]).max() <= 1e-6 * scale, name
+            if not ref[name].any():
+                assert not got[name].any(), name
