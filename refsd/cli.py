@@ -11,8 +11,8 @@ import json
 import math
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from refsd import __version__
 from refsd.cli_generate import add_generate_parser, add_trace_parser
@@ -24,6 +24,8 @@ examples:
       the embedded tiny model (random weights: shows the pipeline working, not a picture)
   refsd generate --model v1-5-pruned-emaonly.safetensors --prompt "a photo of a cat" --out cat.png
   refsd generate --from-png cat.png --steps 30 --out cat30.png
+  refsd generate --model sd_xl_base_1.0.safetensors --refiner sd_xl_refiner_1.0.safetensors \\
+      --prompt "a lighthouse at dusk" --cfg 5 --out xl.png          (SDXL base + refiner, 1024x1024)
   refsd trace --demo --prompt "a red cube" --steps 1 --out trace.safetensors
       every layer's output by module path, for refsd compare against a port's trace
   refsd compare mine.safetensors golden/cases/unet/tiny.safetensors

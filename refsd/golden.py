@@ -133,8 +133,20 @@ def _tiny_model(params, model: dict, attention: str, prefixes: dict | None = Non
                       name=f"tiny-{model['architecture']}", pipeline_config=flags)
 
 
-def _pipeline_outputs(res, steps_done: dict, *, mode: str, prefix: str = "") -> dict:
-    """A GenerationResult as the golden's ``out/`` names (``prefix`` for a base stage)."""
+def pipeline_outputs(res, steps: dict, *, mode: str) -> dict:
+    """A GenerationResult as the pipeline goldens' ``out/`` names (``steps``: step index -> latents, as
+    the callback saw them). A base + refiner result gives the base stage's under ``base.`` and the
+    refiner's unprefixed, each stage's steps counted from 0."""
+    if res.base is not None:
+        k = res.base.info["steps_run"]
+        out = _stage_outputs(res.base, {f"step.{i}": x for i, x in steps.items() if i < k}, mode=mode,
+                             prefix="base.")
+        out.update(_stage_outputs(res, {f"step.{i - k}": x for i, x in steps.items() if i >= k}, mode="refiner"))
+        return out
+    return _stage_outputs(res, {f"step.{i}": x for i, x in steps.items()}, mode=mode)
+
+
+def _stage_outputs(res, steps_done: dict, *, mode: str, prefix: str = "") -> dict:
     xp = rxp.namespace(res.latents)
     out = {"init_latents": res.init_latents, **steps_done, "latents": res.latents}
     if res.noise is not None:
@@ -198,15 +210,10 @@ def _run_pipeline(init_image=None, mask=None, *, params, model: dict, mode: str,
         ref = _tiny_model(params, refiner, attention, {"unet": "refiner.unet"})  # bigG and VAE: the base's
         res = txt2img(m, prompt, negative_prompt, width=width, height=height, refiner=ref, refiner_switch=switch,
                       **common)
-        k = res.base.info["steps_run"]
-        base = {f"step.{i}": x for i, x in steps_done.items() if i < k}
-        out = _pipeline_outputs(res.base, base, mode="txt2img", prefix="base.")
-        out.update(_pipeline_outputs(res, {f"step.{i - k}": x for i, x in steps_done.items() if i >= k},
-                                     mode="refiner"))
-        return out
+        mode = "txt2img"
     else:
         raise GoldenError(f"pipeline golden: unknown mode {mode!r}")
-    return _pipeline_outputs(res, {f"step.{i}": x for i, x in steps_done.items()}, mode=mode)
+    return pipeline_outputs(res, steps_done, mode=mode)
 
 
 # op name in a case's metadata -> the refsd callable (or adapter above). Inputs are passed by name.

@@ -71,9 +71,14 @@ def test_help_lists_flags_and_examples():
     assert proc.returncode == 0
     for flag in ("--model", "--prompt", "--negative", "--steps", "--cfg", "--sampler", "--scheduler", "--seed",
                  "--rng", "--width", "--height", "--batch", "--backend", "--dtype", "--attention", "--init-image",
-                 "--strength", "--mask", "--clip-skip", "--parity", "--out", "--from-png", "--demo"):
+                 "--strength", "--mask", "--clip-skip", "--parity", "--out", "--from-png", "--demo", "--config",
+                 "--refiner", "--refiner-config", "--refiner-switch", "--original-size", "--crop", "--target-size",
+                 "--negative-original-size", "--negative-crop", "--negative-target-size", "--aesthetic-score",
+                 "--negative-aesthetic-score"):
         assert flag in proc.stdout, flag
     assert "examples:" in proc.stdout and "refsd generate --demo" in proc.stdout
+    assert "--refiner sd_xl_refiner_1.0.safetensors \\\n" in proc.stdout  # an SDXL base + refiner example
+    assert " ".join(proc.stdout.split()).count("default: the model's native size") == 2  # --width, --height
     top = subprocess.run([sys.executable, "-m", "refsd", "--help"], capture_output=True, text=True)
     assert "generate" in top.stdout and "refsd generate --model" in top.stdout
 

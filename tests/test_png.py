@@ -189,3 +189,57 @@ def test_model_hash_is_a1111s_autov2(tmp_path):
     assert png.model_hash(f, chunk=1 << 20) == hashlib.sha256(f.read_bytes()).hexdigest()[:10]
     assert png.model_hash(tmp_path) is None  # a diffusers folder: no hash
     assert png.model_name(f) == "model" and png.model_name(tmp_path) == tmp_path.name
+
+
+def test_negative_prompt_none_and_empty_round_trip():
+    """A1111 writes no "Negative prompt:" line for an empty one (and, for SDXL, zeroes it, as diffusers
+    does for None): a missing line reads back as None; refsd marks an explicit "" with its own key."""
+    texts = {neg: png.infotext({**SETTINGS, "negative_prompt": neg}, seed=1) for neg in (None, "", "dog")}
+    assert "Negative prompt" not in texts[None] and "refsd empty negative" not in texts[None]
+    assert "Negative prompt" not in texts[""] and "refsd empty negative: encoded" in texts[""]
+    assert "\nNegative prompt: dog\n" in texts["dog"] and "refsd empty negative" not in texts["dog"]
+    for neg, text in texts.items():
+        assert png.settings(png.parse_parameters(text))["negative_prompt"] == neg
+    assert png.settings(png.parse_parameters("x\nSteps: 4, Sampler: Euler, CFG scale: 5, Seed: 1"))[
+        "negative_prompt"] is None
+
+
+def test_sdxl_refiner_and_micro_conditioning_keys():
+    s = {**SETTINGS, "refiner_switch": 0.8, "original_size": (512, 768), "crop": (8, 16), "target_size": (1024, 1024),
+         "negative_original_size": (256, 256), "negative_crop": (0, 0), "negative_target_size": (640, 512),
+         "aesthetic_score": 7.0, "negative_aesthetic_score": 2.25}
+    text = png.infotext(s, seed=1, model="sd_xl_base_1.0", model_hash="31e35c80fc", refiner="sd_xl_refiner_1.0",
+                        refiner_hash="7440042bbd")
+    line = text.splitlines()[-1]
+    # A1111 1.10's keys (sd_samplers_common.apply_refiner: the checkpoint's short_title, the fraction)
+    assert "Refiner: sd_xl_refiner_1.0 [7440042bbd], Refiner switch at: 0.8, " in line
+    assert ('refsd original size: 512x768, refsd crop: "8,16", refsd target size: 1024x1024, refsd negative '
+            'original size: 256x256, refsd negative crop: "0,0", refsd negative target size: 640x512, refsd '
+            'aesthetic score: 7, refsd negative aesthetic score: 2.25') in line
+    back = png.settings(png.parse_parameters(text))
+    assert back["refiner"] == "sd_xl_refiner_1.0 [7440042bbd]" and back["refiner_switch"] == 0.8
+    for k in png.MICRO_KEYS:
+        assert back[k] == s[k], k
+    folder = png.infotext({**SETTINGS, "refiner_switch": 0.5}, seed=1, refiner="refiner-folder")
+    assert "Refiner: refiner-folder, Refiner switch at: 0.5" in folder  # a diffusers folder: no hash
+    plain = png.infotext({**SETTINGS, "refiner_switch": None}, seed=1)
+    assert "Refiner" not in plain and "refsd original size" not in plain  # only what was given
+    assert not {"refiner", "refiner_switch", *png.MICRO_KEYS} & set(png.settings(png.parse_parameters(plain)))
+
+
+@pytest.mark.parametrize("fn, text, message", [
+    (png.parse_size, "64", "is not WIDTHxHEIGHT"),
+    (png.parse_size, "0x64", "is not WIDTHxHEIGHT"),
+    (png.parse_size, "64x-8", "is not WIDTHxHEIGHT"),
+    (png.parse_size, "64,64", "is not WIDTHxHEIGHT"),
+    (png.parse_crop, "-1,2", "is not TOP,LEFT"),
+    (png.parse_crop, "1x2", "is not TOP,LEFT"),
+    (png.parse_score, "inf", "must be a finite number"),
+    (png.parse_score, "six", "is not a number"),
+])
+def test_micro_conditioning_values_are_checked(fn, text, message):
+    with pytest.raises(RefsdError, match=f"--flag .*{message}"):
+        fn(text, "--flag")
+    assert png.parse_size(" 1024 x 768 ", "s") == (1024, 768) and png.parse_crop("0, 32", "c") == (0, 32)
+    with pytest.raises(RefsdError, match="p.png: refsd original size '64' is not WIDTHxHEIGHT"):
+        png.settings(png.parse_parameters("x\nSteps: 4, Sampler: Euler, Seed: 1, refsd original size: 64"), what="p.png")

@@ -30,6 +30,21 @@ refsd name where A1111 has no equivalent), ``refsd rng``, ``refsd parity``, ``re
 1-based, for an image of a batch of B > 1) with ``refsd seed`` (the seed the batch was generated
 from; Seed is this image's own seed), ``refsd version``.
 
+The negative prompt: A1111 writes no ``Negative prompt:`` line when it is empty, and for SDXL an
+empty negative prompt means zero conditioning there (A1111 sd_models_xl force_zero_negative_prompt),
+as "no negative prompt" (None) does in diffusers. So a missing line reads back as None; refsd marks a
+negative prompt given as "" (encoded as text, diffusers' semantics) with ``refsd empty negative:
+encoded``, so both re-run exactly.
+
+SDXL: A1111's refiner keys (modules/sd_samplers_common.py apply_refiner, webui 1.10): ``Refiner``
+(the checkpoint's short title, "name [short hash]", or the name alone for a diffusers folder) and
+``Refiner switch at`` (the fraction, e.g. 0.8). Micro-conditioning, which A1111 does not record,
+under refsd keys, only the values given: ``refsd original size`` / ``refsd target size`` /
+``refsd negative original size`` / ``refsd negative target size`` as WIDTHxHEIGHT (like Size),
+``refsd crop`` / ``refsd negative crop`` as "TOP,LEFT" pixels, ``refsd aesthetic score`` /
+``refsd negative aesthetic score``. ``settings`` returns sizes as (width, height) and crops as
+(top, left); refsd.pipelines.sdxl.MicroConditioning takes (height, width).
+
 Model hash: A1111's short hash ("AutoV2"): the first 10 hex digits of the sha256 of the checkpoint
 file (``model_hash``); a diffusers folder has none, its folder name is the Model.
 """
@@ -38,6 +53,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -71,6 +87,16 @@ A1111_SCHEDULERS = {
 # randn, which refsd's cuda-philox reproduces).
 A1111_RNG = {"torch-cpu": "CPU", "cuda-philox": "NV"}
 _RNG_FROM_A1111 = {"CPU": "torch-cpu", "NV": "cuda-philox", "GPU": "cuda-philox"}
+
+# SDXL micro-conditioning: settings key -> (infotext key, kind); sizes WIDTHxHEIGHT, crops TOP,LEFT
+MICRO_KEYS = {
+    "original_size": ("refsd original size", "size"), "crop": ("refsd crop", "crop"),
+    "target_size": ("refsd target size", "size"), "negative_original_size": ("refsd negative original size", "size"),
+    "negative_crop": ("refsd negative crop", "crop"), "negative_target_size": ("refsd negative target size", "size"),
+    "aesthetic_score": ("refsd aesthetic score", "score"),
+    "negative_aesthetic_score": ("refsd negative aesthetic score", "score"),
+}
+EMPTY_NEGATIVE = "refsd empty negative"  # present: the negative prompt was "" (encoded), not None
 
 # infotext_utils.re_param: one "Key: value" pair of the last line; a value is a JSON string or up to the next comma
 RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -217,16 +243,59 @@ def model_name(path: str | os.PathLike) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# sizes and crops as written (WIDTHxHEIGHT, TOP,LEFT)
+
+
+def parse_size(text: str, what: str) -> tuple[int, int]:
+    """"WIDTHxHEIGHT" (positive integers) -> (width, height); RefsdError naming ``what``."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
+    if m is None or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise RefsdError(f"{what} {text!r} is not WIDTHxHEIGHT (positive integers, e.g. 1024x1024)")
+    return int(m.group(1)), int(m.group(2))
+
+
+def parse_crop(text: str, what: str) -> tuple[int, int]:
+    """"TOP,LEFT" (integers >= 0, pixels) -> (top, left); RefsdError naming ``what``."""
+    m = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", str(text))
+    if m is None:
+        raise RefsdError(f"{what} {text!r} is not TOP,LEFT (pixels, integers >= 0, e.g. 0,0)")
+    return int(m.group(1)), int(m.group(2))
+
+
+def parse_score(text, what: str) -> float:
+    """A finite number; RefsdError naming ``what``."""
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        raise RefsdError(f"{what} {text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise RefsdError(f"{what} must be a finite number, got {text!r}")
+    return v
+
+
+def _micro_text(kind: str, v) -> str:
+    if kind == "size":
+        return f"{v[0]}x{v[1]}"
+    if kind == "crop":
+        return f"{v[0]},{v[1]}"
+    return _num(v)
+
+
+# --------------------------------------------------------------------------------------------
 # refsd settings <-> parameters
 
 
 def infotext(s: Mapping[str, Any], *, seed: int, index: int = 0, batch: int = 1,
-             model: str | None = None, model_hash: str | None = None, version: str | None = None) -> str:
+             model: str | None = None, model_hash: str | None = None, version: str | None = None,
+             refiner: str | None = None, refiner_hash: str | None = None) -> str:
     """The infotext for image ``index`` of a batch generated with settings ``s`` (the keys of
-    ``refsd generate``: prompt, negative_prompt, steps, cfg, sampler, scheduler, seed, rng, width,
-    height, clip_skip, strength, parity, backend, dtype, attention, prediction); ``seed`` is this
-    image's own seed."""
+    ``refsd generate``: prompt, negative_prompt (None: not given), steps, cfg, sampler, scheduler,
+    seed, rng, width, height, clip_skip, strength, parity, backend, dtype, attention, prediction;
+    SDXL: refiner_switch and the ``MICRO_KEYS`` fields, sizes (width, height), crops (top, left));
+    ``seed`` is this image's own seed; ``refiner``: the SDXL refiner's name (with ``refiner_hash``,
+    A1111's short hash, when it has one)."""
     clip_skip = s.get("clip_skip")
+    refiner_title = None if refiner is None else refiner if not refiner_hash else f"{refiner} [{refiner_hash}]"
     params = {
         "Steps": s["steps"],
         "Sampler": A1111_SAMPLERS.get(s["sampler"], s["sampler"]),
@@ -238,6 +307,8 @@ def infotext(s: Mapping[str, Any], *, seed: int, index: int = 0, batch: int = 1,
         "Model": model,
         "Denoising strength": _num(s["strength"]) if s.get("strength") is not None else None,
         "Clip skip": clip_skip if clip_skip is not None and clip_skip > 1 else None,
+        "Refiner": refiner_title,
+        "Refiner switch at": _num(s.get("refiner_switch") or 0.8) if refiner_title is not None else None,
         "RNG": A1111_RNG.get(s["rng"]),
         "refsd sampler": s["sampler"],
         "refsd scheduler": s["scheduler"],
@@ -247,6 +318,8 @@ def infotext(s: Mapping[str, Any], *, seed: int, index: int = 0, batch: int = 1,
         "refsd dtype": s.get("dtype"),
         "refsd attention": s.get("attention"),
         "refsd prediction": s.get("prediction"),
+        **{key: _micro_text(kind, s[k]) for k, (key, kind) in MICRO_KEYS.items() if s.get(k) is not None},
+        EMPTY_NEGATIVE: "encoded" if s.get("negative_prompt") == "" else None,
         "refsd batch": f"{index + 1}/{batch}" if batch > 1 else None,
         "refsd seed": s["seed"] if batch > 1 else None,
         "refsd version": version,
@@ -287,8 +360,14 @@ def settings(params: Mapping[str, str], *, what: str = "parameters") -> dict[str
     scheduler; an explicit "Automatic" is the sampler's A1111 default, parity.A1111_AUTOMATIC_SCHEDULERS), RNG by ``A1111_RNG`` (missing: A1111's GPU default, cuda-philox), and the parity
     profile "a1111". For an image of a batch (``refsd batch`` i/B), the batch is rerun up to image i
     from ``refsd seed`` (``batch_index`` says which image to keep).
+    SDXL: ``refiner`` is the PNG's ``Refiner`` label (the name and short hash; the caller needs the
+    file), ``refiner_switch`` its ``Refiner switch at``; micro-conditioning from the ``MICRO_KEYS``.
+    The negative prompt is None when the PNG has none, unless ``refsd empty negative`` says it was "".
     """
-    out: dict[str, Any] = {"prompt": params.get("Prompt", ""), "negative_prompt": params.get("Negative prompt", "")}
+    negative = params.get("Negative prompt", "")
+    if negative == "" and EMPTY_NEGATIVE not in params:
+        negative = None  # no negative prompt (A1111: an empty one, zero conditioning for SDXL)
+    out: dict[str, Any] = {"prompt": params.get("Prompt", ""), "negative_prompt": negative}
     refsd_made = any(k.startswith("refsd ") for k in params)
     if "Steps" in params:
         out["steps"] = _int(params, "Steps", what)
@@ -319,8 +398,8 @@ def settings(params: Mapping[str, str], *, what: str = "parameters") -> dict[str
     label = params.get("Schedule type")
     if scheduler is None and label not in (None, "Automatic"):
         scheduler = _reverse(A1111_SCHEDULERS, label) or label
-    if scheduler is None and label == "Automatic" and not refsd_made:
-        from refsd.pipelines.parity import A1111_AUTOMATIC_SCHEDULERS  # A1111 1.10's per-sampler default
+    if scheduler is None and label == "Automatic" and not refsd_made:  # A1111 1.10's per-sampler default
+        from refsd.pipelines.parity import A1111_AUTOMATIC_SCHEDULERS
 
         scheduler = A1111_AUTOMATIC_SCHEDULERS.get(sampler)
     if sampler is not None:
@@ -339,6 +418,14 @@ def settings(params: Mapping[str, str], *, what: str = "parameters") -> dict[str
     for key in ("dtype", "attention", "prediction"):
         if f"refsd {key}" in params:
             out[key] = params[f"refsd {key}"]
+    if "Refiner" in params:
+        out["refiner"] = params["Refiner"]
+        if "Refiner switch at" in params:
+            out["refiner_switch"] = _float(params, "Refiner switch at", what)
+    parse = {"size": parse_size, "crop": parse_crop, "score": parse_score}
+    for k, (key, kind) in MICRO_KEYS.items():
+        if key in params:
+            out[k] = parse[kind](params[key], f"{what}: {key}")
     if "refsd batch" in params:
         m = re.fullmatch(r"(\d+)/(\d+)", params["refsd batch"].strip())
         if m is None or not 1 <= int(m.group(1)) <= int(m.group(2)):

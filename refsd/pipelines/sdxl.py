@@ -67,7 +67,9 @@ DIFFUSERS_TRAIN_TIMESTEPS = 1000
 @dataclass(frozen=True)
 class MicroConditioning:
     """SDXL's size and aesthetic conditioning. Sizes are (height, width) and the crop (top, left), in
-    pixels, diffusers' order; None = the default the module docstring gives."""
+    pixels, diffusers' order; None = the default the module docstring gives. A base reads the sizes
+    and crops, a refiner the original size, crop and aesthetic scores: one MicroConditioning serves
+    both stages of a base + refiner run, each taking its own fields."""
 
     original_size: tuple[int, int] | None = None
     crop: tuple[int, int] | None = None

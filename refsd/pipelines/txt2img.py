@@ -164,7 +164,7 @@ def check_settings(model: Model, *, prompt, negative_prompt, width, height, step
             raise RefsdError(f"{model.name} is an SDXL refiner: under parity='diffusers' it runs as img2img "
                              f"(StableDiffusionXLImg2ImgPipeline; refsd.pipelines.img2img), or as txt2img's "
                              f"refiner=; parity='comfyui' runs it from noise")
-    elif micro is not None:
+    elif micro:
         raise RefsdError(f"micro-conditioning (original / target size, crop, aesthetic score) is SDXL's; "
                          f"{model.name} is {model.architecture}")
     f = max(8, model.vae_scale_factor)
