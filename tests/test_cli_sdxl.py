@@ -272,7 +272,7 @@ def test_an_a1111_sdxl_png_reruns_under_comfyui_with_a_note(xl, env, tmp_path):
 
 
 def test_folder_architecture_from_configs(xl, tmp_path):
-    from refsd.cli_generate import _folder_architecture
+    from refsd.cli_job import _folder_architecture
 
     assert _folder_architecture(xl.base_config) == "sdxl"
     assert _folder_architecture(xl.refiner_config) == "sdxl-refiner"
