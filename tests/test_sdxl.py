@@ -353,3 +353,18 @@ def test_exact_outputs(case_id):
             assert np.abs(got[name] - ref[name]).max() <= 1e-6 * scale, name
             if not ref[name].any():
                 assert not got[name].any(), name
+
+
+def test_refiner_layers_traced_under_their_own_scope(base, refiner):
+    """Under refsd.trace.record(), a base + refiner run records the refiner's layers as refiner/<path>,
+    so its k-th UNet call is refiner/unet.conv_in#k, not a continuation of the base's numbering."""
+    from refsd.trace import record
+
+    with record() as rec:
+        txt2img(base, "a cat", width=64, height=64, steps=3, cfg=5.0, refiner=refiner, refiner_switch=0.5,
+                decode=False)
+    convs = [n for n in rec.order if n.endswith("conv_in") or "conv_in#" in n]
+    assert convs == ["unet.conv_in", "refiner/unet.conv_in", "refiner/unet.conv_in#1"]  # timesteps 667 | 334, 1
+    first = rec.order.index("refiner/unet.conv_in")
+    assert "refiner/text_encoder_2.text_model.embeddings" in rec.order[:first]
+    assert not any(n.startswith("refiner/text_encoder.") for n in rec.order)  # the refiner has bigG only

@@ -45,6 +45,7 @@ from refsd.sampling.noise import BrownianTreeNoiseSampler, default_noise_sampler
 from refsd.pipelines import sdxl as _sdxl
 from refsd.pipelines.sdxl import MicroConditioning, check_micro
 from refsd.text.conditioning import clip_encode_fn, encode_prompt
+from refsd.trace import scope
 
 Callback = Callable[[int, int, Any], None]  # (step index just finished, steps in this run, latents)
 
@@ -529,9 +530,11 @@ def txt2img(model: Model, prompt: str, negative_prompt: str | None = None, *, wi
             if callback is not None:
                 callback(plan.steps + i, s.steps, x)
 
-        out = img2img(refiner, latents, prompt, negative_prompt, steps=s.steps, cfg=s.cfg, sampler=s.sampler,
-                      scheduler=s.scheduler, seed=s.seed, rng=s.rng, batch_size=s.batch_size, clip_skip=s.clip_skip,
-                      parity=s.parity, micro=micro, denoising_start=end, decode=decode, callback=refiner_callback)
+        with scope("refiner"):  # under refsd.trace.record(): the refiner's layers as refiner/<module path>
+            out = img2img(refiner, latents, prompt, negative_prompt, steps=s.steps, cfg=s.cfg, sampler=s.sampler,
+                          scheduler=s.scheduler, seed=s.seed, rng=s.rng, batch_size=s.batch_size,
+                          clip_skip=s.clip_skip, parity=s.parity, micro=micro, denoising_start=end, decode=decode,
+                          callback=refiner_callback)
         out.base = res
         out.info.update(refiner=refiner.name, refiner_switch=end, refiner_hash=refiner.known_short_hash,
                         model=model.name, model_hash=model.known_short_hash, architecture=model.architecture)
