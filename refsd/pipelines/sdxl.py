@@ -195,7 +195,7 @@ def time_id_rows(model, s, mode: str) -> tuple[list[float], list[float]]:
 
 def add_time_ids(model, s, cond: dict, uncond: dict | None, mode: str) -> tuple[dict, dict | None]:
     """cond / uncond with ``time_ids`` (B, 5 or 6) added, as the profile pairs them (module docstring)."""
-    xp, b = model.xp, s.batch_size
+    b = s.batch_size
     pos, neg = time_id_rows(model, s, mode)
     like = cond["encoder_hidden_states"]
 
@@ -208,7 +208,6 @@ def add_time_ids(model, s, cond: dict, uncond: dict | None, mode: str) -> tuple[
     if s.parity == "diffusers" and mode == "txt2img" and b > 1:  # cat([neg, pos]).repeat(B, 1)
         both = rxp.asarray([neg, pos] * b, like=like, dtype=like.dtype)
         return {**cond, "time_ids": both[b:, ...]}, {**uncond, "time_ids": both[:b, ...]}
-    del xp
     return cond, {**uncond, "time_ids": rows(neg)}
 
 
