@@ -14,7 +14,7 @@ from refsd.errors import RefsdError
 from refsd.sampling.denoisers import Denoiser, GaussianDenoiser
 from refsd.sampling.guidance import CFGDenoiser
 from refsd.sampling.model_sampling import (ZSNR_TERMINAL_ALPHAS_CUMPROD, ModelSamplingDiscrete,
-                                           ModelSamplingDiscreteFlow, from_config)
+                                           ModelSamplingDiscreteFlow, f32, from_config)
 
 SD15 = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
 LINEAR = {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "num_train_timesteps": 1000}
@@ -213,16 +213,119 @@ def test_timestep_matches_kdiffusion_sigma_to_t(put):
 
 
 def test_percent_to_sigma(put):
+    """ComfyUI: sigma(torch.tensor((1 - percent) * 999.0)).item(): a float32 timestep, float32 sigma."""
     ms = _ms(put)
-    _, sigmas = comfy_table(SD15)
+    tms = TorchComfyMS(SD15)
     assert ms.percent_to_sigma(0.0) == 999999999.9 and ms.percent_to_sigma(-1) == 999999999.9
     assert ms.percent_to_sigma(1.0) == 0.0
-    for p in (0.1, 0.25, 0.5, 0.9):
-        t = (1 - p) * 999.0
-        lo, hi = math.floor(t), math.ceil(t)
-        w = t - lo
-        ref = math.exp((1 - w) * math.log(sigmas[lo]) + w * math.log(sigmas[hi]))
-        assert math.isclose(ms.percent_to_sigma(p), ref, rel_tol=1e-12)
+    for p in (0.1, 0.25, 0.5, 0.9, 0.123456):
+        log_sigma = tms.log_sigma(torch.tensor((1.0 - p) * 999.0))
+        assert ms.percent_to_sigma(p) == f32(math.exp(float(log_sigma)))  # exp correctly rounded
+        assert _ulps(ms.percent_to_sigma(p), tms.sigma(torch.tensor((1.0 - p) * 999.0))) <= 1
+
+
+# --------------------------------------------------------------------------------------------
+# ComfyUI's float32 arithmetic: its float32 buffers, sigma(t) and the argmin timestep
+
+
+class TorchComfyMS:
+    """ComfyUI ModelSamplingDiscrete in torch, as comfy/model_sampling.py computes it: float64
+    make_beta_schedule / cumprod / sigmas (+ rescale_zero_terminal_snr_sigmas), then float32 buffers
+    ``sigmas.float()`` and ``sigmas.log().float()``; sigma(t) and timestep(sigma) in float32."""
+
+    def __init__(self, cfg, zsnr=False):
+        if cfg["beta_schedule"] == "scaled_linear":
+            betas = torch.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, 1000, dtype=torch.float64) ** 2
+        else:
+            betas = torch.linspace(cfg["beta_start"], cfg["beta_end"], 1000, dtype=torch.float64)
+        ac = torch.cumprod(1.0 - betas, dim=0)
+        sigmas = ((1 - ac) / ac) ** 0.5
+        if zsnr:
+            s = (1 / (sigmas * sigmas + 1)).sqrt()
+            s0, sT = s[0].clone(), s[-1].clone()
+            s = (s - sT) * (s0 / (s0 - sT))
+            abar = s ** 2
+            abar[-1] = COMFY_ZSNR_TERMINAL
+            sigmas = ((1 - abar) / abar) ** 0.5
+        self.sigmas, self.log_sigmas = sigmas.float(), sigmas.log().float()
+
+    def timestep(self, sigma):
+        return (sigma.log() - self.log_sigmas[:, None]).abs().argmin(dim=0).view(sigma.shape)
+
+    def log_sigma(self, timestep):  # sigma() before its exp
+        t = torch.clamp(timestep.float(), min=0, max=len(self.sigmas) - 1)
+        w = t.frac()
+        return (1 - w) * self.log_sigmas[t.floor().long()] + w * self.log_sigmas[t.ceil().long()]
+
+    def sigma(self, timestep):
+        return self.log_sigma(timestep).exp()
+
+
+def _ulps(a, b):
+    """Distance in float32 ulps between two float32 values (Python floats or tensors)."""
+    a, b = (np.asarray(float(v), np.float32).view(np.int32).astype(np.int64) for v in (a, b))
+    return int(abs(a - b))
+
+
+def _f32_exp(x):
+    """Correctly rounded float32 exp of float32 values (refsd's float32 exp), elementwise."""
+    return np.exp(np.asarray(x, np.float64)).astype(np.float32)
+
+
+@pytest.mark.parametrize("cfg, zsnr", [(SD15, False), (LINEAR, False), ({**SD15, "rescale_betas_zero_snr": True}, True)],
+                         ids=["sd15", "linear", "zsnr"])
+def test_float32_tables_are_comfyuis_buffers(cfg, zsnr, xp, device, put):
+    ms, tms = _ms(put, cfg), TorchComfyMS(cfg, zsnr)
+    assert np.array_equal(np.asarray(ms.host_sigmas_f32, np.float32), tms.sigmas.numpy())
+    assert np.array_equal(np.asarray(ms.host_log_sigmas_f32, np.float32), tms.log_sigmas.numpy())
+    assert ms.log_sigmas_f32.dtype == xp.float32 and rxp.device(ms.log_sigmas_f32) == device
+    assert np.array_equal(rxp.to_numpy(ms.log_sigmas_f32), tms.log_sigmas.numpy())
+    assert f32(0.1) == float(np.float32(0.1)) and f32(ms.sigma_max) == ms.host_sigmas_f32[-1]
+
+
+def test_sigma_f32_is_comfyuis_float32_sigma():
+    """Every t = k / 8 in [0, 999] and 2000 random float32 t: refsd's float32 log sigma is torch's bit for
+    bit, and its sigma the correctly rounded exp of it; torch's float32 exp differs from that by one ulp
+    for ~1% of arguments (measured here; MKL/SLEEF/CUDA exp are not correctly rounded)."""
+    ms, tms = _ms(np.asarray), TorchComfyMS(SD15)
+    rng = np.random.default_rng(3)
+    ts = np.concatenate([np.arange(0, 999 * 8 + 1) / 8, rng.uniform(-3, 1002, 2000)]).astype(np.float32)
+    ref_log = tms.log_sigma(torch.from_numpy(ts)).numpy()
+    got = np.asarray(ms.sigma_f32(ts.tolist()), np.float32)
+    assert np.array_equal(got, _f32_exp(ref_log))
+    torch_sigma = tms.sigma(torch.from_numpy(ts)).numpy()
+    differ = got != torch_sigma
+    assert np.max(np.abs(got.view(np.int32) - torch_sigma.view(np.int32))) <= 1 and differ.mean() < 0.03
+    print(f"sigma_f32 vs torch float32: {int(differ.sum())} of {ts.size} differ by one ulp (torch's exp)")
+
+
+def test_timestep_round_is_comfyuis_float32_argmin(xp, put):
+    """ComfyUI's timestep(sigma) in float32 on the sigmas that matter: those of t = k + 0.5 (halfway in
+    log sigma between two table entries, where float64 and float32 can pick different neighbours), as
+    torch computes them, plus table entries and random values. Device (timestep(rounding="round")) and
+    host (timestep_f32) lookups agree with torch's argmin, first index on ties."""
+    ms, tms = _ms(put), TorchComfyMS(SD15)
+    rng = np.random.default_rng(4)
+    half = torch.arange(0, 999, dtype=torch.float32) + 0.5
+    sig = torch.cat([tms.sigma(half), tms.sigmas, tms.sigma(torch.from_numpy(rng.uniform(0, 999, 500).astype(np.float32))),
+                     torch.tensor([1e-4, 1e4])])
+    ref = tms.timestep(sig).numpy()
+    got = rxp.to_numpy(ms.timestep(put(sig.numpy()), rounding="round"))
+    assert got.dtype == np.float32 and np.array_equal(got, ref.astype(np.float32))
+    assert np.array_equal(ms.timestep_f32(sig.numpy().tolist()), ref.astype(np.float64))
+    assert ms.timestep_f32([0.0]) == [float(tms.timestep(torch.tensor([0.0]))[0])] == [0.0]
+    # float64 arithmetic would round differently at some of the t = k + 0.5 sigmas (the bug this fixes)
+    f64 = np.abs(np.log(sig.numpy()[:999].astype(np.float64)) - np.log(np.asarray(ms.host_sigmas))[:, None]).argmin(axis=0)
+    assert np.sum(f64 != ref[:999]) > 0
+
+
+def test_timestep_round_shapes_and_dtypes(xp, device, put):
+    ms = _ms(put)
+    t = ms.timestep(put(np.array([[1e-4, 1e3], [ms.sigma_min, ms.sigma_max]], np.float32)), rounding="round")
+    assert t.shape == (2, 2) and t.dtype == xp.float32 and rxp.device(t) == device
+    np.testing.assert_array_equal(rxp.to_numpy(t), [[0.0, 999.0], [0.0, 999.0]])
+    t0 = ms.timestep(1.0, rounding="round")
+    assert t0.shape == () and t0.dtype == ms.sigmas.dtype and float(rxp.to_numpy(t0)) == ms.timestep_f32([1.0])[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -437,17 +437,16 @@ def _kdiffusion_comfyui(case, *, prompt, negative, seed, steps, cfg, sampler, in
     from a FRESH generator with the seed, VAE decode, (x + 1) / 2, truncation to uint8."""
     torch = pytest.importorskip("torch")
     from golden.registry import load_kdiffusion
-    from refsd.sampling.model_sampling import ModelSamplingDiscrete
-    from refsd.sampling.schedules import get_sigmas
     from refsd.text import CLIPTokenizer
 
     unet, vae, text = _oracle_models(case)
-    m = case.meta["op"]["kwargs"]["model"]
     sampling, external = load_kdiffusion()
-    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2  # ComfyUI make_beta_schedule
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # make_beta_schedule
+    ac = torch.cumprod(1.0 - betas, dim=0)
     eps = external.DiscreteEpsDDPMDenoiser(
-        lambda x, t, cond: unet(x, t, encoder_hidden_states=cond).sample,
-        torch.tensor(np.cumprod(1 - betas), dtype=torch.float32), quantize=True)
+        lambda x, t, cond: unet(x, t, encoder_hidden_states=cond).sample, ac.float(), quantize=True)
+    table = ((1 - ac) / ac) ** 0.5  # ModelSamplingDiscrete.set_sigmas: float64 sigmas, float32 buffers
+    eps.sigmas, eps.log_sigmas = table.float(), table.log().float()
     tok = CLIPTokenizer.from_package()
     with torch.no_grad():
         c, u = (text(torch.tensor([tok(p, pad_is_special=False)]))[0] for p in (prompt, negative))
@@ -457,8 +456,10 @@ def _kdiffusion_comfyui(case, *, prompt, negative, seed, steps, cfg, sampler, in
             cc, uu = out.chunk(2)
             return uu + (cc - uu) * cfg
 
-        ms = ModelSamplingDiscrete.from_config(m["scheduler"], like=np.zeros(1))
-        sigmas = torch.from_numpy(np.asarray(get_sigmas("normal", ms, steps, denoise=denoise))).float()
+        # KSampler.set_steps + normal_scheduler, float32 as ComfyUI: t = linspace(t(sigma_max), t(sigma_min), n)
+        n = steps if denoise is None or denoise > 0.9999 else int(steps / denoise)
+        ts = torch.linspace(eps.sigma_to_t(eps.sigma_max, quantize=True), eps.sigma_to_t(eps.sigma_min, quantize=True), n)
+        sigmas = torch.FloatTensor([float(eps.t_to_sigma(t)) for t in ts] + [0.0])[-(steps + 1):]
         if init_image is None:
             noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
             x = noise * torch.sqrt(1.0 + sigmas[0] ** 2)
@@ -484,19 +485,21 @@ def _kdiffusion_comfyui(case, *, prompt, negative, seed, steps, cfg, sampler, in
     return x.numpy(), img, np.clip(255.0 * img, 0, 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("mode", ["txt2img", "img2img"])
-def test_comfyui_profile_matches_kdiffusion(sd1, mode):
+@pytest.mark.parametrize("mode, steps", [("txt2img", 6), ("txt2img", 5), ("img2img", 4), ("img2img", 3)])
+def test_comfyui_profile_matches_kdiffusion(sd1, mode, steps):
+    """5 txt2img steps, and 3 img2img steps at 0.6 (a 5-step schedule's tail), put a "normal" timestep at
+    499.5, whose sigma only ComfyUI's float32 arithmetic rounds to ComfyUI's integer timestep."""
     case = golden.load_case(SD1)
     kw = {"prompt": "a photo of a cat", "negative": "", "seed": 7, "cfg": 6.0}
     if mode == "txt2img":
-        res = txt2img(sd1, kw["prompt"], kw["negative"], width=64, height=64, steps=6, cfg=kw["cfg"],
+        res = txt2img(sd1, kw["prompt"], kw["negative"], width=64, height=64, steps=steps, cfg=kw["cfg"],
                       sampler="euler_ancestral", seed=kw["seed"], parity="comfyui")
-        x, img, u8 = _kdiffusion_comfyui(case, steps=6, sampler="euler_ancestral", **kw)
+        x, img, u8 = _kdiffusion_comfyui(case, steps=steps, sampler="euler_ancestral", **kw)
     else:
         image = golden.load_case("pipeline/img2img_sd1_dpmpp_2m_f32").group("in")["init_image"]
-        res = img2img(sd1, image, kw["prompt"], kw["negative"], strength=0.6, steps=4, cfg=kw["cfg"],
+        res = img2img(sd1, image, kw["prompt"], kw["negative"], strength=0.6, steps=steps, cfg=kw["cfg"],
                       sampler="dpmpp_2m", seed=kw["seed"], parity="comfyui")
-        x, img, u8 = _kdiffusion_comfyui(case, steps=4, sampler="dpmpp_2m", init_image=image, denoise=0.6, **kw)
+        x, img, u8 = _kdiffusion_comfyui(case, steps=steps, sampler="dpmpp_2m", init_image=image, denoise=0.6, **kw)
     got = rxp.to_numpy(res.latents)
     assert np.max(np.abs(got - x)) <= 1e-5 * np.max(np.abs(x))
     assert np.max(np.abs(res.pixels - img)) <= 1e-4

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from refsd import xp as rxp
 from refsd.errors import RefsdError
 from refsd.sampling import schedules as S
-from refsd.sampling.model_sampling import ModelSamplingDiscrete, ModelSamplingDiscreteFlow
+from refsd.sampling.model_sampling import ModelSamplingDiscrete, ModelSamplingDiscreteFlow, linspace_f32
 
 SD15 = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 LINEAR = {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}
@@ -333,6 +333,253 @@ def test_flow_schedules_match_comfyui(put):
 
     for name in ("normal", "sgm_uniform", "simple", "karras", "beta", "kl_optimal", "linear_quadratic"):
         _close(S.SCHEDULERS[name](ms, 10), COMFY[name](Ref, 10))
+
+
+# --------------------------------------------------------------------------------------------
+# precision="float32": ComfyUI's own float32 arithmetic, against ComfyUI restated in torch
+
+
+class TorchComfy:
+    """ComfyUI's ModelSamplingDiscrete and schedulers restated in torch as ComfyUI runs them
+    (comfy/model_sampling.py, comfy/samplers.py, comfy/k_diffusion/sampling.py at
+    Comfy-Org/ComfyUI@a125cd84): float64 table -> float32 buffers, float32 sigma(t) / argmin timestep,
+    float32 torch.linspace and tensor arithmetic. ``cr=True`` swaps torch's float32 exp / pow / tan
+    (MKL or SLEEF: not always correctly rounded) for correctly rounded ones (float64, then rounded),
+    which is what refsd computes; every other operation is torch's own."""
+
+    def __init__(self, cfg, *, cr=False):
+        if cfg["beta_schedule"] == "scaled_linear":
+            betas = torch.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, 1000, dtype=torch.float64) ** 2
+        else:
+            betas = torch.linspace(cfg["beta_start"], cfg["beta_end"], 1000, dtype=torch.float64)
+        ac = torch.cumprod(1.0 - betas, dim=0)
+        sigmas = ((1 - ac) / ac) ** 0.5
+        if cfg.get("rescale_betas_zero_snr"):  # rescale_zero_terminal_snr_sigmas
+            s = (1 / (sigmas * sigmas + 1)).sqrt()
+            s0, sT = s[0].clone(), s[-1].clone()
+            s = (s - sT) * (s0 / (s0 - sT))
+            abar = s ** 2
+            abar[-1] = 4.8973451890853435e-08
+            sigmas = ((1 - abar) / abar) ** 0.5
+        self.sigmas, self.log_sigmas = sigmas.float(), sigmas.log().float()
+        self.cr = cr
+
+    def exp(self, x):
+        return x.double().exp().float() if self.cr else x.exp()
+
+    def pow(self, x, p):  # torch rounds a Python exponent to float32
+        return (x.double() ** float(np.float32(p))).float() if self.cr else x ** p
+
+    def tan(self, x):
+        return x.double().tan().float() if self.cr else x.tan()
+
+    sigma_min = property(lambda self: self.sigmas[0])
+    sigma_max = property(lambda self: self.sigmas[-1])
+
+    def timestep(self, sigma):
+        return (sigma.log() - self.log_sigmas[:, None]).abs().argmin(dim=0).view(sigma.shape)
+
+    def sigma(self, timestep):
+        t = torch.clamp(timestep.float(), min=0, max=len(self.sigmas) - 1)
+        w = t.frac()
+        return self.exp((1 - w) * self.log_sigmas[t.floor().long()] + w * self.log_sigmas[t.ceil().long()])
+
+    # samplers.py
+    def normal(self, steps, sgm=False):
+        start, end = self.timestep(self.sigma_max), self.timestep(self.sigma_min)
+        append_zero = True
+        if sgm:
+            timesteps = torch.linspace(start, end, steps + 1)[:-1]
+        else:
+            if math.isclose(float(self.sigma(end)), 0, abs_tol=0.00001):
+                steps += 1
+                append_zero = False
+            timesteps = torch.linspace(start, end, steps)
+        sigs = [float(self.sigma(timesteps[x])) for x in range(len(timesteps))]
+        return torch.FloatTensor(sigs + [0.0] if append_zero else sigs)
+
+    def simple(self, steps):
+        ss = len(self.sigmas) / steps
+        return torch.FloatTensor([float(self.sigmas[-(1 + int(x * ss))]) for x in range(steps)] + [0.0])
+
+    def ddim_uniform(self, steps):
+        return torch.from_numpy(comfy_ddim(type("T", (), {"sigmas": self.sigmas.numpy()})(), steps).astype(np.float32))
+
+    def beta(self, steps):
+        return torch.from_numpy(comfy_beta(type("T", (), {"sigmas": self.sigmas.numpy()})(), steps).astype(np.float32))
+
+    def linear_quadratic(self, steps):  # torch.FloatTensor(float64 ramp) * model_sampling.sigma_max
+        return torch.FloatTensor(list(comfy_linear_quadratic(type("T", (), {"sigma_max": 1.0})(), steps))) * self.sigma_max
+
+    def kl_optimal(self, n):
+        sigma_min, sigma_max = float(self.sigma_min), float(self.sigma_max)
+        adj_idxs = torch.arange(n, dtype=torch.float).div_(n - 1)
+        sigmas = adj_idxs.new_zeros(n + 1)
+        sigmas[:-1] = self.tan(adj_idxs * math.atan(sigma_min) + (1 - adj_idxs) * math.atan(sigma_max))
+        return sigmas
+
+    # k_diffusion/sampling.py, called with n, float(ms.sigma_min), float(ms.sigma_max)
+    def karras(self, n, rho=7.0):
+        ramp = torch.linspace(0, 1, n)
+        min_inv_rho, max_inv_rho = float(self.sigma_min) ** (1 / rho), float(self.sigma_max) ** (1 / rho)
+        return torch.cat([self.pow(max_inv_rho + ramp * (min_inv_rho - max_inv_rho), rho), torch.zeros(1)])
+
+    def exponential(self, n):
+        ramp = torch.linspace(math.log(float(self.sigma_max)), math.log(float(self.sigma_min)), n)
+        return torch.cat([self.exp(ramp), torch.zeros(1)])
+
+
+def _f32_schedule(ms, name, steps):
+    got = rxp.to_numpy(S.get_sigmas(name, ms, steps, precision="float32"))
+    g32 = got.astype(np.float32)
+    assert np.array_equal(g32.astype(np.float64), got), "float32 schedules hold float32 values"
+    return g32
+
+
+def _ulps(a, b):
+    return np.abs(a.view(np.int32).astype(np.int64) - b.view(np.int32).astype(np.int64))
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 16, 17, 33, 64, 100, 333, 1000])
+def test_linspace_f32_is_torch_linspace(n):
+    """torch.linspace's float32 CPU kernel (its first half counts up, its second down, with fused
+    multiply-adds), bit for bit, for the ranges ComfyUI's schedules use."""
+    ms = ModelSamplingDiscrete.from_config(SD15, like=np.zeros(1))
+    lmax, lmin = math.log(ms.host_sigmas_f32[-1]), math.log(ms.host_sigmas_f32[0])
+    for a, b in [(999.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1e-3), (lmax, lmin), (0.1, 0.7), (-3.7, 12.25),
+                 (1000.0, 1.0)]:
+        got = np.asarray(linspace_f32(a, b, n), np.float32)
+        assert np.array_equal(got, torch.linspace(a, b, n).numpy()), (a, b, n)
+    for steps in range(2, 401):  # normal_scheduler: torch.linspace(tensor(999), tensor(0), steps)
+        assert np.array_equal(np.asarray(linspace_f32(999, 0, steps), np.float32),
+                              torch.linspace(torch.tensor(999), torch.tensor(0), steps).numpy())
+
+
+@pytest.mark.parametrize("name", ["normal", "simple", "sgm_uniform"])
+def test_float32_normal_simple_are_comfyuis_bit_for_bit(name):
+    """parity="comfyui"'s schedules for 2..60 steps against ComfyUI's normal_scheduler / simple_scheduler /
+    sgm_uniform in torch float32. simple reads the float32 table: equal bit for bit. normal's sigma(t) is
+    torch's float32 arithmetic bit for bit up to its final exp, which refsd rounds correctly: equal bit for
+    bit to the restatement with a correctly rounded exp, and within one ulp of torch's own exp (which
+    differs for ~1% of the arguments). The integer timesteps ComfyUI's argmin gives are equal throughout,
+    including every t = k + 0.5 (odd step counts put one at 499.5)."""
+    ms = ModelSamplingDiscrete.from_config(SD15, like=np.zeros(1))
+    tc, tc_cr = TorchComfy(SD15), TorchComfy(SD15, cr=True)
+    fn = (lambda t, n: t.normal(n, sgm=True)) if name == "sgm_uniform" else (lambda t, n: getattr(t, name)(n))
+    off_by_one = total = 0
+    for steps in range(2, 61):
+        got = _f32_schedule(ms, name, steps)
+        ref, ref_cr = fn(tc, steps).numpy(), fn(tc_cr, steps).numpy()
+        assert np.array_equal(got, ref_cr), steps
+        assert _ulps(got, ref).max() <= 1, steps
+        off_by_one += int(np.sum(got != ref))
+        total += got.size
+        if name == "simple":
+            assert np.array_equal(got, ref), steps
+        ts_ref = tc.timestep(torch.from_numpy(ref[:-1])).numpy()
+        assert np.array_equal(rxp.to_numpy(ms.timestep(got[:-1], rounding="round")), ts_ref.astype(np.float32)), steps
+    assert off_by_one <= 0.02 * total
+    print(f"{name}: {off_by_one} of {total} sigmas one ulp from torch's float32 exp, timesteps all equal")
+
+
+@pytest.mark.parametrize("name", ["ddim_uniform", "beta", "linear_quadratic", "karras", "exponential", "kl_optimal",
+                                  "normal", "sgm_uniform", "simple"])
+@pytest.mark.parametrize("cfg", [SD15, LINEAR, ZSNR], ids=["sd15", "linear", "zsnr"])
+def test_float32_schedules_are_comfyuis(name, cfg):
+    """Every ComfyUI scheduler under precision="float32": bit for bit torch's float32 computation with its
+    final exp / pow / tan correctly rounded, within one ulp of torch's own, same argmin timesteps."""
+    ms = ModelSamplingDiscrete.from_config(cfg, like=np.zeros(1))
+    tc, tc_cr = TorchComfy(cfg), TorchComfy(cfg, cr=True)
+    fn = (lambda t, n: t.normal(n, sgm=True)) if name == "sgm_uniform" else (lambda t, n: getattr(t, name)(n))
+    for steps in list(range(1, 26)) + [33, 47, 64, 99, 150, 301]:
+        if name == "kl_optimal" and steps == 1:
+            continue  # ComfyUI: 0 / 0 = nan; refsd: [sigma_max, 0] (test_kl_optimal_single_step_is_sigma_max)
+        got = _f32_schedule(ms, name, steps)
+        ref, ref_cr = fn(tc, steps).numpy(), fn(tc_cr, steps).numpy()
+        assert got.shape == ref.shape and np.array_equal(got, ref_cr), steps
+        assert _ulps(got, ref).max() <= 1, steps
+        pos = ref > 0
+        ts_ref = tc.timestep(torch.from_numpy(ref[pos])).numpy().astype(np.float32)
+        assert np.array_equal(rxp.to_numpy(ms.timestep(got[pos], rounding="round")), ts_ref), steps
+
+
+def test_float32_denoise_and_discard_penultimate():
+    """KSampler.set_steps (denoise: the tail of an int(steps / denoise)-step schedule) and the samplers
+    that drop the penultimate sigma, in float32 (the float32 schedule's own tail, not a float64 one)."""
+    ms = ModelSamplingDiscrete.from_config(SD15, like=np.zeros(1))
+    tc = TorchComfy(SD15, cr=True)
+    got = rxp.to_numpy(S.get_sigmas("normal", ms, 4, denoise=0.6, precision="float32"))
+    assert np.array_equal(got, tc.normal(6).numpy()[-5:])
+    longer = tc.karras(12).numpy()
+    got = rxp.to_numpy(S.get_sigmas("karras", ms, 11, discard_penultimate=True, precision="float32"))
+    assert np.array_equal(got, np.concatenate([longer[:-2], longer[-1:]]))
+
+
+def test_float32_extra_schedulers():
+    """k-diffusion's polyexponential and vp in float32 (ComfyUI's copies: vp takes expm1), against torch
+    with correctly rounded transcendentals; ComfyUI's PolyexponentialScheduler / VPScheduler nodes."""
+    ms = ModelSamplingDiscrete.from_config(SD15, like=np.zeros(1))
+    smin, smax = 0.03, 14.6
+    for n in (1, 2, 7, 20):
+        ramp = (torch.linspace(1, 0, n).double() ** float(np.float32(1.7))).float()  # torch: float32 exponent
+        expo = (ramp * (math.log(smax) - math.log(smin)) + math.log(smin)).double().exp().float()
+        got = rxp.to_numpy(S.polyexponential(ms, n, rho=1.7, sigma_min=smin, sigma_max=smax, precision="float32"))
+        assert np.array_equal(got[:-1].astype(np.float32), expo.numpy())
+        t = torch.linspace(1, 1e-3, n)
+        vp = (19.9 * t ** 2 / 2 + 0.1 * t).double().expm1().float().double().sqrt().float()
+        assert np.array_equal(rxp.to_numpy(S.vp(ms, n, precision="float32"))[:-1].astype(np.float32), vp.numpy())
+
+
+def test_float32_schedules_on_every_backend(xp, device, put):
+    ms = _ms(put)
+    for name in S.SCHEDULERS:
+        got = S.get_sigmas(name, ms, 7, precision="float32")
+        assert got.dtype == ms.sigmas.dtype and rxp.device(got) == device
+        assert np.array_equal(rxp.to_numpy(got), rxp.to_numpy(S.get_sigmas(name, ModelSamplingDiscrete.from_config(
+            SD15, like=np.zeros(1)), 7, precision="float32")))
+    with pytest.raises(RefsdError, match="precision 'float16' unknown; valid: float64, float32"):
+        S.get_sigmas("normal", ms, 7, precision="float16")
+
+
+def test_float32_flow_schedules_match_comfyui():
+    """ModelSamplingDiscreteFlow's float32 table (sigma((arange(1, N + 1) / N) * multiplier) in float32)
+    and ComfyUI's schedulers on it: no transcendentals, so bit for bit."""
+    shift = 3.0
+    ms = ModelSamplingDiscreteFlow(like=np.zeros(1), shift=shift)
+
+    def sigma(t):  # time_snr_shift(shift, t / multiplier)
+        t = t / 1000
+        return shift * t / (1 + (shift - 1) * t)
+
+    table = sigma((torch.arange(1, 1001, 1) / 1000) * 1000)
+    assert table.dtype == torch.float32 and np.array_equal(np.asarray(ms.host_sigmas_f32, np.float32), table.numpy())
+    for steps in (1, 2, 5, 10, 33):
+        start, end = table[-1] * 1000, table[0] * 1000  # timestep = sigma * multiplier
+        ts = torch.linspace(start, end, steps)
+        ref = torch.FloatTensor([float(sigma(ts[x])) for x in range(steps)] + [0.0])
+        assert np.array_equal(_f32_schedule(ms, "normal", steps), ref.numpy()), steps
+        ss = 1000 / steps
+        simple = torch.FloatTensor([float(table[-(1 + int(x * ss))]) for x in range(steps)] + [0.0])
+        assert np.array_equal(_f32_schedule(ms, "simple", steps), simple.numpy()), steps
+
+
+def test_comfyui_plan_is_float32():
+    """parity="comfyui": KSampler's sigmas are the float32 schedule, and the initial noise scale is
+    EPS.noise_scaling's torch.sqrt(1.0 + sigma ** 2.0) on the float32 sigma_max."""
+    from refsd.pipelines.parity import comfyui_plan
+
+    ms = ModelSamplingDiscrete.from_config(SD15, like=np.zeros(1, np.float32))
+    tc = TorchComfy(SD15, cr=True)
+    plan = comfyui_plan(ms, "euler", "normal", 5)
+    assert np.array_equal(np.asarray(plan.sigmas, np.float32), tc.normal(5).numpy())
+    assert plan.sigmas[2] == float(tc.sigma(torch.tensor(499.5)))  # t = 499.5: ComfyUI's timestep 500
+    assert float(ms.timestep(np.float32(plan.sigmas[2]), rounding="round")) == 500.0
+    s0 = torch.tensor(plan.sigmas[0], dtype=torch.float32)
+    assert plan.init_noise_sigma == float(torch.sqrt(1.0 + s0 ** 2.0))
+    img = comfyui_plan(ms, "dpm_2", "karras", 4, denoise=0.5)  # one step longer, penultimate dropped
+    longer = tc.karras(9).numpy()
+    assert np.array_equal(np.asarray(img.sigmas, np.float32), np.concatenate([longer[:-2], longer[-1:]])[-5:])
+    assert img.init_noise_sigma == img.sigmas[0]
 
 
 # --------------------------------------------------------------------------------------------

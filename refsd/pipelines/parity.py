@@ -89,7 +89,8 @@ PROFILES: dict[str, dict[str, str]] = {
         "samplers": "every SAMPLERS entry",
         "schedulers": "every SCHEDULERS entry",
         "timesteps": "t(sigma) rounded to the nearest integer (log-sigma distance)",
-        "sigmas": "float64 tables; 'normal' interpolates log sigma",
+        "sigmas": "float32 as ComfyUI computes them (its float32 tables, float32 torch arithmetic); "
+                  "'normal' interpolates log sigma",
         "initial noise": "ONE randn of (B, 4, h, w); x = noise * sqrt(1 + sigma_max^2) from full noise, else noise * sigma",
         "ancestral noise": "a FRESH generator with the same seed (its first draw equals the initial noise); "
                            "SDE samplers: Brownian tree",
@@ -458,20 +459,24 @@ def pndm_transfer(alphas_cumprod: np.ndarray, final_alpha_cumprod: float, t: int
 
 def comfyui_plan(model_sampling, sampler: str, scheduler: str, steps: int, denoise: float | None = None) -> Plan:
     """ComfyUI KSampler's schedule: ``get_sigmas(scheduler, model_sampling, steps, denoise=...)`` (one
-    step longer with the penultimate sigma dropped for DISCARD_PENULTIMATE_SIGMA_SAMPLERS), timesteps
-    rounded by the denoiser, initial noise scaled by model_sampling.noise_scaling."""
+    step longer with the penultimate sigma dropped for DISCARD_PENULTIMATE_SIGMA_SAMPLERS) in ComfyUI's
+    float32 arithmetic (precision="float32": its float32 table and torch ops, so t = k + 0.5 sigmas round
+    to ComfyUI's integer timesteps), timesteps rounded by the denoiser (float32 argmin, as ComfyUI),
+    initial noise scaled by model_sampling.noise_scaling: sqrt(1 + sigma^2) in float32 from full noise."""
     from refsd import xp as rxp
+    from refsd.sampling.model_sampling import f32
     from refsd.sampling.schedules import DISCARD_PENULTIMATE_SIGMA_SAMPLERS, get_sigmas
 
     check_sampler("comfyui", sampler, scheduler)
-    s = get_sigmas(scheduler, model_sampling, steps, denoise=denoise,
+    s = get_sigmas(scheduler, model_sampling, steps, denoise=denoise, precision="float32",
                    discard_penultimate=sampler in DISCARD_PENULTIMATE_SIGMA_SAMPLERS)
     sigmas = tuple(float(v) for v in rxp.to_numpy(s))
     if len(sigmas) < 2:
         raise RefsdError(f"scheduler {scheduler!r} gave no steps for steps={steps}, denoise={denoise}")
     first = sigmas[0]
     max_denoise = model_sampling.is_max_denoise(first)
-    init = math.sqrt(1.0 + first * first) if max_denoise else first
+    # EPS.noise_scaling: torch.sqrt(1.0 + sigma ** 2.0) on the float32 sigma
+    init = f32(math.sqrt(f32(1.0 + f32(first * first)))) if max_denoise else first
     return Plan(sampler, sigmas, None, init, vp=False, timestep_rounding="round")
 
 

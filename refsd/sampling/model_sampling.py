@@ -14,6 +14,12 @@ Tables (betas, cumulative alphas, sigmas) are built once on the host in float64 
 so every backend holds bit-identical tables, then placed on ``like``'s device in float64 where
 the device has it (float32 otherwise, e.g. torch-MPS).
 
+ComfyUI holds the same table as float32 buffers and computes in float32, and where a result picks an
+integer (the timestep nearest a sigma at t = k + 0.5) float64 can pick the other one. So the rounded
+timestep lookup is ComfyUI's float32 one, and ``sigma_f32`` / ``timestep_f32`` / ``host_sigmas_f32``
+restate its float32 arithmetic on the host for the schedules of parity="comfyui" (see "float32 on
+the host" below).
+
 References (ported, not copied):
 - ComfyUI comfy/model_sampling.py: EPS, V_PREDICTION, CONST, ModelSamplingDiscrete (timestep,
   sigma, percent_to_sigma), ModelSamplingDiscreteFlow, time_snr_shift;
@@ -22,11 +28,15 @@ References (ported, not copied):
 - k-diffusion 0.1.1 k_diffusion/external.py DiscreteSchedule.sigma_to_t / t_to_sigma (continuous t).
 - diffusers 0.42.1 schedulers/scheduling_euler_discrete.py (beta schedules, rescale_zero_terminal_snr).
 - Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps Are Flawed", Algorithm 1.
+- S. A. Figueroa 1995, "When is double rounding innocuous?" (SIGNUM Newsletter 30(3)); S. Boldo and
+  G. Melquiond 2008, "Emulation of FMA and correctly rounded sums: proved algorithms using rounding to
+  odd" (IEEE Trans. Computers 57(4)); torch aten/src/ATen/native/cpu/RangeFactoriesKernel.cpp (linspace).
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from typing import Any, Sequence
 
 from refsd import xp as rxp
@@ -148,6 +158,62 @@ def broadcast_sigma(sigma, x):
 
 
 # --------------------------------------------------------------------------------------------
+# float32 on the host: ComfyUI's arithmetic (parity="comfyui")
+#
+# ComfyUI keeps the noise table in float32 buffers and evaluates sigma(t), timestep(sigma) and its
+# schedules in float32 torch. refsd restates that on Python floats: f32(x) rounds to the nearest
+# float32, and f32(a op b) for float32 a, b is the correctly rounded float32 result of + - * /
+# (float64 carries more than 2 * 24 + 2 bits, so rounding twice is innocuous: Figueroa 1995).
+# exp, log, tan and pow are rounded the same way from float64, i.e. correctly up to float64's own
+# error. torch's float32 versions are not always correctly rounded (MKL VML on x86 CPUs, SLEEF
+# elsewhere, libdevice on CUDA): on torch 2.13 CPU, exp differs from the correctly rounded value in
+# 1.1% of arguments and log in 0.02%, by one ulp (6e-8 relative). refsd's float32 schedules are the
+# correctly rounded ones (tests/test_schedules.py measures the difference from torch's).
+
+_F32 = struct.Struct("<f")
+_F64_BITS = struct.Struct("<q")
+
+
+def f32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (ties to even), as a Python float."""
+    return _F32.unpack(_F32.pack(x))[0]
+
+
+def _fma_f32(a: float, b: float, c: float) -> float:
+    """f32(a * b + c) with one rounding (a fused multiply-add), for a * b exact in float64.
+
+    The float64 sum is rounded to odd (TwoSum gives its exact error; an inexact even result steps
+    to its odd neighbour towards the exact sum), which a second rounding to float32 (24 bits <= 53 - 2)
+    leaves correctly rounded (Boldo & Melquiond 2008).
+    """
+    p = a * b
+    s = p + c
+    bb = s - p
+    err = (p - (s - bb)) + (c - bb)  # TwoSum (Knuth): s + err == p + c exactly
+    if err != 0.0 and not _F64_BITS.unpack(struct.pack("<d", s))[0] & 1:
+        s = math.nextafter(s, math.copysign(math.inf, err))
+    return f32(s)
+
+
+def linspace_f32(start: float, stop: float, n: int) -> list[float]:
+    """``torch.linspace(start, stop, n)`` in float32 (torch's default dtype), bit for bit, as floats.
+
+    torch rounds start and stop to float32, takes step = f32(f32(stop - start) / (n - 1)), and computes
+    start + step * i for the first n // 2 values and stop - step * (n - 1 - i) for the others, each with
+    one rounding (a fused multiply-add; aten/native/cpu/RangeFactoriesKernel.cpp). Checked against
+    torch 2.13 in tests/test_schedules.py.
+    """
+    if n < 0:
+        raise RefsdError(f"linspace needs n >= 0, got {n}")
+    a, b = f32(start), f32(stop)
+    if n <= 1:
+        return [a][:n]
+    step = f32(f32(b - a) / (n - 1))
+    half = n // 2
+    return [_fma_f32(step, i, a) if i < half else _fma_f32(-step, n - 1 - i, b) for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------------
 # discrete DDPM models (SD 1.x / 2.x / XL): eps- and v-prediction
 
 
@@ -167,6 +233,10 @@ class ModelSamplingDiscrete:
     available; ``sigma_min``, ``sigma_max`` (Python floats), ``prediction`` ("eps" | "v"),
     ``num_timesteps``, ``sigma_data`` (1.0), ``config`` (the normalised config dict) and
     ``host_sigmas`` (the table as Python floats, for building schedules on the host).
+
+    ComfyUI's float32 buffers: ``host_sigmas_f32`` (the float64 sigmas rounded to float32),
+    ``host_log_sigmas_f32`` (their float64 log, rounded) as Python floats, and ``log_sigmas_f32``,
+    the latter as a float32 array on the device (for ``timestep(rounding="round")``).
     """
 
     sigma_data = 1.0
@@ -191,6 +261,10 @@ class ModelSamplingDiscrete:
         self.alphas_cumprod = xp.asarray([float(a) for a in alphas_cumprod], dtype=dt, device=dev)
         self.sigma_min = host[0]
         self.sigma_max = host[-1]
+        # ComfyUI set_sigmas: register_buffer("sigmas", sigmas.float()), ("log_sigmas", sigmas.log().float())
+        self.host_sigmas_f32 = tuple(f32(s) for s in host)
+        self.host_log_sigmas_f32 = tuple(f32(math.log(s)) for s in host)
+        self.log_sigmas_f32 = xp.asarray(self.host_log_sigmas_f32, dtype=xp.float32, device=dev)
 
     @classmethod
     def from_config(cls, config: dict, *, like, zsnr_terminal: str | float = "comfyui") -> "ModelSamplingDiscrete":
@@ -235,34 +309,47 @@ class ModelSamplingDiscrete:
         """The timestep of noise level ``sigma`` (any shape), by interpolation in log sigma.
 
         ``rounding="none"``: continuous t, piecewise linear in log sigma between table entries and
-        clamped to [0, N-1] (k-diffusion DiscreteSchedule.sigma_to_t with quantize=False).
-        ``rounding="round"``: the index of the nearest table entry in log sigma, ties to the lower
-        one (ComfyUI ModelSamplingDiscrete.timestep: argmin |log sigma - log_sigmas|).
-        Returned in sigma's dtype (the table's for Python numbers).
+        clamped to [0, N-1] (k-diffusion DiscreteSchedule.sigma_to_t with quantize=False), in the
+        table's dtype. ``rounding="round"``: ComfyUI ModelSamplingDiscrete.timestep, the index of the
+        nearest table entry in log sigma, argmin |log sigma - log_sigmas| with the first index on ties,
+        computed as ComfyUI does in float32: sigma rounded to float32, its log correctly rounded to
+        float32, differences to the float32 table ``log_sigmas_f32`` in float32. Where sigma lies
+        halfway between two entries (a schedule's t = k + 0.5) the float32 rounding decides, as in
+        ComfyUI. Returned in sigma's dtype (the table's for Python numbers).
         """
         if rounding not in ("none", "round"):
             raise RefsdError(f"timestep rounding {rounding!r} unknown; valid: none, round")
         xp = rxp.namespace(self.log_sigmas)
         s = self._table(sigma)
         out_dtype = sigma.dtype if hasattr(sigma, "shape") else s.dtype
+        if rounding == "round":
+            flat = xp.astype(xp.reshape(s, (-1,)), xp.float32)
+            log_sigma = self._log_f32(flat)
+            dists = xp.abs(log_sigma[None, :] - self.log_sigmas_f32[:, None])  # (N, B) float32
+            t = xp.reshape(xp.argmin(dists, axis=0), tuple(s.shape))
+            return xp.astype(t, out_dtype)
         flat = xp.log(xp.reshape(s, (-1,)))
         n = self.num_timesteps
         # low: the last table entry <= log sigma, kept in [0, N-2] so (low, low+1) is a bracket.
         low = xp.clip(xp.searchsorted(self.log_sigmas, flat, side="right") - 1, 0, n - 2)
         high = low + 1
         lo, hi = xp.take(self.log_sigmas, low, axis=0), xp.take(self.log_sigmas, high, axis=0)
-        low_f, high_f = xp.astype(low, s.dtype), xp.astype(high, s.dtype)
-        if rounding == "round":
-            t = xp.where(xp.abs(hi - flat) < xp.abs(flat - lo), high_f, low_f)
-        else:
-            w = xp.clip((lo - flat) / (lo - hi), 0.0, 1.0)
-            t = (1.0 - w) * low_f + w * high_f
+        w = xp.clip((lo - flat) / (lo - hi), 0.0, 1.0)
+        t = (1.0 - w) * xp.astype(low, s.dtype) + w * xp.astype(high, s.dtype)
         t = xp.reshape(t, tuple(s.shape))
         return t if t.dtype == out_dtype else xp.astype(t, out_dtype)
 
+    def _log_f32(self, s32):
+        """log of a float32 array, correctly rounded to float32: through float64 where the device has it."""
+        xp = rxp.namespace(s32)
+        if self.sigmas.dtype == xp.float64:
+            return xp.astype(xp.log(xp.astype(s32, xp.float64)), xp.float32)
+        return xp.log(s32)
+
     def sigma(self, timestep):
         """The noise level at (continuous) ``timestep``: log sigma interpolated linearly between the
-        neighbouring integer timesteps, t clamped to [0, N-1] (ComfyUI ModelSamplingDiscrete.sigma)."""
+        neighbouring integer timesteps, t clamped to [0, N-1] (ComfyUI ModelSamplingDiscrete.sigma),
+        in the table's dtype. ``sigma_f32`` is ComfyUI's float32 arithmetic of the same."""
         xp = rxp.namespace(self.log_sigmas)
         t = self._table(timestep)
         out_dtype = timestep.dtype if hasattr(timestep, "shape") else t.dtype
@@ -274,14 +361,43 @@ class ModelSamplingDiscrete:
         out = xp.reshape(xp.exp(log_sigma), tuple(t.shape))
         return out if out.dtype == out_dtype else xp.astype(out, out_dtype)
 
+    # -- ComfyUI's float32 arithmetic on the host (parity="comfyui" schedules) ------------------
+
+    def sigma_f32(self, timesteps: Sequence[float]) -> list[float]:
+        """ComfyUI ModelSamplingDiscrete.sigma as it computes it, in float32: t = f32(timestep)
+        clamped to [0, N-1], w = t - floor(t), log sigma = f32(f32(f32(1 - w) * L[floor t]) +
+        f32(w * L[ceil t])) over the float32 log table L, sigma = f32(exp(log sigma)). Python floats
+        in and out; each result is a float32 value."""
+        table, top = self.host_log_sigmas_f32, float(self.num_timesteps - 1)
+        out = []
+        for t in timesteps:
+            t = min(max(f32(t), 0.0), top)
+            lo, hi = math.floor(t), math.ceil(t)
+            w = t - lo  # exact
+            out.append(f32(math.exp(f32(f32(f32(1.0 - w) * table[lo]) + f32(w * table[hi])))))
+        return out
+
+    def timestep_f32(self, sigmas: Sequence[float]) -> list[float]:
+        """ComfyUI ModelSamplingDiscrete.timestep in float32, on the host (``timestep(rounding="round")``
+        for Python floats): argmin_i |f32(f32(log f32(sigma)) - L[i])|, the first index on ties. A
+        sigma of 0 (log -inf) gives 0, as torch's argmin over infinities."""
+        table = self.host_log_sigmas_f32
+        out = []
+        for s in sigmas:
+            s = f32(s)
+            log_sigma = f32(math.log(s)) if s > 0 else -math.inf
+            out.append(float(min(range(len(table)), key=lambda i: abs(f32(log_sigma - table[i])))))
+        return out
+
     def percent_to_sigma(self, percent: float) -> float:
         """The sigma at a fraction of the way through sampling (0 = start, 1 = end), as ComfyUI's
-        start/end_percent (ControlNet, conditioning ranges): <= 0 -> 999999999.9, >= 1 -> 0.0."""
+        start/end_percent (ControlNet, conditioning ranges): <= 0 -> 999999999.9, >= 1 -> 0.0, else
+        sigma(f32((1 - percent) * (N - 1))) in ComfyUI's float32 arithmetic (``sigma_f32``)."""
         if percent <= 0.0:
             return 999999999.9
         if percent >= 1.0:
             return 0.0
-        return float(rxp.to_numpy(self.sigma((1.0 - percent) * (self.num_timesteps - 1))))
+        return self.sigma_f32([(1.0 - percent) * (self.num_timesteps - 1)])[0]  # torch.tensor: float32
 
     def is_max_denoise(self, sigma) -> bool:
         """Whether sampling starting at ``sigma`` starts from pure noise (see ``_is_max_denoise``)."""
@@ -329,7 +445,8 @@ class ModelSamplingDiscreteFlow:
     v = noise - x0 from the unscaled x (c_in = 1), so D = x - sigma * v. The table holds
     sigmas[i] = time_snr_shift(shift, (i + 1) / N) for i < N; timestep = sigma * multiplier.
     Same attributes as ModelSamplingDiscrete, with ``prediction = "const"`` and no
-    ``alphas_cumprod`` (None): samplers that need a DDPM alpha table do not apply.
+    ``alphas_cumprod`` (None): samplers that need a DDPM alpha table do not apply; ComfyUI's float32
+    table is ``host_sigmas_f32`` (no log table: flow timesteps are not looked up).
     """
 
     sigma_data = 1.0
@@ -349,6 +466,9 @@ class ModelSamplingDiscreteFlow:
         self.sigmas = xp.asarray(host, dtype=_table_dtype(like), device=rxp.device(like))
         self.log_sigmas = xp.log(self.sigmas)
         self.sigma_min, self.sigma_max = host[0], host[-1]
+        # ComfyUI's float32 buffer: the same formula in float32 torch (int arange / N -> float32)
+        fm = f32(m)
+        self.host_sigmas_f32 = tuple(self.sigma_f32([f32(f32(i / n) * fm) for i in range(1, n + 1)]))
 
     @classmethod
     def from_config(cls, config: dict, *, like) -> "ModelSamplingDiscreteFlow":
@@ -377,7 +497,23 @@ class ModelSamplingDiscreteFlow:
         t = timestep / self.multiplier
         return t if self.shift == 1.0 else self.shift * t / (1.0 + (self.shift - 1.0) * t)
 
+    def sigma_f32(self, timesteps: Sequence[float]) -> list[float]:
+        """ComfyUI's sigma in its float32 arithmetic: t = f32(timestep) / multiplier, then
+        shift * t / (1 + (shift - 1) * t), each operation rounded to float32. Python floats."""
+        m, a, a1 = f32(self.multiplier), f32(self.shift), f32(self.shift - 1.0)
+        out = []
+        for ts in timesteps:
+            t = f32(f32(ts) / m)
+            out.append(t if self.shift == 1.0 else f32(f32(a * t) / f32(1.0 + f32(a1 * t))))
+        return out
+
+    def timestep_f32(self, sigmas: Sequence[float]) -> list[float]:
+        """ComfyUI's timestep in float32: f32(f32(sigma) * multiplier)."""
+        m = f32(self.multiplier)
+        return [f32(f32(s) * m) for s in sigmas]
+
     def percent_to_sigma(self, percent: float) -> float:
+        """ComfyUI: time_snr_shift(shift, 1 - percent) on Python floats; 1.0 at <= 0, 0.0 at >= 1."""
         if percent <= 0.0:
             return 1.0
         if percent >= 1.0:

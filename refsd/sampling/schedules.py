@@ -6,9 +6,18 @@ except where ComfyUI's own definition gives another count: ``beta`` drops repeat
 entries at high step counts) and ``ddim_uniform`` takes every (1000 // steps)-th timestep (more
 entries when steps does not divide 1000). ``get_sigmas`` adds ComfyUI KSampler's ``denoise``.
 
-Schedules are built on the host in float64 Python arithmetic (the model sampling's ``host_sigmas``
-table) and placed once; ComfyUI builds most of them in float32 (torch.FloatTensor), so refsd's
-values are the exact ones and ComfyUI's are within float32 rounding (~1e-7 relative) of them.
+Schedules are built on the host and placed once, in one of two arithmetics (``precision``):
+
+- "float64" (default): the formula in float64 Python arithmetic on the float64 table: the exact
+  values, which the goldens check against k-diffusion run in float64.
+- "float32": as ComfyUI computes it, operation for operation: its float32 table buffers,
+  torch.linspace's float32 rounding, float32 tensor arithmetic (Python scalars rounded to float32
+  first, as torch does), ComfyUI's own float64 steps where it has them (beta's quantiles,
+  linear_quadratic's ramp, karras' 1/rho powers); every operation correctly rounded
+  (model_sampling.f32). parity="comfyui" uses it: the "normal" schedule's t = k + 0.5 sigmas
+  then round to the same integer timestep as ComfyUI's, where float64 can pick the neighbour.
+  torch's own float32 exp/pow/tan are not always correctly rounded, so ~1% of torch-CPU
+  ComfyUI's "normal" sigmas differ from these by one float32 ulp (tests/test_schedules.py).
 
 References (ported, not copied):
 - ComfyUI comfy/samplers.py: normal_scheduler, simple_scheduler, ddim_scheduler, beta_scheduler,
@@ -26,69 +35,97 @@ import math
 
 from refsd import xp as rxp
 from refsd.errors import RefsdError
-from refsd.sampling.model_sampling import linspace_host, sigma_array
+from refsd.sampling.model_sampling import f32, linspace_f32, linspace_host, sigma_array
 
 # ComfyUI KSampler runs these samplers one step longer and drops the penultimate sigma.
 DISCARD_PENULTIMATE_SIGMA_SAMPLERS = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"})
 
-
-def _with_zero(ms, values):
-    return sigma_array(ms, list(values) + [0.0])
-
-
-def _range(ms, sigma_min, sigma_max):
-    return (ms.sigma_min if sigma_min is None else float(sigma_min),
-            ms.sigma_max if sigma_max is None else float(sigma_max))
+# The host arithmetics a schedule can be built in (see the module docstring).
+PRECISIONS = ("float64", "float32")
 
 
 def _host(a) -> list[float]:
     return [float(v) for v in rxp.to_numpy(a).reshape(-1)]
 
 
+class _Arith:
+    """One schedule's host arithmetic: ``r`` rounds a result (float32: to float32; float64: nothing),
+    ``table`` the sigma table, ``linspace``, and the model sampling's sigma(t) / rounded timestep(sigma)."""
+
+    def __init__(self, ms, precision: str):
+        if precision not in PRECISIONS:
+            raise RefsdError(f"schedule precision {precision!r} unknown; valid: {', '.join(PRECISIONS)}")
+        self.ms, self.float32 = ms, precision == "float32"
+        self.r = f32 if self.float32 else float
+        self.table = ms.host_sigmas_f32 if self.float32 else ms.host_sigmas
+        self.sigma_min, self.sigma_max = self.table[0], self.table[-1]
+        self.linspace = linspace_f32 if self.float32 else linspace_host
+
+    def sigma(self, ts) -> list[float]:
+        if self.float32:
+            return self.ms.sigma_f32(ts)
+        return _host(self.ms.sigma(sigma_array(self.ms, ts)))
+
+    def timestep(self, sigmas) -> list[float]:
+        if self.float32:
+            return self.ms.timestep_f32(sigmas)
+        return _host(self.ms.timestep(sigma_array(self.ms, sigmas), rounding="round"))
+
+    def range(self, sigma_min, sigma_max) -> tuple[float, float]:
+        """(sigma_min, sigma_max): the table's ends unless given (ComfyUI passes float(ms.sigma_min))."""
+        return (self.sigma_min if sigma_min is None else float(sigma_min),
+                self.sigma_max if sigma_max is None else float(sigma_max))
+
+
+def _with_zero(ms, values):
+    return sigma_array(ms, list(values) + [0.0])
+
+
 # --------------------------------------------------------------------------------------------
 # schedules on the model's own timesteps
 
 
-def normal(ms, steps: int, *, sgm: bool = False):
+def normal(ms, steps: int, *, sgm: bool = False, precision: str = "float64"):
     """Timesteps evenly spaced from T-1 down to 0, mapped to sigmas by log-sigma interpolation.
 
     ComfyUI normal_scheduler: t = linspace(t(sigma_max), t(sigma_min), steps), sigma = ms.sigma(t),
     then 0 (if sigma(t_min) is already ~0, one more step stands in for the appended 0).
     diffusers' "linspace" spacing differs: it interpolates sigma itself linearly (diffusers_sigmas).
     """
-    start = _host(ms.timestep(ms.sigma_max, rounding="round"))[0]
-    end = _host(ms.timestep(ms.sigma_min, rounding="round"))[0]
+    a = _Arith(ms, precision)
+    start, end = a.timestep([a.sigma_max, a.sigma_min])
     append_zero = True
     if sgm:
-        ts = linspace_host(start, end, steps + 1)[:-1]
+        ts = a.linspace(start, end, steps + 1)[:-1]
     else:
-        if math.isclose(_host(ms.sigma(end))[0], 0.0, abs_tol=1e-05):
+        if math.isclose(a.sigma([end])[0], 0.0, abs_tol=1e-05):
             steps += 1
             append_zero = False
-        ts = linspace_host(start, end, steps)
-    sigmas = _host(ms.sigma(sigma_array(ms, ts)))
+        ts = a.linspace(start, end, steps)
+    sigmas = a.sigma(ts)
     return sigma_array(ms, sigmas + [0.0] if append_zero else sigmas)
 
 
-def sgm_uniform(ms, steps: int):
+def sgm_uniform(ms, steps: int, *, precision: str = "float64"):
     """normal with steps + 1 timesteps from T-1 to 0, the last (t = 0) replaced by sigma 0
     (Stability's sgm "uniform" discretisation; ComfyUI normal_scheduler(sgm=True))."""
-    return normal(ms, steps, sgm=True)
+    return normal(ms, steps, sgm=True, precision=precision)
 
 
-def simple(ms, steps: int):
+def simple(ms, steps: int, *, precision: str = "float64"):
     """Every (N / steps)-th table sigma from the top: sigmas[N-1 - floor(i N / steps)], then 0
     (ComfyUI simple_scheduler). Equals diffusers' "trailing" spacing when steps divides N."""
-    table, n = ms.host_sigmas, len(ms.host_sigmas)
-    ss = n / steps
+    table = _Arith(ms, precision).table
+    ss = len(table) / steps
     return _with_zero(ms, [table[-(1 + int(x * ss))] for x in range(steps)])
 
 
-def ddim_uniform(ms, steps: int):
+def ddim_uniform(ms, steps: int, *, precision: str = "float64"):
     """Table sigmas at t = 1, 1 + k, 1 + 2k, ... < N with k = N // steps, descending, then 0
     (ComfyUI ddim_scheduler; diffusers DDIM "leading" spacing with steps_offset=1 when steps
     divides N). When steps does not divide N this yields more than steps + 1 sigmas, as in ComfyUI."""
-    table, n = ms.host_sigmas, len(ms.host_sigmas)
+    table = _Arith(ms, precision).table
+    n = len(table)
     x = 1
     if math.isclose(table[x], 0.0, abs_tol=1e-05):
         steps += 1
@@ -102,12 +139,13 @@ def ddim_uniform(ms, steps: int):
     return sigma_array(ms, sigs[::-1])
 
 
-def beta(ms, steps: int, *, alpha: float = 0.6, beta: float = 0.6):
+def beta(ms, steps: int, *, alpha: float = 0.6, beta: float = 0.6, precision: str = "float64"):
     """Timesteps at Beta(alpha, beta) quantiles: t_i = rint(ppf(1 - i / steps) * (N - 1)), repeated
     timesteps dropped, table sigmas, then 0 (ComfyUI beta_scheduler; Lee et al. 2024). The Beta
-    inverse CDF is refsd's own (beta_ppf), accurate to ~1e-15; ComfyUI calls scipy.stats.beta.ppf.
+    inverse CDF is refsd's own (beta_ppf), accurate to ~1e-15; ComfyUI calls scipy.stats.beta.ppf
+    (float64 either way; only the table is float32 under precision="float32").
     """
-    table = ms.host_sigmas
+    table = _Arith(ms, precision).table
     total = len(table) - 1
     sigs, last = [], None
     for i in range(steps):
@@ -118,10 +156,13 @@ def beta(ms, steps: int, *, alpha: float = 0.6, beta: float = 0.6):
     return _with_zero(ms, sigs)
 
 
-def linear_quadratic(ms, steps: int, *, threshold_noise: float = 0.025, linear_steps: int | None = None):
+def linear_quadratic(ms, steps: int, *, threshold_noise: float = 0.025, linear_steps: int | None = None,
+                     precision: str = "float64"):
     """Mochi's schedule on [0, 1] scaled by sigma_max: the first ``linear_steps`` (steps // 2) fall
     linearly from 1 to 1 - threshold_noise, the rest quadratically to 0 (ComfyUI
-    linear_quadratic_schedule; Genmo mochi_preview infer.py)."""
+    linear_quadratic_schedule, which builds the ramp in float64 and scales it in float32;
+    Genmo mochi_preview infer.py)."""
+    a = _Arith(ms, precision)
     if steps == 1:
         sched = [1.0, 0.0]
     else:
@@ -135,51 +176,69 @@ def linear_quadratic(ms, steps: int, *, threshold_noise: float = 0.025, linear_s
         const = quadratic_coef * (linear_steps ** 2)
         quad = [quadratic_coef * (i ** 2) + linear_coef * i + const for i in range(linear_steps, steps)]
         sched = [1.0 - x for x in lin + quad + [1.0]]
-    return sigma_array(ms, [v * ms.sigma_max for v in sched])
+    r = a.r  # torch.FloatTensor(sched) * model_sampling.sigma_max
+    return sigma_array(ms, [r(r(v) * a.sigma_max) for v in sched])
 
 
 # --------------------------------------------------------------------------------------------
-# schedules on [sigma_min, sigma_max] only
+# schedules on [sigma_min, sigma_max] only (k-diffusion's: Python-float parameters, float32 ramps)
 
 
-def karras(ms, steps: int, *, rho: float = 7.0, sigma_min: float | None = None, sigma_max: float | None = None):
+def karras(ms, steps: int, *, rho: float = 7.0, sigma_min: float | None = None, sigma_max: float | None = None,
+           precision: str = "float64"):
     """sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) - smax^(1/rho)))^rho, then 0 (Karras et al.
     2022 eq. 5; k-diffusion get_sigmas_karras). One step gives [sigma_max, 0]."""
-    smin, smax = _range(ms, sigma_min, sigma_max)
-    lo, hi = smin ** (1 / rho), smax ** (1 / rho)
-    return _with_zero(ms, [(hi + r * (lo - hi)) ** rho for r in linspace_host(0.0, 1.0, steps)])
+    a = _Arith(ms, precision)
+    smin, smax = a.range(sigma_min, sigma_max)
+    lo, hi = smin ** (1 / rho), smax ** (1 / rho)  # Python floats in k-diffusion too
+    r = a.r
+    return _with_zero(ms, [r(r(r(hi) + r(x * r(lo - hi))) ** r(rho)) for x in a.linspace(0.0, 1.0, steps)])
 
 
-def exponential(ms, steps: int, *, sigma_min: float | None = None, sigma_max: float | None = None):
+def exponential(ms, steps: int, *, sigma_min: float | None = None, sigma_max: float | None = None,
+                precision: str = "float64"):
     """log sigma evenly spaced from log sigma_max to log sigma_min, then 0 (k-diffusion
     get_sigmas_exponential)."""
-    smin, smax = _range(ms, sigma_min, sigma_max)
-    return _with_zero(ms, [math.exp(v) for v in linspace_host(math.log(smax), math.log(smin), steps)])
+    a = _Arith(ms, precision)
+    smin, smax = a.range(sigma_min, sigma_max)
+    return _with_zero(ms, [a.r(math.exp(v)) for v in a.linspace(math.log(smax), math.log(smin), steps)])
 
 
 def polyexponential(ms, steps: int, *, rho: float = 1.0, sigma_min: float | None = None,
-                    sigma_max: float | None = None):
+                    sigma_max: float | None = None, precision: str = "float64"):
     """log sigma = log smin + r^rho (log smax - log smin), r from 1 to 0; rho = 1 is exponential
     (k-diffusion get_sigmas_polyexponential; ComfyUI's PolyexponentialScheduler node)."""
-    smin, smax = _range(ms, sigma_min, sigma_max)
+    a = _Arith(ms, precision)
+    smin, smax = a.range(sigma_min, sigma_max)
     lmin, lmax = math.log(smin), math.log(smax)
-    return _with_zero(ms, [math.exp(r ** rho * (lmax - lmin) + lmin) for r in linspace_host(1.0, 0.0, steps)])
+    r = a.r
+    return _with_zero(ms, [r(math.exp(r(r(r(x ** r(rho)) * r(lmax - lmin)) + r(lmin))))
+                           for x in a.linspace(1.0, 0.0, steps)])
 
 
-def vp(ms, steps: int, *, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float = 1e-3):
-    """The continuous VP SDE's sigmas, sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) for t from 1 to
+def vp(ms, steps: int, *, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float = 1e-3,
+       precision: str = "float64"):
+    """The continuous VP SDE's sigmas, sqrt(e^(beta_d t^2 / 2 + beta_min t) - 1) for t from 1 to
     eps_s (Song et al. 2021; k-diffusion get_sigmas_vp; ComfyUI's VPScheduler node). Uses only the
-    model sampling's dtype and device."""
-    return _with_zero(ms, [math.sqrt(math.exp(beta_d * t ** 2 / 2 + beta_min * t) - 1)
-                           for t in linspace_host(1.0, eps_s, steps)])
+    model sampling's dtype and device. k-diffusion 0.1.1 (the float64 oracle) takes exp(.) - 1,
+    ComfyUI's copy expm1(.), which precision="float32" follows."""
+    a = _Arith(ms, precision)
+    r = a.r
+    em1 = math.expm1 if a.float32 else (lambda v: math.exp(v) - 1)
+    return _with_zero(ms, [r(math.sqrt(r(em1(r(r(r(r(beta_d) * r(t ** 2)) / 2) + r(r(beta_min) * t))))))
+                           for t in a.linspace(1.0, eps_s, steps)])
 
 
-def kl_optimal(ms, steps: int, *, sigma_min: float | None = None, sigma_max: float | None = None):
+def kl_optimal(ms, steps: int, *, sigma_min: float | None = None, sigma_max: float | None = None,
+               precision: str = "float64"):
     """sigma_i = tan((1 - i/(n-1)) atan(sigma_max) + i/(n-1) atan(sigma_min)), then 0 (ComfyUI
     kl_optimal_scheduler; A1111 PR #15608). One step gives [sigma_max, 0] (ComfyUI divides 0 by 0)."""
-    smin, smax = _range(ms, sigma_min, sigma_max)
-    idx = [i / (steps - 1) for i in range(steps)] if steps > 1 else [0.0]
-    return _with_zero(ms, [math.tan(a * math.atan(smin) + (1 - a) * math.atan(smax)) for a in idx])
+    a = _Arith(ms, precision)
+    smin, smax = a.range(sigma_min, sigma_max)
+    r = a.r
+    amin, amax = r(math.atan(smin)), r(math.atan(smax))
+    idx = [r(i / (steps - 1)) for i in range(steps)] if steps > 1 else [0.0]  # arange(n).div_(n - 1)
+    return _with_zero(ms, [r(math.tan(r(r(x * amin) + r(r(1 - x) * amax)))) for x in idx])
 
 
 # ComfyUI's scheduler names (comfy/samplers.py SCHEDULER_HANDLERS), in its order.
@@ -200,14 +259,16 @@ EXTRA_SCHEDULERS = {"polyexponential": polyexponential, "vp": vp}
 
 
 def get_sigmas(name: str, model_sampling, steps: int, *, denoise: float | None = 1.0,
-               discard_penultimate: bool = False, **opts):
+               discard_penultimate: bool = False, precision: str = "float64", **opts):
     """The sigmas ComfyUI's KSampler / BasicScheduler would use for ``steps`` steps at ``denoise``.
 
     denoise >= 0.9999 (or None): the full schedule. 0 < denoise < 0.9999: a schedule for
     int(steps / denoise) steps, of which the last steps + 1 sigmas are kept (img2img starts partway
     down a longer schedule). denoise <= 0: an empty array (nothing to do).
     ``discard_penultimate``: build one step more and drop the second-to-last sigma, as KSampler does
-    for the samplers in DISCARD_PENULTIMATE_SIGMA_SAMPLERS. ``opts`` go to the scheduler.
+    for the samplers in DISCARD_PENULTIMATE_SIGMA_SAMPLERS. ``precision``: "float64" (the exact
+    schedule) or "float32" (ComfyUI's own float32 arithmetic; see the module docstring).
+    ``opts`` go to the scheduler.
     """
     fn = SCHEDULERS.get(name) or EXTRA_SCHEDULERS.get(name)
     if fn is None:
@@ -215,11 +276,13 @@ def get_sigmas(name: str, model_sampling, steps: int, *, denoise: float | None =
                          f"(and k-diffusion's {', '.join(EXTRA_SCHEDULERS)})")
     if not isinstance(steps, int) or steps < 1:
         raise RefsdError(f"scheduler {name!r}: steps must be an integer >= 1, got {steps!r}")
+    if precision not in PRECISIONS:
+        raise RefsdError(f"schedule precision {precision!r} unknown; valid: {', '.join(PRECISIONS)}")
 
     def calculate(n):
         if not discard_penultimate:
-            return fn(model_sampling, n, **opts)
-        s = fn(model_sampling, n + 1, **opts)
+            return fn(model_sampling, n, precision=precision, **opts)
+        s = fn(model_sampling, n + 1, precision=precision, **opts)
         xp = rxp.namespace(s)
         return xp.concat([s[:-2], s[-1:]])
 
