@@ -279,14 +279,22 @@ def _mask(height: int, width: int):
     return m.to(torch.uint8)
 
 
-def _register(name: str, **kw):
-    @case("pipeline", name, dtypes=("float32",))
-    def fn(g, dt, name=name, kw=kw):
-        return _pipeline_case(g, dt, name=name, **kw)
+def registrar(models: dict, owner: dict, build):
+    """``register(name, **kw)``: a float32 pipeline case built by ``build(g, dt, name=name, **kw)``. The
+    first case registered for a model (or for its "base" model) stores that model's weights."""
+    def register(name: str, **kw):
+        @case("pipeline", name, dtypes=("float32",))
+        def fn(g, dt, name=name, kw=kw):
+            return build(g, dt, name=name, **kw)
 
-    base = MODELS[kw["model"]].get("base", kw["model"])
-    OWNER.setdefault(base, f"pipeline/{name}_f32")  # registration order decides the owner
-    return fn
+        base = models[kw["model"]].get("base", kw["model"])
+        owner.setdefault(base, f"pipeline/{name}_f32")  # registration order decides the owner
+        return fn
+
+    return register
+
+
+_register = registrar(MODELS, OWNER, _pipeline_case)
 
 
 ASTRONAUT = "a photo of an astronaut riding a horse on mars"

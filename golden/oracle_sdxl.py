@@ -76,8 +76,9 @@ from golden.oracle_pipelines import (
     _init_image,
     _mask,
     _tokenizer,
+    registrar,
 )
-from golden.registry import Capture, case, randomise_weights
+from golden.registry import Capture, randomise_weights
 
 # stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json (the refiner's is the same)
 SCHEDULER_SDXL = {
@@ -384,14 +385,7 @@ def _sdxl_case(g, dt, *, name: str, model: str, mode: str, sampler: str, schedul
                    params_from=None if owner == case_id else owner, borrowed=None if owner == case_id else borrowed)
 
 
-def _register(name: str, **kw):
-    @case("pipeline", name, dtypes=("float32",))
-    def fn(g, dt, name=name, kw=kw):
-        return _sdxl_case(g, dt, name=name, **kw)
-
-    base = MODELS[kw["model"]].get("base", kw["model"])
-    OWNER.setdefault(base, f"pipeline/{name}_f32")  # registration order decides the owner
-    return fn
+_register = registrar(MODELS, OWNER, _sdxl_case)
 
 
 ASTRONAUT = "a photo of an astronaut riding a horse on mars"

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from refsd import golden
+from test_cli_generate import assert_one_line_error
 from refsd.pipelines import demo, load_model, png, txt2img
 from refsd.weights import ldm, read_header, save_safetensors
 
@@ -81,16 +82,6 @@ def run(env, *args, command="generate"):
 def ok(proc):
     assert proc.returncode == 0, proc.stderr
     return proc
-
-
-def assert_one_line_error(proc, *fragments):
-    assert proc.returncode == 2, proc
-    assert proc.stdout == ""
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("refsd: error: ") and "Traceback" not in proc.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def files(folder):

@@ -13,6 +13,7 @@ from refsd import xp as rxp
 from refsd.errors import RefsdError
 from refsd.sampling.denoisers import Denoiser, GaussianDenoiser
 from refsd.sampling.guidance import CFGDenoiser
+from test_schedules import TorchComfy  # ComfyUI's ModelSamplingDiscrete restated in torch float32
 from refsd.sampling.model_sampling import (ZSNR_TERMINAL_ALPHAS_CUMPROD, ModelSamplingDiscrete,
                                            ModelSamplingDiscreteFlow, f32, from_config)
 
@@ -215,7 +216,7 @@ def test_timestep_matches_kdiffusion_sigma_to_t(put):
 def test_percent_to_sigma(put):
     """ComfyUI: sigma(torch.tensor((1 - percent) * 999.0)).item(): a float32 timestep, float32 sigma."""
     ms = _ms(put)
-    tms = TorchComfyMS(SD15)
+    tms = TorchComfy(SD15)
     assert ms.percent_to_sigma(0.0) == 999999999.9 and ms.percent_to_sigma(-1) == 999999999.9
     assert ms.percent_to_sigma(1.0) == 0.0
     for p in (0.1, 0.25, 0.5, 0.9, 0.123456):
@@ -226,39 +227,6 @@ def test_percent_to_sigma(put):
 
 # --------------------------------------------------------------------------------------------
 # ComfyUI's float32 arithmetic: its float32 buffers, sigma(t) and the argmin timestep
-
-
-class TorchComfyMS:
-    """ComfyUI ModelSamplingDiscrete in torch, as comfy/model_sampling.py computes it: float64
-    make_beta_schedule / cumprod / sigmas (+ rescale_zero_terminal_snr_sigmas), then float32 buffers
-    ``sigmas.float()`` and ``sigmas.log().float()``; sigma(t) and timestep(sigma) in float32."""
-
-    def __init__(self, cfg, zsnr=False):
-        if cfg["beta_schedule"] == "scaled_linear":
-            betas = torch.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, 1000, dtype=torch.float64) ** 2
-        else:
-            betas = torch.linspace(cfg["beta_start"], cfg["beta_end"], 1000, dtype=torch.float64)
-        ac = torch.cumprod(1.0 - betas, dim=0)
-        sigmas = ((1 - ac) / ac) ** 0.5
-        if zsnr:
-            s = (1 / (sigmas * sigmas + 1)).sqrt()
-            s0, sT = s[0].clone(), s[-1].clone()
-            s = (s - sT) * (s0 / (s0 - sT))
-            abar = s ** 2
-            abar[-1] = COMFY_ZSNR_TERMINAL
-            sigmas = ((1 - abar) / abar) ** 0.5
-        self.sigmas, self.log_sigmas = sigmas.float(), sigmas.log().float()
-
-    def timestep(self, sigma):
-        return (sigma.log() - self.log_sigmas[:, None]).abs().argmin(dim=0).view(sigma.shape)
-
-    def log_sigma(self, timestep):  # sigma() before its exp
-        t = torch.clamp(timestep.float(), min=0, max=len(self.sigmas) - 1)
-        w = t.frac()
-        return (1 - w) * self.log_sigmas[t.floor().long()] + w * self.log_sigmas[t.ceil().long()]
-
-    def sigma(self, timestep):
-        return self.log_sigma(timestep).exp()
 
 
 def _ulps(a, b):
@@ -272,10 +240,9 @@ def _f32_exp(x):
     return np.exp(np.asarray(x, np.float64)).astype(np.float32)
 
 
-@pytest.mark.parametrize("cfg, zsnr", [(SD15, False), (LINEAR, False), ({**SD15, "rescale_betas_zero_snr": True}, True)],
-                         ids=["sd15", "linear", "zsnr"])
-def test_float32_tables_are_comfyuis_buffers(cfg, zsnr, xp, device, put):
-    ms, tms = _ms(put, cfg), TorchComfyMS(cfg, zsnr)
+@pytest.mark.parametrize("cfg", [SD15, LINEAR, {**SD15, "rescale_betas_zero_snr": True}], ids=["sd15", "linear", "zsnr"])
+def test_float32_tables_are_comfyuis_buffers(cfg, xp, device, put):
+    ms, tms = _ms(put, cfg), TorchComfy(cfg)
     assert np.array_equal(np.asarray(ms.host_sigmas_f32, np.float32), tms.sigmas.numpy())
     assert np.array_equal(np.asarray(ms.host_log_sigmas_f32, np.float32), tms.log_sigmas.numpy())
     assert ms.log_sigmas_f32.dtype == xp.float32 and rxp.device(ms.log_sigmas_f32) == device
@@ -287,7 +254,7 @@ def test_sigma_f32_is_comfyuis_float32_sigma():
     """Every t = k / 8 in [0, 999] and 2000 random float32 t: refsd's float32 log sigma is torch's bit for
     bit, and its sigma the correctly rounded exp of it; torch's float32 exp differs from that by one ulp
     for ~1% of arguments (measured here; MKL/SLEEF/CUDA exp are not correctly rounded)."""
-    ms, tms = _ms(np.asarray), TorchComfyMS(SD15)
+    ms, tms = _ms(np.asarray), TorchComfy(SD15)
     rng = np.random.default_rng(3)
     ts = np.concatenate([np.arange(0, 999 * 8 + 1) / 8, rng.uniform(-3, 1002, 2000)]).astype(np.float32)
     ref_log = tms.log_sigma(torch.from_numpy(ts)).numpy()
@@ -304,7 +271,7 @@ def test_timestep_round_is_comfyuis_float32_argmin(xp, put):
     log sigma between two table entries, where float64 and float32 can pick different neighbours), as
     torch computes them, plus table entries and random values. Device (timestep(rounding="round")) and
     host (timestep_f32) lookups agree with torch's argmin, first index on ties."""
-    ms, tms = _ms(put), TorchComfyMS(SD15)
+    ms, tms = _ms(put), TorchComfy(SD15)
     rng = np.random.default_rng(4)
     half = torch.arange(0, 999, dtype=torch.float32) + 0.5
     sig = torch.cat([tms.sigma(half), tms.sigmas, tms.sigma(torch.from_numpy(rng.uniform(0, 999, 500).astype(np.float32))),

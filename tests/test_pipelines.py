@@ -251,15 +251,22 @@ def test_unsupported_architectures_and_inpaint_models(sd1):
 # loading
 
 
-def _write_folder(root, case_id):
-    """A diffusers folder holding a golden case's tiny model (no tokenizer/: the shipped vocabulary)."""
+def _write_folder(root, case_id, *, params=None, **flags):
+    """A diffusers folder holding a golden case's tiny model (no tokenizer/: the shipped vocabulary):
+    every component its kwargs["model"] configures (SDXL: text_encoder_2 too); ``params``: the weights
+    (default the case's); ``flags``: extra model_index.json entries."""
     case = golden.load_case(case_id)
-    m, params = case.meta["op"]["kwargs"]["model"], case.group("param")
+    m = case.meta["op"]["kwargs"]["model"]
+    params = case.group("param") if params is None else params
     names = {"unet": ("diffusion_pytorch_model", "diffusers", "UNet2DConditionModel"),
              "vae": ("diffusion_pytorch_model", "diffusers", "AutoencoderKL"),
-             "text_encoder": ("model", "transformers", "CLIPTextModel")}
-    index = {"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", m["scheduler"]["_class_name"]]}
+             "text_encoder": ("model", "transformers", "CLIPTextModel"),
+             "text_encoder_2": ("model", "transformers", "CLIPTextModelWithProjection")}
+    pipeline = "StableDiffusionXLPipeline" if "text_encoder_2" in m else "StableDiffusionPipeline"
+    index = {"_class_name": pipeline, "scheduler": ["diffusers", m["scheduler"]["_class_name"]], **flags}
     for comp, (stem, lib, cls) in names.items():
+        if comp not in m:
+            continue
         (root / comp).mkdir(parents=True)
         save_safetensors(root / comp / f"{stem}.safetensors",
                          {k[len(comp) + 1:]: v for k, v in params.items() if k.startswith(comp + ".")})

@@ -379,10 +379,13 @@ class TorchComfy:
     def timestep(self, sigma):
         return (sigma.log() - self.log_sigmas[:, None]).abs().argmin(dim=0).view(sigma.shape)
 
-    def sigma(self, timestep):
+    def log_sigma(self, timestep):  # sigma() before its exp
         t = torch.clamp(timestep.float(), min=0, max=len(self.sigmas) - 1)
         w = t.frac()
-        return self.exp((1 - w) * self.log_sigmas[t.floor().long()] + w * self.log_sigmas[t.ceil().long()])
+        return (1 - w) * self.log_sigmas[t.floor().long()] + w * self.log_sigmas[t.ceil().long()]
+
+    def sigma(self, timestep):
+        return self.exp(self.log_sigma(timestep))
 
     # samplers.py
     def normal(self, steps, sgm=False):

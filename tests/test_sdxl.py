@@ -271,33 +271,13 @@ def test_nan_decode_is_reported(base):
 
 
 def _write_xl_folder(root, case_id, unet_from=None, **flags):
-    """A diffusers folder (no tokenizers: the shipped vocabulary) of a tiny SDXL golden model."""
-    import json
+    """A diffusers folder of a tiny SDXL golden model (a refiner: bigG and VAE from ``unet_from``)."""
+    from test_pipelines import _write_folder
 
-    from refsd.weights import save_safetensors
-
-    case = golden.load_case(case_id)
-    m, params = case.meta["op"]["kwargs"]["model"], dict(case.group("param"))
+    params = dict(golden.load_case(case_id).group("param"))
     if unet_from is not None:
         params.update({k: v for k, v in golden.load_case(unet_from).group("param").items() if not k.startswith("unet.")})
-    names = {"unet": ("diffusion_pytorch_model", "diffusers", "UNet2DConditionModel"),
-             "vae": ("diffusion_pytorch_model", "diffusers", "AutoencoderKL"),
-             "text_encoder": ("model", "transformers", "CLIPTextModel"),
-             "text_encoder_2": ("model", "transformers", "CLIPTextModelWithProjection")}
-    index = {"_class_name": "StableDiffusionXLPipeline", "scheduler": ["diffusers", m["scheduler"]["_class_name"]],
-             **flags}
-    for comp, (stem, lib, cls) in names.items():
-        if comp not in m:
-            continue
-        (root / comp).mkdir(parents=True)
-        save_safetensors(root / comp / f"{stem}.safetensors",
-                         {k[len(comp) + 1:]: v for k, v in params.items() if k.startswith(comp + ".")})
-        (root / comp / "config.json").write_text(json.dumps(m[comp]))
-        index[comp] = [lib, cls]
-    (root / "scheduler").mkdir()
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(m["scheduler"]))
-    (root / "model_index.json").write_text(json.dumps(index))
-    return case
+    return _write_folder(root, case_id, params=params, **flags)
 
 
 def test_diffusers_folders_reproduce_goldens(tmp_path):
