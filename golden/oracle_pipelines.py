@@ -223,18 +223,8 @@ def _pipeline_case(g, dt, *, name: str, model: str, sampler: str, scheduler: str
                    callback_on_step_end=on_step_end, **kwargs)
     finally:
         sd_module.randn_tensor = randn
-    outputs = {"noise": rec["noise"]}
-    if img2img:
-        outputs["image_latents"] = rec["image_latents"]
-    if inpaint:
-        blend = spec["unet"]["in_channels"] == 4  # latent blending: the image latents are always encoded
-        if strength < 1.0 or blend:
-            outputs["image_latents"] = encoded[0]
-        if not blend:  # a 4-channel UNet ignores the masked image's latents (diffusers still encodes them)
-            outputs["masked_image_latents"] = encoded[-1]
-    outputs["init_latents"] = rec["init_latents"]
-    outputs.update({f"step.{i}": x for i, x in enumerate(steps_done)})
-    outputs["latents"] = steps_done[-1]
+    outputs = denoising_outputs(rec, encoded, steps_done, inpaint=inpaint, strength=strength,
+                                blend=spec["unet"]["in_channels"] == 4)
     outputs["image"] = torch.from_numpy(out.images)
 
     case_id = f"pipeline/{name}_f32"
@@ -264,6 +254,22 @@ def _pipeline_case(g, dt, *, name: str, model: str, sampler: str, scheduler: str
     borrowed = None if "base" not in MODELS[model] else tuple(k for k in params if not k.startswith("unet."))
     return Capture("pipeline", inputs, outputs, call, desc, kwargs=op_kwargs, params=params,
                    params_from=None if owner == case_id else owner, borrowed=borrowed)
+
+
+def denoising_outputs(rec: dict, encoded: list, steps_done: list, *, inpaint: bool, strength, blend: bool) -> dict:
+    """A run's recorded draws and latents under the goldens' names, in order: noise, image_latents
+    (img2img: what add_noise got; inpainting: the first encoded image, when strength < 1 or blending),
+    masked_image_latents (9-channel inpainting: the last encoded image), init_latents, step.<i>, latents."""
+    outputs = {k: rec[k] for k in ("noise", "image_latents") if k in rec}
+    if inpaint:
+        if strength < 1.0 or blend:  # latent blending: the image latents are always encoded
+            outputs["image_latents"] = encoded[0]
+        if not blend:  # a 4-channel UNet ignores the masked image's latents (diffusers still encodes them)
+            outputs["masked_image_latents"] = encoded[-1]
+    outputs["init_latents"] = rec["init_latents"]
+    outputs.update({f"step.{i}": x for i, x in enumerate(steps_done)})
+    outputs["latents"] = steps_done[-1]
+    return outputs
 
 
 def _mask(height: int, width: int):

@@ -76,6 +76,7 @@ from golden.oracle_pipelines import (
     _init_image,
     _mask,
     _tokenizer,
+    denoising_outputs,
     registrar,
 )
 from golden.registry import Capture, randomise_weights
@@ -264,15 +265,8 @@ def _run(pipe, mode: str, *, blend: bool = False, **call) -> tuple[dict[str, tor
     finally:
         module.randn_tensor = randn
         hook.remove()
-    outputs = {k: rec[k] for k in ("noise", "image_latents") if k in rec}
-    if mode == "inpaint":
-        if call["strength"] < 1.0 or blend:
-            outputs["image_latents"] = encoded[0]
-        if not blend:  # a 4-channel UNet ignores the masked image's latents (diffusers still encodes them)
-            outputs["masked_image_latents"] = encoded[-1]
-    outputs["init_latents"] = rec["init_latents"]
-    outputs.update({f"step.{i}": x for i, x in enumerate(steps_done)})
-    outputs["latents"] = steps_done[-1]
+    outputs = denoising_outputs(rec, encoded, steps_done, inpaint=mode == "inpaint", strength=call.get("strength"),
+                                blend=blend)
     for k in ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds",
               "add_time_ids"):
         if k in rec:
