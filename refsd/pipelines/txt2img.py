@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from refsd import xp as rxp
-from refsd.errors import RefsdError
+from refsd.errors import RefsdError, check_int
 from refsd.models.unet import unet as _unet
 from refsd.models.vae import decode as _vae_decode
 from refsd.models.vae import encode as _vae_encode
@@ -122,18 +121,6 @@ class Settings:
 # validation: every check before any heavy work, each naming the culprit
 
 
-def _int(name: str, v, lo: int | None = None) -> int:
-    if isinstance(v, bool):
-        raise RefsdError(f"{name} must be an integer, got {v!r}")
-    try:
-        v = operator.index(v)
-    except TypeError:
-        raise RefsdError(f"{name} must be an integer, got {type(v).__name__} {v!r}") from None
-    if lo is not None and v < lo:
-        raise RefsdError(f"{name} must be >= {lo}, got {v}")
-    return v
-
-
 def _float(name: str, v) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) and not hasattr(v, "__float__"):
         raise RefsdError(f"{name} must be a number, got {type(v).__name__} {v!r}")
@@ -170,11 +157,11 @@ def check_settings(model: Model, *, prompt, negative_prompt, width, height, step
                          f"{model.name} is {model.architecture}")
     f = max(8, model.vae_scale_factor)
     for name, v in (("width", width), ("height", height)):
-        v = _int(name, v, 1)
+        v = check_int(name, v, 1)
         if v % f:
             raise RefsdError(f"{name} {v} is not a multiple of {f}")
-    width, height = _int("width", width), _int("height", height)
-    steps = _int("steps", steps, 1)
+    width, height = check_int("width", width), check_int("height", height)
+    steps = check_int("steps", steps, 1)
     cfg = _float("cfg", cfg)
     if not isinstance(sampler, str) or not isinstance(scheduler, str):
         raise RefsdError(f"sampler and scheduler must be names (str), got {sampler!r}, {scheduler!r}")
@@ -182,9 +169,9 @@ def check_settings(model: Model, *, prompt, negative_prompt, width, height, step
     if rng not in _rng.MODES:
         raise RefsdError(f"unknown rng {rng!r}; valid: {', '.join(_rng.MODES)}")
     seed = _rng._check_seed(seed)
-    batch_size = _int("batch_size", batch_size, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
     if clip_skip is not None:
-        clip_skip = _int("clip_skip", clip_skip, 1)
+        clip_skip = check_int("clip_skip", clip_skip, 1)
         layers = min(e.config.num_hidden_layers for e in model.text_encoders)
         if clip_skip > layers:
             first = "1 = penultimate (SDXL's default), 2 = the one before" if model.is_xl else \

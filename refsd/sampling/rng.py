@@ -38,11 +38,10 @@ numbers: as easy as 1, 2, 3" (SC 2011) for Philox; Random123 tests/kat_vectors.
 from __future__ import annotations
 
 import math
-import operator
 
 import numpy as np
 
-from refsd.errors import RefsdError
+from refsd.errors import RefsdError, check_int
 
 MODES = ("torch-cpu", "cuda-philox", "numpy")
 DTYPES = ("float32", "float64")
@@ -53,12 +52,7 @@ _F32, _F64 = np.float32, np.float64
 
 def _check_seed(seed) -> int:
     """The seed as a Python int in torch's accepted range [-2**63, 2**64)."""
-    if isinstance(seed, bool):
-        raise RefsdError(f"seed must be an integer, got {seed!r}")
-    try:
-        seed = operator.index(seed)
-    except TypeError:
-        raise RefsdError(f"seed must be an integer, got {type(seed).__name__} {seed!r}") from None
+    seed = check_int("seed", seed)
     if not -(2**63) <= seed < 2**64:
         raise RefsdError(f"seed {seed} is out of range: torch accepts [-2**63, 2**64)")
     return seed
