@@ -30,7 +30,8 @@ class CFGDenoiser:
     B = x.shape[0] on axis 0, and every non-array value is equal, the inner model is called once
     on 2B samples: x twice, sigma twice (0-d sigma stays 0-d), each array concat([cond, uncond]).
     Otherwise it is called once per branch; the result is the same up to the model's own batch
-    invariance.
+    invariance. The joined arrays are built at the first call for a batch size and reused at every
+    step (``cond`` / ``uncond`` are fixed at construction).
 
     ``scale == 1`` (math.isclose, as ComfyUI's sampling_function) skips the unconditional pass:
     denoised = cond, and ``uncond_denoised`` is None after the call, so CFG++ samplers (which need
@@ -49,6 +50,7 @@ class CFGDenoiser:
         self.always_uncond = always_uncond
         self.cond_denoised = None
         self.uncond_denoised = None
+        self._joined: tuple[int, dict | None] | None = None  # (batch size, the [cond; uncond] kwargs or None)
 
     @property
     def model_sampling(self):
@@ -68,6 +70,17 @@ class CFGDenoiser:
                 return False
         return True
 
+    def _joined_kwargs(self, batch: int) -> dict | None:
+        """The branches' kwargs joined on the batch axis (each array concat([cond, uncond])), or None when
+        they cannot share a call; built once per batch size, not at every step."""
+        if self._joined is None or self._joined[0] != batch:
+            kw = None
+            if self._batchable(batch):
+                kw = {k: (rxp.namespace(c).concat([c, self.uncond[k]], axis=0) if _is_array(c) else c)
+                      for k, c in self.cond.items()}
+            self._joined = (batch, kw)
+        return self._joined[1]
+
     def __call__(self, x, sigma, **extra):
         if math.isclose(self.scale, 1.0) and not self.always_uncond:
             self.cond_denoised = self.inner_model(x, sigma, **self.cond, **extra)
@@ -75,8 +88,8 @@ class CFGDenoiser:
             return self.cond_denoised
         xp = rxp.namespace(x)
         b = x.shape[0]
-        if self._batchable(b):
-            kw = {k: (xp.concat([c, self.uncond[k]], axis=0) if _is_array(c) else c) for k, c in self.cond.items()}
+        kw = self._joined_kwargs(b)
+        if kw is not None:
             s2 = sigma if not _is_array(sigma) or sigma.ndim == 0 else xp.concat([sigma, sigma], axis=0)
             out = self.inner_model(xp.concat([x, x], axis=0), s2, **kw, **extra)
             cond, uncond = out[:b, ...], out[b:, ...]
