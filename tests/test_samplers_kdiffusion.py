@@ -165,7 +165,6 @@ DETERMINISTIC = [
     ("dpmpp_2m_sde_heun", {"eta": 0.0}, 2.0),
     ("dpmpp_3m_sde", {"eta": 0.0}, 2.0),  # third-order steps after a first-order start: 2 asymptotically
     ("euler_ancestral_cfg_pp", {"eta": 0.0}, 1.0),
-    ("dpmpp_2s_ancestral_cfg_pp", {"eta": 0.0}, 2.0),
 ]
 # multistep methods of nominal order 4 whose low-order start-up steps lower the measured order
 STARTUP_LIMITED = [("lms", {}, (2.9, 4.2)), ("ipndm_v", {}, (2.3, 3.3))]
@@ -183,7 +182,6 @@ WEAK = [
     ("dpmpp_3m_sde", {}, 2.0),
     ("ddpm", {}, 1.0),
     ("euler_ancestral_cfg_pp", {}, 1.0),
-    ("dpmpp_2s_ancestral_cfg_pp", {}, 2.0),
 ]
 FLOW_WEAK = [  # ComfyUI's rectified-flow branches
     ("euler_ancestral", {}, 1.0),
@@ -196,13 +194,16 @@ FLOW_WEAK = [  # ComfyUI's rectified-flow branches
     ("dpmpp_2m_sde", {"eta": 0.0}, 2.0),
     ("dpmpp_3m_sde", {}, 2.0),
     ("euler_ancestral_cfg_pp", {}, 1.0),
-    ("dpmpp_2s_ancestral_cfg_pp", {}, 2.0),
 ]
 SPECIAL = {"dpm_fast", "dpm_adaptive", "lcm"}  # tested below with their own measures
+# ComfyUI@a125cd84's dpmpp_2s_ancestral_cfg_pp (which refsd matches, tests/test_samplers_comfyui.py) starts its
+# second stage from x + D_cfg(x) - D_uncond(x_2): even without guidance that is not DPM-Solver++(2S), and
+# it does not converge (eta 0, no guidance: path error 0.38, 0.41, 0.42, 0.43 at 24, 48, 96, 192 steps).
+NOT_CONVERGENT = {"dpmpp_2s_ancestral_cfg_pp"}
 
 
 def test_every_sampler_has_a_convergence_test():
-    covered = {n for n, *_ in DETERMINISTIC + STARTUP_LIMITED + WEAK} | SPECIAL
+    covered = {n for n, *_ in DETERMINISTIC + STARTUP_LIMITED + WEAK} | SPECIAL | NOT_CONVERGENT
     assert covered == set(KD_SAMPLERS)
 
 
@@ -316,7 +317,6 @@ REDUCTIONS = [
     ("dpmpp_2s_ancestral", {"eta": 0.0}, "dpmpp_sde", {"eta": 0.0}),
     ("dpmpp_2m_sde", {"eta": 0.0}, "dpmpp_2m", {}),
     ("euler_ancestral_cfg_pp", {"eta": 0.0}, "euler_cfg_pp", {}),
-    ("dpmpp_2s_ancestral_cfg_pp", {"eta": 0.0}, "dpmpp_2s_ancestral", {"eta": 0.0}),
     ("euler_cfg_pp", {}, "euler", {}),  # CFG++ without guidance is the plain sampler
     ("dpmpp_2m_cfg_pp", {}, "dpmpp_2m", {}),
     ("dpm_fast", {"eta": 0.0, "s_noise": 0.5}, "dpm_fast", {}),
@@ -424,8 +424,6 @@ def _cfg(scale=3.0, batch=1):
 @pytest.mark.parametrize("name,plain,opts", [
     ("euler_cfg_pp", "euler", {}),
     ("euler_ancestral_cfg_pp", "euler_ancestral", {}),
-    ("dpmpp_2s_ancestral_cfg_pp", "dpmpp_2s_ancestral", {}),
-    ("dpmpp_2s_ancestral_cfg_pp", "dpmpp_2s_ancestral", {"eta": 0.0}),
     ("dpmpp_2m_cfg_pp", "dpmpp_2m", {}),
 ])
 def test_cfg_pp_step_is_uncond_step_plus_guidance(name, plain, opts):
@@ -460,9 +458,16 @@ def test_cfg_pp_needs_uncond_denoised(name):
     mean, std, x = _problem()
     with pytest.raises(RefsdError, match=name):
         KD_SAMPLERS[name](GaussianDenoiser(mean, std), x, log_sigmas(3, zero=True))
-    cfg1, *_ = _cfg(scale=1.0)  # ComfyUI's cfg=1 shortcut skips the uncond pass
-    with pytest.raises(RefsdError, match="uncond_denoised"):
-        KD_SAMPLERS[name](cfg1, np.zeros((1, 2, 3)), log_sigmas(3, zero=True))
+    # at cfg 1 the sampler asks for the uncond pass (ComfyUI's CFG++ samplers disable the cfg=1 shortcut)
+    cfg1, *_ = _cfg(scale=1.0)
+    kept, *_ = _cfg(scale=1.0)
+    kept.always_uncond = True
+    sig = log_sigmas(3, zero=True)
+    z = SequenceNoiseSampler(np.random.default_rng(2).normal(size=(8, 1, 2, 3)))
+    y = KD_SAMPLERS[name](cfg1, np.ones((1, 2, 3)), sig, noise_sampler=z)
+    z = SequenceNoiseSampler(np.random.default_rng(2).normal(size=(8, 1, 2, 3)))
+    np.testing.assert_array_equal(y, KD_SAMPLERS[name](kept, np.ones((1, 2, 3)), sig, noise_sampler=z))
+    assert cfg1.always_uncond
 
 
 def test_lcm_needs_model_sampling_and_ddpm_refuses_flow():

@@ -34,8 +34,9 @@ class CFGDenoiser:
     step (``cond`` / ``uncond`` are fixed at construction).
 
     ``scale == 1`` (math.isclose, as ComfyUI's sampling_function) skips the unconditional pass:
-    denoised = cond, and ``uncond_denoised`` is None after the call, so CFG++ samplers (which need
-    it) raise; pass ``always_uncond=True`` (ComfyUI's disable_cfg1_optimization) to keep it.
+    denoised = cond, and ``uncond_denoised`` is None after the call. ``always_uncond=True`` (ComfyUI's
+    disable_cfg1_optimization) keeps it; CFG++ samplers switch it on through ``require_uncond()`` when
+    they start, as ComfyUI's CFG++ samplers set disable_cfg1_optimization in their model_options.
 
     After each call: ``cond_denoised``, ``uncond_denoised`` (the branch predictions of the most
     recent call). ``model_sampling`` is the inner model's (None if it has none).
@@ -51,6 +52,11 @@ class CFGDenoiser:
         self.cond_denoised = None
         self.uncond_denoised = None
         self._joined: tuple[int, dict | None] | None = None  # (batch size, the [cond; uncond] kwargs or None)
+
+    def require_uncond(self) -> None:
+        """Run the unconditional branch at every later call, also at scale 1 (then denoised =
+        uncond + (cond - uncond) * 1, as ComfyUI's cfg_function computes it). Called by CFG++ samplers."""
+        self.always_uncond = True
 
     @property
     def model_sampling(self):

@@ -75,7 +75,7 @@ class Run:
     """One sampler call: namespace, host sigmas, model/callback/noise plumbing."""
 
     def __init__(self, name, model, x, sigmas, extra_args, callback, noise_sampler=None, seed=None,
-                 brownian=False):
+                 brownian=False, cfg_pp=False):
         self.name, self.model_fn, self.cb = name, model, callback
         self.xp = rxp.namespace(x, sigmas)
         self.dtype, self.device = x.dtype, rxp.device(x)
@@ -87,6 +87,10 @@ class Run:
         self.noise_sampler = noise_sampler
         self.ms = getattr(model, "model_sampling", None)
         self.flow = self.ms is not None and getattr(self.ms, "prediction", None) == "const"
+        if cfg_pp:  # ComfyUI's CFG++ samplers set disable_cfg1_optimization: the uncond pass runs at cfg 1 too
+            require = getattr(model, "require_uncond", None)
+            if callable(require):
+                require()
 
     def model(self, x, sigma: float):
         """The denoiser at a host-float sigma, passed as a 0-d array in x's dtype and device."""

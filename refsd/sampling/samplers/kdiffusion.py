@@ -263,7 +263,7 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, *, extra_args=None, callback=Non
     """DPM-Solver++(2S) single-step second order down to sigma_down, then ancestral noise."""
     r = Run("dpmpp_2s_ancestral", model, x, sigmas, extra_args, callback, noise_sampler, seed)
     if r.flow:
-        return _dpmpp_2s_ancestral_rf(r, x, eta, s_noise, cfg_pp=False)
+        return _dpmpp_2s_ancestral_rf(r, x, eta, s_noise)
     s, noisy = r.s, bool(eta) and s_noise != 0
     for i in range(len(s) - 1):
         denoised = r.model(x, s[i])
@@ -283,20 +283,16 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, *, extra_args=None, callback=Non
     return x
 
 
-def _dpmpp_2s_ancestral_rf(r: Run, x, eta, s_noise, cfg_pp: bool):
-    """ComfyUI sample_dpmpp_2s_ancestral_RF (and _RF_cfg_pp): the 2S midpoint in flow half-log-SNR."""
+def _dpmpp_2s_ancestral_rf(r: Run, x, eta, s_noise):
+    """ComfyUI sample_dpmpp_2s_ancestral_RF: the 2S midpoint in flow half-log-SNR."""
     s = r.s
     s_noise = s_noise * r.noise_scale()
     for i in range(len(s) - 1):
         denoised = r.model(x, s[i])
-        target = denoised
-        if cfg_pp:
-            target = r.uncond()
-            guidance = denoised - target
         sigma_down, alpha_ratio, renoise = rf_ancestral_step(s[i], s[i + 1], eta)
         r.callback(i, x, s[i], s[i], denoised)
         if s[i + 1] == 0:
-            x = x + (x - target) / s[i] * (sigma_down - s[i])
+            x = x + (x - denoised) / s[i] * (sigma_down - s[i])
         else:
             if s[i] == 1.0:
                 sigma_s = 0.9999
@@ -304,17 +300,13 @@ def _dpmpp_2s_ancestral_rf(r: Run, x, eta, s_noise, cfg_pp: bool):
                 t_i, t_down = flow_half_log_snr(s[i]), flow_half_log_snr(sigma_down)
                 sigma_s = sigmoid_neg(t_i + (t_down - t_i) / 2)
             ratio = sigma_s / s[i]
-            d_i = r.model(x * ratio + target * (1 - ratio), sigma_s)
-            if cfg_pp:
-                d_i = r.uncond()
+            d_i = r.model(x * ratio + denoised * (1 - ratio), sigma_s)
             ratio = sigma_down / s[i]
             x = x * ratio + d_i * (1 - ratio)
         if s[i + 1] > 0 and eta > 0:
             x = x * alpha_ratio
             if s_noise != 0:
                 x = x + r.noise(s[i], s[i + 1]) * (s_noise * renoise)
-        if cfg_pp:
-            x = x + guidance * (1 - s[i + 1])  # alpha_next = 1 - sigma_next
     return x
 
 
@@ -611,7 +603,7 @@ def sample_euler_cfg_pp(model, x, sigmas, *, extra_args=None, callback=None, noi
 
 
 def _euler_ancestral_cfg_pp(name, model, x, sigmas, extra_args, callback, noise_sampler, seed, eta, s_noise):
-    r = Run(name, model, x, sigmas, extra_args, callback, noise_sampler, seed)
+    r = Run(name, model, x, sigmas, extra_args, callback, noise_sampler, seed, cfg_pp=True)
     s = r.s
     s_noise = s_noise * r.noise_scale()
     noisy = eta > 0 and s_noise > 0
@@ -634,38 +626,40 @@ def _euler_ancestral_cfg_pp(name, model, x, sigmas, extra_args, callback, noise_
 
 def sample_dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, *, extra_args=None, callback=None, noise_sampler=None,
                                      seed=None, eta=1.0, s_noise=1.0):
-    """CFG++ DPM-Solver++(2S) ancestral: both stages advance on the unconditional prediction, then the
-    step's guidance vector (D_cfg - D_uncond at the step start) is added."""
-    r = Run("dpmpp_2s_ancestral_cfg_pp", model, x, sigmas, extra_args, callback, noise_sampler, seed)
-    if r.flow:
-        return _dpmpp_2s_ancestral_rf(r, x, eta, s_noise, cfg_pp=True)
+    """CFG++ DPM-Solver++(2S) ancestral, as ComfyUI's sample_dpmpp_2s_ancestral_cfg_pp
+    (Comfy-Org/ComfyUI@a125cd84 comfy/k_diffusion/sampling.py): the stages start from x + (D_cfg -
+    D_uncond), with D_cfg at x and D_uncond of the latest model call (at x, then at the midpoint x_2),
+    and are pulled toward the guided prediction (D_cfg at x, then at x_2); ancestral noise as
+    dpmpp_2s_ancestral.
+    The same formulas for every model (ComfyUI has no rectified-flow branch for this sampler).
+    """
+    r = Run("dpmpp_2s_ancestral_cfg_pp", model, x, sigmas, extra_args, callback, noise_sampler, seed, cfg_pp=True)
     s = r.s
-    s_noise = s_noise * r.noise_scale()
     noisy = bool(eta) and s_noise != 0
     for i in range(len(s) - 1):
         denoised = r.model(x, s[i])
         uncond = r.uncond()
-        guidance = denoised - uncond
         sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
         r.callback(i, x, s[i], s[i], denoised)
         if sigma_down == 0:
-            x = x + (x - uncond) / s[i] * (sigma_down - s[i])
+            x = denoised + (x - uncond) / s[i] * sigma_down
         else:
             t, t_next = neg_log(s[i]), neg_log(sigma_down)
             h = t_next - t
             sigma_s = math.exp(-(t + h / 2))
-            x_2 = x * (sigma_s / s[i]) - uncond * math.expm1(-h / 2)
-            r.model(x_2, sigma_s)  # only its unconditional prediction is used
-            x = x * (math.exp(-t_next) / s[i]) - r.uncond() * math.expm1(-h)
+            x_2 = (x + (denoised - uncond)) * (sigma_s / s[i]) - denoised * math.expm1(-h / 2)
+            denoised_2 = r.model(x_2, sigma_s)
+            # ComfyUI reads its uncond store again here, which the midpoint call has just overwritten:
+            # the second stage starts from x + (D_cfg(x) - D_uncond(x_2))
+            x = (x + (denoised - r.uncond())) * (math.exp(-t_next) / s[i]) - denoised_2 * math.expm1(-h)
         if s[i + 1] > 0 and noisy:
             x = x + r.noise(s[i], s[i + 1]) * (s_noise * sigma_up)
-        x = x + guidance  # alpha = 1 for VE/VP models
     return x
 
 
 def sample_dpmpp_2m_cfg_pp(model, x, sigmas, *, extra_args=None, callback=None, noise_sampler=None, seed=None):
     """CFG++ DPM-Solver++(2M): x = D_cfg + exp(-h) (x - D_uncond) + second-order term on the uncond history."""
-    r = Run("dpmpp_2m_cfg_pp", model, x, sigmas, extra_args, callback)
+    r = Run("dpmpp_2m_cfg_pp", model, x, sigmas, extra_args, callback, cfg_pp=True)
     s, old_uncond = r.s, None
     for i in range(len(s) - 1):
         denoised = r.model(x, s[i])

@@ -304,7 +304,7 @@ def sample_sa_solver_pece(model, x, sigmas, *, extra_args=None, callback=None, n
 def _res_multistep(name, model, x, sigmas, extra_args, callback, noise_sampler, seed, s_noise, eta, cfg_pp):
     """ComfyUI res_multistep: second-order exponential multistep in t = -log sigma (RES, arXiv:2308.02157
     eq. (4) with c2 from the previous step), toward sigma_down, plus ancestral noise sigma_up."""
-    r = Run(name, model, x, sigmas, extra_args, callback, noise_sampler, seed)
+    r = Run(name, model, x, sigmas, extra_args, callback, noise_sampler, seed, cfg_pp=cfg_pp)
     s = r.s
     s_noise = s_noise * r.noise_scale()
     old_sigma_down = old_denoised = None
@@ -373,7 +373,7 @@ def sample_res_multistep_ancestral_cfg_pp(model, x, sigmas, *, extra_args=None, 
 
 
 def _gradient_estimation(name, model, x, sigmas, extra_args, callback, noise_sampler, seed, ge_gamma, cfg_pp):
-    r = Run(name, model, x, sigmas, extra_args, callback, noise_sampler, seed)
+    r = Run(name, model, x, sigmas, extra_args, callback, noise_sampler, seed, cfg_pp=cfg_pp)
     s = r.s
     old_d = None
     for i in range(len(s) - 1):

@@ -1,0 +1,791 @@
+"""refsd's samplers against ComfyUI's own functions, restated in torch (float64).
+
+ComfyUI is not pip-installable, so each ComfyUI sampler that no pip oracle covers (k-diffusion 0.1.1
+lacks them) is restated below from
+
+    Comfy-Org/ComfyUI@a125cd84b054a57729b5eecab930ca9408719832 comfy/k_diffusion/sampling.py
+    (and comfy/k_diffusion/sa_solver.py, comfy/samplers.py, comfy/model_patcher.py, comfy/model_sampling.py)
+
+one restatement per ComfyUI function, named after it. The restatements keep ComfyUI's data flow: the
+model is ComfyUI's sampling_function + cfg_function (comfy/samplers.py) over two exact Gaussian
+denoisers (the "cond" and "uncond" predictions), CFG++ samplers read the unconditional prediction
+through a sampler_post_cfg_function and set disable_cfg1_optimization, so at CFG 1 the uncond pass
+still runs. refsd runs the same problem through refsd.sampling.guidance.CFGDenoiser on NumPy. Both get
+the same sigmas (karras and normal schedules of an SD 1.x model sampling, ending in 0) and the same
+fixed list of noise draws; agreement is asserted to 1e-12 (float64), and where refsd draws noise the
+number of draws equals ComfyUI's.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from refsd.sampling import SAMPLERS  # noqa: E402
+from refsd.sampling.denoisers import GaussianDenoiser  # noqa: E402
+from refsd.sampling.guidance import CFGDenoiser  # noqa: E402
+from refsd.sampling.model_sampling import ModelSamplingDiscrete  # noqa: E402
+from refsd.sampling.noise import SequenceNoiseSampler  # noqa: E402
+from refsd.sampling.samplers.solvers import sa_solver_tau_interval  # noqa: E402
+from refsd.sampling.schedules import get_sigmas  # noqa: E402
+
+COMFYUI = "Comfy-Org/ComfyUI@a125cd84b054a57729b5eecab930ca9408719832"
+SD_CONFIG = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+SHAPE = (2, 3, 4, 5)
+STEPS = 10
+TOL = 1e-12
+
+
+# --------------------------------------------------------------------------------------------
+# ComfyUI's plumbing, restated (comfy/model_sampling.py EPS, comfy/model_patcher.py, comfy/samplers.py)
+
+
+class ComfyEPS:
+    """comfy/model_sampling.py EPS: the facts the samplers read (not CONST; noise_scaling)."""
+
+    def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
+        sigma = sigma.view(()) if sigma.nelement() == 1 else sigma.view(sigma.shape[:1] + (1,) * (noise.ndim - 1))
+        noise = noise * torch.sqrt(1.0 + sigma**2.0) if max_denoise else noise * sigma
+        return noise + latent_image
+
+
+def set_model_options_post_cfg_function(model_options, post_cfg_function, disable_cfg1_optimization=False):
+    """comfy/model_patcher.py set_model_options_post_cfg_function."""
+    model_options["sampler_post_cfg_function"] = model_options.get("sampler_post_cfg_function", []) + [post_cfg_function]
+    if disable_cfg1_optimization:
+        model_options["disable_cfg1_optimization"] = True
+    return model_options
+
+
+class ComfyGuidedGaussian:
+    """comfy/samplers.py sampling_function + cfg_function over two exact Gaussian denoisers.
+
+    The cfg=1 optimization leaves the uncond output at calc_cond_batch's zeros / 1e-37 = 0; the guided
+    result is uncond + (cond - uncond) * cond_scale; every sampler_post_cfg_function sees
+    {"denoised", "uncond_denoised", "cond_denoised", ...}. ``inner_model`` answers the lookups the
+    samplers make (model.inner_model.model_patcher.get_model_object / model.inner_model.inner_model).
+    """
+
+    def __init__(self, mean_cond, mean_uncond, std, scale, model_sampling):
+        self.mean_cond, self.mean_uncond, self.std, self.scale = mean_cond, mean_uncond, std, scale
+        patcher = SimpleNamespace(get_model_object=lambda name: model_sampling)
+        self.inner_model = SimpleNamespace(model_patcher=patcher, inner_model=SimpleNamespace(model_sampling=model_sampling))
+
+    def _gaussian(self, x, sigma, mean):
+        s = sigma.view(sigma.shape[:1] + (1,) * (x.ndim - 1))
+        a = self.std * self.std / (self.std * self.std + s * s)
+        return a * x + (1.0 - a) * mean
+
+    def __call__(self, x, sigma, model_options=None, seed=None):
+        model_options = {} if model_options is None else model_options
+        cond = self._gaussian(x, sigma, self.mean_cond)
+        if math.isclose(self.scale, 1.0) and not model_options.get("disable_cfg1_optimization", False):
+            uncond = torch.zeros_like(x) / (torch.ones_like(x) * 1e-37)
+        else:
+            uncond = self._gaussian(x, sigma, self.mean_uncond)
+        result = uncond + (cond - uncond) * self.scale
+        for fn in model_options.get("sampler_post_cfg_function", []):
+            result = fn({"denoised": result, "cond_denoised": cond, "uncond_denoised": uncond, "sigma": sigma,
+                         "cond_scale": self.scale, "model_options": model_options, "input": x})
+        return result
+
+
+class FixedNoise:
+    """A noise sampler returning a fixed list of draws in order, whatever the sigmas."""
+
+    def __init__(self, noises):
+        self.noises, self.used = noises, 0
+
+    def __call__(self, sigma, sigma_next):
+        n = self.noises[self.used]
+        self.used += 1
+        return n
+
+
+def _install_uncond_hook(extra_args, store):
+    """The CFG++ samplers' post_cfg_function: keep uncond_denoised, return denoised unchanged."""
+    def post_cfg_function(args):
+        store[0] = args["uncond_denoised"]
+        return args["denoised"]
+
+    model_options = extra_args.get("model_options", {}).copy()
+    extra_args["model_options"] = set_model_options_post_cfg_function(model_options, post_cfg_function,
+                                                                      disable_cfg1_optimization=True)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers of comfy/k_diffusion/sampling.py, restated
+
+
+def to_d(x, sigma, denoised):
+    return (x - denoised) / sigma
+
+
+def get_ancestral_step(sigma_from, sigma_to, eta=1.0):
+    if not eta:
+        return sigma_to, 0.0
+    sigma_up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+    return (sigma_to**2 - sigma_up**2) ** 0.5, sigma_up
+
+
+def sigma_to_half_log_snr(sigma, model_sampling):
+    return sigma.log().neg()  # EPS (the CONST branch, -logit(sigma), is not exercised here)
+
+
+def half_log_snr_to_sigma(half_log_snr, model_sampling):
+    return half_log_snr.neg().exp()
+
+
+def offset_first_sigma_for_snr(sigmas, model_sampling, percent_offset=1e-4):
+    return sigmas  # changes only CONST (flow) schedules starting at sigma >= 1
+
+
+def ei_h_phi_1(h):
+    return torch.expm1(h)
+
+
+def ei_h_phi_2(h):
+    return (torch.expm1(h) - h) / h
+
+
+def _s_in(x):
+    return x.new_ones([x.shape[0]])
+
+
+# --------------------------------------------------------------------------------------------
+# ComfyUI's samplers, restated (one function each; names as in comfy/k_diffusion/sampling.py)
+
+
+def comfy_sample_heunpp2(model, x, sigmas, extra_args, noise_sampler, s_churn=0.0, s_tmin=0.0,
+                         s_tmax=float("inf"), s_noise=1.0):
+    s_in, s_end = _s_in(x), sigmas[-1]
+    for i in range(len(sigmas) - 1):
+        gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
+        sigma_hat = sigmas[i] * (gamma + 1)
+        assert gamma == 0  # ComfyUI's churn noise is torch.randn_like (the global RNG): not restated
+        denoised = model(x, sigma_hat * s_in, **extra_args)
+        d = to_d(x, sigma_hat, denoised)
+        dt = sigmas[i + 1] - sigma_hat
+        if sigmas[i + 1] == s_end:
+            x = x + d * dt
+        elif sigmas[i + 2] == s_end:
+            x_2 = x + d * dt
+            d_2 = to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1] * s_in, **extra_args))
+            w2 = sigmas[i + 1] / (2 * sigmas[0])
+            x = x + (d * (1 - w2) + d_2 * w2) * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1] * s_in, **extra_args))
+            x_3 = x_2 + d_2 * (sigmas[i + 2] - sigmas[i + 1])
+            d_3 = to_d(x_3, sigmas[i + 2], model(x_3, sigmas[i + 2] * s_in, **extra_args))
+            w2, w3 = sigmas[i + 1] / (3 * sigmas[0]), sigmas[i + 2] / (3 * sigmas[0])
+            x = x + ((1 - w2 - w3) * d + w2 * d_2 + w3 * d_3) * dt
+    return x
+
+
+def comfy_DDPMSampler_step(x, sigma, sigma_prev, noise, noise_sampler):
+    ac = 1 / ((sigma * sigma) + 1)
+    ac_prev = 1 / ((sigma_prev * sigma_prev) + 1)
+    alpha = ac / ac_prev
+    mu = (1.0 / alpha).sqrt() * (x - (1 - alpha) * noise / (1 - ac).sqrt())
+    if sigma_prev > 0:
+        mu = mu + ((1 - alpha) * (1.0 - ac_prev) / (1.0 - ac)).sqrt() * noise_sampler(sigma, sigma_prev)
+    return mu
+
+
+def comfy_generic_step_sampler(model, x, sigmas, extra_args, noise_sampler, step_function):
+    s_in = _s_in(x)
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        x = step_function(x / torch.sqrt(1.0 + sigmas[i] ** 2.0), sigmas[i], sigmas[i + 1],
+                          (x - denoised) / sigmas[i], noise_sampler)
+        if sigmas[i + 1] != 0:
+            x = x * torch.sqrt(1.0 + sigmas[i + 1] ** 2.0)
+    return x
+
+
+def comfy_sample_ddpm(model, x, sigmas, extra_args, noise_sampler):
+    return comfy_generic_step_sampler(model, x, sigmas, extra_args, noise_sampler, comfy_DDPMSampler_step)
+
+
+def comfy_sample_lcm(model, x, sigmas, extra_args, noise_sampler):
+    s_in = _s_in(x)
+    ms = model.inner_model.inner_model.model_sampling
+    for i in range(len(sigmas) - 1):
+        x = model(x, sigmas[i] * s_in, **extra_args)
+        if sigmas[i + 1] > 0:
+            x = ms.noise_scaling(sigmas[i + 1], noise_sampler(sigmas[i], sigmas[i + 1]), x)
+    return x
+
+
+def _push(buffer, d, max_order):
+    """ipndm's history: append, or shift left and put d last once max_order - 1 are kept."""
+    if len(buffer) == max_order - 1:
+        for k in range(max_order - 2):
+            buffer[k] = buffer[k + 1]
+        buffer[-1] = d
+    else:
+        buffer.append(d)
+
+
+def comfy_sample_ipndm(model, x, sigmas, extra_args, noise_sampler, max_order=4):
+    s_in, x_next, buf = _s_in(x), x, []
+    for i in range(len(sigmas) - 1):
+        t_cur, t_next, x_cur = sigmas[i], sigmas[i + 1], x_next
+        denoised = model(x_cur, t_cur * s_in, **extra_args)
+        d_cur = (x_cur - denoised) / t_cur
+        order = min(max_order, i + 1)
+        if t_next == 0:
+            x_next = denoised
+        elif order == 1:
+            x_next = x_cur + (t_next - t_cur) * d_cur
+        elif order == 2:
+            x_next = x_cur + (t_next - t_cur) * (3 * d_cur - buf[-1]) / 2
+        elif order == 3:
+            x_next = x_cur + (t_next - t_cur) * (23 * d_cur - 16 * buf[-1] + 5 * buf[-2]) / 12
+        else:
+            x_next = x_cur + (t_next - t_cur) * (55 * d_cur - 59 * buf[-1] + 37 * buf[-2] - 9 * buf[-3]) / 24
+        _push(buf, d_cur, max_order)
+    return x_next
+
+
+def comfy_sample_ipndm_v(model, x, sigmas, extra_args, noise_sampler, max_order=4):
+    s_in, x_next, t, buf = _s_in(x), x, sigmas, []
+    for i in range(len(sigmas) - 1):
+        t_cur, t_next, x_cur = t[i], t[i + 1], x_next
+        denoised = model(x_cur, t_cur * s_in, **extra_args)
+        d_cur = (x_cur - denoised) / t_cur
+        order = min(max_order, i + 1)
+        if t_next == 0:
+            x_next = denoised
+        elif order == 1:
+            x_next = x_cur + (t_next - t_cur) * d_cur
+        else:
+            h_n, h_n_1 = t_next - t_cur, t_cur - t[i - 1]
+            c1, c2 = (2 + h_n / h_n_1) / 2, -(h_n / h_n_1) / 2
+            if order == 2:
+                x_next = x_cur + (t_next - t_cur) * (c1 * d_cur + c2 * buf[-1])
+            else:
+                h_n_2 = t[i - 1] - t[i - 2]
+                temp1 = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1)) / (h_n_1 * (h_n_1 + h_n_2))) / 2
+                if order == 3:
+                    x_next = x_cur + (t_next - t_cur) * ((c1 + temp1) * d_cur + (c2 - (1 + h_n_1 / h_n_2) * temp1) * buf[-1]
+                                                         + temp1 * h_n_1 / h_n_2 * buf[-2])
+                else:
+                    h_n_3 = t[i - 2] - t[i - 3]
+                    temp2 = ((1 - h_n / (3 * (h_n + h_n_1))) / 2 + (1 - h_n / (2 * (h_n + h_n_1))) * h_n / (6 * (h_n + h_n_1 + h_n_2))) \
+                        * (h_n * (h_n + h_n_1) * (h_n + h_n_1 + h_n_2)) / (h_n_1 * (h_n_1 + h_n_2) * (h_n_1 + h_n_2 + h_n_3))
+                    q = h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3))
+                    k1 = c1 + temp1 + temp2
+                    k2 = c2 - (1 + h_n_1 / h_n_2) * temp1 - (1 + h_n_1 / h_n_2 + q) * temp2
+                    k3 = temp1 * h_n_1 / h_n_2 + (h_n_1 / h_n_2 + q * (1 + h_n_2 / h_n_3)) * temp2
+                    k4 = -temp2 * q * h_n_1 / h_n_2
+                    x_next = x_cur + (t_next - t_cur) * (k1 * d_cur + k2 * buf[-1] + k3 * buf[-2] + k4 * buf[-3])
+        _push(buf, d_cur, max_order)
+    return x_next
+
+
+def comfy_sample_euler_ancestral_cfg_pp(model, x, sigmas, extra_args, noise_sampler, eta=1.0, s_noise=1.0):
+    ms = model.inner_model.model_patcher.get_model_object("model_sampling")
+    uncond = [None]
+    _install_uncond_hook(extra_args, uncond)
+    s_in = _s_in(x)
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        alpha_s = sigmas[i] * sigma_to_half_log_snr(sigmas[i], ms).exp()
+        alpha_t = sigmas[i + 1] * sigma_to_half_log_snr(sigmas[i + 1], ms).exp()
+        d = to_d(x, sigmas[i], alpha_s * uncond[0])
+        sigma_down, sigma_up = get_ancestral_step(sigmas[i] / alpha_s, sigmas[i + 1] / alpha_t, eta=eta)
+        x = alpha_t * denoised + (alpha_t * sigma_down) * d
+        if eta > 0 and s_noise > 0:
+            x = x + alpha_t * noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
+def comfy_sample_euler_cfg_pp(model, x, sigmas, extra_args, noise_sampler):
+    return comfy_sample_euler_ancestral_cfg_pp(model, x, sigmas, extra_args, noise_sampler, eta=0.0, s_noise=0.0)
+
+
+def comfy_sample_dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, extra_args, noise_sampler, eta=1.0, s_noise=1.0):
+    uncond = [0]
+    _install_uncond_hook(extra_args, uncond)
+    s_in = _s_in(x)
+    sigma_fn, t_fn = (lambda t: t.neg().exp()), (lambda sigma: sigma.log().neg())
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        if sigma_down == 0:
+            x = denoised + to_d(x, sigmas[i], uncond[0]) * sigma_down
+        else:
+            t, t_next = t_fn(sigmas[i]), t_fn(sigma_down)
+            h = t_next - t
+            s = t + h / 2
+            x_2 = (sigma_fn(s) / sigma_fn(t)) * (x + (denoised - uncond[0])) - (-h / 2).expm1() * denoised
+            denoised_2 = model(x_2, sigma_fn(s) * s_in, **extra_args)
+            x = (sigma_fn(t_next) / sigma_fn(t)) * (x + (denoised - uncond[0])) - (-h).expm1() * denoised_2
+        if sigmas[i + 1] > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
+def comfy_sample_dpmpp_2m_cfg_pp(model, x, sigmas, extra_args, noise_sampler):
+    s_in, t_fn = _s_in(x), (lambda sigma: sigma.log().neg())
+    uncond, old_uncond = [None], None
+    _install_uncond_hook(extra_args, uncond)
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        t, t_next = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
+        h = t_next - t
+        mix = -torch.exp(-h) * uncond[0]
+        if old_uncond is not None and sigmas[i + 1] != 0:
+            r = (t - t_fn(sigmas[i - 1])) / h
+            mix = mix - torch.expm1(-h) * (1 / (2 * r)) * (denoised - old_uncond)
+        x = denoised + mix + torch.exp(-h) * x
+        old_uncond = uncond[0]
+    return x
+
+
+def comfy_res_multistep(model, x, sigmas, extra_args, noise_sampler, s_noise=1.0, eta=1.0, cfg_pp=False):
+    s_in = _s_in(x)
+    sigma_fn, t_fn = (lambda t: t.neg().exp()), (lambda sigma: sigma.log().neg())
+    phi1_fn = lambda t: torch.expm1(t) / t  # noqa: E731
+    phi2_fn = lambda t: (phi1_fn(t) - 1.0) / t  # noqa: E731
+    old_sigma_down = old_denoised = None
+    uncond = [None]
+    if cfg_pp:
+        _install_uncond_hook(extra_args, uncond)
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        if sigma_down == 0 or old_denoised is None:
+            if cfg_pp:
+                x = denoised + to_d(x, sigmas[i], uncond[0]) * sigma_down
+            else:
+                x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+        else:
+            t, t_old, t_next, t_prev = t_fn(sigmas[i]), t_fn(old_sigma_down), t_fn(sigma_down), t_fn(sigmas[i - 1])
+            h = t_next - t
+            c2 = (t_prev - t_old) / h
+            phi1_val, phi2_val = phi1_fn(-h), phi2_fn(-h)
+            b1 = torch.nan_to_num(phi1_val - phi2_val / c2, nan=0.0)
+            b2 = torch.nan_to_num(phi2_val / c2, nan=0.0)
+            if cfg_pp:
+                x = x + (denoised - uncond[0])
+                x = sigma_fn(h) * x + h * (b1 * uncond[0] + b2 * old_denoised)
+            else:
+                x = sigma_fn(h) * x + h * (b1 * denoised + b2 * old_denoised)
+        if sigmas[i + 1] > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+        old_denoised = uncond[0] if cfg_pp else denoised
+        old_sigma_down = sigma_down
+    return x
+
+
+def comfy_sample_res_multistep(model, x, sigmas, extra_args, noise_sampler, s_noise=1.0):
+    return comfy_res_multistep(model, x, sigmas, extra_args, noise_sampler, s_noise=s_noise, eta=0.0, cfg_pp=False)
+
+
+def comfy_sample_res_multistep_cfg_pp(model, x, sigmas, extra_args, noise_sampler, s_noise=1.0):
+    return comfy_res_multistep(model, x, sigmas, extra_args, noise_sampler, s_noise=s_noise, eta=0.0, cfg_pp=True)
+
+
+def comfy_sample_res_multistep_ancestral(model, x, sigmas, extra_args, noise_sampler, eta=1.0, s_noise=1.0):
+    return comfy_res_multistep(model, x, sigmas, extra_args, noise_sampler, s_noise=s_noise, eta=eta, cfg_pp=False)
+
+
+def comfy_sample_res_multistep_ancestral_cfg_pp(model, x, sigmas, extra_args, noise_sampler, eta=1.0, s_noise=1.0):
+    return comfy_res_multistep(model, x, sigmas, extra_args, noise_sampler, s_noise=s_noise, eta=eta, cfg_pp=True)
+
+
+def comfy_sample_gradient_estimation(model, x, sigmas, extra_args, noise_sampler, ge_gamma=2.0, cfg_pp=False):
+    s_in, old_d = _s_in(x), None
+    uncond = [None]
+    if cfg_pp:
+        _install_uncond_hook(extra_args, uncond)
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        d = to_d(x, sigmas[i], uncond[0] if cfg_pp else denoised)
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            x = denoised + d * sigmas[i + 1] if cfg_pp else x + d * dt
+            if i >= 1:
+                x = x + (ge_gamma - 1) * (d - old_d) * dt
+        old_d = d
+    return x
+
+
+def comfy_sample_gradient_estimation_cfg_pp(model, x, sigmas, extra_args, noise_sampler, ge_gamma=2.0):
+    return comfy_sample_gradient_estimation(model, x, sigmas, extra_args, noise_sampler, ge_gamma=ge_gamma, cfg_pp=True)
+
+
+def comfy_sample_er_sde(model, x, sigmas, extra_args, noise_sampler, s_noise=1.0, noise_scaler=None, max_stage=3):
+    s_in = _s_in(x)
+    if noise_scaler is None:
+        noise_scaler = lambda v: v * ((v**0.3).exp() + 10.0)  # noqa: E731
+    n_points = 200.0
+    point_indice = torch.arange(0, n_points, dtype=torch.float32, device=x.device)
+    ms = model.inner_model.model_patcher.get_model_object("model_sampling")
+    sigmas = offset_first_sigma_for_snr(sigmas, ms)
+    er_lambdas = sigma_to_half_log_snr(sigmas, ms).neg().exp()
+    old_denoised = old_denoised_d = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        stage_used = min(max_stage, i + 1)
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            lam_s, lam_t = er_lambdas[i], er_lambdas[i + 1]
+            alpha_s, alpha_t = sigmas[i] / lam_s, sigmas[i + 1] / lam_t
+            r = noise_scaler(lam_t) / noise_scaler(lam_s)
+            x = (alpha_t / alpha_s) * r * x + alpha_t * (1 - r) * denoised
+            if stage_used >= 2:
+                dt = lam_t - lam_s
+                step = -dt / n_points
+                lambda_pos = lam_t + point_indice * step
+                scaled_pos = noise_scaler(lambda_pos)
+                s = torch.sum(1 / scaled_pos) * step
+                denoised_d = (denoised - old_denoised) / (lam_s - er_lambdas[i - 1])
+                x = x + alpha_t * (dt + s * noise_scaler(lam_t)) * denoised_d
+                if stage_used >= 3:
+                    s_u = torch.sum((lambda_pos - lam_s) / scaled_pos) * step
+                    denoised_u = (denoised_d - old_denoised_d) / ((lam_s - er_lambdas[i - 2]) / 2)
+                    x = x + alpha_t * ((dt**2) / 2 + s_u * noise_scaler(lam_t)) * denoised_u
+                old_denoised_d = denoised_d
+            if s_noise > 0:
+                x = x + alpha_t * noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * \
+                    (lam_t**2 - lam_s**2 * r**2).sqrt().nan_to_num(nan=0.0)
+        old_denoised = denoised
+    return x
+
+
+def reverse_time_sde_noise_scaler(eta):
+    """comfy_extras/nodes_custom_sampler.py SamplerER_SDE: "Reverse-time SDE" (and "ODE", eta 0) pass
+    x ** (eta + 1) to sample_er_sde; "ER-SDE" passes None (sample_er_sde's default)."""
+    return lambda v: v ** (eta + 1)
+
+
+def comfy_sample_seeds_2(model, x, sigmas, extra_args, noise_sampler, eta=1.0, s_noise=1.0, r=0.5):
+    s_in, inject = _s_in(x), eta > 0 and s_noise > 0
+    ms = model.inner_model.model_patcher.get_model_object("model_sampling")
+    sigmas = offset_first_sigma_for_snr(sigmas, ms)
+    fac = 1 / (2 * r)
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        lam_s, lam_t = sigma_to_half_log_snr(sigmas[i], ms), sigma_to_half_log_snr(sigmas[i + 1], ms)
+        h = lam_t - lam_s
+        h_eta = h * (eta + 1)
+        lam_s_1 = torch.lerp(lam_s, lam_t, r)
+        sigma_s_1 = half_log_snr_to_sigma(lam_s_1, ms)
+        alpha_s_1, alpha_t = sigma_s_1 * lam_s_1.exp(), sigmas[i + 1] * lam_t.exp()
+        x_2 = sigma_s_1 / sigmas[i] * (-r * h * eta).exp() * x - alpha_s_1 * ei_h_phi_1(-r * h_eta) * denoised
+        if inject:
+            sde_noise = (-2 * r * h * eta).expm1().neg().sqrt() * noise_sampler(sigmas[i], sigma_s_1)
+            x_2 = x_2 + sde_noise * sigma_s_1 * s_noise
+        denoised_2 = model(x_2, sigma_s_1 * s_in, **extra_args)
+        denoised_d = torch.lerp(denoised, denoised_2, fac)
+        x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - alpha_t * ei_h_phi_1(-h_eta) * denoised_d
+        if inject:
+            seg = (r - 1) * h * eta
+            sde_noise = sde_noise * seg.exp() + seg.mul(2).expm1().neg().sqrt() * noise_sampler(sigma_s_1, sigmas[i + 1])
+            x = x + sde_noise * sigmas[i + 1] * s_noise
+    return x
+
+
+def comfy_sample_seeds_3(model, x, sigmas, extra_args, noise_sampler, eta=1.0, s_noise=1.0, r_1=1.0 / 3, r_2=2.0 / 3):
+    s_in, inject = _s_in(x), eta > 0 and s_noise > 0
+    ms = model.inner_model.model_patcher.get_model_object("model_sampling")
+    sigmas = offset_first_sigma_for_snr(sigmas, ms)
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        lam_s, lam_t = sigma_to_half_log_snr(sigmas[i], ms), sigma_to_half_log_snr(sigmas[i + 1], ms)
+        h = lam_t - lam_s
+        h_eta = h * (eta + 1)
+        lam_s_1, lam_s_2 = torch.lerp(lam_s, lam_t, r_1), torch.lerp(lam_s, lam_t, r_2)
+        sigma_s_1, sigma_s_2 = half_log_snr_to_sigma(lam_s_1, ms), half_log_snr_to_sigma(lam_s_2, ms)
+        alpha_s_1, alpha_s_2 = sigma_s_1 * lam_s_1.exp(), sigma_s_2 * lam_s_2.exp()
+        alpha_t = sigmas[i + 1] * lam_t.exp()
+        x_2 = sigma_s_1 / sigmas[i] * (-r_1 * h * eta).exp() * x - alpha_s_1 * ei_h_phi_1(-r_1 * h_eta) * denoised
+        if inject:
+            sde_noise = (-2 * r_1 * h * eta).expm1().neg().sqrt() * noise_sampler(sigmas[i], sigma_s_1)
+            x_2 = x_2 + sde_noise * sigma_s_1 * s_noise
+        denoised_2 = model(x_2, sigma_s_1 * s_in, **extra_args)
+        a3_2 = r_2 / r_1 * ei_h_phi_2(-r_2 * h_eta)
+        a3_1 = ei_h_phi_1(-r_2 * h_eta) - a3_2
+        x_3 = sigma_s_2 / sigmas[i] * (-r_2 * h * eta).exp() * x - alpha_s_2 * (a3_1 * denoised + a3_2 * denoised_2)
+        if inject:
+            seg = (r_1 - r_2) * h * eta
+            sde_noise = sde_noise * seg.exp() + seg.mul(2).expm1().neg().sqrt() * noise_sampler(sigma_s_1, sigma_s_2)
+            x_3 = x_3 + sde_noise * sigma_s_2 * s_noise
+        denoised_3 = model(x_3, sigma_s_2 * s_in, **extra_args)
+        b3 = ei_h_phi_2(-h_eta) / r_2
+        b1 = ei_h_phi_1(-h_eta) - b3
+        x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - alpha_t * (b1 * denoised + b3 * denoised_3)
+        if inject:
+            seg = (r_2 - 1) * h * eta
+            sde_noise = sde_noise * seg.exp() + seg.mul(2).expm1().neg().sqrt() * noise_sampler(sigma_s_2, sigmas[i + 1])
+            x = x + sde_noise * sigmas[i + 1] * s_noise
+    return x
+
+
+# comfy/k_diffusion/sa_solver.py, restated
+
+
+def comfy_compute_exponential_coeffs(s, t, solver_order, tau_t):
+    tau_mul = 1 + tau_t**2
+    h = t - s
+    p = torch.arange(solver_order, dtype=s.dtype, device=s.device)
+    product_terms = t**p - s**p * (-tau_mul * h).exp()
+    depth = p.unsqueeze(1) - p.unsqueeze(0)
+    log_fact = (p + 1).lgamma()
+    coeff = log_fact.unsqueeze(1) - log_fact.unsqueeze(0)
+    if tau_t > 0:
+        coeff = coeff - depth * math.log(tau_mul)
+    signs = torch.where(depth % 2 == 0, 1.0, -1.0)
+    return (coeff.exp() * signs).tril() @ product_terms
+
+
+def comfy_compute_simple_stochastic_adams_b_coeffs(sigma_next, curr_lambdas, lambda_s, lambda_t, tau_t, is_corrector_step):
+    tau_mul = 1 + tau_t**2
+    h = lambda_t - lambda_s
+    alpha_t = sigma_next * lambda_t.exp()
+    if is_corrector_step:
+        b_1 = alpha_t * (0.5 * tau_mul * h)
+        b_2 = alpha_t * (-h * tau_mul).expm1().neg() - b_1
+    else:
+        b_2 = alpha_t * (0.5 * tau_mul * h**2) / (curr_lambdas[-2] - lambda_s)
+        b_1 = alpha_t * (-h * tau_mul).expm1().neg() - b_2
+    return torch.stack([b_2, b_1])
+
+
+def comfy_compute_stochastic_adams_b_coeffs(sigma_next, curr_lambdas, lambda_s, lambda_t, tau_t, simple_order_2,
+                                            is_corrector_step):
+    n = curr_lambdas.shape[0]
+    if simple_order_2 and n == 2:
+        return comfy_compute_simple_stochastic_adams_b_coeffs(sigma_next, curr_lambdas, lambda_s, lambda_t, tau_t,
+                                                              is_corrector_step)
+    exp_coeffs = comfy_compute_exponential_coeffs(lambda_s, lambda_t, n, tau_t)
+    vander_t = torch.vander(curr_lambdas, n, increasing=True).T
+    return sigma_next * lambda_t.exp() * torch.linalg.solve(vander_t, exp_coeffs)
+
+
+def comfy_get_tau_interval_func(start_sigma, end_sigma, eta=1.0):
+    def tau_func(sigma):
+        if eta <= 0:
+            return 0.0
+        if isinstance(sigma, torch.Tensor):
+            sigma = sigma.item()
+        return eta if start_sigma >= sigma >= end_sigma else 0.0
+    return tau_func
+
+
+def comfy_sample_sa_solver(model, x, sigmas, extra_args, noise_sampler, tau_func=None, s_noise=1.0, predictor_order=3,
+                           corrector_order=4, use_pece=False, simple_order_2=False):
+    s_in = _s_in(x)
+    ms = model.inner_model.model_patcher.get_model_object("model_sampling")
+    sigmas = offset_first_sigma_for_snr(sigmas, ms)
+    lambdas = sigma_to_half_log_snr(sigmas, ms)
+    max_used = max(predictor_order, corrector_order)
+    x_pred, h, tau_t, noise, preds = x, 0.0, 0.0, 0.0, []
+    lower_to_end = sigmas[-1].item() == 0
+    for i in range(len(sigmas) - 1):
+        denoised = model(x_pred, sigmas[i] * s_in, **extra_args)
+        preds = (preds + [denoised])[-max_used:]
+        p_used = min(predictor_order, len(preds))
+        c_used = 0 if i == 0 or (sigmas[i + 1] == 0 and not use_pece) else min(corrector_order, len(preds))
+        if lower_to_end:
+            p_used = min(p_used, len(sigmas) - 2 - i)
+            c_used = min(c_used, len(sigmas) - 1 - i)
+        if c_used == 0:
+            x = x_pred
+        else:
+            b = comfy_compute_stochastic_adams_b_coeffs(sigmas[i], lambdas[i - c_used + 1:i + 1], lambdas[i - 1],
+                                                        lambdas[i], tau_t, simple_order_2, True)
+            corr = torch.tensordot(torch.stack(preds[-c_used:], dim=1), b, dims=([1], [0]))
+            x = sigmas[i] / sigmas[i - 1] * (-(tau_t**2) * h).exp() * x + corr
+            if tau_t > 0 and s_noise > 0:
+                x = x + noise
+            if use_pece:
+                denoised = model(x, sigmas[i] * s_in, **extra_args)
+                preds[-1] = denoised
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            tau_t = tau_func(sigmas[i + 1])
+            b = comfy_compute_stochastic_adams_b_coeffs(sigmas[i + 1], lambdas[i - p_used + 1:i + 1], lambdas[i],
+                                                        lambdas[i + 1], tau_t, simple_order_2, False)
+            pred = torch.tensordot(torch.stack(preds[-p_used:], dim=1), b, dims=([1], [0]))
+            h = lambdas[i + 1] - lambdas[i]
+            x_pred = sigmas[i + 1] / sigmas[i] * (-(tau_t**2) * h).exp() * x + pred
+            if tau_t > 0 and s_noise > 0:
+                noise = noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * \
+                    (-2 * tau_t**2 * h).expm1().neg().sqrt() * s_noise
+                x_pred = x_pred + noise
+    return x
+
+
+def comfy_sample_sa_solver_pece(model, x, sigmas, extra_args, noise_sampler, **opts):
+    return comfy_sample_sa_solver(model, x, sigmas, extra_args, noise_sampler, use_pece=True, **opts)
+
+
+# --------------------------------------------------------------------------------------------
+# the comparison
+
+SA_TAU = (5.0, 0.3)  # tau = eta on 5.0 >= next sigma >= 0.3 (sa_solver's interval rule, explicit bounds)
+
+# (refsd name, ComfyUI restatement, option sets: (refsd options, ComfyUI options, id))
+CASES = {
+    "heunpp2": (comfy_sample_heunpp2, [({}, {}, "")]),
+    "ddpm": (comfy_sample_ddpm, [({}, {}, "")]),
+    "lcm": (comfy_sample_lcm, [({}, {}, "")]),
+    "ipndm": (comfy_sample_ipndm, [({}, {}, ""), ({"max_order": 2}, {"max_order": 2}, "order2")]),
+    "ipndm_v": (comfy_sample_ipndm_v, [({}, {}, ""), ({"max_order": 3}, {"max_order": 3}, "order3")]),
+    "euler_cfg_pp": (comfy_sample_euler_cfg_pp, [({}, {}, "")]),
+    "euler_ancestral_cfg_pp": (comfy_sample_euler_ancestral_cfg_pp,
+                               [({}, {}, "eta1"), ({"eta": 0.0}, {"eta": 0.0}, "eta0")]),
+    "dpmpp_2s_ancestral_cfg_pp": (comfy_sample_dpmpp_2s_ancestral_cfg_pp,
+                                  [({}, {}, "eta1"), ({"eta": 0.0}, {"eta": 0.0}, "eta0")]),
+    "dpmpp_2m_cfg_pp": (comfy_sample_dpmpp_2m_cfg_pp, [({}, {}, "")]),
+    "res_multistep": (comfy_sample_res_multistep, [({}, {}, "")]),
+    "res_multistep_cfg_pp": (comfy_sample_res_multistep_cfg_pp, [({}, {}, "")]),
+    "res_multistep_ancestral": (comfy_sample_res_multistep_ancestral,
+                                [({}, {}, "eta1"), ({"eta": 0.0}, {"eta": 0.0}, "eta0")]),
+    "res_multistep_ancestral_cfg_pp": (comfy_sample_res_multistep_ancestral_cfg_pp,
+                                       [({}, {}, "eta1"), ({"eta": 0.0}, {"eta": 0.0}, "eta0")]),
+    "gradient_estimation": (comfy_sample_gradient_estimation, [({}, {}, ""), ({"ge_gamma": 3.0}, {"ge_gamma": 3.0}, "gamma3")]),
+    "gradient_estimation_cfg_pp": (comfy_sample_gradient_estimation_cfg_pp, [({}, {}, "")]),
+    "er_sde": (comfy_sample_er_sde, [
+        ({}, {}, "ER-SDE"), ({"s_noise": 0.0}, {"s_noise": 0.0}, "ER-SDE-s_noise0"),
+        ({"solver_type": "Reverse-time SDE"}, {"noise_scaler": reverse_time_sde_noise_scaler(1.0)}, "reverse-time"),
+        ({"solver_type": "Reverse-time SDE", "max_stage": 2}, {"noise_scaler": reverse_time_sde_noise_scaler(1.0),
+                                                              "max_stage": 2}, "reverse-time-stage2"),
+        ({"solver_type": "ODE"}, {"noise_scaler": reverse_time_sde_noise_scaler(0.0), "s_noise": 0.0}, "ODE")]),
+    "seeds_2": (comfy_sample_seeds_2, [({}, {}, "eta1"), ({"eta": 0.0}, {"eta": 0.0}, "eta0")]),
+    "seeds_3": (comfy_sample_seeds_3, [({}, {}, "eta1"), ({"eta": 0.0}, {"eta": 0.0}, "eta0")]),
+    "sa_solver": (comfy_sample_sa_solver, [
+        ({"tau_func": sa_solver_tau_interval(*SA_TAU, eta=1.0)}, {"tau_func": comfy_get_tau_interval_func(*SA_TAU, eta=1.0)}, "eta1"),
+        ({"tau_func": sa_solver_tau_interval(*SA_TAU, eta=0.0)}, {"tau_func": comfy_get_tau_interval_func(*SA_TAU, eta=0.0)}, "eta0"),
+        ({"tau_func": sa_solver_tau_interval(*SA_TAU, eta=1.0), "simple_order_2": True, "predictor_order": 2,
+          "corrector_order": 2},
+         {"tau_func": comfy_get_tau_interval_func(*SA_TAU, eta=1.0), "simple_order_2": True, "predictor_order": 2,
+          "corrector_order": 2}, "simple2")]),
+    "sa_solver_pece": (comfy_sample_sa_solver_pece, [
+        ({"tau_func": sa_solver_tau_interval(*SA_TAU, eta=1.0)}, {"tau_func": comfy_get_tau_interval_func(*SA_TAU, eta=1.0)}, "eta1"),
+        ({"tau_func": sa_solver_tau_interval(*SA_TAU, eta=0.0)}, {"tau_func": comfy_get_tau_interval_func(*SA_TAU, eta=0.0)}, "eta0")]),
+}
+# ComfyUI's default ER-SDE noise scaler evaluates lambda ** 0.3 and exp in float32 on 200 points per step;
+# torch's float32 pow / exp (SLEEF) are not correctly rounded, refsd's emulation is (numerics.f32_via_f64),
+# so about 1% of the points differ by an ulp and the float32 stage sums by a few ulps. Measured on torch
+# 2.13 CPU x86-64: max 1.8e-9 = 6.8e-10 of the output's magnitude over these cases; every other case,
+# er_sde's "Reverse-time SDE" (lambda ** 2: torch's exact v * v) and "ODE" included, is within 1e-12.
+F32_TRANSCENDENTAL_REL_TOL = 2e-9
+SCHEDULES = ("karras", "normal")
+SCALES = (1.0, 3.0)
+
+
+def _schedule(name):
+    ms = ModelSamplingDiscrete.from_config(SD_CONFIG, like=np.zeros(1))
+    return np.asarray(get_sigmas(name, ms, STEPS), dtype=np.float64)
+
+
+def _problem(seed=0):
+    g = np.random.default_rng(seed)
+    mean_c = g.standard_normal(SHAPE) * 0.6
+    mean_u = g.standard_normal(SHAPE) * 0.6
+    std = np.linspace(0.3, 0.9, SHAPE[1]).reshape(1, -1, 1, 1) * np.ones((1, 1, SHAPE[2], SHAPE[3]))
+    x0 = g.standard_normal(SHAPE)
+    noises = g.standard_normal((4 * STEPS, *SHAPE))
+    return mean_c, mean_u, std, x0, noises
+
+
+def run_pair(name, refsd_opts, comfy_opts, schedule, scale, seed=0, noise_factor=1.0):
+    """(refsd output, ComfyUI restatement output, refsd draws, ComfyUI draws), both float64 NumPy."""
+    comfy_fn = CASES[name][0]
+    mean_c, mean_u, std, x0, noises = _problem(seed)
+    noises = noises * noise_factor
+    sigmas = _schedule(schedule)
+    x = x0 * sigmas[0]
+    refsd_ms = ModelSamplingDiscrete.from_config(SD_CONFIG, like=x) if name == "lcm" else None
+
+    def inner(x_, sigma, *, mean):
+        return GaussianDenoiser(mean, std, model_sampling=refsd_ms)(x_, sigma)
+
+    inner.model_sampling = refsd_ms
+    cfg = CFGDenoiser(inner, {"mean": mean_c}, {"mean": mean_u}, scale)  # cfg 1: the sampler asks for the uncond pass
+    noise = SequenceNoiseSampler(noises)
+    y = SAMPLERS[name](cfg, x, sigmas, noise_sampler=noise, **refsd_opts)
+
+    t = lambda a: torch.from_numpy(np.array(a, dtype=np.float64))  # noqa: E731
+    comfy_model = ComfyGuidedGaussian(t(mean_c), t(mean_u), t(std), scale, ComfyEPS())
+    comfy_noise = FixedNoise([t(n) for n in noises])
+    y_ref = comfy_fn(comfy_model, t(x), t(sigmas), {}, comfy_noise, **comfy_opts)
+    return np.asarray(y), y_ref.numpy(), noise.used, comfy_noise.used
+
+
+def _params():
+    for name, (_, option_sets) in CASES.items():
+        for refsd_opts, comfy_opts, oid in option_sets:
+            for schedule in SCHEDULES:
+                for scale in SCALES:
+                    yield pytest.param(name, refsd_opts, comfy_opts, schedule, scale,
+                                       id=f"{name}{'-' + oid if oid else ''}-{schedule}-cfg{scale:g}")
+
+
+@pytest.mark.parametrize("name,refsd_opts,comfy_opts,schedule,scale", list(_params()))
+def test_sampler_equals_comfyui_function(name, refsd_opts, comfy_opts, schedule, scale):
+    y, y_ref, used, comfy_used = run_pair(name, refsd_opts, comfy_opts, schedule, scale)
+    assert np.abs(y_ref).max() > 0.1  # a real output, not a degenerate one
+    err = float(np.abs(y - y_ref).max())
+    tol = TOL
+    if name == "er_sde" and "solver_type" not in refsd_opts:
+        tol = F32_TRANSCENDENTAL_REL_TOL * float(np.abs(y_ref).max())
+    assert err <= tol, (name, schedule, scale, err)
+    if used:  # refsd skips draws ComfyUI multiplies by zero; the draws it makes are ComfyUI's, in order
+        assert used == comfy_used, (used, comfy_used)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2s_ancestral_cfg_pp", "euler_ancestral_cfg_pp", "res_multistep_ancestral",
+                                  "ddpm", "lcm", "seeds_2", "seeds_3", "er_sde", "sa_solver"])
+def test_noisy_cases_depend_on_the_draws(name):
+    """Doubling the fixed draws moves the first option set's output: the noise comparison is not vacuous."""
+    refsd_opts, comfy_opts, _ = CASES[name][1][0]
+    y1, _, used, _ = run_pair(name, refsd_opts, comfy_opts, "karras", 3.0)
+    y2, _, _, _ = run_pair(name, refsd_opts, comfy_opts, "karras", 3.0, noise_factor=2.0)
+    assert used > 0 and np.abs(y1 - y2).max() > 1e-3
+
+
+def test_cfg_pp_runs_the_uncond_pass_at_cfg_1():
+    """ComfyUI's CFG++ samplers set disable_cfg1_optimization; refsd's ask CFGDenoiser for the uncond
+    pass (require_uncond), so a scale-1 CFGDenoiser built without always_uncond works and keeps it."""
+    mean_c, mean_u, std, x0, _ = _problem()
+    sigmas = _schedule("karras")
+    inner = lambda x_, s_, *, mean: GaussianDenoiser(mean, std)(x_, s_)  # noqa: E731
+    cfg = CFGDenoiser(inner, {"mean": mean_c}, {"mean": mean_u}, 1.0)
+    assert not cfg.always_uncond
+    SAMPLERS["euler_cfg_pp"](cfg, x0 * sigmas[0], sigmas)
+    assert cfg.always_uncond and cfg.uncond_denoised is not None
+
+
+def test_every_comfyui_only_sampler_is_restated():
+    """The samplers docs/samplers.md used to list as analytic (no pip oracle) all have a case here."""
+    assert set(CASES) == {
+        "heunpp2", "ddpm", "lcm", "ipndm", "ipndm_v", "euler_cfg_pp", "euler_ancestral_cfg_pp",
+        "dpmpp_2s_ancestral_cfg_pp", "dpmpp_2m_cfg_pp", "res_multistep", "res_multistep_cfg_pp",
+        "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "gradient_estimation",
+        "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece"}
+    assert set(CASES) <= set(SAMPLERS)
