@@ -7,7 +7,9 @@ coefficients are host floats (float64, the ``math`` module), computed once per s
 keeps x's dtype (float64 in oracle mode, float32 otherwise).
 
 Semantics are ComfyUI's (which users select by these names), for eps, v and rectified-flow models:
-  ref: comfyanonymous/ComfyUI@02159d814dee609acc27994c1bf25fc5b40e2aaa comfy/k_diffusion/sampling.py
+  ref: Comfy-Org/ComfyUI@a125cd84b054a57729b5eecab930ca9408719832 comfy/k_diffusion/sampling.py, each
+       function checked against a torch restatement in tests/test_samplers_comfyui.py; written first from
+       comfyanonymous/ComfyUI@02159d814dee609acc27994c1bf25fc5b40e2aaa (docs/samplers.md "ComfyUI versions")
   ref: comfyanonymous/ComfyUI comfy/samplers.py (KSAMPLER_NAMES, ksampler(): dpm_fast / dpm_adaptive
        wrappers; KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS)
 ComfyUI's file descends from k-diffusion (crowsonkb/k-diffusion v0.1.1 k_diffusion/sampling.py);
@@ -23,7 +25,7 @@ where ComfyUI uses torch's global RNG.
 
 Model sampling. ``model.model_sampling`` is optional except for lcm. Where ComfyUI reads it, refsd
 does too: a rectified-flow model (``prediction == "const"``, ComfyUI's CONST) switches
-euler_ancestral, dpm_2_ancestral, dpmpp_2s_ancestral(_cfg_pp) to ComfyUI's ``*_RF`` variants, and
+euler_ancestral, dpm_2_ancestral, dpmpp_2s_ancestral to ComfyUI's ``*_RF`` variants, and
 dpmpp_sde / dpmpp_2m_sde / dpmpp_3m_sde / euler_ancestral_cfg_pp to the flow half-log-SNR
 log((1 - sigma) / sigma) with the first sigma pulled below 1 (offset_first_sigma_for_snr); a missing
 model_sampling means the VE/VP case, half-log-SNR = -log(sigma).

@@ -15,7 +15,8 @@ callback, CFG++'s uncond_denoised) is samplers/common.py's ``Run``, shared by ev
 Semantics are ComfyUI's, for discrete-time eps / v models:
   ref: comfyanonymous/ComfyUI@02159d814dee609acc27994c1bf25fc5b40e2aaa comfy/k_diffusion/sampling.py
        (res_multistep, sample_gradient_estimation, sample_er_sde, sample_seeds_2/3,
-       sample_exp_heun_2_x0(_sde), sample_sa_solver(_pece))
+       sample_exp_heun_2_x0(_sde), sample_sa_solver(_pece)); all but exp_heun_2_x0(_sde) checked
+       against torch restatements of Comfy-Org/ComfyUI@a125cd84 in tests/test_samplers_comfyui.py
   ref: comfyanonymous/ComfyUI@4328fa894d96811bde5bcdce56b6a4106f62feed comfy/k_diffusion/sa_solver.py
   ref: comfyanonymous/ComfyUI@9bffd67fc9f8d0d76591b0735739e985830bf6c9 comfy/extra_samplers/uni_pc.py
   ref: comfyanonymous/ComfyUI comfy/samplers.py (sampler_object: "ddim" is ksampler("euler"), uni_pc*;
