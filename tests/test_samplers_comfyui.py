@@ -1132,3 +1132,21 @@ def test_every_sampler_is_restated():
         "dpmpp_2s_ancestral_cfg_pp", "dpmpp_2m_cfg_pp", "res_multistep", "res_multistep_cfg_pp",
         "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "gradient_estimation",
         "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece"}
+
+
+def test_dpmpp_2s_ancestral_cfg_pp_has_no_flow_branch():
+    """ComfyUI@a125cd84's sample_dpmpp_2s_ancestral_cfg_pp never reads model_sampling: a rectified-flow
+    model gets the same formulas (refsd used to switch to a flow variant that ComfyUI does not have)."""
+    from refsd.sampling.model_sampling import ModelSamplingDiscreteFlow
+
+    mean_c, mean_u, std, x0, noises = _problem()
+    sigmas = np.array([0.95, 0.7, 0.4, 0.15, 0.0])
+    outs = []
+    for ms in (None, ModelSamplingDiscreteFlow(like=x0)):
+        def inner(x_, s_, *, mean):
+            return GaussianDenoiser(mean, std)(x_, s_)
+        inner.model_sampling = ms
+        cfg = CFGDenoiser(inner, {"mean": mean_c}, {"mean": mean_u}, 3.0)
+        assert (cfg.model_sampling is None) == (ms is None)
+        outs.append(SAMPLERS["dpmpp_2s_ancestral_cfg_pp"](cfg, x0 * 0.95, sigmas, noise_sampler=SequenceNoiseSampler(noises)))
+    np.testing.assert_array_equal(outs[0], outs[1])
