@@ -1,12 +1,17 @@
 """refsd's samplers against ComfyUI's own functions, restated in torch (float64).
 
-ComfyUI is not pip-installable, so each ComfyUI sampler that no pip oracle covers (k-diffusion 0.1.1
-lacks them) is restated below from
+ComfyUI is not pip-installable, so each ComfyUI sampler is restated below from
 
     Comfy-Org/ComfyUI@a125cd84b054a57729b5eecab930ca9408719832 comfy/k_diffusion/sampling.py
-    (and comfy/k_diffusion/sa_solver.py, comfy/samplers.py, comfy/model_patcher.py, comfy/model_sampling.py)
+    (and comfy/k_diffusion/sa_solver.py, comfy/k_diffusion/deis.py, comfy/samplers.py,
+    comfy/model_patcher.py, comfy/model_sampling.py, comfy_extras/nodes_custom_sampler.py SamplerER_SDE)
+    comfyanonymous/ComfyUI@02159d814dee609acc27994c1bf25fc5b40e2aaa for exp_heun_2_x0(_sde) and
+    seeds_2's solver_type, which a125cd84 does not have
 
-one restatement per ComfyUI function, named after it. The restatements keep ComfyUI's data flow: the
+one restatement per ComfyUI function, named comfy_<function>; those k-diffusion 0.1.1 also has are
+goldened from it as well (tests/test_samplers_kdiffusion.py). Not restated: dpm_fast / dpm_adaptive
+(a125cd84's DPMSolver is k-diffusion 0.1.1's but for its default noise seed) and uni_pc(_bh2)
+(diffusers goldens). The restatements keep ComfyUI's data flow: the
 model is ComfyUI's sampling_function + cfg_function (comfy/samplers.py) over two exact Gaussian
 denoisers (the "cond" and "uncond" predictions), CFG++ samplers read the unconditional prediction
 through a sampler_post_cfg_function and set disable_cfg1_optimization, so at CFG 1 the uncond pass
