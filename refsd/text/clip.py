@@ -14,6 +14,9 @@ So A1111 "Clip skip 2" == diffusers ``clip_skip=1`` == the penultimate layer's o
 (SDXL pipelines take the penultimate state *without* final LN; use ``hidden_states[-2]`` directly.)
 ``penultimate(out, p, cfg, skip=...)`` implements the A1111 count.
 
+What refsd accepts, and every key and shape it reads, is ``CLIPTextConfig`` in
+``refsd.models.configs`` (imported here, its public home stays ``refsd.text.clip.CLIPTextConfig``).
+
 References:
 - transformers v5 models/clip/modeling_clip.py: CLIPTextEmbeddings, CLIPAttention, CLIPMLP,
   CLIPEncoderLayer, CLIPTextModel.forward (pooling), CLIPTextModelWithProjection.
@@ -22,55 +25,22 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 from refsd import xp as rxp
 from refsd.attention import attention as _attention
 from refsd.errors import BackendError
+from refsd.models.configs import CLIPTextConfig
 from refsd.ops import gelu, layer_norm, linear, quick_gelu
 from refsd.trace import emit
 from refsd.weights.params import wb
 
 
-@dataclass(frozen=True)
-class CLIPTextConfig:
-    """transformers ``CLIPTextConfig`` fields (config.json names); defaults are transformers'."""
-
-    vocab_size: int = 49408
-    hidden_size: int = 512
-    intermediate_size: int = 2048
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 8
-    max_position_embeddings: int = 77
-    hidden_act: str = "quick_gelu"  # "quick_gelu": OpenAI CLIP-L (SD1); "gelu": OpenCLIP-H/bigG
-    layer_norm_eps: float = 1e-5
-    projection_dim: int = 512
-    # eos_token_id == 2 is the legacy value in pre-#24773 configs (e.g. openai/clip-vit-large-patch14):
-    # pooling then takes the argmax of the ids, as transformers does for it.
-    eos_token_id: int = 49407
-    pad_token_id: int = 1
-    bos_token_id: int = 49406
-
-    @classmethod
-    def from_dict(cls, d: dict) -> CLIPTextConfig:
-        """From a config.json dict (a CLIPConfig's ``text_config`` works too); unknown keys ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-
 def _act(x, name: str):
+    """The MLP activation by transformers' name (CLIPTextConfig accepts only these)."""
     if name == "quick_gelu":
         return quick_gelu(x)
     if name == "gelu":
         return gelu(x)
-    if name in ("gelu_new", "gelu_pytorch_tanh"):
-        return gelu(x, approximate="tanh")
-    raise BackendError(f"CLIP text: unsupported hidden_act {name!r}")
+    return gelu(x, approximate="tanh")  # "gelu_new", "gelu_pytorch_tanh"
 
 
 def embeddings(p, input_ids, *, cfg: CLIPTextConfig, dtype=None):
