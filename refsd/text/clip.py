@@ -34,6 +34,63 @@ from refsd.trace import emit
 from refsd.weights.params import wb
 
 
+def clip_text(params, input_ids, *, cfg: CLIPTextConfig, attention: str = "sliced") -> dict:
+    """CLIPTextModel / CLIPTextModelWithProjection forward. input_ids: (B, N) integer ids.
+
+    Returns a dict: ``last_hidden_state`` (B, N, D), final-LN'd; ``hidden_states``, a tuple of
+    num_hidden_layers + 1 arrays (embeddings, then each layer's output, *not* final-LN'd), as
+    transformers' ``output_hidden_states=True``; ``pooler_output`` (B, D), last_hidden_state at the
+    EOS position (see ``_eos_positions``); ``text_embeds`` (B, projection_dim) when the params hold
+    ``text_projection.weight``. ``attention`` is the refsd.attention strategy.
+    """
+    xp = rxp.namespace(input_ids)
+    p = _text_root(params)
+    h = embeddings(p.sub("embeddings"), input_ids, cfg=cfg)
+    hidden = [h]
+    for i in range(cfg.num_hidden_layers):
+        h = encoder_layer(p.sub(f"encoder.layers.{i}"), h, cfg=cfg, strategy=attention)
+        hidden.append(h)
+    last = emit(p.sub("final_layer_norm"), layer_norm(h, *wb(p, "final_layer_norm"), cfg.layer_norm_eps))
+    b, n, d = last.shape
+    rows = xp.arange(b, device=rxp.device(input_ids)) * n
+    pos = xp.astype(_eos_positions(input_ids, cfg), rows.dtype)
+    pooled = xp.take(xp.reshape(last, (b * n, d)), rows + pos, axis=0)
+    out = {"last_hidden_state": last, "hidden_states": tuple(hidden), "pooler_output": pooled}
+    if "text_projection.weight" in params:
+        out["text_embeds"] = linear(pooled, params["text_projection.weight"])
+    return out
+
+
+def penultimate(out: dict, params, cfg: CLIPTextConfig, skip: int = 2):
+    """A1111 "Clip skip" ``skip`` (>= 1; 1 = last layer): final_layer_norm(hidden_states[-skip]).
+
+    For diffusers' ``clip_skip=k`` pass ``skip=k + 1``. ``skip=1`` equals ``out["last_hidden_state"]``.
+    """
+    hs = out["hidden_states"]
+    if not 1 <= skip <= len(hs) - 1:
+        raise BackendError(f"clip skip {skip} out of range 1..{len(hs) - 1}")
+    p = _text_root(params)
+    return layer_norm(hs[-skip], *wb(p, "final_layer_norm"), cfg.layer_norm_eps)
+
+
+def _text_root(params):
+    """The CLIPTextModel scope: ``text_model`` for a CLIPTextModelWithProjection state dict."""
+    return params.sub("text_model") if "text_model.embeddings.token_embedding.weight" in params else params
+
+
+def _eos_positions(input_ids, cfg: CLIPTextConfig):
+    """(B,) pooling positions, as transformers' CLIPTextModel.forward: argmax(ids) for the legacy
+    eos_token_id == 2, else the first position holding eos_token_id."""
+    xp = rxp.namespace(input_ids)
+    if cfg.eos_token_id == 2:
+        return xp.argmax(input_ids, axis=-1)
+    return xp.argmax(xp.astype(input_ids == cfg.eos_token_id, xp.int32), axis=-1)  # first max = first EOS
+
+
+# --------------------------------------------------------------------------------------------
+# layers
+
+
 def _act(x, name: str):
     """The MLP activation by transformers' name (CLIPTextConfig accepts only these)."""
     if name == "quick_gelu":
@@ -80,56 +137,3 @@ def encoder_layer(p, x, *, cfg: CLIPTextConfig, strategy: str = "sliced"):
     x = x + self_attn(p.sub("self_attn"), layer_norm(x, *wb(p, "layer_norm1"), eps), cfg=cfg, strategy=strategy)
     x = x + mlp(p.sub("mlp"), layer_norm(x, *wb(p, "layer_norm2"), eps), cfg=cfg)
     return emit(p, x)
-
-
-def _text_root(params):
-    """The CLIPTextModel scope: ``text_model`` for a CLIPTextModelWithProjection state dict."""
-    return params.sub("text_model") if "text_model.embeddings.token_embedding.weight" in params else params
-
-
-def _eos_positions(input_ids, cfg: CLIPTextConfig):
-    """(B,) pooling positions, as transformers' CLIPTextModel.forward: argmax(ids) for the legacy
-    eos_token_id == 2, else the first position holding eos_token_id."""
-    xp = rxp.namespace(input_ids)
-    if cfg.eos_token_id == 2:
-        return xp.argmax(input_ids, axis=-1)
-    return xp.argmax(xp.astype(input_ids == cfg.eos_token_id, xp.int32), axis=-1)  # first max = first EOS
-
-
-def clip_text(params, input_ids, *, cfg: CLIPTextConfig, attention: str = "sliced") -> dict:
-    """CLIPTextModel / CLIPTextModelWithProjection forward. input_ids: (B, N) integer ids.
-
-    Returns a dict: ``last_hidden_state`` (B, N, D), final-LN'd; ``hidden_states``, a tuple of
-    num_hidden_layers + 1 arrays (embeddings, then each layer's output, *not* final-LN'd), as
-    transformers' ``output_hidden_states=True``; ``pooler_output`` (B, D), last_hidden_state at the
-    EOS position (see ``_eos_positions``); ``text_embeds`` (B, projection_dim) when the params hold
-    ``text_projection.weight``. ``attention`` is the refsd.attention strategy.
-    """
-    xp = rxp.namespace(input_ids)
-    p = _text_root(params)
-    h = embeddings(p.sub("embeddings"), input_ids, cfg=cfg)
-    hidden = [h]
-    for i in range(cfg.num_hidden_layers):
-        h = encoder_layer(p.sub(f"encoder.layers.{i}"), h, cfg=cfg, strategy=attention)
-        hidden.append(h)
-    last = emit(p.sub("final_layer_norm"), layer_norm(h, *wb(p, "final_layer_norm"), cfg.layer_norm_eps))
-    b, n, d = last.shape
-    rows = xp.arange(b, device=rxp.device(input_ids)) * n
-    pos = xp.astype(_eos_positions(input_ids, cfg), rows.dtype)
-    pooled = xp.take(xp.reshape(last, (b * n, d)), rows + pos, axis=0)
-    out = {"last_hidden_state": last, "hidden_states": tuple(hidden), "pooler_output": pooled}
-    if "text_projection.weight" in params:
-        out["text_embeds"] = linear(pooled, params["text_projection.weight"])
-    return out
-
-
-def penultimate(out: dict, params, cfg: CLIPTextConfig, skip: int = 2):
-    """A1111 "Clip skip" ``skip`` (>= 1; 1 = last layer): final_layer_norm(hidden_states[-skip]).
-
-    For diffusers' ``clip_skip=k`` pass ``skip=k + 1``. ``skip=1`` equals ``out["last_hidden_state"]``.
-    """
-    hs = out["hidden_states"]
-    if not 1 <= skip <= len(hs) - 1:
-        raise BackendError(f"clip skip {skip} out of range 1..{len(hs) - 1}")
-    p = _text_root(params)
-    return layer_norm(hs[-skip], *wb(p, "final_layer_norm"), cfg.layer_norm_eps)
