@@ -257,7 +257,6 @@ def test_clip_grid_size():
     (UNetConfig, dict(_TINY, transformer_layers_per_block=((1, 2), 1)), "transformer_layers_per_block"),
     (UNetConfig, dict(_TINY, reverse_transformer_layers_per_block=(1,)), "reverse_transformer_layers_per_block"),
     (UNetConfig, dict(_TINY, cross_attention_dim=(12, 16)), "cross_attention_dim=.* differs per block"),
-    (UNetConfig, dict(_TINY, norm_num_groups=3), "norm_num_groups=3"),
     (UNetConfig, dict(_TINY, conv_in_kernel=2), "conv_in_kernel"),
     (UNetConfig, dict(_TINY, mid_block_type=None), "mid_block_type=None"),
     (UNetConfig, dict(_TINY, attention_head_dim=3), "block 0: 8 channels, attention_head_dim 3"),

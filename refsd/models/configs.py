@@ -150,6 +150,8 @@ class UNetConfig:
     mid_block_scale_factor: float = 1.0
     dropout: float = 0.0  # training only; ignored
     act_fn: str = "silu"
+    # Not in the weights (detection assumes 32, a config= file may say otherwise), so not checked against
+    # the channels here: ops.group_norm refuses a width that does not split, naming both.
     norm_num_groups: int | None = 32
     norm_eps: float = 1e-5
     cross_attention_dim: int | tuple[int, ...] = 1280
@@ -212,10 +214,6 @@ class UNetConfig:
                               "but one encoder_hidden_states feeds every block")
         if self.norm_num_groups is None:
             raise ConfigError("UNet config: norm_num_groups=None (no conv_norm_out) is not supported")
-        odd = [c for c in self.block_out_channels if c % self.norm_num_groups]
-        if odd:
-            raise ConfigError(f"UNet config: block_out_channels {odd} do not split into norm_num_groups="
-                              f"{self.norm_num_groups} groups")
         if self.conv_in_kernel % 2 == 0 or self.conv_out_kernel % 2 == 0:
             raise ConfigError(f"UNet config: conv_in_kernel/conv_out_kernel must be odd, got "
                               f"{self.conv_in_kernel}/{self.conv_out_kernel}")
@@ -368,10 +366,6 @@ class VAEConfig:
             raise ConfigError("VAE config: down_block_types, up_block_types and block_out_channels differ in length")
         if not _positive(self.layers_per_block):
             raise ConfigError(f"VAE config: layers_per_block={self.layers_per_block!r} must be a positive int")
-        odd = [c for c in self.block_out_channels if c % self.norm_num_groups]
-        if odd:
-            raise ConfigError(f"VAE config: block_out_channels {odd} do not split into norm_num_groups="
-                              f"{self.norm_num_groups} groups")
 
     @classmethod
     def from_dict(cls, d: dict) -> VAEConfig:
