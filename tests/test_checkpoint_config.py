@@ -146,13 +146,14 @@ def test_a_config_that_does_not_fit_the_weights_is_refused(built, tmp_path):
         load_checkpoint(b.file, config=text)
 
     heads = config_folder(b, tmp_path / "heads", attention_head_dim=3)
-    with pytest.raises(WeightsError, match=r"its unet does not fit .*heads/unet/config\.json: widths that do not split "
-                                           r"into whole heads .*block 0: 32 channels, attention_head_dim 3"):
+    with pytest.raises(WeightsError, match=r"its unet does not fit .*heads/unet/config\.json: UNet config: widths "
+                                           r"that do not split into whole heads .*block 0: 32 channels, "
+                                           r"attention_head_dim 3"):
         load_checkpoint(b.file, config=heads)
     text_heads = config_folder(b, tmp_path / "text_heads")
     edit_json(text_heads / "text_encoder" / "config.json", num_attention_heads=5)  # 16 wide
     with pytest.raises(WeightsError, match=r"its text_encoder does not fit .*text_heads/text_encoder/config\.json: "
-                                           r"widths .*: hidden_size 16, num_attention_heads 5"):
+                                           r"CLIP text config: widths .*: hidden_size 16, num_attention_heads 5"):
         load_checkpoint(b.file, config=text_heads)
 
     # shapes fit, architecture does not: an SD1 file whose text encoder the config calls open_clip

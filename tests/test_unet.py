@@ -9,7 +9,8 @@ import pytest
 from refsd import golden
 from refsd import xp as rxp
 from refsd.errors import BackendError
-from refsd.models.unet import UNetConfig, attention_layer, get_timestep_embedding, unet, upsample_nearest
+from refsd.models.blocks import attention_layer, upsample_nearest
+from refsd.models.unet import UNetConfig, get_timestep_embedding, unet
 from refsd.trace import record
 from refsd.weights import Params
 
@@ -91,7 +92,7 @@ def test_config_rejects_unsupported(field, value):
 def test_config_rejects_inconsistent_lengths_and_heads():
     with pytest.raises(BackendError, match="attention_head_dim"):
         UNetConfig(attention_head_dim=(5, 10, 20))
-    with pytest.raises(BackendError, match="not divisible into 3 heads"):
+    with pytest.raises(BackendError, match="block 0: 320 channels, attention_head_dim 3"):
         UNetConfig(attention_head_dim=3)
     with pytest.raises(BackendError, match="differ in length"):
         UNetConfig(block_out_channels=(320, 640))

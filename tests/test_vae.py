@@ -47,7 +47,8 @@ def test_trace_names_match_diffusers_modules(case_id, xp, device):
 
 
 def test_config_from_dict():
-    cfg = VAEConfig.from_dict({"block_out_channels": [8, 16], "down_block_types": ["DownEncoderBlock2D"] * 2,
+    cfg = VAEConfig.from_dict({"block_out_channels": [8, 16], "norm_num_groups": 4,
+                               "down_block_types": ["DownEncoderBlock2D"] * 2,
                                "up_block_types": ["UpDecoderBlock2D"] * 2, "scaling_factor": 0.13025,
                                "_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1"})
     assert cfg.block_out_channels == (8, 16) and cfg.downscale == 2 and cfg.scaling_factor == 0.13025

@@ -1,4 +1,9 @@
-"""Image-space models: the Stable Diffusion UNet (diffusers ``UNet2DConditionModel``) and VAE (``AutoencoderKL``)."""
+"""Image-space models: the Stable Diffusion UNet (diffusers ``UNet2DConditionModel``) and VAE (``AutoencoderKL``).
+
+configs.py declares what refsd accepts (``UNetConfig``, ``VAEConfig``, ``CLIPTextConfig``: validation and
+every parameter key and shape), infer.py reads a config back from a state dict's shapes, blocks.py holds
+the layers the UNet and the VAE share, and unet.py / vae.py are the forward passes.
+"""
 
 from refsd.models.unet import UNetConfig, unet
 from refsd.models.vae import Tiling, VAEConfig, decode, encode, from_latent, sample_latent, to_latent

@@ -14,6 +14,9 @@ So A1111 "Clip skip 2" == diffusers ``clip_skip=1`` == the penultimate layer's o
 (SDXL pipelines take the penultimate state *without* final LN; use ``hidden_states[-2]`` directly.)
 ``penultimate(out, p, cfg, skip=...)`` implements the A1111 count.
 
+What refsd accepts, and every key and shape it reads, is ``CLIPTextConfig`` in
+``refsd.models.configs`` (imported here, its public home stays ``refsd.text.clip.CLIPTextConfig``).
+
 References:
 - transformers v5 models/clip/modeling_clip.py: CLIPTextEmbeddings, CLIPAttention, CLIPMLP,
   CLIPEncoderLayer, CLIPTextModel.forward (pooling), CLIPTextModelWithProjection.
@@ -22,108 +25,13 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 from refsd import xp as rxp
 from refsd.attention import attention as _attention
 from refsd.errors import BackendError
+from refsd.models.configs import CLIPTextConfig
 from refsd.ops import gelu, layer_norm, linear, quick_gelu
 from refsd.trace import emit
 from refsd.weights.params import wb
-
-
-@dataclass(frozen=True)
-class CLIPTextConfig:
-    """transformers ``CLIPTextConfig`` fields (config.json names); defaults are transformers'."""
-
-    vocab_size: int = 49408
-    hidden_size: int = 512
-    intermediate_size: int = 2048
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 8
-    max_position_embeddings: int = 77
-    hidden_act: str = "quick_gelu"  # "quick_gelu": OpenAI CLIP-L (SD1); "gelu": OpenCLIP-H/bigG
-    layer_norm_eps: float = 1e-5
-    projection_dim: int = 512
-    # eos_token_id == 2 is the legacy value in pre-#24773 configs (e.g. openai/clip-vit-large-patch14):
-    # pooling then takes the argmax of the ids, as transformers does for it.
-    eos_token_id: int = 49407
-    pad_token_id: int = 1
-    bos_token_id: int = 49406
-
-    @classmethod
-    def from_dict(cls, d: dict) -> CLIPTextConfig:
-        """From a config.json dict (a CLIPConfig's ``text_config`` works too); unknown keys ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-
-def _act(x, name: str):
-    if name == "quick_gelu":
-        return quick_gelu(x)
-    if name == "gelu":
-        return gelu(x)
-    if name in ("gelu_new", "gelu_pytorch_tanh"):
-        return gelu(x, approximate="tanh")
-    raise BackendError(f"CLIP text: unsupported hidden_act {name!r}")
-
-
-def embeddings(p, input_ids, *, cfg: CLIPTextConfig, dtype=None):
-    """CLIPTextEmbeddings. input_ids: (B, N) int -> (B, N, D): token_embedding[ids] + position_embedding[:N]."""
-    xp = rxp.namespace(input_ids)
-    b, n = input_ids.shape
-    if n > cfg.max_position_embeddings:
-        raise BackendError(f"CLIP text: {n} tokens exceed max_position_embeddings {cfg.max_position_embeddings}")
-    tok = p["token_embedding.weight"]
-    h = xp.reshape(xp.take(tok, xp.reshape(input_ids, (-1,)), axis=0), (b, n, tok.shape[1]))
-    return emit(p, h + p["position_embedding.weight"][:n, ...])
-
-
-def self_attn(p, x, *, cfg: CLIPTextConfig, strategy: str = "sliced"):
-    """CLIPAttention with a causal mask. x: (B, N, D) -> (B, N, D); scale head_dim^-0.5."""
-    xp = rxp.namespace(x)
-    b, n, d = x.shape
-    h = cfg.num_attention_heads
-
-    def heads(t):  # (B, N, D) -> (B, heads, N, d)
-        return xp.permute_dims(xp.reshape(t, (b, n, h, d // h)), (0, 2, 1, 3))
-
-    q, k, v = (heads(linear(x, *wb(p, name))) for name in ("q_proj", "k_proj", "v_proj"))
-    o = _attention(q, k, v, causal=True, scale=cfg.head_dim ** -0.5, strategy=strategy)
-    o = xp.reshape(xp.permute_dims(o, (0, 2, 1, 3)), (b, n, d))
-    return linear(o, *wb(p, "out_proj"))
-
-
-def mlp(p, x, *, cfg: CLIPTextConfig):
-    """CLIPMLP: fc2(act(fc1(x)))."""
-    return linear(_act(linear(x, *wb(p, "fc1")), cfg.hidden_act), *wb(p, "fc2"))
-
-
-def encoder_layer(p, x, *, cfg: CLIPTextConfig, strategy: str = "sliced"):
-    """CLIPEncoderLayer (pre-LN). x: (B, N, D) -> (B, N, D)."""
-    eps = cfg.layer_norm_eps
-    x = x + self_attn(p.sub("self_attn"), layer_norm(x, *wb(p, "layer_norm1"), eps), cfg=cfg, strategy=strategy)
-    x = x + mlp(p.sub("mlp"), layer_norm(x, *wb(p, "layer_norm2"), eps), cfg=cfg)
-    return emit(p, x)
-
-
-def _text_root(params):
-    """The CLIPTextModel scope: ``text_model`` for a CLIPTextModelWithProjection state dict."""
-    return params.sub("text_model") if "text_model.embeddings.token_embedding.weight" in params else params
-
-
-def _eos_positions(input_ids, cfg: CLIPTextConfig):
-    """(B,) pooling positions, as transformers' CLIPTextModel.forward: argmax(ids) for the legacy
-    eos_token_id == 2, else the first position holding eos_token_id."""
-    xp = rxp.namespace(input_ids)
-    if cfg.eos_token_id == 2:
-        return xp.argmax(input_ids, axis=-1)
-    return xp.argmax(xp.astype(input_ids == cfg.eos_token_id, xp.int32), axis=-1)  # first max = first EOS
 
 
 def clip_text(params, input_ids, *, cfg: CLIPTextConfig, attention: str = "sliced") -> dict:
@@ -163,3 +71,69 @@ def penultimate(out: dict, params, cfg: CLIPTextConfig, skip: int = 2):
         raise BackendError(f"clip skip {skip} out of range 1..{len(hs) - 1}")
     p = _text_root(params)
     return layer_norm(hs[-skip], *wb(p, "final_layer_norm"), cfg.layer_norm_eps)
+
+
+def _text_root(params):
+    """The CLIPTextModel scope: ``text_model`` for a CLIPTextModelWithProjection state dict."""
+    return params.sub("text_model") if "text_model.embeddings.token_embedding.weight" in params else params
+
+
+def _eos_positions(input_ids, cfg: CLIPTextConfig):
+    """(B,) pooling positions, as transformers' CLIPTextModel.forward: argmax(ids) for the legacy
+    eos_token_id == 2, else the first position holding eos_token_id."""
+    xp = rxp.namespace(input_ids)
+    if cfg.eos_token_id == 2:
+        return xp.argmax(input_ids, axis=-1)
+    return xp.argmax(xp.astype(input_ids == cfg.eos_token_id, xp.int32), axis=-1)  # first max = first EOS
+
+
+# --------------------------------------------------------------------------------------------
+# layers
+
+
+def _act(x, name: str):
+    """The MLP activation by transformers' name (CLIPTextConfig accepts only these)."""
+    if name == "quick_gelu":
+        return quick_gelu(x)
+    if name == "gelu":
+        return gelu(x)
+    return gelu(x, approximate="tanh")  # "gelu_new", "gelu_pytorch_tanh"
+
+
+def embeddings(p, input_ids, *, cfg: CLIPTextConfig, dtype=None):
+    """CLIPTextEmbeddings. input_ids: (B, N) int -> (B, N, D): token_embedding[ids] + position_embedding[:N]."""
+    xp = rxp.namespace(input_ids)
+    b, n = input_ids.shape
+    if n > cfg.max_position_embeddings:
+        raise BackendError(f"CLIP text: {n} tokens exceed max_position_embeddings {cfg.max_position_embeddings}")
+    tok = p["token_embedding.weight"]
+    h = xp.reshape(xp.take(tok, xp.reshape(input_ids, (-1,)), axis=0), (b, n, tok.shape[1]))
+    return emit(p, h + p["position_embedding.weight"][:n, ...])
+
+
+def self_attn(p, x, *, cfg: CLIPTextConfig, strategy: str = "sliced"):
+    """CLIPAttention with a causal mask. x: (B, N, D) -> (B, N, D); scale head_dim^-0.5."""
+    xp = rxp.namespace(x)
+    b, n, d = x.shape
+    h = cfg.num_attention_heads
+
+    def heads(t):  # (B, N, D) -> (B, heads, N, d)
+        return xp.permute_dims(xp.reshape(t, (b, n, h, d // h)), (0, 2, 1, 3))
+
+    q, k, v = (heads(linear(x, *wb(p, name))) for name in ("q_proj", "k_proj", "v_proj"))
+    o = _attention(q, k, v, causal=True, scale=cfg.head_dim ** -0.5, strategy=strategy)
+    o = xp.reshape(xp.permute_dims(o, (0, 2, 1, 3)), (b, n, d))
+    return linear(o, *wb(p, "out_proj"))
+
+
+def mlp(p, x, *, cfg: CLIPTextConfig):
+    """CLIPMLP: fc2(act(fc1(x)))."""
+    return linear(_act(linear(x, *wb(p, "fc1")), cfg.hidden_act), *wb(p, "fc2"))
+
+
+def encoder_layer(p, x, *, cfg: CLIPTextConfig, strategy: str = "sliced"):
+    """CLIPEncoderLayer (pre-LN). x: (B, N, D) -> (B, N, D)."""
+    eps = cfg.layer_norm_eps
+    x = x + self_attn(p.sub("self_attn"), layer_norm(x, *wb(p, "layer_norm1"), eps), cfg=cfg, strategy=strategy)
+    x = x + mlp(p.sub("mlp"), layer_norm(x, *wb(p, "layer_norm2"), eps), cfg=cfg)
+    return emit(p, x)

@@ -314,11 +314,7 @@ def _apply_configs(given: _Given, configs: dict[str, dict], shapes: dict[str, di
             raise WeightsError(f"{what}: {e}") from None
         except (TypeError, ValueError) as e:
             raise WeightsError(f"{what}: malformed config ({e})") from None
-        check_params(shapes[comp], want, what=what)
-        bad = _head_problems(comp, cfg)
-        if bad:
-            raise WeightsError(f"{what}: widths that do not split into whole heads (diffusers would build other "
-                               f"shapes): {'; '.join(bad)}")
+        check_params(shapes[comp], want, what=what)  # the config itself was validated by expected_shapes
         out[comp] = cfg
     what = f"{path} with the configs of {given.source}"
     arch = det.architecture_of(out, what=what)
@@ -329,27 +325,6 @@ def _apply_configs(given: _Given, configs: dict[str, dict], shapes: dict[str, di
         raise WeightsError(f"{what}: addition_time_embed_dim {out['unet'].get('addition_time_embed_dim')} does "
                            f"not fit the UNet's add_embedding ({t} per time id)")
     return out
-
-
-def _head_problems(comp: str, cfg: dict) -> list[str]:
-    """Where a head count does not divide the width it splits (UNet: ``attention_head_dim``, the head
-    COUNT (diffusers #2011), per attention block; text encoders: ``num_attention_heads``)."""
-    if comp in TOKENIZERS:
-        d, h = cfg.get("hidden_size"), cfg.get("num_attention_heads", 8)  # transformers' CLIPTextConfig default
-        ok = isinstance(d, int) and isinstance(h, int) and h > 0 and d % h == 0
-        return [] if ok else [f"hidden_size {d}, num_attention_heads {h}"]
-    if comp != "unet":
-        return []
-    ch = list(cfg.get("block_out_channels", (320, 640, 1280, 1280)))
-    given = cfg.get("attention_head_dim", 8)
-    heads = [given] * len(ch) if isinstance(given, int) else list(given) if isinstance(given, (list, tuple)) else []
-    if len(heads) != len(ch):
-        return [f"attention_head_dim {given!r} is not an int or a list of {len(ch)}"]
-    down = list(cfg.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]))  # diffusers' defaults
-    up = list(reversed(cfg.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)))
-    attends = [i == len(ch) - 1 or "CrossAttn" in down[i] or "CrossAttn" in up[i] for i in range(len(ch))]
-    return [f"block {i}: {c} channels, attention_head_dim {h}" for i, (c, h, a) in enumerate(zip(ch, heads, attends))
-            if a and not (isinstance(h, int) and h > 0 and c % h == 0)]
 
 
 def _tokenizers(folder: Path | None, kinds: Mapping[str, str]) -> dict[str, TokenizerInfo]:
