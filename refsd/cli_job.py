@@ -34,6 +34,10 @@ GENERATE_DEFAULTS = {
 GENERATE_DTYPES = ("float32", "float16", "bfloat16")
 PREDICTIONS = ("epsilon", "v_prediction")
 DEFAULT_REFINER_SWITCH = 0.8
+# the pipelines' argument names -> (settings key, flag): an error about a value given by a flag names the flag
+ARGUMENT_FLAGS = {"width": ("width", "--width"), "height": ("height", "--height"), "steps": ("steps", "--steps"),
+                  "cfg": ("cfg", "--cfg"), "strength": ("strength", "--strength"), "batch_size": ("batch", "--batch"),
+                  "clip_skip": ("clip_skip", "--clip-skip"), "refiner_switch": ("refiner_switch", "--refiner-switch")}
 # settings key -> (flag, kind): the SDXL micro-conditioning flags, in refsd.pipelines.sdxl.MicroConditioning's order
 MICRO_FLAGS = {
     "original_size": ("--original-size", "size"), "crop": ("--crop", "crop"), "target_size": ("--target-size", "size"),
@@ -101,14 +105,14 @@ def generate_job(args) -> GenerateJob:
         raise RefsdError(f"--seed must be -1 (random) or at least 0, got {s['seed']}")
     fallback = get_profile(s["parity"]).fallback if "parity" not in explicit else None
     try:
-        _check(s, facts, refiner_facts, init is not None, mask is not None)
+        _check(s, explicit, facts, refiner_facts, init is not None, mask is not None)
     except RefsdError as e:
         if fallback is None:  # a PNG from A1111 asks for its profile; where that cannot run, the nearest one
             raise
         notes.append(f"note: parity {s['parity']!r} does not cover this run ({str(e).split(' (')[0]}); "
                      f"using {fallback!r}")
         s["parity"] = fallback
-        _check(s, facts, refiner_facts, init is not None, mask is not None)
+        _check(s, explicit, facts, refiner_facts, init is not None, mask is not None)
     _choice("dtype", s["dtype"], GENERATE_DTYPES)  # the loader's options
     _choice("attention strategy", s["attention"], STRATEGIES)
     if s["prediction"] is not None:
@@ -145,22 +149,29 @@ def _settings(args):
     return s, explicit, keep, source, png_refiner
 
 
-def _check(s: dict, facts, refiner_facts, image: bool, mask: bool) -> None:
+def _check(s: dict, explicit: dict, facts, refiner_facts, image: bool, mask: bool) -> None:
     """The pipelines' checks (refsd.pipelines.core.check_settings) on the model's facts: the base's
-    run, and the refiner's img2img from the switch."""
+    run, and the refiner's img2img from the switch. An error about a value a flag gave names the flag."""
     from refsd.pipelines.core import check_fraction, check_refiner_facts, check_settings, native
 
     mode = "inpaint" if mask else "img2img" if image else "txt2img"
     common = dict(prompt=s["prompt"], negative_prompt=s["negative_prompt"], steps=s["steps"], cfg=s["cfg"],
                   sampler=s["sampler"], scheduler=s["scheduler"], seed=s["seed"], rng=s["rng"],
                   batch_size=s["batch"], clip_skip=s["clip_skip"], parity=s["parity"], micro=micro_conditioning(s))
-    check_settings(facts, width=native(facts, s["width"]), height=native(facts, s["height"]), strength=s["strength"],
-                   inpaint_unet_ok=mask, mode=mode, split=refiner_facts is not None, **common)
-    if refiner_facts is not None:
-        check_fraction("refiner_switch", s["refiner_switch"])
-        check_refiner_facts(facts, refiner_facts)
-        check_settings(refiner_facts, width=native(facts, s["width"]), height=native(facts, s["height"]),
-                       mode="img2img", split=True, **common)
+    size = dict(width=native(facts, s["width"]), height=native(facts, s["height"]))
+    try:
+        check_settings(facts, strength=s["strength"], inpaint_unet_ok=mask, mode=mode,
+                       split=refiner_facts is not None, **size, **common)
+        if refiner_facts is not None:
+            check_fraction("refiner_switch", s["refiner_switch"])
+            check_refiner_facts(facts, refiner_facts)
+            check_settings(refiner_facts, mode="img2img", split=True, **size, **common)
+    except RefsdError as e:
+        name = str(e).split(" ", 1)[0]
+        key, flag = ARGUMENT_FLAGS.get(name, (None, None))
+        if key not in explicit:
+            raise
+        raise RefsdError(flag + str(e)[len(name):]) from None
 
 
 def _model(args, source: dict):

@@ -197,4 +197,4 @@ def check_refiner_facts(base: ModelFacts, refiner: ModelFacts) -> None:
 
 
 def _refiner_from_noise() -> list[str]:
-    return [p.name for p in profiles() if p.refiner_from_noise]
+    return [p.name for p in profiles() if p.refiner_from_noise and p.sdxl is not None]
