@@ -148,6 +148,9 @@ EXPLAIN: dict[str, dict[Any, str]] = {
 }
 
 
+_SDXL_ONLY = ("zero_uncond_without_negative", "refiner_from_noise", "split_by_timestep")
+
+
 @dataclass(frozen=True)
 class Profile:
     """One parity profile. Fields are its rules (docs/pipelines.md explains each value, ``EXPLAIN``);
@@ -266,6 +269,9 @@ class Profile:
             if label is None:
                 continue
             v = getattr(self, f.name)
+            if self.sdxl is None and f.name in _SDXL_ONLY:
+                rows[label] = "(SDXL not reproduced)"
+                continue
             text = EXPLAIN[f.name][v] if f.name in EXPLAIN else str(v)
             why = self.refusals.get("sdxl" if f.name == "sdxl" else "img2img") if v is None else None
             text = f"{text} ({why})" if why else text
