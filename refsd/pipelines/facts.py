@@ -93,16 +93,20 @@ def facts_from_configs(name: str, architecture: str, configs) -> ModelFacts:
                          tuple(CLIPTextConfig.from_dict(configs[c]) for c in encoders))
 
 
+def _read_json(f: Path) -> dict:
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise RefsdError(f"{f}: unreadable config ({e})") from None
+
+
 def _read_configs(folder: Path) -> dict[str, dict]:
     """A diffusers folder's component config.json files (a text encoder's ``text_config`` if nested)."""
     configs = {}
     for comp in ("unet", "vae", "text_encoder", "text_encoder_2"):
         f = folder / comp / "config.json"
         if f.is_file():
-            try:
-                cfg = json.loads(f.read_text())
-            except (OSError, ValueError) as e:
-                raise RefsdError(f"{f}: unreadable config ({e})") from None
+            cfg = _read_json(f)
             configs[comp] = cfg.get("text_config", cfg) if comp.startswith("text") else cfg
     return configs
 
@@ -125,6 +129,6 @@ def inspect_model(path: str | os.PathLike, *, config: str | os.PathLike | None =
     configs = dict(found.configs)
     if config is not None:
         q = Path(config)
-        given = _read_configs(q) if q.is_dir() else {"unet": json.loads(q.read_text())} if q.is_file() else {}
+        given = _read_configs(q) if q.is_dir() else {"unet": _read_json(q)} if q.is_file() else {}
         configs.update({c: v for c, v in given.items() if c in configs})
     return facts_from_configs(p.stem, found.architecture, configs)

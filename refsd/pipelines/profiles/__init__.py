@@ -6,18 +6,23 @@ with ``get_profile(name)`` and pass the object on. The schedule machinery each p
 uses lives beside it: ``diffusers_tables`` (diffusers' float32 tables), ``diffusers_plans``
 (diffusers' scheduler classes as plans), ``comfyui.comfyui_plan``, ``a1111.a1111_plan``.
 
-A new profile (e.g. ``invokeai``) is one new module here that builds a Profile, calls ``register``,
-and is imported below. docs/pipelines.md's profile table is generated from the objects
+A new profile (e.g. ``invokeai``) is one new module here that builds a Profile and calls ``register``:
+every module of this package is imported below, so it registers itself. docs/pipelines.md's profile table is generated from the objects
 (``render_table``); ``python -m refsd.pipelines.profiles --write-docs`` rewrites it.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from pathlib import Path
 
-from refsd.pipelines.profiles import a1111, comfyui, diffusers  # noqa: F401  (each registers its profile)
 from refsd.pipelines.profiles.base import Plan, Profile, get_profile, names, profiles, tail_start
 from refsd.pipelines.profiles.diffusers_plans import DIFFUSERS_SAMPLERS, DIFFUSERS_SCHEDULERS
+
+for _m in pkgutil.iter_modules(__path__):  # each profile module registers its Profile when imported
+    if _m.name != "__main__":
+        importlib.import_module(f"{__name__}.{_m.name}")
 
 PARITIES = names()
 DEFAULT = "diffusers"
