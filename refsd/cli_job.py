@@ -1,11 +1,12 @@
 """``refsd generate``'s arguments resolved into a checked job: flags over --from-png over defaults,
-every value validated and the small inputs read (PNG parameters, init image, mask, checkpoint
-headers, config files) before anything heavy runs. ``refsd.cli_generate`` runs the job.
+the paths, and the small inputs read (PNG parameters, init image, mask, checkpoint headers, config
+files); the run is checked by the pipelines' own ``check_settings`` on the model's facts (read from
+the headers) before anything heavy runs. ``refsd.cli_generate`` runs the job. The pipeline modules
+are imported inside the functions so that ``refsd --help`` / ``refsd info`` do not load them.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -30,10 +31,13 @@ GENERATE_DEFAULTS = {
     "negative_original_size": None, "negative_crop": None, "negative_target_size": None, "aesthetic_score": None,
     "negative_aesthetic_score": None,
 }
-PARITIES = ("diffusers", "comfyui", "a1111")
 GENERATE_DTYPES = ("float32", "float16", "bfloat16")
 PREDICTIONS = ("epsilon", "v_prediction")
 DEFAULT_REFINER_SWITCH = 0.8
+# the pipelines' argument names -> (settings key, flag): an error about a value given by a flag names the flag
+ARGUMENT_FLAGS = {"width": ("width", "--width"), "height": ("height", "--height"), "steps": ("steps", "--steps"),
+                  "cfg": ("cfg", "--cfg"), "strength": ("strength", "--strength"), "batch_size": ("batch", "--batch"),
+                  "clip_skip": ("clip_skip", "--clip-skip"), "refiner_switch": ("refiner_switch", "--refiner-switch")}
 # settings key -> (flag, kind): the SDXL micro-conditioning flags, in refsd.pipelines.sdxl.MicroConditioning's order
 MICRO_FLAGS = {
     "original_size": ("--original-size", "size"), "crop": ("--crop", "crop"), "target_size": ("--target-size", "size"),
@@ -68,15 +72,62 @@ def _choice(what: str, value, valid) -> None:
 
 
 def generate_job(args) -> GenerateJob:
-    """Resolve ``refsd generate``'s arguments (flags over --from-png over defaults) and check every
-    one, reading only the small inputs (PNG parameters, init image, mask, checkpoint headers and
-    config files): a RefsdError names the first bad one."""
+    """Resolve ``refsd generate``'s arguments (flags over --from-png over defaults) and the paths, read
+    the small inputs (PNG parameters, init image, mask, checkpoint headers and configs), and check
+    the run with the pipelines' own ``check_settings`` on the model's facts, before anything is
+    loaded: a RefsdError names the first bad value."""
     from refsd import xp as rxp
     from refsd.attention import STRATEGIES
-    from refsd.pipelines import demo, parity, png
-    from refsd.sampling import RNG_MODES, SAMPLERS, SCHEDULERS
+    from refsd.pipelines.facts import inspect_model
+    from refsd.pipelines.profiles import get_profile
 
+    s, explicit, keep, source, png_refiner = _settings(args)
     notes: list[str] = []
+    model, facts = _model(args, source)
+    refiner, refiner_facts = _refiner(args, model, png_refiner)
+    config = _config_path(args.config, "--config", "--model", model)
+    refiner_config = _config_path(args.refiner_config, "--refiner-config", "--refiner", refiner)
+    if config is not None:
+        facts = inspect_model(model, config=config)
+    if refiner is not None:
+        refiner_facts = inspect_model(refiner, config=refiner_config)
+        s["refiner_switch"] = DEFAULT_REFINER_SWITCH if s["refiner_switch"] is None else s["refiner_switch"]
+    else:
+        s["refiner_switch"] = None
+    init, mask, mask_options = _images(args, s, explicit)
+    if s["prompt"] is None:
+        raise RefsdError("--prompt is required (or --from-png IMAGE to reuse a PNG's)")
+    _micro_flags(s, explicit, args, facts, refiner is not None)
+    random_seed = s["seed"] == -1
+    if random_seed:
+        s["seed"] = secrets.randbelow(2**32)
+    elif s["seed"] < 0:
+        raise RefsdError(f"--seed must be -1 (random) or at least 0, got {s['seed']}")
+    fallback = get_profile(s["parity"]).fallback if "parity" not in explicit else None
+    try:
+        _check(s, explicit, facts, refiner_facts, init is not None, mask is not None)
+    except RefsdError as e:
+        if fallback is None:  # a PNG from A1111 asks for its profile; where that cannot run, the nearest one
+            raise
+        notes.append(f"note: parity {s['parity']!r} does not cover this run ({str(e).split(' (')[0]}); "
+                     f"using {fallback!r}")
+        s["parity"] = fallback
+        _check(s, explicit, facts, refiner_facts, init is not None, mask is not None)
+    _choice("dtype", s["dtype"], GENERATE_DTYPES)  # the loader's options
+    _choice("attention strategy", s["attention"], STRATEGIES)
+    if s["prediction"] is not None:
+        _choice("prediction type", s["prediction"], PREDICTIONS)
+    rxp.backend(s["backend"])  # an unknown or unavailable backend fails here, before loading
+    outputs = _outputs(args.out, 1 if keep is not None else s["batch"])
+    return GenerateJob(s, model, init, mask, outputs, keep, random_seed, notes, mask_options, config=config,
+                       refiner=refiner, refiner_config=refiner_config, micro=micro_conditioning(s))
+
+
+def _settings(args):
+    """(settings, the explicit flags, keep, the PNG's parameters, its refiner label): flags over
+    --from-png over GENERATE_DEFAULTS."""
+    from refsd.pipelines import png
+
     explicit = {k: getattr(args, k) for k in GENERATE_DEFAULTS if getattr(args, k, None) is not None}
     parse = {"size": png.parse_size, "crop": png.parse_crop, "score": png.parse_score}
     for k, (flag, kind) in MICRO_FLAGS.items():  # their syntax first, before any file is read
@@ -95,130 +146,80 @@ def generate_job(args) -> GenerateJob:
         keep = None  # a new seed or batch size: a new batch, not image i of the old one
     if keep is not None:
         s["batch"] = keep + 1
+    return s, explicit, keep, source, png_refiner
 
-    # the model (its architecture from the file's header or the folder's configs; None: unknown until loaded)
+
+def _check(s: dict, explicit: dict, facts, refiner_facts, image: bool, mask: bool) -> None:
+    """The pipelines' checks (refsd.pipelines.core.check_settings) on the model's facts: the base's
+    run, and the refiner's img2img from the switch. An error about a value a flag gave names the flag."""
+    from refsd.pipelines.core import check_fraction, check_refiner_facts, check_settings, native
+
+    mode = "inpaint" if mask else "img2img" if image else "txt2img"
+    common = dict(prompt=s["prompt"], negative_prompt=s["negative_prompt"], steps=s["steps"], cfg=s["cfg"],
+                  sampler=s["sampler"], scheduler=s["scheduler"], seed=s["seed"], rng=s["rng"],
+                  batch_size=s["batch"], clip_skip=s["clip_skip"], parity=s["parity"], micro=micro_conditioning(s))
+    size = dict(width=native(facts, s["width"]), height=native(facts, s["height"]))
+    try:
+        check_settings(facts, strength=s["strength"], inpaint_unet_ok=mask, mode=mode,
+                       split=refiner_facts is not None, **size, **common)
+        if refiner_facts is not None:
+            check_fraction("refiner_switch", s["refiner_switch"])
+            check_refiner_facts(facts, refiner_facts)
+            check_settings(refiner_facts, mode="img2img", split=True, **size, **common)
+    except RefsdError as e:
+        name = str(e).split(" ", 1)[0]
+        key, flag = ARGUMENT_FLAGS.get(name, (None, None))
+        if key not in explicit:
+            raise
+        raise RefsdError(flag + str(e)[len(name):]) from None
+
+
+def _model(args, source: dict):
+    """(--model's path or None for the demo, its facts)."""
+    from refsd.pipelines import demo
+    from refsd.pipelines.facts import facts_from_configs, inspect_model
+
     if args.demo and args.model:
         raise RefsdError("pass --model PATH or --demo, not both")
-    model: Path | None = None
-    arch: str | None = "sd1"  # the demo model
     if args.model:
         model = Path(args.model)
         if not model.exists():
             raise RefsdError(f"{args.model}: no such file or directory")
-        arch = _check_model(model)
-        if arch is not None and arch.endswith("-inpaint") and not args.mask:
-            raise RefsdError(f"{args.model} is an inpainting checkpoint ({arch}, 9-channel UNet): "
-                             f"pass --init-image and --mask")
-    elif not args.demo:
-        if source.get("Model hash") == demo.SHA256[:10]:
-            pass  # a PNG the demo model made: use it again
-        elif args.from_png:
+        return model, inspect_model(model)
+    if not args.demo and source.get("Model hash") != demo.SHA256[:10]:  # (a PNG the demo made: use it again)
+        if args.from_png:
             made = source.get("Model", "an unnamed model") + (f", hash {source['Model hash']}"
                                                               if source.get("Model hash") else "")
             raise RefsdError(f"{args.from_png} was made with {made}: pass --model PATH (or --demo)")
-        else:
-            raise RefsdError("no model: pass --model PATH (a .safetensors checkpoint or a diffusers folder), "
-                             "or --demo for the embedded tiny model")
-    what = args.model or "the demo model"
-    xl = arch is not None and arch.startswith("sdxl")
-    config = _config_path(args.config, "--config", "--model", model)
+        raise RefsdError("no model: pass --model PATH (a .safetensors checkpoint or a diffusers folder), "
+                         "or --demo for the embedded tiny model")
+    return None, facts_from_configs(demo.NAME, "sd1", demo.CONFIGS)
 
-    # the SDXL refiner
-    refiner: Path | None = None
-    if args.refiner:
-        refiner = Path(args.refiner)
-        if model is None:
-            raise RefsdError("--refiner needs --model PATH: an SDXL base whose run it finishes")
-        if not refiner.exists():
-            raise RefsdError(f"--refiner {args.refiner}: no such file or directory")
-        if args.init_image or args.mask:
-            raise RefsdError("--refiner finishes an SDXL base's txt2img run: leave out --init-image and --mask")
-        if arch is not None and arch != "sdxl":
-            raise RefsdError(f"--refiner finishes an SDXL base's run, but {args.model} is {arch}")
-        refiner_arch = _check_model(refiner)
-        if refiner_arch is not None and refiner_arch not in ("sdxl-refiner", "sdxl"):
-            raise RefsdError(f"--refiner {args.refiner} is {refiner_arch}, not an SDXL refiner")
-    elif png_refiner is not None:
-        raise RefsdError(f"{args.from_png} was made with the SDXL refiner {png_refiner}: pass --refiner PATH "
-                         f"(the PNG names the refiner, not where its file is)")
-    refiner_config = _config_path(args.refiner_config, "--refiner-config", "--refiner", refiner)
-    if refiner is None:
-        if "refiner_switch" in explicit:
+
+def _refiner(args, model: Path | None, png_refiner: str | None):
+    """(--refiner's path or None, its facts)."""
+    if not args.refiner:
+        if png_refiner is not None:
+            raise RefsdError(f"{args.from_png} was made with the SDXL refiner {png_refiner}: pass --refiner PATH "
+                             f"(the PNG names the refiner, not where its file is)")
+        if args.refiner_switch is not None:
             raise RefsdError("--refiner-switch needs --refiner")
-        s["refiner_switch"] = None
-    else:
-        if s["refiner_switch"] is None:
-            s["refiner_switch"] = DEFAULT_REFINER_SWITCH
-        if not (math.isfinite(s["refiner_switch"]) and 0.0 < s["refiner_switch"] < 1.0):
-            raise RefsdError(f"--refiner-switch must be a fraction strictly between 0 and 1, got {s['refiner_switch']}")
+        return None, None
+    refiner = Path(args.refiner)
+    if model is None:
+        raise RefsdError("--refiner needs --model PATH: an SDXL base whose run it finishes")
+    if not refiner.exists():
+        raise RefsdError(f"--refiner {args.refiner}: no such file or directory")
+    if args.init_image or args.mask:
+        raise RefsdError("--refiner finishes an SDXL base's txt2img run: leave out --init-image and --mask")
+    return refiner, None  # its facts: read with --refiner-config
 
-    # SDXL micro-conditioning: which model takes which field
-    given = [k for k in MICRO_FLAGS if s[k] is not None]
-    refining = refiner is not None or arch == "sdxl-refiner"
 
-    def origin(k):
-        return "" if k in explicit else f"{args.from_png} sets "
+def _images(args, s: dict, explicit: dict):
+    """(init image, mask, inpaint's mask options); the size defaults to the init image's, and the
+    strength to 0.75 (img2img) / 1.0 (inpainting)."""
+    from refsd.pipelines import masks, png
 
-    if given and arch is not None and not xl:
-        k = given[0]
-        raise RefsdError(f"{origin(k)}{MICRO_FLAGS[k][0]}: micro-conditioning is SDXL's, but {what} is {arch}")
-    for k in given:
-        flag = MICRO_FLAGS[k][0]
-        if k.endswith("aesthetic_score") and xl and not refining:
-            raise RefsdError(f"{origin(k)}{flag}: the aesthetic score conditions an SDXL refiner (--refiner, or a "
-                             f"refiner as --model); {what} is {arch}")
-        if k.endswith("target_size") and arch == "sdxl-refiner":
-            raise RefsdError(f"{origin(k)}{flag}: {what} is an SDXL refiner, whose time ids have no target size")
-
-    # names and numbers
-    if s["prompt"] is None:
-        raise RefsdError("--prompt is required (or --from-png IMAGE to reuse a PNG's)")
-    _choice("sampler", s["sampler"], [*SAMPLERS, *parity.DIFFUSERS_ONLY_SAMPLERS])
-    _choice("scheduler", s["scheduler"], list(SCHEDULERS))
-    _choice("rng mode", s["rng"], RNG_MODES)
-    _choice("parity profile", s["parity"], PARITIES)
-    if s["parity"] == "a1111" and "parity" not in explicit:
-        # a PNG from A1111 asks for the a1111 profile; where it cannot reproduce the run (a sampler or
-        # schedule it does not cover, img2img, SDXL), ComfyUI's is the nearest (the same k-diffusion samplers)
-        why = "SDXL" if xl else "img2img / inpainting" if args.init_image else None
-        try:
-            parity.check_sampler("a1111", s["sampler"], s["scheduler"])
-        except RefsdError as e:
-            why = why or str(e).split(" (")[0]
-        if why:
-            notes.append(f"note: parity 'a1111' does not cover this run ({why}); using 'comfyui'")
-            s["parity"] = "comfyui"
-    parity.check_parity(s["parity"])
-    parity.check_sampler(s["parity"], s["sampler"], s["scheduler"])  # pairs the profile cannot reproduce
-    if xl and s["parity"] == "a1111":
-        raise RefsdError(f"--parity a1111 does not run SDXL ({what} is {arch}; A1111's SDXL conditioning is not "
-                         f"reproduced); use --parity diffusers or comfyui")
-    if args.init_image and s["parity"] == "a1111":
-        raise RefsdError("--parity a1111 runs txt2img only (A1111 samples the VAE posterior from torch's global "
-                         "RNG); use --parity comfyui or diffusers with --init-image")
-    if args.init_image and s["sampler"] in parity.DIFFUSERS_ONLY_SAMPLERS:
-        raise RefsdError(f"--sampler {s['sampler']} runs txt2img only; pick another sampler with --init-image")
-    if refiner is not None and s["sampler"] in parity.DIFFUSERS_ONLY_SAMPLERS:
-        raise RefsdError(f"--sampler {s['sampler']} cannot hand over to a refiner (its repeated timestep); pick "
-                         f"another sampler with --refiner")
-    if arch == "sdxl-refiner" and not args.init_image and s["parity"] == "diffusers":
-        raise RefsdError(f"{what} is an SDXL refiner: under --parity diffusers it finishes a run (pass it as "
-                         f"--refiner with an SDXL base as --model) or refines an --init-image; --parity comfyui "
-                         f"runs it from noise")
-    _choice("dtype", s["dtype"], GENERATE_DTYPES)
-    _choice("attention strategy", s["attention"], STRATEGIES)
-    if s["prediction"] is not None:
-        _choice("prediction type", s["prediction"], PREDICTIONS)
-    for key, flag in (("steps", "--steps"), ("batch", "--batch")):
-        if s[key] < 1:
-            raise RefsdError(f"{flag} must be at least 1, got {s[key]}")
-    if s["clip_skip"] is not None and s["clip_skip"] < 1:
-        raise RefsdError(f"--clip-skip must be at least 1, got {s['clip_skip']}")
-    if not math.isfinite(s["cfg"]):
-        raise RefsdError(f"--cfg must be a finite number, got {s['cfg']}")
-    rxp.backend(s["backend"])  # an unknown or unavailable backend fails here, before loading
-
-    # images
     init = mask = None
     if args.mask and not args.init_image:
         raise RefsdError("--mask needs --init-image (the image to inpaint)")
@@ -231,21 +232,17 @@ def generate_job(args) -> GenerateJob:
             raise RefsdError(f"{args.init_image} is {w}x{h} but the size asked for is {s['width']}x{s['height']}: "
                              f"resize the image, or leave --width/--height out")
         if args.mask:
-            from refsd.pipelines import masks
-
             mask = masks.load_mask(args.mask)
             if mask.shape != init.shape[:2]:
                 raise RefsdError(f"{args.mask} is {mask.shape[1]}x{mask.shape[0]} but the init image "
                                  f"{args.init_image} is {w}x{h}: the mask must be the same size")
         if s["strength"] is None:
             s["strength"] = 1.0 if mask is not None else 0.75
-        if not 0.0 < s["strength"] <= 1.0:
-            raise RefsdError(f"--strength must be in (0, 1], got {s['strength']}")
     elif s["strength"] is not None:
-        where = f"{args.from_png} was made from an init image (strength {s['strength']}): " if "strength" not in \
-            explicit else ""
+        where = "" if "strength" in explicit else f"{args.from_png} was made from an init image (strength " \
+                                                  f"{s['strength']}): "
         raise RefsdError(f"{where}--strength needs --init-image")
-    mask_options = {}
+    options = {}
     if getattr(args, "composite", False) and mask is None:
         raise RefsdError("--composite needs --mask")
     for flag, key in (("--mask-grow", "mask_grow"), ("--mask-blur", "mask_blur")):
@@ -255,29 +252,33 @@ def generate_job(args) -> GenerateJob:
         if v is not None and not (math.isfinite(v) and v >= 0):
             raise RefsdError(f"{flag} must be a number of pixels >= 0, got {v}")
         if v is not None:
-            mask_options[key] = v
+            options[key] = v
     if mask is not None:
-        mask_options["composite"] = bool(getattr(args, "composite", False))
-    for key in ("width", "height"):  # None: the model's native size, known once it is loaded
-        if s[key] is not None and (s[key] < 8 or s[key] % 8):
-            what_size = f"{args.init_image} has {key} {s[key]}" if init is not None else f"--{key} {s[key]}"
-            raise RefsdError(f"{what_size}: the {key} must be a positive multiple of 8 (the VAE downscales by 8)")
+        options["composite"] = bool(getattr(args, "composite", False))
+    return init, mask, options
 
-    # seed and outputs
-    random_seed = s["seed"] == -1
-    if random_seed:
-        s["seed"] = secrets.randbelow(2**32)
-    elif s["seed"] < 0:
-        raise RefsdError(f"--seed must be -1 (random) or at least 0, got {s['seed']}")
-    out = Path(args.out)
-    if out.is_dir():
-        raise RefsdError(f"--out {args.out}: is a folder; give a file name such as {out / 'out.png'}")
-    if not out.parent.is_dir():
-        raise RefsdError(f"--out {args.out}: folder {out.parent} does not exist")
-    n = 1 if keep is not None else s["batch"]
-    outputs = [out] if n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}") for i in range(n)]
-    return GenerateJob(s, model, init, mask, outputs, keep, random_seed, notes, mask_options, config=config,
-                       refiner=refiner, refiner_config=refiner_config, micro=micro_conditioning(s))
+
+def _micro_flags(s: dict, explicit: dict, args, facts, refining: bool) -> None:
+    """Which model takes which micro-conditioning flag: the aesthetic scores condition a refiner (given
+    as --refiner or as --model), a refiner's time ids have no target size."""
+    refining = refining or facts.requires_aesthetics_score
+    for k in (k for k in MICRO_FLAGS if s[k] is not None):
+        flag = MICRO_FLAGS[k][0] if k in explicit else f"{args.from_png} sets {MICRO_FLAGS[k][0]}"
+        if k.endswith("aesthetic_score") and facts.is_xl and not refining:
+            raise RefsdError(f"{flag}: the aesthetic score conditions an SDXL refiner (--refiner, or a refiner as "
+                             f"--model); {facts.name} is {facts.architecture}")
+        if k.endswith("target_size") and facts.requires_aesthetics_score:
+            raise RefsdError(f"{flag}: {facts.name} is an SDXL refiner, whose time ids have no target size")
+
+
+def _outputs(out: str, n: int) -> list[Path]:
+    """--out, or for a batch FILE_i.png, i = 0 .. n - 1; the folder must exist."""
+    p = Path(out)
+    if p.is_dir():
+        raise RefsdError(f"--out {out}: is a folder; give a file name such as {p / 'out.png'}")
+    if not p.parent.is_dir():
+        raise RefsdError(f"--out {out}: folder {p.parent} does not exist")
+    return [p] if n == 1 else [p.with_name(f"{p.stem}_{i}{p.suffix or '.png'}") for i in range(n)]
 
 
 def micro_conditioning(s: dict) -> dict | None:
@@ -304,45 +305,3 @@ def _config_path(value: str | None, flag: str, owner: str, model: Path | None) -
     if not q.exists():
         raise RefsdError(f"{flag} {value}: no such file or directory")
     return q
-
-
-GENERATE_ARCHITECTURES = ("sd1", "sd1-inpaint", "sd2", "sd2-inpaint", "sdxl", "sdxl-inpaint", "sdxl-refiner")
-
-
-def _check_model(path: Path) -> str | None:
-    """Cheap checks of a model before it is loaded: a single file's header and architecture (names
-    and shapes only; pickles refused unopened), a folder's model_index.json. Returns the architecture
-    (a folder's from its configs, ``_folder_architecture``; None when unknown until loading)."""
-    from refsd.weights import detect as det
-    from refsd.weights import read_header
-
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise RefsdError(f"{path}: not a diffusers model folder (no model_index.json)")
-        return _folder_architecture(path)
-    header = read_header(path)
-    arch = det.detect_checkpoint({k: t.shape for k, t in header.tensors.items()}, what=str(path)).architecture
-    if arch not in GENERATE_ARCHITECTURES:
-        raise RefsdError(f"{path}: a {arch} checkpoint ({det.BY_NAME[arch].description}); refsd generate runs "
-                         f"{', '.join(GENERATE_ARCHITECTURES)}")
-    return arch
-
-
-def _folder_architecture(folder: Path) -> str | None:
-    """A diffusers folder's architecture from its config files (no weights read): SDXL when the UNet
-    takes "text_time" added conditioning (a refiner when that is text_encoder_2's pooled width + 5
-    time ids, as refsd.pipelines.Model.time_ids), inpainting with a 9-channel input; "sd1/sd2" for
-    the others (which one is read at load). None when the configs cannot be read (the loader says why)."""
-    try:
-        unet = json.loads((folder / "unet" / "config.json").read_text())
-        inpaint = "-inpaint" if unet.get("in_channels") == 9 else ""
-        if unet.get("addition_embed_type") != "text_time":
-            return "sd1/sd2" + inpaint
-        if inpaint:
-            return "sdxl-inpaint"
-        text = json.loads((folder / "text_encoder_2" / "config.json").read_text())
-        pooled = text.get("text_config", text)["projection_dim"]
-        ids = (unet["projection_class_embeddings_input_dim"] - pooled) / unet["addition_time_embed_dim"]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError):
-        return None
-    return "sdxl-refiner" if ids == 5 else "sdxl"

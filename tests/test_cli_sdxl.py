@@ -15,6 +15,7 @@ import pytest
 
 from refsd import golden
 from test_cli_generate import assert_one_line_error
+from refsd.errors import RefsdError
 from refsd.pipelines import demo, load_model, png, txt2img
 from refsd.weights import ldm, read_header, save_safetensors
 
@@ -204,23 +205,23 @@ def test_trace_base_and_refiner_matches_the_diffusers_golden(xl, env, tmp_path):
 
 
 @pytest.mark.parametrize("args, fragments", [
-    (["{sd1}", "{refiner}"], ["--refiner finishes an SDXL base's run", "is sd1"]),
+    (["{sd1}", "{refiner}"], ["a refiner finishes an SDXL base model's run", "is sd1"]),
     (["--demo", "{refiner}"], ["--refiner needs --model PATH"]),
-    (["{base}", "{refiner}", "--refiner-switch", "1.5"], ["--refiner-switch must be a fraction strictly between 0 and 1"]),
-    (["{base}", "{refiner}", "--refiner-switch", "nan"], ["--refiner-switch must be a fraction"]),
+    (["{base}", "{refiner}", "--refiner-switch", "1.5"], ["--refiner-switch must be a number strictly between 0 and 1"]),
+    (["{base}", "{refiner}", "--refiner-switch", "nan"], ["--refiner-switch must be a number"]),
     (["{base}", "--refiner-switch", "0.5"], ["--refiner-switch needs --refiner"]),
     (["{base}", "--refiner", "{d}/missing.safetensors"], ["--refiner", "missing.safetensors: no such file"]),
     (["{base}", "{refiner}", "--init-image", "{d}/init.png"], ["--refiner finishes an SDXL base's txt2img run"]),
-    (["{base}", "{refiner}", "--sampler", "pndm"], ["--sampler pndm cannot hand over to a refiner"]),
+    (["{base}", "{refiner}", "--sampler", "pndm"], ["a refiner switch are not reproduced for 'pndm'"]),
     (["{base}", "--original-size", "64"], ["--original-size '64' is not WIDTHxHEIGHT"]),
     (["{base}", "--target-size", "0x64"], ["--target-size '0x64' is not WIDTHxHEIGHT"]),
     (["{base}", "--crop", "1x2"], ["--crop '1x2' is not TOP,LEFT"]),
     (["{base}", "{refiner}", "--aesthetic-score", "nan"], ["--aesthetic-score must be a finite number"]),
     (["{base}", "--aesthetic-score", "7"], ["--aesthetic-score: the aesthetic score conditions an SDXL refiner"]),
-    (["--demo", "--original-size", "64x64"], ["--original-size: micro-conditioning is SDXL's", "is sd1"]),
+    (["--demo", "--original-size", "64x64"], ["micro-conditioning (original / target size, crop, aesthetic score) is SDXL's", "is sd1"]),
     (["{refiner_model}", "--target-size", "64x64", "--parity", "comfyui"], ["--target-size", "no target size"]),
-    (["{refiner_model}"], ["is an SDXL refiner", "--refiner with an SDXL base"]),
-    (["{base}", "--parity", "a1111"], ["--parity a1111 does not run SDXL"]),
+    (["{refiner_model}"], ["is an SDXL refiner", "as txt2img's refiner="]),
+    (["{base}", "--parity", "a1111"], ["SDXL under parity='a1111' is not implemented"]),
     (["--demo", "--config", "{d}"], ["--config needs --model PATH"]),
     (["{base}", "--refiner-config", "{d}"], ["--refiner-config needs --refiner PATH"]),
     (["--model", "{base_file}", "--config", "{d}/nope"], ["--config", "nope: no such file or directory"]),
@@ -253,7 +254,7 @@ def test_an_a1111_sdxl_png_reruns_under_comfyui_with_a_note(xl, env, tmp_path):
     assert_one_line_error(run(env, "--from-png", a1111, *xl.base_args, "--out", tmp_path / "o.png"),
                           "refiner sd_xl_refiner_1.0 [7440042bbd]", "--refiner PATH")
     proc = ok(run(env, "--from-png", a1111, *xl.base_args, *xl.refiner_args, "--out", tmp_path / "o.png"))
-    assert "note: parity 'a1111' does not cover this run (SDXL); using 'comfyui'" in proc.stderr
+    assert "note: parity 'a1111' does not cover this run (SDXL under parity='a1111' is not implemented); using 'comfyui'" in proc.stderr
     p = png.read_parameters(tmp_path / "o.png")
     assert (p["refsd parity"], p["refsd rng"], p["Refiner switch at"], p["Schedule type"]) == (
         "comfyui", "cuda-philox", "0.75", "Karras")
@@ -262,9 +263,13 @@ def test_an_a1111_sdxl_png_reruns_under_comfyui_with_a_note(xl, env, tmp_path):
     assert np.array_equal(png.read_image(tmp_path / "o.png"), want.images[0])
 
 
-def test_folder_architecture_from_configs(xl, tmp_path):
-    from refsd.cli_job import _folder_architecture
+def test_facts_from_headers_and_configs(xl, tmp_path):
+    """refsd generate checks a run on the model's facts before loading: read from the single file's
+    header, with --config's configs in place of the detected ones (the loader's rule)."""
+    from refsd.pipelines import inspect_model
 
-    assert _folder_architecture(xl.base_config) == "sdxl"
-    assert _folder_architecture(xl.refiner_config) == "sdxl-refiner"
-    assert _folder_architecture(tmp_path) is None  # no configs: the loader will say why
+    base, refiner = inspect_model(xl.base, config=xl.base_config), inspect_model(xl.refiner, config=xl.refiner_config)
+    assert (base.architecture, base.time_ids, refiner.architecture, refiner.time_ids) == ("sdxl", 6, "sdxl-refiner", 5)
+    assert base == xl.model("base").facts and refiner == xl.model("refiner").facts
+    with pytest.raises(RefsdError, match="not a diffusers model folder"):
+        inspect_model(tmp_path)

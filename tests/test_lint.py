@@ -22,7 +22,9 @@ NUMPY_ALLOWED = {"xp.py", "golden.py", "compare.py", "trace.py", "cli.py", "cli_
                  "pipelines/demo.py",  # writes the demo checkpoint's seeded random weights (host arrays to a file)
                  "pipelines/images.py",  # host uint8 images <-> float pixels, each profile's rounding
                  "pipelines/masks.py",  # host inpainting masks: read, grow, blur, resize, composite onto the image
-                 "pipelines/parity.py"}  # reproduces diffusers' own host-side NumPy/float32 schedule arithmetic
+                 # the profiles' host-side schedule arithmetic (diffusers' NumPy/float32, A1111's float32 table)
+                 "pipelines/profiles/diffusers_tables.py", "pipelines/profiles/diffusers_plans.py",
+                 "pipelines/profiles/a1111.py"}
 BACKEND_BRANCH = re.compile(r"^is_(numpy|torch|cupy|jax|dask|array_api_strict)_(namespace|array)$")
 
 

@@ -7,8 +7,9 @@ import pytest
 
 from refsd import xp as rxp
 from refsd.errors import RefsdError
+from refsd.pipelines.profiles import PARITIES, get_profile
 from refsd.sampling import rng
-from refsd.sampling.noise import (PARITIES, BrownianTreeNoiseSampler, SequenceNoiseSampler, batch_noise,
+from refsd.sampling.noise import (BrownianTreeNoiseSampler, SequenceNoiseSampler, batch_noise,
                                   default_noise_sampler)
 
 
@@ -192,19 +193,19 @@ def test_brownian_placement_and_errors(put):
 
 def test_batch_noise_parity_profiles():
     shape = (3, 4, 8, 8)
-    one = batch_noise(11, shape, parity="diffusers")
-    assert np.array_equal(one, batch_noise(11, shape, parity="comfyui"))
+    one = get_profile("diffusers").batch_noise(11, shape)
+    assert np.array_equal(one, get_profile("comfyui").batch_noise(11, shape))
     assert np.array_equal(one, rng.randn(11, shape))
     assert np.array_equal(one[0], rng.randn(11, (1, 4, 8, 8))[0])  # image 0 = the single-image draw
-    a1111 = batch_noise(11, shape, parity="a1111")
+    a1111 = get_profile("a1111").batch_noise(11, shape)
     for i in range(3):
         assert np.array_equal(a1111[i], rng.randn(11 + i, shape[1:]))
     assert not np.array_equal(a1111[1], one[1])
-    nv = batch_noise(11, shape, parity="a1111", mode="cuda-philox")
+    nv = get_profile("a1111").batch_noise(11, shape, mode="cuda-philox")
     assert np.array_equal(nv[2], rng.PhiloxGenerator(13).randn(shape[1:]))
     assert PARITIES == ("diffusers", "comfyui", "a1111")
     with pytest.raises(RefsdError, match="unknown parity 'webui'; valid: diffusers, comfyui, a1111"):
-        batch_noise(0, shape, parity="webui")
+        get_profile("webui")
 
 
 def test_batch_noise_matches_torch():
@@ -213,7 +214,7 @@ def test_batch_noise_matches_torch():
         pytest.skip("refsd reproduces torch's x86-64 AVX2 kernel")
     shape = (2, 4, 16, 16)
     ref = torch.randn(shape, generator=torch.Generator().manual_seed(99)).numpy()
-    assert np.array_equal(batch_noise(99, shape, parity="diffusers"), ref)
+    assert np.array_equal(batch_noise(99, shape), ref)
     for i in range(2):
-        assert np.array_equal(batch_noise(99, shape, parity="a1111")[i],
+        assert np.array_equal(batch_noise(99, shape, per_image=True)[i],
                               torch.randn(shape[1:], generator=torch.Generator().manual_seed(99 + i)).numpy())

@@ -29,13 +29,19 @@ from refsd.pipelines import (
     make_model,
     txt2img,
 )
-from refsd.pipelines import parity as P
+from refsd.pipelines import core as T2I
+from refsd.pipelines import image_to_image as I2I
+from refsd.pipelines import model as M
+from refsd.pipelines.core import denoise as DEN
+from refsd.pipelines.profiles import a1111 as A
+from refsd.pipelines.profiles import diffusers_plans as P
+from refsd.pipelines.profiles import diffusers_tables as DT
+from refsd.pipelines.profiles import get_profile
 from refsd.weights import Params, save_safetensors
 
 SD1 = "pipeline/txt2img_sd1_euler_f32"
 SD2 = "pipeline/txt2img_sd2_euler_f32"
 COMPONENTS = ("unet", "vae", "text_encoder")
-T2I = sys.modules["refsd.pipelines.txt2img"]  # the module (refsd.pipelines.txt2img is the function)
 
 
 def _case_model(case_id: str, backend: str = "numpy"):
@@ -137,13 +143,13 @@ def test_guidance_one_skips_uncond(sd1, monkeypatch):
     """diffusers runs the unconditional branch only for cfg > 1 (one batched call on [uncond, cond]);
     ComfyUI for cfg != 1."""
     batches = []
-    unet = T2I._unet
+    unet = DEN._unet
 
     def counting(p, x, *a, **k):
         batches.append(x.shape[0])
         return unet(p, x, *a, **k)
 
-    monkeypatch.setattr(T2I, "_unet", counting)
+    monkeypatch.setattr(DEN, "_unet", counting)
     for parity, cfg, want in (("diffusers", 1.0, 1), ("diffusers", 0.5, 1), ("diffusers", 7.5, 2),
                               ("comfyui", 1.0, 1), ("comfyui", 0.5, 2)):
         batches.clear()
@@ -217,7 +223,7 @@ BAD_IMG2IMG = [
 
 @pytest.mark.parametrize("bad,message", BAD_IMG2IMG, ids=[m[:40] for _, m in BAD_IMG2IMG])
 def test_img2img_rejects(sd1, monkeypatch, bad, message):
-    monkeypatch.setattr(sys.modules["refsd.pipelines.img2img"], "encode_text",
+    monkeypatch.setattr(I2I, "encode_text",
                         lambda *a, **k: pytest.fail("validation must come first"))
     kw = {"init_image": IMG, "steps": 4, **bad}
     image = kw.pop("init_image")
@@ -330,7 +336,7 @@ def test_diffusers_plans_match_scheduler_objects():
     diffusers = pytest.importorskip("diffusers")
     for pred in ("epsilon", "v_prediction"):
         for spacing in (None, "leading", "trailing"):
-            cfg = {**P.DEFAULT_SCHEDULER_CONFIG, "prediction_type": pred}
+            cfg = {**M.DEFAULT_SCHEDULER_CONFIG, "prediction_type": pred}
             if spacing:
                 cfg["timestep_spacing"] = spacing
             for sampler, (cls, over) in P.DIFFUSERS_SAMPLERS.items():
@@ -373,7 +379,7 @@ def test_pndm_matches_diffusers_scheduler():
     for pred in ("epsilon", "v_prediction"):
         for spacing in ("leading", "linspace"):
             for steps in (1, 2, 3, 7, 20):
-                cfg = {**P.DEFAULT_SCHEDULER_CONFIG, "prediction_type": pred, "timestep_spacing": spacing}
+                cfg = {**M.DEFAULT_SCHEDULER_CONFIG, "prediction_type": pred, "timestep_spacing": spacing}
                 sched = PNDMScheduler.from_config(cfg)
                 sched.set_timesteps(steps)
                 x = torch.from_numpy(x0.copy())
@@ -381,9 +387,9 @@ def test_pndm_matches_diffusers_scheduler():
                     x = sched.step(torch.from_numpy(net(x.numpy(), int(t))), t, x).prev_sample
                 plan = P.diffusers_plan(cfg, "pndm", "normal", steps)
                 assert plan.timesteps == tuple(float(t) for t in sched.timesteps)
-                ac, _ = P.diffusers_tables(cfg)
+                ac, _ = DT.diffusers_tables(cfg)
                 got = sample_pndm(net, x0, plan.timesteps, step_ratio=1000 // steps, prediction=pred,
-                                  transfer=lambda t, tp, ac=ac: P.pndm_transfer(ac, float(ac[0]), t, tp))
+                                  transfer=lambda t, tp, ac=ac: DT.pndm_transfer(ac, float(ac[0]), t, tp))
                 err = np.max(np.abs(got - x.numpy())) / np.max(np.abs(x.numpy()))
                 assert err < 2e-6, (pred, spacing, steps, err)
 
@@ -396,18 +402,18 @@ def test_pndm_is_diffusers_txt2img_only(sd1):
     with pytest.raises(RefsdError, match="sampler 'pndm' runs txt2img only"):
         img2img(sd1, IMG, "a cat", steps=4, strength=0.5, sampler="pndm")
     with pytest.raises(RefsdError, match="skip_prk_steps=False"):
-        P.diffusers_plan({**P.DEFAULT_SCHEDULER_CONFIG, "skip_prk_steps": False}, "pndm", "normal", 5)
+        P.diffusers_plan({**M.DEFAULT_SCHEDULER_CONFIG, "skip_prk_steps": False}, "pndm", "normal", 5)
 
 
 def test_diffusers_tables_bit_exact():
     torch = pytest.importorskip("torch")
     from diffusers import DDIMScheduler
 
-    for cfg in (P.DEFAULT_SCHEDULER_CONFIG, {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}):
-        ac, sig = P.diffusers_tables(cfg)
+    for cfg in (M.DEFAULT_SCHEDULER_CONFIG, {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}):
+        ac, sig = DT.diffusers_tables(cfg)
         ref = DDIMScheduler.from_config(cfg).alphas_cumprod
         assert np.array_equal(ac, ref.numpy())
-        assert np.array_equal(P.torch_linspace_f32(0.1, 0.7, 1000), torch.linspace(0.1, 0.7, 1000).numpy())
+        assert np.array_equal(DT.torch_linspace_f32(0.1, 0.7, 1000), torch.linspace(0.1, 0.7, 1000).numpy())
         ref_sig = ((1 - ref) / ref) ** 0.5
         assert np.mean(sig != ref_sig.numpy()) < 0.01 and np.max(np.abs(sig / ref_sig.numpy() - 1)) < 1.2e-7
 
@@ -630,7 +636,8 @@ def test_a1111_profile_rules(sd1):
             txt2img(sd1, "a cat", width=64, height=64, steps=2, parity="a1111", **kw)
     with pytest.raises(RefsdError, match="img2img / inpainting under parity='a1111' is not implemented"):
         img2img(sd1, IMG, "a cat", steps=4, strength=0.5, parity="a1111")
-    plan = P.a1111_plan(T2I.model_sampling(sd1, np.zeros(1, np.float32)), "dpmpp_3m_sde", "exponential", 4)
+    ms = get_profile("comfyui").model_sampling(sd1.scheduler_config, like=np.zeros(1, np.float32))
+    plan = A.a1111_plan(ms, "dpmpp_3m_sde", "exponential", 4)
     assert plan.steps == 4 and plan.init_noise_sigma == plan.sigmas[0] and plan.timestep_rounding == "none"
 
 

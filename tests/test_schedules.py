@@ -569,7 +569,7 @@ def test_float32_flow_schedules_match_comfyui():
 def test_comfyui_plan_is_float32():
     """parity="comfyui": KSampler's sigmas are the float32 schedule, and the initial noise scale is
     EPS.noise_scaling's torch.sqrt(1.0 + sigma ** 2.0) on the float32 sigma_max."""
-    from refsd.pipelines.parity import comfyui_plan
+    from refsd.pipelines.profiles.comfyui import comfyui_plan
 
     ms = ModelSamplingDiscrete.from_config(SD15, like=np.zeros(1, np.float32))
     tc = TorchComfy(SD15, cr=True)

@@ -17,9 +17,10 @@ from refsd import xp as rxp
 from refsd.errors import RefsdError
 from refsd.golden import _tiny_model
 from refsd.pipelines import img2img, txt2img
-from refsd.pipelines import sdxl as X
-from refsd.pipelines.parity import diffusers_plan
-from refsd.pipelines.txt2img import check_settings, decode_images
+from refsd.pipelines import core as X
+from refsd.pipelines.core import check_settings, decode_images
+from refsd.pipelines.profiles import get_profile
+from refsd.pipelines.profiles.diffusers_plans import diffusers_plan
 from refsd.weights import Params
 
 BASE = "pipeline/txt2img_sdxl_euler_f32"
@@ -262,7 +263,7 @@ def test_nan_decode_is_reported(base):
     model = _model(BASE, weights={"vae.decoder.conv_out.bias": bad["vae.decoder.conv_out.bias"]})
     latents = np.zeros((1, 4, 8, 8), np.float32)
     with pytest.raises(RefsdError, match="the VAE decode of image 0 produced NaN/Inf; nothing was written"):
-        decode_images(model, rxp.asarray(latents, xp=model.xp, device=model.device), "diffusers")
+        decode_images(model, rxp.asarray(latents, xp=model.xp, device=model.device), get_profile("diffusers"))
     del base
 
 

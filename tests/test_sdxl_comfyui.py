@@ -44,7 +44,7 @@ from refsd import golden
 from refsd import xp as rxp
 from refsd.golden import _tiny_model
 from refsd.pipelines import txt2img
-from refsd.pipelines.txt2img import check_settings, encode_text
+from refsd.pipelines.core import check_settings, encode_text, model_sampling, plan_for
 from refsd.weights import Params
 
 torch = pytest.importorskip("torch")
@@ -432,14 +432,13 @@ def test_sdxl_base_refiner_split_matches_comfyui(base, refiner, oracle):
 
 def _refsd_timesteps(model, steps):
     """The UNet timesteps refsd's comfyui plan gives (plan sigmas as the sampler gets them: float32)."""
-    from refsd.pipelines.txt2img import model_sampling, plan_for
 
     like = np.zeros(1, np.float32)
     s = check_settings(model, prompt="", negative_prompt=None, width=64, height=64, steps=steps, cfg=6.0,
                        sampler="euler", scheduler="normal", seed=0, rng="torch-cpu", batch_size=1, clip_skip=None,
                        parity="comfyui")
     sigmas = np.asarray(plan_for(model, s, like).sigmas[:-1], np.float32)
-    return [float(t) for t in rxp.to_numpy(model_sampling(model, like).timestep(sigmas, rounding="round"))]
+    return [float(t) for t in rxp.to_numpy(model_sampling(model, s, like).timestep(sigmas, rounding="round"))]
 
 
 def test_quantized_timesteps_match_comfyui_at_ties(base, oracle):

@@ -13,7 +13,7 @@ at t' (the repeated timestep) redoes that step from the saved x_t with (e0 + e1)
 Adams-Bashforth of order 2, 3, 4 over the noise predictions kept (e1 is not kept). v-prediction is
 turned into eps after the combination, with the sample the step starts from.
 
-The coefficients are computed on the host in float32 (``refsd.pipelines.parity.pndm_transfer``), as
+The coefficients are computed on the host in float32 (``refsd.pipelines.profiles.diffusers_tables.pndm_transfer``), as
 diffusers computes them from its float32 ``alphas_cumprod`` tensor (0-dim torch arithmetic); the
 array expressions keep diffusers' order of operations.
 
@@ -28,7 +28,7 @@ from refsd.errors import RefsdError
 def sample_pndm(net, x, timesteps, *, transfer, step_ratio: int, prediction: str = "epsilon", callback=None):
     """PLMS over ``net(x_t, t) -> eps or v`` (the guided UNet) from the DDPM sample ``x`` at the plan's
     ``timesteps`` (diffusers' plms_timesteps) -> the final DDPM sample. ``transfer(t, t_prev)`` gives
-    the host float coefficients of ``_get_prev_sample`` (``refsd.pipelines.parity.pndm_transfer``);
+    the host float coefficients of ``_get_prev_sample`` (``refsd.pipelines.profiles.diffusers_tables.pndm_transfer``);
     ``callback(i, x)`` after each call, as diffusers' loop."""
     if prediction not in ("epsilon", "v_prediction"):
         raise RefsdError(f"PNDM: prediction_type {prediction!r} is not supported (epsilon, v_prediction)")

@@ -27,19 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from refsd import xp as rxp
+from refsd.attention import STRATEGIES
 from refsd.errors import RefsdError
 from refsd.models.unet import UNetConfig
 from refsd.models.vae import VAEConfig
+from refsd.pipelines.facts import TEXT_ENCODERS, XL_ARCHITECTURES, ModelFacts, check_architecture
 from refsd.text.clip import CLIPTextConfig
 from refsd.text.tokenizer import CLIPTokenizer
 from refsd.weights.checkpoint import Checkpoint, load_checkpoint
-from refsd.weights.detect import BY_NAME
 
-SUPPORTED_ARCHITECTURES = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint", "sdxl", "sdxl-inpaint", "sdxl-refiner")
-XL_ARCHITECTURES = ("sdxl", "sdxl-inpaint", "sdxl-refiner")
 PREDICTIONS = ("epsilon", "v_prediction")
-TEXT_ENCODERS = {"sdxl": ("text_encoder", "text_encoder_2"), "sdxl-inpaint": ("text_encoder", "text_encoder_2"),
-                 "sdxl-refiner": ("text_encoder_2",)}  # others: ("text_encoder",)
 TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 DEFAULT_PAD = {"text_encoder": 49407, "text_encoder_2": 0}  # SDXL: CLIP-L pads with EOS, bigG with "!"
 # model_index.json flags of the released SDXL pipelines (stabilityai/stable-diffusion-xl-base-1.0,
@@ -50,6 +47,24 @@ PIPELINE_FLAGS = {"sdxl": {"force_zeros_for_empty_prompt": True},
 # ComfyUI SD20.model_type: this bias's std tells SD 2.x 768-v from 512-base (see the module docstring).
 V_PREDICTION_PROBE = "up_blocks.3.attentions.2.transformer_blocks.0.norm1.bias"
 V_PREDICTION_STD = 0.09
+
+# The scheduler config SD 1.x ships (runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json;
+# SD 2.x's differs only in _class_name and prediction_type), for single files that carry none:
+# what diffusers' from_single_file uses, and ComfyUI's model sampling defaults.
+DEFAULT_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "clip_sample": False, "trained_betas": None, "prediction_type": "epsilon",
+}
+
+# stabilityai/stable-diffusion-xl-base-1.0 (and -refiner-1.0) scheduler/scheduler_config.json: Euler with
+# "leading" spacing (init_noise_sigma = sqrt(sigma_max^2 + 1)); what from_single_file uses for SDXL.
+SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "clip_sample": False, "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+    "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
+}
 
 
 @dataclass(frozen=True)
@@ -117,6 +132,12 @@ class Model:
             return 0
         pooled = self.text_encoders[-1].config.projection_dim
         return (self.unet_config.projection_class_embeddings_input_dim - pooled) // self.unet_config.addition_time_embed_dim
+
+    @cached_property
+    def facts(self) -> ModelFacts:
+        """What validation needs (refsd.pipelines.facts; the same as ``inspect_model`` of the file)."""
+        return ModelFacts.of(self.name, self.architecture, self.unet_config, self.vae_config,
+                             tuple(e.config for e in self.text_encoders))
 
     @property
     def requires_aesthetics_score(self) -> bool:
@@ -220,14 +241,8 @@ def make_model(params: Mapping[str, Any], configs: Mapping[str, dict], *, archit
     a mapping by text-encoder component; a missing tokenizer is refsd's shipped CLIP vocabulary.
     ``pipeline_config``: model_index.json flags (``force_zeros_for_empty_prompt``); absent ones take
     the released pipelines' values (PIPELINE_FLAGS)."""
-    from refsd.attention import STRATEGIES
-    from refsd.pipelines.parity import DEFAULT_SCHEDULER_CONFIG, SDXL_SCHEDULER_CONFIG
-
     _check_choice("attention strategy", attention, STRATEGIES)
-    if architecture not in SUPPORTED_ARCHITECTURES:
-        desc = BY_NAME[architecture].description if architecture in BY_NAME else architecture
-        raise RefsdError(f"{name}: {architecture} ({desc}) is not supported by the pipelines "
-                         f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    check_architecture(name, architecture)
     encoders = TEXT_ENCODERS.get(architecture, ("text_encoder",))
     missing = [c for c in ("unet", "vae", *encoders) if c not in params]
     if missing:

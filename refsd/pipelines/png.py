@@ -64,6 +64,7 @@ import numpy as np
 
 from refsd.errors import RefsdError
 from refsd.files import atomic_write
+from refsd.pipelines.profiles.a1111 import A1111_AUTOMATIC_SCHEDULERS
 
 KEY = "parameters"
 
@@ -357,7 +358,7 @@ def settings(params: Mapping[str, str], *, what: str = "parameters") -> dict[str
     refsd's own keys win; a PNG from another tool is read through the A1111 keys: Sampler and
     Schedule type by ``A1111_SAMPLERS`` / ``A1111_SCHEDULERS`` (an A1111 "Automatic" or missing
     schedule type is left unset; names like "DPM++ 2M Karras" from A1111 < 1.9 split into sampler and
-    scheduler; an explicit "Automatic" is the sampler's A1111 default, parity.A1111_AUTOMATIC_SCHEDULERS), RNG by ``A1111_RNG`` (missing: A1111's GPU default, cuda-philox), and the parity
+    scheduler; an explicit "Automatic" is the sampler's A1111 default, profiles.a1111.A1111_AUTOMATIC_SCHEDULERS), RNG by ``A1111_RNG`` (missing: A1111's GPU default, cuda-philox), and the parity
     profile "a1111". For an image of a batch (``refsd batch`` i/B), the batch is rerun up to image i
     from ``refsd seed`` (``batch_index`` says which image to keep).
     SDXL: ``refiner`` is the PNG's ``Refiner`` label (the name and short hash; the caller needs the
@@ -399,8 +400,6 @@ def settings(params: Mapping[str, str], *, what: str = "parameters") -> dict[str
     if scheduler is None and label not in (None, "Automatic"):
         scheduler = _reverse(A1111_SCHEDULERS, label) or label
     if scheduler is None and label == "Automatic" and not refsd_made:  # A1111 1.10's per-sampler default
-        from refsd.pipelines.parity import A1111_AUTOMATIC_SCHEDULERS
-
         scheduler = A1111_AUTOMATIC_SCHEDULERS.get(sampler)
     if sampler is not None:
         out["sampler"] = sampler

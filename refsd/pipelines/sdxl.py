@@ -1,252 +1,51 @@
-"""SDXL conditioning: two text encoders, the pooled embedding, micro-conditioning time ids, and where a
-base + refiner run splits its schedule.
+"""SDXL base + refiner: the handoff. The base runs its schedule up to ``refiner_switch`` (denoising_end)
+and returns latents with their leftover noise; the refiner finishes them as img2img from
+denoising_start = refiner_switch (no noise added, never decoded in between). SDXL's conditioning
+(two text encoders, pooled embedding, micro-conditioning time ids) and the split rules are the
+pipeline core's (refsd.pipelines.core.conditioning, refsd.pipelines.core.denoise: head / tail).
 
-Text (``encode_text_xl``). SDXL base encodes the prompt with CLIP-L and OpenCLIP-bigG and concatenates
-their PENULTIMATE hidden states, taken raw (no final LayerNorm), along the feature axis: 768 + 1280 =
-2048 per token; the refiner has bigG only (1280). The pooled embedding (``text_embeds``, 1280) is bigG's
-EOS-token output through its ``text_projection``. ``clip_skip`` counts from that default: None or 1 =
-penultimate (hidden_states[-2]), 2 = hidden_states[-3] (diffusers' clip_skip=1, ComfyUI's
-CLIPSetLastLayer -3), ...
-
-- parity="diffusers" (StableDiffusionXL*Pipeline.encode_prompt): literal text in one 77-token window
-  per encoder (CLIP-L pads with EOS, bigG with "!" = id 0); clip skip on the prompt only; the
-  negative prompt: when it is None (not "") and the model's ``force_zeros_for_empty_prompt`` is set
-  (SDXL base: yes; refiner: no), the unconditional embeddings and pooled embedding are ZEROS; otherwise
-  ``negative_prompt or ""`` is encoded like the prompt, at the penultimate layer.
-- parity="comfyui" (CLIPTextEncode on an SDXL CLIP): ComfyUI emphasis syntax and 77-token chunks,
-  each encoder with its own pad token; weights applied per encoder (its own empty-prompt encoding);
-  both outputs cut to the shorter length and concatenated; pooled = bigG's first chunk's; clip skip on
-  both prompts; "" is encoded, never zeros.
-
-Time ids (``time_ids``), one row per image, float32, in diffusers' order:
-
-- base (6): original_size (h, w) + crop (top, left) + target_size (h, w); defaults: the output size,
-  (0, 0), the output size.
-- refiner (5): original_size (h, w) + crop (top, left) + aesthetic_score (6.0; negative 2.5).
-- the unconditional branch's row, parity="diffusers": txt2img (StableDiffusionXLPipeline) copies the
-  positive row unless BOTH negative_original_size and negative_target_size are given (then
-  negative_original_size + negative_crop + negative_target_size); img2img and inpainting
-  (StableDiffusionXLImg2Img/InpaintPipeline) use negative_original_size (default original_size) +
-  the POSITIVE crop + negative_target_size (default target_size); the refiner row uses
-  negative_original_size + negative_crop + negative_aesthetic_score. parity="comfyui"
-  (CLIPTextEncodeSDXL / CLIPTextEncodeSDXLRefiner with the sizes given, the latent's size otherwise):
-  each negative value defaults to the positive one, the aesthetic score to 2.5.
-- diffusers' txt2img batches the guided rows as ``cat([negative, positive]).repeat(B, 1)``:
-  rows neg, pos, neg, pos, ... against embeddings neg x B, pos x B, so for B > 1 image i's branches get
-  the rows of positions i and B + i of that list. refsd reproduces it under parity="diffusers"
-  (txt2img only; img2img and inpainting pair them correctly); parity="comfyui" pairs them correctly.
-
-Split schedules (``split_steps``): diffusers' ``denoising_end`` keeps the steps whose timestep is >=
-cutoff = int(round(T - denoising_end * T)) (T = num_train_timesteps, 1000) and returns latents with
-their leftover noise; ``denoising_start`` (img2img) keeps those < cutoff, from latents given as they
-are (no noise added, strength ignored). ComfyUI's step-split form (KSamplerAdvanced: base start 0,
-end at step k, return_with_leftover_noise; refiner start at k, add_noise disabled) uses k =
-round(steps * fraction) of the same steps-step schedule.
-
-ref: diffusers 0.42.1 pipelines/stable_diffusion_xl/pipeline_stable_diffusion_xl.py (encode_prompt,
-_get_add_time_ids, __call__: time ids, denoising_end), pipeline_stable_diffusion_xl_img2img.py
-(_get_add_time_ids, get_timesteps with denoising_start, prepare_latents), pipeline_stable_diffusion_xl_
-inpaint.py; ComfyUI comfy/sdxl_clip.py (SDXLClipModel: layer_idx -2, layer_norm_hidden_state False,
-cut_to), comfy/model_base.py (SDXL.encode_adm, SDXLRefiner.encode_adm), comfy/samplers.py
-(encode_model_conds: width/height from the latent), nodes.py (KSamplerAdvanced, CLIPTextEncodeSDXL).
+ref: diffusers 0.42.1 pipelines/stable_diffusion_xl/pipeline_stable_diffusion_xl.py (denoising_end,
+output_type="latent"), pipeline_stable_diffusion_xl_img2img.py (denoising_start); ComfyUI nodes.py
+(KSamplerAdvanced: return_with_leftover_noise, add_noise disabled).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
-
-from refsd import xp as rxp
 from refsd.errors import RefsdError
-from refsd.text.conditioning import clip_encode_fn, encode_prompt
+from refsd.pipelines.core import GenerationResult, MicroConditioning, Settings, check_micro, check_refiner_facts
+from refsd.pipelines.image_to_image import img2img
+from refsd.pipelines.model import Model
+from refsd.trace import scope
 
-DIFFUSERS_TRAIN_TIMESTEPS = 1000
-
-
-@dataclass(frozen=True)
-class MicroConditioning:
-    """SDXL's size and aesthetic conditioning. Sizes are (height, width) and the crop (top, left), in
-    pixels, diffusers' order; None = the default the module docstring gives. A base reads the sizes
-    and crops, a refiner the original size, crop and aesthetic scores: one MicroConditioning serves
-    both stages of a base + refiner run, each taking its own fields."""
-
-    original_size: tuple[int, int] | None = None
-    crop: tuple[int, int] | None = None
-    target_size: tuple[int, int] | None = None
-    negative_original_size: tuple[int, int] | None = None
-    negative_crop: tuple[int, int] | None = None
-    negative_target_size: tuple[int, int] | None = None
-    aesthetic_score: float = 6.0
-    negative_aesthetic_score: float = 2.5
-
-    def as_dict(self) -> dict:
-        """The fields that differ from the defaults (for the run's info)."""
-        default = MicroConditioning()
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)}
+__all__ = ["MicroConditioning", "check_micro", "check_refiner", "refine"]
 
 
-MICRO_FIELDS = tuple(f.name for f in fields(MicroConditioning))
+def check_refiner(base: Model, refiner) -> None:
+    """A refiner must be an SDXL refiner Model on the base's backend with the base's latent space
+    (``check_refiner_facts``)."""
+    if not isinstance(refiner, Model):
+        raise RefsdError(f"refiner must be a refsd.pipelines.Model (load_model(path)), got {type(refiner).__name__}")
+    check_refiner_facts(base.facts, refiner.facts)
+    if refiner.backend != base.backend or refiner.device != base.device:
+        raise RefsdError(f"the refiner is on {refiner.backend}:{refiner.device}, the base on {base.backend}:"
+                         f"{base.device}: load both with the same backend")
 
 
-def _pair(name: str, v, *, lo: int) -> tuple[int, int] | None:
-    if v is None:
-        return None
-    if isinstance(v, (str, bytes)) or not hasattr(v, "__len__") or len(v) != 2:
-        raise RefsdError(f"{name} must be a pair of integers (height, width) / (top, left), got {v!r}")
-    out = []
-    for x in v:
-        if isinstance(x, bool) or not isinstance(x, int) and not (isinstance(x, float) and x.is_integer()):
-            raise RefsdError(f"{name} must hold integers, got {v!r}")
-        if x < lo:
-            raise RefsdError(f"{name} values must be >= {lo}, got {v!r}")
-        out.append(int(x))
-    return out[0], out[1]
+def refine(refiner: Model, base: GenerationResult, model: Model, s: Settings, prompt: str, negative_prompt, micro,
+           switch: float, base_steps: int, *, decode: bool = True, callback=None) -> GenerationResult:
+    """Finish a base run's latents (``base``, stopped at ``switch``) with ``refiner``: img2img with
+    denoising_start=switch and the base's settings; ``res.base`` holds the base stage's result;
+    ``callback`` keeps counting from the base's ``base_steps``."""
+    def refiner_callback(i, total, x):
+        if callback is not None:
+            callback(base_steps + i, s.steps, x)
 
-
-def check_micro(micro) -> MicroConditioning:
-    """A MicroConditioning from None, a MicroConditioning or a dict of its fields (RefsdError naming a
-    bad field)."""
-    if micro is None:
-        return MicroConditioning()
-    if isinstance(micro, MicroConditioning):
-        micro = {f: getattr(micro, f) for f in MICRO_FIELDS}
-    if not isinstance(micro, Mapping):
-        raise RefsdError(f"micro-conditioning must be a dict or MicroConditioning, got {type(micro).__name__}")
-    unknown = sorted(set(micro) - set(MICRO_FIELDS))
-    if unknown:
-        raise RefsdError(f"unknown micro-conditioning field(s) {', '.join(unknown)}; valid: {', '.join(MICRO_FIELDS)}")
-    out = {}
-    for k, v in micro.items():
-        if k.endswith("score"):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise RefsdError(f"{k} must be a finite number, got {v!r}")
-            out[k] = float(v)
-        else:
-            out[k] = _pair(k, v, lo=0 if k.endswith("crop") else 1)
-    return MicroConditioning(**out)
-
-
-# --------------------------------------------------------------------------------------------
-# text
-
-
-def encode_text_xl(model, s):
-    """(cond, uncond or None): dicts with ``encoder_hidden_states`` (B, 77 * chunks, 2048 base / 1280
-    refiner) and ``text_embeds`` (B, pooled width), per the profile (module docstring)."""
-    xp = model.xp
-    like = xp.zeros((1,), dtype=xp.float32, device=model.device)
-    layer = (s.clip_skip or 1) + 1  # hidden_states[-layer]: SDXL counts from the penultimate layer
-    syntax = "diffusers" if s.parity == "diffusers" else "comfyui"
-
-    def encode(text: str, skip: int):
-        hidden, pooled = [], None
-        for enc in model.text_encoders:
-            p = model.params[enc.component]
-            fn = clip_encode_fn(p, enc.config, skip=skip, final_layer_norm=False,
-                                pooled="text_embeds" if enc is model.text_encoders[-1] else None,
-                                attention=model.attention)
-            z, pool = encode_prompt(enc.tokenizer, fn, text, like=like, syntax=syntax, pad_token=enc.pad_token)
-            hidden.append(z)
-            pooled = pool if pool is not None else pooled
-        n = min(z.shape[1] for z in hidden)  # ComfyUI's cut_to; equal lengths under diffusers
-        z = hidden[0] if len(hidden) == 1 else xp.concat([h[:, :n, :] for h in hidden], axis=-1)
-        return {"encoder_hidden_states": _repeat(xp, z, s.batch_size), "text_embeds": _repeat(xp, pooled, s.batch_size)}
-
-    cond = encode(s.prompt, layer)
-    if not s.guided:
-        return cond, None
-    if s.parity == "diffusers" and s.negative_prompt is None and model.force_zeros_for_empty_prompt:
-        return cond, {k: xp.zeros_like(v) for k, v in cond.items()}
-    return cond, encode(s.negative_prompt or "", 2 if s.parity == "diffusers" else layer)
-
-
-def _repeat(xp, x, b: int):
-    return x if b == 1 else xp.concat([x] * b, axis=0)
-
-
-# --------------------------------------------------------------------------------------------
-# micro-conditioning
-
-
-def time_id_rows(model, s, mode: str) -> tuple[list[float], list[float]]:
-    """(positive row, negative row) of time ids for an output of s.height x s.width (module docstring);
-    ``mode``: "txt2img" | "img2img" | "inpaint"."""
-    m: MicroConditioning = s.micro
-    size = (s.height, s.width)
-    orig, target = m.original_size or size, m.target_size or size
-    crop = m.crop or (0, 0)
-    comfy = s.parity != "diffusers"
-    neg_orig = m.negative_original_size or orig
-    neg_crop = m.negative_crop or (crop if comfy else (0, 0))
-    if model.requires_aesthetics_score:
-        return [*orig, *crop, m.aesthetic_score], [*neg_orig, *neg_crop, m.negative_aesthetic_score]
-    pos = [*orig, *crop, *target]
-    neg_target = m.negative_target_size or target
-    if comfy:
-        neg = [*neg_orig, *neg_crop, *neg_target]
-    elif mode == "txt2img":
-        both = m.negative_original_size is not None and m.negative_target_size is not None
-        neg = [*m.negative_original_size, *neg_crop, *m.negative_target_size] if both else pos
-    else:  # StableDiffusionXLImg2Img/InpaintPipeline: the positive crop on the negative row
-        neg = [*neg_orig, *crop, *neg_target]
-    return [float(v) for v in pos], [float(v) for v in neg]
-
-
-def add_time_ids(model, s, cond: dict, uncond: dict | None, mode: str) -> tuple[dict, dict | None]:
-    """cond / uncond with ``time_ids`` (B, 5 or 6) added, as the profile pairs them (module docstring)."""
-    b = s.batch_size
-    pos, neg = time_id_rows(model, s, mode)
-    like = cond["encoder_hidden_states"]
-
-    def rows(r):
-        return rxp.asarray([r] * b, like=like, dtype=like.dtype)
-
-    cond = {**cond, "time_ids": rows(pos)}
-    if uncond is None:
-        return cond, None
-    if s.parity == "diffusers" and mode == "txt2img" and b > 1:  # cat([neg, pos]).repeat(B, 1)
-        both = rxp.asarray([neg, pos] * b, like=like, dtype=like.dtype)
-        return {**cond, "time_ids": both[b:, ...]}, {**uncond, "time_ids": both[:b, ...]}
-    return cond, {**uncond, "time_ids": rows(neg)}
-
-
-# --------------------------------------------------------------------------------------------
-# split schedules
-
-
-def check_fraction(name: str, v) -> float | None:
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < float(v) < 1.0:
-        raise RefsdError(f"{name} must be a number strictly between 0 and 1, got {v!r}")
-    return float(v)
-
-
-def split_index(plan, s, config: dict, fraction: float) -> int:
-    """The step at which ``fraction`` of the schedule is done: diffusers counts the timesteps >= the
-    cutoff int(round(T - fraction * T)); ComfyUI's step split rounds steps * fraction."""
-    if s.parity == "diffusers":
-        if plan.sampler == "pndm":
-            raise RefsdError("denoising_end / denoising_start / a refiner switch are not reproduced for 'pndm' "
-                             "(PNDM's repeated timestep); pick another sampler")
-        t = int(config.get("num_train_timesteps", DIFFUSERS_TRAIN_TIMESTEPS))
-        cutoff = int(round(t - fraction * t))
-        return sum(1 for ts in plan.timesteps if ts >= cutoff)
-    return int(math.floor(s.steps * fraction + 0.5))
-
-
-def head(plan, s, config: dict, denoising_end: float):
-    """The plan's first part, up to ``denoising_end`` (its last sigma > 0: latents keep their noise)."""
-    k = split_index(plan, s, config, denoising_end)
-    if k < 1:
-        raise RefsdError(f"denoising_end {denoising_end} leaves no step of {plan.steps} to run")
-    return replace(plan, sigmas=plan.sigmas[:k + 1], timesteps=None if plan.timesteps is None else plan.timesteps[:k])
-
-
-def tail(plan, s, config: dict, denoising_start: float):
-    """The plan's last part, from ``denoising_start`` on."""
-    k = split_index(plan, s, config, denoising_start)
-    if k >= plan.steps:
-        raise RefsdError(f"denoising_start {denoising_start} leaves no step of {plan.steps} to run")
-    return plan.tail(k)
+    with scope("refiner"):  # under refsd.trace.record(): the refiner's layers as refiner/<module path>
+        out = img2img(refiner, base.latents, prompt, negative_prompt, steps=s.steps, cfg=s.cfg, sampler=s.sampler,
+                      scheduler=s.scheduler, seed=s.seed, rng=s.rng, batch_size=s.batch_size,
+                      clip_skip=s.clip_skip, parity=s.profile, micro=micro, denoising_start=switch, decode=decode,
+                      callback=refiner_callback)
+    out.base = base
+    out.info.update(refiner=refiner.name, refiner_switch=switch, refiner_hash=refiner.known_short_hash,
+                    model=model.name, model_hash=model.known_short_hash, architecture=model.architecture)
+    return out

@@ -9,7 +9,7 @@ x's backend, device and dtype with ``refsd.xp.asarray``.
 - ``BrownianTreeNoiseSampler``: the k-diffusion/ComfyUI sampler of the same name, with a Brownian
   tree written here (torchsde's cannot be reproduced bit for bit; see the class docstring).
 - ``SequenceNoiseSampler``: pre-drawn noises in order (goldens, tests).
-- ``batch_noise``: initial noise for a batch under a parity profile (docs/noise.md).
+- ``batch_noise``: initial noise for a batch, one generator or one per image (docs/noise.md).
 
 ref: k-diffusion 0.1.1 sampling.py (BatchedBrownianTree, BrownianTreeNoiseSampler);
 comfyanonymous/ComfyUI comfy/k_diffusion/sampling.py, comfy/sample.py (prepare_noise);
@@ -27,8 +27,6 @@ import numpy as np
 import refsd.xp
 from refsd.errors import RefsdError
 from refsd.sampling import rng
-
-PARITIES = ("diffusers", "comfyui", "a1111")
 
 
 def _host_float(v) -> float:
@@ -228,19 +226,18 @@ class BrownianTreeNoiseSampler:
 # batches
 
 
-def batch_noise(seed, shape, *, mode: str = "torch-cpu", parity: str = "diffusers", dtype: str = "float32"):
-    """Initial noise of ``shape`` = (B, ...) for a batch, under a parity profile (host NumPy array).
+def batch_noise(seed, shape, *, mode: str = "torch-cpu", per_image: bool = False, dtype: str = "float32"):
+    """Initial noise of ``shape`` = (B, ...) for a batch (host NumPy array); a parity profile says
+    which convention (``refsd.pipelines.profiles.Profile.batch_noise``).
 
-    "diffusers" and "comfyui" draw ONE tensor of shape (B, ...) from one generator seeded with
-    ``seed`` (so image 0 equals a single-image draw); "a1111" draws image i alone from a generator
-    seeded with ``seed + i``.
+    ``per_image=False`` (diffusers, ComfyUI): ONE tensor of shape (B, ...) from one generator seeded
+    with ``seed`` (so image 0 equals a single-image draw); ``per_image=True`` (A1111): image i drawn
+    alone from a generator seeded with ``seed + i``.
     """
-    if parity not in PARITIES:
-        raise RefsdError(f"unknown parity {parity!r}; valid: {', '.join(PARITIES)}")
     shape = rng._check_shape(shape)
-    if parity == "a1111":
+    if per_image:
         if not shape:
-            raise RefsdError("batch_noise with parity 'a1111' needs a batch axis: shape (B, ...)")
+            raise RefsdError("per-image batch noise needs a batch axis: shape (B, ...)")
         seed = rng._check_seed(seed)
         out = np.empty(shape, dtype=dtype)
         for i in range(shape[0]):

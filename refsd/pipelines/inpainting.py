@@ -17,14 +17,14 @@ the CFG batch alike. diffusers' recipe, kept exactly:
 (b) 4-channel UNets (refsd.sampling.inpaint.InpaintDenoiser: the known region is put back at its
 noise level before every model call, and the prediction there replaced by the known latents):
 
-- parity="diffusers", as StableDiffusionInpaintPipeline with a 4-channel UNet: the binarized mask
+- the diffusers profile (``inpaint_blend`` "after_step"), as StableDiffusionInpaintPipeline with a 4-channel UNet: the binarized mask
   resampled by nearest neighbour; draws in order: the init image's posterior sample (ALWAYS, it is
   the known latents), the noise, the masked image's posterior (drawn and unused: diffusers encodes the
   masked image even though a 4-channel UNet ignores it; refsd draws the same numbers without the
   encode), then ancestral noise; latents start as (a); after each step diffusers blends
   ``(1 - m) * add_noise(image_latents, noise, t_next) + m * latents`` (no noise after the last step),
   which is the wrapper without blending before the first step plus a final blend.
-- parity="comfyui", as VAEEncode + SetLatentNoiseMask + KSampler(denoise=strength): the posterior
+- the comfyui profile (``inpaint_blend`` "every_call"), as VAEEncode + SetLatentNoiseMask + KSampler(denoise=strength): the posterior
   MEAN; the mask (soft, not binarized) resized bilinearly to the latents (comfy prepare_mask); the
   img2img schedule and start (x = latents + noise * sigma_0, or * sqrt(1 + sigma_max^2) at denoise 1);
   KSamplerX0Inpaint blending at every call with the run's initial noise; no final blend.
@@ -41,34 +41,25 @@ from __future__ import annotations
 
 from refsd import xp as rxp
 from refsd.errors import RefsdError
-from refsd.models.vae import sample_latent, to_latent
 from refsd.pipelines import images as _images
 from refsd.pipelines import masks as _masks
-from refsd.pipelines.img2img import diffusers_start, encode_image, image_settings
-from refsd.pipelines.model import Model
-from refsd.pipelines.txt2img import (
+from refsd.pipelines.core import (
     Callback,
     GenerationResult,
     decode_images,
-    encode_posterior,
+    encode_image,
     encode_text,
     from_profile,
+    image_settings,
     make_generator,
     plan_for,
+    posterior_sample,
     run_sampler,
     to_profile,
 )
+from refsd.pipelines.model import Model
+from refsd.pipelines.profiles import get_profile
 from refsd.sampling.inpaint import InpaintDenoiser
-
-
-def _posterior_sample(model: Model, x, generator, batch: int):
-    """diffusers _encode_vae_image: VAE posterior sampled with the generator's next draw, * scaling_factor,
-    repeated to ``batch``."""
-    xp = model.xp
-    mean, logvar = encode_posterior(model, x)
-    eps = generator.randn(tuple(mean.shape), "float32")
-    z = to_latent(sample_latent(mean, logvar, rxp.asarray(eps, like=mean, dtype=mean.dtype)), cfg=model.vae_config)
-    return z if batch == 1 else xp.concat([z] * batch, axis=0)
 
 
 def inpaint(model: Model, init_image, mask, prompt: str, negative_prompt: str | None = None, *, strength: float = 1.0,
@@ -91,17 +82,18 @@ def inpaint(model: Model, init_image, mask, prompt: str, negative_prompt: str | 
     if isinstance(model, Model) and model.unet_config.in_channels not in (4, 9):
         raise RefsdError(f"{model.name} has a {model.unet_config.in_channels}-channel UNet: inpainting needs a "
                          f"4-channel (latent blending) or 9-channel (inpainting) model")
-    if nine and parity == "comfyui":
-        raise RefsdError("9-channel inpainting models run under parity='diffusers' only; use parity='diffusers' "
-                         "(parity='comfyui' inpaints with ordinary 4-channel models)")
+    profile = get_profile(parity)
+    if nine and profile.inpaint_blend == "every_call":
+        raise RefsdError(f"9-channel inpainting models run under parity='diffusers' only; use parity='diffusers' "
+                         f"(parity={profile.name!r} inpaints with ordinary 4-channel models)")
     image, s = image_settings(model, init_image, width, height, prompt=prompt, negative_prompt=negative_prompt,
                               steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, seed=seed, rng=rng,
-                              batch_size=batch_size, clip_skip=clip_skip, parity=parity, strength=strength,
+                              batch_size=batch_size, clip_skip=clip_skip, parity=profile, strength=strength,
                               inpaint_unet_ok=True, micro=micro, mode="inpaint")
     repaint = _masks.prepare_mask(mask, image.shape[:2], grow=mask_grow, blur=mask_blur)  # float32 (H, W), 1 = repaint
-    if s.parity not in ("diffusers", "comfyui"):
-        raise RefsdError(f"inpainting runs under parity='diffusers' or 'comfyui', not {s.parity!r}")
-    run = _nine_channel if nine else _blend_diffusers if s.parity == "diffusers" else _blend_comfyui
+    if s.profile.inpaint_blend is None:
+        raise RefsdError(f"inpainting is not reproduced under parity={s.parity!r}")
+    run = _nine_channel if nine else _blend_after_step if s.profile.inpaint_blend == "after_step" else _blend_every_call
     res = run(model, s, image, repaint, callback)
     res.info.update(mask_grow=int(mask_grow), mask_blur=float(mask_blur))
     if composite:
@@ -122,13 +114,13 @@ def _nine_channel(model: Model, s, image, repaint, callback) -> GenerationResult
     h, w = image.shape[:2]
     f = model.vae_scale_factor
     keep = _masks.binarize(repaint)
-    plan = plan_for(model, s, like).tail(diffusers_start(s.steps, s.strength))
+    plan = plan_for(model, s, like)
     cond, uncond = encode_text(model, s, "inpaint")
     gen = make_generator(s)
     b, c = s.batch_size, model.latent_channels
     x_img = _images.to_model_input(image, xp=xp, device=dev, dtype=dtype)
     full = s.strength == 1.0
-    image_latents = None if full else _posterior_sample(model, x_img, gen, b)
+    image_latents = None if full else posterior_sample(model, x_img, gen, b)
     noise_host = gen.randn((b, c, h // f, w // f), "float32")
     noise = rxp.asarray(noise_host, xp=xp, device=dev, dtype=dtype)
     if full:
@@ -138,29 +130,29 @@ def _nine_channel(model: Model, s, image, repaint, callback) -> GenerationResult
         x = image_latents + noise * plan.sigmas[0]
         init = to_profile(x, plan.sigmas[0], plan)
     rep = rxp.asarray(keep[None, None], xp=xp, device=dev, dtype=dtype)  # (1, 1, H, W), 1 = repaint
-    masked_latents = _posterior_sample(model, x_img * (1.0 - rep), gen, b)
+    masked_latents = posterior_sample(model, x_img * (1.0 - rep), gen, b)
     mask_latent = rxp.asarray(keep[None, None, ::f, ::f], xp=xp, device=dev, dtype=dtype)
     if b > 1:
         mask_latent = xp.concat([mask_latent] * b, axis=0)
     extra = xp.concat([mask_latent, masked_latents], axis=1)
     latents = run_sampler(model, s, plan, x, cond, uncond, generator=gen, callback=callback, unet_extra=extra)
-    pixels, images = decode_images(model, latents, s.parity)
+    pixels, images = decode_images(model, latents, s.profile)
     return GenerationResult(images, latents, [s.seed] * b, s.info(model), pixels=pixels, init_latents=init,
                             noise=noise_host, image_latents=image_latents, masked_image_latents=masked_latents,
                             cond=cond, uncond=uncond)
 
 
-def _blend_diffusers(model: Model, s, image, repaint, callback) -> GenerationResult:
+def _blend_after_step(model: Model, s, image, repaint, callback) -> GenerationResult:
     """(b) under parity="diffusers": StableDiffusionInpaintPipeline with a 4-channel UNet."""
     xp, dev, dtype, like = _setup(model, s, image)
     h, w = image.shape[:2]
     f = model.vae_scale_factor
-    plan = plan_for(model, s, like).tail(diffusers_start(s.steps, s.strength))
+    plan = plan_for(model, s, like)
     cond, uncond = encode_text(model, s, "inpaint")
     gen = make_generator(s)
     b, c = s.batch_size, model.latent_channels
     x_img = _images.to_model_input(image, xp=xp, device=dev, dtype=dtype)
-    image_latents = _posterior_sample(model, x_img, gen, b)  # 1st draw, at every strength
+    image_latents = posterior_sample(model, x_img, gen, b)  # 1st draw, at every strength
     noise_host = gen.randn((b, c, h // f, w // f), "float32")  # 2nd draw
     noise = rxp.asarray(noise_host, xp=xp, device=dev, dtype=dtype)
     gen.randn((1, c, h // f, w // f), "float32")  # 3rd: the masked image's posterior, unused by a 4-channel UNet
@@ -189,17 +181,17 @@ def _blend_diffusers(model: Model, s, image, repaint, callback) -> GenerationRes
     latents = run_sampler(model, s, plan, x, cond, uncond, generator=gen, callback=cb,
                           wrap_denoiser=lambda d: InpaintDenoiser(d, image_latents, noise, m, blend_first=False))
     latents = blended(plan.steps - 1, plan.steps, latents)
-    pixels, images = decode_images(model, latents, s.parity)
+    pixels, images = decode_images(model, latents, s.profile)
     return GenerationResult(images, latents, [s.seed] * b, s.info(model), pixels=pixels, init_latents=init,
                             noise=noise_host, image_latents=image_latents, cond=cond, uncond=uncond)
 
 
-def _blend_comfyui(model: Model, s, image, repaint, callback) -> GenerationResult:
+def _blend_every_call(model: Model, s, image, repaint, callback) -> GenerationResult:
     """(b) under parity="comfyui": VAEEncode + SetLatentNoiseMask + KSampler(denoise=strength)."""
     xp, dev, dtype, like = _setup(model, s, image)
     h, w = image.shape[:2]
     f = model.vae_scale_factor
-    plan = plan_for(model, s, like, denoise=s.strength)
+    plan = plan_for(model, s, like)
     cond, uncond = encode_text(model, s, "inpaint")
     gen = make_generator(s)
     image_latents = encode_image(model, s, image, gen)  # posterior mean, repeated to the batch
@@ -209,6 +201,6 @@ def _blend_comfyui(model: Model, s, image, repaint, callback) -> GenerationResul
     m = rxp.asarray(_masks.resize_bilinear(repaint, (h // f, w // f))[None, None], xp=xp, device=dev, dtype=dtype)
     latents = run_sampler(model, s, plan, x, cond, uncond, callback=callback,
                           wrap_denoiser=lambda d: InpaintDenoiser(d, image_latents, noise, m))
-    pixels, images = decode_images(model, latents, s.parity)
+    pixels, images = decode_images(model, latents, s.profile)
     return GenerationResult(images, latents, [s.seed] * s.batch_size, s.info(model), pixels=pixels,
                             init_latents=x, noise=noise_host, image_latents=image_latents, cond=cond, uncond=uncond)
