@@ -343,9 +343,10 @@ class TorchComfy:
     """ComfyUI's ModelSamplingDiscrete and schedulers restated in torch as ComfyUI runs them
     (comfy/model_sampling.py, comfy/samplers.py, comfy/k_diffusion/sampling.py at
     Comfy-Org/ComfyUI@a125cd84): float64 table -> float32 buffers, float32 sigma(t) / argmin timestep,
-    float32 torch.linspace and tensor arithmetic. ``cr=True`` swaps torch's float32 exp / pow / tan
-    (MKL or SLEEF: not always correctly rounded) for correctly rounded ones (float64, then rounded),
-    which is what refsd computes; every other operation is torch's own."""
+    float32 torch.linspace and tensor arithmetic. ``cr=True`` swaps torch's float32 exp / log / pow / tan
+    (MKL or SLEEF: not always correctly rounded, and how often depends on the CPU: measured on an AVX-512
+    EPYC, exp 1.0%, log 4.8%, sqrt 15.3% of uniform arguments one ulp off) for correctly rounded ones
+    (float64, then rounded), which is what refsd computes; every other operation is torch's own."""
 
     def __init__(self, cfg, *, cr=False):
         if cfg["beta_schedule"] == "scaled_linear":
@@ -373,11 +374,14 @@ class TorchComfy:
     def tan(self, x):
         return x.double().tan().float() if self.cr else x.tan()
 
+    def log(self, x):
+        return x.double().log().float() if self.cr else x.log()
+
     sigma_min = property(lambda self: self.sigmas[0])
     sigma_max = property(lambda self: self.sigmas[-1])
 
     def timestep(self, sigma):
-        return (sigma.log() - self.log_sigmas[:, None]).abs().argmin(dim=0).view(sigma.shape)
+        return (self.log(sigma) - self.log_sigmas[:, None]).abs().argmin(dim=0).view(sigma.shape)
 
     def log_sigma(self, timestep):  # sigma() before its exp
         t = torch.clamp(timestep.float(), min=0, max=len(self.sigmas) - 1)
@@ -458,18 +462,33 @@ def test_linspace_f32_is_torch_linspace(n):
                               torch.linspace(torch.tensor(999), torch.tensor(0), steps).numpy())
 
 
+def _argmin_timesteps_are_comfyuis(ms, got, ref, tc, tc_cr, where):
+    """refsd's argmin timesteps of its schedule ``got`` equal ComfyUI's argmin, with its float32 log
+    correctly rounded, of the same sigmas, bit for bit; torch's own argmin of torch's own schedule ``ref``
+    differs only where torch's exp put a sigma one ulp off or its float32 log (not correctly rounded on
+    every CPU) is. Returns how many timesteps differ from torch's own."""
+    ts = rxp.to_numpy(ms.timestep(got, rounding="round"))
+    assert np.array_equal(ts, tc_cr.timestep(torch.from_numpy(got)).numpy().astype(np.float32)), where
+    raw = torch.from_numpy(ref)
+    ts_raw = tc.timestep(raw).numpy()
+    log_off = raw.log().numpy() != tc_cr.log(raw).numpy()
+    assert not np.any((ts != ts_raw) & (got == ref) & ~log_off), where
+    return int(np.sum(ts != ts_raw))
+
+
 @pytest.mark.parametrize("name", ["normal", "simple", "sgm_uniform"])
 def test_float32_normal_simple_are_comfyuis_bit_for_bit(name):
     """parity="comfyui"'s schedules for 2..60 steps against ComfyUI's normal_scheduler / simple_scheduler /
     sgm_uniform in torch float32. simple reads the float32 table: equal bit for bit. normal's sigma(t) is
     torch's float32 arithmetic bit for bit up to its final exp, which refsd rounds correctly: equal bit for
     bit to the restatement with a correctly rounded exp, and within one ulp of torch's own exp (which
-    differs for ~1% of the arguments). The integer timesteps ComfyUI's argmin gives are equal throughout,
-    including every t = k + 0.5 (odd step counts put one at 499.5)."""
+    differs for ~1% of the arguments). The integer timesteps ComfyUI's argmin gives, with its float32 log
+    correctly rounded, are equal throughout, including every t = k + 0.5 (odd step counts put one at
+    499.5); torch's own argmin differs only where its exp or its log is one ulp off."""
     ms = ModelSamplingDiscrete.from_config(SD15, like=np.zeros(1))
     tc, tc_cr = TorchComfy(SD15), TorchComfy(SD15, cr=True)
     fn = (lambda t, n: t.normal(n, sgm=True)) if name == "sgm_uniform" else (lambda t, n: getattr(t, name)(n))
-    off_by_one = total = 0
+    off_by_one = total = ts_off = 0
     for steps in range(2, 61):
         got = _f32_schedule(ms, name, steps)
         ref, ref_cr = fn(tc, steps).numpy(), fn(tc_cr, steps).numpy()
@@ -479,10 +498,10 @@ def test_float32_normal_simple_are_comfyuis_bit_for_bit(name):
         total += got.size
         if name == "simple":
             assert np.array_equal(got, ref), steps
-        ts_ref = tc.timestep(torch.from_numpy(ref[:-1])).numpy()
-        assert np.array_equal(rxp.to_numpy(ms.timestep(got[:-1], rounding="round")), ts_ref.astype(np.float32)), steps
+        ts_off += _argmin_timesteps_are_comfyuis(ms, got[:-1], ref[:-1], tc, tc_cr, steps)
     assert off_by_one <= 0.02 * total
-    print(f"{name}: {off_by_one} of {total} sigmas one ulp from torch's float32 exp, timesteps all equal")
+    print(f"{name}: {off_by_one} of {total} sigmas one ulp from torch's float32 exp; {ts_off} timesteps differ from "
+          "torch's own argmin, each where its exp or log is one ulp off")
 
 
 @pytest.mark.parametrize("name", ["ddim_uniform", "beta", "linear_quadratic", "karras", "exponential", "kl_optimal",
@@ -502,8 +521,7 @@ def test_float32_schedules_are_comfyuis(name, cfg):
         assert got.shape == ref.shape and np.array_equal(got, ref_cr), steps
         assert _ulps(got, ref).max() <= 1, steps
         pos = ref > 0
-        ts_ref = tc.timestep(torch.from_numpy(ref[pos])).numpy().astype(np.float32)
-        assert np.array_equal(rxp.to_numpy(ms.timestep(got[pos], rounding="round")), ts_ref), steps
+        _argmin_timesteps_are_comfyuis(ms, got[pos], ref[pos], tc, tc_cr, steps)
 
 
 def test_float32_denoise_and_discard_penultimate():

@@ -4,7 +4,8 @@ ComfyUI's ``deis`` (comfy/k_diffusion/sampling.py sample_deis + comfy/k_diffusio
 zju-pi/diff-sampler). Its coefficients are integrals of Lagrange polynomials against the VP
 integrand; ComfyUI evaluates them by a 10000-point float32 Riemann sum. ``coefficients="comfyui"``
 (the default) mirrors that float32 arithmetic and torch.sum's order, so results match ComfyUI to
-1e-9..2.5e-8 relative (the rest is torch's float32 exp, which is not correctly rounded);
+1e-9..2.5e-8 relative (the rest is torch's float32 exp and sqrt, which are not correctly rounded; refsd
+rounds both correctly on every backend, so numpy, array-api-strict and torch give the same bits);
 ``coefficients="exact"`` integrates exactly (Gauss-Legendre, ~1e-15). docs/samplers.md has the numbers.
 """
 
@@ -91,7 +92,7 @@ def deis_coefficients_comfyui(s: list[float], i: int, order: int, xp, device=Non
     alpha = f32_via_f64(xp, xp.exp, (-0.5 * (taus * taus)) * bd - taus * b0)
     g = (1.0 / alpha) * alpha  # exp's backward of log's backward
     dlog = ((g * bd) * -0.5) * (2.0 * taus) + (-g) * b0
-    integrand = (-0.5 * dlog) / xp.sqrt(alpha * (1.0 - alpha))
+    integrand = (-0.5 * dlog) / f32_via_f64(xp, xp.sqrt, alpha * (1.0 - alpha))
     dtau = (t_next - t[0]) / n
     out = []
     for j in range(order):

@@ -417,10 +417,11 @@ ER_SDE_SOLVER_TYPES = ("ER-SDE", "Reverse-time SDE", "ODE")
 
 def _pow_f32(xp, v, p: float):
     """torch's float32 ``tensor ** p``: its exact special cases (1 a copy, 2 v*v, 3 v*v*v, -1 1/v, -2 1/(v*v),
-    0.5 sqrt), else pow to the exponent rounded to float32 (torch casts the scalar to the tensor's dtype:
-    ** 0.3 is ** 0.30000001192...), rounded once to float32 (f32_via_f64)."""
+    0.5 sqrt, here correctly rounded on every backend: torch's own float32 sqrt is not on every CPU), else
+    pow to the exponent rounded to float32 (torch casts the scalar to the tensor's dtype: ** 0.3 is
+    ** 0.30000001192...), rounded once to float32 (f32_via_f64)."""
     special = {1.0: lambda: v, 2.0: lambda: v * v, 3.0: lambda: v * v * v, -1.0: lambda: 1.0 / v,
-               -2.0: lambda: 1.0 / (v * v), 0.5: lambda: xp.sqrt(v)}
+               -2.0: lambda: 1.0 / (v * v), 0.5: lambda: f32_via_f64(xp, xp.sqrt, v)}  # sqrt correctly rounded
     if float(p) in special:
         return special[float(p)]()
     return f32_via_f64(xp, lambda a: a ** round_f32(p), v)
