@@ -13,6 +13,7 @@ Like every oracle module, this imports nothing from refsd.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy as np
 import torch
@@ -274,10 +275,15 @@ def _table_case(g, cfg, desc, *, zsnr_terminal="comfyui"):
     n = sigmas.shape[0]
     # sigma probes: table entries (integer t), and log-uniform values from sigma_min/2 to 2 sigma_max
     # (both clamps); timestep probes: multiples of 1/8 in [0, T-1], exact in float32 (t_to_sigma casts).
+    # The probes are inputs, compared bit for bit by --check on any machine, so they are computed with
+    # Python's math (glibc, the same bits on every x86-64 CPU), not torch's vectorised float64 exp and
+    # ** 0.5 (one ulp apart between CPUs: 1-2 of these 64 probes on an AVX-512 EPYC).
     idx = torch.randint(0, n, (16,), generator=g)
     u = torch.rand(48, generator=g, dtype=torch.float64)
-    lo, hi = float(sigmas[0].log()) - 0.7, float(sigmas[-1].log()) + 0.7
-    sigma = torch.cat([sigmas[idx], (lo + u * (hi - lo)).exp()])
+    a = [float(v) for v in abar]
+    lo, hi = math.log(math.sqrt((1 - a[0]) / a[0])) - 0.7, math.log(math.sqrt((1 - a[-1]) / a[-1])) + 0.7
+    sigma = torch.tensor([math.sqrt((1 - a[i]) / a[i]) for i in idx.tolist()]
+                         + [math.exp(lo + v * (hi - lo)) for v in u.tolist()], dtype=torch.float64)
     timestep = torch.cat([torch.tensor([0.0, n - 1.0], dtype=torch.float64),
                           torch.randint(0, 8 * (n - 1) + 1, (62,), generator=g).to(torch.float64) / 8])
     outputs = {"sigmas": sigmas, "log_sigmas": sigmas.log(), "alphas_cumprod": abar,
