@@ -26,7 +26,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from golden.registry import DTYPES, FORMAT_VERSION, REGISTRY, Capture, Case
-from golden.tolerances import CHECK_NOISE, tolerance
+from golden.tolerances import check_noise, tolerance
 
 ROOT = Path(__file__).resolve().parent
 
@@ -172,7 +172,7 @@ def _diff(c: Case, old: dict, old_meta: dict, new: dict, new_meta: dict) -> list
             out.append(f"{c.id}: metadata {k!r} differs: committed {old_meta.get(k)!r}, fresh {new_meta.get(k)!r}")
     if set(old) != set(new):
         out.append(f"{c.id}: tensor names differ: committed {sorted(old)}, fresh {sorted(new)}")
-    atol, rtol = CHECK_NOISE[c.dtype]
+    atol, rtol = check_noise(c.component, c.dtype)
     for k in sorted(set(old) & set(new)):
         a, b = old[k], new[k]
         if a.shape != b.shape or a.dtype != b.dtype:
