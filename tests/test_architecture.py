@@ -1,7 +1,11 @@
 """The package's shape: no import cycle inside refsd, no public function shadowing its module.
 
 Every ``import`` / ``from ... import`` of a refsd module is an edge, wherever it stands in the file
-(a function-local import that dodges a cycle still counts), so the graph is the real dependency graph.
+(a function-local import that dodges a cycle still counts), so the graph is the design's dependency
+graph. Importing ``refsd.a.b`` also runs ``refsd/a/__init__.py``; those implied edges are left out: a
+package's ``__init__`` re-exports its public names, which is API, not a design dependency (the few
+function-local imports left, in cli*.py for start-up time and in trace.py under refsd.weights' package
+import, are there for that reason).
 """
 
 from __future__ import annotations

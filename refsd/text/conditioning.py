@@ -46,6 +46,7 @@ from typing import Callable
 
 from refsd import xp as rxp
 from refsd.errors import RefsdError
+from refsd.text.clip import clip_text, penultimate
 from refsd.text.tokenizer import CONTEXT_LENGTH, EOS, TokenChunks
 
 SYNTAXES = ("a1111", "comfyui", "none", "diffusers")
@@ -185,8 +186,6 @@ def clip_encode_fn(params, cfg, *, skip: int = 1, final_layer_norm: bool = True,
     final_layer_norm, without it (SDXL's penultimate states) it is taken raw. ``pooled``: which
     output to pool ("pooler_output", "text_embeds" for a projection model, or None).
     """
-    from refsd.text.clip import clip_text, penultimate
-
     def encode(ids):
         out = clip_text(params, ids, cfg=cfg, attention=attention)
         if final_layer_norm:

@@ -35,10 +35,11 @@ from typing import Any
 
 from refsd import xp as rxp
 from refsd.errors import BackendError, WeightsError
+from refsd.text.tokenizer import CLIPTokenizer
 from refsd.weights import detect as det
 from refsd.weights import ldm
 from refsd.weights.params import LazyTensor, Params, check_params, lazy_tensors
-from refsd.weights.safetensors import DTYPES, PICKLE_SUFFIXES, SafeTensorsFile, refuse_pickle
+from refsd.weights.safetensors import DTYPES, PICKLE_SUFFIXES, SafeTensorsFile, read_header, refuse_pickle
 
 MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
@@ -66,8 +67,6 @@ class TokenizerInfo:
 
     def load(self):
         """A ``refsd.text.CLIPTokenizer``; call it with ``pad_token=self.pad_token``."""
-        from refsd.text.tokenizer import CLIPTokenizer
-
         if self.folder is None:
             return CLIPTokenizer.from_package()
         if (self.folder / "vocab.json").is_file():
@@ -520,7 +519,5 @@ def claims_checkpoint(path: str | os.PathLike, keys: Any = None) -> bool:
         return isinstance(obj, dict) and isinstance(obj.get("unet"), list) and bool(obj["unet"]) \
             and obj["unet"][0] is not None
     if keys is None:
-        from refsd.weights.safetensors import read_header
-
         keys = read_header(p).tensors
     return any(ldm.slot_of(k) is not None for k in keys)
