@@ -8,22 +8,9 @@ declaration's own (``refsd.models.configs``: ``UNetConfig`` / ``VAEConfig`` / ``
 ``param_shapes``); ``unet_shapes`` / ``vae_shapes`` / ``text_shapes`` here only call it, and the
 loader checks a checkpoint completely against that list.
 
-What the weights cannot tell (documented defaults, as the released models use them; the same list is
-in ``refsd.models.infer``):
-
-- epsilon vs v prediction (SD 2.x 512-base vs 768-v): not in the weights at all.
-- attention heads (a reshape, not a weight): SD 1.x layout (convolutional proj_in) -> 8 heads,
-  ``attention_head_dim: 8`` (diffusers' misleading name for the head COUNT); SD 2.x / SDXL (linear
-  proj_in) -> 64-wide heads, ``attention_head_dim`` = per-block channels // 64. Text encoders:
-  64-wide heads (CLIP-L 12, OpenCLIP-H 16, bigG 20).
-- ``upcast_attention``: False (SD 2.1 768-v's config says True; it only changes fp16 numerics).
-- ``sample_size`` 64 (SD 1.x / 2.x; 2.x 768-v uses 96), 128 (SDXL); VAE ``scaling_factor`` 0.18215,
-  SDXL's VAE 0.13025 (same shapes: told apart by the UNet next to it); ``norm_num_groups`` 32.
-- ``addition_time_embed_dim``: from the SDXL UNet's add_embedding input width minus the pooled text
-  width (text_encoder_2's projection), over 6 time ids (base) or 5 (refiner); 256 when no
-  text_encoder_2 is there to say.
-- text ``hidden_act``: quick_gelu for OpenAI CLIP-L (the transformers layout in single files;
-  width 768), gelu for open_clip towers (OpenCLIP-H, bigG).
+What the weights cannot tell (prediction type, head counts, upcast_attention, sample size, VAE
+scaling factor, norm groups, ...) is filled with the released models' defaults, listed in
+``refsd.models.infer``'s docstring.
 """
 
 from __future__ import annotations
