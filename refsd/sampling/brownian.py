@@ -62,7 +62,7 @@ class BrownianTree:
     """
 
     def __init__(self, t0: float, t1: float, shape, dtype: str, entropy: int, *, tol: float = 1e-6,
-                 pool_size: int = 24, cache_size: int = 64):
+                 pool_size: int = 24, cache_size: int = 100):
         t0, t1 = float(t0), float(t1)
         if not (math.isfinite(t0) and math.isfinite(t1) and t0 < t1):
             raise RefsdError(f"BrownianTree needs finite t0 < t1; got t0={t0}, t1={t1}")
