@@ -72,15 +72,21 @@ class BrownianTree:
         ndigits = -int(math.log10(tol))
         self._round = lambda t: round(t, ndigits)
         self.draws = 0  # randn calls made (bench, tests)
+        self._generator = rng.TorchCPUGenerator(0)  # reseeded for every draw
         self.root = _Node(self._round(t0), self._round(t1), None, 0)
         w_seed = np.random.SeedSequence(entropy=self.entropy, pool_size=pool_size).generate_state(3)[0]
-        self._root_w = self._randn(w_seed) * self._cast(math.sqrt(t1 - t0))
+        self._root_w = self._randn([int(w_seed)])[0] * self._cast(math.sqrt(t1 - t0))
         self._cache: OrderedDict[_Node, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
 
-    def _randn(self, seed) -> np.ndarray:
-        self.draws += 1
-        return rng.randn(int(seed), self.shape, dtype=self.dtype)
+    def _randn(self, seeds) -> np.ndarray:
+        """``torch.randn(shape, dtype, generator=torch.Generator().manual_seed(s))`` for each seed,
+        in groups of about 2**19 values (one Box-Muller pass each)."""
+        self.draws += len(seeds)
+        per = max(1, 2**19 // max(1, math.prod(self.shape)))
+        parts = [rng.randn_seeded(seeds[i:i + per], self.shape, self.dtype, generator=self._generator)
+                 for i in range(0, len(seeds), per)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     # ---- the tree
 
@@ -110,36 +116,46 @@ class BrownianTree:
             out.append(node)
         return out
 
-    def _value(self, node: _Node) -> np.ndarray:
-        """W over the node's interval: from the nearest cached ancestor down, by Brownian bridges."""
-        if node is self.root:
-            return self._root_w
-        if node in self._cache:
-            return self._cached(node)
-        path = [node]  # node and its ancestors up to the nearest one whose value is known
-        while path[-1].parent is not self.root and path[-1].parent not in self._cache:
-            path.append(path[-1].parent)
-        top = path[-1].parent
-        w = self._root_w if top is self.root else self._cached(top)
-        for child in reversed(path):
-            left, right = self._bridge(child.parent, w)
-            self._store(child.parent.left, left)
-            self._store(child.parent.right, right)
-            w = left if child is child.parent.left else right
-        return w
+    def _values(self, nodes: list[_Node]) -> list[np.ndarray]:
+        """W over each node's interval: from the nearest known ancestors down, by Brownian bridges.
 
-    def _bridge(self, p: _Node, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        The bridges a query needs are planned first (parents before children) and their noises drawn
+        together: each depends on its node's seed alone.
+        """
+        known = {self.root: self._root_w}  # this query's values, safe from cache eviction
+        plan, bridged = [], set()
+        for node in nodes:
+            chain, n = [], node
+            while n not in known and n.parent not in bridged:
+                if n in self._cache:
+                    known[n] = self._cached(n)
+                    break
+                chain.append(n.parent)
+                n = n.parent
+            for p in reversed(chain):
+                plan.append(p)
+                bridged.add(p)
+        if plan:
+            noises = self._randn([self._seed(p) for p in plan])
+            for p, noise in zip(plan, noises):
+                known[p.left], known[p.right] = self._bridge(p, known[p], noise)
+                self._store(p.left, known[p.left])
+                self._store(p.right, known[p.right])
+        return [known[n] for n in nodes]
+
+    def _seed(self, p: _Node) -> int:
+        """The bridge seed of node p: the first word of SeedSequence(entropy, spawn_key=(key, depth))."""
+        ss = np.random.SeedSequence(entropy=self.entropy, spawn_key=(p.key, p.depth), pool_size=self.pool_size)
+        return int(ss.generate_state(4)[0])
+
+    def _bridge(self, p: _Node, w: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(left, right) increments of p's children given p's increment w (torchsde, no Levy area)."""
         c = self._cast
         h_reciprocal = 1 / (p.end - p.start)
         left_diff, right_diff = p.mid - p.start, p.end - p.mid
-        seed = np.random.SeedSequence(entropy=self.entropy, spawn_key=(p.key, p.depth),
-                                      pool_size=self.pool_size).generate_state(4)[0]
-        noise = self._randn(seed)
         mean = w * c(left_diff)
         mean *= c(h_reciprocal)
-        noise *= c(math.sqrt(left_diff * right_diff * h_reciprocal))
-        left = mean + noise
+        left = mean + c(math.sqrt(left_diff * right_diff * h_reciprocal)) * noise
         return left, w - left
 
     def _cached(self, node: _Node) -> np.ndarray:
@@ -166,8 +182,8 @@ class BrownianTree:
         ta, tb = self._round(ta), self._round(tb)
         if ta == tb:
             raise RefsdError(f"BrownianTree: interval [{ta}, {tb}] is finer than tol")
-        nodes = self._locate(ta, tb)
-        w = self._value(nodes[0])
-        for node in nodes[1:]:
-            w = w + self._value(node)
+        values = self._values(self._locate(ta, tb))
+        w = values[0]
+        for v in values[1:]:
+            w = w + v
         return w

@@ -246,11 +246,18 @@ class TorchCPUGenerator:
     mode = "torch-cpu"
 
     def __init__(self, seed):
-        self.seed = _check_seed(seed)
         self._mt = np.random.MT19937()
-        self._mt.state = {"bit_generator": "MT19937",
-                          "state": {"key": _mt19937_init(self.seed & _U32), "pos": 624}}
+        self.manual_seed(seed)
+
+    def manual_seed(self, seed) -> TorchCPUGenerator:
+        """Restart from ``seed``, as ``torch.Generator.manual_seed`` (cheaper than a new generator:
+        the Brownian tree reseeds one generator for every draw, as torchsde seeds a fresh one)."""
+        self.seed = _check_seed(seed)
+        # NumPy's legacy seeding is init_genrand(seed32) with pos 624: torch's key and position
+        # (_mt19937_init restates it; tests/test_brownian.py checks the two agree)
+        self._mt._legacy_seeding(self.seed & _U32)
         self._next_normal = None  # torch's next_double_normal_sample
+        return self
 
     def _words(self, n: int) -> np.ndarray:
         return self._mt.random_raw(n)  # uint64 holding 32-bit mt19937 outputs
@@ -293,6 +300,33 @@ class TorchCPUGenerator:
         if n != full:  # the tail: 16 fresh uniforms recompute the last 16 outputs
             out[n - 16:] = box_muller(uniform(16).reshape(1, 16)).ravel()
         return out.reshape(shape)
+
+
+def randn_seeded(seeds, shape, dtype="float32", *, generator: TorchCPUGenerator | None = None) -> np.ndarray:
+    """(len(seeds), *shape): row k is ``torch.randn(shape, dtype, generator=torch.Generator()
+    .manual_seed(seeds[k]))``, as ``TorchCPUGenerator(s).randn`` gives it, with one Box-Muller pass
+    over all the rows (the Brownian tree draws a fresh generator per node: per-call overhead
+    dominates small shapes). ``generator``: a TorchCPUGenerator to reseed (saves creating one)."""
+    shape, dtype = _check_shape(shape), _check_dtype(dtype)
+    n, g = math.prod(shape), generator or TorchCPUGenerator(0)
+    out = np.empty((len(seeds), n), dtype=dtype)
+    if n < 16:
+        for k, s in enumerate(seeds):
+            out[k] = g.manual_seed(s)._small(n, dtype)
+        return out.reshape(len(seeds), *shape)
+    full = n // 16 * 16
+    uniform, box_muller = ((g._uniform32, _box_muller_avx2) if dtype == "float32"
+                           else (g._uniform64, _box_muller_f64))
+    u = np.empty((len(seeds), n + (16 if n != full else 0)), dtype=dtype)
+    for k, s in enumerate(seeds):
+        g.manual_seed(s)
+        u[k, :n] = uniform(n)
+        if n != full:  # the tail: 16 fresh uniforms recompute the last 16 outputs
+            u[k, n:] = uniform(16)
+    out[:, :full] = box_muller(u[:, :full].reshape(-1, 16)).reshape(len(seeds), full)
+    if n != full:
+        out[:, n - 16:] = box_muller(u[:, n:])
+    return out.reshape(len(seeds), *shape)
 
 
 # Philox4x32-10 (Salmon et al. 2011; constants as in Random123 and curand)
