@@ -10,7 +10,7 @@
   sigma_max, seed=seed)(sigma, sigma_next)`` on the rows of ``in/sigmas``, an int seed or one seed
   per batch item. The division by ``(t1 - t0).abs().sqrt()`` uses torch's CPU sqrt (MKL vsSqrt),
   which is not correctly rounded; refsd's is, hence the 1-ulp tolerance (golden/tolerances.py).
-- ``sampling/<sampler>_brownian_seed*`` (op "sample_brownian"): k-diffusion's sampler on the exact
+- ``brownian/<sampler>_brownian_seed*`` (op "sample_brownian", the sampling tolerance): k-diffusion's sampler on the exact
   Gaussian denoiser of oracle_samplers.py with ``noise_sampler=BrownianTreeNoiseSampler(x,
   sigmas[sigmas > 0].min(), sigmas.max(), seed=seed)``, float64. That is ComfyUI's default noise
   sampler with ``cpu=False`` (its ``_gpu`` samplers); for dpmpp_2m_sde / _heun / dpmpp_3m_sde the
@@ -158,11 +158,12 @@ def _sample_case(g, name, fn, seed, *, options=None, kd_options=None, float32_si
         f"denoiser, Brownian-tree noise seeded {seed} (torchsde)",
         kwargs={"sampler": name, "seed": seed, "options": options or {},
                 # float32 sigma values: ComfyUI's cpu=True cast is exact, so refsd's default path
-                "cpu": None if float32_sigmas else False})
+                "cpu": None if float32_sigmas else False},
+        tol_component="sampling")
 
 
 def _register_sample(case_name, name, seed, *, fn=None, **kw):
-    @case("sampling", case_name, dtypes=("float64",))
+    @case("brownian", case_name, dtypes=("float64",))
     def _fn(g, dt):
         return _sample_case(g, name, fn or name, seed, **kw)
 
