@@ -4,7 +4,9 @@ One case is a whole 20-step Karras dpmpp_2m_sde run's noise at the SD1 512x512 l
 2, (2, 4, 128, 128) float32: a fresh ``BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed)``
 queried (sigma_i, sigma_i+1) for the 19 noisy steps, as ComfyUI's sample_dpmpp_2m_sde does. refsd's
 (host NumPy, cpu=True) runs against k-diffusion 0.1.1's over torchsde 0.2.6 (torch CPU), in
-alternating blocks (bench/common.py); time per step = run time / 19, median and range over runs.
+alternating blocks (bench/common.py); time per step = run time / 19, median and range over runs;
+once with torch's default thread count and once on one thread (on a shared 2-core machine torch's
+spinning OpenMP threads make the default row swing by 10x).
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ def run(repeats: int = 3, rounds: int = 2) -> list[dict]:
     x_n = np.zeros(SHAPE, np.float32)
     n = STEPS - 1
     rows = []
-    for seed in (0,):
+    default_threads = torch.get_num_threads()
+    # torch's OpenMP threads spin and lose badly on a shared machine: also measured on one thread
+    for threads, seed in ((default_threads, 0), (1, 0)):
+        torch.set_num_threads(threads)
         def ours():
             ns = BrownianTreeNoiseSampler(x_n, host[-2], host[0], seed, cpu=True)
             return [ns(host[i], host[i + 1]) for i in range(n)]
@@ -53,10 +58,11 @@ def run(repeats: int = 3, rounds: int = 2) -> list[dict]:
                 t_ours += block_seconds(ours, repeats)
         per = lambda ts: [t / n * 1e3 for t in ts]  # noqa: E731  ms per step
         o, r = per(t_ours), per(t_ref)
-        rows.append({"case": f"dpmpp_2m_sde karras {STEPS} steps {'x'.join(map(str, SHAPE))} f32 seed {seed}",
+        rows.append({"case": f"dpmpp_2m_sde karras {STEPS} steps {'x'.join(map(str, SHAPE))} f32, torch {threads} thr",
                      "refsd_ms_per_step": statistics.median(o), "refsd_range": [min(o), max(o)],
                      "torchsde_ms_per_step": statistics.median(r), "torchsde_range": [min(r), max(r)],
                      "ratio": statistics.median(o) / statistics.median(r), "target": 1.5})
+    torch.set_num_threads(default_threads)
     return rows
 
 
