@@ -1,4 +1,5 @@
 """python -m bench ops [--repeats N] [--quick] [--json PATH]
+python -m bench brownian [--repeats N] [--json PATH]
 python -m bench unet [--model sd15|sdxl] [--latent N] [--warmup W] [--repeats N] [--rounds R] [--json PATH]"""
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from bench.unet import add_options as unet_options
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description="refsd vs torch benchmarks (ratios in one run)")
-    ap.add_argument("suite", choices=["ops", "unet"], help="ops: single ops at SD1.5 shapes; unet: full-size UNet forward")
+    ap.add_argument("suite", choices=["ops", "unet", "brownian"],
+                    help="ops: single ops at SD1.5 shapes; unet: full-size UNet forward; "
+                         "brownian: Brownian-tree noise per sampler step vs torchsde")
     ap.add_argument("--repeats", type=int, default=3,
                     help="ops: timed runs per block (median over two alternating blocks per side is reported); "
                          "unet: timed forwards per side in all, split over --rounds (N // rounds each, at least 1)")
@@ -39,6 +42,15 @@ def main(argv=None) -> int:
 
         res = unet.from_args(args, ap.error)
         print(unet.summary(res))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return 0
+    if args.suite == "brownian":
+        from bench import brownian
+
+        res = brownian.run(repeats=args.repeats)
+        print(brownian.summary(res))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1)

@@ -40,6 +40,49 @@ def _run_sample(x, sigmas, noise, mean, std, *, sampler: str, options: dict | No
     return SAMPLERS[sampler](model, x, sigmas, noise_sampler=SequenceNoiseSampler(noise), **(options or {}))
 
 
+def _run_sample_brownian(x, sigmas, mean, std, *, sampler: str, seed, options: dict | None = None, cpu=None):
+    """Golden adapter for sampler cases with Brownian-tree noise (op "sample_brownian"): ``cpu`` None
+    runs the sampler with ``seed=`` and no noise sampler (ComfyUI's default tree, cpu=True); a bool
+    passes ``BrownianTreeNoiseSampler(x, min positive sigma, max sigma, seed, cpu=cpu)``."""
+    from refsd.sampling import SAMPLERS
+    from refsd.sampling.denoisers import GaussianDenoiser
+    from refsd.sampling.noise import BrownianTreeNoiseSampler
+
+    model = GaussianDenoiser(mean, std)
+    if cpu is None:
+        return SAMPLERS[sampler](model, x, sigmas, seed=seed, **(options or {}))
+    host = [float(v) for v in rxp.to_numpy(sigmas)]
+    ns = BrownianTreeNoiseSampler(x, min(v for v in host if v > 0), max(host), seed, cpu=cpu,
+                                  sigma_dtype=str(rxp.to_numpy(sigmas).dtype))
+    return SAMPLERS[sampler](model, x, sigmas, noise_sampler=ns, **(options or {}))
+
+
+def _run_brownian_tree(queries, *, t0: float, t1: float, shape, seeds, dtype: str):
+    """Golden adapter for Brownian tree cases (op "brownian_tree"): ``BrownianTree(t0, t1, shape,
+    dtype, seed)(ta, tb)`` for each seed and each row (ta, tb) of ``queries``, in order ->
+    (seeds, queries, *shape), placed like ``queries``."""
+    from refsd.sampling.brownian import BrownianTree
+
+    rows = rxp.to_numpy(queries).tolist()
+    w = []
+    for seed in seeds:
+        tree = BrownianTree(t0, t1, shape, dtype, seed)
+        w.append(np.stack([tree(ta, tb) for ta, tb in rows]))
+    return rxp.asarray(np.stack(w), like=queries, dtype=dtype)
+
+
+def _run_brownian_noise(x, sigmas, *, seed, sigma_min: float, sigma_max: float):
+    """Golden adapter for noise sampler cases (op "brownian_noise"): k-diffusion's
+    ``BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed)`` (refsd's with cpu=False) on each row
+    (sigma, sigma_next) of ``sigmas`` -> (rows, *x.shape)."""
+    from refsd.sampling.noise import BrownianTreeNoiseSampler
+
+    xp = rxp.namespace(x)
+    ns = BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed, cpu=False,
+                                  sigma_dtype=str(rxp.to_numpy(sigmas).dtype))
+    return xp.stack([ns(sigmas[i, 0], sigmas[i, 1]) for i in range(sigmas.shape[0])])
+
+
 def _run_schedule(like, *, scheduler: str, steps: int, model_sampling: dict, options: dict | None = None,
                   denoise: float = 1.0, zsnr_terminal: str = "comfyui"):
     """Golden adapter for schedule cases (op "schedule"): the sigmas of ``scheduler`` for ``steps``
@@ -231,6 +274,9 @@ OPS = {
     "pad": ops.pad,
     "attention": _attention.attention,
     "sample": _run_sample,
+    "sample_brownian": _run_sample_brownian,
+    "brownian_tree": _run_brownian_tree,
+    "brownian_noise": _run_brownian_noise,
     "schedule": _run_schedule,
     "model_sampling_table": _run_model_sampling_table,
     "tokenize": _run_tokenize,

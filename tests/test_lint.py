@@ -16,7 +16,7 @@ PKG = Path(__file__).resolve().parent.parent / "refsd"
 # Modules allowed to import NumPy: host-side I/O, noise, reports. Never model or op code.
 NUMPY_ALLOWED = {"xp.py", "golden.py", "compare.py", "trace.py", "cli.py", "cli_generate.py", "cli_job.py", "weights/safetensors.py",
                  "weights/params.py", "weights/__init__.py", "sampling/rng.py",
-                 "sampling/noise.py",
+                 "sampling/noise.py", "sampling/brownian.py",  # host-side noise (torchsde restated)
                  "weights/ldm.py",  # ldm.py: to_ldm concatenates fused q/k/v on the host, to write files
                  "pipelines/png.py",  # host uint8 images in and out of PNG files
                  "pipelines/demo.py",  # writes the demo checkpoint's seeded random weights (host arrays to a file)

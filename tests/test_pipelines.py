@@ -468,7 +468,7 @@ def _oracle_models(case):
 
 
 def _kdiffusion_comfyui(case, *, prompt, negative, seed, steps, cfg, sampler, init_image=None, denoise=None,
-                        mask=None):
+                        mask=None, scheduler="normal"):
     """ComfyUI KSampler semantics on the oracle libraries: diffusers UNet/VAE + transformers CLIP with the
     golden weights, k-diffusion's DiscreteEpsDDPMDenoiser (quantize=True: ComfyUI's rounded timesteps),
     CFG on x0, noise = randn(seed) * sqrt(1 + sigma_max^2) (or latent + noise * sigma_0), ancestral noise
@@ -498,6 +498,8 @@ def _kdiffusion_comfyui(case, *, prompt, negative, seed, steps, cfg, sampler, in
         n = steps if denoise is None or denoise > 0.9999 else int(steps / denoise)
         ts = torch.linspace(eps.sigma_to_t(eps.sigma_max, quantize=True), eps.sigma_to_t(eps.sigma_min, quantize=True), n)
         sigmas = torch.FloatTensor([float(eps.t_to_sigma(t)) for t in ts] + [0.0])[-(steps + 1):]
+        if scheduler == "karras":  # karras_scheduler: between model_sampling.sigma_min / sigma_max
+            sigmas = sampling.get_sigmas_karras(steps, float(eps.sigmas[0]), float(eps.sigmas[-1]))
         if init_image is None:
             noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
             x = noise * torch.sqrt(1.0 + sigmas[0] ** 2)
@@ -517,8 +519,13 @@ def _kdiffusion_comfyui(case, *, prompt, negative, seed, steps, cfg, sampler, in
                 return model(x, sigma) * m + latent * (1.0 - m)
         g = torch.Generator().manual_seed(seed)
         fn = getattr(sampling, f"sample_{sampler}")
-        x = fn(sample_model, x, sigmas, disable=True,
-               **({"noise_sampler": lambda s, t: torch.randn(x.shape, generator=g)} if "ancestral" in sampler else {}))
+        noise_sampler = {"noise_sampler": lambda s, t: torch.randn(x.shape, generator=g)} if "ancestral" in sampler else {}
+        if sampler in ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"):  # BrownianTreeNoiseSampler(..., seed, cpu=True)
+            from tests.test_brownian import ComfyBrownianTreeNoiseSampler
+
+            noise_sampler = {"noise_sampler": ComfyBrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(),
+                                                                            seed, cpu=True)}
+        x = fn(sample_model, x, sigmas, disable=True, **noise_sampler)
         img = torch.clamp((vae.decode(x / 0.18215).sample + 1.0) / 2.0, 0, 1).permute(0, 2, 3, 1).numpy()
     return x.numpy(), img, np.clip(255.0 * img, 0, 255).astype(np.uint8)
 
@@ -625,7 +632,11 @@ def _kdiffusion_a1111(case, *, prompt, negative, seeds, steps, cfg, sampler, sch
 
         x = draw() * sigmas[0]
         fn = getattr(sampling, f"sample_{sampler}")
-        x = fn(model, x, sigmas, disable=True, **({"noise_sampler": lambda s, t: draw()} if "ancestral" in sampler else {}))
+        noise_sampler = {"noise_sampler": lambda s, t: draw()} if "ancestral" in sampler else {}
+        if sampler in ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"):  # create_noise_sampler: a tree per image seed
+            noise_sampler = {"noise_sampler": sampling.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(),
+                                                                                seed=list(seeds))}
+        x = fn(model, x, sigmas, disable=True, **noise_sampler)
         img = torch.clamp((vae.decode(x / 0.18215).sample + 1.0) / 2.0, 0, 1).permute(0, 2, 3, 1).numpy()
     return x.numpy(), img, (255.0 * img).astype(np.uint8)
 

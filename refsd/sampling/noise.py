@@ -1,32 +1,30 @@
 """Noise samplers for stochastic samplers, and the batch-seeding conventions of the references.
 
 A noise sampler is ``noise_sampler(sigma, sigma_next) -> array like x`` (PROTOCOLS.md). Noise is
-drawn on the host by ``refsd.sampling.rng`` (or by the Brownian tree below, in float64) and moved to
+drawn on the host by ``refsd.sampling.rng`` (directly, or through the Brownian tree) and moved to
 x's backend, device and dtype with ``refsd.xp.asarray``.
 
 - ``default_noise_sampler``: one generator seeded once; each call draws the next x-shaped noise
   (k-diffusion's ``torch.randn_like(x)``, ComfyUI's seeded ``default_noise_sampler``).
-- ``BrownianTreeNoiseSampler``: the k-diffusion/ComfyUI sampler of the same name, with a Brownian
-  tree written here (torchsde's cannot be reproduced bit for bit; see the class docstring).
+- ``BrownianTreeNoiseSampler``: the k-diffusion/ComfyUI sampler of the same name, bit-exact: its
+  tree is torchsde's BrownianTree restated in ``refsd.sampling.brownian``.
 - ``SequenceNoiseSampler``: pre-drawn noises in order (goldens, tests).
 - ``batch_noise``: initial noise for a batch, one generator or one per image (docs/noise.md).
 
 ref: k-diffusion 0.1.1 sampling.py (BatchedBrownianTree, BrownianTreeNoiseSampler);
 comfyanonymous/ComfyUI comfy/k_diffusion/sampling.py, comfy/sample.py (prepare_noise);
-AUTOMATIC1111/stable-diffusion-webui modules/processing.py (seed + i per image);
-Revuz & Yor, "Continuous martingales and Brownian motion", the Brownian bridge (ch. I.3).
+AUTOMATIC1111/stable-diffusion-webui modules/processing.py (seed + i per image).
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-
 import numpy as np
 
 import refsd.xp
 from refsd.errors import RefsdError
 from refsd.sampling import rng
+from refsd.sampling.brownian import BrownianTree
 
 
 def _host_float(v) -> float:
@@ -99,126 +97,80 @@ class SequenceNoiseSampler:
 # Brownian tree
 
 
-class _BrownianTree:
-    """A Brownian motion W on [t0, t1] with W(t0) = 0, as a deterministic function of (seed, t).
-
-    W(t1) ~ N(0, (t1 - t0) I) is drawn from the root's seed. W at any t comes from bisection: an
-    interval [a, b] with known W(a), W(b) is split at its midpoint m by the Brownian bridge,
-    W(m) = W(a) + (m - a)/(b - a) (W(b) - W(a)) + sqrt((m - a)(b - m)/(b - a)) z, where z is
-    standard normal noise drawn from a seed derived from (root seed, depth, node index), so every
-    node has one value whatever order the queries come in. The descent ends when a midpoint equals
-    t; within ``max_depth`` = 64 halvings that happens for every float t with |t| >= (t1 - t0) / 2**12
-    (its float spacing |t| 2**-52 is then at least the level-64 width), so on such points W is an
-    exact Brownian motion. A t nearer zero may not be reached: it is bridged from its level-64
-    interval (width (t1 - t0) / 2**64) with a seed derived from t's bits.
-    """
-
-    def __init__(self, t0: float, t1: float, shape, seed: int, *, max_depth: int = 64, cache: int = 8):
-        self.t0, self.t1, self.shape, self.max_depth = t0, t1, tuple(shape), max_depth
-        seed = rng._check_seed(seed) % 2**64
-        self._entropy = [seed & 0xFFFFFFFF, seed >> 32, 0x42524F57]  # 'BROW': a stream apart from rng's
-        self.w1 = math.sqrt(t1 - t0) * self._normal(0, 0, 1)
-        self._path = [(t0, t1, np.zeros(self.shape), self.w1, 0)]  # (a, b, W(a), W(b), index) per depth
-        self._values: OrderedDict[float, np.ndarray] = OrderedDict()
-        self._cache = cache
-
-    def _normal(self, *key: int) -> np.ndarray:
-        # SeedSequence ignores trailing zero words ([1, 2] and [1, 2, 0] give one stream), so every
-        # key ends in a non-zero kind: 1 for tree nodes (depth, index), 2 for leaf points
-        ss = np.random.SeedSequence(self._entropy + list(key))
-        return np.random.default_rng(ss).standard_normal(self.shape)
-
-    @staticmethod
-    def _bridge(a, b, wa, wb, t, z):
-        return wa + ((t - a) / (b - a)) * (wb - wa) + math.sqrt((t - a) * (b - t) / (b - a)) * z
-
-    def __call__(self, t: float) -> np.ndarray:
-        if t == self.t0:
-            return self._path[0][2]
-        if t == self.t1:
-            return self.w1
-        if t in self._values:
-            return self._values[t]
-        # resume from the deepest interval of the previous query that holds t strictly inside: a
-        # fresh descent from the root takes the same turns down to there
-        depth = max(d for d, (a, b, *_) in enumerate(self._path) if a < t < b)
-        del self._path[depth + 1:]
-        a, b, wa, wb, k = self._path[depth]
-        while True:
-            m = a + 0.5 * (b - a)
-            if not a < m < b:  # a rounded midpoint; a < t < b, so a float lies strictly between
-                m = float(np.nextafter(a, b))
-            if depth == self.max_depth:  # leaf: the bridge at t itself
-                bits = int(np.float64(t).view(np.uint64))
-                w = self._bridge(a, b, wa, wb, t, self._normal(depth + 1, k, bits & 0xFFFFFFFF, bits >> 32, 2))
-                break
-            wm = self._bridge(a, b, wa, wb, m, self._normal(depth + 1, k, 1))
-            if t == m:
-                w = wm
-                break
-            a, b, wa, wb, k = (a, m, wa, wm, 2 * k) if t < m else (m, b, wm, wb, 2 * k + 1)
-            depth += 1
-            self._path.append((a, b, wa, wb, k))
-        self._values[t] = w
-        if len(self._values) > self._cache:
-            self._values.popitem(last=False)
-        return w
-
-
 class BrownianTreeNoiseSampler:
-    """``noise_sampler(sigma, sigma_next) = (W(t_next) - W(t)) / sqrt(|t_next - t|)``, t = transform(sigma),
-    for a seeded Brownian motion W on [transform(sigma_min), transform(sigma_max)] (negated when
-    transform reverses that order, as in k-diffusion).
+    """``noise_sampler(sigma, sigma_next) = sign * (W(t_hi) - W(t_lo)) / sqrt(|t_next - t|)``, t =
+    transform(sigma): ComfyUI's / k-diffusion's BrownianTreeNoiseSampler, bit for bit.
 
-    Semantics of k-diffusion's/ComfyUI's BrownianTreeNoiseSampler: the same query returns the same
-    noise (in any order of queries), increments over disjoint intervals are independent, and
-    W(a->c) = W(a->b) + W(b->c). ``seed`` is an int (None means 0), or a list of ints, one per
-    batch item (one tree each, as k-diffusion's BatchedBrownianTree). ``transform`` maps a host
-    float sigma to t (identity by default; ComfyUI's dpmpp_sde passes ``-log(sigma)``-style maps).
+    W is torchsde's ``BrownianTree`` restated in ``refsd.sampling.brownian`` (same seed splitting,
+    randn draws, bridge arithmetic and halfway tree), on [transform(sigma_min), transform(sigma_max)]
+    sorted, one tree per seed: ``seed`` an int (None means 0: refsd never seeds from global state)
+    or a list of ints, one per batch item (k-diffusion's BatchedBrownianTree). The value for a query
+    does not depend on the queries before it.
 
-    NOT bit-identical to torchsde's BrownianTree (which k-diffusion and ComfyUI use): its values
-    depend on torchsde's internal seed splitting and interval cache, which cannot be reproduced
-    without torchsde itself. Same distribution, deterministic per seed. Noise is drawn in float64
-    and placed like x.
+    Times are computed as ComfyUI computes them on tensors: ``sigma_dtype`` ("float32" | "float64";
+    default the dtype of ``sigma_min`` when it is an array, else float32, torch.as_tensor's dtype for
+    a Python float) is the dtype sigmas, transform and ``|t_next - t|`` are evaluated in.
+    ``cpu=True`` (ComfyUI's dpmpp_sde / dpmpp_2m_sde / dpmpp_2m_sde_heun / dpmpp_3m_sde) hands the
+    tree float32 query times (``t.cpu().float()``); ``cpu=False`` (their ``_gpu`` variants, and
+    k-diffusion 0.1.1) hands them over in sigma_dtype: the two differ only for float64 sigmas. The
+    tree draws in float64 for float64 x, else float32 (torchsde draws in x's dtype; a half x gets
+    float32 noise here); its increments are cast to sigma_dtype as ComfyUI casts them, signed,
+    divided, and placed like x.
+
+    ref: Comfy-Org/ComfyUI@a125cd84 comfy/k_diffusion/sampling.py (BatchedBrownianTree,
+    BrownianTreeNoiseSampler); k-diffusion 0.1.1 k_diffusion/sampling.py.
     """
 
-    def __init__(self, x, sigma_min, sigma_max, seed, *, transform=None):
+    def __init__(self, x, sigma_min, sigma_max, seed=None, *, transform=None, cpu: bool = False,
+                 sigma_dtype: str | None = None):
         self._like = x
         self.transform = transform if transform is not None else (lambda s: s)
-        t0 = float(self.transform(_host_float(sigma_min)))
-        t1 = float(self.transform(_host_float(sigma_max)))
+        if sigma_dtype is None:
+            dt = getattr(sigma_min, "dtype", None)
+            sigma_dtype = "float64" if dt is not None and "float64" in str(dt) else "float32"
+        self._tdt = np.dtype(rng._check_dtype(sigma_dtype)).type
+        self.cpu = cpu
+        t0, t1 = self._time(sigma_min), self._time(sigma_max)
         if not (math.isfinite(t0) and math.isfinite(t1)) or t0 == t1:
             raise RefsdError(f"BrownianTreeNoiseSampler needs a finite, non-empty interval; got "
-                             f"transform(sigma_min)={t0}, transform(sigma_max)={t1}")
-        self._sign = 1.0 if t0 < t1 else -1.0
+                             f"transform(sigma_min)={float(t0)}, transform(sigma_max)={float(t1)}")
+        self._sign = 1 if t0 < t1 else -1
         self.t0, self.t1 = min(t0, t1), max(t0, t1)
         shape = tuple(x.shape)
         seed = 0 if seed is None else seed  # never a global RNG
+        dtype = _noise_dtype(x)
         if isinstance(seed, (list, tuple)):
             if not shape or len(seed) != shape[0]:
                 raise RefsdError(f"BrownianTreeNoiseSampler got {len(seed)} seeds for a batch of "
                                  f"{shape[0] if shape else 'no'} items (x.shape={shape})")
-            self._trees = [_BrownianTree(self.t0, self.t1, shape[1:], s) for s in seed]
+            seeds, shape = [rng._check_seed(s) for s in seed], shape[1:]
         else:
-            self._trees = [_BrownianTree(self.t0, self.t1, shape, seed)]
+            seeds = [rng._check_seed(seed)]
+        self._trees = [BrownianTree(float(self.t0), float(self.t1), shape, dtype, s) for s in seeds]
         self._batched = isinstance(seed, (list, tuple))
 
-    def _t(self, sigma) -> float:
-        t = float(self.transform(_host_float(sigma)))
-        slack = 1e-9 * (self.t1 - self.t0)  # float round-off between the caller's and our sigmas
-        if not self.t0 - slack <= t <= self.t1 + slack:
-            raise RefsdError(f"BrownianTreeNoiseSampler queried at t={t} (sigma={_host_float(sigma)}) "
-                             f"outside its interval [{self.t0}, {self.t1}]")
-        return min(max(t, self.t0), self.t1)
+    def _time(self, sigma):
+        """transform(sigma) in sigma_dtype, as ``transform(torch.as_tensor(sigma))``."""
+        return self._tdt(self.transform(self._tdt(_host_float(sigma))))
+
+    def _tree_time(self, t) -> float:
+        slack = 1e-9 * float(self.t1 - self.t0)  # float round-off between the caller's and our sigmas
+        if not float(self.t0) - slack <= float(t) <= float(self.t1) + slack:
+            raise RefsdError(f"BrownianTreeNoiseSampler queried at t={float(t)} outside its interval "
+                             f"[{float(self.t0)}, {float(self.t1)}]")
+        return float(np.float32(t)) if self.cpu else float(t)  # ComfyUI cpu=True: t.cpu().float()
 
     def __call__(self, sigma, sigma_next):
-        t, tn = self._t(sigma), self._t(sigma_next)
+        t, tn = self._time(sigma), self._time(sigma_next)
         if t == tn:
             raise RefsdError(f"BrownianTreeNoiseSampler: empty interval sigma={_host_float(sigma)} "
                              f"-> sigma_next={_host_float(sigma_next)}")
-        w = [tree(tn) - tree(t) for tree in self._trees]
+        lo, hi, sign = (t, tn, 1) if t < tn else (tn, t, -1)
+        lo, hi = self._tree_time(lo), self._tree_time(hi)
+        w = [tree(lo, hi) for tree in self._trees]
         w = np.stack(w) if self._batched else w[0]
-        noise = w * (self._sign / math.sqrt(abs(tn - t)))
+        w = w.astype(self._tdt, copy=False) * self._tdt(self._sign * sign)  # .to(dtype=t0.dtype) * sign
+        noise = w / self._tdt(np.sqrt(np.abs(tn - t)))  # torch casts the 0-d divisor to w's dtype
         return refsd.xp.asarray(noise, like=self._like, dtype=self._like.dtype)
 
 

@@ -80,12 +80,30 @@ def _check_dtype(dtype) -> str:
 
 
 def _fma32(a, b, c):
-    """``round_f32(a * b + c)`` with one rounding, for float32 arrays, as an FMA instruction gives.
+    """``round_f32(a * b + c)`` with one rounding, for float32 arrays or scalars (a an array), as an
+    FMA instruction gives.
 
     The float64 product of two float32 values is exact (48 bits); the float64 sum is not, and
-    rounding it again to float32 is wrong exactly when it lands on a float32 halfway point while
-    the exact sum does not. There the TwoSum error of the float64 addition decides the side.
+    rounding it again to float32 is wrong only where it lands exactly on a float32 halfway point
+    (the low 29 of its 52 mantissa bits are 1 then 28 zeros) or below float32's normal range. Only
+    those elements go through ``_fma32_exact``.
     """
+    s = a.astype(_F64) * b + c
+    r = s.astype(_F32)
+    suspect = ((s.view(np.uint64) & _HALFWAY_MASK) == _HALFWAY) | (np.abs(s) < _F32_TINY)
+    if suspect.any():
+        a, b, c = (np.broadcast_to(v, s.shape)[suspect] for v in (a, b, c))
+        r[suspect] = _fma32_exact(a, b, c)
+    return r
+
+
+_HALFWAY_MASK, _HALFWAY = np.uint64(0x1FFFFFFF), np.uint64(0x10000000)
+_F32_TINY = float(np.finfo(np.float32).tiny)
+
+
+def _fma32_exact(a, b, c):
+    """``_fma32`` on float32 arrays: where the rounded float64 sum s lies halfway between two
+    float32 values and the exact sum does not, the TwoSum error of the float64 addition decides."""
     p = a.astype(_F64) * b
     s = p + c
     r = s.astype(_F32)
@@ -140,12 +158,12 @@ def _log256(x):
     z = x * x
     y = np.full_like(x, _LOG_P[0])
     for p in _LOG_P[1:]:
-        y = _fma32(y, x, np.full_like(x, p))  # y = y*x + p, fused
+        y = _fma32(y, x, p)  # y = y*x + p, fused
     y = y * x
     y = _fma32(y, z, e * _LOG_Q1)  # y*z + e*q1: the first product fused, the second rounded
     y = y - z * _HALF  # fnmadd; z*0.5 is exact, so this is one rounding either way
     x = x + y
-    return _fma32(e, np.full_like(e, _LOG_Q2), x)
+    return _fma32(e, _LOG_Q2, x)
 
 
 def _sincos256(x):
@@ -155,18 +173,18 @@ def _sincos256(x):
     y = j.astype(_F32)
     sign_sin = ((j & 4) << 29).astype(np.uint32)
     poly_mask = (j & 2) == 0
-    x = _fma32(y, np.full_like(y, _DP1), x)  # extended-precision x - j*pi/4, three fused steps
-    x = _fma32(y, np.full_like(y, _DP2), x)
-    x = _fma32(y, np.full_like(y, _DP3), x)
+    x = _fma32(y, _DP1, x)  # extended-precision x - j*pi/4, three fused steps
+    x = _fma32(y, _DP2, x)
+    x = _fma32(y, _DP3, x)
     sign_cos = ((~(j - 2) & 4) << 29).astype(np.uint32)
     z = x * x
-    yc = _fma32(np.full_like(z, _COSCOF[0]), z, np.full_like(z, _COSCOF[1]))
-    yc = _fma32(yc, z, np.full_like(z, _COSCOF[2]))
+    yc = _fma32(z, _COSCOF[0], _COSCOF[1])
+    yc = _fma32(yc, z, _COSCOF[2])
     yc = yc * z
     yc = _fma32(z, yc, -(z * _HALF))  # z*y - z*0.5 (fmsub; z*0.5 exact)
     yc = yc + _ONE
-    ys = _fma32(np.full_like(z, _SINCOF[0]), z, np.full_like(z, _SINCOF[1]))
-    ys = _fma32(ys, z, np.full_like(z, _SINCOF[2]))
+    ys = _fma32(z, _SINCOF[0], _SINCOF[1])
+    ys = _fma32(ys, z, _SINCOF[2])
     ys = _fma32(x, z * ys, x)
     zero = _F32(0.0)
     ysin2 = np.where(poly_mask, ys, zero)
@@ -228,11 +246,18 @@ class TorchCPUGenerator:
     mode = "torch-cpu"
 
     def __init__(self, seed):
-        self.seed = _check_seed(seed)
         self._mt = np.random.MT19937()
-        self._mt.state = {"bit_generator": "MT19937",
-                          "state": {"key": _mt19937_init(self.seed & _U32), "pos": 624}}
+        self.manual_seed(seed)
+
+    def manual_seed(self, seed) -> TorchCPUGenerator:
+        """Restart from ``seed``, as ``torch.Generator.manual_seed`` (cheaper than a new generator:
+        the Brownian tree reseeds one generator for every draw, as torchsde seeds a fresh one)."""
+        self.seed = _check_seed(seed)
+        # NumPy's legacy seeding is init_genrand(seed32) with pos 624: torch's key and position
+        # (_mt19937_init restates it; tests/test_brownian.py checks the two agree)
+        self._mt._legacy_seeding(self.seed & _U32)
         self._next_normal = None  # torch's next_double_normal_sample
+        return self
 
     def _words(self, n: int) -> np.ndarray:
         return self._mt.random_raw(n)  # uint64 holding 32-bit mt19937 outputs
@@ -275,6 +300,33 @@ class TorchCPUGenerator:
         if n != full:  # the tail: 16 fresh uniforms recompute the last 16 outputs
             out[n - 16:] = box_muller(uniform(16).reshape(1, 16)).ravel()
         return out.reshape(shape)
+
+
+def randn_seeded(seeds, shape, dtype="float32", *, generator: TorchCPUGenerator | None = None) -> np.ndarray:
+    """(len(seeds), *shape): row k is ``torch.randn(shape, dtype, generator=torch.Generator()
+    .manual_seed(seeds[k]))``, as ``TorchCPUGenerator(s).randn`` gives it, with one Box-Muller pass
+    over all the rows (the Brownian tree draws a fresh generator per node: per-call overhead
+    dominates small shapes). ``generator``: a TorchCPUGenerator to reseed (saves creating one)."""
+    shape, dtype = _check_shape(shape), _check_dtype(dtype)
+    n, g = math.prod(shape), generator or TorchCPUGenerator(0)
+    out = np.empty((len(seeds), n), dtype=dtype)
+    if n < 16:
+        for k, s in enumerate(seeds):
+            out[k] = g.manual_seed(s)._small(n, dtype)
+        return out.reshape(len(seeds), *shape)
+    full = n // 16 * 16
+    uniform, box_muller = ((g._uniform32, _box_muller_avx2) if dtype == "float32"
+                           else (g._uniform64, _box_muller_f64))
+    u = np.empty((len(seeds), n + (16 if n != full else 0)), dtype=dtype)
+    for k, s in enumerate(seeds):
+        g.manual_seed(s)
+        u[k, :n] = uniform(n)
+        if n != full:  # the tail: 16 fresh uniforms recompute the last 16 outputs
+            u[k, n:] = uniform(16)
+    out[:, :full] = box_muller(u[:, :full].reshape(-1, 16)).reshape(len(seeds), full)
+    if n != full:
+        out[:, n - 16:] = box_muller(u[:, n:])
+    return out.reshape(len(seeds), *shape)
 
 
 # Philox4x32-10 (Salmon et al. 2011; constants as in Random123 and curand)

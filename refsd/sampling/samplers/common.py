@@ -84,6 +84,7 @@ class Run:
         positive = [v for v in self.s if v > 0]
         self._range = (min(positive), max(self.s)) if positive else None  # before any offset (ComfyUI)
         self._x0, self._seed, self._brownian = x, seed, brownian
+        self.sigma_dtype = "float64" if "float64" in str(sigmas.dtype) else "float32"
         self.noise_sampler = noise_sampler
         self.ms = getattr(model, "model_sampling", None)
         self.flow = self.ms is not None and getattr(self.ms, "prediction", None) == "const"
@@ -106,8 +107,9 @@ class Run:
             from refsd.sampling.noise import BrownianTreeNoiseSampler, default_noise_sampler
 
             seed = 0 if self._seed is None else self._seed
-            if self._brownian:
-                self.noise_sampler = BrownianTreeNoiseSampler(self._x0, *self._range, seed)
+            if self._brownian:  # ComfyUI: BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed=seed, cpu=True)
+                self.noise_sampler = BrownianTreeNoiseSampler(self._x0, *self._range, seed, cpu=True,
+                                                              sigma_dtype=self.sigma_dtype)
             else:
                 self.noise_sampler = default_noise_sampler(self._x0, seed)
         n = self.noise_sampler(sigma, sigma_next)

@@ -42,6 +42,7 @@ import math
 from refsd import xp as rxp
 from refsd.errors import RefsdError
 from refsd.sampling.samplers.common import Run, ancestral_step, churn, flow_half_log_snr, neg_log, rf_ancestral_step, sigmoid_neg
+from refsd.sampling.samplers.numerics import round_f32
 
 def _lms_coeff(order: int, s: list[float], i: int, j: int) -> float:
     """Integral over [s[i], s[i+1]] of the Lagrange basis polynomial of node s[i-j] on s[i], ..., s[i-order+1].
@@ -344,7 +345,7 @@ def sample_dpmpp_sde(model, x, sigmas, *, extra_args=None, callback=None, noise_
         h_ = neg_log(sd) - lambda_s
         x_2 = x * (alpha_s_1 / alpha_s * math.exp(-h_)) - denoised * (alpha_s_1 * math.expm1(-h_))
         if noisy:
-            x_2 = x_2 + run.noise(s[i], sigma_s_1) * (alpha_s_1 * s_noise * su)
+            x_2 = x_2 + run.noise(s[i], _comfy_sigma_s_1(run, s[i], s[i + 1], r, sigma_s_1)) * (alpha_s_1 * s_noise * su)
         denoised_2 = run.model(x_2, sigma_s_1)
         # stage 2
         sd, su = ancestral_step(math.exp(-lambda_s), math.exp(-lambda_t), eta)
@@ -354,6 +355,18 @@ def sample_dpmpp_sde(model, x, sigmas, *, extra_args=None, callback=None, noise_
         if noisy:
             x = x + run.noise(s[i], s[i + 1]) * (alpha_t * s_noise * su)
     return x
+
+
+def _comfy_sigma_s_1(run, sigma: float, sigma_next: float, r: float, sigma_s_1: float) -> float:
+    """dpmpp_sde's half-step sigma as ComfyUI computes it on float32 sigmas (VE/VP): each tensor op
+    rounded to float32, -log(sigma), the lambda step, exp(-lambda). The Brownian tree resolves times
+    to 1e-6, finer than a float32 ulp above sigma ~ 8, so its noise needs ComfyUI's time, not the
+    float64 one. (torch's float32 log / exp are not always correctly rounded: rare ulp cases remain.)"""
+    if run.sigma_dtype != "float32" or run.flow:
+        return sigma_s_1
+    lambda_s, lambda_t = round_f32(-math.log(sigma)), round_f32(-math.log(sigma_next))
+    lambda_s_1 = round_f32(lambda_s + round_f32(r * round_f32(lambda_t - lambda_s)))
+    return round_f32(math.exp(-lambda_s_1))
 
 
 def sample_dpmpp_2m(model, x, sigmas, *, extra_args=None, callback=None, noise_sampler=None, seed=None):
