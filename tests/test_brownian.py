@@ -305,10 +305,6 @@ def test_comfyui_pipeline_sde_sampler_matches_comfyui(sampler, scheduler):
     assert np.max(np.abs(res.images[0].astype(int) - u8[0])) <= 1 and np.mean(res.images[0] != u8[0]) < 0.01
 
 
-@pytest.mark.xfail(strict=True, reason="needs refsd/pipelines/parity.py a1111_plan to build its sigmas with "
-                   "get_sigmas(..., precision='float32'): A1111's k-diffusion computes Karras sigmas with float32 "
-                   "torch ops, refsd's a1111 plan in float64 (1-5 float32 ulp apart), and the Brownian tree "
-                   "resolves times to 1e-6. With that one change this test passes (and the other A1111 tests too)")
 def test_a1111_pipeline_dpmpp_2m_sde_karras_matches_a1111():
     """parity="a1111", "DPM++ 2M SDE Karras", batch 2 from seed 40: A1111's txt2img rebuilt on
     k-diffusion, create_noise_sampler = BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed=[40, 41])."""

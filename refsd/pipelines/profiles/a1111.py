@@ -36,9 +36,12 @@ def a1111_plan(model_sampling, sampler: str, scheduler: str, steps: int) -> Plan
     """A1111 KDiffusionSampler.get_sigmas for txt2img: one step more with the penultimate sigma dropped
     for A1111_DISCARD_PENULTIMATE; "normal" is k-diffusion's ``get_sigmas(steps)`` (t = linspace(999, 0,
     steps), log-sigma interpolation: ComfyUI's "normal" formula), karras / exponential between the
-    model's sigma_min and sigma_max; continuous timesteps; x = noise * sigmas[0]."""
+    model's sigma_min and sigma_max, in float32 as A1111's k-diffusion computes them (torch's default
+    dtype: float64 sigmas are 1-5 float32 ulps apart, which moves the SDE samplers' Brownian query
+    times); continuous timesteps; x = noise * sigmas[0]."""
     A1111.check_sampler(sampler, scheduler)
-    s = get_sigmas(scheduler, model_sampling, steps, discard_penultimate=sampler in A1111_DISCARD_PENULTIMATE)
+    s = get_sigmas(scheduler, model_sampling, steps, discard_penultimate=sampler in A1111_DISCARD_PENULTIMATE,
+                   precision="float32")
     sigmas = tuple(float(v) for v in rxp.to_numpy(s))
     return Plan(sampler, sigmas, None, sigmas[0], vp=False, timestep_rounding="none")
 
