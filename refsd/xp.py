@@ -264,7 +264,7 @@ _NO_KERNELS: Mapping[str, Callable] = MappingProxyType({})
 def exp_(x):
     """``exp(x)``, overwriting ``x`` where the backend allows. ``x`` must be a temporary the caller owns."""
     if isinstance(x, np.ndarray):  # NumPy / CuPy-style out= avoids a second buffer the size of x.
-        with np.errstate(over="ignore"):  # exp(large) = inf is the right limit for silu / sigmoid callers
+        with np.errstate(over="ignore"):  # exp(large) = inf is the right limit
             return np.exp(x, out=x)
     if _compat.is_torch_array(x):
         return x.exp_()
