@@ -6,6 +6,8 @@ SD1.5 shapes and written next to each kernel; "exact" kernels do the definition'
 another memory order and must match bit for bit.
 """
 
+import array_api_compat.numpy as cnp
+import array_api_strict
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -153,9 +155,6 @@ def test_sd_shapes_agree(name, shapes, kwargs):
 
 
 def test_kernels_for_each_backend():
-    import array_api_strict
-    import array_api_compat.numpy as cnp
-
     with rxp.use_kernels("fast"):
         assert rxp.kernels_for(np) is K.FAST and rxp.kernels_for(cnp) is K.FAST
         assert dict(rxp.kernels_for(array_api_strict)) == {}

@@ -1,6 +1,7 @@
 """refsd.numerics: host float32 emulation, checked against torch's float32 arithmetic itself."""
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -24,8 +25,6 @@ def test_f32_rounds_to_nearest_even():
 
 def test_fma_f32_is_one_rounding():
     """fma_f32 against exact rational arithmetic: the float32 nearest to a * b + c (a * b exact)."""
-    from fractions import Fraction
-
     rng = np.random.default_rng(1)
     for _ in range(3000):
         a = float(np.float32(rng.standard_normal()))
