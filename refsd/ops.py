@@ -12,7 +12,8 @@ table once per call: NumPy in ``fast`` mode (the default) gets refsd/kernels.py 
 chains in cache-sized chunks on CPU threads, flat-offset and banded convolutions); every other
 backend, and NumPy in ``reference`` mode (``REFSD_KERNELS=reference``, ``refsd.xp.set_kernels`` or
 ``with refsd.xp.use_kernels("reference")``), runs the definitions here. The definition is also
-reachable as ``<op>.reference``. Each fast kernel states its measured error against the definition.
+reachable, without the argument checks, as ``<op>.reference``. Each fast kernel states its measured
+error against the definition.
 
 References (semantics each op matches, verified by the goldens in golden/cases/ops):
 - torch.nn.functional: linear, conv2d, group_norm, layer_norm, silu, gelu, softmax, interpolate, pad.
