@@ -1,6 +1,6 @@
-"""python -m bench ops [--repeats N] [--quick] [--json PATH]
+"""python -m bench ops [--repeats N] [--quick] [--kernels fast|reference|both] [--json PATH]
 python -m bench brownian [--repeats N] [--json PATH]
-python -m bench unet [--model sd15|sdxl] [--latent N] [--warmup W] [--repeats N] [--rounds R] [--json PATH]"""
+python -m bench unet [--model sd15|sdxl] [--latent N] [--warmup W] [--repeats N] [--rounds R] [--kernels fast|reference] [--json PATH]"""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ def main(argv=None) -> int:
                          "unet: timed forwards per side in all, split over --rounds (N // rounds each, at least 1)")
     ap.add_argument("--quick", action="store_true", help="skip the slowest cases (VAE conv, naive attention)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON")
-    unet_options(ap)  # --model, --latent, --warmup, --rounds
+    unet_options(ap)  # --model, --latent, --warmup, --rounds, --kernels
     ap.add_argument("--tune-allocator", action="store_true",
-                    help="call refsd.xp.tune_allocator() first (keeps freed heap memory mapped; affects torch too)")
+                    help="call refsd.kernels.tune_allocator() first (keeps freed heap memory mapped; affects torch too)")
     args = ap.parse_args(argv)
     import numpy as np
     import torch
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '')}")
     if args.tune_allocator:
-        from refsd.xp import tune_allocator
+        from refsd.kernels import tune_allocator
 
         print(f"# tune_allocator(): {tune_allocator()}")
     if args.suite == "unet":
@@ -57,7 +57,8 @@ def main(argv=None) -> int:
         return 0
     from bench import ops
 
-    rows = ops.run(repeats=args.repeats, quick=args.quick)
+    modes = ops.KERNEL_MODES if args.kernels is None or args.kernels == "both" else (args.kernels,)
+    rows = ops.run(repeats=args.repeats, quick=args.quick, kernels=modes)
     s = ops.summary(rows)
     if s:
         print(s)

@@ -1,7 +1,12 @@
 """refsd-numpy vs torch-CPU on the ops at Stable Diffusion 1.5's shapes (fp32).
 
-Targets (issue "Foundation"): conv2d 3x3 at the three UNet shapes <= 1.5x torch; attention at
-2x8x4096x40: default strategy <= 2.5x SDPA, tiled peak extra memory <= 1/8 of naive;
+Each op of refsd.ops is timed once per kernel mode (``kernels``: "fast", refsd/kernels.py, the
+default on NumPy; "reference", the definitions in refsd/ops.py), each row against torch; the summary
+gives reference / fast per op. Attention does not go through the kernel table (its strategies are
+arguments) and is timed once.
+
+Targets (issue "Foundation", fast kernels): conv2d 3x3 at the three UNet shapes <= 1.5x torch;
+attention at 2x8x4096x40: default strategy <= 2.5x SDPA, tiled peak extra memory <= 1/8 of naive;
 group_norm and gelu <= 3x torch.
 """
 
@@ -12,12 +17,16 @@ import numpy as np
 from bench.common import Row, compare_seconds, format_table, peak_extra_mib
 
 
-def run(repeats: int = 3, quick: bool = False) -> list[Row]:
+KERNEL_MODES = ("fast", "reference")
+
+
+def run(repeats: int = 3, quick: bool = False, kernels: tuple[str, ...] = KERNEL_MODES) -> list[Row]:
     import torch
     import torch.nn.functional as F
 
     from refsd import attention as att
     from refsd import ops
+    from refsd import xp as rxp
 
     rng = np.random.default_rng(0)
     rows: list[Row] = []
@@ -25,13 +34,19 @@ def run(repeats: int = 3, quick: bool = False) -> list[Row]:
     def randn(*shape, scale=1.0):
         return (rng.standard_normal(shape, dtype=np.float32) * scale).astype(np.float32)
 
-    def measure(name, ours, ref, target=None, reps=repeats):
+    def measure_one(name, ours, ref, target=None, reps=repeats):
         with torch.inference_mode():
             ours_s, ref_s = compare_seconds(ours, ref, reps, rounds=1 if reps == 1 else 2)
             ref_mib = peak_extra_mib(ref)
         ours_mib = peak_extra_mib(ours)
         rows.append(Row(name, ours_s, ref_s, ours_mib, ref_mib, target))
         print(format_table(rows[-1:], "refsd", "torch").splitlines()[1], flush=True)
+
+    def measure(name, ours, ref, target=None, reps=repeats):
+        """One row per kernel mode: "<name> [fast]", "<name> [reference]" (targets apply to fast)."""
+        for mode in kernels:
+            with rxp.use_kernels(mode):
+                measure_one(f"{name} [{mode}]", ours, ref, target if mode == "fast" else None, reps)
 
     print(format_table([], "refsd", "torch"), flush=True)
     conv_shapes = [(2, 320, 64), (2, 640, 32), (2, 1280, 16)]
@@ -67,15 +82,21 @@ def run(repeats: int = 3, quick: bool = False) -> list[Row]:
     sdpa = lambda: F.scaled_dot_product_attention(tq, tk, tv)  # noqa: E731
     for strategy in ("sliced", "tiled") + (() if quick else ("naive",)):
         target = 2.5 if strategy == "sliced" else None
-        measure(f"attention {strategy} 2x8x4096x40", lambda s=strategy: att.attention(q, k, v, strategy=s), sdpa,
-                target=target, reps=1 if strategy == "naive" else repeats)
+        measure_one(f"attention {strategy} 2x8x4096x40", lambda s=strategy: att.attention(q, k, v, strategy=s), sdpa,
+                    target=target, reps=1 if strategy == "naive" else repeats)
     return rows
 
 
 def summary(rows: list[Row]) -> str:
-    """The acceptance checks that compare rows with each other (memory of tiled vs naive)."""
-    by = {r.case.split(" 2x8x")[0]: r for r in rows if r.case.startswith("attention")}
+    """The comparisons between rows: reference / fast time per op, memory of tiled vs naive attention."""
     out = []
+    fast = {r.case[: -len(" [fast]")]: r for r in rows if r.case.endswith(" [fast]")}
+    for r in rows:
+        if r.case.endswith(" [reference]") and r.case[: -len(" [reference]")] in fast:
+            f = fast[r.case[: -len(" [reference]")]]
+            out.append(f"{r.case[: -len(' [reference]')]:44} reference / fast = {r.ours_s * 1e3:.1f} / "
+                       f"{f.ours_s * 1e3:.1f} ms = {r.ours_s / f.ours_s:.2f}")
+    by = {r.case.split(" 2x8x")[0]: r for r in rows if r.case.startswith("attention")}
     if "attention tiled" in by and "attention naive" in by:
         t, n = by["attention tiled"].ours_mib, by["attention naive"].ours_mib
         if t is not None and n is not None:

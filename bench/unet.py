@@ -11,7 +11,8 @@ so drift on a shared machine hits both. Each side saves its last output, and the
 max |refsd - torch| / max |torch|, from identical inputs.
 
 ``python -m bench unet`` runs the SD1.5 default; ``python -m bench.unet [--model sdxl] [--latent N]
-[--warmup W] [--repeats N] [--rounds R] [--json PATH]`` takes every option (``python -m bench.unet
+[--warmup W] [--repeats N] [--rounds R] [--kernels fast|reference] [--json PATH]`` takes every option
+(``--kernels``: refsd.ops' kernel mode on the refsd side, default fast) (``python -m bench.unet
 --side torch|refsd ...`` is one subprocess, printing its result as one JSON line).
 """
 
@@ -89,9 +90,10 @@ def _build(model: str, latent: int | None):
 
 
 def side(which: str, repeats: int, *, model: str = "sd15", latent: int | None = None, warmup: int = 1,
-         out: str | None = None) -> dict:
+         out: str | None = None, kernels: str = "fast") -> dict:
     """Run one side in this process: seconds per timed forward, peak/base resident bytes (of the
-    timed forwards), build seconds and build peak; saves the last output to ``out`` (.npy) if given."""
+    timed forwards), build seconds and build peak; saves the last output to ``out`` (.npy) if given.
+    ``kernels``: refsd.xp.set_kernels mode for the refsd side."""
     import numpy as np
     import torch
 
@@ -110,6 +112,7 @@ def side(which: str, repeats: int, *, model: str = "sd15", latent: int | None = 
         from refsd.models.unet import UNetConfig, unet
         from refsd.weights.params import Params
 
+        rxp.set_kernels(kernels)
         params = Params({k: v.numpy() for k, v in net.state_dict().items()}, xp=rxp.backend("numpy")[0])
         cfg = UNetConfig.from_dict(getattr(configs, MODELS[model][1]))
         xs, ts, cs = x.numpy(), t.numpy(), ctx.numpy()
@@ -139,7 +142,7 @@ def side(which: str, repeats: int, *, model: str = "sd15", latent: int | None = 
 
 
 def run(repeats: int = 1, rounds: int = 2, *, model: str = "sd15", latent: int | None = None, warmup: int = 1,
-        log=None) -> dict:
+        log=None, kernels: str = "fast") -> dict:
     """``rounds`` x (torch subprocess, refsd subprocess), each ``warmup`` + ``repeats`` forwards.
 
     -> {"meta": what was run, "torch": [per-subprocess results], "refsd": [...], "agreement": ...}.
@@ -149,7 +152,7 @@ def run(repeats: int = 1, rounds: int = 2, *, model: str = "sd15", latent: int |
 
     shape = latent_shape(model, latent)
     res = {"meta": {"model": model, "label": MODELS[model][0], "latent": list(shape), "rounds": rounds,
-                    "warmup": warmup, "repeats": repeats, "dtype": "float32", "attention": "sliced",
+                    "warmup": warmup, "repeats": repeats, "dtype": "float32", "attention": "sliced", "kernels": kernels,
                     "timestep": TIMESTEP, "tokens": TOKENS, "seed": SEED},
            "torch": [], "refsd": []}
     if MODELS[model][4] is not None:
@@ -159,7 +162,8 @@ def run(repeats: int = 1, rounds: int = 2, *, model: str = "sd15", latent: int |
         for r in range(rounds):
             for which in ("torch", "refsd"):
                 cmd = [sys.executable, "-m", "bench.unet", "--side", which, "--model", model, "--latent",
-                       str(shape[2]), "--warmup", str(warmup), "--repeats", str(repeats), "--out", outs[which]]
+                       str(shape[2]), "--warmup", str(warmup), "--repeats", str(repeats), "--out", outs[which],
+                       "--kernels", kernels]
                 t0 = time.perf_counter()
                 proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
                 if proc.returncode:
@@ -197,7 +201,7 @@ def summary(res: dict) -> str:
         ids = f", time_ids {m['time_ids']}" if "time_ids" in m else ""
         lines.append(f"run: {m['rounds']} round(s), each a torch then a refsd subprocess of {m['warmup']} warm-up + "
                      f"{m['repeats']} timed forward(s); timestep {m['timestep']:g}, {m['tokens']} tokens{ids}; "
-                     f"refsd attention {m['attention']}")
+                     f"refsd attention {m['attention']}, kernels {m.get('kernels', 'fast')}")
         base = {k: max(r["base"] for r in res[k]) for k in sides}
         build = {k: max(r.get("build_peak", 0) for r in res[k]) for k in sides}
         build_s = {k: statistics.median([r.get("build_s", 0.0) for r in res[k]]) for k in sides}
@@ -231,11 +235,15 @@ def add_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--warmup", type=int, default=1, help="unet: untimed forwards per subprocess before timing (0 allowed)")
     ap.add_argument("--rounds", type=int, default=None,
                     help="unet: subprocesses per side, alternating torch, refsd (default 2, or 1 when --repeats is 1)")
+    ap.add_argument("--kernels", choices=["fast", "reference", "both"], default=None,
+                    help="refsd.ops kernel mode (refsd.xp.set_kernels): unet: fast (default) or reference on the "
+                         "refsd side; ops: both (default), fast or reference, each row against torch")
 
 
-def describe(model: str, latent: int | None, rounds: int, warmup: int, per_round: int) -> str:
+def describe(model: str, latent: int | None, rounds: int, warmup: int, per_round: int, kernels: str = "fast") -> str:
     return (f"# unet: {MODELS[model][0]}, latent {'x'.join(map(str, latent_shape(model, latent)))}, fp32; per side "
-            f"{rounds} round(s) x ({warmup} warm-up + {per_round} timed forward(s)), each round a fresh subprocess")
+            f"{rounds} round(s) x ({warmup} warm-up + {per_round} timed forward(s)), each round a fresh subprocess; "
+            f"refsd kernels {kernels}")
 
 
 def from_args(args: argparse.Namespace, error) -> dict:
@@ -248,9 +256,12 @@ def from_args(args: argparse.Namespace, error) -> dict:
         error("--warmup must be >= 0")
     if args.latent is not None and args.latent < 1:
         error("--latent must be >= 1")
-    print(describe(args.model, args.latent, rounds, args.warmup, per_round), flush=True)
+    if args.kernels == "both":
+        error("--kernels both applies to the ops suite; the unet suite takes fast or reference")
+    kernels = args.kernels or "fast"
+    print(describe(args.model, args.latent, rounds, args.warmup, per_round, kernels), flush=True)
     return run(repeats=per_round, rounds=rounds, model=args.model, latent=args.latent, warmup=args.warmup,
-               log=lambda line: print(line, flush=True))
+               log=lambda line: print(line, flush=True), kernels=kernels)
 
 
 def main(argv=None) -> int:
@@ -265,7 +276,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.side:
         print(json.dumps(side(args.side, args.repeats, model=args.model, latent=args.latent, warmup=args.warmup,
-                              out=args.out)))
+                              out=args.out, kernels=args.kernels or "fast")))
         return 0
     print(_header())
     res = from_args(args, ap.error)

@@ -1,9 +1,11 @@
 """Namespace, device and dtype plumbing: the ONLY module in refsd that knows which library it runs on.
 
 Model code gets its namespace from its inputs (``xp = namespace(x, w)``) and uses standard Array API
-calls only. What the standard cannot express efficiently -- updating a temporary in place, running
-independent slices on several CPU threads -- is offered here as small helpers whose results are
-identical on every backend; each backend branch is commented with why it exists.
+calls only. Two kinds of speed-up are chosen here, each backend branch commented with why it exists:
+- the kernel table refsd.ops consults (``kernels_for``): refsd/kernels.py on NumPy in "fast" mode (the
+  default), none elsewhere or in "reference" mode (``set_kernels``, ``use_kernels``, $REFSD_KERNELS);
+- helpers for refsd.attention's strategies -- exponentiating a temporary in place, running
+  independent slices on CPU threads -- whose results are identical on every backend.
 
 Backends: ``numpy`` (the reference), ``array-api-strict`` (the portability proof), ``torch``
 (``torch:cpu``, ``torch:mps``, ``torch:cuda[:N]``) and ``cupy``.
@@ -12,13 +14,17 @@ Backends: ``numpy`` (the reference), ``array-api-strict`` (the portability proof
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Callable, Iterable
 
 import array_api_compat as _compat
 import numpy as np
 
+from refsd import kernels as _kernels
 from refsd.errors import BackendError
 
 BACKENDS = ("numpy", "array-api-strict", "torch", "torch:cpu", "torch:mps", "torch:cuda", "cupy")
@@ -200,14 +206,65 @@ def precision(xp, storage: str = "float32") -> Precision:
 
 
 # --------------------------------------------------------------------------------------------
-# in-place updates and CPU threads (performance only: every helper returns the same values on
-# every backend)
+# kernels: the one place where an op's fast implementation is chosen
+
+
+KERNEL_MODES = ("reference", "fast")
+_kernels_mode: str | None = None  # set_kernels / use_kernels; None: $REFSD_KERNELS, else "fast"
+
+
+def kernels_mode() -> str:
+    """The kernel mode in force: set_kernels' / use_kernels' setting, else $REFSD_KERNELS, else "fast"."""
+    mode = _kernels_mode or os.environ.get("REFSD_KERNELS") or "fast"
+    if mode not in KERNEL_MODES:
+        raise BackendError(f"unknown kernel mode {mode!r} (REFSD_KERNELS or set_kernels); valid: {', '.join(KERNEL_MODES)}")
+    return mode
+
+
+def set_kernels(mode: str | None) -> None:
+    """Choose how refsd.ops run, process-wide: "fast" (NumPy gets refsd/kernels.py; the default),
+    "reference" (every backend runs the definitions in refsd/ops.py), or None ($REFSD_KERNELS again).
+    For ``--kernels reference|fast`` and benchmarks; tests use ``use_kernels``."""
+    global _kernels_mode
+    if mode is not None and mode not in KERNEL_MODES:
+        raise BackendError(f"unknown kernel mode {mode!r}; valid: {', '.join(KERNEL_MODES)}")
+    _kernels_mode = mode
+
+
+@contextmanager
+def use_kernels(mode: str):
+    """``with use_kernels("reference"): ...`` runs the block in ``mode``, then restores the previous
+    setting (also on error). Process-wide while it lasts: threads see it too."""
+    previous = _kernels_mode
+    set_kernels(mode)
+    try:
+        yield
+    finally:
+        set_kernels(previous)
+
+
+def kernels_for(xp) -> Mapping[str, Callable]:
+    """The kernel table refsd.ops uses on ``xp``: op name -> fast implementation. NumPy in "fast" mode
+    gets refsd.kernels.FAST; array-api-strict, torch and cupy always get {} (the definitions in
+    refsd/ops.py): the fast kernels are NumPy ufunc/BLAS code, and those libraries fuse or
+    parallelise internally (array-api-strict exists to run the standard definitions)."""
+    if _compat.is_numpy_namespace(xp) and kernels_mode() == "fast":
+        return _kernels.FAST
+    return _NO_KERNELS
+
+
+_NO_KERNELS: Mapping[str, Callable] = MappingProxyType({})
+
+
+# --------------------------------------------------------------------------------------------
+# in-place updates and CPU threads for refsd.attention (performance only: every helper returns the
+# same values on every backend)
 
 
 def exp_(x):
     """``exp(x)``, overwriting ``x`` where the backend allows. ``x`` must be a temporary the caller owns."""
     if isinstance(x, np.ndarray):  # NumPy / CuPy-style out= avoids a second buffer the size of x.
-        with np.errstate(over="ignore"):  # exp(large) = inf is the right limit for silu / sigmoid callers
+        with np.errstate(over="ignore"):  # exp(large) = inf is the right limit
             return np.exp(x, out=x)
     if _compat.is_torch_array(x):
         return x.exp_()
@@ -218,32 +275,13 @@ def exp_(x):
     return _compat.array_namespace(x).exp(x)
 
 
-def sum_of_squares(x):
-    """Sum of x * x over the last axis, accurate in float32 for long rows (GroupNorm's variance).
-
-    NumPy's ``vecdot`` is a BLAS dot (pairwise-blocked, no temporary). array-api-compat's torch
-    ``vecdot`` is a batched (1, n) @ (n, 1) matmul, which torch-CPU accumulates in one float32 chain:
-    3.2e-5 relative error at n = 131072 (a 256-channel, 128x128 VAE GroupNorm row), which grew to
-    5e-5 x max|out| at the end of a full-size VAE decoder. ``torch.linalg.vecdot`` sums in blocks: 9e-8.
-    """
-    if _compat.is_torch_array(x):
-        import torch
-
-        return torch.linalg.vecdot(x, x)
-    return _compat.array_namespace(x).vecdot(x, x)
-
-
 def cpu_threads(xp) -> int:
     """How many Python threads ``parallel_map`` uses on ``xp``: >1 only for NumPy.
 
     NumPy runs elementwise ufuncs on one core, but releases the GIL in them and in matmul, so
     independent slices can run on separate threads. torch and CuPy parallelise internally.
     """
-    if not _compat.is_numpy_namespace(xp):
-        return 1
-    return max(1, min(os.cpu_count() or 1, 8))
-
-
+    return _kernels.CPU_THREADS if _compat.is_numpy_namespace(xp) else 1
 
 
 def _blas_single_thread():
@@ -274,44 +312,6 @@ def parallel_map(xp, fn: Callable, items: Iterable, *, blas_threads_per_item: in
             return list(pool.map(fn, items))
 
 
-def map_chunks(fn: Callable, x, chunk: int):
-    """Apply an elementwise ``fn(x, out=None)`` (same shape and dtype out) to ``x``.
-
-    On NumPy, ``x`` is processed in flat chunks of ``chunk`` elements, split across CPU threads, and
-    ``fn`` receives ``out=``, the matching chunk of the result, to write into (through ``into``):
-    a chain of ufuncs over a cache-resident chunk runs 2-3x faster than over a whole activation, and
-    writing the last step straight into the result saves a copy (GELU 2x4096x5120: 239 -> 181 ms).
-    Other backends get ``fn(x)`` whole: they fuse or parallelise internally.
-    """
-    if not isinstance(x, np.ndarray) or x.size <= chunk:
-        return fn(x)
-    flat = x.reshape(-1)
-    out = np.empty_like(flat)
-    n = max(1, min(cpu_threads(_compat.array_namespace(x)), x.size // chunk))
-    bounds = [round(i * flat.size / n) for i in range(n + 1)]
-
-    def run(part):
-        for i in range(bounds[part], bounds[part + 1], chunk):
-            j = min(i + chunk, bounds[part + 1])
-            fn(flat[i:j], out=out[i:j])
-
-    if n == 1:
-        run(0)
-    else:
-        with ThreadPoolExecutor(max_workers=n) as pool:
-            list(pool.map(run, range(n)))
-    return out.reshape(x.shape)
-
-
-def into(op: str, *args, out=None):
-    """``xp.<op>(*args)`` (a standard elementwise function: clip, multiply, divide, ...), written into
-    ``out`` when given. Only ``map_chunks`` passes ``out``, and only on NumPy, where it is a chunk of
-    the result; elsewhere this is the plain standard call."""
-    if out is not None:
-        return getattr(np, op)(*args, out=out)
-    return getattr(_compat.array_namespace(*(a for a in args if not isinstance(a, (int, float)))), op)(*args)
-
-
 def synchronize(x) -> None:
     """Wait until the work producing ``x`` has finished (for timing on asynchronous GPU backends)."""
     if _compat.is_torch_array(x) and x.device.type in ("cuda", "mps"):
@@ -322,49 +322,3 @@ def synchronize(x) -> None:
         import cupy
 
         cupy.cuda.get_current_stream().synchronize()
-
-
-
-def map_rows(fn: Callable, x, *extras):
-    """``fn(x, *extras, out=None)`` for an ``fn`` that treats axis 0 as independent rows and keeps
-    x's shape and dtype (e.g. normalising (batch, group) slabs).
-
-    On NumPy the rows are split into one contiguous block per CPU thread, and ``fn`` gets ``out=``,
-    its block of the result, to build its answer in (through ``into``): NumPy's ufuncs are
-    single-threaded, and these passes are memory-bound. ``extras`` are split along axis 0 alongside
-    ``x``. Other backends get one vectorised call.
-    """
-    n = cpu_threads(_compat.array_namespace(x))
-    if not isinstance(x, np.ndarray) or n <= 1 or x.shape[0] < 2:
-        return fn(x, *extras)
-    out = np.empty_like(x)
-    bounds = [round(i * x.shape[0] / n) for i in range(n + 1)]
-
-    def run(i):
-        lo, hi = bounds[i], bounds[i + 1]
-        fn(x[lo:hi], *(e[lo:hi] for e in extras), out=out[lo:hi])
-
-    parallel_map(_compat.array_namespace(x), run, range(n), blas_threads_per_item=None)
-    return out
-
-
-def tune_allocator() -> bool:
-    """Opt-in: make glibc keep freed memory mapped instead of returning it to the OS every time.
-
-    NumPy allocates a fresh buffer for every temporary; glibc serves large ones with mmap and
-    unmaps them on free, so each reuse page-faults its memory in again (~0.25 us per 4 KiB page:
-    ~3 ms for a 10 MB activation). After this call blocks up to 32 MiB come from the heap and stay
-    there (M_MMAP_THRESHOLD = 32 MiB, M_TRIM_THRESHOLD = 2 GiB, M_TOP_PAD = 64 MiB): measured
-    before on this machine, VAE conv 1030 -> 727 ms and GELU 205 -> 121 ms, for ~600 MB more
-    resident memory. Process-wide and irreversible; never called by refsd itself. Returns False
-    where it does not apply (not glibc).
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # <malloc.h>
-    return all(libc.mallopt(param, value) == 1 for param, value in (
-        (m_mmap_threshold, 32 << 20), (m_trim_threshold, (2 << 30) - 1), (m_top_pad, 64 << 20)))

@@ -3,6 +3,11 @@
 ``backend_name`` parametrises over array-api-strict (on a non-default device, so code that creates
 arrays without taking the device from an input fails), numpy, torch on CPU, and torch-CUDA / CuPy
 where a GPU is present. ``xp`` and ``device`` derive from it.
+
+Kernels: the id "numpy" runs NumPy with refsd's fast kernels (refsd/kernels.py), "numpy-reference"
+runs NumPy on the definitions in refsd/ops.py (``refsd.xp.use_kernels``); the other backends always
+run the definitions. ``KERNEL_BACKENDS`` (every golden case runs on it) adds "numpy-reference" to
+``BACKENDS``; parametrize ``backend_name`` with it to cover both kernel modes.
 """
 
 import importlib.util
@@ -32,6 +37,13 @@ def _available_backends():
 
 
 BACKENDS = _available_backends()
+KERNEL_BACKENDS = [*BACKENDS[:BACKENDS.index("numpy") + 1], "numpy-reference", *BACKENDS[BACKENDS.index("numpy") + 1:]]
+_VARIANTS = {"numpy-reference": ("numpy", "reference")}  # test id -> (backend, kernel mode)
+
+
+def split_backend(name: str) -> tuple[str, str]:
+    """A backend test id -> (refsd.xp backend name, kernel mode)."""
+    return _VARIANTS.get(name, (name, "fast"))
 
 
 @pytest.fixture(params=BACKENDS)
@@ -41,12 +53,14 @@ def backend_name(request):
 
 @pytest.fixture
 def xp(backend_name):
-    return rxp.backend(backend_name)[0]
+    name, mode = split_backend(backend_name)
+    with rxp.use_kernels(mode):
+        yield rxp.backend(name)[0]
 
 
 @pytest.fixture
 def device(backend_name):
-    return rxp.backend(backend_name)[1]
+    return rxp.backend(split_backend(backend_name)[0])[1]
 
 
 @pytest.fixture

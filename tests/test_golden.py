@@ -3,10 +3,12 @@
 import pytest
 
 from refsd import golden
+from conftest import KERNEL_BACKENDS
 
 CASES = sorted(golden.manifest())
 
 
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)  # numpy with fast and with reference kernels
 @pytest.mark.parametrize("case_id", CASES)
 def test_golden_case(case_id, xp, device):
     case = golden.load_case(case_id)

@@ -14,7 +14,8 @@ import pytest
 PKG = Path(__file__).resolve().parent.parent / "refsd"
 
 # Modules allowed to import NumPy: host-side I/O, noise, reports. Never model or op code.
-NUMPY_ALLOWED = {"xp.py", "golden.py", "compare.py", "trace.py", "cli.py", "cli_generate.py", "cli_job.py", "weights/safetensors.py",
+NUMPY_ALLOWED = {"xp.py", "kernels.py",  # kernels.py: the NumPy-only fast kernels refsd.xp.kernels_for selects
+                 "golden.py", "compare.py", "trace.py", "cli.py", "cli_generate.py", "cli_job.py", "weights/safetensors.py",
                  "weights/params.py", "weights/__init__.py", "sampling/rng.py",
                  "sampling/noise.py", "sampling/brownian.py",  # host-side noise (torchsde restated)
                  "weights/ldm.py",  # ldm.py: to_ldm concatenates fused q/k/v on the host, to write files

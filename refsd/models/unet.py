@@ -37,13 +37,11 @@ References (diffusers 0.42.1):
 
 from __future__ import annotations
 
-import math
-import struct
-
 from refsd import xp as rxp
 from refsd.errors import BackendError
 from refsd.models.blocks import _as, downsample, resnet_block, transformer_2d, upsample
 from refsd.models.configs import UNetConfig
+from refsd.numerics import timestep_frequencies_f32
 from refsd.ops import conv2d, group_norm, linear, silu
 from refsd.trace import emit
 from refsd.weights.params import wb
@@ -217,24 +215,6 @@ def _timesteps(timestep, sample):
     return xp.broadcast_to(t, (b,))
 
 
-def _f32(v: float) -> float:
-    """v rounded to the nearest float32 (host Python arithmetic)."""
-    return struct.unpack("f", struct.pack("f", v))[0]
-
-
-def _frequencies(half: int, downscale_freq_shift: float, max_period: float) -> list[float]:
-    """exp(-ln(max_period) * k / (half - shift)), k < half, as diffusers computes it in float32.
-
-    The exponent is built with float32 roundings exactly as torch does (a float32 op equals the double
-    op rounded once to float32); exp is taken in double and rounded once, i.e. correctly rounded. NumPy's
-    float32 exp is off by 1 ulp on ~1/3 of these (torch's on ~1%), and a 1-ulp frequency error becomes
-    t * 6e-8 ~ 6e-5 in the phase at t ~ 1000: a host-side table gives every backend the same, closest values.
-    """
-    c = _f32(-math.log(max_period))
-    div = _f32(half - downscale_freq_shift)
-    return [_f32(math.exp(_f32(_f32(c * k) / div))) for k in range(half)]
-
-
 def get_timestep_embedding(timesteps, embedding_dim: int, *, flip_sin_to_cos: bool = False,
                            downscale_freq_shift: float = 1.0, scale: float = 1.0, max_period: float = 10000.0):
     """Sinusoidal embedding of (possibly fractional) timesteps: diffusers ``get_timestep_embedding``.
@@ -248,7 +228,8 @@ def get_timestep_embedding(timesteps, embedding_dim: int, *, flip_sin_to_cos: bo
         raise BackendError(f"get_timestep_embedding: timesteps must be 1-D, got shape {tuple(timesteps.shape)}")
     dev = rxp.device(timesteps)
     half = embedding_dim // 2
-    freqs = xp.asarray(_frequencies(half, downscale_freq_shift, max_period), dtype=xp.float32, device=dev)
+    # diffusers' float32 frequencies, computed once on the host with float32 rounding (refsd.numerics)
+    freqs = xp.asarray(timestep_frequencies_f32(half, downscale_freq_shift, max_period), dtype=xp.float32, device=dev)
     args = _as(timesteps, xp.float32)[:, None] * freqs[None, :]  # (N, half)
     if scale != 1:
         args = args * scale

@@ -17,8 +17,8 @@ the device has it (float32 otherwise, e.g. torch-MPS).
 ComfyUI holds the same table as float32 buffers and computes in float32, and where a result picks an
 integer (the timestep nearest a sigma at t = k + 0.5) float64 can pick the other one. So the rounded
 timestep lookup is ComfyUI's float32 one, and ``sigma_f32`` / ``timestep_f32`` / ``host_sigmas_f32``
-restate its float32 arithmetic on the host for the schedules of parity="comfyui" (see "float32 on
-the host" below).
+restate its float32 arithmetic on the host for the schedules of parity="comfyui", with the
+float32-exact helpers of refsd.numerics (f32, linspace_f32; the rounding argument is stated there).
 
 References (ported, not copied):
 - ComfyUI comfy/model_sampling.py: EPS, V_PREDICTION, CONST, ModelSamplingDiscrete (timestep,
@@ -28,19 +28,16 @@ References (ported, not copied):
 - k-diffusion 0.1.1 k_diffusion/external.py DiscreteSchedule.sigma_to_t / t_to_sigma (continuous t).
 - diffusers 0.42.1 schedulers/scheduling_euler_discrete.py (beta schedules, rescale_zero_terminal_snr).
 - Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps Are Flawed", Algorithm 1.
-- S. A. Figueroa 1995, "When is double rounding innocuous?" (SIGNUM Newsletter 30(3)); S. Boldo and
-  G. Melquiond 2008, "Emulation of FMA and correctly rounded sums: proved algorithms using rounding to
-  odd" (IEEE Trans. Computers 57(4)); torch aten/src/ATen/native/cpu/RangeFactoriesKernel.cpp (linspace).
 """
 
 from __future__ import annotations
 
 import math
-import struct
 from typing import Any, Sequence
 
 from refsd import xp as rxp
 from refsd.errors import RefsdError
+from refsd.numerics import f32, linspace_f32, linspace_host  # noqa: F401  (re-exported: schedules, tests)
 
 # diffusers prediction_type -> ComfyUI's name for the parameterisation.
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
@@ -71,23 +68,6 @@ CONFIG_DEFAULTS = {
 
 # --------------------------------------------------------------------------------------------
 # host-side helpers (Python floats: a 1000-entry table costs nothing and is identical everywhere)
-
-
-def linspace_host(start: float, stop: float, n: int) -> list[float]:
-    """``n`` evenly spaced floats from ``start`` to ``stop`` inclusive, as Python floats.
-
-    The first half counts up from ``start`` and the second half down from ``stop``, as
-    torch.linspace's scalar CPU kernel does (aten/native/cpu/RangeFactoriesKernel.cpp), so both
-    ends are exact. torch's vectorised kernel may differ from this in the last bit (its result
-    depends on the CPU's vector width); NumPy's linspace only counts up.
-    """
-    if n < 0:
-        raise RefsdError(f"linspace needs n >= 0, got {n}")
-    if n == 1:
-        return [float(start)]
-    step = (stop - start) / (n - 1) if n > 1 else 0.0
-    half = n // 2
-    return [start + step * i if i < half else stop - step * (n - 1 - i) for i in range(n)]
 
 
 def time_snr_shift(shift: float, t: float) -> float:
@@ -155,62 +135,6 @@ def broadcast_sigma(sigma, x):
     if sigma.ndim == 1 and x.ndim > 1:
         sigma = xp.reshape(sigma, (sigma.shape[0],) + (1,) * (x.ndim - 1))
     return sigma
-
-
-# --------------------------------------------------------------------------------------------
-# float32 on the host: ComfyUI's arithmetic (parity="comfyui")
-#
-# ComfyUI keeps the noise table in float32 buffers and evaluates sigma(t), timestep(sigma) and its
-# schedules in float32 torch. refsd restates that on Python floats: f32(x) rounds to the nearest
-# float32, and f32(a op b) for float32 a, b is the correctly rounded float32 result of + - * /
-# (float64 carries more than 2 * 24 + 2 bits, so rounding twice is innocuous: Figueroa 1995).
-# exp, log, tan and pow are rounded the same way from float64, i.e. correctly up to float64's own
-# error. torch's float32 versions are not always correctly rounded (MKL VML on x86 CPUs, SLEEF
-# elsewhere, libdevice on CUDA): on torch 2.13 CPU, exp differs from the correctly rounded value in
-# 1.1% of arguments and log in 0.02%, by one ulp (6e-8 relative). refsd's float32 schedules are the
-# correctly rounded ones (tests/test_schedules.py measures the difference from torch's).
-
-_F32 = struct.Struct("<f")
-_F64_BITS = struct.Struct("<q")
-
-
-def f32(x: float) -> float:
-    """``x`` rounded to the nearest float32 (ties to even), as a Python float."""
-    return _F32.unpack(_F32.pack(x))[0]
-
-
-def _fma_f32(a: float, b: float, c: float) -> float:
-    """f32(a * b + c) with one rounding (a fused multiply-add), for a * b exact in float64.
-
-    The float64 sum is rounded to odd (TwoSum gives its exact error; an inexact even result steps
-    to its odd neighbour towards the exact sum), which a second rounding to float32 (24 bits <= 53 - 2)
-    leaves correctly rounded (Boldo & Melquiond 2008).
-    """
-    p = a * b
-    s = p + c
-    bb = s - p
-    err = (p - (s - bb)) + (c - bb)  # TwoSum (Knuth): s + err == p + c exactly
-    if err != 0.0 and not _F64_BITS.unpack(struct.pack("<d", s))[0] & 1:
-        s = math.nextafter(s, math.copysign(math.inf, err))
-    return f32(s)
-
-
-def linspace_f32(start: float, stop: float, n: int) -> list[float]:
-    """``torch.linspace(start, stop, n)`` in float32 (torch's default dtype), bit for bit, as floats.
-
-    torch rounds start and stop to float32, takes step = f32(f32(stop - start) / (n - 1)), and computes
-    start + step * i for the first n // 2 values and stop - step * (n - 1 - i) for the others, each with
-    one rounding (a fused multiply-add; aten/native/cpu/RangeFactoriesKernel.cpp). Checked against
-    torch 2.13 in tests/test_schedules.py.
-    """
-    if n < 0:
-        raise RefsdError(f"linspace needs n >= 0, got {n}")
-    a, b = f32(start), f32(stop)
-    if n <= 1:
-        return [a][:n]
-    step = f32(f32(b - a) / (n - 1))
-    half = n // 2
-    return [_fma_f32(step, i, a) if i < half else _fma_f32(-step, n - 1 - i, b) for i in range(n)]
 
 
 # --------------------------------------------------------------------------------------------

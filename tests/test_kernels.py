@@ -1,0 +1,209 @@
+"""The fast NumPy kernels (refsd/kernels.py) agree with the definitions in refsd/ops.py, and the
+backend layer selects them as documented (refsd.xp.kernels_for, set_kernels, use_kernels, REFSD_KERNELS).
+
+Bounds are on max |fast - reference| / max |reference| in float32, about twice the errors measured at
+SD1.5 shapes and written next to each kernel; "exact" kernels do the definition's arithmetic in
+another memory order and must match bit for bit.
+"""
+
+import array_api_compat.numpy as cnp
+import array_api_strict
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from refsd import kernels as K
+from refsd import ops
+from refsd import xp as rxp
+from refsd.errors import BackendError
+
+SETTINGS = settings(max_examples=20, deadline=None)
+F32_BOUND = {"conv2d": 1e-6, "group_norm": 3e-7, "layer_norm": 3e-7, "gelu": 4e-7, "silu": 2e-7,
+             "quick_gelu": 2e-7, "linear": 1e-6}
+EXACT = ("erf", "softmax")
+
+
+def rel_err(fast, ref):
+    fast, ref = np.asarray(fast, np.float64), np.asarray(ref, np.float64)
+    scale = np.abs(ref).max()
+    return np.abs(fast - ref).max() / (scale if scale else 1.0)
+
+
+def randn(rng, *shape, scale=1.0, loc=0.0, dtype=np.float32):
+    return (rng.standard_normal(shape) * scale + loc).astype(dtype)
+
+
+def agree(name, *args, dtype=np.float32, **kwargs):
+    """fast vs reference for op ``name``; -> the relative error (asserted against its bound)."""
+    fast = K.FAST[name](*args, **kwargs)
+    ref = getattr(ops, name).reference(*args, **kwargs)
+    assert fast.shape == ref.shape and fast.dtype == ref.dtype == dtype
+    err = rel_err(fast, ref)
+    if name in EXACT:
+        assert np.array_equal(fast, ref), name
+    else:
+        bound = F32_BOUND[name] if dtype == np.float32 else 1e-14
+        assert err <= bound, f"{name}: {err:.3e} > {bound:g}"
+    return err
+
+
+# --------------------------------------------------------------------------------------------
+# fast == reference within the stated error
+
+
+@SETTINGS
+@given(st.integers(1, 2), st.integers(1, 12), st.integers(1, 9), st.integers(1, 40), st.integers(1, 40),
+       st.sampled_from([(1, 1), (3, 3), (1, 3), (4, 2)]), st.sampled_from([1, 2]), st.integers(0, 2),
+       st.booleans(), st.sampled_from([np.float32, np.float64]))
+def test_conv2d_agrees(b, c, o, h, w, k, stride, padding, bias, dtype):
+    rng = np.random.default_rng(h * 41 + w)
+    if h + 2 * padding < k[0] or w + 2 * padding < k[1]:
+        return
+    x, wt = randn(rng, b, c, h, w, dtype=dtype), randn(rng, o, c, *k, scale=0.2, dtype=dtype)
+    agree("conv2d", x, wt, randn(rng, o, dtype=dtype) if bias else None, stride=stride, padding=padding,
+          dtype=dtype)
+
+
+@pytest.mark.parametrize("band_bytes", [1, 4096, 1 << 30])
+def test_conv_bands_agree(monkeypatch, band_bytes):
+    """flat3's row bands (any size, down to one row) are exact reorderings of one unbanded pass."""
+    rng = np.random.default_rng(1)
+    x, w, bias = rng.standard_normal((2, 3, 37, 35)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
+    monkeypatch.setattr(K, "BAND_BYTES", 1 << 30)
+    whole = K.conv2d(x, w, bias, padding=1)
+    monkeypatch.setattr(K, "BAND_BYTES", band_bytes)
+    assert np.allclose(K.conv2d(x, w, bias, padding=1), whole, rtol=0, atol=1e-12)
+    assert rel_err(K.conv2d(x, w, bias, padding=1), ops.conv2d.reference(x, w, bias, padding=1)) < 1e-14
+
+
+@SETTINGS
+@given(st.integers(1, 3), st.sampled_from([(4, 1), (4, 2), (8, 4), (6, 3), (64, 32)]), st.integers(1, 20),
+       st.floats(-10, 10), st.booleans(), st.sampled_from([np.float32, np.float64]))
+def test_group_norm_agrees(b, cg, hw, offset, affine, dtype):
+    (c, groups), rng = cg, np.random.default_rng(hw)
+    x = randn(rng, b, c, hw, 3, scale=2.0, loc=offset, dtype=dtype)
+    w, bias = (randn(rng, c, dtype=dtype), randn(rng, c, dtype=dtype)) if affine else (None, None)
+    agree("group_norm", x, w, bias, groups, 1e-5, dtype=dtype)
+
+
+@SETTINGS
+@given(st.integers(1, 3), st.integers(1, 50), st.integers(1, 96), st.booleans(), st.sampled_from([np.float32, np.float64]))
+def test_layer_norm_and_linear_agree(b, n, d, affine, dtype):
+    rng = np.random.default_rng(n * 97 + d)
+    x = randn(rng, b, n, d, scale=2.0, dtype=dtype)
+    w, bias = (randn(rng, d, dtype=dtype), randn(rng, d, dtype=dtype)) if affine else (None, None)
+    agree("layer_norm", x, w, bias, dtype=dtype)
+    agree("linear", x, randn(rng, 2 * d, d, scale=0.1, dtype=dtype), None if bias is None else randn(rng, 2 * d, dtype=dtype),
+          dtype=dtype)
+
+
+@SETTINGS
+@given(st.sampled_from(["erf", "gelu", "silu", "quick_gelu", "softmax"]), st.integers(1, 3), st.integers(1, 70001),
+       st.floats(0.1, 12), st.sampled_from([np.float32, np.float64]))
+def test_elementwise_agree(name, rows, cols, spread, dtype):
+    """Odd sizes cross the chunking (65536 elements) and thread split; spread reaches the erf clamp."""
+    x = randn(np.random.default_rng(cols), rows, cols, scale=spread, dtype=dtype)
+    agree(name, x, dtype=dtype)
+    if name == "gelu":
+        agree(name, x, "tanh", dtype=dtype)
+
+
+@pytest.mark.parametrize("name", ["gelu", "silu", "quick_gelu", "erf"])
+def test_chunked_threaded_path_equals_whole_array(name):
+    """map_chunks' chunked, multi-threaded path gives the same bits as one whole-array chain."""
+    x = np.random.default_rng(0).standard_normal((7, 50001)).astype(np.float32) * 4  # many chunks, odd tail
+    chain = {"gelu": K._gelu_chunk, "silu": K._silu_chunk, "quick_gelu": K._quick_gelu_chunk, "erf": K._erf_chunk}[name]
+    assert np.array_equal(K.FAST[name](x), chain(x.copy()))
+    assert K.FAST[name](x[:, ::2]).shape == (7, 25001)  # non-contiguous input
+
+
+def test_activations_overflow_quietly():
+    """Far into the tails both forms give x or (-)0 without overflow warnings (the kernel's exp(-x) = inf
+    is the right limit; the definition never overflows: it exponentiates -|x|)."""
+    x = np.array([-1e4, -100.0, 0.0, 100.0, 1e4], dtype=np.float32)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        for name in ("silu", "quick_gelu"):
+            ref = getattr(ops, name).reference(x)
+            assert np.allclose(ref, K.FAST[name](x), rtol=0, atol=1e-38) and ref[-1] == 1e4 and ref[0] == 0
+
+
+SD_CASES = [  # (op, shapes, kwargs): SD1.5 UNet / CLIP shapes
+    ("conv2d", [(2, 320, 64, 64), (320, 320, 3, 3), (320,)], {"padding": 1}),
+    ("conv2d", [(2, 640, 32, 32), (640, 640, 3, 3), (640,)], {"padding": 1}),
+    ("conv2d", [(2, 320, 64, 64), (320, 320, 3, 3), (320,)], {"stride": 2, "padding": (0, 1, 0, 1)}),
+    ("group_norm", [(2, 320, 64, 64), (320,), (320,)], {"groups": 32}),
+    ("layer_norm", [(2, 4096, 320), (320,), (320,)], {}),
+    ("linear", [(2, 4096, 320), (1280, 320), (1280,)], {}),
+    ("gelu", [(2, 1024, 5120)], {}),
+    ("silu", [(2, 320, 64, 64)], {}),
+    ("quick_gelu", [(2, 77, 3072)], {}),
+    ("softmax", [(2, 8, 1024, 77)], {}),
+]
+
+
+@pytest.mark.parametrize("name, shapes, kwargs", SD_CASES, ids=[f"{c[0]}-{'x'.join(map(str, c[1][0]))}" for c in SD_CASES])
+def test_sd_shapes_agree(name, shapes, kwargs):
+    rng = np.random.default_rng(0)
+    args = [randn(rng, *shapes[0], scale=2.0, loc=3.0 if name == "group_norm" else 0.0)]
+    args += [randn(rng, *s, scale=0.02 if len(s) > 1 else 1.0) for s in shapes[1:]]
+    agree(name, *args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# selection
+
+
+def test_kernels_for_each_backend():
+    with rxp.use_kernels("fast"):
+        assert rxp.kernels_for(np) is K.FAST and rxp.kernels_for(cnp) is K.FAST
+        assert dict(rxp.kernels_for(array_api_strict)) == {}
+        torch = pytest.importorskip("torch")
+        import array_api_compat.torch as ctorch
+
+        assert dict(rxp.kernels_for(ctorch)) == {} and dict(rxp.kernels_for(torch)) == {}
+    with rxp.use_kernels("reference"):
+        assert dict(rxp.kernels_for(np)) == {}
+
+
+def test_ops_dispatch_through_the_table():
+    """fast mode runs the kernel, reference mode the definition (here they differ in the last bits)."""
+    x = randn(np.random.default_rng(5), 3, 70001, scale=3.0)
+    fast, ref = K.gelu(x), ops.gelu.reference(x)
+    assert not np.array_equal(fast, ref)
+    with rxp.use_kernels("fast"):
+        assert np.array_equal(ops.gelu(x), fast)
+    with rxp.use_kernels("reference"):
+        assert np.array_equal(ops.gelu(x), ref)
+    assert set(K.FAST) <= {n for n in dir(ops) if hasattr(getattr(ops, n), "reference")}
+
+
+def test_mode_setting(monkeypatch):
+    monkeypatch.setattr(rxp, "_kernels_mode", None)
+    monkeypatch.delenv("REFSD_KERNELS", raising=False)
+    assert rxp.kernels_mode() == "fast"
+    monkeypatch.setenv("REFSD_KERNELS", "reference")
+    assert rxp.kernels_mode() == "reference" and dict(rxp.kernels_for(np)) == {}
+    with rxp.use_kernels("fast"):
+        assert rxp.kernels_mode() == "fast"
+    assert rxp.kernels_mode() == "reference"
+    rxp.set_kernels("fast")
+    assert rxp.kernels_mode() == "fast"
+    rxp.set_kernels(None)
+    monkeypatch.setenv("REFSD_KERNELS", "turbo")
+    with pytest.raises(BackendError, match="unknown kernel mode 'turbo'.*valid: reference, fast"):
+        rxp.kernels_mode()
+    with pytest.raises(BackendError, match="unknown kernel mode 'quick'; valid: reference, fast"):
+        rxp.set_kernels("quick")
+
+
+def test_fast_kernels_keep_the_ops_errors():
+    """Validation runs before the lookup: both modes raise the same errors."""
+    for mode in rxp.KERNEL_MODES:
+        with rxp.use_kernels(mode):
+            with pytest.raises(BackendError, match="dtype mismatch"):
+                ops.conv2d(np.ones((1, 2, 3, 3), np.float32), np.ones((1, 2, 1, 1)))
+            with pytest.raises(BackendError, match="do not split into 3 groups"):
+                ops.group_norm(np.zeros((1, 8, 2, 2)), None, None, 3)
+            with pytest.raises(BackendError, match="unknown approximate='fast'"):
+                ops.gelu(np.zeros(3), "fast")
