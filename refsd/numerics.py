@@ -76,7 +76,7 @@ def linspace_f32(start: float, stop: float, n: int) -> list[float]:
     a = f32(start), b = f32(stop), step = f32(f32(b - a) / (n - 1)); value i = fma_f32(step, i, a) for
     i < n // 2, else fma_f32(-step, n - 1 - i, b): torch's scalar kernel, one rounding per value (a
     fused multiply-add; RangeFactoriesKernel.cpp). Checked against torch 2.13 in tests/test_schedules.py
-    and against refsd.pipelines.parity.torch_linspace_f32 in tests/test_numerics.py.
+    and in tests/test_numerics.py (refsd.pipelines.profiles.diffusers_tables builds its float32 tables with it).
     """
     if n < 0:
         raise RefsdError(f"linspace needs n >= 0, got {n}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from refsd import numerics as N
-from refsd.pipelines.parity import torch_linspace_f32
+from refsd.pipelines.profiles.diffusers_tables import torch_linspace_f32
 
 RANGES = [(999.0, 0.0), (0.0, 1.0), (1.0, 0.0), (0.00085 ** 0.5, 0.012 ** 0.5), (0.00085, 0.012), (0.0001, 0.02),
           (0.1, 0.7), (-3.7, 12.25), (1000.0, 1.0), (14.614641, 0.0291675)]
@@ -39,7 +39,7 @@ def test_fma_f32_is_one_rounding():
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 17, 1000])
 def test_linspace_f32_equals_torch_and_parity(n):
     """numerics.linspace_f32 is bit-identical to torch.linspace (float32, CPU) and to
-    refsd.pipelines.parity.torch_linspace_f32 (n >= 1; parity's needs n >= 1), so one can replace the other."""
+    refsd.pipelines.profiles.diffusers_tables.torch_linspace_f32 (n >= 1; parity's needs n >= 1), so one can replace the other."""
     for a, b in RANGES:
         ours = np.asarray(N.linspace_f32(a, b, n), np.float32)
         assert np.array_equal(ours, torch.linspace(a, b, n).numpy()), (a, b, n)

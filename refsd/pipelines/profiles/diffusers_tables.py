@@ -15,24 +15,14 @@ from __future__ import annotations
 import numpy as np
 
 from refsd.errors import RefsdError
+from refsd.numerics import linspace_f32
 
 
 
 def torch_linspace_f32(start: float, end: float, n: int) -> np.ndarray:
-    """``torch.linspace(start, end, n, dtype=torch.float32)`` on the CPU, bit for bit.
-
-    torch rounds start, end and step = (end - start) / (n - 1) to float32, then computes
-    start + step * i for the first half and end - step * (n - 1 - i) for the second with one rounding
-    (a fused multiply-add; the float64 product of a float32 and an index below 2**29 is exact).
-    Checked: 0 mismatches against torch 2.13 at SD's beta ranges.
-    """
-    a, b = np.float32(start), np.float32(end)
-    if n == 1:
-        return np.array([a], dtype=np.float32)
-    step = np.float64(np.float32((b - a) / np.float32(n - 1)))
-    i = np.arange(n, dtype=np.float64)
-    out = np.where(i < n // 2, np.float64(a) + step * i, np.float64(b) - step * (n - 1 - i))
-    return out.astype(np.float32)
+    """``torch.linspace(start, end, n, dtype=torch.float32)`` on the CPU, bit for bit, as a float32 array
+    (``refsd.numerics.linspace_f32``: torch's fused multiply-add per value)."""
+    return np.asarray(linspace_f32(start, end, n), dtype=np.float32)
 
 
 def diffusers_tables(config: dict) -> tuple[np.ndarray, np.ndarray]:
