@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from refsd import __version__
+from refsd import xp as rxp
 from refsd.cli_job import (
     DEFAULT_REFINER_SWITCH,
     GENERATE_DEFAULTS,
@@ -165,6 +166,9 @@ def _add_generation_flags(p, *, out_default: str, out_help: str) -> None:
                                                      f"(default {d['backend']})")
     g.add_argument("--dtype", metavar="DTYPE", help=f"{' | '.join(GENERATE_DTYPES)} (default {d['dtype']})")
     g.add_argument("--attention", metavar="STRATEGY", help=f"naive | sliced | tiled (default {d['attention']})")
+    g.add_argument("--kernels", metavar="MODE",
+                   help="NumPy only: fast (the default; refsd/kernels.py) or reference (refsd/ops.py's plain "
+                        "definitions, slower; the same results to float32 noise). Also REFSD_KERNELS")
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="FILE", default=out_default, help=out_help)
     g.add_argument("--from-png", metavar="PNG", help="re-run from a PNG's parameters chunk (refsd's or A1111's); "
@@ -173,9 +177,18 @@ def _add_generation_flags(p, *, out_default: str, out_help: str) -> None:
 
 def _cmd_generate(args) -> int:
     job = generate_job(args)
+    _set_kernels(args.kernels)
     for path in run_generate(job):
         print(path, flush=True)
     return 0
+
+
+def _set_kernels(mode: str | None) -> None:
+    """--kernels: how refsd.ops run on NumPy (refsd.xp.set_kernels); a bad name is a one-line error."""
+    if mode is not None:
+        if mode not in rxp.KERNEL_MODES:
+            raise RefsdError(f"unknown --kernels {mode!r}; valid: {', '.join(rxp.KERNEL_MODES)}")
+        rxp.set_kernels(mode)
 
 
 class _Background:
@@ -326,13 +339,13 @@ def add_trace_parser(sub) -> None:
 
 
 def _cmd_trace(args) -> int:
-    from refsd import xp as rxp
     from refsd.golden import pipeline_outputs  # the golden cases' out/ names
     from refsd.pipelines import png
     from refsd.trace import ORDER_KEY, TRACE_PREFIX, record
     from refsd.weights import save_safetensors
 
     job = generate_job(args)
+    _set_kernels(args.kernels)
     s = job.settings
     out = Path(args.out)
     steps: dict[int, object] = {}

@@ -302,3 +302,20 @@ def test_mask_option_errors(env, images, tmp_path, flags, fragments):
     proc = run(env, *SMALL, "--prompt", "x", "--init-image", images / "init.png", *flags, "--out", tmp_path / "e.png")
     assert_one_line_error(proc, *fragments)
     assert pngs(tmp_path) == []
+
+
+def test_kernels_flag_picks_the_numpy_ops(env, tmp_path):
+    """--kernels reference runs refsd/ops.py's definitions, fast (the default) refsd/kernels.py: the same
+    image to float32 noise (uint8 pixels at most one level apart); a bad mode is a one-line error."""
+    from PIL import Image
+
+    out = {}
+    for mode in ("reference", "fast"):
+        proc = run(env, *SMALL, "--prompt", "a red cube", "--seed", "3", "--kernels", mode, "--out",
+                   tmp_path / f"{mode}.png")
+        assert proc.returncode == 0, proc.stderr
+        out[mode] = np.asarray(Image.open(tmp_path / f"{mode}.png"), dtype=int)
+    assert np.max(np.abs(out["reference"] - out["fast"])) <= 1 and np.mean(out["reference"] != out["fast"]) < 0.01
+    assert_one_line_error(run(env, *SMALL, "--prompt", "x", "--kernels", "turbo", "--out", tmp_path / "bad.png"),
+                          "--kernels", "turbo", "reference, fast")
+    assert not (tmp_path / "bad.png").exists()

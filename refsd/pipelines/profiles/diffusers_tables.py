@@ -18,7 +18,6 @@ from refsd.errors import RefsdError
 from refsd.numerics import linspace_f32
 
 
-
 def torch_linspace_f32(start: float, end: float, n: int) -> np.ndarray:
     """``torch.linspace(start, end, n, dtype=torch.float32)`` on the CPU, bit for bit, as a float32 array
     (``refsd.numerics.linspace_f32``: torch's fused multiply-add per value)."""
