@@ -1,9 +1,10 @@
-"""Text side of Stable Diffusion: the CLIP BPE tokenizer and prompt-emphasis parsing (tokenizer.py),
-the CLIP text transformer (clip.py), and prompt -> conditioning with emphasis (conditioning.py)."""
+"""Text side of Stable Diffusion: the CLIP BPE tokenizer and chunking (tokenizer.py), prompt-emphasis
+parsing (prompt_syntax.py), the CLIP text transformer (clip.py), and prompt -> conditioning with emphasis (conditioning.py)."""
 
 from refsd.text.clip import CLIPTextConfig, clip_text, penultimate
 from refsd.text.conditioning import clip_encode_fn, encode_prompt
-from refsd.text.tokenizer import BOS, EOS, CLIPTokenizer, TokenChunks, parse_prompt
+from refsd.text.prompt_syntax import parse_prompt
+from refsd.text.tokenizer import BOS, EOS, CLIPTokenizer, TokenChunks
 
 __all__ = ["BOS", "EOS", "CLIPTextConfig", "CLIPTokenizer", "TokenChunks", "clip_encode_fn", "clip_text",
            "encode_prompt", "parse_prompt", "penultimate"]
