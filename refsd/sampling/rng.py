@@ -26,6 +26,10 @@ the generator is an mt19937 seeded with the low 32 bits of the 64-bit seed.
   uniforms, ``r = sqrt(-2 log1p(-u2))``, ``theta = 2 pi u1``; ``r cos`` is returned and ``r sin``
   cached in the generator for its next small draw (``manual_seed`` clears the cache).
 
+The float32 AVX2 path is emulated with exact FMA rounding (``_box_muller_avx2``); once a process has
+drawn 2**25 such normals it tabulates that emulation on all 2**24 uniforms (192 MiB) and gathers
+from the tables instead, with the same bits (``_box_muller_tables``).
+
 ref: pytorch aten/src/ATen/native/cpu/DistributionTemplates.h (normal_kernel, normal_fill,
 normal_fill_16_AVX2), aten/src/ATen/native/cpu/avx_mathfun.h, aten/src/ATen/native/cpu/
 DistributionKernels.cpp (REGISTER_NO_AVX512_DISPATCH(normal_stub)), aten/src/ATen/core/
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -227,6 +232,7 @@ _TABLE_AFTER = 2**25  # float32 normals drawn by emulation before the tables are
 _TABLE_CHUNK = 2**18  # table entries emulated per pass (bounds the float64 temporaries)
 _tables: tuple[np.ndarray, np.ndarray] | None = None
 _emulated = 0  # float32 normals emulated so far (towards _TABLE_AFTER)
+_TABLE_LOCK = threading.Lock()
 
 
 def _box_muller_tables() -> tuple[np.ndarray, np.ndarray]:
@@ -234,21 +240,26 @@ def _box_muller_tables() -> tuple[np.ndarray, np.ndarray]:
     (cos, sin) of 2 pi k 2**-24, float32, as ``_box_muller_avx2`` computes them, for every 24-bit k
     (built on first call, then kept for the process)."""
     global _tables
-    if _tables is None:
-        n = 1 << _TABLE_BITS
-        radius = np.empty(n, dtype=_F32)
-        cossin = np.empty((n, 2), dtype=_F32)
-
-        def build(i):
-            u = np.arange(i, i + _TABLE_CHUNK, dtype=np.int64).astype(_F32) * _F32(2.0**-24)
-            radius[i:i + _TABLE_CHUNK] = _radius256(_ONE - u)
-            sin, cos = _sincos256(_TWO_PI32 * u)
-            cossin[i:i + _TABLE_CHUNK, 0] = cos
-            cossin[i:i + _TABLE_CHUNK, 1] = sin
-
-        _threaded(build, range(0, n, _TABLE_CHUNK))
-        _tables = radius, cossin
+    with _TABLE_LOCK:  # one build, even when threads draw at once
+        if _tables is None:
+            _tables = _build_tables()
     return _tables
+
+
+def _build_tables() -> tuple[np.ndarray, np.ndarray]:
+    n = 1 << _TABLE_BITS
+    radius = np.empty(n, dtype=_F32)
+    cossin = np.empty((n, 2), dtype=_F32)
+
+    def build(i):
+        u = np.arange(i, i + _TABLE_CHUNK, dtype=np.int64).astype(_F32) * _F32(2.0**-24)
+        radius[i:i + _TABLE_CHUNK] = _radius256(_ONE - u)
+        sin, cos = _sincos256(_TWO_PI32 * u)
+        cossin[i:i + _TABLE_CHUNK, 0] = cos
+        cossin[i:i + _TABLE_CHUNK, 1] = sin
+
+    _threaded(build, range(0, n, _TABLE_CHUNK))
+    return radius, cossin
 
 
 # threads for the table build (NumPy's ufuncs release the GIL; the values never depend on it).
