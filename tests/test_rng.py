@@ -44,6 +44,37 @@ def avx2(torch):
         pytest.skip(f"torch runs its {cap} CPU kernel here; refsd reproduces the x86-64 AVX2 kernel")
 
 
+@pytest.fixture(scope="module", params=["emulated", "tables"], autouse=True)
+def box_muller_path(request):
+    """Every test runs twice: float32 Box-Muller by the FMA-exact emulation, then from the
+    precomputed 2**24-entry tables (rng._box_muller_tables) that large draws switch to."""
+    saved = rng._tables, rng._TABLE_AFTER
+    if request.param == "emulated":
+        rng._tables, rng._TABLE_AFTER = None, 2**62
+    else:
+        rng._box_muller_tables()
+    yield request.param
+    rng._tables, rng._TABLE_AFTER = saved
+
+
+def test_box_muller_tables_equal_the_emulation(box_muller_path):
+    """The table path against ``_box_muller_avx2`` on random 24-bit inputs plus the extremes."""
+    radius, cossin = rng._box_muller_tables()
+    assert radius.shape == (2**24,) and cossin.shape == (2**24, 2)
+    k = np.random.default_rng(3).integers(0, 2**24, size=(4096, 16))
+    k[0] = [2**24 - 1] * 8 + [2**23] * 8
+    k[1] = 0  # u1 = 1: the radius is sqrt(-0) = -0, and -0 * cos(0) = -0
+    ref = rng._box_muller_avx2(k.astype(np.float32) * np.float32(2.0**-24))
+    saved = rng._TABLE_AFTER
+    rng._TABLE_AFTER = 0  # this call takes the tables even in the "emulated" pass
+    try:
+        got = rng._box_muller_avx2_bits(k, np.empty((4096, 16), np.float32))
+    finally:
+        rng._TABLE_AFTER = saved
+    assert _mismatches(got, ref) == 0
+    assert np.signbit(rng._box_muller_tables()[0][0]) and _bits(got[1, :8]).max() == 0  # "+ mean": +0
+
+
 def _torch_randn(torch, seed, shape, dtype="float32", g=None):
     g = torch.Generator().manual_seed(seed) if g is None else g
     return torch.randn(shape, generator=g, dtype=getattr(torch, dtype)).numpy()
