@@ -9,9 +9,9 @@ float32 arrays reproduce ComfyUI's bit for bit (checked against torch in tests/t
 from __future__ import annotations
 
 import math
-import struct
 
 from refsd import xp as rxp
+from refsd.numerics import f32 as round_f32  # noqa: F401  (the samplers' name for it)
 
 # --------------------------------------------------------------------------------------------
 # host-float numerics: quadrature, Lagrange bases, small linear systems
@@ -117,11 +117,6 @@ def weighted_sum(arrays, coeffs):
 # build's NEON kernel would have other lanes). Exact only below torch's parallel grain (32768 elements,
 # one chunk); the sums here have 200 and 10000.
 TORCH_SUM_LANES = 8
-
-
-def round_f32(v: float) -> float:
-    """v rounded to float32 (round-to-nearest-even), as a host float."""
-    return struct.unpack("f", struct.pack("f", v))[0]
 
 
 def torch_sum_f32(xp, v, lanes: int | None = None):
