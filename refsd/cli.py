@@ -28,8 +28,12 @@ examples:
       --prompt "a lighthouse at dusk" --cfg 5 --out xl.png          (SDXL base + refiner, 1024x1024)
   refsd trace --demo --prompt "a red cube" --steps 1 --out trace.safetensors
       every layer's output by module path, for refsd compare against a port's trace
-  refsd compare mine.safetensors golden/cases/unet/tiny.safetensors
+  refsd compare mine.safetensors golden/cases/unet/sd1_tiny_f32.safetensors
       first layer where my trace leaves the reference (the second file)
+  refsd compare ldm_trace.safetensors golden/cases/unet/sd1_tiny_f32.safetensors --names ldm
+      a port's trace in LDM / A1111 / ComfyUI module names (input_blocks.1.1, middle_block, ...)
+  refsd export unet/sd1_tiny_f32 --names ldm --layout nhwc --out sd1_tiny_ldm.npz
+      a golden case's weights, inputs, outputs and trace in a port's naming and layout
   refsd compare mine.safetensors ref.safetensors --atol 1e-4 --rtol 1e-4 --all
   refsd compare out.safetensors ref.safetensors --prefix out/ --images
   refsd info v1-5-pruned-emaonly.safetensors
@@ -43,8 +47,16 @@ Compare two named tensor sets, name by name in execution order, and report the f
 
 B is the reference. Tensors are read with refsd.trace.load_trace: the trace/ tensors if the file has
 any, else all of them (--prefix selects keys explicitly, e.g. out/). The execution order is A's
-recorded trace_order, else B's, else A's file order. A tensor fails when some element has
-|a - b| > atol + rtol * |b|, holds NaN, or the shapes differ; max_rel = max|a - b| / max|b|.
+recorded trace_order, else B's (a golden case records it); with neither, and more than one tensor,
+the first divergence cannot be told: error. --names renames A's module paths (LDM / A1111 / ComfyUI,
+transformers 4, or a JSON map) to B's diffusers names. The tolerance is the golden case's own (its
+metadata) unless --atol/--rtol are given, else 1e-5.
+
+Divergence rule: a tensor diverges when max|a - b| > atol + rtol * max|b| (float32 noise scales with a
+tensor's largest values, so near-zero elements do not raise false alarms), holds NaN, or the shapes
+differ; max_rel = max|a - b| / max|b|, cosine = <a,b>/(|a||b|). --elementwise restores the per-element
+test |a - b| <= atol + rtol * |b|. Names with no counterpart, or no names in common, are reported;
+no names in common is an error (exit 2).
 """
 
 COMPARE_EXAMPLES = """\
@@ -55,7 +67,8 @@ examples:
   refsd generate --from-png cat.png --steps 30 --out cat30.png
   refsd trace --demo --prompt "a red cube" --steps 1 --out trace.safetensors
       every layer's output by module path, for refsd compare against a port's trace
-  refsd compare mine.safetensors golden/cases/unet/tiny.safetensors
+  refsd compare mine.safetensors golden/cases/unet/sd1_tiny_f32.safetensors
+  refsd compare ldm_trace.safetensors golden/cases/unet/sd1_tiny_f32.safetensors --names ldm --json
   refsd compare mine.safetensors ref.safetensors --atol 1e-4 --rtol 1e-4 --all
   refsd compare image.safetensors ref.safetensors --prefix out/ --images
 """
@@ -110,8 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description=COMPARE_HELP, epilog=COMPARE_EXAMPLES, formatter_class=raw)
     p.add_argument("a", metavar="A", help="the tensors to check (.safetensors)")
     p.add_argument("b", metavar="B", help="the reference (.safetensors), e.g. a golden case")
-    p.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
-    p.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance (default 1e-5)")
+    p.add_argument("--atol", type=float, default=None,
+                   help="absolute tolerance (default: the golden case's, else 1e-5)")
+    p.add_argument("--rtol", type=float, default=None,
+                   help="relative tolerance (default: the golden case's, else 1e-5)")
+    p.add_argument("--names", default=None, metavar="SCHEME",
+                   help="A's naming: ldm (CompVis/sgm/A1111/ComfyUI module paths), transformers4, diffusers, "
+                        "or a .json map {\"port name\": \"diffusers name\"}; A is renamed to B's diffusers names")
+    p.add_argument("--ref-names", default=None, metavar="SCHEME", help="B's naming, as --names (default diffusers)")
+    p.add_argument("--elementwise", action="store_true",
+                   help="fail a tensor on any element with |a-b| > atol + rtol*|b| (default: the divergence "
+                        "rule max|a-b| <= atol + rtol*max|b|)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--worst", type=int, default=5, help="how many worst layers to name (default 5)")
     p.add_argument("--prefix", default=None,
                    help="read keys starting with PREFIX, stripped (default: trace/ if present, else all)")
     p.add_argument("--images", action="store_true", help="also report PSNR (automatic for uint8)")
@@ -135,20 +159,118 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_compare(args) -> int:
     from refsd.compare import compare
-    from refsd.trace import load_trace, trace_order
 
     a_path, b_path = _file(args.a), _file(args.b)
-    a, a_order = load_trace(a_path, prefix=args.prefix)
-    b, b_order = load_trace(b_path, prefix=args.prefix)
-    # A Rust or C++ port may write plain tensors (file order is alphabetical there): fall back to
-    # the reference's recorded execution order so "first" still means first executed.
-    a_recorded = trace_order(a_path, prefix=args.prefix)[1]
-    b_recorded = trace_order(b_path, prefix=args.prefix)[1]
-    order = b_order if b_recorded and not a_recorded else a_order
-    report = compare(a, b, order=order, atol=args.atol, rtol=args.rtol, images=args.images,
-                     allow_missing=args.allow_missing)
-    print(report.format(max_rows=args.max_rows, only_failing=not args.all))
+    a, a_order, a_recorded = _read_side(a_path, args.prefix)
+    b, b_order, b_recorded = _read_side(b_path, args.prefix)
+    golden = _golden_meta(b_path)
+    port_names = {}  # diffusers name -> A's own name, when --names renamed A
+    a, a_order, b, b_order = _rename_sides(args, a, a_order, b, b_order, golden, port_names)
+    common = [n for n in b if n in a]
+    if not common:
+        hint = "" if args.names or args.ref_names else " (a port's names? try --names ldm, or a .json map)"
+        raise RefsdError(f"{a_path} and {b_path} have no tensor names in common: nothing to compare{hint}; "
+                         f"e.g. {_names_hint(a)} vs {_names_hint(b)}")
+    # A Rust or C++ port may write plain tensors (file order is alphabetical there): take the
+    # reference's recorded execution order so "first" still means first executed.
+    if a_recorded:
+        order = a_order
+    elif b_recorded:
+        order = b_order
+    elif len(common) > 1:
+        raise RefsdError(f"neither {a_path} nor {b_path} records the execution order (__metadata__ trace_order): "
+                         "the first divergence cannot be told; write trace_order into the port's file "
+                         "(golden/README.md) or compare against a golden case")
+    else:
+        order = a_order
+    atol, rtol = args.atol, args.rtol
+    if golden is not None:  # the case's own tolerance unless overridden
+        atol = golden.get("atol", 1e-5) if atol is None else atol
+        rtol = golden.get("rtol", 1e-5) if rtol is None else rtol
+    atol = 1e-5 if atol is None else atol
+    rtol = 1e-5 if rtol is None else rtol
+    report = compare(a, b, order=order, atol=atol, rtol=rtol, images=args.images,
+                     allow_missing=args.allow_missing, rule="elementwise" if args.elementwise else "scaled")
+    first = report.first_divergence
+    if args.json:
+        out = report.as_dict(worst=args.worst)
+        if port_names:
+            out["first_divergence_port_name"] = port_names.get(first)
+            for row in out["rows"]:
+                row["port_name"] = port_names.get(row["name"])
+        print(json.dumps(out, indent=1))
+    else:
+        text = report.format(max_rows=args.max_rows, only_failing=not args.all).splitlines()
+        worst = [r for r in report.worst(args.worst) if not r.ok]
+        if worst:
+            text.insert(-2, "worst: " + ", ".join(
+                f"{r.name} ({'shape' if r.ratio is None else f'{r.ratio:.3g}x bound'})" for r in worst))
+        if first is not None and first in port_names:
+            text.append(f"in {args.a}'s names: {port_names[first]}")
+        print("\n".join(text))
     return 0 if report.ok else 1
+
+
+def _read_side(path: Path, prefix: str | None) -> tuple[dict, list[str], bool]:
+    """(tensors, names in order, whether the order was recorded): ``trace_order`` in the metadata, or
+    the ``trace_order`` of a golden case's ``golden`` metadata."""
+    from refsd.trace import load_trace, trace_order
+
+    tensors, order = load_trace(path, prefix=prefix)
+    recorded = trace_order(path, prefix=prefix)[1]
+    golden = _golden_meta(path)
+    if not recorded and golden and golden.get("trace_order") and prefix in (None, "trace/"):
+        listed = [n for n in golden["trace_order"] if n in tensors]
+        order = listed + [n for n in order if n not in set(listed)]
+        recorded = True
+    return tensors, order, recorded
+
+
+def _golden_meta(path: Path) -> dict | None:
+    """A golden case's ``golden`` metadata object (golden/README.md), or None for other files."""
+    from refsd.weights import read_header
+
+    text = read_header(path).metadata.get("golden")
+    try:
+        meta = json.loads(text) if text else None
+    except json.JSONDecodeError:
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _rename_sides(args, a, a_order, b, b_order, golden, port_names: dict):
+    """Apply ``--names`` to A and ``--ref-names`` to B: both end up in diffusers names. The layout a
+    map needs comes from the diffusers-named side (and a golden's param keys)."""
+    from refsd.weights.names import best_map
+
+    if not args.names and not args.ref_names:
+        return a, a_order, b, b_order
+    if args.names and args.ref_names and "diffusers" not in (args.names, args.ref_names):
+        raise RefsdError("--names and --ref-names: one side must use diffusers names (the maps are built from it)")
+    params = golden.get("params", []) if golden else []
+    if args.names and args.names != "diffusers":
+        m = best_map(args.names, a, list(b) + list(params))
+        port_names.update({m.to_reference(n): n for n in a})
+        a, a_order = _renamed(a, a_order, m.to_reference, args.a, m)
+    if args.ref_names and args.ref_names != "diffusers":
+        m = best_map(args.ref_names, b, list(a))
+        b, b_order = _renamed(b, b_order, m.to_reference, args.b, m)
+    return a, a_order, b, b_order
+
+
+def _renamed(tensors, order, rename, path, m):
+    """``tensors`` and ``order`` under ``rename``; RefsdError naming the first names no row covers."""
+    new = {n: rename(n) for n in tensors}
+    lost = [n for n, r in new.items() if r is None]
+    if lost:
+        raise RefsdError(f"{path}: {len(lost)} name(s) are not {m.scheme} {m.kind} module paths: "
+                         f"{', '.join(lost[:5])}")
+    return {new[n]: v for n, v in tensors.items()}, [new[n] for n in order]
+
+
+def _names_hint(tensors, k: int = 3) -> str:
+    names = list(tensors)[:k]
+    return ", ".join(names) + (" ..." if len(tensors) > k else "") if names else "(no tensors)"
 
 
 def _file(path: str) -> Path:

@@ -69,8 +69,9 @@ def test_compare_divergence_exit_1_names_first_executed_layer(traces):
     expected_rel = 0.25 / np.abs(ref["down_blocks.0"].astype(np.float64)).max()
     assert float(m.group(1)) == pytest.approx(0.25, rel=1e-3)
     assert float(m.group(2)) == pytest.approx(expected_rel, rel=1e-3)
-    table = proc.stdout.splitlines()[1:-2]  # only failing rows by default
+    table = proc.stdout.splitlines()[1:-3]  # only failing rows by default; then worst, summary, verdict
     assert len(table) == 2 and table[0].startswith(">>  down_blocks.0") and "conv_out" in table[1]
+    assert proc.stdout.splitlines()[-3].startswith("worst: conv_out (8.4")  # 3.0 / (1e-5 + 1e-5 * 2.55)
     # a loose tolerance accepts the small perturbation: conv_out is then the first divergence
     proc = run("compare", mine_path, ref_path, "--atol", "0.3")
     assert proc.returncode == 1

@@ -281,37 +281,50 @@ def unet_layout_diffusers(keys: Iterable[str]) -> UNetLayout:
     return UNetLayout(levels, lpb, down, up, mid)
 
 
-def unet_rows(layout: UNetLayout) -> list[tuple]:
-    """Every (ldm, diffusers) row of a UNet with this layout."""
+def unet_blocks(layout: UNetLayout) -> list[tuple[str, str, tuple]]:
+    """Every (ldm block, diffusers block, block table) of a UNet with this layout, in execution order.
+
+    The block pairs are module paths (``input_blocks.1.0`` <-> ``down_blocks.0.resnets.0``); the block
+    table holds the rows below them. ``unet_rows`` nests the tables (the weight map);
+    ``refsd.weights.names`` also keeps the block pairs themselves (the module-path map).
+    """
     L, n = layout.layers_per_block, layout.levels
-    rows = list(UNET_TOP)
+    blocks = []
     i = 1
     for b in range(n):
         for j in range(L):
-            rows += nest(f"input_blocks.{i}.0", f"down_blocks.{b}.resnets.{j}", UNET_RESNET)
+            blocks.append((f"input_blocks.{i}.0", f"down_blocks.{b}.resnets.{j}", UNET_RESNET))
             if layout.down_attention[b]:
-                rows += nest(f"input_blocks.{i}.1", f"down_blocks.{b}.attentions.{j}", SAME)
+                blocks.append((f"input_blocks.{i}.1", f"down_blocks.{b}.attentions.{j}", SAME))
             i += 1
         if b < n - 1:
-            rows += nest(f"input_blocks.{i}.0", f"down_blocks.{b}.downsamplers.0", UNET_DOWNSAMPLE)
+            blocks.append((f"input_blocks.{i}.0", f"down_blocks.{b}.downsamplers.0", UNET_DOWNSAMPLE))
             i += 1
-    rows += nest("middle_block.0", "mid_block.resnets.0", UNET_RESNET)
+    blocks.append(("middle_block.0", "mid_block.resnets.0", UNET_RESNET))
     if layout.mid_attention:
-        rows += nest("middle_block.1", "mid_block.attentions.0", SAME)
-        rows += nest("middle_block.2", "mid_block.resnets.1", UNET_RESNET)
+        blocks.append(("middle_block.1", "mid_block.attentions.0", SAME))
+        blocks.append(("middle_block.2", "mid_block.resnets.1", UNET_RESNET))
     else:
-        rows += nest("middle_block.1", "mid_block.resnets.1", UNET_RESNET)
+        blocks.append(("middle_block.1", "mid_block.resnets.1", UNET_RESNET))
     i = 0
     for b in range(n):
         for j in range(L + 1):
-            rows += nest(f"output_blocks.{i}.0", f"up_blocks.{b}.resnets.{j}", UNET_RESNET)
+            blocks.append((f"output_blocks.{i}.0", f"up_blocks.{b}.resnets.{j}", UNET_RESNET))
             k = 1
             if layout.up_attention[b]:
-                rows += nest(f"output_blocks.{i}.1", f"up_blocks.{b}.attentions.{j}", SAME)
+                blocks.append((f"output_blocks.{i}.1", f"up_blocks.{b}.attentions.{j}", SAME))
                 k = 2
             if j == L and b < n - 1:
-                rows += nest(f"output_blocks.{i}.{k}", f"up_blocks.{b}.upsamplers.0", UNET_UPSAMPLE)
+                blocks.append((f"output_blocks.{i}.{k}", f"up_blocks.{b}.upsamplers.0", UNET_UPSAMPLE))
             i += 1
+    return blocks
+
+
+def unet_rows(layout: UNetLayout) -> list[tuple]:
+    """Every (ldm, diffusers) row of a UNet with this layout."""
+    rows = list(UNET_TOP)
+    for ldm, dif, table in unet_blocks(layout):
+        rows += nest(ldm, dif, table)
     return rows
 
 
@@ -339,25 +352,40 @@ def vae_layout_diffusers(keys: Iterable[str]) -> VAELayout:
     return VAELayout(levels, lpb)
 
 
-def vae_rows(layout: VAELayout) -> list[tuple]:
-    """Every (ldm, diffusers) row of a VAE with this layout. The decoder's ``up`` levels are numbered
-    from the lowest resolution in LDM, from the highest in diffusers."""
+def vae_blocks(layout: VAELayout) -> list[tuple[str, str, tuple]]:
+    """Every (ldm block, diffusers block, block table) of a VAE with this layout (as ``unet_blocks``).
+
+    The decoder's ``up`` levels are numbered from the lowest resolution in LDM, from the highest in
+    diffusers. Level and mid-block pairs with an empty table (``encoder.down.0`` <-> ``encoder.down_blocks.0``,
+    ``decoder.mid`` <-> ``decoder.mid_block``) are module paths only: they hold no weights of their own.
+    """
     n, L = layout.levels, layout.layers_per_block
-    rows = list(VAE_TOP)
+    blocks = []
     for c in ("encoder", "decoder"):
-        rows += nest(f"{c}.mid.block_1", f"{c}.mid_block.resnets.0", VAE_RESNET)
-        rows += nest(f"{c}.mid.attn_1", f"{c}.mid_block.attentions.0", VAE_ATTENTION)
-        rows += nest(f"{c}.mid.block_2", f"{c}.mid_block.resnets.1", VAE_RESNET)
+        blocks.append((f"{c}.mid", f"{c}.mid_block", ()))
+        blocks.append((f"{c}.mid.block_1", f"{c}.mid_block.resnets.0", VAE_RESNET))
+        blocks.append((f"{c}.mid.attn_1", f"{c}.mid_block.attentions.0", VAE_ATTENTION))
+        blocks.append((f"{c}.mid.block_2", f"{c}.mid_block.resnets.1", VAE_RESNET))
     for i in range(n):
+        blocks.append((f"encoder.down.{i}", f"encoder.down_blocks.{i}", ()))
         for j in range(L):
-            rows += nest(f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", VAE_RESNET)
+            blocks.append((f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", VAE_RESNET))
         if i < n - 1:
-            rows += nest(f"encoder.down.{i}.downsample", f"encoder.down_blocks.{i}.downsamplers.0", VAE_SAMPLE)
+            blocks.append((f"encoder.down.{i}.downsample", f"encoder.down_blocks.{i}.downsamplers.0", VAE_SAMPLE))
     for i in range(n):
+        blocks.append((f"decoder.up.{n - 1 - i}", f"decoder.up_blocks.{i}", ()))
         for j in range(L + 1):
-            rows += nest(f"decoder.up.{n - 1 - i}.block.{j}", f"decoder.up_blocks.{i}.resnets.{j}", VAE_RESNET)
+            blocks.append((f"decoder.up.{n - 1 - i}.block.{j}", f"decoder.up_blocks.{i}.resnets.{j}", VAE_RESNET))
         if i < n - 1:
-            rows += nest(f"decoder.up.{n - 1 - i}.upsample", f"decoder.up_blocks.{i}.upsamplers.0", VAE_SAMPLE)
+            blocks.append((f"decoder.up.{n - 1 - i}.upsample", f"decoder.up_blocks.{i}.upsamplers.0", VAE_SAMPLE))
+    return blocks
+
+
+def vae_rows(layout: VAELayout) -> list[tuple]:
+    """Every (ldm, diffusers) row of a VAE with this layout (the weight map: ``vae_blocks``' tables)."""
+    rows = list(VAE_TOP)
+    for ldm, dif, table in vae_blocks(layout):
+        rows += nest(ldm, dif, table)
     return rows
 
 
