@@ -1,4 +1,5 @@
-"""The ``refsd`` command line: ``refsd generate``, ``refsd trace``, ``refsd compare`` and ``refsd info``.
+"""The ``refsd`` command line: ``refsd generate``, ``refsd trace``, ``refsd compare``, ``refsd export`` and
+``refsd info``.
 
 Exit status: 0 success / tensors match, 1 tensors diverge, 2 bad input (one ``refsd: error:`` line
 on stderr, no traceback) or bad usage.
@@ -73,6 +74,22 @@ examples:
   refsd compare image.safetensors ref.safetensors --prefix out/ --images
 """
 
+EXPORT_HELP = """\
+Write a golden case's weights (param/), inputs (in/), outputs (out/) and trace (trace/), or a
+checkpoint's weights, in a port's conventions: names diffusers or ldm (single-file keys as A1111 /
+ComfyUI load them; traces as LDM module paths), layout nchw or nhwc (conv weights HWIO; linear
+weights stay (out, in)), float32 or float16, as safetensors or .npz. A manifest (OUT.manifest.json)
+records the source, the conventions, the golden's tolerance and metadata, the trace order and each
+tensor's original key and transform. Nothing is written unless everything converts.
+"""
+
+EXPORT_EXAMPLES = """\
+examples:
+  refsd export unet/sd1_tiny_f32 --names ldm --layout nhwc --out sd1_tiny_ldm.npz
+  refsd export golden/cases/vae/decode_tiny_f32.safetensors --names ldm --out vae_ldm.safetensors
+  refsd export ./stable-diffusion-v1-5/ --names ldm --dtype float16 --out sd15_single_file.safetensors
+"""
+
 INFO_HELP = """\
 Summarise a .safetensors file (tensor and parameter counts, dtypes, bytes, key prefixes, metadata),
 or every .safetensors file in a diffusers folder (unet/, vae/, text_encoder/, ...). Reads headers only.
@@ -144,6 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="names present on one side only do not make the comparison fail")
     p.add_argument("--max-rows", type=int, default=50, help="table rows shown at most (default 50)")
     p.set_defaults(run=_cmd_compare)
+
+    p = sub.add_parser("export", help="a golden case or checkpoint in a port's naming, layout and dtype",
+                       description=EXPORT_HELP, epilog=EXPORT_EXAMPLES, formatter_class=raw)
+    p.add_argument("source", metavar="SOURCE",
+                   help="a golden case id (unet/sd1_tiny_f32) or its file, or a checkpoint (.safetensors or diffusers folder)")
+    p.add_argument("--out", required=True, help="the file to write (.safetensors or .npz); a .manifest.json goes beside it")
+    p.add_argument("--names", choices=("diffusers", "ldm"), default=None,
+                   help="key and trace naming (default: diffusers for a golden, ldm for a checkpoint)")
+    p.add_argument("--layout", choices=("nchw", "nhwc"), default="nchw",
+                   help="nchw: activations (B,C,H,W), conv OIHW; nhwc: (B,H,W,C), conv HWIO (default nchw)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="(default float32)")
+    p.add_argument("--format", choices=("safetensors", "npz"), default=None,
+                   help="(default: from --out's suffix, .npz or else safetensors)")
+    p.set_defaults(run=_cmd_export)
 
     p = sub.add_parser("info", help="summarise a .safetensors file or a diffusers folder",
                        description=INFO_HELP, epilog=INFO_EXAMPLES, formatter_class=raw)
@@ -281,6 +312,33 @@ def _file(path: str) -> Path:
     if not p.is_file():
         raise RefsdError(f"{path}: not a file")
     return p
+
+
+# --------------------------------------------------------------------------------------------
+# export
+
+
+def _cmd_export(args) -> int:
+    from refsd.export import export_checkpoint, export_golden
+    from refsd.golden import manifest
+
+    source = args.source
+    case_id = source if source in manifest() else None
+    if case_id is None:
+        p = Path(source)
+        if not p.exists():
+            raise RefsdError(f"{source}: neither a golden case id nor an existing file or folder")
+        meta = _golden_meta(p) if p.is_file() else None
+        case_id = meta.get("id") if meta else None
+    if case_id is not None:
+        m = export_golden(case_id, args.out, names=args.names or "diffusers", layout=args.layout,
+                          dtype=args.dtype, fmt=args.format)
+    else:
+        m = export_checkpoint(source, args.out, names=args.names or "ldm", layout=args.layout,
+                              dtype=args.dtype, fmt=args.format)
+    print(f"wrote {args.out}: {len(m['tensors'])} tensors, names {m['names']}, layout {m['layout']['name']}, "
+          f"{m['dtype']}; manifest {args.out}.manifest.json")
+    return 0
 
 
 # --------------------------------------------------------------------------------------------
