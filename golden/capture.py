@@ -54,6 +54,7 @@ def _meta(c: Case, cap: Capture) -> dict:
         "params": list(cap.params),
         **({"params_from": cap.params_from} if cap.params_from else {}),
         "trace_order": list(cap.trace),
+        **({"trace_depth": cap.trace_depth} if cap.trace_depth != 1 else {}),
         "atol": atol,
         "rtol": rtol,
         "description": cap.description,

@@ -9,6 +9,8 @@ own module paths. This module imports nothing from refsd.
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from golden.registry import Capture, case, hooked, randomise_weights
@@ -40,14 +42,32 @@ def _ids(g, lengths, pad, n=77, bos=998, eos=999):
     return torch.stack(rows)
 
 
-def _clip_case(g, dt, cfg, with_projection, ids, desc):
+def _traced(name: str) -> bool:
+    return name.split(".")[-2:-1] == ["layers"] or name.endswith(("embeddings", "final_layer_norm"))
+
+
+# Porting cases, trace depth 2: also each layer's layer_norm1 / layer_norm2, self_attn and its
+# q/k/v/out_proj, mlp and its fc1 / fc2.
+_FINE = re.compile(r"(text_model\.)?encoder\.layers\.\d+\.(layer_norm[12]|self_attn(\.(q|k|v|out)_proj)?|mlp(\.fc[12])?)$")
+
+
+def _traced_fine(name: str) -> bool:
+    return _traced(name) or bool(_FINE.match(name))
+
+
+def _clip_case(g, dt, cfg, with_projection, ids, desc, porting=False):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     hf_cfg = CLIPTextConfig(**cfg, attention_dropout=0.0)
     model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(hf_cfg).eval().to(dt)
     randomise_weights(model, g)
+    if porting:  # embeddings ~ N(0, 1e-4): the first LayerNorm sees variances where eps 1e-5 matters
+        with torch.no_grad():
+            for name, t in model.state_dict().items():
+                if "embedding" in name:
+                    t.mul_(1e-2)
     o, trace = hooked(model, lambda: model(input_ids=ids, output_hidden_states=True),
-                      lambda name: name.split(".")[-2:-1] == ["layers"] or name.endswith(("embeddings", "final_layer_norm")))
+                      _traced_fine if porting else _traced)
     text = model.text_model if with_projection else model
     last, pooled = o.last_hidden_state, o.pooler_output if not with_projection else None
     if pooled is None:  # CLIPTextModelOutput drops pooler_output: recompute it from the inner model
@@ -60,7 +80,8 @@ def _clip_case(g, dt, cfg, with_projection, ids, desc):
     return Capture("clip_text", {"input_ids": ids}, outputs,
                    f"transformers.{cls}(CLIPTextConfig(**config))(input_ids, output_hidden_states=True)",
                    desc, kwargs={"config": cfg}, variants=ATTENTION_VARIANTS,
-                   params={k: v.clone() for k, v in model.state_dict().items()}, trace=trace)
+                   params={k: v.clone() for k, v in model.state_dict().items()}, trace=trace,
+                   trace_depth=2 if porting else 1)
 
 
 @case("text_encoder", "clip_l_tiny", dtypes=("float32",))
@@ -86,3 +107,19 @@ def _openclip_tiny(g, dt):
     ids = _ids(g, [7, 75], pad=OPENCLIP_TINY["pad_token_id"])
     return _clip_case(g, dt, OPENCLIP_TINY, True, ids,
                       "tiny OpenCLIP-like text encoder with projection (gelu, first-EOS pooling), zero padding")
+
+
+@case("text_encoder", "clip_l_porting_tiny", dtypes=("float32",))
+def _clip_l_porting_tiny(g, dt):
+    ids = _ids(g, [5, 40], pad=999)
+    return _clip_case(g, dt, CLIP_L_TINY, False, ids,
+                      "porting case: tiny CLIP-L-like text encoder (quick_gelu, causal mask), embeddings scaled by "
+                      "1e-2 (LayerNorm eps visible), every submodule traced (depth 2)", porting=True)
+
+
+@case("text_encoder", "openclip_porting_tiny", dtypes=("float32",))
+def _openclip_porting_tiny(g, dt):
+    ids = _ids(g, [7, 30], pad=OPENCLIP_TINY["pad_token_id"])
+    return _clip_case(g, dt, {**OPENCLIP_TINY, "eos_token_id": 2}, False, ids,
+                      "porting case: tiny OpenCLIP-H-like text encoder (gelu), embeddings scaled by 1e-2, every "
+                      "submodule traced (depth 2)", porting=True)

@@ -16,9 +16,20 @@ Trace rule (forward hooks; refsd emits the same names in the same order):
   called with return_dict=False) it is element 0, where it returns an output object, its ``.sample``;
 - the ``down_blocks.i`` / ``up_blocks.i`` containers are not hooked: a down block returns
   (hidden, res_samples), and either container's hidden output is its last child's, already recorded.
+
+Porting cases (``*_porting_tiny``, trace depth 2): the same layouts with inputs and weights chosen so
+that conventions a port gets wrong change the numbers (golden/README.md, "porting bugs"): the
+sample and ``conv_in``'s bias scaled by 1e-2 (the first ResnetBlock's GroupNorm then sees a variance
+near 1e-4, where eps 1e-5 vs 1e-6 moves its output by ~4%), the first transformer's ``proj_in``
+scaled by 1e-2 (its LayerNorms see such variances too); and every submodule a porter writes hooked:
+``time_proj`` (the sinusoids), ``add_time_proj``, resnet ``norm1 / conv1 / time_emb_proj / norm2 /
+conv2 / conv_shortcut``, transformer ``norm / proj_in / proj_out``, block ``norm1-3``, attention
+``to_q / to_k / to_v / to_out.0``, ``ff.net.0`` (GEGLU) and ``ff.net.2``, ``conv_norm_out``.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -85,7 +96,30 @@ def _traced(name: str) -> bool:
     return False
 
 
-def _unet_case(g, dt, config, *, batch=2, size=(8, 8), tokens=12, timestep="array", text_width=16, desc=""):
+_FINE = re.compile(
+    r"((down|up)_blocks\.\d+|mid_block)\.("
+    r"resnets\.\d+\.(norm1|conv1|time_emb_proj|norm2|conv2|conv_shortcut)"
+    r"|attentions\.\d+\.(norm|proj_in|proj_out"
+    r"|transformer_blocks\.\d+\.(norm[123]|attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.[02])))$")
+
+
+def _traced_fine(name: str) -> bool:
+    """Depth-2 trace: ``_traced`` plus the submodules (module docstring)."""
+    return _traced(name) or name in ("time_proj", "add_time_proj", "conv_norm_out") or bool(_FINE.match(name))
+
+
+def _expose_conventions(model, sample):
+    """Porting cases: small activations where eps matters (module docstring). -> the scaled sample."""
+    with torch.no_grad():
+        model.conv_in.bias.mul_(1e-2)
+        first = next(b for b in model.down_blocks if getattr(b, "attentions", None))
+        first.attentions[0].proj_in.weight.mul_(1e-2)
+        first.attentions[0].proj_in.bias.mul_(1e-2)
+    return sample * 1e-2
+
+
+def _unet_case(g, dt, config, *, batch=2, size=(8, 8), tokens=12, timestep="array", text_width=16, desc="",
+               porting=False):
     from diffusers import UNet2DConditionModel
 
     model = UNet2DConditionModel(**config).eval()
@@ -93,6 +127,8 @@ def _unet_case(g, dt, config, *, batch=2, size=(8, 8), tokens=12, timestep="arra
         model = model.to(dt)
     randomise_weights(model, g)
     sample = torch.randn((batch, config["in_channels"], *size), generator=g, dtype=torch.float64).to(dt)
+    if porting:
+        sample = _expose_conventions(model, sample)
     context = torch.randn((batch, tokens, config["cross_attention_dim"]), generator=g, dtype=torch.float64).to(dt)
     inputs = {"sample": sample, "encoder_hidden_states": context}
     kwargs = {"config": config}
@@ -108,11 +144,12 @@ def _unet_case(g, dt, config, *, batch=2, size=(8, 8), tokens=12, timestep="arra
         time_ids = torch.tensor([base, [v * 0.75 + 3.5 for v in base]][:batch], dtype=dt)
         inputs.update(text_embeds=text_embeds, time_ids=time_ids)
         extra = {"added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": time_ids}}
-    out, trace = hooked(model, lambda: model(sample, t, context, **extra).sample, _traced)
+    out, trace = hooked(model, lambda: model(sample, t, context, **extra).sample, _traced_fine if porting else _traced)
     call = "diffusers.UNet2DConditionModel(**config)(sample, timestep, encoder_hidden_states"
     call += ", added_cond_kwargs={'text_embeds': text_embeds, 'time_ids': time_ids}).sample" if extra else ").sample"
     return Capture("unet", inputs, {"sample": out}, call, desc, kwargs=kwargs, variants=ATTENTION_VARIANTS,
-                   params={k: v.clone() for k, v in model.state_dict().items()}, trace=trace)
+                   params={k: v.clone() for k, v in model.state_dict().items()}, trace=trace,
+                   trace_depth=2 if porting else 1)
 
 
 @case("unet", "sd1_tiny", dtypes=("float32",))
@@ -148,3 +185,17 @@ def _inpaint_tiny(g, dt):
     return _unet_case(g, dt, INPAINT_TINY, size=(9, 7), timestep=torch.tensor([10, 999], dtype=torch.int64),
                       desc="tiny SD1-inpainting-layout UNet (9 input channels, 2 blocks), int64 timesteps (10, 999), "
                            "odd 9x7 latent (the upsampler resizes to the skip's 5x4 -> 9x7: upsample_size)")
+
+
+@case("unet", "sd1_porting_tiny", dtypes=("float32",))
+def _sd1_porting_tiny(g, dt):
+    return _unet_case(g, dt, SD1_TINY, tokens=77, timestep=torch.tensor([999.0, 437.25], dtype=dt), porting=True,
+                      desc="porting case: tiny SD1-layout UNet with sample, conv_in bias and the first proj_in "
+                           "scaled by 1e-2 (GroupNorm / LayerNorm eps visible), every submodule traced (depth 2)")
+
+
+@case("unet", "sd2_porting_tiny", dtypes=("float32",))
+def _sd2_porting_tiny(g, dt):
+    return _unet_case(g, dt, SD2_TINY, timestep=torch.tensor([500.0, 21.5], dtype=dt), porting=True,
+                      desc="porting case: tiny SD2-layout UNet (linear projections, heads [1, 2, 4], upcast) with "
+                           "small activations where eps matters, every submodule traced (depth 2)")

@@ -8,6 +8,7 @@ modules (down/up blocks, mid blocks, conv_out, quant convs). This module imports
 
 from __future__ import annotations
 
+import re
 
 import torch
 
@@ -116,3 +117,48 @@ def _encode_tiled_tiny(g, dt):
                    "posterior; trace: each tile's moments before blending",
                    kwargs={"config": VAE_TINY, "mode": "encode", "tiling": {"sample_size": None, "overlap": 0.25}},
                    params=_params(model), trace=trace)
+
+
+# Porting cases (trace depth 2): the input and conv_in's bias scaled by 1e-2, so the first
+# GroupNorms see variances near 1e-4, where the VAE's eps 1e-6 vs the usual 1e-5 moves the output by
+# ~4%; every submodule a porter writes is hooked (conv_in, resnets and their norm1 / conv1 / norm2 /
+# conv2 / conv_shortcut, resamplers, the mid attention and its group_norm / to_q / to_k / to_v /
+# to_out.0, conv_norm_out).
+_FINE = re.compile(
+    r"(encoder|decoder)\.(conv_in|conv_norm_out|((down|up)_blocks\.\d+|mid_block)\.("
+    r"resnets\.\d+(\.(norm1|conv1|norm2|conv2|conv_shortcut))?|(down|up)samplers\.0"
+    r"|attentions\.0(\.(group_norm|to_q|to_k|to_v|to_out\.0))?))$")
+
+
+def _traced_fine(name: str) -> bool:
+    return _traced(name) or bool(_FINE.match(name))
+
+
+@case("vae", "decode_porting_tiny", dtypes=("float32",))
+def _decode_porting_tiny(g, dt):
+    model = _model(g, dt)
+    with torch.no_grad():
+        model.decoder.conv_in.bias.mul_(1e-2)
+    z = torch.randn((1, 4, 8, 8), generator=g, dtype=torch.float64).to(dt) * 1e-2
+    sample, trace = hooked(model, lambda: model.decode(z).sample, _traced_fine)
+    return Capture("vae", {"z": z}, {"sample": sample}, "diffusers.AutoencoderKL(**config).decode(z).sample",
+                   "porting case: tiny AutoencoderKL decode, z and decoder.conv_in bias scaled by 1e-2 (GroupNorm "
+                   "eps visible), every submodule traced (depth 2)",
+                   kwargs={"config": VAE_TINY, "mode": "decode"}, params=_params(model), trace=trace, trace_depth=2)
+
+
+@case("vae", "encode_porting_tiny", dtypes=("float32",))
+def _encode_porting_tiny(g, dt):
+    model = _model(g, dt)
+    with torch.no_grad():
+        model.encoder.conv_in.bias.mul_(1e-2)
+    x = torch.randn((1, 3, 16, 16), generator=g, dtype=torch.float64).to(dt) * 1e-2
+    noise = torch.randn((1, 4, 8, 8), generator=g, dtype=torch.float64).to(dt)
+    dist, trace = hooked(model, lambda: model.encode(x).latent_dist, _traced_fine)
+    latent = dist.mean + dist.std * noise
+    return Capture("vae", {"x": x, "noise": noise},
+                   {"mean": dist.mean, "logvar": dist.logvar, "latent_sample": latent},
+                   "d = diffusers.AutoencoderKL(**config).encode(x).latent_dist; (d.mean, d.logvar, d.mean + d.std * noise)",
+                   "porting case: tiny AutoencoderKL encode + posterior, x and encoder.conv_in bias scaled by 1e-2 "
+                   "(GroupNorm eps visible), every submodule traced (depth 2)",
+                   kwargs={"config": VAE_TINY, "mode": "encode"}, params=_params(model), trace=trace, trace_depth=2)

@@ -41,6 +41,9 @@ class Capture:
     # committed once). See golden/README.md.
     params_from: str | None = None
     borrowed: tuple[str, ...] | None = None
+    # refsd.trace depth the trace was hooked at: 1 the block outputs, 2 also their submodules (norms,
+    # projections, q/k/v, ...); written to the metadata only when not 1, so older cases are unchanged.
+    trace_depth: int = 1
 
 
 @dataclass(frozen=True)

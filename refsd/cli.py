@@ -53,8 +53,9 @@ the first divergence cannot be told: error. --names renames A's module paths (LD
 transformers 4, or a JSON map) to B's diffusers names. The tolerance is the golden case's own (its
 metadata) unless --atol/--rtol are given, else 1e-5.
 
-Divergence rule: a tensor diverges when max|a - b| > atol + rtol * max|b| (float32 noise scales with a
-tensor's largest values, so near-zero elements do not raise false alarms), holds NaN, or the shapes
+Divergence rule: a tensor diverges when max|a - b| > atol + rtol * max|b| and ||a - b|| / ||b|| > rtol
+(float32 noise scales with a tensor's largest values and stays a tiny fraction of its norm, so
+near-zero elements and normalised small groups do not raise false alarms), holds NaN, or the shapes
 differ; max_rel = max|a - b| / max|b|, cosine = <a,b>/(|a||b|). --elementwise restores the per-element
 test |a - b| <= atol + rtol * |b|. Names with no counterpart, or no names in common, are reported;
 no names in common is an error (exit 2).
@@ -150,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref-names", default=None, metavar="SCHEME", help="B's naming, as --names (default diffusers)")
     p.add_argument("--elementwise", action="store_true",
                    help="fail a tensor on any element with |a-b| > atol + rtol*|b| (default: the divergence "
-                        "rule max|a-b| <= atol + rtol*max|b|)")
+                        "rule above)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--worst", type=int, default=5, help="how many worst layers to name (default 5)")
     p.add_argument("--prefix", default=None,

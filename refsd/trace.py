@@ -21,6 +21,14 @@ by name):
   ``name#2``, ... (``#k`` is the (k+1)-th call). This is what a block reused across sampler steps
   without a scope produces.
 
+Depth: every emit has a ``level`` -- 1 for the block outputs the goldens have always traced (resnets,
+transformers and their attn1 / attn2 / ff, resamplers, mid blocks, VAE levels, CLIP layers), 2 for
+the submodules a porter writes one by one (norms, proj_in / proj_out, to_q / to_k / to_v / to_out.0,
+ff.net.0 / ff.net.2, resnet norm1 / conv1 / time_emb_proj / norm2 / conv2, VAE resnets, resamplers
+and attention, CLIP self_attn / mlp / layer norms). ``record(depth=2)`` keeps both; the default
+``depth=1`` records what it always did. ``tracing(level)`` tells model code whether a level is being
+recorded, so a tensor that exists only for the trace (a layout view) is built only then.
+
 File rule for ``load_trace``: with ``prefix=None``, tensors under ``trace/`` are the trace
 (prefix stripped) if the file has any; otherwise every tensor is, under its own name. An explicit
 ``prefix`` (``"out/"``, ``"trace/"``, ``""`` for all) selects exactly the keys that start with it.
@@ -36,6 +44,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from refsd.errors import WeightsError
+from refsd.xp import namespace as _namespace
 from refsd.xp import to_numpy
 
 TRACE_PREFIX = "trace/"
@@ -54,8 +63,9 @@ class Recording(Mapping):
     arrays as emitted. ``order`` lists the names in the order they were emitted.
     """
 
-    def __init__(self, *, to_host: bool = True):
+    def __init__(self, *, to_host: bool = True, depth: int = 1):
         self.to_host = to_host
+        self.depth = depth
         self._tensors: dict[str, Any] = {}
         self._calls: dict[str, int] = {}  # base name -> times emitted, for the #k repeat suffix
         self._lock = threading.Lock()  # emit may come from worker threads of one model call
@@ -79,6 +89,8 @@ class Recording(Mapping):
 
     def _add(self, name: str, x: Any) -> None:
         value = x
+        if not self.to_host and self.depth > 1:  # level-2 tensors may be updated in place afterwards
+            value = _namespace(x).asarray(x, copy=True)
         if self.to_host:
             value = to_numpy(x)
             if value is x or not value.flags.owndata:  # shares the model's buffer (NumPy, torch-CPU): copy
@@ -109,13 +121,17 @@ class Recording(Mapping):
 
 
 @contextlib.contextmanager
-def record(*, to_host: bool = True) -> Iterator[Recording]:
-    """Collect every ``emit`` made in this context (and nested calls) into a new Recording.
+def record(*, to_host: bool = True, depth: int = 1) -> Iterator[Recording]:
+    """Collect every ``emit`` of level <= ``depth`` made in this context (and nested calls) into a new
+    Recording.
 
     ``to_host=True`` copies each tensor to NumPy at emit time, so device memory is not held.
-    Recordings nest: an emit is stored in every active recording.
+    ``depth``: 1 the block outputs (the default), 2 also their submodules (module docstring).
+    Recordings nest: an emit is stored in every active recording deep enough for it.
     """
-    rec = Recording(to_host=to_host)
+    if depth not in (1, 2):
+        raise ValueError(f"trace depth must be 1 or 2, got {depth!r}")
+    rec = Recording(to_host=to_host, depth=depth)
     token = _recordings.set(_recordings.get() + (rec,))
     try:
         yield rec
@@ -135,13 +151,22 @@ def scope(name: str) -> Iterator[None]:
         _scopes.reset(token)
 
 
-def emit(where: Any, x: Any) -> Any:
-    """Record ``x`` under ``where``'s module path if a recording is active; return ``x`` unchanged.
+def tracing(level: int = 1) -> bool:
+    """Whether an active recording keeps emits of this ``level``."""
+    return any(rec.depth >= level for rec in _recordings.get())
+
+
+def emit(where: Any, x: Any, level: int = 1) -> Any:
+    """Record ``x`` under ``where``'s module path if a recording at least ``level`` deep is active;
+    return ``x`` unchanged.
 
     ``where``: a Params view (its ``.prefix``, e.g. ``down_blocks.0.resnets.1``) or a str name.
     Outside ``record()`` this is one ContextVar lookup.
     """
     recordings = _recordings.get()
+    if not recordings:
+        return x
+    recordings = [rec for rec in recordings if rec.depth >= level]
     if not recordings:
         return x
     name = where if isinstance(where, str) else getattr(where, "prefix", None)
@@ -156,6 +181,15 @@ def emit(where: Any, x: Any) -> Any:
     for rec in recordings:
         rec._add(name, x)
     return x
+
+
+def detail(p: Any, name: str, x: Any) -> Any:
+    """A level-2 emit of submodule ``name`` of the Params view ``p`` (``p.prefix + "." + name``);
+    returns ``x``. The name is only built while a depth-2 recording is active."""
+    if not tracing(2):
+        return x
+    prefix = p.prefix.rstrip(".")
+    return emit(f"{prefix}.{name}" if prefix else name, x, level=2)
 
 
 def load_trace(path, *, prefix: str | None = None) -> tuple[dict[str, Any], list[str]]:

@@ -29,7 +29,7 @@ def test_cases_exist():
 def test_trace_names_match_transformers_modules(case_id, xp, device):
     """refsd emits under the module paths the oracle hooked, in the same order, with the same values."""
     case, params, ids, cfg = _setup(case_id, xp, device)
-    with record() as rec:
+    with record(depth=case.meta.get("trace_depth", 1)) as rec:
         clip_text(params, ids, cfg=cfg)
     assert rec.order == case.meta["trace_order"]
     ref = case.group("trace")

@@ -40,7 +40,7 @@ def test_trace_names_match_diffusers_modules(case_id, xp, device):
     """refsd emits under the module paths the oracle hooked, in the same order, with the same values
     (each trace within 1e-4 of its own max: float32 summation order accumulates through the layers)."""
     case, cfg, params, inputs, t = _load(case_id, xp, device)
-    with record() as rec:
+    with record(depth=case.meta.get("trace_depth", 1)) as rec:
         _run(params, inputs, t, cfg)
     assert rec.order == case.meta["trace_order"]
     ref = case.group("trace")

@@ -29,7 +29,7 @@ def test_trace_names_match_diffusers_modules(case_id, xp, device):
     tiling = Tiling(**kw["tiling"]) if kw.get("tiling") else None
     params = Params(case.group("param"), xp=xp, device=device)
     inputs = {k: rxp.asarray(v, xp=xp, device=device) for k, v in case.group("in").items()}
-    with record() as rec:
+    with record(depth=case.meta.get("trace_depth", 1)) as rec:
         if kw["mode"] == "decode":
             decode(params, inputs["z"], cfg=cfg, tiling=tiling)
         else:

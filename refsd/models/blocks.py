@@ -21,7 +21,7 @@ from refsd import xp as rxp
 from refsd.attention import attention as _attention
 from refsd.errors import BackendError
 from refsd.ops import conv2d, gelu, group_norm, layer_norm, linear, pad, silu, upsample_nearest2x
-from refsd.trace import emit
+from refsd.trace import detail, emit, tracing
 from refsd.weights.params import wb
 
 TRANSFORMER_GROUP_NORM_EPS = 1e-6  # Transformer2DModel.norm (fixed in _init_continuous_input)
@@ -40,12 +40,14 @@ def resnet_block(p, x, temb=None, *, groups: int, eps: float, output_scale_facto
     have no ``time_emb_proj``. A ``conv_shortcut`` (1x1) maps x to C_out when the widths differ.
     """
     xp = rxp.namespace(x)
-    h = conv2d(silu(group_norm(x, *wb(p, "norm1"), groups, eps)), *wb(p, "conv1"), padding=1)
+    h = detail(p, "norm1", group_norm(x, *wb(p, "norm1"), groups, eps))
+    h = detail(p, "conv1", conv2d(silu(h), *wb(p, "conv1"), padding=1))
     if temb is not None:
-        t = linear(temb, *wb(p, "time_emb_proj"))
+        t = detail(p, "time_emb_proj", linear(temb, *wb(p, "time_emb_proj")))
         h += xp.reshape(t, (*t.shape, 1, 1))
-    h = conv2d(silu(group_norm(h, *wb(p, "norm2"), groups, eps)), *wb(p, "conv2"), padding=1)
-    h += conv2d(x, *wb(p, "conv_shortcut")) if "conv_shortcut.weight" in p else x
+    h = detail(p, "norm2", group_norm(h, *wb(p, "norm2"), groups, eps))
+    h = detail(p, "conv2", conv2d(silu(h), *wb(p, "conv2"), padding=1))
+    h += detail(p, "conv_shortcut", conv2d(x, *wb(p, "conv_shortcut"))) if "conv_shortcut.weight" in p else x
     if output_scale_factor != 1:
         h /= output_scale_factor
     return h
@@ -99,9 +101,9 @@ def attention_layer(p, x, context, *, heads: int, upcast: bool = False, strategy
     """
     xp = rxp.namespace(x, context)
     b, n, _ = x.shape
-    q = linear(x, *wb(p, "to_q"))
-    k = linear(context, *wb(p, "to_k"))
-    v = linear(context, *wb(p, "to_v"))
+    q = detail(p, "to_q", linear(x, *wb(p, "to_q")))
+    k = detail(p, "to_k", linear(context, *wb(p, "to_k")))
+    v = detail(p, "to_v", linear(context, *wb(p, "to_v")))
     inner = q.shape[-1]
     d = inner // heads
 
@@ -113,7 +115,7 @@ def attention_layer(p, x, context, *, heads: int, upcast: bool = False, strategy
         q, k, v = _as(q, xp.float32), _as(k, xp.float32), _as(v, xp.float32)
     o = _as(_attention(q, k, v, scale=scale, strategy=strategy), x.dtype)  # (B, heads, N, d)
     o = xp.reshape(xp.permute_dims(o, (0, 2, 1, 3)), (b, n, inner))
-    return linear(o, *wb(p, "to_out.0"))
+    return detail(p, "to_out.0", linear(o, *wb(p, "to_out.0")))
 
 
 def spatial_self_attention(p, x, *, groups: int, eps: float, strategy: str = "sliced"):
@@ -125,7 +127,7 @@ def spatial_self_attention(p, x, *, groups: int, eps: float, strategy: str = "sl
     """
     xp = rxp.namespace(x)
     b, c, h, w = x.shape
-    t = group_norm(xp.reshape(x, (b, c, h * w)), *wb(p, "group_norm"), groups, eps)
+    t = detail(p, "group_norm", group_norm(xp.reshape(x, (b, c, h * w)), *wb(p, "group_norm"), groups, eps))
     t = xp.permute_dims(t, (0, 2, 1))  # (B, N, C)
     o = attention_layer(p, t, t, heads=1, strategy=strategy, scale=c ** -0.5)
     return x + xp.reshape(xp.permute_dims(o, (0, 2, 1)), (b, c, h, w))
@@ -144,20 +146,20 @@ def feed_forward(p, x):
     hidden = linear(x, w[:f, ...], None if bias is None else bias[:f])
     gate = gelu(linear(x, w[f:, ...], None if bias is None else bias[f:]))
     gate *= hidden
-    return linear(gate, *wb(p, "net.2"))
+    return detail(p, "net.2", linear(detail(p, "net.0", gate), *wb(p, "net.2")))
 
 
 def transformer_block(p, x, context, *, heads: int, upcast: bool = False, attention: str = "sliced"):
     """BasicTransformerBlock (layer_norm, GEGLU): self-attention, cross-attention, feed-forward, each
     pre-normed and residual. x: (B, N, C); context: (B, M, C_ctx). -> (B, N, C). Traces attn1, attn2, ff."""
-    n1 = layer_norm(x, *wb(p, "norm1"), LAYER_NORM_EPS)
+    n1 = detail(p, "norm1", layer_norm(x, *wb(p, "norm1"), LAYER_NORM_EPS))
     a1 = p.sub("attn1")
     x = x + emit(a1, attention_layer(a1, n1, n1, heads=heads, upcast=upcast, strategy=attention))
-    n2 = layer_norm(x, *wb(p, "norm2"), LAYER_NORM_EPS)
+    n2 = detail(p, "norm2", layer_norm(x, *wb(p, "norm2"), LAYER_NORM_EPS))
     a2 = p.sub("attn2")
     x = x + emit(a2, attention_layer(a2, n2, context, heads=heads, upcast=upcast, strategy=attention))
     ff = p.sub("ff")
-    x = x + emit(ff, feed_forward(ff, layer_norm(x, *wb(p, "norm3"), LAYER_NORM_EPS)))
+    x = x + emit(ff, feed_forward(ff, detail(p, "norm3", layer_norm(x, *wb(p, "norm3"), LAYER_NORM_EPS))))
     return emit(p, x)
 
 
@@ -182,11 +184,13 @@ def transformer_2d(p, x, context, *, heads: int, depth: int, groups: int, linear
     """
     xp = rxp.namespace(x, context)
     b, c, hh, ww = x.shape
-    t = group_norm(x, *wb(p, "norm"), groups, TRANSFORMER_GROUP_NORM_EPS)
+    t = detail(p, "norm", group_norm(x, *wb(p, "norm"), groups, TRANSFORMER_GROUP_NORM_EPS))
     w_in, b_in = _projection(p, "proj_in", linear_projection=linear_projection)
     tokens = xp.matmul(xp.permute_dims(xp.reshape(t, (b, c, hh * ww)), (0, 2, 1)), xp.matrix_transpose(w_in))
     if b_in is not None:
         tokens += b_in  # (B, HW, inner)
+    if tracing(2):  # the oracle's proj_in output: (B, HW, inner) for a Linear, (B, inner, H, W) for a conv
+        detail(p, "proj_in", tokens if linear_projection else _as_image(tokens, hh, ww))
     for k in range(depth):
         tokens = transformer_block(p.sub(f"transformer_blocks.{k}"), tokens, context, heads=heads, upcast=upcast,
                                    attention=attention)
@@ -195,5 +199,21 @@ def transformer_2d(p, x, context, *, heads: int, depth: int, groups: int, linear
     if b_out is not None:
         y += xp.reshape(b_out, (-1, 1))
     y = xp.reshape(y, (b, w_out.shape[0], hh, ww))
+    if tracing(2):  # proj_out before the residual, in the oracle's layout
+        detail(p, "proj_out", _as_tokens(y) if linear_projection else y)
     y += x
     return y
+
+
+def _as_image(tokens, hh: int, ww: int):
+    """(B, HW, C) tokens -> (B, C, H, W), for traces only."""
+    xp = rxp.namespace(tokens)
+    b, _, c = tokens.shape
+    return xp.reshape(xp.permute_dims(tokens, (0, 2, 1)), (b, c, hh, ww))
+
+
+def _as_tokens(y):
+    """(B, C, H, W) -> (B, HW, C), for traces only."""
+    xp = rxp.namespace(y)
+    b, c, hh, ww = y.shape
+    return xp.permute_dims(xp.reshape(y, (b, c, hh * ww)), (0, 2, 1))

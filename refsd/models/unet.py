@@ -43,7 +43,7 @@ from refsd.models.blocks import _as, downsample, resnet_block, transformer_2d, u
 from refsd.models.configs import UNetConfig
 from refsd.numerics import timestep_frequencies_f32
 from refsd.ops import conv2d, group_norm, linear, silu
-from refsd.trace import emit
+from refsd.trace import detail, emit, tracing
 from refsd.weights.params import wb
 
 __all__ = ["UNetConfig", "get_timestep_embedding", "unet"]
@@ -82,7 +82,8 @@ def unet(params, sample, timestep, encoder_hidden_states, *, cfg: UNetConfig, te
     for i in range(len(cfg.up_block_types)):
         h, skips = up_block(params.sub(f"up_blocks.{i}"), h, temb, context, skips, index=i, cfg=cfg,
                             attention=attention)
-    h = silu(group_norm(h, *wb(params, "conv_norm_out"), cfg.norm_num_groups, cfg.norm_eps))
+    h = silu(detail(params, "conv_norm_out", group_norm(h, *wb(params, "conv_norm_out"), cfg.norm_num_groups,
+                                                         cfg.norm_eps)))
     return emit(params.sub("conv_out"), conv2d(h, *wb(params, "conv_out"), padding=cfg.conv_out_kernel // 2))
 
 
@@ -163,6 +164,7 @@ def time_embedding(params, sample, timestep, *, cfg: UNetConfig):
     t_emb = get_timestep_embedding(_timesteps(timestep, sample), cfg.block_out_channels[0],
                                    flip_sin_to_cos=cfg.flip_sin_to_cos, downscale_freq_shift=cfg.freq_shift)
     p = params.sub("time_embedding")
+    t_emb = emit("time_proj", t_emb, level=2) if tracing(2) else t_emb  # the sinusoids (1-ulp pitfall)
     return emit(p, timestep_embedding_mlp(p, _as(t_emb, sample.dtype)))
 
 
@@ -189,6 +191,8 @@ def add_embedding(params, text_embeds, time_ids, *, batch: int, dtype, cfg: UNet
                            f"projection_class_embeddings_input_dim is {cfg.projection_class_embeddings_input_dim}")
     ids = get_timestep_embedding(xp.reshape(time_ids, (-1,)), cfg.addition_time_embed_dim,
                                  flip_sin_to_cos=cfg.flip_sin_to_cos, downscale_freq_shift=cfg.freq_shift)
+    if tracing(2):
+        emit("add_time_proj", ids, level=2)
     ids = xp.reshape(ids, (batch, -1))
     p = params.sub("add_embedding")
     return emit(p, timestep_embedding_mlp(p, xp.concat([_as(text_embeds, dtype), _as(ids, dtype)], axis=-1)))

@@ -47,7 +47,7 @@ from refsd.errors import BackendError
 from refsd.models.blocks import downsample, resnet_block, spatial_self_attention, upsample
 from refsd.models.configs import VAEConfig
 from refsd.ops import conv2d, group_norm, silu
-from refsd.trace import emit
+from refsd.trace import detail, emit
 from refsd.weights.params import wb
 
 __all__ = ["Tiling", "VAEConfig", "decode", "encode", "from_latent", "sample_latent", "to_latent"]
@@ -127,23 +127,23 @@ def _decode_tile(params, z, *, cfg: VAEConfig, attention: str):
 
 def encoder(p, x, *, cfg: VAEConfig, attention: str = "sliced"):
     """vae.Encoder (double_z). x: (B, in_channels, H, W) -> (B, 2 * latent_channels, H/f, W/f)."""
-    h = conv2d(x, *wb(p, "conv_in"), padding=1)
+    h = detail(p, "conv_in", conv2d(x, *wb(p, "conv_in"), padding=1))
     n = len(cfg.block_out_channels)
     for i in range(n):
         h = down_block(p.sub(f"down_blocks.{i}"), h, cfg=cfg, last=i == n - 1)
     h = mid_block(p.sub("mid_block"), h, cfg=cfg, attention=attention)
-    h = silu(group_norm(h, *wb(p, "conv_norm_out"), cfg.norm_num_groups, EPS))
+    h = silu(detail(p, "conv_norm_out", group_norm(h, *wb(p, "conv_norm_out"), cfg.norm_num_groups, EPS)))
     return emit(p.sub("conv_out"), conv2d(h, *wb(p, "conv_out"), padding=1))
 
 
 def decoder(p, z, *, cfg: VAEConfig, attention: str = "sliced"):
     """vae.Decoder (group norm). z: (B, latent_channels, h, w) -> (B, out_channels, h*f, w*f)."""
-    h = conv2d(z, *wb(p, "conv_in"), padding=1)
+    h = detail(p, "conv_in", conv2d(z, *wb(p, "conv_in"), padding=1))
     h = mid_block(p.sub("mid_block"), h, cfg=cfg, attention=attention)
     n = len(cfg.block_out_channels)
     for i in range(n):
         h = up_block(p.sub(f"up_blocks.{i}"), h, cfg=cfg, last=i == n - 1)
-    h = silu(group_norm(h, *wb(p, "conv_norm_out"), cfg.norm_num_groups, EPS))
+    h = silu(detail(p, "conv_norm_out", group_norm(h, *wb(p, "conv_norm_out"), cfg.norm_num_groups, EPS)))
     return emit(p.sub("conv_out"), conv2d(h, *wb(p, "conv_out"), padding=1))
 
 
@@ -153,14 +153,15 @@ def decoder(p, z, *, cfg: VAEConfig, attention: str = "sliced"):
 
 def _resnet(p, x, *, cfg: VAEConfig):
     """ResnetBlock2D without time embedding (output_scale_factor 1)."""
-    return resnet_block(p, x, groups=cfg.norm_num_groups, eps=EPS)
+    return emit(p, resnet_block(p, x, groups=cfg.norm_num_groups, eps=EPS), level=2)
 
 
 def mid_block(p, x, *, cfg: VAEConfig, attention: str = "sliced"):
     """UNetMidBlock2D: resnet, [one-head attention over the pixels], resnet."""
     x = _resnet(p.sub("resnets.0"), x, cfg=cfg)
     if cfg.mid_block_add_attention:
-        x = spatial_self_attention(p.sub("attentions.0"), x, groups=cfg.norm_num_groups, eps=EPS, strategy=attention)
+        a = p.sub("attentions.0")
+        x = emit(a, spatial_self_attention(a, x, groups=cfg.norm_num_groups, eps=EPS, strategy=attention), level=2)
     x = _resnet(p.sub("resnets.1"), x, cfg=cfg)
     return emit(p, x)
 
@@ -170,7 +171,8 @@ def down_block(p, x, *, cfg: VAEConfig, last: bool):
     for j in range(cfg.layers_per_block):
         x = _resnet(p.sub(f"resnets.{j}"), x, cfg=cfg)
     if not last:
-        x = downsample(p.sub("downsamplers.0"), x, padding=0)
+        d = p.sub("downsamplers.0")
+        x = emit(d, downsample(d, x, padding=0), level=2)
     return emit(p, x)
 
 
@@ -179,7 +181,8 @@ def up_block(p, x, *, cfg: VAEConfig, last: bool):
     for j in range(cfg.layers_per_block + 1):
         x = _resnet(p.sub(f"resnets.{j}"), x, cfg=cfg)
     if not last:
-        x = upsample(p.sub("upsamplers.0"), x)
+        u = p.sub("upsamplers.0")
+        x = emit(u, upsample(u, x), level=2)
     return emit(p, x)
 
 

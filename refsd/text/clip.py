@@ -30,7 +30,7 @@ from refsd.attention import attention as _attention
 from refsd.errors import BackendError
 from refsd.models.configs import CLIPTextConfig
 from refsd.ops import gelu, layer_norm, linear, quick_gelu
-from refsd.trace import emit
+from refsd.trace import detail, emit
 from refsd.weights.params import wb
 
 
@@ -120,20 +120,24 @@ def self_attn(p, x, *, cfg: CLIPTextConfig, strategy: str = "sliced"):
     def heads(t):  # (B, N, D) -> (B, heads, N, d)
         return xp.permute_dims(xp.reshape(t, (b, n, h, d // h)), (0, 2, 1, 3))
 
-    q, k, v = (heads(linear(x, *wb(p, name))) for name in ("q_proj", "k_proj", "v_proj"))
+    q, k, v = (heads(detail(p, name, linear(x, *wb(p, name)))) for name in ("q_proj", "k_proj", "v_proj"))
     o = _attention(q, k, v, causal=True, scale=cfg.head_dim ** -0.5, strategy=strategy)
     o = xp.reshape(xp.permute_dims(o, (0, 2, 1, 3)), (b, n, d))
-    return linear(o, *wb(p, "out_proj"))
+    return detail(p, "out_proj", linear(o, *wb(p, "out_proj")))
 
 
 def mlp(p, x, *, cfg: CLIPTextConfig):
     """CLIPMLP: fc2(act(fc1(x)))."""
-    return linear(_act(linear(x, *wb(p, "fc1")), cfg.hidden_act), *wb(p, "fc2"))
+    h = _act(detail(p, "fc1", linear(x, *wb(p, "fc1"))), cfg.hidden_act)
+    return detail(p, "fc2", linear(h, *wb(p, "fc2")))
 
 
 def encoder_layer(p, x, *, cfg: CLIPTextConfig, strategy: str = "sliced"):
     """CLIPEncoderLayer (pre-LN). x: (B, N, D) -> (B, N, D)."""
     eps = cfg.layer_norm_eps
-    x = x + self_attn(p.sub("self_attn"), layer_norm(x, *wb(p, "layer_norm1"), eps), cfg=cfg, strategy=strategy)
-    x = x + mlp(p.sub("mlp"), layer_norm(x, *wb(p, "layer_norm2"), eps), cfg=cfg)
+    a, m = p.sub("self_attn"), p.sub("mlp")
+    n1 = detail(p, "layer_norm1", layer_norm(x, *wb(p, "layer_norm1"), eps))
+    x = x + emit(a, self_attn(a, n1, cfg=cfg, strategy=strategy), level=2)
+    n2 = detail(p, "layer_norm2", layer_norm(x, *wb(p, "layer_norm2"), eps))
+    x = x + emit(m, mlp(m, n2, cfg=cfg), level=2)
     return emit(p, x)

@@ -42,10 +42,14 @@ MODULE_ROWS: dict[str, tuple[tuple[str, str], ...]] = {
         ("time_embed", "time_embedding"),  # nn.Sequential(linear, SiLU, linear) -> TimestepEmbedding
         ("label_emb.0", "add_embedding"),  # sgm's label_emb = Sequential(Sequential(linear, SiLU, linear))
         ("middle_block", "mid_block"),
+        # the sinusoids come from functions in LDM / sgm, not modules: refsd names them after those
+        ("timestep_embedding", "time_proj"),  # openaimodel.timestep_embedding(timesteps, model_channels)
+        ("label_emb.timestep_embedding", "add_time_proj"),  # sgm's ConcatTimestepEmbedderND sinusoids
     ),
     "vae": (),
     # open_clip has no module for token_embedding(ids) + positional_embedding: refsd calls that sum
-    # "embeddings" on both sides. Per layer, ``attn`` (nn.MultiheadAttention) is CLIP's ``self_attn``.
+    # "embeddings" on both sides. Per layer, ``attn`` (nn.MultiheadAttention) is CLIP's ``self_attn``;
+    # its fused in_proj has no q/k/v modules, so ``attn.q_proj`` etc. name the three thirds of it.
     "openclip": (("embeddings", "embeddings"),),
 }
 
