@@ -351,7 +351,7 @@ def _cmd_info(args) -> int:
     if not p.exists():
         raise RefsdError(f"{args.path}: no such file or directory")
     lines = describe_folder(p, depth=args.depth) if p.is_dir() else describe_file(p, depth=args.depth)
-    if not any(line.startswith("architecture:") for line in lines):
+    if not any(line.startswith(("architecture:", "golden case:")) for line in lines):
         lines.append("architecture: none recognised (no model.diffusion_model / first_stage_model / "
                      "cond_stage_model / conditioner.embedders keys, no model_index.json with a unet): "
                      "not a Stable Diffusion checkpoint")
@@ -450,10 +450,34 @@ def _metadata(header, depth: int, limit: int = 80) -> list[str]:
         return ["metadata: -"]
     lines = ["metadata:"]
     for k, v in header.metadata.items():
+        if k == "golden" and _golden_json(header) is not None:
+            lines.append("  golden: a golden case's metadata (in full below)")
+            continue
         v = " ".join(str(v).split())
         if len(v) > limit:
             v = f"{v[: limit - 3]}... ({len(v):,} chars)"
         lines.append(f"  {k}: {v}")
+    return lines
+
+
+def _golden_json(header) -> dict | None:
+    try:
+        meta = json.loads(header.metadata.get("golden", ""))
+    except json.JSONDecodeError:
+        return None
+    return meta if isinstance(meta, dict) and "id" in meta else None
+
+
+def _golden(header, depth: int) -> list[str]:
+    """A golden case (golden/README.md): what it is, then every metadata field, untruncated."""
+    meta = _golden_json(header)
+    if meta is None:
+        return []
+    op = meta.get("op", {}).get("name", "?")
+    lines = [f"golden case: {meta['id']} (component {meta.get('component')}, refsd op {op!r}, "
+             f"oracle {meta.get('oracle', {}).get('call', '?')})", "golden metadata:"]
+    for k, v in meta.items():
+        lines.append(f"  {k}: {json.dumps(v)}")
     return lines
 
 
@@ -467,7 +491,7 @@ def _checkpoint(header, depth: int) -> list[str]:
 
 
 # Sections of describe_file, in print order; each (header, depth) -> lines.
-FILE_SECTIONS: list[Callable] = [_counts, _dtypes, _prefixes, _metadata, _checkpoint]
+FILE_SECTIONS: list[Callable] = [_counts, _dtypes, _prefixes, _metadata, _golden, _checkpoint]
 
 
 def _si(n: float) -> str:

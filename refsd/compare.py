@@ -175,7 +175,7 @@ class Report:
                 lines.append("  ".join(cells).rstrip())
         summary = f"compared {len(self.rows)} tensors: {len(self.failed)} failed"
         summary += f" (atol={self.atol:g}, rtol={self.rtol:g}"
-        summary += ", rule: max|a-b| <= atol + rtol*max|b|)" if self.rule == "scaled" else ")"
+        summary += ", rule: max|a-b| <= atol + rtol*max|b| or ||a-b|| <= rtol*||b||)" if self.rule == "scaled" else ")"
         if self.only_b:
             summary += f"; missing (reference only): {_names(self.only_b)}"
         if self.only_a:

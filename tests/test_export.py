@@ -96,3 +96,44 @@ def test_checkpoint_export_single_file_to_diffusers_and_back(tmp_path):
     assert sorted(back) == sorted(single)
     for k, v in single.items():
         assert np.array_equal(back[k], np.transpose(v, (2, 3, 1, 0)) if v.ndim == 4 else v), k
+
+
+def test_worked_example_outside_port_matches_the_golden(tmp_path):
+    """golden/README.md's worked example: an independent NumPy CLIP (golden/examples/numpy_clip_port.py)
+    reads `refsd export --names ldm` weights, writes its trace in LDM / transformers 4 names, and
+    `refsd compare --names ldm` finds it matching; with quick_gelu replaced by tanh it names the MLP's layer."""
+    from golden.examples import numpy_clip_port as port
+    from refsd.golden import default_root
+
+    golden = default_root() / "cases/text_encoder/clip_l_porting_tiny_f32.safetensors"
+    weights, trace = tmp_path / "clip_ldm.npz", tmp_path / "port.safetensors"
+    export_golden("text_encoder/clip_l_porting_tiny_f32", weights, names="ldm")
+    port.main(str(weights), str(trace))
+    cmd = [sys.executable, "-m", "refsd", "compare", trace, golden, "--names", "ldm", "--allow-missing", "--json"]
+    report = json.loads(subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout)
+    assert report["ok"] and report["compared"] == 4
+    assert max(r["max_rel"] for r in report["rows"]) < 1e-5
+    original = port.quick_gelu
+    port.quick_gelu = lambda x: 0.5 * x * (1 + np.tanh(0.7978845608 * (x + 0.044715 * x ** 3)))
+    try:
+        port.main(str(weights), str(trace))
+    finally:
+        port.quick_gelu = original
+    report = json.loads(subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout)
+    assert report["first_divergence"] == "encoder.layers.0"
+    assert report["first_divergence_port_name"] == "text_model.encoder.layers.0"
+
+
+def test_info_on_a_golden_prints_its_metadata_in_full():
+    from refsd.golden import default_root
+
+    proc = subprocess.run([sys.executable, "-m", "refsd", "info",
+                           default_root() / "cases/unet/sd1_porting_tiny_f32.safetensors"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "golden case: unet/sd1_porting_tiny_f32 (component unet" in out
+    assert "not a Stable Diffusion checkpoint" not in out
+    line = next(x for x in out.splitlines() if x.startswith("  trace_order: "))
+    assert len(json.loads(line[len("  trace_order: "):])) == 213  # untruncated
+    assert '  trace_depth: 2' in out
