@@ -19,6 +19,7 @@ NUMPY_ALLOWED = {"xp.py", "kernels.py",  # kernels.py: the NumPy-only fast kerne
                  "weights/params.py", "weights/__init__.py", "sampling/rng.py",
                  "sampling/noise.py", "sampling/brownian.py",  # host-side noise (torchsde restated)
                  "weights/ldm.py",  # ldm.py: to_ldm concatenates fused q/k/v on the host, to write files
+                 "export.py",  # host arrays transposed / cast and written to files (refsd export)
                  "pipelines/png.py",  # host uint8 images in and out of PNG files
                  "pipelines/demo.py",  # writes the demo checkpoint's seeded random weights (host arrays to a file)
                  "pipelines/images.py",  # host uint8 images <-> float pixels, each profile's rounding
