@@ -262,12 +262,7 @@ def _golden_meta(path: Path) -> dict | None:
     """A golden case's ``golden`` metadata object (golden/README.md), or None for other files."""
     from refsd.weights import read_header
 
-    text = read_header(path).metadata.get("golden")
-    try:
-        meta = json.loads(text) if text else None
-    except json.JSONDecodeError:
-        return None
-    return meta if isinstance(meta, dict) else None
+    return _golden_json(read_header(path))
 
 
 def _rename_sides(args, a, a_order, b, b_order, golden, port_names: dict):
@@ -461,6 +456,7 @@ def _metadata(header, depth: int, limit: int = 80) -> list[str]:
 
 
 def _golden_json(header) -> dict | None:
+    """The ``golden`` metadata object of a safetensors header, or None (not a golden case)."""
     try:
         meta = json.loads(header.metadata.get("golden", ""))
     except json.JSONDecodeError:

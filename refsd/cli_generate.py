@@ -335,6 +335,8 @@ def add_trace_parser(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_generation_flags(p, out_default="trace.safetensors",
                           out_help="the .safetensors file to write (default trace.safetensors)")
+    p.add_argument("--depth", type=int, choices=(1, 2), default=1,
+                   help="1: block outputs (default); 2: also every submodule (norms, projections, q/k/v, ...)")
     p.set_defaults(run=_cmd_trace)
 
 
@@ -353,7 +355,7 @@ def _cmd_trace(args) -> int:
     def on_step(i, total, latents):
         steps[i] = latents
 
-    with record() as recording:
+    with record(depth=args.depth) as recording:
         result, names = _run_pipeline(job, on_step)
     tensors = {TRACE_PREFIX + name: rxp.to_numpy(recording[name]) for name in recording.order}
     mode = "inpaint" if job.mask is not None else "img2img" if job.init_image is not None else "txt2img"

@@ -130,7 +130,7 @@ def ldm_weights(golden_meta: Mapping[str, Any], params: Mapping[str, np.ndarray]
 
 def _trace_map(golden_meta, traces, params):
     """The module-path map of a golden's component (ldm names), or None when it has no trace."""
-    from refsd.weights.names import best_map, kinds_for
+    from refsd.weights.names import kinds_for
 
     if not traces:
         return None
@@ -139,7 +139,7 @@ def _trace_map(golden_meta, traces, params):
     if golden_meta["op"]["name"] == "clip_text":
         slot = _text_slot(params, golden_meta["op"].get("kwargs", {}).get("config", {}))
         kind = "clip" if slot.kind == "clip" else ("openclip_proj" if slot.projection else "openclip")
-    return name_map("ldm", kind, ref) if kind else best_map("ldm", traces, ref)
+    return name_map("ldm", kind, ref)
 
 
 # --------------------------------------------------------------------------------------------

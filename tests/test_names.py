@@ -142,3 +142,23 @@ def test_compare_json_map_and_order_errors(tmp_path):
     (tmp_path / "bad.json").write_text("[1, 2]")
     proc = run("compare", a, b, "--names", tmp_path / "bad.json")
     assert proc.returncode == 2 and "bad.json" in proc.stderr
+
+
+def test_compare_ref_names_renames_the_reference(tmp_path):
+    """--ref-names: the reference is in LDM names, the checked file in diffusers names."""
+    case = load_case("vae/decode_tiny_f32")
+    traces, params = _names(case)
+    m = name_map("ldm", "vae", traces + params)
+    order = case.meta["trace_order"]
+    ref = tmp_path / "ref_ldm.safetensors"
+    save_safetensors(ref, {"trace/" + m.from_reference(n): v for n, v in case.group("trace").items()},
+                     {"trace_order": json.dumps([m.from_reference(n) for n in order])})
+    mine = {n: v.copy() for n, v in case.group("trace").items()}
+    mine["decoder.up_blocks.1"] = mine["decoder.up_blocks.1"] * 1.01
+    a = tmp_path / "mine.safetensors"
+    save_safetensors(a, mine)
+    proc = run("compare", a, ref, "--ref-names", "ldm")
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout.splitlines()[-1].startswith("first divergence: decoder.up_blocks.1 (")
+    proc = run("compare", a, ref, "--ref-names", "ldm", "--names", "ldm")
+    assert proc.returncode == 2 and "one side must use diffusers names" in proc.stderr
