@@ -209,7 +209,7 @@ def _cmd_compare(args) -> int:
         order = a_order
     elif b_recorded:
         order = b_order
-    elif len(common) > 1:
+    elif len(common) > 1 and args.prefix in (None, "trace/"):  # a trace: "first" must mean first executed
         raise RefsdError(f"neither {a_path} nor {b_path} records the execution order (__metadata__ trace_order): "
                          "the first divergence cannot be told; write trace_order into the port's file "
                          "(golden/README.md) or compare against a golden case")
@@ -251,8 +251,9 @@ def _read_side(path: Path, prefix: str | None) -> tuple[dict, list[str], bool]:
     tensors, order = load_trace(path, prefix=prefix)
     recorded = trace_order(path, prefix=prefix)[1]
     golden = _golden_meta(path)
-    if not recorded and golden and golden.get("trace_order") and prefix in (None, "trace/"):
-        listed = [n for n in golden["trace_order"] if n in tensors]
+    kind = {None: "trace_order", "trace/": "trace_order", "out/": "outputs", "in/": "inputs"}.get(prefix)
+    if not recorded and golden and kind and golden.get(kind):  # a golden lists each group in order
+        listed = [n for n in golden[kind] if n in tensors]
         order = listed + [n for n in order if n not in set(listed)]
         recorded = True
     return tensors, order, recorded
