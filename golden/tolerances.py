@@ -44,6 +44,8 @@ TOLERANCES: dict[tuple[str, str], tuple[float, float]] = {
     # 20-70 layers. Measured over numpy, array-api-strict and torch-CPU, all attention strategies: max abs
     # 1.03e-5, max |err|/max|ref| 5.2e-6 (refiner_tiny, 4 levels x depth-2 transformers; the others
     # <= 3.4e-6 abs); 0.81x of (1e-5, 1e-5), so 2e-5 leaves room for BLAS thread-count noise.
+    # The porting cases (sd1/sd2_porting_tiny: activations ~1e-2 so GroupNorm/LayerNorm eps shows, their
+    # norms amplifying float noise) measured max abs 1.17e-5, max |err|/max|ref| 6.5e-6: 0.43x this bound.
     ("unet", "float32"): (2e-5, 2e-5),
     # Pipelines, tiny random SD1/SD2 vs diffusers' StableDiffusion(Img2Img|Inpaint)Pipeline
     # (golden/oracle_pipelines.py; outputs: per-step and final latents up to ~50 (SD1) / ~3 (SD2), image
