@@ -44,7 +44,7 @@ def test_ldm_nhwc_round_trip_is_bit_exact(tmp_path, case_id, fmt):
 
 def test_round_trip_reimported_weights_give_the_golden_outputs(tmp_path):
     """The re-imported weights run through refsd give bit-for-bit the outputs of the golden's own weights."""
-    from refsd.golden import GoldenCase, default_root
+    from refsd.golden import GoldenCase
 
     case = load_case("unet/sd1_tiny_f32")
     export_golden(case.id, tmp_path / "x.safetensors", names="ldm", layout="nhwc")
@@ -52,9 +52,7 @@ def test_round_trip_reimported_weights_give_the_golden_outputs(tmp_path):
     rebuilt = dict(_case_without(case, ("param",)))
     rebuilt.update({f"param/{k}": v for k, v in back["param"].items()})
     again = GoldenCase(case.id, case.path, case.meta, rebuilt)
-    import numpy as xp
-
-    mine, ref = run_case(again, xp, None), run_case(case, xp, None)
+    mine, ref = run_case(again, np, None), run_case(case, np, None)
     assert [(r.output, r.max_abs) for r in mine] == [(r.output, r.max_abs) for r in ref]
     assert all(r.ok for r in mine)
 
@@ -78,8 +76,7 @@ def test_checkpoint_export_single_file_to_diffusers_and_back(tmp_path):
     """A user's single-file checkpoint (here the tiny SD1 pipeline golden's weights written as one) is
     exported in diffusers names (bit-identical to the golden's weights) and in ldm names (the file again)."""
     from refsd.export import export_checkpoint
-    from refsd.weights import load_numpy, save_safetensors
-    from refsd.weights import ldm
+    from refsd.weights import ldm, save_safetensors
 
     params = load_case("pipeline/txt2img_sd1_euler_f32").group("param")
     comps = {c: {k[len(c) + 1:]: v for k, v in params.items() if k.startswith(c + ".")}
