@@ -1,7 +1,7 @@
 """A sweep's pack: the golden format (golden/README.md), written case by case, resumable.
 
     PACK/MANIFEST.json            {"format": 1, "kind": "refsd-sweep-pack", "grid", "grid_sha256",
-                                   "versions", "cases": {id: entry}, "skipped": {id: why}}
+                                   "engine", "versions", "cases": {id: entry}, "skipped": {id: why}}
     PACK/cases/<id>.safetensors   out/<name> (noise, init_latents, step.<i>, latents, image) and
                                   trace/<module path>; __metadata__ "golden" (the case's JSON) and
                                   "trace_order"
@@ -68,16 +68,14 @@ class Pack:
         self._last_flush = 0.0
 
     @classmethod
-    def open(cls, root: str | Path, grid, skipped=()) -> Pack:
-        """Create ``root`` for ``grid``, or reopen a pack made from the same grid (else RefsdError:
-        a pack holds one grid's cases)."""
-        from refsd.sweep.grid import Case  # noqa: F401  (documentation: entries hold Case.params())
-
+    def open(cls, root: str | Path, grid, skipped=(), *, engine: str = "refsd") -> Pack:
+        """Create ``root`` for ``grid``, or reopen a pack made from the same grid by the same engine
+        ("refsd" or "diffusers"; else RefsdError: a pack holds one grid's cases from one engine)."""
         root = Path(root)
         if root.exists() and not root.is_dir():
             raise RefsdError(f"--out {root}: exists and is not a folder")
         fresh = {"format": 1, "kind": KIND, "grid": grid.as_dict(), "grid_sha256": grid.fingerprint(),
-                 "versions": versions(), "cases": {}, "skipped": {c.id: why for c, why in skipped}}
+                 "engine": engine, "versions": versions(), "cases": {}, "skipped": {c.id: why for c, why in skipped}}
         if (root / MANIFEST).is_file():
             data = read_manifest(root)
             if data.get("kind") != KIND:
@@ -85,6 +83,8 @@ class Pack:
             if data.get("grid_sha256") != fresh["grid_sha256"]:
                 raise RefsdError(f"{root}: holds a sweep of another grid ({data.get('grid_sha256', '?')[:12]} vs "
                                  f"{fresh['grid_sha256'][:12]}); resume with the same grid or use a new --out folder")
+            if data.get("engine", "refsd") != engine:
+                raise RefsdError(f"{root}: holds {data.get('engine')}'s outputs, not {engine}'s; use a new --out folder")
             fresh["cases"] = data["cases"]
         elif root.is_dir() and any(root.iterdir()):
             raise RefsdError(f"--out {root}: a folder with files but no {MANIFEST}; use an empty or new folder")

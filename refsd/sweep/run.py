@@ -120,7 +120,17 @@ def case_metadata(case: Case, grid: Grid, result: dict, *, oracle: dict | None =
             "worker": result["worker"], "description": f"sweep case {case.id} ({grid.source})"}
 
 
-def _task(case: Case, grid: dict, threads: int, kill_after):
+def _compute(case: Case, grid: dict, threads: int, oracle: str | None, oracle_config: str | None) -> dict:
+    """One case on the engine: refsd (``oracle`` None) or diffusers (refsd.sweep.oracle)."""
+    if oracle is None:
+        return compute_case(case, grid, threads=threads)
+    from refsd.sweep.oracle import compute_case_diffusers
+
+    return compute_case_diffusers(case, grid, threads=threads, oracle_config=oracle_config)
+
+
+def _task(case: Case, grid: dict, threads: int, kill_after, oracle: str | None = None,
+          oracle_config: str | None = None):
     """A Dask task: compute one case; an exception becomes a failed result (the sweep goes on).
     ``kill_after`` (n, marker path): test hook, the process exits hard when it starts its n-th case
     (counting from 0) if the marker file does not exist yet (it creates it), so exactly one worker dies
@@ -134,7 +144,7 @@ def _task(case: Case, grid: dict, threads: int, kill_after):
         except FileExistsError:
             pass
     try:
-        return {"status": "ok", **compute_case(case, grid, threads=threads)}
+        return {"status": "ok", **_compute(case, grid, threads, oracle, oracle_config)}
     except Exception as e:  # a case's own failure (NaN, memory, corrupt weights): recorded with its error
         return {"status": "failed", "error": f"{type(e).__name__}: {' '.join(str(e).split())}",
                 "worker": f"{socket.gethostname()}:{os.getpid()}"}
@@ -226,12 +236,16 @@ def client_for(*, scheduler: str | None, workers: int | None, estimate: int, das
 
 def run_sweep(grid: Grid, out, *, workers: int | None = None, scheduler: str | None = None, threads: int = 1,
               retry_failed: bool = False, progress: bool = False, dashboard: str | None = None,
+              oracle: str | None = None, oracle_config: str | None = None,
               _kill_after: tuple[int, str] | None = None) -> dict:
     """Run ``grid`` into the pack folder ``out`` (refsd.sweep.pack) and return a summary:
     {"cases", "ran", "skipped_done", "ok", "failed", "unsupported", "seconds", "pack"}. Cases already in
     the pack are not run again (failed ones only with ``retry_failed``). ``scheduler``: a Dask
-    scheduler address, else a LocalCluster of ``workers`` processes. ``progress``: a bar on stderr
-    (and the dashboard link when there is one)."""
+    scheduler address, else a LocalCluster of ``workers`` processes (``workers=0``: no Dask, the
+    cases run one by one in this process). ``threads``: BLAS / OpenMP threads per case.
+    ``oracle="diffusers"``: the cases run through diffusers (refsd.sweep.oracle; ``oracle_config``: the
+    diffusers config folder for single files). ``progress``: a bar on stderr (and the dashboard link
+    when there is one)."""
     from refsd import xp as rxp
 
     t0 = time.perf_counter()
@@ -239,14 +253,23 @@ def run_sweep(grid: Grid, out, *, workers: int | None = None, scheduler: str | N
     cases, unsupported = validated_cases(grid, facts)
     rxp.backend(grid.sweep["backend"])  # an unknown or unavailable backend fails here, before any worker
     _check_choices(grid)
-    pack = Pack.open(out, grid, unsupported)
+    if oracle is not None:
+        from refsd.sweep.oracle import check_oracle
+
+        if oracle != "diffusers":
+            raise RefsdError(f"--oracle {oracle!r}: the oracle is \"diffusers\"")
+        check_oracle(grid)
+    pack = Pack.open(out, grid, unsupported, engine=oracle or "refsd")
     todo = [c for c in cases if not pack.done(c.id, retry_failed=retry_failed)]
     summary = {"cases": len(cases), "ran": len(todo), "skipped_done": len(cases) - len(todo),
                "unsupported": len(unsupported), "pack": str(out)}
-    if todo:
+    run = dict(threads=threads, oracle=oracle, oracle_config=oracle_config)
+    if todo and workers == 0 and scheduler is None:
+        _run_here(grid, pack, todo, run, progress)
+    elif todo:
         estimate = worker_estimate(grid, facts)
         with client_for(scheduler=scheduler, workers=workers, estimate=estimate, dashboard=dashboard) as client:
-            _run_on(client, grid, pack, todo, threads, progress, _kill_after)
+            _run_on(client, grid, pack, todo, run, progress, _kill_after)
     pack.flush(force=True)
     states = [pack.cases[c.id]["status"] for c in cases]
     summary.update(ok=states.count("ok"), failed=states.count("failed"), seconds=time.perf_counter() - t0)
@@ -262,7 +285,31 @@ def _check_choices(grid: Grid) -> None:
             raise RefsdError(f"{grid.source}: [sweep] {key} {s[key]!r} is not one of {', '.join(valid)}")
 
 
-def _run_on(client, grid: Grid, pack: Pack, todo: list[Case], threads: int, progress: bool, kill_after) -> None:
+def _record(grid: Grid, pack: Pack, case: Case, result: dict, oracle: str | None) -> None:
+    """Write a task's result into the pack: the case file and entry, or the failure."""
+    if result["status"] != "ok":
+        pack.add_failure(case, result["error"], result.get("worker"))
+        return
+    info = None
+    if oracle is not None:
+        from refsd.sweep.oracle import oracle_info
+
+        info = oracle_info(case, grid)
+    pack.add(case, result, case_metadata(case, grid, result, oracle=info))
+
+
+def _run_here(grid: Grid, pack: Pack, todo: list[Case], run: dict, progress: bool) -> None:
+    """The cases one by one in this process (``workers=0``): the same tasks, no Dask."""
+    from tqdm import tqdm
+
+    try:
+        for case in tqdm(todo, desc="cases", unit="case", file=sys.stderr, disable=not progress, dynamic_ncols=True):
+            _record(grid, pack, case, _task(case, grid.as_dict(), kill_after=None, **run), run["oracle"])
+    finally:
+        pack.flush(force=True)
+
+
+def _run_on(client, grid: Grid, pack: Pack, todo: list[Case], run: dict, progress: bool, kill_after) -> None:
     """Submit the cases (in grid order: model by model) and write each into the pack as it finishes."""
     from distributed import as_completed
     from tqdm import tqdm
@@ -271,8 +318,8 @@ def _run_on(client, grid: Grid, pack: Pack, todo: list[Case], threads: int, prog
         print(f"dashboard: {client.dashboard_link}", file=sys.stderr)
     tag = grid.fingerprint()[:10]
     by_key = {f"refsd-sweep-{tag}-{c.id}": c for c in todo}
-    futures = client.map(_task, todo, grid=grid.as_dict(), threads=threads, kill_after=kill_after,
-                         key=list(by_key), pure=False)
+    futures = client.map(_task, todo, grid=grid.as_dict(), kill_after=kill_after, key=list(by_key), pure=False,
+                         **run)
     bar = tqdm(total=len(todo), desc="cases", unit="case", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     try:
         for fut in as_completed(futures):
@@ -281,10 +328,7 @@ def _run_on(client, grid: Grid, pack: Pack, todo: list[Case], threads: int, prog
                 result = fut.result()
             except Exception as e:  # the task itself was lost (KilledWorker after the allowed retries)
                 result = {"status": "failed", "error": f"{type(e).__name__}: {' '.join(str(e).split())}"}
-            if result["status"] == "ok":
-                pack.add(case, result, case_metadata(case, grid, result))
-            else:
-                pack.add_failure(case, result["error"], result.get("worker"))
+            _record(grid, pack, case, result, run["oracle"])
             fut.release()
             bar.update(1)
     finally:
