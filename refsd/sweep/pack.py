@@ -84,7 +84,8 @@ class Pack:
                 raise RefsdError(f"{root}: holds a sweep of another grid ({data.get('grid_sha256', '?')[:12]} vs "
                                  f"{fresh['grid_sha256'][:12]}); resume with the same grid or use a new --out folder")
             if data.get("engine", "refsd") != engine:
-                raise RefsdError(f"{root}: holds {data.get('engine')}'s outputs, not {engine}'s; use a new --out folder")
+                raise RefsdError(f"{root}: holds the {data.get('engine')} engine's outputs, not {engine}'s; use a new "
+                                 f"--out folder")
             fresh["cases"] = data["cases"]
         elif root.is_dir() and any(root.iterdir()):
             raise RefsdError(f"--out {root}: a folder with files but no {MANIFEST}; use an empty or new folder")
