@@ -23,7 +23,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 
 from refsd.errors import RefsdError
 from refsd.files import atomic_write
@@ -33,11 +32,12 @@ AXES = ("sampler", "scheduler", "size", "model")
 
 
 def _tensors(path: Path) -> tuple[dict, dict]:
-    """(name -> NumPy array, metadata) of a safetensors file (refsd's strict reader)."""
+    """(name -> NumPy array, copied out of the mapping, metadata) of a safetensors file (refsd's
+    strict reader)."""
     from refsd.weights import SafeTensorsFile
 
     with SafeTensorsFile(path) as f:
-        return {k: np.array(f.numpy(k)) for k in f.keys()}, dict(f.metadata)
+        return {k: f.numpy(k).copy() for k in f.keys()}, dict(f.metadata)
 
 
 def _other_files(other: Path) -> tuple[dict, dict]:
