@@ -31,10 +31,13 @@ _PIPE: list = [None, None]  # (key, (pipeline, its own scheduler config)) kept b
 _PIPE_LOCK = threading.Lock()
 
 
-def check_oracle(grid) -> None:
+def check_oracle(grid, facts: dict) -> None:
     """The diffusers oracle's preconditions, one line each: diffusers and torch importable, parity
-    "diffusers", float32 on torch-cpu noise."""
+    "diffusers", float32 on torch-cpu noise, SD 1.x / 2.x models (StableDiffusionPipeline)."""
     s = grid.sweep
+    xl = next((m for m, f in facts.items() if f.is_xl), None)
+    if xl is not None:
+        raise RefsdError(f"--oracle diffusers runs StableDiffusionPipeline (SD 1.x / 2.x); {xl} is {facts[xl].architecture}")
     if s["parity"] != "diffusers":
         raise RefsdError(f"--oracle diffusers runs parity \"diffusers\"; the grid says {s['parity']!r}")
     if s["rng"] != "torch-cpu" or s["dtype"] != "float32":

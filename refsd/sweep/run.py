@@ -258,7 +258,7 @@ def run_sweep(grid: Grid, out, *, workers: int | None = None, scheduler: str | N
 
         if oracle != "diffusers":
             raise RefsdError(f"--oracle {oracle!r}: the oracle is \"diffusers\"")
-        check_oracle(grid)
+        check_oracle(grid, facts)
     pack = Pack.open(out, grid, unsupported, engine=oracle or "refsd")
     todo = [c for c in cases if not pack.done(c.id, retry_failed=retry_failed)]
     summary = {"cases": len(cases), "ran": len(todo), "skipped_done": len(cases) - len(todo),
