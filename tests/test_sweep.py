@@ -203,7 +203,11 @@ def test_default_tolerance_is_the_pipeline_goldens():
     assert TOLERANCES[("pipeline", "float32")] == PIPELINE_TOLERANCE
 
 
-def test_memory_checks_refuse_with_one_line():
+def test_memory_checks_refuse_with_one_line(tmp_path):
+    grid = grid_from_dict({"sweep": {"models": ["demo"], "prompts": ["a"], "sizes": [[64, 64]]}})
+    with pytest.raises(RefsdError, match=r"100000 workers x 0.\d\d GiB .* available; use --workers \d+$"):
+        run_sweep(grid, tmp_path / "pack", workers=100_000)
+    assert not (tmp_path / "pack").exists()  # refused before anything was written
     gib = 2**30
     check_local_memory(2, 1 * gib, available=3 * gib)
     with pytest.raises(RefsdError, match=r"2 workers x 2.00 GiB .* = 4.00 GiB > 3.00 GiB available; use --workers 1"):

@@ -11,7 +11,8 @@ port's pack against a reference pack), ``oracle`` (the same grid through diffuse
 (``refsd sweep`` / ``refsd conformance``). Guide: docs/sweeps.md.
 """
 
+from refsd.sweep.conformance import conformance
 from refsd.sweep.grid import Case, Grid, expand, grid_from_dict, load_grid, validated_cases
 from refsd.sweep.run import compute_case, run_sweep
 
-__all__ = ["Case", "Grid", "compute_case", "expand", "grid_from_dict", "load_grid", "run_sweep", "validated_cases"]
+__all__ = ["Case", "Grid", "compute_case", "conformance", "expand", "grid_from_dict", "load_grid", "run_sweep", "validated_cases"]

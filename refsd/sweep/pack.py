@@ -69,8 +69,9 @@ class Pack:
 
     @classmethod
     def open(cls, root: str | Path, grid, skipped=(), *, engine: str = "refsd") -> Pack:
-        """Create ``root`` for ``grid``, or reopen a pack made from the same grid by the same engine
-        ("refsd" or "diffusers"; else RefsdError: a pack holds one grid's cases from one engine)."""
+        """A pack for ``grid`` at ``root``: new (nothing written until ``start``), or the pack already
+        there if it was made from the same grid by the same engine ("refsd" or "diffusers"; else
+        RefsdError: a pack holds one grid's cases from one engine)."""
         root = Path(root)
         if root.exists() and not root.is_dir():
             raise RefsdError(f"--out {root}: exists and is not a folder")
@@ -89,14 +90,18 @@ class Pack:
             fresh["cases"] = data["cases"]
         elif root.is_dir() and any(root.iterdir()):
             raise RefsdError(f"--out {root}: a folder with files but no {MANIFEST}; use an empty or new folder")
-        try:
-            (root / "cases").mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise RefsdError(f"--out {root}: cannot create the pack folder ({e})") from None
         pack = cls(root, fresh)
         pack._adopt()
-        pack.flush(force=True)
         return pack
+
+    def start(self) -> None:
+        """Create the folder and write the manifest: called once the run is sure to start (the grid,
+        the cases and the cluster's memory were checked), so a refused sweep writes nothing."""
+        try:
+            (self.root / "cases").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RefsdError(f"--out {self.root}: cannot create the pack folder ({e})") from None
+        self.flush(force=True)
 
     @property
     def cases(self) -> dict:
@@ -154,7 +159,8 @@ class Pack:
         from refsd.pipelines.demo import sha256
         from refsd.weights import read_header
 
-        for path in sorted((self.root / "cases").glob("*.safetensors")):
+        folder = self.root / "cases"
+        for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
             cid = path.name.removesuffix(".safetensors")
             if self.cases.get(cid, {}).get("status") == "ok":
                 continue

@@ -129,6 +129,11 @@ def _compute(case: Case, grid: dict, threads: int, oracle: str | None, oracle_co
     return compute_case_diffusers(case, grid, threads=threads, oracle_config=oracle_config)
 
 
+def error_line(e: BaseException) -> str:
+    """An exception as the one line the manifest records: its type and its message."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
 def _task(case: Case, grid: dict, threads: int, kill_after, oracle: str | None = None,
           oracle_config: str | None = None):
     """A Dask task: compute one case; an exception becomes a failed result (the sweep goes on).
@@ -146,8 +151,7 @@ def _task(case: Case, grid: dict, threads: int, kill_after, oracle: str | None =
     try:
         return {"status": "ok", **_compute(case, grid, threads, oracle, oracle_config)}
     except Exception as e:  # a case's own failure (NaN, memory, corrupt weights): recorded with its error
-        return {"status": "failed", "error": f"{type(e).__name__}: {' '.join(str(e).split())}",
-                "worker": f"{socket.gethostname()}:{os.getpid()}"}
+        return {"status": "failed", "error": error_line(e), "worker": f"{socket.gethostname()}:{os.getpid()}"}
 
 
 def worker_estimate(grid: Grid, facts: dict) -> int:
@@ -265,12 +269,15 @@ def run_sweep(grid: Grid, out, *, workers: int | None = None, scheduler: str | N
                "unsupported": len(unsupported), "pack": str(out)}
     run = dict(threads=threads, oracle=oracle, oracle_config=oracle_config)
     if todo and workers == 0 and scheduler is None:
+        pack.start()
         _run_here(grid, pack, todo, run, progress)
     elif todo:
         estimate = worker_estimate(grid, facts)
         with client_for(scheduler=scheduler, workers=workers, estimate=estimate, dashboard=dashboard) as client:
+            pack.start()
             _run_on(client, grid, pack, todo, run, progress, _kill_after)
-    pack.flush(force=True)
+    else:
+        pack.start()  # nothing to run: the manifest records the cases a crash left unlisted, if any
     states = [pack.cases[c.id]["status"] for c in cases]
     summary.update(ok=states.count("ok"), failed=states.count("failed"), seconds=time.perf_counter() - t0)
     return summary
@@ -327,7 +334,7 @@ def _run_on(client, grid: Grid, pack: Pack, todo: list[Case], run: dict, progres
             try:
                 result = fut.result()
             except Exception as e:  # the task itself was lost (KilledWorker after the allowed retries)
-                result = {"status": "failed", "error": f"{type(e).__name__}: {' '.join(str(e).split())}"}
+                result = {"status": "failed", "error": error_line(e)}
             _record(grid, pack, case, result, run["oracle"])
             fut.release()
             bar.update(1)
