@@ -247,3 +247,23 @@ def test_oracle_diffusers_agrees_with_refsd_within_the_pipeline_tolerance(tmp_pa
     assert meta["oracle"]["package"] == "diffusers" and "PNDMScheduler" in meta["oracle"]["call"]
     with pytest.raises(RefsdError, match="holds the diffusers engine's outputs"):
         run_sweep(grid, tmp_path / "diffusers", workers=0)
+
+
+def test_cli_sweep_dry_run_then_run(tmp_path):
+    grid = tmp_path / "grid.toml"
+    grid.write_text('[sweep]\nmodels = ["demo"]\nprompts = ["a"]\nsizes = [[64, 64]]\nsteps = 1\nseeds = [1, 2]\n')
+
+    def sweep(*flags):
+        return subprocess.run([sys.executable, "-m", "refsd", "sweep", str(grid), "--out", str(tmp_path / "pack"),
+                               *flags], capture_output=True, text=True, timeout=120)
+
+    dry = sweep("--dry-run")
+    assert dry.returncode == 0 and dry.stdout.strip().endswith("2 cases (0 unsupported combinations skipped)")
+    assert not (tmp_path / "pack").exists()
+    run = sweep("--workers", "0", "--quiet")
+    assert run.returncode == 0, run.stderr
+    assert "2 cases: 2 ok, 0 failed (ran 2, 0 already done" in run.stdout and run.stderr == ""
+    again = sweep("--workers", "0", "--quiet")
+    assert "(ran 0, 2 already done" in again.stdout
+    bad = sweep("--workers", "-1")
+    assert bad.returncode == 2 and bad.stderr.strip() == "refsd: error: --workers must be >= 0, got -1"
