@@ -20,6 +20,8 @@ refsd's embedded model through ``from_single_file`` with a config folder written
 from __future__ import annotations
 
 import json
+import secrets
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -60,7 +62,7 @@ def demo_config_folder(folder: Path) -> Path:
 
     if (folder / "model_index.json").is_file():
         return folder
-    tmp = folder.with_name(folder.name + ".partial")
+    tmp = folder.with_name(f".{folder.name}.{secrets.token_hex(4)}.partial")  # workers may race to write it
     for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         (tmp / c).mkdir(parents=True, exist_ok=True)
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
@@ -82,7 +84,12 @@ def demo_config_folder(folder: Path) -> Path:
     (tmp / "tokenizer/vocab.json").write_text(json.dumps(tok.encoder), encoding="utf-8")
     (tmp / "tokenizer/merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
                                                encoding="utf-8")
-    tmp.rename(folder)  # complete or absent
+    try:
+        tmp.rename(folder)  # complete or absent
+    except OSError:  # another worker's copy arrived first: keep it
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "model_index.json").is_file():
+            raise
     return folder
 
 
