@@ -1,6 +1,7 @@
 """Sweeps at scale: golden packs over grids of cases, run as Dask tasks, and conformance reports.
 
-    from refsd.sweep import load_grid, run_sweep, conformance
+    from refsd.sweep import load_grid, run_sweep
+    from refsd.sweep.conformance import conformance
     grid = load_grid("grid.toml")                       # validated, bounded (refsd.sweep.grid)
     run_sweep(grid, "pack/", workers=2)                 # LocalCluster; scheduler="tcp://host:8786" for a cluster
     conformance("pack/", "port-pack/", out="report/")   # Markdown + JSON + plot (refsd.sweep.conformance)
@@ -11,8 +12,7 @@ port's pack against a reference pack), ``oracle`` (the same grid through diffuse
 (``refsd sweep`` / ``refsd conformance``). Guide: docs/sweeps.md.
 """
 
-from refsd.sweep.conformance import conformance
 from refsd.sweep.grid import Case, Grid, expand, grid_from_dict, load_grid, validated_cases
 from refsd.sweep.run import compute_case, run_sweep
 
-__all__ = ["Case", "Grid", "compute_case", "conformance", "expand", "grid_from_dict", "load_grid", "run_sweep", "validated_cases"]
+__all__ = ["Case", "Grid", "compute_case", "expand", "grid_from_dict", "load_grid", "run_sweep", "validated_cases"]
