@@ -246,6 +246,10 @@ def test_oracle_diffusers_agrees_with_refsd_within_the_pipeline_tolerance(tmp_pa
     assert meta["oracle"]["package"] == "diffusers" and "PNDMScheduler" in meta["oracle"]["call"]
     with pytest.raises(RefsdError, match="holds the diffusers engine's outputs"):
         run_sweep(grid, tmp_path / "diffusers", workers=0)
+    comfy = grid_from_dict({"sweep": {"models": ["demo"], "prompts": ["a"], "sizes": [[64, 64]], "parity": "comfyui"}})
+    with pytest.raises(RefsdError, match="runs parity \"diffusers\"; the grid says 'comfyui'"):
+        run_sweep(comfy, tmp_path / "comfy", workers=0, oracle="diffusers")
+    assert not (tmp_path / "comfy").exists()
 
 
 def test_cli_sweep_dry_run_then_run(tmp_path):

@@ -29,6 +29,7 @@ from pathlib import Path
 from refsd.errors import RefsdError
 from refsd.sweep.grid import DEMO, Case
 
+ORACLES = ("diffusers",)  # the engines --oracle names
 _PIPE: list = [None, None]  # (key, (pipeline, its own scheduler config)) kept by this process, as run._MODEL
 _PIPE_LOCK = threading.Lock()
 
@@ -40,7 +41,10 @@ def check_oracle(grid, facts: dict) -> None:
     xl = next((m for m, f in facts.items() if f.is_xl), None)
     if xl is not None:
         raise RefsdError(f"--oracle diffusers runs StableDiffusionPipeline (SD 1.x / 2.x); {xl} is {facts[xl].architecture}")
-    if s["parity"] != "diffusers":
+    from refsd.pipelines import get_profile
+    from refsd.pipelines.profiles.diffusers import DIFFUSERS
+
+    if get_profile(s["parity"]) is not DIFFUSERS:  # the profile whose "same seed" diffusers itself defines
         raise RefsdError(f"--oracle diffusers runs parity \"diffusers\"; the grid says {s['parity']!r}")
     if s["rng"] != "torch-cpu" or s["dtype"] != "float32":
         raise RefsdError("--oracle diffusers needs [sweep] rng = \"torch-cpu\" and dtype = \"float32\" (the oracle mode)")

@@ -258,10 +258,10 @@ def run_sweep(grid: Grid, out, *, workers: int | None = None, scheduler: str | N
     rxp.backend(grid.sweep["backend"])  # an unknown or unavailable backend fails here, before any worker
     _check_choices(grid)
     if oracle is not None:
-        from refsd.sweep.oracle import check_oracle
+        from refsd.sweep.oracle import ORACLES, check_oracle
 
-        if oracle != "diffusers":
-            raise RefsdError(f"--oracle {oracle!r}: the oracle is \"diffusers\"")
+        if oracle not in ORACLES:
+            raise RefsdError(f"--oracle {oracle!r}: valid: {', '.join(ORACLES)}")
         check_oracle(grid, facts)
     pack = Pack.open(out, grid, unsupported, engine=oracle or "refsd")
     todo = [c for c in cases if not pack.done(c.id, retry_failed=retry_failed)]
