@@ -1,6 +1,7 @@
 """python -m bench ops [--repeats N] [--quick] [--kernels fast|reference|both] [--json PATH]
 python -m bench brownian [--repeats N] [--json PATH]
-python -m bench unet [--model sd15|sdxl] [--latent N] [--warmup W] [--repeats N] [--rounds R] [--kernels fast|reference] [--json PATH]"""
+python -m bench unet [--model sd15|sdxl] [--latent N] [--warmup W] [--repeats N] [--rounds R] [--kernels fast|reference] [--json PATH]
+python -m bench sweep [--size PIXELS] [--steps N] [--seeds N] [--json PATH]"""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from bench.unet import add_options as unet_options
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description="refsd vs torch benchmarks (ratios in one run)")
-    ap.add_argument("suite", choices=["ops", "unet", "brownian"],
+    ap.add_argument("suite", choices=["ops", "unet", "brownian", "sweep"],
                     help="ops: single ops at SD1.5 shapes; unet: full-size UNet forward; "
-                         "brownian: Brownian-tree noise per sampler step vs torchsde")
+                         "brownian: Brownian-tree noise per sampler step vs torchsde; "
+                         "sweep: refsd sweep cases/min at 1 and 2 Dask workers")
     ap.add_argument("--repeats", type=int, default=3,
                     help="ops: timed runs per block (median over two alternating blocks per side is reported); "
                          "unet: timed forwards per side in all, split over --rounds (N // rounds each, at least 1)")
@@ -26,7 +28,19 @@ def main(argv=None) -> int:
     unet_options(ap)  # --model, --latent, --warmup, --rounds, --kernels
     ap.add_argument("--tune-allocator", action="store_true",
                     help="call refsd.kernels.tune_allocator() first (keeps freed heap memory mapped; affects torch too)")
+    ap.add_argument("--size", type=int, default=256, help="sweep: image width = height in pixels (default 256)")
+    ap.add_argument("--steps", type=int, default=4, help="sweep: sampler steps per case (default 4)")
+    ap.add_argument("--seeds", type=int, default=4, help="sweep: seeds (x 3 samplers x 2 prompts cases; default 4)")
     args = ap.parse_args(argv)
+    if args.suite == "sweep":
+        from bench import sweep
+
+        res = sweep.run(size=args.size, steps=args.steps, seeds=args.seeds)
+        print(sweep.summary(res))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return 0
     import numpy as np
     import torch
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from refsd import __version__
 from refsd.cli_generate import add_generate_parser, add_trace_parser
 from refsd.errors import RefsdError, WeightsError
+from refsd.sweep.cli import add_conformance_parser, add_sweep_parser
 
 EXAMPLES = """\
 examples:
@@ -136,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_generate_parser(sub)
     add_trace_parser(sub)
+    add_sweep_parser(sub)
+    add_conformance_parser(sub)
 
     p = sub.add_parser("compare", help="first divergence between two tensor files",
                        description=COMPARE_HELP, epilog=COMPARE_EXAMPLES, formatter_class=raw)

@@ -48,7 +48,7 @@ def test_numpy_only_where_allowed(path):
 @pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(PKG)))
 def test_backend_branches_only_in_xp(path):
     rel = str(path.relative_to(PKG))
-    if rel == "xp.py":
+    if rel in ("xp.py", "sweep/oracle.py"):  # sweep/oracle.py drives diffusers (the oracle, torch), no refsd backend
         return
     hits = []
     for n in ast.walk(ast.parse(path.read_text())):
