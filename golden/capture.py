@@ -3,6 +3,7 @@
     python -m golden.capture                 # (re)write every case + MANIFEST.json
     python -m golden.capture --check         # re-capture in memory, fail if any committed file differs
     python -m golden.capture --only conv2d   # cases whose id contains 'conv2d'
+    python -m golden.capture --check --inventory  # only the file set: on disk = MANIFEST.json = registered
 
 A case is a function registered with ``@case(component, name)``: given a seeded torch Generator and
 a dtype, it draws inputs, calls the oracle, and returns a ``Capture``. Files are written with the
@@ -193,17 +194,23 @@ def main(argv=None) -> int:
     ap.add_argument("--check", action="store_true", help="verify committed goldens against a fresh capture")
     ap.add_argument("--only", default=None, help="only cases whose id contains this string")
     ap.add_argument("--root", type=Path, default=ROOT, help="golden folder (holds MANIFEST.json and cases/)")
+    ap.add_argument("--inventory", action="store_true", help="with --check: compare only the file set (on disk, "
+                    "in MANIFEST.json, registered) without re-capturing any case")
     args = ap.parse_args(argv)
     torch.use_deterministic_algorithms(True)
     cases = [c for c in REGISTRY if args.only is None or args.only in c.id]
     if not cases:
         print(f"no case id contains {args.only!r}", file=sys.stderr)
         return 2
+    if args.inventory and (not args.check or args.only is not None):
+        print("--inventory goes with --check and without --only", file=sys.stderr)
+        return 2
     if args.check:
-        problems = check(cases, args.root, full_set=args.only is None)
+        problems = check([] if args.inventory else cases, args.root, full_set=args.only is None)
         for p in problems:
             print(f"FAIL {p}")
-        print(f"golden check: {len(cases)} cases, {len(problems)} problems" + ("" if problems else " -- all match the oracle"))
+        checked = "the file set" if args.inventory else f"{len(cases)} cases"
+        print(f"golden check: {checked}, {len(problems)} problems" + ("" if problems else " -- all match the oracle"))
         return 1 if problems else 0
     write(cases, args.root)
     return 0

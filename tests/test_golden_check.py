@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CASE = "ops/conv2d_1x1_f32"
 
 
-def run_check(root: Path, only: str | None = CASE):
-    cmd = [sys.executable, "-m", "golden.capture", "--check", "--root", str(root)] + (["--only", only] if only else [])
+def run_check(root: Path, only: str | None = CASE, *extra: str):
+    cmd = [sys.executable, "-m", "golden.capture", "--check", "--root", str(root), *extra] + (["--only", only] if only else [])
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
@@ -67,6 +67,12 @@ def test_check_fails_on_altered_byte_even_with_updated_manifest(golden_copy):
 
 def test_check_fails_on_unlisted_file(golden_copy):
     shutil.copy(case_file(golden_copy), golden_copy / "cases" / "ops" / "stray.safetensors")
-    r = run_check(golden_copy, only=None)
+    r = run_check(golden_copy, None, "--inventory")  # the file-set check alone: `make test` re-captures every case once
     assert r.returncode == 1
     assert "stray.safetensors: on disk but not in MANIFEST.json" in r.stdout
+
+
+def test_inventory_passes_on_untouched_copy(golden_copy):
+    r = run_check(golden_copy, None, "--inventory")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "golden check: the file set, 0 problems" in r.stdout
