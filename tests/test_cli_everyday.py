@@ -1,0 +1,77 @@
+"""Everyday use (issue 13): `refsd samplers` / `refsd schedulers`, profile-scoped "valid:" lists,
+progress on stderr and --quiet, the prompt-truncation warning, --from-png with --model-dir, and the
+Python API's conveniences (write_png / infotext taking a result's info, load_model("demo"), repr)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from refsd import cli
+from refsd.pipelines.profiles import get_profile
+from refsd.sampling import SAMPLERS, SCHEDULERS
+
+
+def refsd(*args, env=None, cwd=None):
+    return subprocess.run([sys.executable, "-m", "refsd", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=cwd)
+
+
+# --------------------------------------------------------------------------------------------
+# samplers / schedulers
+
+
+def test_samplers_lists_each_profile(capsys):
+    assert cli.main(["samplers"]) == 0
+    out = capsys.readouterr().out
+    blocks = dict(b.split(":", 1) for b in out.strip().split("\n\n"))
+    assert set(blocks) == {"diffusers (the default)", "comfyui", "a1111"}
+    assert blocks["diffusers (the default)"].split("\n")[1].split(", ") == \
+        ["  euler", "euler_ancestral", "dpmpp_2m", "ddim", "pndm"]
+    assert blocks["comfyui"].startswith(f" {len(SAMPLERS)} samplers")
+    assert "a1111" in out and " 12 samplers" in blocks["a1111"]
+    assert "heun" in blocks["a1111"] and "ddim" not in blocks["a1111"]  # A1111_SAMPLERS has no ddim
+
+
+def test_schedulers_note_limited_pairs(capsys):
+    assert cli.main(["schedulers"]) == 0
+    out = capsys.readouterr().out
+    assert "diffusers (the default): 2 schedulers\n  karras, normal\n  karras: only with euler, dpmpp_2m" in out
+    assert f"comfyui: {len(SCHEDULERS)} schedulers" in out
+    assert "a1111: 3 schedulers\n  karras, exponential, normal" in out
+
+
+def test_one_profile_one_name_per_line(capsys):
+    assert cli.main(["samplers", "--parity", "diffusers"]) == 0
+    assert capsys.readouterr().out.split() == ["euler", "euler_ancestral", "dpmpp_2m", "ddim", "pndm"]
+    assert cli.main(["schedulers", "--parity", "a1111"]) == 0
+    assert capsys.readouterr().out.split() == ["karras", "exponential", "normal"]
+    assert cli.main(["samplers", "--parity", "webui"]) == 2
+    assert "unknown parity 'webui'; valid: diffusers, comfyui, a1111" in capsys.readouterr().err
+
+
+def test_listed_names_are_exactly_what_the_profile_accepts():
+    """Every listed name runs with some partner; every name left out is refused with every partner."""
+    for parity in ("diffusers", "comfyui", "a1111"):
+        p = get_profile(parity)
+        names = set(p.sampler_names())
+        for s in (*SAMPLERS, "pndm"):
+            assert (s in names) == any(p.runs(s, k) for k in SCHEDULERS), (parity, s)
+        assert set(p.scheduler_names()) == {k for k in SCHEDULERS if any(p.runs(s, k) for s in names)}
+
+
+@pytest.mark.parametrize("parity,flag,bad,valid", [
+    ("diffusers", "--sampler", "eulr", "valid: euler, euler_ancestral, dpmpp_2m, ddim, pndm (parity='diffusers'"),
+    ("diffusers", "--scheduler", "karas", "valid: karras, normal (parity='diffusers'"),
+    ("a1111", "--scheduler", "karas", "valid: karras, exponential, normal (parity='a1111'"),
+    ("comfyui", "--scheduler", "karas", "valid: simple, sgm_uniform, karras, "),
+])
+def test_unknown_name_lists_the_profiles_names(parity, flag, bad, valid, tmp_path):
+    proc = refsd("generate", "--demo", "--prompt", "x", "--parity", parity, flag, bad, "--out", tmp_path / "o.png")
+    assert proc.returncode == 2 and proc.stdout == ""
+    line, = proc.stderr.splitlines()
+    assert line.startswith(f"refsd: error: unknown {flag[2:]} '{bad}'; ") and valid in line, line
+    if parity == "diffusers":
+        assert "dpmpp_sde" not in line and "exponential" not in line  # comfyui-only names are not offered
+    assert list(tmp_path.iterdir()) == []
