@@ -75,3 +75,50 @@ def test_unknown_name_lists_the_profiles_names(parity, flag, bad, valid, tmp_pat
     if parity == "diffusers":
         assert "dpmpp_sde" not in line and "exponential" not in line  # comfyui-only names are not offered
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# the Python API
+
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    """A private REFSD_CACHE holding the demo model; the environment variable set for the module."""
+    from refsd.pipelines import demo
+
+    cache = tmp_path_factory.mktemp("refsd-cache")
+    demo.ensure(cache)
+    old = os.environ.get("REFSD_CACHE")
+    os.environ["REFSD_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        del os.environ["REFSD_CACHE"]
+    else:
+        os.environ["REFSD_CACHE"] = old
+
+
+def test_load_model_demo_and_repr(demo_cache):
+    from refsd.pipelines import demo, load_model
+
+    m = load_model("demo")
+    assert m.path == demo_cache / demo.FILENAME and m.architecture == "sd1" and m.name == demo.NAME
+    assert repr(m) == f"<refsd Model sd1 'demo-sd1-tiny' float32 on numpy from {demo_cache / demo.FILENAME}>"
+    assert "\n" not in repr(m) and len(repr(m)) < 200  # not the dataclass dump of every Params
+
+
+def test_write_png_and_infotext_take_a_results_info(demo_cache, tmp_path):
+    from refsd.pipelines import load_model, png, txt2img
+
+    m = load_model("demo")
+    res = txt2img(m, "a cat", "a dog", width=64, height=64, steps=2, seed=3, batch_size=2, parity="a1111")
+    text = png.infotext(res.info, index=1)
+    assert text.startswith("a cat\nNegative prompt: a dog\nSteps: 2, Sampler: Euler, Schedule type: Normal, "
+                           "CFG scale: 7.5, Seed: 4, Size: 64x64, Model: demo-sd1-tiny, RNG: CPU, ")
+    assert "refsd batch: 2/2, refsd seed: 3, refsd version: " in text  # a1111: image 1 seeded seed + 1
+    path = png.write_png(tmp_path / "cat.png", res.images[1], res.info, index=1)
+    params = png.read_parameters(path)
+    assert params["Seed"] == "4" and params["refsd parity"] == "a1111" and params["Negative prompt"] == "a dog"
+    back = png.settings(params)
+    assert (back["seed"], back["batch_index"], back["sampler"], back["width"]) == (3, 1, "euler", 64)
+    one = txt2img(m, "a cat", width=64, height=64, steps=1, seed=5)  # diffusers: one draw, the batch's seed
+    assert "Seed: 5, Size: 64x64" in png.infotext(one.info) and "refsd batch" not in png.infotext(one.info)
