@@ -122,3 +122,76 @@ def test_write_png_and_infotext_take_a_results_info(demo_cache, tmp_path):
     assert (back["seed"], back["batch_index"], back["sampler"], back["width"]) == (3, 1, "euler", 64)
     one = txt2img(m, "a cat", width=64, height=64, steps=1, seed=5)  # diffusers: one draw, the batch's seed
     assert "Seed: 5, Size: 64x64" in png.infotext(one.info) and "refsd batch" not in png.infotext(one.info)
+
+
+# --------------------------------------------------------------------------------------------
+# progress, --quiet, the truncation warning (the CLI as a subprocess, the demo model, tiny sizes)
+
+SMALL = ["generate", "--demo", "--width", "64", "--height", "64", "--steps", "3", "--seed", "1"]
+
+
+@pytest.fixture(scope="module")
+def env(demo_cache):
+    return {**os.environ, "REFSD_CACHE": str(demo_cache)}
+
+
+def test_progress_names_every_stage_in_order(env, tmp_path):
+    proc = refsd(*SMALL, "--prompt", "a cube", "--batch", "2", "--out", tmp_path / "c.png", env=env)
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr
+    marks = ["weights are random", "loading demo-sd1-tiny ...", "loading:", "encoding text ...",
+             "sampling:   0%|          | 0/3", "sampling: 100%|██████████| 3/3", "decoding ...", "writing ..."]
+    at = [err.find(m) for m in marks]
+    assert -1 not in at and at == sorted(at), (at, err)
+    assert "1/3 [" in err and "<" in err.split("1/3 [", 1)[1].split("]")[0]  # elapsed<remaining from step 1
+    assert proc.stdout.split() == [str(tmp_path / "c_0.png"), str(tmp_path / "c_1.png")]
+
+
+def test_img2img_shows_the_image_encoding(env, tmp_path):
+    first = refsd(*SMALL, "--prompt", "a cube", "--out", tmp_path / "a.png", "--quiet", env=env)
+    assert first.returncode == 0, first.stderr
+    proc = refsd(*SMALL, "--prompt", "a cube", "--init-image", tmp_path / "a.png", "--out", tmp_path / "b.png",
+                 env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.index("encoding text ...") < proc.stderr.index("encoding image ...") < \
+        proc.stderr.index("sampling:") < proc.stderr.index("decoding ...")
+
+
+def test_quiet_prints_nothing_but_the_paths(env, tmp_path):
+    proc = refsd(*SMALL, "--prompt", "a cube", "--out", tmp_path / "q.png", "--quiet", env=env)
+    assert (proc.returncode, proc.stderr, proc.stdout) == (0, "", f"{tmp_path / 'q.png'}\n")
+    trace = refsd("trace", *SMALL[1:], "--prompt", "a cube", "--out", tmp_path / "t.safetensors", "--quiet", env=env)
+    assert (trace.returncode, trace.stderr) == (0, "")
+
+
+LONG = " ".join(["a red cube"] * 30)  # 90 tokens: 15 past CLIP's 75
+
+
+def test_truncation_warning_one_line_under_diffusers_only(env, tmp_path):
+    proc = refsd(*SMALL, "--prompt", LONG, "--negative", "blurry " * 80, "--out", tmp_path / "t.png", "--quiet",
+                 env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 2 and all(line.startswith("refsd: warning: prompt truncated to CLIP's 77-token window")
+                                   for line in lines), lines
+    assert "15 of 90 tokens dropped, from 'a red cube a red cube" in lines[0]
+    assert "5 of 80 tokens dropped, from 'blurry blurry blurry blurry blurry'" in lines[1]
+    for parity in ("comfyui", "a1111"):  # they chunk: nothing is dropped
+        other = refsd(*SMALL, "--prompt", LONG, "--parity", parity, "--out", tmp_path / f"{parity}.png", "--quiet",
+                      env=env)
+        assert (other.returncode, other.stderr) == (0, ""), other.stderr
+
+
+def test_truncation_warning_from_python(demo_cache):
+    import warnings
+
+    from refsd.pipelines import load_model, txt2img
+    from refsd.text.conditioning import TruncationWarning
+
+    m = load_model("demo")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        txt2img(m, LONG, width=64, height=64, steps=1, cfg=1.0)
+        txt2img(m, " ".join(["a red cube"] * 25), width=64, height=64, steps=1, cfg=1.0)  # 75 tokens: fits
+    assert [(w.category, str(w.message).split(": ", 1)[1][:27]) for w in caught] == \
+        [(TruncationWarning, "15 of 90 tokens dropped, fr")]
