@@ -101,6 +101,10 @@ def _add_generation_flags(p, *, out_default: str, out_help: str) -> None:
     g.add_argument("--config", metavar="PATH", help="for a single-file --model: a diffusers folder (its "
                                                     "<component>/config.json, scheduler, tokenizers) or a UNet "
                                                     "config.json replacing the configs inferred from the weights")
+    g.add_argument("--model-dir", metavar="DIR",
+                   help="with --from-png and no --model: find the checkpoint (and an SDXL refiner) the PNG names in "
+                        "DIR, as A1111 does: by its Model name, then by its Model hash (A1111's short sha256, cached "
+                        "in $REFSD_CACHE/hashes.json; or the old 8-digit hash)")
     g.add_argument("--demo", action="store_true",
                    help="use the embedded tiny SD1 model (random weights, written to $REFSD_CACHE or "
                         "~/.cache/refsd on first use): shows the pipeline working, not a picture")

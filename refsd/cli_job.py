@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -178,30 +179,52 @@ def _model(args, source: dict):
     """(--model's path or None for the demo, its facts)."""
     from refsd.pipelines import demo
     from refsd.pipelines.facts import facts_from_configs, inspect_model
+    from refsd.pipelines.model_dir import find_model
 
+    model_dir = getattr(args, "model_dir", None)
     if args.demo and args.model:
         raise RefsdError("pass --model PATH or --demo, not both")
+    if model_dir is not None and not args.from_png:
+        raise RefsdError("--model-dir DIR needs --from-png PNG (it finds the model the PNG names); pass --model PATH")
     if args.model:
         model = Path(args.model)
         if not model.exists():
             raise RefsdError(f"{args.model}: no such file or directory")
         return model, inspect_model(model)
     if not args.demo and source.get("Model hash") != demo.SHA256[:10]:  # (a PNG the demo made: use it again)
+        if args.from_png and model_dir is not None:
+            model = find_model(model_dir, model_hash=source.get("Model hash"), name=source.get("Model"),
+                               note=None if getattr(args, "quiet", False) else _note, what=f"{args.from_png}'s model")
+            return model, inspect_model(model)
         if args.from_png:
             made = source.get("Model", "an unnamed model") + (f", hash {source['Model hash']}"
                                                               if source.get("Model hash") else "")
-            raise RefsdError(f"{args.from_png} was made with {made}: pass --model PATH (or --demo)")
+            raise RefsdError(f"{args.from_png} was made with {made}: pass --model PATH, or --model-dir DIR to "
+                             f"find it by its hash and name (or --demo)")
         raise RefsdError("no model: pass --model PATH (a .safetensors checkpoint or a diffusers folder), "
                          "or --demo for the embedded tiny model")
     return None, facts_from_configs(demo.NAME, "sd1", demo.CONFIGS)
 
 
+def _note(text: str) -> None:
+    """A line on stderr before slow work in the job's resolution (hashing a --model-dir)."""
+    print(text, file=sys.stderr, flush=True)
+
+
 def _refiner(args, model: Path | None, png_refiner: str | None):
     """(--refiner's path or None, its facts)."""
     if not args.refiner:
+        if png_refiner is not None and getattr(args, "model_dir", None) is not None and model is not None:
+            from refsd.pipelines.model_dir import find_model, split_label
+
+            name, label_hash = split_label(png_refiner)
+            refiner = find_model(args.model_dir, model_hash=label_hash, name=name,
+                                 note=None if getattr(args, "quiet", False) else _note,
+                                 what=f"{args.from_png}'s refiner")
+            return refiner, None  # its facts: read with --refiner-config
         if png_refiner is not None:
             raise RefsdError(f"{args.from_png} was made with the SDXL refiner {png_refiner}: pass --refiner PATH "
-                             f"(the PNG names the refiner, not where its file is)")
+                             f"(the PNG names the refiner, not where its file is), or --model-dir DIR")
         if args.refiner_switch is not None:
             raise RefsdError("--refiner-switch needs --refiner")
         return None, None

@@ -195,3 +195,107 @@ def test_truncation_warning_from_python(demo_cache):
         txt2img(m, " ".join(["a red cube"] * 25), width=64, height=64, steps=1, cfg=1.0)  # 75 tokens: fits
     assert [(w.category, str(w.message).split(": ", 1)[1][:27]) for w in caught] == \
         [(TruncationWarning, "15 of 90 tokens dropped, fr")]
+
+
+# --------------------------------------------------------------------------------------------
+# --from-png with --model-dir
+
+
+def a1111_old_hash(path):
+    """A1111 modules/sd_models.py model_hash (webui 1.10), restated: sha256 of 64 KiB at 1 MiB, 8 hex digits."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[0:8]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A models folder with two valid SD1 checkpoints of different bytes: sub/mine and other/decoy
+    (the demo's tensors, other metadata, so neither has the demo's hash)."""
+    from refsd.pipelines import demo
+    from refsd.weights import ldm
+    from refsd.weights.safetensors import save_safetensors
+
+    d = tmp_path_factory.mktemp("models")
+    tensors = ldm.to_single_file(demo.state_dicts(), "sd1")
+    (d / "sub").mkdir()
+    (d / "other").mkdir()
+    save_safetensors(d / "sub" / "mine.safetensors", tensors, {"format": "pt", "copy": "mine"})
+    save_safetensors(d / "other" / "decoy.safetensors", tensors, {"format": "pt", "copy": "decoy"})
+    return d
+
+
+def test_from_png_finds_the_model_by_name_then_hash(env, models, tmp_path):
+    from refsd.pipelines import png
+
+    made = refsd("generate", *SMALL[2:], "--model", models / "sub" / "mine.safetensors", "--prompt", "a cat", "--out",
+                 tmp_path / "a.png", "--quiet", env={**env, "REFSD_CACHE": str(tmp_path / "c0")})
+    assert made.returncode == 0, made.stderr
+    params = png.read_parameters(tmp_path / "a.png")
+    assert params["Model"] == "mine" and params["Model hash"] == png.model_hash(models / "sub" / "mine.safetensors")
+    env = {**env, "REFSD_CACHE": str(tmp_path / "cache")}
+    again = refsd("generate", "--from-png", tmp_path / "a.png", "--model-dir", models, "--out", tmp_path / "b.png",
+                  "--quiet", env=env)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "b.png").read_bytes() == (tmp_path / "a.png").read_bytes()  # the same model, the same PNG
+    (models / "sub" / "mine.safetensors").rename(models / "sub" / "renamed.safetensors")
+    try:  # the name no longer matches: found by its sha256, which is then cached
+        moved = refsd("generate", "--from-png", tmp_path / "a.png", "--model-dir", models, "--out",
+                      tmp_path / "c.png", env=env)
+        assert moved.returncode == 0, moved.stderr
+        assert "hashing 2 checkpoint(s)" in moved.stderr
+        assert (png.read_image(tmp_path / "c.png") == png.read_image(tmp_path / "a.png")).all()
+        assert png.read_parameters(tmp_path / "c.png")["Model"] == "renamed"  # the file's name now
+        import json
+
+        cache = json.loads((tmp_path / "cache" / "hashes.json").read_text())
+        renamed = str((models / "sub" / "renamed.safetensors").resolve())
+        assert cache[renamed]["sha256"][:10] == params["Model hash"] and len(cache) == 2
+        cached = refsd("generate", "--from-png", tmp_path / "a.png", "--model-dir", models, "--out",
+                       tmp_path / "d.png", env=env)
+        assert cached.returncode == 0 and "hashing" not in cached.stderr  # the cache answered
+    finally:
+        (models / "sub" / "renamed.safetensors").rename(models / "sub" / "mine.safetensors")
+
+
+def test_model_dir_errors_are_one_line(env, models, tmp_path):
+    from refsd.pipelines import png
+
+    text = "a cat\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, Model hash: 0123456789, Model: gone"
+    png.write_png(tmp_path / "p.png", __import__("numpy").zeros((8, 8, 3), "uint8"), text)
+    env = {**env, "REFSD_CACHE": str(tmp_path / "cache")}
+    proc = refsd("generate", "--from-png", tmp_path / "p.png", "--model-dir", models, "--out", tmp_path / "o.png",
+                 "--quiet", env=env)
+    assert proc.returncode == 2 and proc.stdout == ""
+    line, = proc.stderr.splitlines()
+    assert line == (f"refsd: error: {tmp_path / 'p.png'}'s model (gone, hash 0123456789) is not in --model-dir "
+                    f"{models}: 2 checkpoint(s) looked at; no checkpoint named 'gone'; no sha256 0123456789... among "
+                    f"2 hashed files: pass --model PATH")
+    without = refsd("generate", "--from-png", tmp_path / "p.png", "--out", tmp_path / "o.png", env=env)
+    assert "pass --model PATH, or --model-dir DIR" in without.stderr and without.returncode == 2
+    alone = refsd(*SMALL, "--prompt", "x", "--model-dir", models, "--out", tmp_path / "o.png", env=env)
+    assert alone.returncode == 2 and "--model-dir DIR needs --from-png PNG" in alone.stderr
+    nodir = refsd("generate", "--from-png", tmp_path / "p.png", "--model-dir", tmp_path / "nope", "--out",
+                  tmp_path / "o.png", env=env)
+    assert nodir.returncode == 2 and f"--model-dir {tmp_path / 'nope'}: no such folder" in nodir.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "p.png"]
+
+
+def test_old_hash_name_clash_and_budget(models, tmp_path, monkeypatch):
+    from refsd.errors import RefsdError
+    from refsd.pipelines import model_dir, png
+
+    mine, decoy = models / "sub" / "mine.safetensors", models / "other" / "decoy.safetensors"
+    old = a1111_old_hash(decoy)
+    assert model_dir.old_hash(decoy) == old != a1111_old_hash(mine)
+    assert model_dir.find_model(models, model_hash=old.upper(), name=None, cache=tmp_path) == decoy  # A1111 < 1.5
+    # a file of the PNG's name but another hash is not taken: the hash decides
+    assert model_dir.find_model(models, model_hash=png.model_hash(decoy), name="mine", cache=tmp_path) == decoy
+    assert model_dir.find_model(models, model_hash=None, name="sub/mine", cache=tmp_path) == mine  # A1111 alias
+    assert model_dir.split_label("sd_xl_refiner_1.0 [7440042bbd]") == ("sd_xl_refiner_1.0", "7440042bbd")
+    monkeypatch.setattr(model_dir, "HASH_BUDGET", decoy.stat().st_size - 1)  # nothing fits: nothing is read
+    with pytest.raises(RefsdError, match=r"no sha256 0123456789\.\.\. among 0 hashed files; 2 not hashed "
+                                         r"\(0\.0 GiB past this run's 0 GiB; run again to go on\)"):
+        model_dir.find_model(models, model_hash="0123456789", name="x", cache=tmp_path / "fresh")
