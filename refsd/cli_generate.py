@@ -47,7 +47,8 @@ config.json), the refiner from --refiner-config.
 Every image is written as a PNG, atomically (complete or absent), carrying an A1111-style "parameters"
 text chunk (prompt, negative prompt, steps, sampler, schedule, CFG, seed, size, model name and short
 hash, plus refsd's own keys) that A1111's PNG Info and other tools read and that --from-png re-runs.
-Written paths are printed on stdout; progress goes to stderr. Every input is checked before the model
+Written paths are printed on stdout; progress goes to stderr (a line per stage, a bar over the
+sampling steps with the time left; --quiet: none). Every input is checked before the model
 is loaded (what only the loaded weights tell, as they load): a bad one is one "refsd: error:" line,
 exit status 2, and no file. --model, --config, --refiner and --refiner-config are not in the PNG
 (it names the model and refiner, with their short hashes): a --from-png re-run passes them again.
@@ -77,6 +78,8 @@ examples:
   refsd generate --from-png xl.png --model sd_xl_base_1.0.safetensors --refiner sd_xl_refiner_1.0.safetensors --out again.png
       (a PNG names its model and refiner but not their paths: pass them again)
   refsd generate --from-png cat.png --out again.png                (re-run from the PNG's parameters)
+  refsd generate --from-png a1111.png --model-dir ~/models --out again.png
+      (find the model the PNG names in ~/models, by its name, then its hash, as A1111 does)
   refsd generate --from-png cat.png --seed 7 --out cat7.png        (explicit flags override the PNG)
   refsd generate --model sd15.safetensors --prompt "a cat" --backend torch:cuda --dtype float16 --out cat.png
 

@@ -299,3 +299,32 @@ def test_old_hash_name_clash_and_budget(models, tmp_path, monkeypatch):
     with pytest.raises(RefsdError, match=r"no sha256 0123456789\.\.\. among 0 hashed files; 2 not hashed "
                                          r"\(0\.0 GiB past this run's 0 GiB; run again to go on\)"):
         model_dir.find_model(models, model_hash="0123456789", name="x", cache=tmp_path / "fresh")
+
+
+def test_generate_help_documents_the_new_flags():
+    proc = refsd("generate", "--help")
+    assert proc.returncode == 0
+    for text in ("--model-dir DIR", "--quiet", "--from-png a1111.png --model-dir ~/models", "--quiet: none"):
+        assert text in proc.stdout, text
+    top = refsd("--help")
+    assert "samplers" in top.stdout and "schedulers" in top.stdout and "refsd samplers --parity diffusers" in top.stdout
+
+
+def test_sdxl_refiner_found_by_its_label(tmp_path):
+    """A base + refiner PNG names the refiner "name [short hash]": --model-dir finds both files."""
+    from refsd.pipelines import png
+    from test_cli_sdxl import XL
+
+    (tmp_path / "models").mkdir()
+    xl = XL(tmp_path / "models")  # base.safetensors, refiner.safetensors (+ their config folders)
+    env = {**os.environ, "REFSD_CACHE": str(tmp_path / "cache")}
+    cfg = ["--config", xl.base_config, "--refiner-config", xl.refiner_config]
+    made = refsd("generate", *xl.base_args, *xl.refiner_args, "--prompt", "a castle", "--width", "64", "--height",
+                 "64", "--steps", "4", "--seed", "2", "--out", tmp_path / "xl.png", "--quiet", env=env)
+    assert made.returncode == 0, made.stderr
+    params = png.read_parameters(tmp_path / "xl.png")
+    assert params["Refiner"] == f"refiner [{png.model_hash(xl.refiner)}]" and params["Model"] == "base"
+    again = refsd("generate", "--from-png", tmp_path / "xl.png", "--model-dir", tmp_path / "models", *cfg,
+                  "--out", tmp_path / "again.png", "--quiet", env=env)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again.png").read_bytes() == (tmp_path / "xl.png").read_bytes()

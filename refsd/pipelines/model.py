@@ -31,6 +31,7 @@ from refsd.attention import STRATEGIES
 from refsd.errors import RefsdError
 from refsd.models.unet import UNetConfig
 from refsd.models.vae import VAEConfig
+from refsd.pipelines import demo
 from refsd.pipelines.facts import TEXT_ENCODERS, XL_ARCHITECTURES, ModelFacts, check_architecture
 from refsd.text.clip import CLIPTextConfig
 from refsd.text.tokenizer import CLIPTokenizer
@@ -318,8 +319,6 @@ def load_model(path_or_checkpoint: str | os.PathLike | Checkpoint, *, backend: s
     if prediction is not None:
         _check_choice("prediction", prediction, PREDICTIONS)
     if isinstance(path_or_checkpoint, str) and path_or_checkpoint == DEMO:
-        from refsd.pipelines import demo
-
         path_or_checkpoint = demo.ensure()  # written to $REFSD_CACHE or ~/.cache/refsd on first use
     if isinstance(path_or_checkpoint, Checkpoint):
         if backend is not None or dtype is not None or config is not None:

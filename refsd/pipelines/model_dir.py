@@ -34,6 +34,7 @@ from pathlib import Path
 
 from refsd.errors import RefsdError
 from refsd.files import atomic_write
+from refsd.pipelines import demo
 
 MAX_DEPTH = 4
 MAX_ENTRIES = 20_000
@@ -182,9 +183,7 @@ class _HashCache:
 
     def __init__(self, folder: Path | None):
         if folder is None:
-            from refsd.pipelines.demo import cache_dir
-
-            folder = cache_dir()
+            folder = demo.cache_dir()
         self.path = Path(folder) / CACHE_FILE
         self.data, self.dirty = self._read(), False
 
@@ -211,10 +210,8 @@ class _HashCache:
         return None
 
     def compute(self, c: Candidate) -> str:
-        from refsd.pipelines.demo import sha256
-
         key, size, mtime = self._key(c)
-        h = sha256(c.path)
+        h = demo.sha256(c.path)
         self.data[key] = {"size": size, "mtime_ns": mtime, "sha256": h}
         self.dirty = True
         return h

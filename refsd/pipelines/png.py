@@ -64,6 +64,7 @@ import numpy as np
 
 from refsd.errors import RefsdError
 from refsd.files import atomic_write
+from refsd.pipelines.profiles import get_profile
 from refsd.pipelines.profiles.a1111 import A1111_AUTOMATIC_SCHEDULERS
 
 KEY = "parameters"
@@ -310,8 +311,6 @@ def infotext(s: Mapping[str, Any], *, seed: int | None = None, index: int = 0, b
         version = version or _version()
     batch = s.get("batch", 1) if batch is None else batch
     if seed is None:
-        from refsd.pipelines.profiles import get_profile
-
         seed = get_profile(s["parity"]).seeds(s["seed"], max(batch, index + 1))[index]
     clip_skip = s.get("clip_skip")
     refiner_title = None if refiner is None else refiner if not refiner_hash else f"{refiner} [{refiner_hash}]"
