@@ -179,7 +179,6 @@ def _model(args, source: dict):
     """(--model's path or None for the demo, its facts)."""
     from refsd.pipelines import demo
     from refsd.pipelines.facts import facts_from_configs, inspect_model
-    from refsd.pipelines.model_dir import find_model
 
     model_dir = getattr(args, "model_dir", None)
     if args.demo and args.model:
@@ -193,8 +192,7 @@ def _model(args, source: dict):
         return model, inspect_model(model)
     if not args.demo and source.get("Model hash") != demo.SHA256[:10]:  # (a PNG the demo made: use it again)
         if args.from_png and model_dir is not None:
-            model = find_model(model_dir, model_hash=source.get("Model hash"), name=source.get("Model"),
-                               note=None if getattr(args, "quiet", False) else _note, what=f"{args.from_png}'s model")
+            model = _find(args, source.get("Model hash"), source.get("Model"), "model")
             return model, inspect_model(model)
         if args.from_png:
             made = source.get("Model", "an unnamed model") + (f", hash {source['Model hash']}"
@@ -206,22 +204,26 @@ def _model(args, source: dict):
     return None, facts_from_configs(demo.NAME, "sd1", demo.CONFIGS)
 
 
-def _note(text: str) -> None:
-    """A line on stderr before slow work in the job's resolution (hashing a --model-dir)."""
-    print(text, file=sys.stderr, flush=True)
+def _find(args, model_hash: str | None, name: str | None, what: str) -> Path:
+    """The file a --from-png PNG names (its model or refiner) in --model-dir (refsd.pipelines.model_dir),
+    with a note on stderr before hashing files (none with --quiet)."""
+    from refsd.pipelines.model_dir import find_model
+
+    def note(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    return find_model(args.model_dir, model_hash=model_hash, name=name, what=f"{args.from_png}'s {what}",
+                      note=None if getattr(args, "quiet", False) else note)
 
 
 def _refiner(args, model: Path | None, png_refiner: str | None):
     """(--refiner's path or None, its facts)."""
     if not args.refiner:
         if png_refiner is not None and getattr(args, "model_dir", None) is not None and model is not None:
-            from refsd.pipelines.model_dir import find_model, split_label
+            from refsd.pipelines.model_dir import split_label
 
             name, label_hash = split_label(png_refiner)
-            refiner = find_model(args.model_dir, model_hash=label_hash, name=name,
-                                 note=None if getattr(args, "quiet", False) else _note,
-                                 what=f"{args.from_png}'s refiner")
-            return refiner, None  # its facts: read with --refiner-config
+            return _find(args, label_hash, name, "refiner"), None  # its facts: read with --refiner-config
         if png_refiner is not None:
             raise RefsdError(f"{args.from_png} was made with the SDXL refiner {png_refiner}: pass --refiner PATH "
                              f"(the PNG names the refiner, not where its file is), or --model-dir DIR")
