@@ -1,5 +1,5 @@
-"""The ``refsd`` command line: ``refsd generate``, ``refsd trace``, ``refsd compare``, ``refsd export`` and
-``refsd info``.
+"""The ``refsd`` command line: ``refsd generate``, ``refsd trace``, ``refsd compare``, ``refsd export``,
+``refsd info``, ``refsd samplers`` / ``refsd schedulers``, ``refsd sweep`` and ``refsd conformance``.
 
 Exit status: 0 success / tensors match, 1 tensors diverge, 2 bad input (one ``refsd: error:`` line
 on stderr, no traceback) or bad usage.
@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,8 @@ examples:
   refsd compare out.safetensors ref.safetensors --prefix out/ --images
   refsd info v1-5-pruned-emaonly.safetensors
   refsd info ./stable-diffusion-v1-5/          (a diffusers folder)
+  refsd samplers                               (the sampler names each --parity runs; also: refsd schedulers)
+  refsd samplers --parity diffusers            (one profile's, one per line)
 
 exit status: 0 ok / match, 1 tensors diverge, 2 error
 """
@@ -103,6 +106,13 @@ sdxl, sdxl-inpaint, sdxl-refiner) and each component's parameter count and dtype
 a checkpoint refsd cannot load (unknown architecture, stray or missing keys, wrong shapes) is an
 error. Other tensor files (goldens, traces, single components) get the summary only.
 """
+
+NAMES_HELP = {
+    "samplers": "The sampler names (ComfyUI's) each parity profile runs: what `refsd generate --sampler` accepts\n"
+                "under its --parity. A sampler that runs with only some schedulers says which.",
+    "schedulers": "The scheduler names (ComfyUI's) each parity profile runs: what `refsd generate --scheduler`\n"
+                  "accepts under its --parity. A scheduler that runs with only some samplers says which.",
+}
 
 INFO_EXAMPLES = """\
 examples:
@@ -185,7 +195,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH", help="a .safetensors file or a diffusers model folder")
     p.add_argument("--depth", type=int, default=1, help="dotted key components per prefix group (default 1)")
     p.set_defaults(run=_cmd_info)
+
+    for kind in NAMES_HELP:
+        p = sub.add_parser(kind, help=f"the {kind} each parity profile runs", description=NAMES_HELP[kind],
+                           formatter_class=raw)
+        p.add_argument("--parity", metavar="PROFILE", help="only this profile's names, one per line")
+        p.set_defaults(run=_cmd_names, kind=kind)
     return parser
+
+
+# --------------------------------------------------------------------------------------------
+# samplers / schedulers
+
+
+def _cmd_names(args) -> int:
+    """``refsd samplers`` / ``refsd schedulers``: each profile's names, from its own checks
+    (Profile.sampler_names / scheduler_names), so the list is what --sampler / --scheduler accept."""
+    from refsd.pipelines.profiles import DEFAULT, get_profile, profiles
+
+    if args.parity is not None:
+        print("\n".join(_names(get_profile(args.parity), args.kind)))
+        return 0
+    blocks = []
+    for p in profiles():
+        names = _names(p, args.kind)
+        title = f"{p.name}{' (the default)' if p.name == DEFAULT else ''}: {len(names)} {args.kind}"
+        body = textwrap.fill(", ".join(names), width=100, initial_indent="  ", subsequent_indent="  ",
+                             break_on_hyphens=False)
+        blocks.append("\n".join([title, body, *_pair_notes(p, args.kind)]))
+    print("\n\n".join(blocks))
+    return 0
+
+
+def _names(profile, kind: str) -> tuple[str, ...]:
+    return profile.sampler_names() if kind == "samplers" else profile.scheduler_names()
+
+
+def _pair_notes(profile, kind: str) -> list[str]:
+    """Lines naming the pairs a profile limits: a name that runs with only some of the other kind's."""
+    mine, other = _names(profile, kind), _names(profile, "schedulers" if kind == "samplers" else "samplers")
+    notes = []
+    for name in mine:
+        ok = [o for o in other if (profile.runs(name, o) if kind == "samplers" else profile.runs(o, name))]
+        if len(ok) < len(other):
+            notes.append(f"  {name}: only with {', '.join(ok)}")
+    return notes
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,7 +47,8 @@ config.json), the refiner from --refiner-config.
 Every image is written as a PNG, atomically (complete or absent), carrying an A1111-style "parameters"
 text chunk (prompt, negative prompt, steps, sampler, schedule, CFG, seed, size, model name and short
 hash, plus refsd's own keys) that A1111's PNG Info and other tools read and that --from-png re-runs.
-Written paths are printed on stdout; progress goes to stderr. Every input is checked before the model
+Written paths are printed on stdout; progress goes to stderr (a line per stage, a bar over the
+sampling steps with the time left; --quiet: none). Every input is checked before the model
 is loaded (what only the loaded weights tell, as they load): a bad one is one "refsd: error:" line,
 exit status 2, and no file. --model, --config, --refiner and --refiner-config are not in the PNG
 (it names the model and refiner, with their short hashes): a --from-png re-run passes them again.
@@ -76,6 +78,8 @@ examples:
   refsd generate --from-png xl.png --model sd_xl_base_1.0.safetensors --refiner sd_xl_refiner_1.0.safetensors --out again.png
       (a PNG names its model and refiner but not their paths: pass them again)
   refsd generate --from-png cat.png --out again.png                (re-run from the PNG's parameters)
+  refsd generate --from-png a1111.png --model-dir ~/models --out again.png
+      (find the model the PNG names in ~/models, by its name, then its hash, as A1111 does)
   refsd generate --from-png cat.png --seed 7 --out cat7.png        (explicit flags override the PNG)
   refsd generate --model sd15.safetensors --prompt "a cat" --backend torch:cuda --dtype float16 --out cat.png
 
@@ -100,6 +104,10 @@ def _add_generation_flags(p, *, out_default: str, out_help: str) -> None:
     g.add_argument("--config", metavar="PATH", help="for a single-file --model: a diffusers folder (its "
                                                     "<component>/config.json, scheduler, tokenizers) or a UNet "
                                                     "config.json replacing the configs inferred from the weights")
+    g.add_argument("--model-dir", metavar="DIR",
+                   help="with --from-png and no --model: find the checkpoint (and an SDXL refiner) the PNG names in "
+                        "DIR, as A1111 does: by its Model name, then by its Model hash (A1111's short sha256, cached "
+                        "in $REFSD_CACHE/hashes.json; or the old 8-digit hash)")
     g.add_argument("--demo", action="store_true",
                    help="use the embedded tiny SD1 model (random weights, written to $REFSD_CACHE or "
                         "~/.cache/refsd on first use): shows the pipeline working, not a picture")
@@ -173,14 +181,64 @@ def _add_generation_flags(p, *, out_default: str, out_help: str) -> None:
     g.add_argument("--out", metavar="FILE", default=out_default, help=out_help)
     g.add_argument("--from-png", metavar="PNG", help="re-run from a PNG's parameters chunk (refsd's or A1111's); "
                                                       "explicit flags override its values")
+    g.add_argument("--quiet", action="store_true", help="no progress on stderr (stages, bars, notes); warnings "
+                                                        "and errors still print")
 
 
 def _cmd_generate(args) -> int:
     job = generate_job(args)
     _set_kernels(args.kernels)
-    for path in run_generate(job):
+    for path in run_generate(job, Progress(quiet=args.quiet)):
         print(path, flush=True)
     return 0
+
+
+class Progress:
+    """What ``refsd generate`` / ``trace`` show on stderr while they run, always (as A1111 and ComfyUI
+    do, on a terminal or not; ``quiet``: nothing): notes, one line per stage ("loading", "encoding
+    text", "decoding", "writing", ...), a bar over the weights being placed, and a bar over the
+    sampling steps from the start (0/N before the first step), whose estimate of the time left tqdm
+    makes from the first step on. The pipeline core announces its stages through
+    refsd.pipelines.core.progress (``listen(self.stage)``); steps come through ``step``, the
+    pipelines' callback."""
+
+    def __init__(self, *, quiet: bool = False):
+        self.quiet = quiet
+        self.bar = None
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    def stage(self, name: str, total: int | None = None) -> None:
+        """A stage starts: the sampling bar (one over both stages of a base + refiner run), or a line."""
+        if name == "sampling":
+            if self.bar is None and not self.quiet:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc="sampling", unit="step", file=sys.stderr, dynamic_ncols=True)
+            return
+        self.close()
+        self.note(f"{name} ...")
+
+    def step(self, i: int, total: int, latents=None) -> None:
+        if self.bar is not None:
+            if self.bar.total != total:
+                self.bar.total = total
+            self.bar.update(max(0, i + 1 - self.bar.n))
+
+    def items(self, seq, desc: str, unit: str):
+        """``seq`` with a transient bar (none when quiet)."""
+        if self.quiet:
+            return seq
+        from tqdm import tqdm
+
+        return tqdm(seq, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _set_kernels(mode: str | None) -> None:
@@ -211,28 +269,29 @@ class _Background:
         return self._value
 
 
-def _run_pipeline(job: GenerateJob, on_step: Callable | None = None):
-    """Load the model (and the refiner) and run the job's pipeline with progress bars on stderr.
+def _run_pipeline(job: GenerateJob, on_step: Callable | None = None, progress: Progress | None = None):
+    """Load the model (and the refiner) and run the job's pipeline with progress on stderr (``Progress``).
     -> (GenerationResult, png.infotext's naming keywords: model, model_hash, refiner, refiner_hash).
     ``on_step(i, total, latents)`` too (with a refiner, i counts on over both stages). The settings'
     width and height are set to the run's (the model's native size when they were None)."""
-    from tqdm import tqdm
-
     from refsd import pipelines
     from refsd.pipelines import demo, png
+    from refsd.pipelines.core import progress as core_progress
 
     s = job.settings
+    shown = progress or Progress()
     if not hasattr(pipelines, "load_model"):
         raise RefsdError("this refsd has no generation pipeline (refsd.pipelines.load_model is missing)")
     if job.model is None:
-        print(demo.NOTICE, file=sys.stderr, flush=True)
+        shown.note(demo.NOTICE)
         model_path = demo.ensure()
     else:
         model_path = job.model
     for note in job.notes:
-        print(note, file=sys.stderr, flush=True)
+        shown.note(note)
     if job.random_seed:
-        print(f"seed: {s['seed']}", file=sys.stderr, flush=True)
+        shown.note(f"seed: {s['seed']}")
+    shown.stage(f"loading {png.model_name(model_path)}")
     model_hash = _Background(png.model_hash, model_path)  # overlaps the sampling; A1111's short sha256
     refiner_hash = _Background(png.model_hash, job.refiner) if job.refiner is not None else None
     placement = {"backend": s["backend"], "dtype": s["dtype"], "attention": s["attention"]}
@@ -243,18 +302,11 @@ def _run_pipeline(job: GenerateJob, on_step: Callable | None = None):
     # Weights are memory-mapped and placed lazily; place them all now, with a bar, so a dtype conversion
     # or a copy to a GPU happens here rather than as a long first step.
     tensors = [(p, key) for m in (model, refiner) if m is not None for p in m.params.values() for key in p]
-    for p, key in tqdm(tensors, desc="loading", unit="tensor", file=sys.stderr, dynamic_ncols=True, leave=False):
+    for p, key in shown.items(tensors, "loading", "tensor"):
         p[key]
 
-    bars = []  # made at the first step, so an error before sampling shows no empty bar
-
     def callback(step, total, latents):
-        if not bars:
-            bars.append(tqdm(total=total, desc="sampling", unit="step", file=sys.stderr, dynamic_ncols=True))
-        bar = bars[0]
-        if bar.total != total:
-            bar.total = total
-        bar.update(max(0, step + 1 - bar.n))
+        shown.step(step, total, latents)
         if on_step is not None:
             on_step(step, total, latents)
 
@@ -263,21 +315,12 @@ def _run_pipeline(job: GenerateJob, on_step: Callable | None = None):
               "batch_size": s["batch"], "clip_skip": s["clip_skip"], "parity": s["parity"], "callback": callback}
     if job.micro is not None:
         common["micro"] = job.micro
-    try:
-        if job.mask is not None:
-            result = pipelines.inpaint(model, job.init_image, job.mask, s["prompt"], s["negative_prompt"],
-                                       strength=s["strength"], **job.mask_options, **common)
-        elif job.init_image is not None:
-            result = pipelines.img2img(model, job.init_image, s["prompt"], s["negative_prompt"],
-                                       strength=s["strength"], **common)
-        elif refiner is not None:
-            result = pipelines.txt2img(model, s["prompt"], s["negative_prompt"], refiner=refiner,
-                                       refiner_switch=s["refiner_switch"], **common)
-        else:
-            result = pipelines.txt2img(model, s["prompt"], s["negative_prompt"], **common)
-    finally:
-        for bar in bars:
-            bar.close()
+    with core_progress.listen(shown.stage), warnings.catch_warnings():
+        warnings.showwarning = _warning_line  # e.g. refsd.text.conditioning.TruncationWarning: one line
+        try:
+            result = _call_pipeline(job, model, refiner, common)
+        finally:
+            shown.close()
     s["width"], s["height"] = result.info["width"], result.info["height"]
     names = {"model": png.model_name(model_path), "model_hash": model_hash.result()}
     if job.refiner is not None:
@@ -285,13 +328,37 @@ def _run_pipeline(job: GenerateJob, on_step: Callable | None = None):
     return result, names
 
 
-def run_generate(job: GenerateJob) -> list[Path]:
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.showwarning for the command line: one ``refsd: warning:`` line on stderr, no source line."""
+    print(f"refsd: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+
+
+def _call_pipeline(job: GenerateJob, model, refiner, common: dict):
+    """The job's pipeline: inpaint, img2img, txt2img with a refiner, or txt2img."""
+    from refsd import pipelines
+
+    s = job.settings
+    if job.mask is not None:
+        return pipelines.inpaint(model, job.init_image, job.mask, s["prompt"], s["negative_prompt"],
+                                 strength=s["strength"], **job.mask_options, **common)
+    if job.init_image is not None:
+        return pipelines.img2img(model, job.init_image, s["prompt"], s["negative_prompt"], strength=s["strength"],
+                                 **common)
+    if refiner is not None:
+        return pipelines.txt2img(model, s["prompt"], s["negative_prompt"], refiner=refiner,
+                                 refiner_switch=s["refiner_switch"], **common)
+    return pipelines.txt2img(model, s["prompt"], s["negative_prompt"], **common)
+
+
+def run_generate(job: GenerateJob, progress: Progress | None = None) -> list[Path]:
     """Load the model, generate, write the PNGs (each atomically); return the paths written."""
     from refsd.pipelines import png
 
     s = job.settings
-    result, names = _run_pipeline(job)
+    progress = progress or Progress()
+    result, names = _run_pipeline(job, progress=progress)
     indices = [job.keep] if job.keep is not None else list(range(len(result.images)))
+    progress.stage("writing")
     written = []
     for path, i in zip(job.outputs, indices):
         text = png.infotext(s, seed=result.seeds[i], index=i, batch=s["batch"], version=__version__, **names)
@@ -355,8 +422,10 @@ def _cmd_trace(args) -> int:
     def on_step(i, total, latents):
         steps[i] = latents
 
+    progress = Progress(quiet=args.quiet)
     with record(depth=args.depth) as recording:
-        result, names = _run_pipeline(job, on_step)
+        result, names = _run_pipeline(job, on_step, progress)
+    progress.stage("writing")
     tensors = {TRACE_PREFIX + name: rxp.to_numpy(recording[name]) for name in recording.order}
     mode = "inpaint" if job.mask is not None else "img2img" if job.init_image is not None else "txt2img"
     outs = pipeline_outputs(result, steps, mode=mode)  # base + refiner: the base stage under base.

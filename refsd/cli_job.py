@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -179,29 +180,53 @@ def _model(args, source: dict):
     from refsd.pipelines import demo
     from refsd.pipelines.facts import facts_from_configs, inspect_model
 
+    model_dir = getattr(args, "model_dir", None)
     if args.demo and args.model:
         raise RefsdError("pass --model PATH or --demo, not both")
+    if model_dir is not None and not args.from_png:
+        raise RefsdError("--model-dir DIR needs --from-png PNG (it finds the model the PNG names); pass --model PATH")
     if args.model:
         model = Path(args.model)
         if not model.exists():
             raise RefsdError(f"{args.model}: no such file or directory")
         return model, inspect_model(model)
     if not args.demo and source.get("Model hash") != demo.SHA256[:10]:  # (a PNG the demo made: use it again)
+        if args.from_png and model_dir is not None:
+            model = _find(args, source.get("Model hash"), source.get("Model"), "model")
+            return model, inspect_model(model)
         if args.from_png:
             made = source.get("Model", "an unnamed model") + (f", hash {source['Model hash']}"
                                                               if source.get("Model hash") else "")
-            raise RefsdError(f"{args.from_png} was made with {made}: pass --model PATH (or --demo)")
+            raise RefsdError(f"{args.from_png} was made with {made}: pass --model PATH, or --model-dir DIR to "
+                             f"find it by its hash and name (or --demo)")
         raise RefsdError("no model: pass --model PATH (a .safetensors checkpoint or a diffusers folder), "
                          "or --demo for the embedded tiny model")
     return None, facts_from_configs(demo.NAME, "sd1", demo.CONFIGS)
 
 
+def _find(args, model_hash: str | None, name: str | None, what: str) -> Path:
+    """The file a --from-png PNG names (its model or refiner) in --model-dir (refsd.pipelines.model_dir),
+    with a note on stderr before hashing files (none with --quiet)."""
+    from refsd.pipelines.model_dir import find_model
+
+    def note(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    return find_model(args.model_dir, model_hash=model_hash, name=name, what=f"{args.from_png}'s {what}",
+                      note=None if getattr(args, "quiet", False) else note)
+
+
 def _refiner(args, model: Path | None, png_refiner: str | None):
     """(--refiner's path or None, its facts)."""
     if not args.refiner:
+        if png_refiner is not None and getattr(args, "model_dir", None) is not None and model is not None:
+            from refsd.pipelines.model_dir import split_label
+
+            name, label_hash = split_label(png_refiner)
+            return _find(args, label_hash, name, "refiner"), None  # its facts: read with --refiner-config
         if png_refiner is not None:
             raise RefsdError(f"{args.from_png} was made with the SDXL refiner {png_refiner}: pass --refiner PATH "
-                             f"(the PNG names the refiner, not where its file is)")
+                             f"(the PNG names the refiner, not where its file is), or --model-dir DIR")
         if args.refiner_switch is not None:
             raise RefsdError("--refiner-switch needs --refiner")
         return None, None

@@ -31,12 +31,14 @@ from refsd.attention import STRATEGIES
 from refsd.errors import RefsdError
 from refsd.models.unet import UNetConfig
 from refsd.models.vae import VAEConfig
+from refsd.pipelines import demo
 from refsd.pipelines.facts import TEXT_ENCODERS, XL_ARCHITECTURES, ModelFacts, check_architecture
 from refsd.text.clip import CLIPTextConfig
 from refsd.text.tokenizer import CLIPTokenizer
 from refsd.weights.checkpoint import Checkpoint, load_checkpoint
 
 PREDICTIONS = ("epsilon", "v_prediction")
+DEMO = "demo"  # load_model(DEMO): the embedded tiny model (refsd.pipelines.demo)
 TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 DEFAULT_PAD = {"text_encoder": 49407, "text_encoder_2": 0}  # SDXL: CLIP-L pads with EOS, bigG with "!"
 # model_index.json flags of the released SDXL pipelines (stabilityai/stable-diffusion-xl-base-1.0,
@@ -105,6 +107,13 @@ class Model:
     dtype: str = "float32"
     path: Path | None = None
     checkpoint: Checkpoint | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        """One line: architecture, name, dtype, backend (and device when not the CPU), where it came from."""
+        device = str(self.device)
+        where = f"{self.backend}" + (f":{device}" if device not in ("cpu", "None", "CPU_DEVICE") else "")
+        source = str(self.path) if self.path is not None else "in-memory weights"
+        return f"<refsd Model {self.architecture} {self.name!r} {self.dtype} on {where} from {source}>"
 
     @property
     def text_config(self) -> CLIPTextConfig:
@@ -292,7 +301,9 @@ def _check_xl(model: Model, flags: Mapping[str, Any]) -> None:
 def load_model(path_or_checkpoint: str | os.PathLike | Checkpoint, *, backend: str | None = None,
                dtype: str | None = None, attention: str = "sliced", prediction: str | None = None,
                config: str | os.PathLike | None = None) -> Model:
-    """Open a single-file ``.safetensors`` checkpoint or a diffusers folder for generation.
+    """Open a single-file ``.safetensors`` checkpoint or a diffusers folder for generation;
+    ``"demo"`` (the string itself, whatever the working folder holds: pass ``"./demo"`` for a path of
+    that name) is refsd's embedded tiny model (refsd.pipelines.demo: random weights, no download).
 
     ``backend``: "numpy" (default), "array-api-strict", "torch", "torch:cuda", "torch:mps", "cupy".
     ``dtype``: "float32" (default), "float16", "bfloat16": how weights are stored; on NumPy (and
@@ -307,6 +318,8 @@ def load_model(path_or_checkpoint: str | os.PathLike | Checkpoint, *, backend: s
     """
     if prediction is not None:
         _check_choice("prediction", prediction, PREDICTIONS)
+    if isinstance(path_or_checkpoint, str) and path_or_checkpoint == DEMO:
+        path_or_checkpoint = demo.ensure()  # written to $REFSD_CACHE or ~/.cache/refsd on first use
     if isinstance(path_or_checkpoint, Checkpoint):
         if backend is not None or dtype is not None or config is not None:
             raise RefsdError("load_model: a loaded Checkpoint keeps its own placement and configs; pass a path to "

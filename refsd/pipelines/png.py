@@ -64,6 +64,7 @@ import numpy as np
 
 from refsd.errors import RefsdError
 from refsd.files import atomic_write
+from refsd.pipelines.profiles import get_profile
 from refsd.pipelines.profiles.a1111 import A1111_AUTOMATIC_SCHEDULERS
 
 KEY = "parameters"
@@ -157,13 +158,18 @@ def parse_parameters(text: str) -> dict[str, str]:
 # files
 
 
-def write_png(path: str | os.PathLike, image: np.ndarray, parameters: str | None = None) -> Path:
+def write_png(path: str | os.PathLike, image: np.ndarray, parameters: str | Mapping[str, Any] | None = None, *,
+              index: int = 0) -> Path:
     """Write a uint8 (H, W, 3) image as a PNG with the ``parameters`` text chunk, atomically: the
     file appears complete (written to a temporary name in the same folder, fsynced, renamed) or
-    not at all; an existing file is replaced only by a complete one."""
+    not at all; an existing file is replaced only by a complete one. ``parameters``: the infotext,
+    or a pipeline result's ``info`` as it comes (``infotext(info, index=index)``; ``index``: which
+    image of the batch ``image`` is, for its seed)."""
     from PIL import Image, PngImagePlugin
 
     path = Path(path)
+    if isinstance(parameters, Mapping):
+        parameters = infotext(parameters, index=index)
     a = np.asarray(image)
     if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] not in (3, 4):
         raise RefsdError(f"{path}: an image must be uint8 (H, W, 3 or 4), got {a.dtype} {a.shape}")
@@ -286,15 +292,26 @@ def _micro_text(kind: str, v) -> str:
 # refsd settings <-> parameters
 
 
-def infotext(s: Mapping[str, Any], *, seed: int, index: int = 0, batch: int = 1,
+def infotext(s: Mapping[str, Any], *, seed: int | None = None, index: int = 0, batch: int | None = None,
              model: str | None = None, model_hash: str | None = None, version: str | None = None,
              refiner: str | None = None, refiner_hash: str | None = None) -> str:
-    """The infotext for image ``index`` of a batch generated with settings ``s`` (the keys of
-    ``refsd generate``: prompt, negative_prompt (None: not given), steps, cfg, sampler, scheduler,
-    seed, rng, width, height, clip_skip, strength, parity, backend, dtype, attention, prediction;
-    SDXL: refiner_switch and the ``MICRO_KEYS`` fields, sizes (width, height), crops (top, left));
-    ``seed`` is this image's own seed; ``refiner``: the SDXL refiner's name (with ``refiner_hash``,
-    A1111's short hash, when it has one)."""
+    """The infotext for image ``index`` of a batch generated with settings ``s``: the keys of
+    ``refsd generate`` (prompt, negative_prompt (None: not given), steps, cfg, sampler, scheduler,
+    seed, rng, width, height, batch, clip_skip, strength, parity, backend, dtype, attention,
+    prediction; SDXL: refiner_switch and the ``MICRO_KEYS`` fields, sizes (width, height), crops
+    (top, left)), or a pipeline result's ``info`` as it comes (``GenerationResult.info``: it names
+    the model, refiner and their hashes when known, and refsd's version is added).
+    ``seed``: this image's own seed (default: the profile's seed for image ``index``, e.g. seed +
+    index under a1111); ``batch``: the batch size (default: the settings'); ``refiner``: the SDXL
+    refiner's name (with ``refiner_hash``, A1111's short hash, when it has one)."""
+    if "batch_size" in s:  # a result's info
+        s = _settings_from_info(s)
+        model, model_hash = model or s.get("model"), model_hash or s.get("model_hash")
+        refiner, refiner_hash = refiner or s.get("refiner"), refiner_hash or s.get("refiner_hash")
+        version = version or _version()
+    batch = s.get("batch", 1) if batch is None else batch
+    if seed is None:
+        seed = get_profile(s["parity"]).seeds(s["seed"], max(batch, index + 1))[index]
     clip_skip = s.get("clip_skip")
     refiner_title = None if refiner is None else refiner if not refiner_hash else f"{refiner} [{refiner_hash}]"
     params = {
@@ -326,6 +343,21 @@ def infotext(s: Mapping[str, Any], *, seed: int, index: int = 0, batch: int = 1,
         "refsd version": version,
     }
     return format_parameters(s["prompt"], s.get("negative_prompt") or "", params)
+
+
+def _settings_from_info(info: Mapping[str, Any]) -> dict[str, Any]:
+    """A pipeline result's ``info`` in ``infotext``'s settings form: ``batch_size`` as ``batch``, the
+    ``micro_conditioning`` fields ((height, width) sizes) as MICRO_KEYS fields ((width, height))."""
+    s = {**info, "batch": info["batch_size"]}
+    for k, v in (info.get("micro_conditioning") or {}).items():
+        s[k] = (v[1], v[0]) if MICRO_KEYS[k][1] == "size" else v
+    return s
+
+
+def _version() -> str:
+    from refsd import __version__
+
+    return __version__
 
 
 def _num(x) -> str:

@@ -42,6 +42,7 @@ References (read for this port):
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 from refsd import xp as rxp
@@ -99,8 +100,27 @@ def prompt_chunks(tokenizer, prompt: str, *, syntax: str = "a1111", pad_token: i
         raise RefsdError(f"unknown prompt syntax {syntax!r}; valid: {', '.join(map(repr, SYNTAXES))}")
     if syntax == "diffusers":
         ids = tokenizer(prompt, pad_token=pad_token)
+        _warn_truncated(tokenizer, prompt, pad_token)
         return [(ids, [1.0] * len(ids))]
     return tokenizer.chunks(prompt, syntax=syntax, pad_token=pad_token, comma_backtrack=comma_backtrack)
+
+
+class TruncationWarning(UserWarning):
+    """A prompt longer than one 77-token window lost its tail (the "diffusers" syntax truncates)."""
+
+
+def _warn_truncated(tokenizer, prompt: str, pad_token: int) -> None:
+    """Warn, as diffusers' encode_prompt logs, when the "diffusers" syntax drops tokens: how many, and
+    the start of the dropped text (which tells the prompt from the negative prompt)."""
+    full = tokenizer(prompt, pad_token=pad_token, truncation=False)  # BOS + every token + EOS, padded to 77
+    if len(full) <= CONTEXT_LENGTH:
+        return
+    tokens, kept = len(full) - 2, CONTEXT_LENGTH - 2
+    dropped = tokenizer.decode(full[1 + kept:1 + tokens])
+    dropped = dropped if len(dropped) <= 60 else dropped[:57] + "..."
+    warnings.warn(f"prompt truncated to CLIP's {CONTEXT_LENGTH}-token window (diffusers' rule; the comfyui and "
+                  f"a1111 profiles chunk long prompts instead): {tokens - kept} of {tokens} tokens dropped, "
+                  f"from {dropped!r}", TruncationWarning, stacklevel=3)
 
 
 def _check_encoded(hidden, pooled, n):

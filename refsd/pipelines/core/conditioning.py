@@ -54,6 +54,7 @@ from dataclasses import dataclass, fields
 
 from refsd import xp as rxp
 from refsd.errors import RefsdError
+from refsd.pipelines.core import progress
 from refsd.text.conditioning import clip_encode_fn, encode_prompt
 
 
@@ -219,6 +220,7 @@ def encode_text(model, s, mode: str = "txt2img"):
     ComfyUI: emphasis syntax, chunks, clip skip on both. No negative encoding when the unconditional
     branch will not run.
     """
+    progress.stage("encoding text")
     if model.is_xl:
         cond, uncond = encode_text_xl(model, s)
         return add_time_ids(model, s, cond, uncond, mode)

@@ -26,6 +26,7 @@ import math
 from refsd import xp as rxp
 from refsd.errors import RefsdError
 from refsd.models.unet import unet as _unet
+from refsd.pipelines.core import progress
 from refsd.pipelines.core.settings import Callback, Settings
 from refsd.pipelines.diffusers_schedulers import sample_pndm
 from refsd.pipelines.model import Model
@@ -189,6 +190,7 @@ def run_sampler(model: Model, s: Settings, plan: Plan, x, cond, uncond, *, gener
     sigmas = xp.asarray(list(plan.sigmas), dtype=x.dtype, device=dev)
     host = [float(v) for v in rxp.to_numpy(sigmas)]
     total = plan.steps
+    progress.stage("sampling", total)
     if plan.sampler == "pndm":  # diffusers' PNDMScheduler: a multistep method on eps, no k-diffusion sampler
         return _run_pndm(model, s, plan, x, cond, uncond, callback=callback, unet_extra=unet_extra)
     denoiser = make_denoiser(model, s, plan, x, cond, uncond, host, unet_extra)

@@ -15,6 +15,7 @@ from refsd.models.vae import decode as _vae_decode
 from refsd.models.vae import encode as _vae_encode
 from refsd.models.vae import from_latent, sample_latent, to_latent
 from refsd.pipelines import images as _images
+from refsd.pipelines.core import progress
 from refsd.pipelines.core.settings import Settings, check_settings, facts_of
 from refsd.pipelines.model import Model
 from refsd.pipelines.profiles import Profile
@@ -70,6 +71,7 @@ def decode_images(model: Model, latents, profile: Profile):
     xp = model.xp
     vp, vc = model.vae_params, model.vae_config
     dtype = rxp.resolve_dtype(xp, model.vae_dtype)
+    progress.stage("decoding", int(latents.shape[0]))
     pixels = []
     for i in range(latents.shape[0]):
         z = latents[i:i + 1, ...]
@@ -94,6 +96,7 @@ def encode_posterior(model: Model, x):
     in the model's dtype (diffusers' XL pipelines encode in float32 when the VAE says force_upcast)."""
     xp = model.xp
     dtype = rxp.resolve_dtype(xp, model.vae_dtype)
+    progress.stage("encoding image", int(x.shape[0]))
     mean, logvar = _vae_encode(model.vae_params, x if x.dtype == dtype else xp.astype(x, dtype), cfg=model.vae_config,
                                attention=model.attention)
     if mean.dtype != x.dtype:

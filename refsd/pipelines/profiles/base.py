@@ -196,18 +196,38 @@ class Profile:
         return ModelSamplingDiscrete.from_config(config, like=like)
 
     def check_sampler(self, sampler, scheduler) -> None:
-        """Clear errors for unknown names, and for pairs the profile cannot reproduce."""
+        """Clear errors for unknown names (listing the names this profile runs), and for pairs the
+        profile cannot reproduce."""
         from_diffusers = _diffusers_only()
         if sampler in from_diffusers:
             if sampler not in self.own_samplers:
                 raise RefsdError(f"sampler {sampler!r} is diffusers-only ({from_diffusers[sampler]}; ComfyUI has no "
                                  f"such sampler): use it with parity='diffusers'")
         elif sampler not in SAMPLERS:
-            raise RefsdError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)} "
-                             f"(parity='diffusers' only: {', '.join(from_diffusers)})")
+            raise RefsdError(f"unknown sampler {sampler!r}; valid: {', '.join(self.sampler_names())} "
+                             f"(parity={self.name!r}; `refsd samplers` lists every profile's)")
         if scheduler not in SCHEDULERS:
-            raise RefsdError(f"unknown scheduler {scheduler!r}; valid: {', '.join(SCHEDULERS)}")
+            raise RefsdError(f"unknown scheduler {scheduler!r}; valid: {', '.join(self.scheduler_names())} "
+                             f"(parity={self.name!r}; `refsd schedulers` lists every profile's)")
         self._check_pair(sampler, scheduler)
+
+    def runs(self, sampler: str, scheduler: str) -> bool:
+        """Whether ``check_sampler`` accepts the pair (the profile's own checks decide every listing)."""
+        try:
+            self.check_sampler(sampler, scheduler)
+        except RefsdError:
+            return False
+        return True
+
+    def sampler_names(self) -> tuple[str, ...]:
+        """The sampler names this profile runs with at least one scheduler, in SAMPLERS' order (then
+        profile-only names such as diffusers' pndm)."""
+        return tuple(s for s in (*SAMPLERS, *_diffusers_only()) if any(self.runs(s, k) for k in SCHEDULERS))
+
+    def scheduler_names(self) -> tuple[str, ...]:
+        """The scheduler names this profile runs with at least one sampler, in SCHEDULERS' order."""
+        samplers = (*SAMPLERS, *_diffusers_only())
+        return tuple(k for k in SCHEDULERS if any(self.runs(s, k) for s in samplers))
 
     def _check_pair(self, sampler: str, scheduler: str) -> None:
         """Sampler / scheduler pairs this profile cannot reproduce (subclasses)."""
