@@ -1,7 +1,9 @@
 """The ``refsd`` command line: ``refsd generate``, ``refsd trace``, ``refsd compare`` and ``refsd info``.
 
 Exit status: 0 success / tensors match, 1 tensors diverge, 2 bad input (one ``refsd: error:`` line
-on stderr, no traceback) or bad usage.
+on stderr, no traceback) or bad usage, 130 interrupted (Ctrl-C) and 143 terminated (SIGTERM), each
+with one line and no partial file (writers are atomic, refsd.files), 141 when stdout is a closed pipe
+(``refsd info ... | head``: quiet, as ``cat``; 128 + SIGPIPE).
 """
 
 from __future__ import annotations
@@ -9,7 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import signal
 import sys
+import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -80,15 +85,65 @@ examples:
 """
 
 
+EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + 13, 128 + 2, 128 + 15
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt so every cleanup runs (atomic_write
+    removes its temporary file) before ``main`` reports it."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``refsd`` command line; return the exit status."""
+    """Run the ``refsd`` command line; return the exit status (module docstring)."""
     args = build_parser().parse_args(argv)
+    previous = _raise_on_sigterm()
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not as an "Exception ignored" at exit
+        return status
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        return _stopped("interrupted", EXIT_INTERRUPTED)
+    except Terminated:
+        return _stopped("terminated (SIGTERM)", EXIT_TERMINATED)
     except (RefsdError, OSError) as e:
         message = " ".join(str(e).split())  # one line, whatever the exception carried
         print(f"refsd: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_on_sigterm():
+    """Make SIGTERM raise ``Terminated`` in the main thread (the default handler would kill the process
+    before any cleanup); returns the previous handler, or None off the main thread, where Python
+    cannot install one."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise Terminated
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _stopped(what: str, status: int) -> int:
+    """One line for a run stopped by a signal; no file is half-written (every writer is atomic)."""
+    print(f"refsd: {what}; no partial file was left", file=sys.stderr, flush=True)
+    return status
+
+
+def _discard_stdout() -> None:
+    """After a closed pipe: point stdout at /dev/null so the interpreter's final flush is silent."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real file descriptor (tests capturing stdout): nothing to flush
+        pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,9 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_compare(args) -> int:
-    from refsd.compare import compare
+    from refsd.compare import check_tolerances, compare
     from refsd.trace import load_trace, trace_order
 
+    check_tolerances(args.atol, args.rtol)  # before reading either file
     a_path, b_path = _file(args.a), _file(args.b)
     a, a_order = load_trace(a_path, prefix=args.prefix)
     b, b_order = load_trace(b_path, prefix=args.prefix)
