@@ -178,11 +178,11 @@ def check_memory(facts, *, width: int, height: int, batch_size: int, guided: boo
     fixes = []
     if attention == "naive" and est.attention > est.total // 4:
         fixes.append("--attention tiled (naive holds the whole attention matrix)")
-    if batch_size > 1 and est.host > est.total // 4:
+    if batch_size > 1:  # the UNet's activations and the host pixels grow with it
         fixes.append("a smaller --batch")
     fixes.append("a smaller --width/--height")
     raise RefsdError(f"this run needs about {_gib(est.total)} of memory ({_gib(est.weights)} weights, "
-                     f"{_gib(max(est.unet + est.attention, est.vae + est.host) )} working at {width}x{height}, "
+                     f"{_gib(max(est.unet + est.attention, est.vae + est.host))} working at {width}x{height}, "
                      f"batch {batch_size}) but {_gib(avail)} is available: use {' or '.join(fixes)}")
 
 
