@@ -31,13 +31,12 @@ import os
 import numpy as np
 
 from refsd.errors import RefsdError
+from refsd.pipelines.png import eight_bit, load_image
 
 
 def load_mask(path: str | os.PathLike) -> np.ndarray:
     """An image file as a float32 (H, W) mask in [0, 1] (rules above), bounded before decoding and
     16-bit greyscale scaled to 8 bits (refsd.pipelines.png.load_image / eight_bit)."""
-    from refsd.pipelines.png import eight_bit, load_image
-
     def read(im):
         im.load()
         if im.mode == "P" and "transparency" in im.info:

@@ -77,11 +77,13 @@ def check_prompt_weights(prompt: str, syntax: str, what: str = "prompt") -> None
     """Every emphasis weight of ``prompt`` under the profile's syntax finite and within
     ``MAX_PROMPT_WEIGHT``: ``(cat:nan)`` is refused here, naming the text it weights, not as NaN
     latents mid-run. Literal syntaxes (diffusers) have no weights."""
-    if syntax not in ("a1111", "comfyui"):
-        return
     from refsd.text.prompt_syntax import parse_prompt
 
-    for text, w in parse_prompt(prompt, syntax=syntax):
+    try:
+        parsed = parse_prompt(prompt, syntax=syntax)
+    except RefsdError:  # a syntax parse_prompt does not know is literal text (diffusers'): no weights
+        return
+    for text, w in parsed:
         if text == "BREAK" and w == -1:  # A1111's chunk-break marker, not a weight
             continue
         if not (math.isfinite(w) and abs(w) <= MAX_PROMPT_WEIGHT):

@@ -392,8 +392,9 @@ def _weight_files(folder: Path, variant: str | None) -> tuple[list[Path], Path |
         if index.is_file():
             return _shards(index), index
     pickles = sorted(q for q in folder.iterdir() if q.suffix.lower() in PICKLE_SUFFIXES) if folder.is_dir() else []
-    if pickles:
-        refuse_pickle(pickles[0])
+    for q in pickles:  # judged by content: a safetensors file under a .bin name is read, a pickle refused
+        refuse_pickle(q)
+        return [q], None
     names = ", ".join(_with_variant(f"{b}.safetensors", variant) for b in WEIGHT_NAMES)
     raise WeightsError(f"{folder}: no weights ({names}, or a sharded .safetensors.index.json)")
 
