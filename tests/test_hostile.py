@@ -93,9 +93,10 @@ def test_work_and_memory_refused_before_anything_runs(env, tmp_path, flags, frag
     assert no_outputs(tmp_path) == []
 
 
-def _png_bytes(width: int, height: int) -> bytes:
+def _png_bytes(width: int, height: int, text: bytes = b"") -> bytes:
     """A valid 1-bit greyscale PNG of any size, all black, made without holding its pixels (the
-    compressed rows are streamed): a 30000 x 30000 image is ~110 KB."""
+    compressed rows are streamed): a 30000 x 30000 image is ~110 KB. ``text``: a tEXt chunk's body
+    (keyword NUL text), before the image data."""
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -103,7 +104,8 @@ def _png_bytes(width: int, height: int) -> bytes:
     row = b"\0" * (1 + (width + 7) // 8)
     idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    extra = chunk(b"tEXt", text) if text else b""
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + extra + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 @pytest.mark.parametrize("side, fragment", [
@@ -124,6 +126,19 @@ def test_huge_init_image_refused_before_decoding(env, tmp_path, side, fragment):
     from refsd.pipelines.masks import load_mask
     with pytest.raises(RefsdError, match=fragment):
         load_mask(image)
+
+
+def test_parameters_of_a_large_image_read_without_decoding_it(tmp_path):
+    """--from-png needs only the text: a chunk before the image data (where Pillow and A1111 write it)
+    is read without decoding the pixels, so a large image is fine; text after them would need the
+    decode, which is bounded like any input image."""
+    big = tmp_path / "big.png"
+    big.write_bytes(_png_bytes(6000, 6000, b"parameters\0a cat\nSteps: 3, Sampler: Euler, Seed: 1"))
+    assert png.read_parameters(big)["Steps"] == "3"
+    bare = tmp_path / "bare.png"
+    bare.write_bytes(_png_bytes(6000, 6000))
+    with pytest.raises(RefsdError, match="bare.png is 6000x6000 .36.0 Mpx., over the 16.8 Mpx limit"):
+        png.read_text(bare)
 
 
 @pytest.fixture(scope="module")

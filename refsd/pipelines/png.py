@@ -277,9 +277,10 @@ def _user_comment(raw) -> str | None:
     return raw.decode("utf8", errors="ignore")
 
 
-def load_image(path: str | os.PathLike, read: Callable, *, what: str = "") -> Any:
+def load_image(path: str | os.PathLike, read: Callable, *, what: str = "", check_size: bool = True) -> Any:
     """Open an image file, bounded before decoding: ``read(im)`` on the open image once its header's size
-    is within ``preflight.MAX_IMAGE_PIXELS`` (Image.open is lazy; the pixels are decoded in ``read``).
+    is within ``preflight.MAX_IMAGE_PIXELS`` (Image.open is lazy; the pixels are decoded in ``read``;
+    ``check_size=False``: ``read`` checks with ``check_pixels`` itself, before it decodes).
     Pillow's DecompressionBomb limit and any read error become one RefsdError naming the file."""
     from PIL import Image, UnidentifiedImageError
 
@@ -293,10 +294,8 @@ def load_image(path: str | os.PathLike, read: Callable, *, what: str = "") -> An
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(p) as im:
-                w, h = im.size
-                if w * h > limit:
-                    raise RefsdError(f"{what}{path} is {w}x{h} ({w * h / 1e6:.1f} Mpx), over the {limit / 1e6:.1f} "
-                                     f"Mpx limit for an input image: resize it first")
+                if check_size:
+                    check_pixels(im, f"{what}{path}")
                 return read(im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise RefsdError(f"{what}{path}: the image's header claims more than {Image.MAX_IMAGE_PIXELS / 1e6:.0f} Mpx "
@@ -305,6 +304,15 @@ def load_image(path: str | os.PathLike, read: Callable, *, what: str = "") -> An
         raise RefsdError(f"{what}{path}: not an image Pillow can read") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise RefsdError(f"{what}{path}: unreadable image ({' '.join(str(e).split())})") from None
+
+
+def check_pixels(im, what: str) -> None:
+    """An open (not yet decoded) image's header size within ``preflight.MAX_IMAGE_PIXELS``."""
+    w, h = im.size
+    limit = preflight.MAX_IMAGE_PIXELS
+    if w * h > limit:
+        raise RefsdError(f"{what} is {w}x{h} ({w * h / 1e6:.1f} Mpx), over the {limit / 1e6:.1f} Mpx limit for an "
+                         f"input image: resize it first")
 
 
 def eight_bit(im):
@@ -336,13 +344,16 @@ def read_text(path: str | os.PathLike) -> str:
     JPEG's / WebP's EXIF UserComment (A1111's read_info_from_image); RefsdError when there is none or
     it is over ``MAX_PARAMETERS_CHARS``."""
     def read(im):
-        im.load()  # text chunks after the image data are read only with the pixels
-        text = getattr(im, "text", {}).get(KEY, im.info.get(KEY))
+        text = im.info.get(KEY)  # text chunks before the image data (where Pillow and A1111 write them)
         if text is None and im.format in ("JPEG", "WEBP", "MPO"):
             text = _user_comment(im.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT))
+        if text is None:
+            check_pixels(im, str(path))
+            im.load()  # text chunks after the image data are read only with the pixels
+            text = getattr(im, "text", {}).get(KEY, im.info.get(KEY))
         return text
 
-    text = load_image(path, read)
+    text = load_image(path, read, check_size=False)
     if not isinstance(text, str) or not text.strip():
         raise RefsdError(f"{path}: no {KEY!r} text chunk (nor, in a JPEG / WebP, an EXIF UserComment): not made by "
                          f"refsd, A1111 or a tool that writes theirs")

@@ -22,7 +22,10 @@ step (activations of the CFG batch plus the attention strategy's score buffers: 
 VAE decode of one image at full resolution (refsd decodes image by image), plus the host pixels of
 the batch. It is an estimate with round per-pixel factors (below), not a measurement: the check
 refuses a run only when the estimate exceeds the memory the kernel reports available
-(/proc/meminfo MemAvailable), and only on host backends (a GPU's memory is the GPU's business).
+(/proc/meminfo MemAvailable), and only on host backends (a GPU's memory is the GPU's business). The
+weights count only where the facts carry a parameter count (``ModelFacts.parameters``, read from the
+file headers before loading); a loaded Model's facts carry none, since its weights are already
+resident and MemAvailable no longer includes them.
 """
 
 from __future__ import annotations
