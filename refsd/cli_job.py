@@ -119,7 +119,8 @@ def generate_job(args) -> GenerateJob:
         _choice("prediction type", s["prediction"], PREDICTIONS)
     rxp.backend(s["backend"])  # an unknown or unavailable backend fails here, before loading
     _check_memory(s, facts, refiner_facts)
-    outputs = _outputs(args.out, 1 if keep is not None else s["batch"], images=getattr(args, "command", None) != "trace")
+    images = getattr(args, "command", None) != "trace"  # refsd trace writes one .safetensors file
+    outputs = _outputs(args.out, 1 if keep is not None else s["batch"], images=images)
     return GenerateJob(s, model, init, mask, outputs, keep, random_seed, notes, mask_options, config=config,
                        refiner=refiner, refiner_config=refiner_config, micro=micro_conditioning(s))
 

@@ -24,7 +24,8 @@ _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (sta
           (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
 
 
-def resolve_target(path: str | os.PathLike, *, error: type[RefsdError] = RefsdError) -> tuple[Path, os.stat_result | None]:
+def resolve_target(path: str | os.PathLike, *,
+                   error: type[RefsdError] = RefsdError) -> tuple[Path, os.stat_result | None]:
     """(the file a write to ``path`` replaces: symlinks followed, its stat or None when it does not
     exist yet); ``error`` when it exists and is not a regular file."""
     target = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)

@@ -313,7 +313,8 @@ def test_formats_follow_the_suffix_and_carry_parameters(tmp_path, suffix, fmt):
     encoding: b"UNICODE\\0" + UTF-16-BE); read_text reads them back from every format."""
     from PIL import Image
 
-    text = "a cat, (fluffy:1.2) ünïcödé 猫\nNegative prompt: dog\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 16x16"
+    text = ("a cat, (fluffy:1.2) ünïcödé 猫\nNegative prompt: dog\n"
+            "Steps: 3, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 16x16")
     path = png.write_png(tmp_path / f"x{suffix}", np.full((16, 16, 3), 90, np.uint8), text)
     with Image.open(path) as im:
         assert im.format == fmt
@@ -415,7 +416,8 @@ def test_info_into_a_closed_pipe_is_quiet(tmp_path):
     from refsd.weights import save_safetensors
 
     f = tmp_path / "many.safetensors"
-    save_safetensors(f, {f"block_{i}.a_rather_long_layer_name_{i}.weight": np.zeros(1, np.float32) for i in range(5000)})
+    names = [f"block_{i}.a_rather_long_layer_name_{i}.weight" for i in range(5000)]
+    save_safetensors(f, {name: np.zeros(1, np.float32) for name in names})
     proc = subprocess.Popen([sys.executable, "-m", "refsd", "info", f, "--depth", "3"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     proc.stdout.readline()

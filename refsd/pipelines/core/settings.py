@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from refsd.errors import RefsdError, check_int
+from refsd.pipelines import preflight
 from refsd.pipelines.core.conditioning import MicroConditioning, check_micro
 from refsd.pipelines.facts import ModelFacts
-from refsd.pipelines import preflight
 from refsd.pipelines.model import Model
 from refsd.pipelines.profiles import Profile, get_profile, profiles
 from refsd.sampling import SAMPLERS
