@@ -131,7 +131,14 @@ def _raise_on_sigterm():
 
 
 def _stopped(what: str, status: int) -> int:
-    """One line for a run stopped by a signal; no file is half-written (every writer is atomic)."""
+    """One line for a run stopped by a signal; no file is half-written (every writer is atomic). A
+    progress bar still open (stopped inside its own set-up) is closed first, so the line starts a line."""
+    bars = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(bars, "tqdm", None), "_instances", ())):  # tqdm's registry of open bars
+        try:
+            bar.close()
+        except AttributeError:  # interrupted inside its __init__: nothing was drawn to close
+            pass
     print(f"refsd: {what}; no partial file was left", file=sys.stderr, flush=True)
     return status
 

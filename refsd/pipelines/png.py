@@ -47,6 +47,13 @@ under refsd keys, only the values given: ``refsd original size`` / ``refsd targe
 
 Model hash: A1111's short hash ("AutoV2"): the first 10 hex digits of the sha256 of the checkpoint
 file (``model_hash``); a diffusers folder has none, its folder name is the Model.
+
+Formats (``write_image``, ``read_text``): the output's suffix picks PNG (the text chunk above), JPEG or
+WebP (the text in EXIF UserComment, A1111 modules/images.py save_image / read_info_from_image);
+every format is read back. Untrusted files are bounded before decoding: ``load_image`` checks the
+header's pixel count (refsd.pipelines.preflight.MAX_IMAGE_PIXELS) and turns Pillow's decompression
+bomb limits into one error line; a parameters text over ``MAX_PARAMETERS_CHARS`` is refused; the rest
+is parsed in linear time (``find_pairs``) and every number read is range-checked (``settings``).
 """
 
 from __future__ import annotations
