@@ -5,6 +5,7 @@ work, not the other processes sharing this 2-core machine) and under 300 MB peak
 own VmHWM, read at its exit: ``wait4``'s ru_maxrss would count the forking pytest process's pages)."""
 
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -95,12 +96,12 @@ def test_work_and_memory_refused_before_anything_runs(env, tmp_path, flags, frag
 
 def _png_bytes(width: int, height: int, text: bytes = b"") -> bytes:
     """A valid 1-bit greyscale PNG of any size, all black, made without holding its pixels (the
-    compressed rows are streamed): a 30000 x 30000 image is ~110 KB. ``text``: a tEXt chunk's body
+    compressed rows are streamed): a 30000 x 30000 image is ~490 KB (zlib level 1, 1 s). ``text``: a tEXt chunk's body
     (keyword NUL text), before the image data."""
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    z = zlib.compressobj(9)
+    z = zlib.compressobj(1)
     row = b"\0" * (1 + (width + 7) // 8)
     idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
@@ -118,9 +119,6 @@ def test_huge_init_image_refused_before_decoding(env, tmp_path, side, fragment):
     image.write_bytes(_png_bytes(side, side))
     args = ["generate", *SMALL[:1], "--prompt", "x", "--init-image", image, "--out", tmp_path / "o.png"]
     assert_refused(refsd(env, *args), f"huge{side}.png", fragment)
-    mask_args = ["generate", "--demo", "--prompt", "x", "--init-image", image, "--mask", image, "--out",
-                 tmp_path / "o.png"]
-    assert_refused(refsd(env, *mask_args), f"huge{side}.png")
     with pytest.raises(RefsdError, match=fragment):
         png.read_image(image)
     from refsd.pipelines.masks import load_mask
@@ -210,23 +208,34 @@ def _hostile_png(tmp_path, name, text):
     return path
 
 
-@pytest.mark.parametrize("line, fragment", [
+@pytest.mark.parametrize("line, fragment", [  # the issue's acceptance cases, through the CLI
     ("Steps: 20, Sampler: Euler, Size: 100000x100000, Seed: 1", "Size 100000x100000"),
     ("Steps: 1000000000, Sampler: Euler, Size: 64x64, Seed: 1", "Steps 1000000000"),
     ("Steps: 1e9, Sampler: Euler, Size: 64x64, Seed: 1", "Steps '1e9' is not an integer"),
     ("Steps: 2, Sampler: Euler, Size: 64x64, Seed: 1, Batch size: 1000000", "Batch size 1000000"),
-    ("Steps: 2, Sampler: Euler, Size: 64x64, Seed: 1, CFG scale: 1e30", "CFG scale 1e30"),
-    ("Steps: 2, Sampler: Euler, Size: 64x64, Seed: 1, CFG scale: nan", "CFG scale nan"),
-    ("Steps: 2, Sampler: Euler, Size: 64x64, Seed: 1, Denoising strength: 7", "Denoising strength 7"),
-    ("Steps: 2, Sampler: Euler, Size: 64x64, Seed: 99999999999999999999999", "Seed"),
-    ("Steps: 2, Sampler: Euler, Size: 64x64, Seed: 1, refsd batch: 100000/100000", "refsd batch"),
-    ("Steps: 2, Sampler: Euler, Size: 64x64, Seed: 1, Clip skip: 5000", "Clip skip 5000"),
 ])
 def test_from_png_hostile_fields_refused(env, tmp_path, line, fragment):
     source = _hostile_png(tmp_path, "bad.png", "a cat\n" + line)
     assert_refused(refsd(env, "generate", "--demo", "--from-png", source, "--out", tmp_path / "o.png"),
                    "bad.png", fragment)
     assert no_outputs(tmp_path) == ["bad.png"]
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ("CFG scale: 1e30", "CFG scale 1e30 is out of range [-100, 100]"),
+    ("CFG scale: nan", "CFG scale nan"),
+    ("Denoising strength: 7", "Denoising strength 7"),
+    ("Seed: 99999999999999999999999", "Seed 99999999999999999999999 is out of range"),
+    ("refsd batch: 100000/100000", "refsd batch '100000/100000'"),
+    ("Clip skip: 5000", "Clip skip 5000"),
+    ("Batch size: 4, Batch pos: 9", "Batch pos 9 is out of range [0, 3]"),
+    ("Size: 64x" + "9" * 5000, "is not WIDTHxHEIGHT"),
+    ("refsd original size: 1x" + "9" * 5000, "refsd original size"),
+])
+def test_every_numeric_field_is_bounded(line, fragment):
+    params = png.parse_parameters("a cat\nSteps: 2, Sampler: Euler, " + line)
+    with pytest.raises(RefsdError, match=re.escape(fragment)):
+        png.settings(params, what="x.png")
 
 
 def test_from_png_one_megabyte_chunk_refused(env, tmp_path):
