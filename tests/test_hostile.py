@@ -96,8 +96,8 @@ def test_work_and_memory_refused_before_anything_runs(env, tmp_path, flags, frag
 
 def _png_bytes(width: int, height: int, text: bytes = b"") -> bytes:
     """A valid 1-bit greyscale PNG of any size, all black, made without holding its pixels (the
-    compressed rows are streamed): a 30000 x 30000 image is ~490 KB (zlib level 1, 1 s). ``text``: a tEXt chunk's body
-    (keyword NUL text), before the image data."""
+    compressed rows are streamed): a 30000 x 30000 image is ~490 KB (zlib level 1, 1 s). ``text``: a
+    tEXt chunk's body (keyword NUL text), before the image data."""
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
