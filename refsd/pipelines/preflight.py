@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 
 from refsd.errors import RefsdError
@@ -98,23 +99,17 @@ def check_prompt_weights(prompt: str, syntax: str, what: str = "prompt") -> None
                              f"+-{MAX_PROMPT_WEIGHT:g}")
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # C0 / DEL / C1, tab and newlines aside
+
+
 def check_text(text: str | None, what: str) -> None:
-    """No NUL or other control character (tab and newline aside) in a prompt: a PNG text chunk cannot
-    carry NUL (PNG spec 11.3.4.3: Latin-1 text, linefeed newlines), and CLIP has no token for them."""
-    if text is None:
-        return
-    bad = _control_char(text)
+    """No NUL or other control character (tab and newlines aside) in a prompt or parameters text: a PNG
+    text chunk cannot carry NUL (PNG spec 11.3.4.3: Latin-1 text, linefeed newlines; NUL separates
+    fields), and no prompt needs one."""
+    bad = None if text is None else _CONTROL.search(text)
     if bad is not None:
-        i, ch = bad
-        raise RefsdError(f"{what} holds the control character U+{ord(ch):04X} at position {i}; remove it "
-                         f"(a PNG text chunk cannot carry it)")
-
-
-def _control_char(text: str):
-    for i, ch in enumerate(text):
-        if (ord(ch) < 0x20 and ch not in "\t\n\r") or 0x7F <= ord(ch) <= 0x9F:
-            return i, ch
-    return None
+        raise RefsdError(f"{what} holds the control character U+{ord(bad.group()):04X} at position {bad.start()}; "
+                         f"remove it (a PNG text chunk cannot carry it)")
 
 
 @dataclass(frozen=True)
