@@ -334,6 +334,14 @@ def test_formats_follow_the_suffix_and_carry_parameters(tmp_path, suffix, fmt):
     assert png.read_parameters(path)["Steps"] == "3"
 
 
+def test_user_comment_decoded_as_a1111_reads_it():
+    """piexif's UserComment.load by the 8-byte prefix, else A1111's UTF-8 fallback over the whole value."""
+    assert png._user_comment(b"UNICODE\0" + "猫 cat".encode("utf_16_be")) == "猫 cat"
+    assert png._user_comment(b"ASCII\0\0\0Steps: 3") == "Steps: 3"
+    assert png._user_comment(b"JIS\0\0\0\0\0" + "猫".encode("shift_jis")) == "猫"
+    assert png._user_comment("Steps: 3".encode()) == "Steps: 3"
+
+
 def test_jpeg_written_and_rerun_by_the_cli(env, tmp_path):
     out = tmp_path / "o.jpg"
     proc = subprocess.run([sys.executable, "-m", "refsd", "generate", *SMALL, "--prompt", "a cube", "--out", out],

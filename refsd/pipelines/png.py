@@ -126,7 +126,7 @@ MAX_PARAMETERS_CHARS = 64 * 1024
 # b"UNICODE\0" + UTF-16 big-endian; quality A1111's default opts.jpeg_quality = 80.
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
-UNICODE_PREFIX, ASCII_PREFIX = b"UNICODE\0", b"ASCII\0\0\0"
+UNICODE_PREFIX, ASCII_PREFIX, JIS_PREFIX = b"UNICODE\0", b"ASCII\0\0\0", b"JIS\0\0\0\0\0"  # piexif.helper.UserComment
 JPEG_QUALITY = 80
 MAX_EXIF_BYTES = 65533 - 8  # a JPEG APP1 segment's payload, less its "Exif\0\0" header and length field
 
@@ -281,7 +281,9 @@ def _user_comment(raw) -> str | None:
         return raw[8:].decode("utf_16_be", errors="replace")
     if raw[:8] == ASCII_PREFIX:
         return raw[8:].decode("ascii", errors="replace")
-    return raw.decode("utf8", errors="ignore")
+    if raw[:8] == JIS_PREFIX:
+        return raw[8:].decode("shift_jis", errors="replace")
+    return raw.decode("utf8", errors="ignore")  # piexif cannot tell the encoding: A1111's fallback, prefix and all
 
 
 def load_image(path: str | os.PathLike, read: Callable, *, what: str = "", check_size: bool = True) -> Any:
