@@ -410,7 +410,11 @@ def test_safetensors_named_bin_is_judged_by_content(env, tmp_path):
     assert rc == 0 and "architecture: sd1" in out, err
     pickle_bin = tmp_path / "pickle.bin"
     pickle_bin.write_bytes(b"\x80\x04\x95" + b"\0" * 64)
-    assert_refused(refsd(env, "info", pickle_bin), "pickle protocol 4", "never unpickles")
+    assert_refused(refsd(env, "info", pickle_bin), "pickle.bin is a pickle-based checkpoint (suffix .bin)",
+                   "never unpickles")
+    pickle_named_safetensors = tmp_path / "pickle.safetensors"
+    pickle_named_safetensors.write_bytes(pickle_bin.read_bytes())
+    assert_refused(refsd(env, "info", pickle_named_safetensors), "pickle protocol 4")
     zip_named_safetensors = tmp_path / "zip.safetensors"
     zip_named_safetensors.write_bytes(b"PK\x03\x04" + b"\0" * 64)
     assert_refused(refsd(env, "info", zip_named_safetensors), "zip archive")

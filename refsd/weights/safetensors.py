@@ -106,12 +106,12 @@ def refuse_pickle(path: str | os.PathLike, head: bytes | None = None) -> None:
     if looks_safetensors(head):
         return
     reason = None
-    if head[:4] == b"PK\x03\x04":
+    if path.suffix.lower() in PICKLE_SUFFIXES:  # (and no safetensors header: checked above)
+        reason = f"suffix {path.suffix}"
+    elif head[:4] == b"PK\x03\x04":
         reason = "it is a zip archive, the torch.save format"
     elif head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         reason = f"it starts with a pickle protocol {head[1]} marker"
-    elif path.suffix.lower() in PICKLE_SUFFIXES:
-        reason = f"suffix {path.suffix}, and it does not start with a safetensors header"
     if reason:
         raise WeightsError(
             f"{path} is a pickle-based checkpoint ({reason}); refsd never unpickles (loading would "
