@@ -2,7 +2,9 @@
 ``refsd info``, ``refsd samplers`` / ``refsd schedulers``, ``refsd sweep`` and ``refsd conformance``.
 
 Exit status: 0 success / tensors match, 1 tensors diverge, 2 bad input (one ``refsd: error:`` line
-on stderr, no traceback) or bad usage.
+on stderr, no traceback) or bad usage, 130 interrupted (Ctrl-C) and 143 terminated (SIGTERM), each
+with one line and no partial file (writers are atomic, refsd.files), 141 when stdout is a closed pipe
+(``refsd info ... | head``: quiet, as ``cat``; 128 + SIGPIPE).
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import signal
 import sys
 import textwrap
+import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -122,15 +127,72 @@ examples:
 """
 
 
+EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + 13, 128 + 2, 128 + 15
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt so every cleanup runs (atomic_write
+    removes its temporary file) before ``main`` reports it."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``refsd`` command line; return the exit status."""
+    """Run the ``refsd`` command line; return the exit status (module docstring)."""
     args = build_parser().parse_args(argv)
+    previous = _raise_on_sigterm()
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not as an "Exception ignored" at exit
+        return status
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        return _stopped("interrupted", EXIT_INTERRUPTED)
+    except Terminated:
+        return _stopped("terminated (SIGTERM)", EXIT_TERMINATED)
     except (RefsdError, OSError) as e:
         message = " ".join(str(e).split())  # one line, whatever the exception carried
         print(f"refsd: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_on_sigterm():
+    """Make SIGTERM raise ``Terminated`` in the main thread (the default handler would kill the process
+    before any cleanup); returns the previous handler, or None off the main thread, where Python
+    cannot install one."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise Terminated
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _stopped(what: str, status: int) -> int:
+    """One line for a run stopped by a signal; no file is half-written (every writer is atomic). A
+    progress bar still open (stopped inside its own set-up) is closed first, so the line starts a line."""
+    bars = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(bars, "tqdm", None), "_instances", ())):  # tqdm's registry of open bars
+        try:
+            bar.close()
+        except AttributeError:  # interrupted inside its __init__: nothing was drawn to close
+            pass
+    print(f"refsd: {what}; no partial file was left", file=sys.stderr, flush=True)
+    return status
+
+
+def _discard_stdout() -> None:
+    """After a closed pipe: point stdout at /dev/null so the interpreter's final flush is silent."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real file descriptor (tests capturing stdout): nothing to flush
+        pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,8 +309,10 @@ def _pair_notes(profile, kind: str) -> list[str]:
 
 
 def _cmd_compare(args) -> int:
-    from refsd.compare import compare
+    from refsd.compare import check_tolerances, compare
 
+    # Given tolerances are checked before reading either file (None: the golden's own, or 1e-5).
+    check_tolerances(0.0 if args.atol is None else args.atol, 0.0 if args.rtol is None else args.rtol)
     a_path, b_path = _file(args.a), _file(args.b)
     a, a_order, a_recorded = _read_side(a_path, args.prefix)
     b, b_order, b_recorded = _read_side(b_path, args.prefix)

@@ -44,9 +44,11 @@ empty text instead. A single-file model whose configs the weights cannot tell (h
 size; e.g. a fine-tune of another shape) takes them from --config (a diffusers folder or a UNet
 config.json), the refiner from --refiner-config.
 
-Every image is written as a PNG, atomically (complete or absent), carrying an A1111-style "parameters"
-text chunk (prompt, negative prompt, steps, sampler, schedule, CFG, seed, size, model name and short
-hash, plus refsd's own keys) that A1111's PNG Info and other tools read and that --from-png re-runs.
+Every image is written atomically (complete or absent) in the format --out's suffix names (.png, .jpg,
+.jpeg, .webp; a device, FIFO or folder is refused), carrying A1111-style "parameters" (a PNG text
+chunk, JPEG / WebP EXIF UserComment: prompt, negative prompt, steps, sampler, schedule, CFG, seed,
+size, model name and short hash, plus refsd's own keys) that A1111's PNG Info and other tools read
+and that --from-png re-runs.
 Written paths are printed on stdout; progress goes to stderr (a line per stage, a bar over the
 sampling steps with the time left; --quiet: none). Every input is checked before the model
 is loaded (what only the loaded weights tell, as they load): a bad one is one "refsd: error:" line,
@@ -93,7 +95,8 @@ def add_generate_parser(sub) -> None:
                        description=GENERATE_HELP, epilog=GENERATE_EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_generation_flags(p, out_default="out.png",
-                          out_help="where to write; a batch writes NAME_0.png, NAME_1.png, ... (default out.png)")
+                          out_help="where to write (.png, .jpg, .jpeg or .webp); a batch writes NAME_0.png, NAME_1.png, "
+                                   "... (default out.png)")
     p.set_defaults(run=_cmd_generate)
 
 

@@ -119,7 +119,9 @@ def generate_job(args) -> GenerateJob:
     if s["prediction"] is not None:
         _choice("prediction type", s["prediction"], PREDICTIONS)
     rxp.backend(s["backend"])  # an unknown or unavailable backend fails here, before loading
-    outputs = _outputs(args.out, 1 if keep is not None else s["batch"])
+    _check_memory(s, facts, refiner_facts)
+    images = getattr(args, "command", None) != "trace"  # refsd trace writes one .safetensors file
+    outputs = _outputs(args.out, 1 if keep is not None else s["batch"], images=images)
     return GenerateJob(s, model, init, mask, outputs, keep, random_seed, notes, mask_options, config=config,
                        refiner=refiner, refiner_config=refiner_config, micro=micro_conditioning(s))
 
@@ -276,6 +278,8 @@ def _images(args, s: dict, explicit: dict):
             raise RefsdError(f"{flag} needs --mask")
         if v is not None and not (math.isfinite(v) and v >= 0):
             raise RefsdError(f"{flag} must be a number of pixels >= 0, got {v}")
+        if v is not None and key == "mask_blur":
+            masks.check_blur(v, mask.shape)
         if v is not None:
             options[key] = v
     if mask is not None:
@@ -296,14 +300,40 @@ def _micro_flags(s: dict, explicit: dict, args, facts, refining: bool) -> None:
             raise RefsdError(f"{flag}: {facts.name} is an SDXL refiner, whose time ids have no target size")
 
 
-def _outputs(out: str, n: int) -> list[Path]:
-    """--out, or for a batch FILE_i.png, i = 0 .. n - 1; the folder must exist."""
+def _check_memory(s: dict, facts, refiner_facts) -> None:
+    """The pre-flight memory estimate (refsd.pipelines.preflight) on the files' facts, before loading:
+    a refiner's weights are held beside the base's."""
+    from dataclasses import replace
+
+    from refsd.pipelines import preflight
+    from refsd.pipelines.core import native
+    from refsd.pipelines.profiles import get_profile
+
+    if refiner_facts is not None:
+        facts = replace(facts, parameters=(facts.parameters or 0) + (refiner_facts.parameters or 0))
+    preflight.check_memory(facts, width=native(facts, s["width"]), height=native(facts, s["height"]),
+                           batch_size=s["batch"], guided=get_profile(s["parity"]).guided(s["cfg"]),
+                           attention=s["attention"], dtype=s["dtype"], backend=s["backend"])
+
+
+def _outputs(out: str, n: int, *, images: bool = True) -> list[Path]:
+    """--out, or for a batch FILE_i.SUFFIX, i = 0 .. n - 1: an image suffix (.png, .jpg, .jpeg, .webp)
+    when ``images``, each a regular file or new, in an existing folder that takes a new file (checked
+    now, not after the run)."""
+    from refsd.files import check_writable
+    from refsd.pipelines.png import image_format
+
     p = Path(out)
     if p.is_dir():
         raise RefsdError(f"--out {out}: is a folder; give a file name such as {p / 'out.png'}")
     if not p.parent.is_dir():
         raise RefsdError(f"--out {out}: folder {p.parent} does not exist")
-    return [p] if n == 1 else [p.with_name(f"{p.stem}_{i}{p.suffix or '.png'}") for i in range(n)]
+    if images:
+        image_format(f"--out {out}")
+    paths = [p] if n == 1 else [p.with_name(f"{p.stem}_{i}{p.suffix}") for i in range(n)]
+    for q in paths:
+        check_writable(q, what="--out ")
+    return paths
 
 
 def micro_conditioning(s: dict) -> dict | None:

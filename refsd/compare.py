@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from refsd.errors import RefsdError
 from refsd.xp import to_numpy
 
 
@@ -197,6 +198,21 @@ class Report:
         return cells
 
 
+def check_tolerances(atol, rtol) -> tuple[float, float]:
+    """(atol, rtol) as finite numbers >= 0: a NaN tolerance fails every element (identical files would
+    "differ"), a negative one fails even equal ones; RefsdError naming the bad one."""
+    out = []
+    for name, v in (("atol", atol), ("rtol", rtol)):
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise RefsdError(f"{name} must be a number, got {v!r}") from None
+        if not (math.isfinite(f) and f >= 0):
+            raise RefsdError(f"{name} must be a finite number >= 0, got {v}")
+        out.append(f)
+    return out[0], out[1]
+
+
 def compare(
     a: Mapping[str, Any],
     b: Mapping[str, Any],
@@ -213,6 +229,7 @@ def compare(
     ``order``: the execution order (default: ``a.order`` for a Recording, else ``a``'s iteration
     order); common names not in it follow in ``a``'s order. Arrays may come from any backend.
     """
+    atol, rtol = check_tolerances(atol, rtol)
     if order is None:
         order = getattr(a, "order", None) or list(a)
     names = [n for n in order if n in a and n in b]

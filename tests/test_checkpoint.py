@@ -410,9 +410,11 @@ def test_folder_sharded_variant_and_errors(built, tmp_path):
     assert_same_state(ck.params["text_encoder"], half, "fp16 variant")
     with pytest.raises(WeightsError, match="no weights"):
         load_checkpoint(folder2)  # no plain unet weights any more
-    # pickles are refused, missing configs named
+    # weights are judged by content: safetensors under a .bin name load, pickles are refused; missing configs named
     te.unlink()
     (folder2 / "text_encoder" / "model.fp16.safetensors").rename(folder2 / "text_encoder" / "pytorch_model.bin")
+    assert_same_state(load_checkpoint(folder2, variant="fp16").params["text_encoder"], half, "safetensors named .bin")
+    (folder2 / "text_encoder" / "pytorch_model.bin").write_bytes(b"\x80\x04\x95" + bytes(64))
     with pytest.raises(WeightsError, match="pytorch_model.bin is a pickle-based checkpoint"):
         load_checkpoint(folder2, variant="fp16")
     (folder / "vae" / "config.json").unlink()

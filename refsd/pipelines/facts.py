@@ -8,8 +8,9 @@ diffusers folder's config.json files; no tensor is read) and on a loaded Model (
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from refsd.errors import RefsdError
@@ -17,6 +18,7 @@ from refsd.models.unet import UNetConfig
 from refsd.models.vae import VAEConfig
 from refsd.text.clip import CLIPTextConfig
 from refsd.weights import read_header
+from refsd.weights.safetensors import check_float_params
 from refsd.weights import detect as det
 
 SUPPORTED_ARCHITECTURES = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint", "sdxl", "sdxl-inpaint", "sdxl-refiner")
@@ -33,7 +35,9 @@ class ModelFacts:
     the VAE's latent space (pixels per latent along each axis); ``text_encoder_layers``: each text
     encoder's depth, in conditioning order; ``time_ids``: the SDXL micro-conditioning ids the UNet
     takes (6 base, 5 refiner, 0 SD 1.x / 2.x); ``sample_size``: the UNet's native latent side (an
-    int, or None when the config has none)."""
+    int, or None when the config has none); ``parameters``: the weights' element count from the file
+    headers, for the pre-flight memory estimate (refsd.pipelines.preflight; None when not read, and
+    not part of equality: a loaded model's facts equal its file's)."""
 
     name: str
     architecture: str
@@ -43,6 +47,7 @@ class ModelFacts:
     text_encoder_layers: tuple[int, ...]
     time_ids: int
     sample_size: int | None
+    parameters: int | None = field(default=None, compare=False)
 
     @property
     def is_xl(self) -> bool:
@@ -121,14 +126,35 @@ def inspect_model(path: str | os.PathLike, *, config: str | os.PathLike | None =
         if not (p / "model_index.json").is_file():
             raise RefsdError(f"{p}: not a diffusers model folder (no model_index.json)")
         configs = _read_configs(p)
-        return facts_from_configs(p.name, det.architecture_of(configs, what=str(p)), configs)
+        facts = facts_from_configs(p.name, det.architecture_of(configs, what=str(p)), configs)
+        return replace(facts, parameters=_folder_parameters(p, configs))
     if not p.exists():
         raise RefsdError(f"{p}: no such file or directory")
     header = read_header(p)
+    check_float_params(header.tensors, str(p))
     found = det.detect_checkpoint({k: t.shape for k, t in header.tensors.items()}, what=str(p))
     configs = dict(found.configs)
     if config is not None:
         q = Path(config)
         given = _read_configs(q) if q.is_dir() else {"unet": _read_json(q)} if q.is_file() else {}
         configs.update({c: v for c, v in given.items() if c in configs})
-    return facts_from_configs(p.stem, found.architecture, configs)
+    facts = facts_from_configs(p.stem, found.architecture, configs)
+    return replace(facts, parameters=_count(header.tensors.items()))
+
+
+def _count(tensors) -> int:
+    """Elements of the tensors a pipeline loads (an LDM file's EMA copy is skipped by the loader)."""
+    return sum(math.prod(t.shape) for k, t in tensors if not k.startswith("model_ema."))
+
+
+def _folder_parameters(folder: Path, configs) -> int:
+    """Elements of a diffusers folder's component weights (each component's largest variant set)."""
+    total = 0
+    for comp in configs:
+        files = sorted((folder / comp).glob("*.safetensors"))
+        headers = [read_header(f) for f in files]
+        for f, h in zip(files, headers):
+            check_float_params(h.tensors, str(f))
+        counts = [_count(h.tensors.items()) for h in headers]
+        total += max(counts, default=0) if not any("-of-" in f.name for f in files) else sum(counts)
+    return total

@@ -31,31 +31,23 @@ import os
 import numpy as np
 
 from refsd.errors import RefsdError
+from refsd.pipelines.png import eight_bit, load_image
 
 
 def load_mask(path: str | os.PathLike) -> np.ndarray:
-    """An image file as a float32 (H, W) mask in [0, 1] (rules above)."""
-    from pathlib import Path
+    """An image file as a float32 (H, W) mask in [0, 1] (rules above), bounded before decoding and
+    16-bit greyscale scaled to 8 bits (refsd.pipelines.png.load_image / eight_bit)."""
+    def read(im):
+        im.load()
+        if im.mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")
+        if im.mode in ("RGBA", "LA", "PA"):
+            alpha = np.asarray(im.getchannel("A"))
+            if alpha.min() < 255:
+                return (np.float32(255.0) - alpha.astype(np.float32)) / np.float32(255.0)
+        return np.asarray(eight_bit(im).convert("L")).astype(np.float32) / np.float32(255.0)
 
-    from PIL import Image, UnidentifiedImageError
-
-    p = Path(path)
-    if not p.is_file():
-        raise RefsdError(f"{path}: no such file")
-    try:
-        with Image.open(p) as im:
-            im.load()
-            if im.mode == "P" and "transparency" in im.info:
-                im = im.convert("RGBA")
-            if im.mode in ("RGBA", "LA", "PA"):
-                alpha = np.asarray(im.getchannel("A"))
-                if alpha.min() < 255:
-                    return (np.float32(255.0) - alpha.astype(np.float32)) / np.float32(255.0)
-            return np.asarray(im.convert("L")).astype(np.float32) / np.float32(255.0)
-    except UnidentifiedImageError:
-        raise RefsdError(f"{path}: not an image Pillow can read") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise RefsdError(f"{path}: unreadable image ({' '.join(str(e).split())})") from None
+    return load_image(path, read)
 
 
 def as_float_mask(mask, size: tuple[int, int] | None = None, *, what: str = "mask") -> np.ndarray:
@@ -93,14 +85,32 @@ def _check_pixels(name: str, n) -> int:
 
 
 def grow_mask(mask: np.ndarray, pixels: int) -> np.ndarray:
-    """Dilate by ``pixels``: the maximum over a (2 pixels + 1)^2 square (ComfyUI grow_mask_by on 0/1 masks)."""
+    """Dilate by ``pixels``: the maximum over a (2 pixels + 1)^2 square (ComfyUI grow_mask_by on 0/1 masks),
+    zero outside the mask. Memory stays a few copies of the mask and time O(H W log pixels) for any
+    ``pixels`` (``_window_max``); growing by more than the mask's side gives the same as by its side."""
     n = _check_pixels("mask grow", pixels)
     if n == 0:
         return mask
-    m = np.pad(mask, n, mode="constant", constant_values=0)
-    h, w = mask.shape
-    rows = np.max(np.stack([m[i:i + h, :] for i in range(2 * n + 1)]), axis=0)
-    return np.max(np.stack([rows[:, j:j + w] for j in range(2 * n + 1)]), axis=0)
+    n = min(n, max(mask.shape))
+    return _window_max(_window_max(mask, n, axis=0), n, axis=1)
+
+
+def _window_max(a: np.ndarray, n: int, *, axis: int) -> np.ndarray:
+    """out[i] = max(a[i - n .. i + n]) along ``axis`` (zero padding): maxima over windows of 1, 2, 4, ...
+    by doubling, then two overlapping power-of-two windows cover the (2n + 1)-wide one (sparse table)."""
+    length = 2 * n + 1
+    a = np.moveaxis(a, axis, 0)
+    size = a.shape[0]
+    m = np.concatenate([np.zeros((n, *a.shape[1:]), a.dtype), a, np.zeros((n, *a.shape[1:]), a.dtype)])
+    width = 1
+    while 2 * width <= length:  # m[i] = max(padded[i : i + 2 width])
+        m = np.maximum(m[:-width], m[width:])
+        width *= 2
+    out = np.maximum(m[:size], m[length - width:length - width + size])
+    return np.ascontiguousarray(np.moveaxis(out, 0, axis))
+
+
+MAX_MASK_BLUR = 128  # pixels (sigma); A1111's UI allows 64. A kernel of 2 int(2.5 r + 0.5) + 1 taps per axis
 
 
 def gaussian_kernel(radius: float) -> np.ndarray:
@@ -112,17 +122,27 @@ def gaussian_kernel(radius: float) -> np.ndarray:
     return k / k.sum()
 
 
+def check_blur(radius: float, shape: tuple[int, int]) -> None:
+    """A blur radius within ``MAX_MASK_BLUR`` whose kernel fits an (H, W) mask, checked before anything
+    is allocated (the kernel alone would be 2.5 radius taps)."""
+    if radius > MAX_MASK_BLUR:
+        raise RefsdError(f"mask blur {radius:g} is over the {MAX_MASK_BLUR}-pixel limit")
+    half = int(2.5 * radius + 0.5)
+    h, w = shape
+    if half >= min(h, w):
+        raise RefsdError(f"mask blur {radius:g} needs a {2 * half + 1}-pixel kernel, wider than the {w}x{h} mask")
+
+
 def blur_mask(mask: np.ndarray, radius: float) -> np.ndarray:
     """Gaussian blur with sigma ``radius`` pixels, separable, reflect-101 borders (cv2's default)."""
     if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not math.isfinite(radius) or radius < 0:
         raise RefsdError(f"mask blur must be a radius in pixels >= 0, got {radius!r}")
     if radius == 0:
         return mask
+    check_blur(radius, mask.shape)
+    h, w = mask.shape
     k = gaussian_kernel(float(radius)).astype(np.float32)
     half = k.shape[0] // 2
-    h, w = mask.shape
-    if half >= min(h, w):
-        raise RefsdError(f"mask blur {radius} needs a {2 * half + 1}-pixel kernel, wider than the {w}x{h} mask")
     out = np.pad(mask.astype(np.float32), ((half, half), (0, 0)), mode="reflect")
     out = sum(k[i] * out[i:i + h, :] for i in range(k.shape[0]))
     out = np.pad(out, ((0, 0), (half, half)), mode="reflect")

@@ -47,6 +47,13 @@ under refsd keys, only the values given: ``refsd original size`` / ``refsd targe
 
 Model hash: A1111's short hash ("AutoV2"): the first 10 hex digits of the sha256 of the checkpoint
 file (``model_hash``); a diffusers folder has none, its folder name is the Model.
+
+Formats (``write_image``, ``read_text``): the output's suffix picks PNG (the text chunk above), JPEG or
+WebP (the text in EXIF UserComment, A1111 modules/images.py save_image / read_info_from_image);
+every format is read back. Untrusted files are bounded before decoding: ``load_image`` checks the
+header's pixel count (refsd.pipelines.preflight.MAX_IMAGE_PIXELS) and turns Pillow's decompression
+bomb limits into one error line; a parameters text over ``MAX_PARAMETERS_CHARS`` is refused; the rest
+is parsed in linear time (``find_pairs``) and every number read is range-checked (``settings``).
 """
 
 from __future__ import annotations
@@ -56,7 +63,8 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +73,7 @@ import numpy as np
 from refsd.errors import RefsdError
 from refsd.files import atomic_write
 from refsd.pipelines.profiles import get_profile
+from refsd.pipelines import preflight
 from refsd.pipelines.profiles.a1111 import A1111_AUTOMATIC_SCHEDULERS
 
 KEY = "parameters"
@@ -100,8 +109,27 @@ MICRO_KEYS = {
 }
 EMPTY_NEGATIVE = "refsd empty negative"  # present: the negative prompt was "" (encoded), not None
 
-# infotext_utils.re_param: one "Key: value" pair of the last line; a value is a JSON string or up to the next comma
-RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# infotext_utils.re_param, A1111's pattern for one "Key: value" pair of the last line (a value is a JSON
+# string or runs up to the next comma). Its findall is quadratic on a long line: every start position
+# rescans the key characters ahead of it (14 s at 40 k characters). ``find_pairs`` returns the same pairs
+# in linear time: it scans each run of key characters once (_KEY_RUN) and matches the value part
+# (_VALUE, A1111's own) only after a key's colon.
+RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # the reference, for tests
+_KEY_RUN = re.compile(r"[\w \-/]+")
+_WORD = re.compile(r"\w")
+_VALUE = re.compile(r'\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# The largest parameters text read from a file. A1111's infotexts are a few KB; 64 KiB holds a prompt of
+# some 10000 words. A longer chunk is refused before it is parsed.
+MAX_PARAMETERS_CHARS = 64 * 1024
+# Output formats by suffix (A1111 modules/images.py save_image_with_geninfo / _atomically_save_image):
+# PNG with a "parameters" text chunk; JPEG and WebP with the text in EXIF UserComment (tag 0x9286 of the
+# Exif IFD 0x8769), encoded as piexif.helper.UserComment.dump(text, encoding="unicode") makes it:
+# b"UNICODE\0" + UTF-16 big-endian; quality A1111's default opts.jpeg_quality = 80.
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
+UNICODE_PREFIX, ASCII_PREFIX, JIS_PREFIX = b"UNICODE\0", b"ASCII\0\0\0", b"JIS\0\0\0\0\0"  # piexif.helper.UserComment
+JPEG_QUALITY = 80
+MAX_EXIF_BYTES = 65533 - 8  # a JPEG APP1 segment's payload, less its "Exif\0\0" header and length field
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,11 +162,38 @@ def format_parameters(prompt: str, negative_prompt: str, params: Mapping[str, An
     return f"{prompt}{negative}\n{line}".strip()
 
 
+def find_pairs(line: str) -> list[tuple[str, str]]:
+    """``RE_PARAM.findall(line)`` for a line without newlines, in linear time (see RE_PARAM).
+
+    findall tries each start position; a key starts at a word character and takes every key character
+    (word, space, "-", "/") up to the first other one, which must be ":" (the class has no ":", so no
+    shorter key can match). All starts inside one run of key characters share that end, so the run is
+    looked at once: it yields a pair iff it ends in ":" and holds a word character at least 2 before
+    the colon (the first such is findall's start); the value is then matched as A1111 matches it.
+    """
+    pairs, pos, n = [], 0, len(line)
+    while pos < n:
+        run = _KEY_RUN.search(line, pos)
+        if run is None:
+            break
+        a, colon = run.span()
+        if colon < n and line[colon] == ":":
+            word = _WORD.search(line, a, colon - 1)  # a start with at least 2 key characters before ":"
+            if word is not None:
+                value = _VALUE.match(line, colon + 1)
+                pairs.append((line[word.start():colon], value.group(1)))
+                pos = max(value.end(), colon + 1)
+                continue
+        pos = colon + 1
+    return pairs
+
+
 def parse_parameters(text: str) -> dict[str, str]:
     """An infotext -> {"Prompt": ..., "Negative prompt": ..., key: value, ...}, values as strings,
     by A1111's rules (see the module docstring); no defaults are filled in."""
     *lines, last = text.strip().split("\n")
-    if len(RE_PARAM.findall(last)) < 3:
+    pairs = find_pairs(last)
+    if len(pairs) < 3:
         lines.append(last)
         last = ""
     prompt, negative, in_negative = [], [], False
@@ -149,7 +204,7 @@ def parse_parameters(text: str) -> dict[str, str]:
             line = line[len("Negative prompt:"):].strip()
         (negative if in_negative else prompt).append(line)
     out = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
-    for k, v in RE_PARAM.findall(last):
+    for k, v in pairs if last else ():
         out[k] = unquote(v) if v[:1] == '"' and v[-1:] == '"' else v
     return out
 
@@ -160,64 +215,165 @@ def parse_parameters(text: str) -> dict[str, str]:
 
 def write_png(path: str | os.PathLike, image: np.ndarray, parameters: str | Mapping[str, Any] | None = None, *,
               index: int = 0) -> Path:
-    """Write a uint8 (H, W, 3) image as a PNG with the ``parameters`` text chunk, atomically: the
-    file appears complete (written to a temporary name in the same folder, fsynced, renamed) or
-    not at all; an existing file is replaced only by a complete one. ``parameters``: the infotext,
-    or a pipeline result's ``info`` as it comes (``infotext(info, index=index)``; ``index``: which
-    image of the batch ``image`` is, for its seed)."""
+    """Write a uint8 (H, W, 3) image with its ``parameters`` text, in the format its suffix names
+    (``write_image``: .png, .jpg / .jpeg, .webp), atomically: the file appears complete (written to a
+    temporary name in the same folder, fsynced, renamed) or not at all; an existing file is replaced
+    only by a complete one. ``parameters``: the infotext, or a pipeline result's ``info`` as it comes
+    (``infotext(info, index=index)``; ``index``: which image of the batch ``image`` is, for its seed)."""
+    if isinstance(parameters, Mapping):
+        parameters = infotext(parameters, index=index)
+    return write_image(path, image, parameters)
+
+
+def image_format(path: str | os.PathLike) -> str:
+    """The Pillow format an output path's suffix names (``IMAGE_FORMATS``); RefsdError otherwise."""
+    fmt = IMAGE_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise RefsdError(f"{path}: unknown image suffix {Path(path).suffix or '(none)'!r}; use "
+                         f"{', '.join(IMAGE_FORMATS)}")
+    return fmt
+
+
+def write_image(path: str | os.PathLike, image: np.ndarray, parameters: str | None = None) -> Path:
+    """Write ``image`` (uint8 (H, W, 3 or 4)) as its suffix says, with ``parameters`` where A1111 puts
+    them: a PNG ``parameters`` text chunk (tEXt when Latin-1, else iTXt: Pillow's rule, as in A1111), or
+    JPEG / WebP EXIF UserComment (``IMAGE_FORMATS``; JPEG drops an alpha channel, as A1111). Text with
+    NUL or another control character (tab, newline aside) is refused: a PNG text chunk cannot carry it."""
     from PIL import Image, PngImagePlugin
 
     path = Path(path)
-    if isinstance(parameters, Mapping):
-        parameters = infotext(parameters, index=index)
+    fmt = image_format(path)
     a = np.asarray(image)
     if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] not in (3, 4):
         raise RefsdError(f"{path}: an image must be uint8 (H, W, 3 or 4), got {a.dtype} {a.shape}")
-    info = None
     if parameters is not None:
-        info = PngImagePlugin.PngInfo()
-        info.add_text(KEY, parameters)  # tEXt when Latin-1, else iTXt (Pillow's rule, as in A1111)
-    atomic_write(path, lambda f: Image.fromarray(a).save(f, format="PNG", pnginfo=info))
+        preflight.check_text(parameters, f"{path}: the parameters text")
+    im = Image.fromarray(a)
+    if fmt == "PNG":
+        info = None
+        if parameters is not None:
+            info = PngImagePlugin.PngInfo()
+            info.add_text(KEY, parameters)
+        options = {"pnginfo": info}
+    else:
+        if fmt == "JPEG" and im.mode == "RGBA":
+            im = im.convert("RGB")
+        options = {"quality": JPEG_QUALITY}
+        if parameters is not None:
+            options["exif"] = _exif_bytes(path, parameters)
+    atomic_write(path, lambda f: im.save(f, format=fmt, **options))
     return path
 
 
-def read_image(path: str | os.PathLike, *, mode: str = "RGB") -> np.ndarray:
-    """An image file as uint8 (H, W, 3) (mode "RGB") or (H, W) (mode "L"), fully decoded now so a
-    truncated or corrupt file fails here, with a RefsdError naming it."""
+def _exif_bytes(path: Path, text: str) -> bytes:
+    """EXIF holding ``text`` as A1111 writes it: UserComment = b"UNICODE\\0" + UTF-16-BE (piexif)."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif.get_ifd(EXIF_IFD)[USER_COMMENT] = UNICODE_PREFIX + text.encode("utf_16_be")
+    data = exif.tobytes()
+    if len(data) > MAX_EXIF_BYTES and path.suffix.lower() in (".jpg", ".jpeg"):
+        raise RefsdError(f"{path}: the parameters text ({len(text):,} characters) does not fit a JPEG's EXIF "
+                         f"segment (64 KB); write a .png or .webp")
+    return data
+
+
+def _user_comment(raw) -> str | None:
+    """An EXIF UserComment as A1111 reads it (read_info_from_image: piexif UserComment.load, else UTF-8)."""
+    if not isinstance(raw, bytes):
+        return raw if isinstance(raw, str) else None
+    if raw[:8] == UNICODE_PREFIX:
+        return raw[8:].decode("utf_16_be", errors="replace")
+    if raw[:8] == ASCII_PREFIX:
+        return raw[8:].decode("ascii", errors="replace")
+    if raw[:8] == JIS_PREFIX:
+        return raw[8:].decode("shift_jis", errors="replace")
+    return raw.decode("utf8", errors="ignore")  # piexif cannot tell the encoding: A1111's fallback, prefix and all
+
+
+def load_image(path: str | os.PathLike, read: Callable, *, what: str = "", check_size: bool = True) -> Any:
+    """Open an image file, bounded before decoding: ``read(im)`` on the open image once its header's size
+    is within ``preflight.MAX_IMAGE_PIXELS`` (Image.open is lazy; the pixels are decoded in ``read``;
+    ``check_size=False``: ``read`` checks with ``check_pixels`` itself, before it decodes).
+    Pillow's DecompressionBomb limit and any read error become one RefsdError naming the file."""
     from PIL import Image, UnidentifiedImageError
 
     p = Path(path)
     if not p.exists():
-        raise RefsdError(f"{path}: no such file")
+        raise RefsdError(f"{what}{path}: no such file")
     if not p.is_file():
-        raise RefsdError(f"{path}: not a file")
+        raise RefsdError(f"{what}{path}: not a file")
+    limit = preflight.MAX_IMAGE_PIXELS
     try:
-        with Image.open(p) as im:
-            im.load()
-            return np.asarray(im.convert(mode))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                if check_size:
+                    check_pixels(im, f"{what}{path}")
+                return read(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise RefsdError(f"{what}{path}: the image's header claims more than {Image.MAX_IMAGE_PIXELS / 1e6:.0f} Mpx "
+                         f"(Pillow's decompression bomb limit); refsd reads at most {limit / 1e6:.1f} Mpx") from None
     except UnidentifiedImageError:
-        raise RefsdError(f"{path}: not an image Pillow can read") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise RefsdError(f"{path}: unreadable image ({' '.join(str(e).split())})") from None
+        raise RefsdError(f"{what}{path}: not an image Pillow can read") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise RefsdError(f"{what}{path}: unreadable image ({' '.join(str(e).split())})") from None
+
+
+def check_pixels(im, what: str) -> None:
+    """An open (not yet decoded) image's header size within ``preflight.MAX_IMAGE_PIXELS``."""
+    w, h = im.size
+    limit = preflight.MAX_IMAGE_PIXELS
+    if w * h > limit:
+        raise RefsdError(f"{what} is {w}x{h} ({w * h / 1e6:.1f} Mpx), over the {limit / 1e6:.1f} Mpx limit for an "
+                         f"input image: resize it first")
+
+
+def eight_bit(im):
+    """A 16-bit greyscale image (Pillow modes I;16*, or I from a 16-bit PNG) scaled to 8 bits,
+    round(v / 257) = round(v * 255 / 65535), as an "L" image; anything else unchanged. Pillow's own
+    convert("L") / ("RGB") clips 16-bit values at 255 instead (a white image)."""
+    from PIL import Image
+
+    if not (im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG")):
+        return im
+    v = np.asarray(im).astype(np.int64)
+    v = np.clip(v, 0, 65535)
+    return Image.fromarray(((v * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+
+
+def read_image(path: str | os.PathLike, *, mode: str = "RGB") -> np.ndarray:
+    """An image file as uint8 (H, W, 3) (mode "RGB") or (H, W) (mode "L"), fully decoded now so a
+    truncated or corrupt file fails here, with a RefsdError naming it; bounded by ``load_image`` and
+    16-bit greyscale scaled by ``eight_bit``."""
+    def read(im):
+        im.load()
+        return np.asarray(eight_bit(im).convert(mode))
+
+    return load_image(path, read)
 
 
 def read_text(path: str | os.PathLike) -> str:
-    """The raw ``parameters`` text of a PNG (tEXt, zTXt or iTXt); RefsdError when there is none."""
-    from PIL import Image, UnidentifiedImageError
-
-    p = Path(path)
-    if not p.is_file():
-        raise RefsdError(f"{path}: no such file")
-    try:
-        with Image.open(p) as im:
+    """The raw parameters text of an image: a PNG's ``parameters`` chunk (tEXt, zTXt or iTXt), or a
+    JPEG's / WebP's EXIF UserComment (A1111's read_info_from_image); RefsdError when there is none or
+    it is over ``MAX_PARAMETERS_CHARS``."""
+    def read(im):
+        text = im.info.get(KEY)  # text chunks before the image data (where Pillow and A1111 write them)
+        if text is None and im.format in ("JPEG", "WEBP", "MPO"):
+            text = _user_comment(im.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT))
+        if text is None:
+            check_pixels(im, str(path))
             im.load()  # text chunks after the image data are read only with the pixels
             text = getattr(im, "text", {}).get(KEY, im.info.get(KEY))
-    except UnidentifiedImageError:
-        raise RefsdError(f"{path}: not an image Pillow can read") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise RefsdError(f"{path}: unreadable image ({' '.join(str(e).split())})") from None
+        return text
+
+    text = load_image(path, read, check_size=False)
     if not isinstance(text, str) or not text.strip():
-        raise RefsdError(f"{path}: no {KEY!r} text chunk (not made by refsd, A1111 or a tool that writes theirs)")
+        raise RefsdError(f"{path}: no {KEY!r} text chunk (nor, in a JPEG / WebP, an EXIF UserComment): not made by "
+                         f"refsd, A1111 or a tool that writes theirs")
+    if len(text) > MAX_PARAMETERS_CHARS:
+        raise RefsdError(f"{path}: its parameters text is {len(text):,} characters, over the "
+                         f"{MAX_PARAMETERS_CHARS:,}-character limit (A1111 writes a few thousand)")
     return text
 
 
@@ -255,17 +411,17 @@ def model_name(path: str | os.PathLike) -> str:
 
 def parse_size(text: str, what: str) -> tuple[int, int]:
     """"WIDTHxHEIGHT" (positive integers) -> (width, height); RefsdError naming ``what``."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
+    m = re.fullmatch(r"\s*(\d{1,9})\s*[xX]\s*(\d{1,9})\s*", str(text))
     if m is None or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-        raise RefsdError(f"{what} {text!r} is not WIDTHxHEIGHT (positive integers, e.g. 1024x1024)")
+        raise RefsdError(f"{what} {str(text)[:40]!r} is not WIDTHxHEIGHT (positive integers, e.g. 1024x1024)")
     return int(m.group(1)), int(m.group(2))
 
 
 def parse_crop(text: str, what: str) -> tuple[int, int]:
     """"TOP,LEFT" (integers >= 0, pixels) -> (top, left); RefsdError naming ``what``."""
-    m = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", str(text))
+    m = re.fullmatch(r"\s*(\d{1,9})\s*,\s*(\d{1,9})\s*", str(text))
     if m is None:
-        raise RefsdError(f"{what} {text!r} is not TOP,LEFT (pixels, integers >= 0, e.g. 0,0)")
+        raise RefsdError(f"{what} {str(text)[:40]!r} is not TOP,LEFT (pixels, integers >= 0, e.g. 0,0)")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -274,7 +430,7 @@ def parse_score(text, what: str) -> float:
     try:
         v = float(text)
     except (TypeError, ValueError):
-        raise RefsdError(f"{what} {text!r} is not a number") from None
+        raise RefsdError(f"{what} {str(text)[:40]!r} is not a number") from None
     if not math.isfinite(v):
         raise RefsdError(f"{what} must be a finite number, got {text!r}")
     return v
@@ -366,18 +522,26 @@ def _num(x) -> str:
     return str(int(x)) if x.is_integer() else repr(x)
 
 
-def _int(params, key, what):
+def _int(params, key, what, lo: int, hi: int):
+    """An integer field within [lo, hi] (Python's int() refuses over 4300 digits, so this is bounded too)."""
     try:
-        return int(params[key])
+        v = int(params[key])
     except ValueError:
-        raise RefsdError(f"{what}: {key} {params[key]!r} is not an integer") from None
+        raise RefsdError(f"{what}: {key} {params[key][:40]!r} is not an integer") from None
+    if not lo <= v <= hi:
+        raise RefsdError(f"{what}: {key} {v} is out of range [{lo}, {hi}]")
+    return v
 
 
-def _float(params, key, what):
+def _float(params, key, what, lo: float, hi: float):
+    """A finite number within [lo, hi]."""
     try:
-        return float(params[key])
+        v = float(params[key])
     except ValueError:
-        raise RefsdError(f"{what}: {key} {params[key]!r} is not a number") from None
+        raise RefsdError(f"{what}: {key} {params[key][:40]!r} is not a number") from None
+    if not (math.isfinite(v) and lo <= v <= hi):
+        raise RefsdError(f"{what}: {key} {params[key][:40]} is out of range [{lo:g}, {hi:g}]")
+    return v
 
 
 def _reverse(table: Mapping[str, str], label: str) -> str | None:
@@ -403,20 +567,25 @@ def settings(params: Mapping[str, str], *, what: str = "parameters") -> dict[str
     out: dict[str, Any] = {"prompt": params.get("Prompt", ""), "negative_prompt": negative}
     refsd_made = any(k.startswith("refsd ") for k in params)
     if "Steps" in params:
-        out["steps"] = _int(params, "Steps", what)
+        out["steps"] = _int(params, "Steps", what, 1, preflight.MAX_STEPS)
     if "CFG scale" in params:
-        out["cfg"] = _float(params, "CFG scale", what)
+        out["cfg"] = _float(params, "CFG scale", what, -preflight.MAX_CFG, preflight.MAX_CFG)
     if "Seed" in params:
-        out["seed"] = _int(params, "Seed", what)
+        out["seed"] = _int(params, "Seed", what, -1, 2**64 - 1)
     if "Size" in params:
-        m = re.fullmatch(r"(\d+)x(\d+)", params["Size"].strip())
-        if m is None:
-            raise RefsdError(f"{what}: Size {params['Size']!r} is not WIDTHxHEIGHT")
-        out["width"], out["height"] = int(m.group(1)), int(m.group(2))
+        out["width"], out["height"] = parse_size(params["Size"], f"{what}: Size")
+        w, h = out["width"], out["height"]
+        if max(w, h) > preflight.MAX_SIDE or w * h > preflight.MAX_PIXELS:
+            raise RefsdError(f"{what}: Size {w}x{h} is over refsd's limits ({preflight.MAX_SIDE} pixels a side, "
+                             f"{preflight.MAX_PIXELS / 1e6:.1f} Mpx)")
     if "Denoising strength" in params:
-        out["strength"] = _float(params, "Denoising strength", what)
+        out["strength"] = _float(params, "Denoising strength", what, 0.0, 1.0)
     if "Clip skip" in params:
-        out["clip_skip"] = _int(params, "Clip skip", what)
+        out["clip_skip"] = _int(params, "Clip skip", what, 1, 100)
+    if "Batch size" in params:  # A1111's; image i of its batch re-runs alone from its own Seed (per-image seeds)
+        size = _int(params, "Batch size", what, 1, preflight.MAX_BATCH)
+        if "Batch pos" in params:
+            _int(params, "Batch pos", what, 0, size - 1)
 
     sampler, scheduler = params.get("refsd sampler"), params.get("refsd scheduler")
     label = params.get("Sampler")
@@ -452,16 +621,19 @@ def settings(params: Mapping[str, str], *, what: str = "parameters") -> dict[str
     if "Refiner" in params:
         out["refiner"] = params["Refiner"]
         if "Refiner switch at" in params:
-            out["refiner_switch"] = _float(params, "Refiner switch at", what)
+            out["refiner_switch"] = _float(params, "Refiner switch at", what, 0.0, 1.0)
     parse = {"size": parse_size, "crop": parse_crop, "score": parse_score}
     for k, (key, kind) in MICRO_KEYS.items():
         if key in params:
             out[k] = parse[kind](params[key], f"{what}: {key}")
     if "refsd batch" in params:
-        m = re.fullmatch(r"(\d+)/(\d+)", params["refsd batch"].strip())
+        m = re.fullmatch(r"(\d{1,9})/(\d{1,9})", params["refsd batch"].strip())
         if m is None or not 1 <= int(m.group(1)) <= int(m.group(2)):
             raise RefsdError(f"{what}: refsd batch {params['refsd batch']!r} is not INDEX/SIZE")
+        if int(m.group(1)) > preflight.MAX_BATCH:
+            raise RefsdError(f"{what}: refsd batch {params['refsd batch']!r}: rerunning image {m.group(1)} of a batch "
+                             f"is over the limit of {preflight.MAX_BATCH} images a run")
         out["batch_index"] = int(m.group(1)) - 1
         if "refsd seed" in params:
-            out["seed"] = _int(params, "refsd seed", what)
+            out["seed"] = _int(params, "refsd seed", what, 0, 2**64 - 1)
     return out

@@ -39,7 +39,14 @@ from refsd.text.tokenizer import CLIPTokenizer
 from refsd.weights import detect as det
 from refsd.weights import ldm
 from refsd.weights.params import LazyTensor, Params, check_params, lazy_tensors
-from refsd.weights.safetensors import DTYPES, PICKLE_SUFFIXES, SafeTensorsFile, read_header, refuse_pickle
+from refsd.weights.safetensors import (
+    DTYPES,
+    PICKLE_SUFFIXES,
+    SafeTensorsFile,
+    check_float_params,
+    read_header,
+    refuse_pickle,
+)
 
 MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
@@ -213,6 +220,7 @@ def _load_single_file(path: Path, *, xp, device, dtype, config) -> Checkpoint:
     f = SafeTensorsFile(path)  # refuses pickles, validates the header
     try:
         header = f.header.tensors
+        check_float_params(header, str(path))
         found = det.detect_checkpoint({k: t.shape for k, t in header.items()}, what=str(path))
         plan = found.plan
         if plan is None:  # a diffusers UNet state dict on its own: keys as they are
@@ -384,8 +392,9 @@ def _weight_files(folder: Path, variant: str | None) -> tuple[list[Path], Path |
         if index.is_file():
             return _shards(index), index
     pickles = sorted(q for q in folder.iterdir() if q.suffix.lower() in PICKLE_SUFFIXES) if folder.is_dir() else []
-    if pickles:
-        refuse_pickle(pickles[0])
+    for q in pickles:  # judged by content: a safetensors file under a .bin name is read, a pickle refused
+        refuse_pickle(q)
+        return [q], None
     names = ", ".join(_with_variant(f"{b}.safetensors", variant) for b in WEIGHT_NAMES)
     raise WeightsError(f"{folder}: no weights ({names}, or a sharded .safetensors.index.json)")
 
@@ -414,6 +423,7 @@ def _open_component(folder: Path, variant: str | None) -> tuple[dict[str, LazyTe
     try:
         for q in paths:
             files.append(SafeTensorsFile(q))
+            check_float_params(files[-1].header.tensors, str(q))
         entries: dict[str, LazyTensor] = {}
         where: dict[str, str] = {}
         for f in files:

@@ -12,7 +12,8 @@ then by name; compact JSON; header padded with spaces to a multiple of 8), excep
 ends on an 8-byte boundary and larger dtypes come first, every tensor it writes is aligned for
 its dtype, so reads are zero-copy.
 
-Nothing here unpickles: pickle checkpoints are recognised by suffix or magic bytes and refused.
+Nothing here unpickles: pickle checkpoints are recognised by content (zip / pickle magic bytes, or a
+pickle suffix without a safetensors header) and refused; a safetensors file is read whatever its name.
 """
 
 from __future__ import annotations
@@ -81,35 +82,55 @@ def _conversion_hint(path: Path) -> str:
     )
 
 
+def looks_safetensors(head: bytes) -> bool:
+    """The first 9 bytes of a safetensors file: an 8-byte little-endian header length within
+    MAX_HEADER_BYTES, then the JSON header's "{". Neither a zip (torch.save) nor a pickle starts so."""
+    return len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= MAX_HEADER_BYTES
+
+
 def refuse_pickle(path: str | os.PathLike, head: bytes | None = None) -> None:
-    """Raise WeightsError if ``path`` is a pickle-based checkpoint (.ckpt/.pt/.pth/.bin/.pkl, a zip
-    from ``torch.save``, or a raw pickle). Never opens it with pickle or torch.
+    """Raise WeightsError if ``path`` is a pickle-based checkpoint, judged by content: a safetensors
+    header (``looks_safetensors``) is accepted whatever the name (a ``.bin`` that is safetensors
+    loads); otherwise a zip from ``torch.save``, a raw pickle, or a pickle suffix (.ckpt/.pt/.pth/.bin/
+    .pkl) is refused. Never opens it with pickle or torch.
 
     ``head``: the file's first bytes if the caller already has them (else they are read here).
     """
     path = Path(path)
+    if head is None:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(9)
+        except OSError:
+            head = b""  # the caller reports unreadable files with its own message
+    if looks_safetensors(head):
+        return
     reason = None
-    if path.suffix.lower() in PICKLE_SUFFIXES:
+    if path.suffix.lower() in PICKLE_SUFFIXES:  # (and no safetensors header: checked above)
         reason = f"suffix {path.suffix}"
-    else:
-        if head is None:
-            try:
-                with open(path, "rb") as f:
-                    head = f.read(9)
-            except OSError:
-                return  # the caller reports unreadable files with its own message
-        # A safetensors header length can start with the same bytes (N = 640 is b"\x80\x02..."),
-        # but then byte 8 opens the JSON header; neither zip nor pickle puts "{" there.
-        looks_safetensors = head[8:9] == b"{"
-        if head[:4] == b"PK\x03\x04" and not looks_safetensors:
-            reason = "it is a zip archive, the torch.save format"
-        elif head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") and not looks_safetensors:
-            reason = f"it starts with a pickle protocol {head[1]} marker"
+    elif head[:4] == b"PK\x03\x04":
+        reason = "it is a zip archive, the torch.save format"
+    elif head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        reason = f"it starts with a pickle protocol {head[1]} marker"
     if reason:
         raise WeightsError(
             f"{path} is a pickle-based checkpoint ({reason}); refsd never unpickles (loading would "
             f"execute code). {_conversion_hint(path)}"
         )
+
+
+FLOAT_CODES = ("F16", "BF16", "F32", "F64")
+
+
+def check_float_params(tensors: Mapping[str, TensorInfo], what: str) -> None:
+    """Every parameter (a ``.weight`` / ``.bias`` key) in a floating-point dtype: refsd's layers run in
+    float16 / bfloat16 / float32, and an integer tensor (a quantized or corrupt file) would fail deep
+    in a layer mid-run. Integer buffers (CLIP's position_ids, EMA counters) are left alone."""
+    for key, t in tensors.items():
+        if key.endswith((".weight", ".bias")) and t.dtype not in FLOAT_CODES:
+            raise WeightsError(f"{what}: tensor {key} is {DTYPES[t.dtype].name} ({t.dtype}); refsd runs "
+                               f"floating-point weights only (float16, bfloat16, float32): a quantized or "
+                               f"damaged checkpoint")
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from refsd.errors import RefsdError, check_int
+from refsd.pipelines import preflight
 from refsd.pipelines.core.conditioning import MicroConditioning, check_micro
 from refsd.pipelines.facts import ModelFacts
 from refsd.pipelines.model import Model
@@ -161,6 +162,11 @@ def check_settings(model, *, prompt, negative_prompt, width, height, steps, cfg,
         raise RefsdError(f"unknown rng {rng!r}; valid: {', '.join(_rng.MODES)}")
     seed = _rng._check_seed(seed)
     batch_size = check_int("batch_size", batch_size, 1)
+    preflight.check_bounds(width=width, height=height, batch_size=batch_size, steps=steps, cfg=cfg)
+    for what, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        preflight.check_text(text, what)
+        if text is not None:
+            preflight.check_prompt_weights(text, profile.prompt_syntax, what)
     if clip_skip is not None:
         clip_skip = check_int("clip_skip", clip_skip, 1)
         layers = min(facts.text_encoder_layers)
@@ -181,8 +187,13 @@ def check_settings(model, *, prompt, negative_prompt, width, height, steps, cfg,
     if facts.unet_in_channels != 4 and not inpaint_unet_ok:
         raise RefsdError(f"{facts.name} is an inpainting model ({facts.unet_in_channels}-channel UNet input): "
                          f"use refsd.pipelines.inpaint with a mask")
-    return Settings(prompt, negative_prompt, width, height, steps, cfg, sampler, scheduler, seed, rng,
-                    batch_size, clip_skip, profile, strength, micro)
+    settings = Settings(prompt, negative_prompt, width, height, steps, cfg, sampler, scheduler, seed, rng,
+                        batch_size, clip_skip, profile, strength, micro)
+    if isinstance(model, Model):  # a loaded model knows its placement; the CLI checks the file's facts itself
+        preflight.check_memory(facts, width=width, height=height, batch_size=batch_size, guided=settings.guided,
+                               attention=model.attention, dtype=model.dtype, backend=model.backend,
+                               device=model.device)
+    return settings
 
 
 def check_refiner_facts(base: ModelFacts, refiner: ModelFacts) -> None:
