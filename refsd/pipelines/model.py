@@ -105,6 +105,7 @@ class Model:
     dtype: str = "float32"
     path: Path | None = None
     checkpoint: Checkpoint | None = field(default=None, repr=False)
+    embeddings: Any = None  # refsd.text.embeddings.Embeddings the prompts may name (attach_embeddings)
 
     @property
     def text_config(self) -> CLIPTextConfig:
