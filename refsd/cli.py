@@ -34,6 +34,7 @@ examples:
   refsd compare out.safetensors ref.safetensors --prefix out/ --images
   refsd info v1-5-pruned-emaonly.safetensors
   refsd info ./stable-diffusion-v1-5/          (a diffusers folder)
+  refsd convert-embedding style.pt style.safetensors   (opt-in: unpickles with torch, weights_only=True)
 
 exit status: 0 ok / match, 1 tensors diverge, 2 error
 """
@@ -69,7 +70,9 @@ cond_stage_model.* / conditioner.embedders.* keys, or a diffusers folder whose m
 a unet -- is also loaded as refsd would load it: its architecture (sd1, sd1-inpaint, sd2, sd2-inpaint,
 sdxl, sdxl-inpaint, sdxl-refiner) and each component's parameter count and dtypes are printed, and
 a checkpoint refsd cannot load (unknown architecture, stray or missing keys, wrong shapes) is an
-error. Other tensor files (goldens, traces, single components) get the summary only.
+error. A textual-inversion embedding (emb_params, clip_l + clip_g, or one diffusers <token> key) gets
+its layout, vector count, width, the base family it fits and how prompts name it. Other tensor files
+(goldens, traces, single components) get the summary only.
 """
 
 INFO_EXAMPLES = """\
@@ -77,6 +80,7 @@ examples:
   refsd info v1-5-pruned-emaonly.safetensors
   refsd info ./stable-diffusion-v1-5/
   refsd info model.safetensors --depth 2      (group keys by two dotted components)
+  refsd info embeddings/easynegative.safetensors      (a textual-inversion embedding)
 """
 
 
@@ -126,7 +130,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH", help="a .safetensors file or a diffusers model folder")
     p.add_argument("--depth", type=int, default=1, help="dotted key components per prefix group (default 1)")
     p.set_defaults(run=_cmd_info)
+
+    p = sub.add_parser("convert-embedding", help="convert a pickled A1111 .pt/.bin embedding to .safetensors",
+                       description=CONVERT_EMBEDDING_HELP, formatter_class=raw)
+    p.add_argument("src", metavar="IN", help="the .pt / .bin embedding (a pickle: convert only files you trust)")
+    p.add_argument("dst", metavar="OUT", help="the .safetensors file to write")
+    p.set_defaults(run=_cmd_convert_embedding)
     return parser
+
+
+CONVERT_EMBEDDING_HELP = """\
+Convert a textual-inversion embedding saved as a pickle (A1111's .pt, diffusers' learned_embeds.bin) to
+.safetensors, the only format refsd reads. Opt-in, and the only refsd command that unpickles: it needs
+torch and loads IN with torch.load(weights_only=True), torch's restricted unpickler (tensors, dicts,
+numbers and strings; anything else is refused). OUT holds emb_params (A1111 / ComfyUI's layout), or
+clip_l + clip_g (SDXL), or the diffusers token; it is written atomically. See docs/embeddings.md.
+"""
+
+
+def _cmd_convert_embedding(args) -> int:
+    from refsd.text.embedding_pickle import convert_pickle
+
+    emb = convert_pickle(args.src, args.dst)
+    print(f"{args.dst}: {emb.layout} embedding, {emb.count} vector(s), fits {emb.architecture}")
+    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,8 +312,15 @@ def _checkpoint(header, depth: int) -> list[str]:
     return load_checkpoint(header.path).summary()
 
 
+def _embedding(header, depth: int) -> list[str]:
+    """A textual-inversion embedding: layout, vectors, width, base family (refsd.text.embeddings)."""
+    from refsd.text.embeddings import describe
+
+    return describe(header)
+
+
 # Sections of describe_file, in print order; each (header, depth) -> lines.
-FILE_SECTIONS: list[Callable] = [_counts, _dtypes, _prefixes, _metadata, _checkpoint]
+FILE_SECTIONS: list[Callable] = [_counts, _dtypes, _prefixes, _metadata, _checkpoint, _embedding]
 
 
 def _si(n: float) -> str:

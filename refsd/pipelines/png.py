@@ -288,13 +288,14 @@ def _micro_text(kind: str, v) -> str:
 
 def infotext(s: Mapping[str, Any], *, seed: int, index: int = 0, batch: int = 1,
              model: str | None = None, model_hash: str | None = None, version: str | None = None,
-             refiner: str | None = None, refiner_hash: str | None = None) -> str:
+             refiner: str | None = None, refiner_hash: str | None = None, ti_hashes: str | None = None) -> str:
     """The infotext for image ``index`` of a batch generated with settings ``s`` (the keys of
     ``refsd generate``: prompt, negative_prompt (None: not given), steps, cfg, sampler, scheduler,
     seed, rng, width, height, clip_skip, strength, parity, backend, dtype, attention, prediction;
     SDXL: refiner_switch and the ``MICRO_KEYS`` fields, sizes (width, height), crops (top, left));
     ``seed`` is this image's own seed; ``refiner``: the SDXL refiner's name (with ``refiner_hash``,
-    A1111's short hash, when it has one)."""
+    A1111's short hash, when it has one); ``ti_hashes``: A1111's "TI hashes" of the textual-inversion
+    embeddings used (refsd.text.embeddings.Embeddings.ti_hashes)."""
     clip_skip = s.get("clip_skip")
     refiner_title = None if refiner is None else refiner if not refiner_hash else f"{refiner} [{refiner_hash}]"
     params = {
@@ -310,6 +311,7 @@ def infotext(s: Mapping[str, Any], *, seed: int, index: int = 0, batch: int = 1,
         "Clip skip": clip_skip if clip_skip is not None and clip_skip > 1 else None,
         "Refiner": refiner_title,
         "Refiner switch at": _num(s.get("refiner_switch") or 0.8) if refiner_title is not None else None,
+        "TI hashes": ti_hashes,
         "RNG": A1111_RNG.get(s["rng"]),
         "refsd sampler": s["sampler"],
         "refsd scheduler": s["scheduler"],
@@ -425,6 +427,10 @@ def settings(params: Mapping[str, str], *, what: str = "parameters") -> dict[str
     for k, (key, kind) in MICRO_KEYS.items():
         if key in params:
             out[k] = parse[kind](params[key], f"{what}: {key}")
+    if "TI hashes" in params:  # textual-inversion embeddings: resolved against --embedding-dir
+        from refsd.text.embeddings import parse_ti_hashes
+
+        out["ti_hashes"] = parse_ti_hashes(params["TI hashes"], what)
     if "refsd batch" in params:
         m = re.fullmatch(r"(\d+)/(\d+)", params["refsd batch"].strip())
         if m is None or not 1 <= int(m.group(1)) <= int(m.group(2)):

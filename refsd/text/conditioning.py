@@ -108,9 +108,11 @@ def prompt_chunks(tokenizer, prompt: str, *, syntax: str = "a1111", pad_token: i
     if syntax == "diffusers":
         added = None
         if embeddings is not None:  # load_textual_inversion's added tokens; maybe_convert_prompt
-            from refsd.text.embeddings import expand_diffusers_prompt
+            from refsd.text.embeddings import check_diffusers_tokens, expand_diffusers_prompt
 
             tokens = embeddings.diffusers_tokens()
+            check_diffusers_tokens(prompt, tokens, embeddings.embeddings.folder or "the given embeddings",
+                                   embeddings.unread())
             added = {norm: i for _, norm, i in tokens}
             present = set(tokenizer.encode(prompt, added=added))
             prompt = expand_diffusers_prompt(prompt, tokens, {norm for _, norm, i in tokens if i in present})

@@ -13,8 +13,8 @@ by the file name):
 
 Widths are checked against the text encoder that receives them (768 CLIP-L, 1024 OpenCLIP-H, 1280
 OpenCLIP-bigG), with one line naming the file on a mismatch. A1111's ``.pt`` / ``.bin`` pickles are
-refused by their content; ``convert_pickle`` (``refsd convert-embedding``) converts one with
-``torch.load(weights_only=True)``, on request only.
+refused by their content; refsd.text.embedding_pickle (``refsd convert-embedding``) converts one
+with torch's restricted loader, on request only.
 
 How a prompt names an embedding depends on the profile (see ``PromptEmbeddings``, docs/embeddings.md):
 A1111 matches the file's stem as a word, on token ids (``EmbeddingDatabase.find_embedding_at_position``);
@@ -105,8 +105,9 @@ class Embedding:
         else:
             vec = self.vectors["*"]
         if vec.shape[1] != width:
-            raise EmbeddingError(f"{where}: embedding vectors are {vec.shape[1]} wide ({self.architecture}); this "
-                                 f"model's {component} ({WIDTHS.get(width, '?')}) needs {width}")
+            family = f" ({WIDTHS[width]})" if width in WIDTHS else ""
+            raise EmbeddingError(f"{where}: embedding vectors are {vec.shape[1]} wide (for {self.architecture}); this "
+                                 f"model's {component}{family} needs {width}")
         return vec
 
     def short_hash(self) -> str:
@@ -201,7 +202,7 @@ def refuse_pickle(path: Path) -> None:
         _refuse(path)
     except WeightsError as e:
         out = path.with_suffix(SUFFIX)
-        reason = str(e).split(";")[0]
+        reason = str(e).split(";")[0].replace("pickle-based checkpoint", "pickled embedding")
         raise EmbeddingError(f"{reason}; {HINT.format(path=path, out=out)}") from None
 
 
@@ -217,15 +218,14 @@ def load_embedding(path, *, name: str | None = None) -> Embedding:
     return from_tensors(name or path.stem, tensors, path=path)
 
 
-def describe(path) -> list[str] | None:
-    """``refsd info`` lines for an embedding file (from its header), or None if it is not one."""
-    from refsd.weights import read_header
-
-    header = read_header(path)
+def describe(header) -> list[str]:
+    """``refsd info`` lines for an embedding file from its safetensors header (refsd.weights.Header):
+    its layout, vectors, widths, the base family they fit and how prompts name it; [] if not one."""
+    path = header.path
     try:
         layout, keys = recognise(path, {k: t.shape for k, t in header.tensors.items()})
     except EmbeddingError:
-        return None
+        return []
     shapes = {k: header.tensors[k].shape for k in keys}
     count = _vectors(path, *next(iter(shapes.items())))[0]
     kind = {"a1111": "A1111 / ComfyUI (emb_params)", "sdxl": "SDXL (clip_l + clip_g)",
@@ -313,8 +313,9 @@ class Embeddings:
         for name, path in self.files.items():
             if name in self._loaded:
                 tok = self._loaded[name].token
+            elif path.suffix.lower() != SUFFIX:
+                continue  # a pickle's token is inside the pickle: named in check_diffusers_tokens' error
             else:
-                refuse_pickle(path)
                 layout, keys = recognise(path, {k: t.shape for k, t in read_header(path).tensors.items()})
                 tok = next(iter(keys)) if layout == "diffusers" else name
             if tok in out:
@@ -346,10 +347,12 @@ class TokenVectors:
         self.ids_of: dict[int, list[int]] = {}
 
     def ids(self, emb: Embedding) -> list[int]:
-        """The ids of ``emb``'s vectors (rows appended on its first use)."""
+        """The ids of ``emb``'s vectors (rows appended on its first use). ``width`` None (a check of
+        the prompt's names before the model is loaded): ids only, widths unchecked."""
         key = id(emb)
         if key not in self.ids_of:
-            vec = emb.for_encoder(self.component, self.width, xl=self.xl)
+            vec = emb.vectors[next(iter(emb.vectors))] if self.width is None else \
+                emb.for_encoder(self.component, self.width, xl=self.xl)
             start = self.base + sum(r.shape[0] for r in self.rows)
             self.rows.append(vec)
             self.ids_of[key] = list(range(start, start + vec.shape[0]))
@@ -377,12 +380,18 @@ class PromptEmbeddings:
     vectors: TokenVectors
     _a1111: dict | None = None
     _diffusers: list | None = None
+    skipped: list = field(default_factory=list)  # diffusers: the folder's files of another width
 
     @classmethod
     def for_encoder(cls, embeddings: Embeddings, encoder, *, xl: bool) -> PromptEmbeddings:
         """For a refsd.pipelines.model.TextEncoder: ids past its config's vocab_size, its width."""
         cfg = encoder.config
         return cls(embeddings, encoder.tokenizer, TokenVectors(cfg.vocab_size, encoder.component, cfg.hidden_size, xl=xl))
+
+    def unread(self) -> list[Path]:
+        """The folder's files no diffusers token came from: pickles (never read) and files of another width."""
+        pickles = [p for p in self.embeddings.files.values() if p is not None and p.suffix.lower() != SUFFIX]
+        return [*pickles, *self.skipped]
 
     @property
     def used(self) -> dict:
@@ -392,6 +401,16 @@ class PromptEmbeddings:
     def _place(self, emb: Embedding) -> list[int]:
         self.used.setdefault(emb.name, emb)
         return self.vectors.ids(emb)
+
+    def fits(self, emb: Embedding) -> bool:
+        """Whether ``emb`` fits this encoder (A1111 and diffusers' loading skip one that does not)."""
+        if self.vectors.width is None:
+            return True
+        try:
+            emb.for_encoder(self.vectors.component, self.vectors.width, xl=self.vectors.xl)
+        except EmbeddingError:
+            return False
+        return True
 
     # A1111: stems matched on token ids (EmbeddingDatabase.register_embedding_by_name / find_embedding_at_position)
     def a1111_match(self, tokens: list[int], position: int) -> tuple[list[int], int] | None:
@@ -406,7 +425,9 @@ class PromptEmbeddings:
             self._a1111 = {k: sorted(v, key=lambda x: len(x[0]), reverse=True) for k, v in lookup.items()}
         for ids, name in self._a1111.get(tokens[position], ()):
             if tokens[position:position + len(ids)] == ids:
-                return self._place(self.embeddings.get(name)), len(ids)
+                emb = self.embeddings.get(name)
+                if self.fits(emb):  # A1111 skips (never registers) an embedding of another width: text
+                    return self._place(emb), len(ids)
         return None
 
     # ComfyUI: embedding:name (SDTokenizer._try_get_embedding)
@@ -434,6 +455,9 @@ class PromptEmbeddings:
             out = []
             for tok, name in self.embeddings.tokens().items():
                 emb = self.embeddings.get(name)
+                if not self.fits(emb):  # another model's embedding: not loaded (diffusers would refuse it)
+                    self.skipped.append(emb.path or emb.name)
+                    continue
                 ids = self.vectors.ids(emb)
                 names = [tok] + [f"{tok}_{i}" for i in range(1, len(ids))]
                 out += [(t, normalize(t), i) for t, i in zip(names, ids)]
@@ -448,6 +472,35 @@ class PromptEmbeddings:
             if i in first:
                 emb = self.embeddings.get(first[i])
                 self.used.setdefault(emb.name, emb)
+
+
+def check_diffusers_tokens(prompt: str, tokens: list[tuple[str, str, int]], where, unread=()) -> None:
+    """EmbeddingError for a ``<token>`` in the prompt that no loaded embedding adds (with embeddings
+    given, a diffusers-style token is meant as one; diffusers would tokenize it as text)."""
+    import re
+
+    added = {norm for _, norm, _ in tokens}
+    for word in re.findall(r"<[^<>|\s]+>", normalize(prompt)):
+        if word not in added:
+            known = ", ".join(sorted(t for t, _, _ in tokens if not re.search(r"_\d+$", t))[:8]) or "none"
+            names = sorted(Path(p).name for p in unread)
+            extra = f"; not loaded: {', '.join(names[:4])} (pickles, or another model's width)" if names else ""
+            raise EmbeddingError(f"prompt names {word}, which no embedding in {where} adds (tokens: {known}){extra}")
+
+
+def check_prompt_names(embeddings: Embeddings, prompts, syntax: str, *, xl: bool) -> None:
+    """Before a model is loaded: every embedding the prompts name under ``syntax`` exists and is a
+    readable embedding file (EmbeddingError naming it). Widths are checked when the model encodes."""
+    from refsd.text.conditioning import prompt_chunks
+    from refsd.text.tokenizer import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_package()
+    for prompt in prompts:
+        if prompt:
+            lookup = PromptEmbeddings(embeddings, tokenizer, TokenVectors(len(tokenizer.encoder), "text_encoder", None,
+                                                                          xl=xl))
+            prompt_chunks(tokenizer, prompt, syntax=syntax, embeddings=lookup)
+    embeddings.placed.clear()
 
 
 def expand_diffusers_prompt(prompt: str, tokens: list[tuple[str, str, int]], found: set[str]) -> str:
@@ -466,50 +519,6 @@ def expand_diffusers_prompt(prompt: str, tokens: list[tuple[str, str, int]], fou
     return prompt
 
 
-# --------------------------------------------------------------------------------------------
-# A1111 .pt -> safetensors (opt-in; the only place torch and unpickling appear)
-
-
-def convert_pickle(src, dst) -> Embedding:
-    """Convert an A1111 ``.pt`` / ``.bin`` embedding (or a diffusers learned_embeds.bin) to safetensors
-    with ``torch.load(weights_only=True)`` (torch's restricted unpickler: tensors, dicts, numbers and
-    strings only). Writes ``emb_params`` (or clip_l + clip_g, or the diffusers token) atomically."""
-    from refsd.weights import save_safetensors
-
-    src, dst = Path(src), Path(dst)
-    if Path(dst).suffix.lower() != SUFFIX:
-        raise EmbeddingError(f"{dst}: the output must be a {SUFFIX} file")
-    try:
-        import torch
-    except ImportError:
-        raise EmbeddingError("refsd convert-embedding needs torch (pip install torch); refsd itself does not") from None
-    if not src.is_file():
-        raise EmbeddingError(f"{src}: no such file")
-    try:
-        data = torch.load(src, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch's restricted unpickler refuses anything but plain data
-        raise EmbeddingError(f"{src}: torch.load(weights_only=True) refused it ({' '.join(str(e).split())[:200]}); "
-                             f"not converted") from None
-    tensors = _pickle_tensors(src, data, torch)
-    emb = from_tensors(dst.stem, tensors, path=None)
-    save_safetensors(dst, {k: np.ascontiguousarray(v) for k, v in tensors.items()})
-    return emb
-
-
-def _pickle_tensors(src: Path, data, torch) -> dict[str, np.ndarray]:
-    """The embedding tensors of a loaded A1111 / diffusers pickle, as A1111's load_from_file reads them."""
-    if isinstance(data, dict) and "string_to_param" in data:
-        params = data["string_to_param"]
-        params = getattr(params, "_parameters", params)
-        if not isinstance(params, dict) or len(params) != 1:
-            raise EmbeddingError(f"{src}: string_to_param must hold one tensor (A1111: 'embedding file has "
-                                 f"multiple terms in it')")
-        return {"emb_params": next(iter(params.values())).detach().float().numpy()}
-    if isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
-        return {k: v.detach().float().numpy() for k, v in data.items()}
-    raise EmbeddingError(f"{src}: neither an A1111 embedding (string_to_param) nor a dict of tensors")
-
-
 def attach_embeddings(model, embeddings):
     """``model`` (refsd.pipelines.Model) with textual-inversion embeddings its prompts may name:
     an Embeddings, a folder (``--embedding-dir``) or a list of Embedding. The weights are shared."""
@@ -521,3 +530,43 @@ def attach_embeddings(model, embeddings):
         else:
             embeddings = Embeddings.of(embeddings)
     return replace(model, embeddings=embeddings)
+
+
+# --------------------------------------------------------------------------------------------
+# refsd generate: --embedding-dir and a PNG's "TI hashes"
+
+
+def parse_ti_hashes(text: str, what: str) -> dict[str, str]:
+    """A1111's ``TI hashes`` value ``name: hash, name: hash`` -> {name: hash}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, h = part.rpartition(":")
+        if not sep or not name.strip() or not h.strip():
+            raise EmbeddingError(f"{what}: TI hashes entry {part!r} is not 'name: hash'")
+        out[name.strip()] = h.strip()
+    return out
+
+
+def for_job(folder, png_hashes: dict[str, str] | None, prompts, *, syntax: str, xl: bool,
+            what: str = "the PNG") -> Embeddings | None:
+    """``refsd generate``'s embeddings, checked before the model loads: ``folder`` (--embedding-dir, or
+    None); ``png_hashes``: a --from-png image's TI hashes, each of which must be in the folder with the
+    same short hash; every embedding the prompts name must exist (EmbeddingError naming it)."""
+    if folder is None:
+        if png_hashes:
+            raise EmbeddingError(f"{what} used the embeddings {', '.join(png_hashes)}: pass --embedding-dir DIR (the "
+                                 f"PNG names them and their hashes, not where their files are)")
+        if syntax == "comfyui":  # embedding:name is never text under ComfyUI's rules
+            check_prompt_names(Embeddings({}), prompts, syntax, xl=xl)
+        return None
+    embeddings = Embeddings.from_folder(folder)
+    for name, expected in (png_hashes or {}).items():
+        stems = {n.replace(":", "").replace(",", ""): n for n in embeddings.names()}
+        if name not in stems:
+            raise EmbeddingError(f"{what} used the embedding {name} (hash {expected}), which is not in {folder}")
+        found = embeddings.get(stems[name])
+        if found.short_hash() != expected:
+            raise EmbeddingError(f"{found.path} has hash {found.short_hash()}; {what} used a {name} with hash "
+                                 f"{expected} (another file)")
+    check_prompt_names(embeddings, prompts, syntax, xl=xl)
+    return embeddings
