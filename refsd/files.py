@@ -1,7 +1,9 @@
-"""Host-side file output shared by every writer (weights, PNGs): complete or absent, never partial."""
+"""Host-side file helpers shared by every reader and writer: atomic output (weights, PNGs: complete or
+absent, never partial) and the sha256 of a file (A1111's model, LoRA and embedding hashes, the demo's check)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from pathlib import Path
@@ -36,3 +38,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *,
             raise error(f"{path}: could not write ({e}); nothing was changed") from e
         raise
     return path
+
+
+def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 22) -> str:
+    """The sha256 hex digest of a file, read in ``chunk``-byte blocks (memory stays bounded)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -51,7 +51,6 @@ file (``model_hash``); a diffusers folder has none, its folder name is the Model
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -63,7 +62,7 @@ from typing import Any
 import numpy as np
 
 from refsd.errors import RefsdError
-from refsd.files import atomic_write
+from refsd.files import atomic_write, sha256_file
 from refsd.pipelines.profiles.a1111 import A1111_AUTOMATIC_SCHEDULERS
 
 KEY = "parameters"
@@ -230,11 +229,7 @@ def model_hash(path: str | os.PathLike, *, chunk: int = 1 << 22) -> str | None:
     p = Path(path)
     if p.is_dir():
         return None
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()[:10]
+    return sha256_file(p, chunk=chunk)[:10]
 
 
 def model_name(path: str | os.PathLike) -> str:

@@ -37,7 +37,6 @@ References (read for this port):
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,8 @@ from pathlib import Path
 import numpy as np
 
 from refsd import xp as rxp
-from refsd.errors import RefsdError, WeightsError
+from refsd.errors import WeightsError
+from refsd.files import sha256_file
 from refsd.text.tokenizer import normalize
 
 SUFFIX = ".safetensors"
@@ -113,7 +113,7 @@ class Embedding:
     def short_hash(self) -> str:
         """A1111's ``shorthash``: the first 12 hex digits of the file's sha256 ('' without a file)."""
         if not self._hash:
-            self._hash.append(_sha256(self.path)[:12] if self.path is not None else "")
+            self._hash.append(sha256_file(self.path)[:12] if self.path is not None else "")
         return self._hash[0]
 
 
@@ -125,14 +125,6 @@ def fits(widths: dict[str, int]) -> str:
     width = next(iter(widths.values()))
     family = {768: "SD 1.x (CLIP-L)", 1024: "SD 2.x (OpenCLIP-H)", 1280: "an SDXL refiner (OpenCLIP-bigG)"}
     return family.get(width, f"a text encoder {width} wide (no released model)")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _vectors(where, key: str, shape: tuple) -> tuple[int, int]:
