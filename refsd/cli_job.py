@@ -120,20 +120,20 @@ def generate_job(args) -> GenerateJob:
         _choice("prediction type", s["prediction"], PREDICTIONS)
     rxp.backend(s["backend"])  # an unknown or unavailable backend fails here, before loading
     outputs = _outputs(args.out, 1 if keep is not None else s["batch"])
-    embeddings = _embeddings(args, s, facts, ti_hashes)
+    embeddings = _embeddings(args, s, facts, ti_hashes, notes)
     return GenerateJob(s, model, init, mask, outputs, keep, random_seed, notes, mask_options, config=config,
                        refiner=refiner, refiner_config=refiner_config, micro=micro_conditioning(s),
                        embeddings=embeddings)
 
 
-def _embeddings(args, s: dict, facts, ti_hashes):
+def _embeddings(args, s: dict, facts, ti_hashes, notes: list):
     """--embedding-dir, with the PNG's TI hashes resolved and the prompts' embedding names checked."""
     from refsd.pipelines.profiles import get_profile
     from refsd.text.embeddings import for_job
 
     syntax = get_profile(s["parity"]).prompt_syntax
     return for_job(getattr(args, "embedding_dir", None), ti_hashes, (s["prompt"], s["negative_prompt"]),
-                   syntax=syntax, xl=facts.is_xl, what=args.from_png or "the PNG")
+                   syntax=syntax, xl=facts.is_xl, what=args.from_png or "the PNG", notes=notes)
 
 
 def _settings(args):

@@ -240,8 +240,12 @@ def test_ti_hashes_as_a1111_writes_them(folder, tmp_path):
     assert embeddings.ti_hashes() == f"mystyle: {sha['mystyle']}, abc: {sha['a,b:c']}"
     assert parse_ti_hashes(embeddings.ti_hashes(), "x.png") == {"mystyle": sha["mystyle"], "abc": sha["a,b:c"]}
     assert for_job(folder, {"mystyle": sha["mystyle"]}, ["mystyle"], syntax="a1111", xl=False) is not None
-    with pytest.raises(EmbeddingError, match="has hash .*x.png used a mystyle with hash 000000000000"):
-        for_job(folder, {"mystyle": "000000000000"}, ["cat"], syntax="a1111", xl=False, what="x.png")
+    notes = []
+    for_job(folder, {"mystyle": "000000000000"}, ["cat"], syntax="a1111", xl=False, what="x.png", notes=notes)
+    assert notes == [f"note: {folder / 'mystyle.safetensors'} has hash {sha['mystyle']}; x.png used a mystyle with "
+                     f"hash 000000000000 (another file, or a converted .pt): the image may differ"]
+    with pytest.raises(EmbeddingError, match="x.png used the embedding gone .hash 1., which is not in"):
+        for_job(folder, {"gone": "1"}, ["cat"], syntax="a1111", xl=False, what="x.png")
     with pytest.raises(EmbeddingError, match="x.png used the embeddings mystyle: pass --embedding-dir"):
         for_job(None, {"mystyle": "0"}, ["cat"], syntax="a1111", xl=False, what="x.png")
     with pytest.raises(EmbeddingError, match="entry 'nohash' is not 'name: hash'"):
@@ -279,3 +283,57 @@ def test_a1111_skips_an_embedding_of_another_width_as_text(folder):
     assert ids[1:5] == TOK.encode("mystyle xl") + [TOK.eos] and not emb.used
     with pytest.raises(EmbeddingError, match=r"mystyle.safetensors: embedding vectors are 768 wide .* needs 1024"):
         TOK.chunks("embedding:mystyle", syntax="comfyui", embeddings=lookup(Embeddings.from_folder(folder), width=1024))
+
+
+# -------------------------------------------------------------------------------- placement, end to end
+
+
+def _tiny(case_id):
+    from refsd import golden
+    from refsd.weights import Params
+
+    case = golden.load_case(case_id)
+    model = golden._tiny_model(Params(case.group("param"), xp=np), case.meta["op"]["kwargs"]["model"], "sliced")
+    return model
+
+
+def _encode(model, prompt, parity):
+    from refsd.pipelines.core import check_settings, encode_text
+
+    s = check_settings(model, prompt=prompt, negative_prompt="", width=64, height=64, steps=1, cfg=7.0,
+                       sampler="euler", scheduler="normal", seed=0, rng="torch-cpu", batch_size=1, clip_skip=None,
+                       parity=parity)
+    return encode_text(model, s)
+
+
+def _rows_of(model, word_id):
+    """{file key: the token-embedding row of ``word_id``} of each text encoder (an embedding equal to a word)."""
+    from refsd.text.conditioning import _token_embedding_key
+
+    keys = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"} if model.is_xl else {"text_encoder": "emb_params"}
+    return {keys[e.component]: np.asarray(model.params[e.component][_token_embedding_key(model.params[e.component])])
+            [word_id:word_id + 1] for e in model.text_encoders}
+
+
+@pytest.mark.parametrize("case_id, parity, named", [
+    ("embeddings/sdxl_clip_l_clip_g_f32", "comfyui", "embedding:castle2"),
+    ("embeddings/sdxl_clip_l_clip_g_f32", "diffusers", "castle2"),
+    ("embeddings/sd1_weighted_a1111_f32", "a1111", "castle2"),
+])
+def test_an_embedding_of_a_words_rows_encodes_as_that_word(case_id, parity, named):
+    """Vectors equal to the token-embedding rows of "castle", named in the prompt, give the conditioning
+    of "castle" itself: they land at the name's position, weighted like it. Exception, diffusers' SDXL
+    pooled output: transformers pools at argmax(ids) (legacy eos_token_id 2), the embedding's position
+    (checked against diffusers by the golden embeddings/sdxl_clip_l_clip_g)."""
+    from refsd.text.embeddings import attach_embeddings
+
+    model = _tiny(case_id)
+    word, = TOK.encode("castle")
+    emb = from_tensors("castle2", _rows_of(model, word))
+    cond, uncond = _encode(attach_embeddings(model, [emb]), f"a (blue:1.2) {named}, at dusk", parity)
+    ref, ref_uncond = _encode(model, "a (blue:1.2) castle, at dusk", parity)
+    assert np.array_equal(np.asarray(cond["encoder_hidden_states"]), np.asarray(ref["encoder_hidden_states"]))
+    assert np.array_equal(np.asarray(uncond["encoder_hidden_states"]), np.asarray(ref_uncond["encoder_hidden_states"]))
+    if "text_embeds" in cond:
+        same = np.array_equal(np.asarray(cond["text_embeds"]), np.asarray(ref["text_embeds"]))
+        assert same == (parity != "diffusers")

@@ -540,10 +540,12 @@ def parse_ti_hashes(text: str, what: str) -> dict[str, str]:
 
 
 def for_job(folder, png_hashes: dict[str, str] | None, prompts, *, syntax: str, xl: bool,
-            what: str = "the PNG") -> Embeddings | None:
+            what: str = "the PNG", notes: list | None = None) -> Embeddings | None:
     """``refsd generate``'s embeddings, checked before the model loads: ``folder`` (--embedding-dir, or
-    None); ``png_hashes``: a --from-png image's TI hashes, each of which must be in the folder with the
-    same short hash; every embedding the prompts name must exist (EmbeddingError naming it)."""
+    None); ``png_hashes``: a --from-png image's TI hashes, each of which must be in the folder (a file
+    whose short hash differs adds a line to ``notes``: another file, or a .pt converted to
+    .safetensors, whose bytes and so hash differ); every embedding the prompts name must exist
+    (EmbeddingError naming it)."""
     if folder is None:
         if png_hashes:
             raise EmbeddingError(f"{what} used the embeddings {', '.join(png_hashes)}: pass --embedding-dir DIR (the "
@@ -557,8 +559,8 @@ def for_job(folder, png_hashes: dict[str, str] | None, prompts, *, syntax: str, 
         if name not in stems:
             raise EmbeddingError(f"{what} used the embedding {name} (hash {expected}), which is not in {folder}")
         found = embeddings.get(stems[name])
-        if found.short_hash() != expected:
-            raise EmbeddingError(f"{found.path} has hash {found.short_hash()}; {what} used a {name} with hash "
-                                 f"{expected} (another file)")
+        if found.short_hash() != expected and notes is not None:
+            notes.append(f"note: {found.path} has hash {found.short_hash()}; {what} used a {name} with hash "
+                         f"{expected} (another file, or a converted .pt): the image may differ")
     check_prompt_names(embeddings, prompts, syntax, xl=xl)
     return embeddings
