@@ -120,13 +120,14 @@ def _sdxl_diffusers(g, dt):
         setattr(pipe, enc, copy.deepcopy(parts[enc]))
         setattr(pipe, tok, copy.deepcopy(parts[tok]))
     for name, data in (("xlstyle", xl), ("xlone", one)):
-        pipe.load_textual_inversion(data["clip_l"], token=name, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(data["clip_l"], token=name, text_encoder=pipe.text_encoder,
+                                    tokenizer=pipe.tokenizer)
         pipe.load_textual_inversion(data["clip_g"], token=name, text_encoder=pipe.text_encoder_2,
                                     tokenizer=pipe.tokenizer_2)
     prompt, negative = "a castle, xlstyle, at dusk", "xlone, ugly"
     with torch.no_grad():
-        cond, uncond, pooled, neg_pooled = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
-                                                              do_classifier_free_guidance=True, negative_prompt=negative)
+        cond, uncond, pooled, neg_pooled = pipe.encode_prompt(
+            prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt=negative)
     call = ("StableDiffusionXLPipeline(...); for each file: load_textual_inversion(sd['clip_l'], token=stem, "
             "text_encoder=text_encoder, tokenizer=tokenizer); load_textual_inversion(sd['clip_g'], token=stem, "
             "text_encoder=text_encoder_2, tokenizer=tokenizer_2); encode_prompt(prompt, 'cpu', 1, True, negative)")

@@ -93,5 +93,6 @@ def test_info_and_convert_embedding(env, emb, tmp_path):
     torch.save({"string_to_param": {"*": torch.ones(2, 768)}, "name": "style", "step": 1}, src)
     proc = refsd(env, "convert-embedding", src, tmp_path / "style.safetensors")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == f"{tmp_path / 'style.safetensors'}: a1111 embedding, 2 vector(s), fits SD 1.x (CLIP-L)"
+    out = tmp_path / "style.safetensors"
+    assert proc.stdout.strip() == f"{out}: a1111 embedding, 2 vector(s), fits SD 1.x (CLIP-L)"
     one_line_error(refsd(env, "convert-embedding", tmp_path / "none.pt", tmp_path / "x.safetensors"), "no such file")

@@ -55,8 +55,8 @@ MAX_WIDTH = 8192  # wider than any CLIP text encoder
 MAX_FILES = 10_000  # an --embedding-dir is listed, never walked without bound
 WIDTHS = {768: "CLIP-L", 1024: "OpenCLIP-H", 1280: "OpenCLIP-bigG"}
 SDXL_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}  # SDXL's encoders -> the file's halves
-LAYOUTS = ("a1111", "sdxl", "diffusers")
-HINT = "refsd never unpickles: convert it once with `refsd convert-embedding {path} {out}` (torch.load(weights_only=True))"
+HINT = ("refsd never unpickles: convert it once with `refsd convert-embedding {path} {out}` "
+        "(torch.load(weights_only=True))")
 
 
 class EmbeddingError(WeightsError):
@@ -121,7 +121,9 @@ def fits(widths: dict[str, int]) -> str:
     """The base family an embedding's widths (by vectors key) fit."""
     if set(widths) == {"clip_l", "clip_g"}:
         known = widths == {"clip_l": 768, "clip_g": 1280}
-        return "SDXL (CLIP-L + OpenCLIP-bigG)" if known else f"an SDXL-layout model ({widths['clip_l']} + {widths['clip_g']})"
+        if known:
+            return "SDXL (CLIP-L + OpenCLIP-bigG)"
+        return f"an SDXL-layout model ({widths['clip_l']} + {widths['clip_g']})"
     width = next(iter(widths.values()))
     family = {768: "SD 1.x (CLIP-L)", 1024: "SD 2.x (OpenCLIP-H)", 1280: "an SDXL refiner (OpenCLIP-bigG)"}
     return family.get(width, f"a text encoder {width} wide (no released model)")
@@ -157,7 +159,8 @@ def recognise(where, shapes: dict[str, tuple]) -> tuple[str, dict[str, str]]:
         extra = [k for k in keys if k not in ("clip_l", "clip_g")]
         if extra or len(keys) != 2:
             bad = extra[0] if extra else ("clip_g" if "clip_l" in shapes else "clip_l") + " (missing)"
-            raise EmbeddingError(f"{where}: unrecognised key {bad!r}; an SDXL embedding holds exactly clip_l and clip_g")
+            raise EmbeddingError(f"{where}: unrecognised key {bad!r}; an SDXL embedding holds exactly clip_l and "
+                                 f"clip_g")
         n_l, _ = _vectors(where, "clip_l", shapes["clip_l"])
         n_g, _ = _vectors(where, "clip_g", shapes["clip_g"])
         if n_l != n_g:
@@ -245,6 +248,7 @@ class Embeddings:
         self.files = dict(files)  # stem -> path, in order
         self._loaded = dict(loaded or {})
         self.placed: dict[str, Embedding] = {}  # what prompts used, in order (PNG "TI hashes")
+        self._tokens: dict[str, str] | None = None
 
     @classmethod
     def from_folder(cls, folder) -> Embeddings:
@@ -298,9 +302,11 @@ class Embeddings:
         return None
 
     def tokens(self) -> dict[str, str]:
-        """diffusers prompt token -> stem, for every file (keys read from the headers only)."""
+        """diffusers prompt token -> stem, for every file (keys read from the headers only, once)."""
         from refsd.weights import read_header
 
+        if self._tokens is not None:
+            return self._tokens
         out = {}
         for name, path in self.files.items():
             if name in self._loaded:
@@ -314,6 +320,7 @@ class Embeddings:
                 raise EmbeddingError(f"{path}: token {tok!r} is also {self.files[out[tok]]}'s (diffusers refuses "
                                      f"a token twice)")
             out[tok] = name
+        self._tokens = out
         return out
 
     def ti_hashes(self) -> str | None:
@@ -378,7 +385,8 @@ class PromptEmbeddings:
     def for_encoder(cls, embeddings: Embeddings, encoder, *, xl: bool) -> PromptEmbeddings:
         """For a refsd.pipelines.model.TextEncoder: ids past its config's vocab_size, its width."""
         cfg = encoder.config
-        return cls(embeddings, encoder.tokenizer, TokenVectors(cfg.vocab_size, encoder.component, cfg.hidden_size, xl=xl))
+        vectors = TokenVectors(cfg.vocab_size, encoder.component, cfg.hidden_size, xl=xl)
+        return cls(embeddings, encoder.tokenizer, vectors)
 
     def unread(self) -> list[Path]:
         """The folder's files no diffusers token came from: pickles (never read) and files of another width."""

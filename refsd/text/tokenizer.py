@@ -255,7 +255,8 @@ class CLIPTokenizer:
                 ids += self.bpe("".join(self.byte_encoder[b] for b in piece.encode("utf-8")))
         return ids
 
-    def encode(self, text: str, *, extra_specials: Iterable[str] = (), added: dict[str, int] | None = None) -> list[int]:
+    def encode(self, text: str, *, extra_specials: Iterable[str] = (),
+               added: dict[str, int] | None = None) -> list[int]:
         """Token ids of ``text`` without BOS/EOS, as ``transformers.CLIPTokenizer(text,
         add_special_tokens=False).input_ids``. ``extra_specials``: further strings transformers has
         registered as special tokens (e.g. a pad token ``"!"``), which it also cuts out of the text.
