@@ -197,7 +197,7 @@ def _cmd_info(args) -> int:
     if not p.exists():
         raise RefsdError(f"{args.path}: no such file or directory")
     lines = describe_folder(p, depth=args.depth) if p.is_dir() else describe_file(p, depth=args.depth)
-    if not any(line.startswith("architecture:") for line in lines):
+    if not any(line.startswith(("architecture:", "textual-inversion embedding:")) for line in lines):
         lines.append("architecture: none recognised (no model.diffusion_model / first_stage_model / "
                      "cond_stage_model / conditioner.embedders keys, no model_index.json with a unet): "
                      "not a Stable Diffusion checkpoint")

@@ -89,6 +89,7 @@ def test_info_and_convert_embedding(env, emb, tmp_path):
     proc = refsd(env, "info", emb / "mystyle.safetensors")
     assert proc.returncode == 0, proc.stderr
     assert "textual-inversion embedding: A1111 / ComfyUI (emb_params)\nvectors: 2\nwidth: 32\n" in proc.stdout
+    assert "not a Stable Diffusion checkpoint" not in proc.stdout  # an embedding is not meant to be one
     src = tmp_path / "style.pt"
     torch.save({"string_to_param": {"*": torch.ones(2, 768)}, "name": "style", "step": 1}, src)
     proc = refsd(env, "convert-embedding", src, tmp_path / "style.safetensors")
