@@ -106,19 +106,10 @@ def prompt_chunks(tokenizer, prompt: str, *, syntax: str = "a1111", pad_token: i
     if syntax not in SYNTAXES:
         raise RefsdError(f"unknown prompt syntax {syntax!r}; valid: {', '.join(map(repr, SYNTAXES))}")
     if syntax == "diffusers":
-        added = None
         if embeddings is not None:  # load_textual_inversion's added tokens; maybe_convert_prompt
-            from refsd.text.embeddings import check_diffusers_tokens, expand_diffusers_prompt
-
-            tokens = embeddings.diffusers_tokens()
-            check_diffusers_tokens(prompt, tokens, embeddings.embeddings.folder or "the given embeddings",
-                                   embeddings.unread())
-            added = {norm: i for _, norm, i in tokens}
-            present = set(tokenizer.encode(prompt, added=added))
-            prompt = expand_diffusers_prompt(prompt, tokens, {norm for _, norm, i in tokens if i in present})
-        ids = tokenizer(prompt, pad_token=pad_token, added=added)
-        if embeddings is not None:
-            embeddings.note_diffusers_use(ids)
+            ids = embeddings.diffusers_ids(prompt, pad_token=pad_token)
+        else:
+            ids = tokenizer(prompt, pad_token=pad_token)
         return [(ids, [1.0] * len(ids))]
     return tokenizer.chunks(prompt, syntax=syntax, pad_token=pad_token, comma_backtrack=comma_backtrack,
                             embeddings=embeddings)

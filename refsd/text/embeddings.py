@@ -464,6 +464,19 @@ class PromptEmbeddings:
             self._diffusers = out
         return self._diffusers
 
+    def diffusers_ids(self, prompt: str, *, pad_token: int) -> list[int]:
+        """The 77 ids diffusers' pipeline gives ``prompt`` with every file loaded by
+        ``load_textual_inversion``: unknown ``<token>`` checked, multi-vector tokens expanded
+        (``maybe_convert_prompt``), then the tokenizer call with the added tokens."""
+        tokens = self.diffusers_tokens()
+        check_diffusers_tokens(prompt, tokens, self.embeddings.folder or "the given embeddings", self.unread())
+        added = {norm: i for _, norm, i in tokens}
+        present = set(self.tokenizer.encode(prompt, added=added))
+        prompt = expand_diffusers_prompt(prompt, tokens, {norm for _, norm, i in tokens if i in present})
+        ids = self.tokenizer(prompt, pad_token=pad_token, added=added)
+        self.note_diffusers_use(ids)
+        return ids
+
     def note_diffusers_use(self, token_ids: list[int]) -> None:
         """Record the embeddings whose first vector's id a diffusers-tokenized prompt holds."""
         first = {i: name for tok, name in self.embeddings.tokens().items() for t, _, i in self.diffusers_tokens()
@@ -491,15 +504,17 @@ def check_diffusers_tokens(prompt: str, tokens: list[tuple[str, str, int]], wher
 def check_prompt_names(embeddings: Embeddings, prompts, syntax: str, *, xl: bool) -> None:
     """Before a model is loaded: every embedding the prompts name under ``syntax`` exists and is a
     readable embedding file (EmbeddingError naming it). Widths are checked when the model encodes."""
-    from refsd.text.conditioning import prompt_chunks
     from refsd.text.tokenizer import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_package()
     for prompt in prompts:
         if prompt:
-            lookup = PromptEmbeddings(embeddings, tokenizer, TokenVectors(len(tokenizer.encoder), "text_encoder", None,
-                                                                          xl=xl))
-            prompt_chunks(tokenizer, prompt, syntax=syntax, embeddings=lookup)
+            vectors = TokenVectors(len(tokenizer.encoder), "text_encoder", None, xl=xl)
+            lookup = PromptEmbeddings(embeddings, tokenizer, vectors)
+            if syntax == "diffusers":
+                lookup.diffusers_ids(prompt, pad_token=tokenizer.eos)
+            else:
+                tokenizer.chunks(prompt, syntax=syntax, embeddings=lookup)
     embeddings.placed.clear()
 
 
