@@ -67,9 +67,9 @@ def folder(tmp_path):
 
 def test_layouts_recognised_by_keys_and_shapes(folder):
     a = load_embedding(folder / "mystyle.safetensors")
-    assert (a.layout, a.count, a.token, a.name, a.architecture) == ("a1111", 2, "mystyle", "mystyle", "SD 1.x (CLIP-L)")
+    assert (a.layout, a.count, a.token, a.name, a.architecture) == ("emb_params", 2, "mystyle", "mystyle", "SD 1.x (CLIP-L)")
     d = load_embedding(folder / "learned_embeds.safetensors")
-    assert (d.layout, d.count, d.token) == ("diffusers", 3, "<cat-toy>")
+    assert (d.layout, d.count, d.token) == ("token", 3, "<cat-toy>")
     x = load_embedding(folder / "xl.safetensors")
     assert (x.layout, x.count, x.architecture) == ("sdxl", 2, "SDXL (CLIP-L + OpenCLIP-bigG)")
     one = from_tensors("concept", {"<sd2>": vec(1024)})  # sd-concepts-library: a 1-D vector
@@ -260,7 +260,7 @@ def test_convert_pickle_reads_a1111_pt_with_weights_only(tmp_path):
                 "sd_checkpoint": "abc", "sd_checkpoint_name": "v1-5"}, src)  # A1111 Embedding.save's dict
     emb = convert_pickle(src, tmp_path / "style.safetensors")
     back = load_embedding(tmp_path / "style.safetensors")
-    assert (emb.layout, back.layout, back.count) == ("a1111", "a1111", 3)
+    assert (emb.layout, back.layout, back.count) == ("emb_params", "emb_params", 3)
     assert np.array_equal(back.vectors["*"], vectors.numpy())
 
     class Evil:

@@ -95,5 +95,5 @@ def test_info_and_convert_embedding(env, emb, tmp_path):
     proc = refsd(env, "convert-embedding", src, tmp_path / "style.safetensors")
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "style.safetensors"
-    assert proc.stdout.strip() == f"{out}: a1111 embedding, 2 vector(s), fits SD 1.x (CLIP-L)"
+    assert proc.stdout.strip() == f"{out}: emb_params embedding, 2 vector(s), fits SD 1.x (CLIP-L)"
     one_line_error(refsd(env, "convert-embedding", tmp_path / "none.pt", tmp_path / "x.safetensors"), "no such file")

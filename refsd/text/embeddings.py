@@ -71,7 +71,7 @@ class EmbeddingError(WeightsError):
 class Embedding:
     """One textual-inversion embedding. ``name``: the file's stem (A1111's prompt word, ComfyUI's
     ``embedding:name``); ``token``: the diffusers prompt token (a diffusers file's key, else the stem,
-    as one passes ``token=`` to ``load_textual_inversion``); ``layout``: "a1111" | "sdxl" | "diffusers";
+    as one passes ``token=`` to ``load_textual_inversion``); ``layout``: "emb_params" | "sdxl" | "token";
     ``vectors``: the file's tensors as float32 (n, width), by key ("*" for single-tensor files,
     "clip_l" / "clip_g" for SDXL)."""
 
@@ -170,7 +170,7 @@ def recognise(where, shapes: dict[str, tuple]) -> tuple[str, dict[str, str]]:
         raise EmbeddingError(f"{where}: unrecognised key {keys[1]!r}; an embedding holds one tensor (emb_params or "
                              f"a diffusers <token>) or clip_l + clip_g, not {len(keys)} tensors")
     _vectors(where, keys[0], shapes[keys[0]])
-    return ("a1111" if keys[0] == "emb_params" else "diffusers"), {keys[0]: "*"}
+    return ("emb_params" if keys[0] == "emb_params" else "token"), {keys[0]: "*"}
 
 
 def from_tensors(name: str, tensors: dict, *, path: Path | None = None) -> Embedding:
@@ -184,7 +184,7 @@ def from_tensors(name: str, tensors: dict, *, path: Path | None = None) -> Embed
         if not np.all(np.isfinite(a)):
             raise EmbeddingError(f"{where}: tensor {key!r} holds NaN or infinite values")
         vectors[slot] = a
-    token = next(iter(keys)) if layout == "diffusers" else name
+    token = next(iter(keys)) if layout == "token" else name
     return Embedding(name, token, layout, vectors, path)
 
 
@@ -223,13 +223,13 @@ def describe(header) -> list[str]:
         return []
     shapes = {k: header.tensors[k].shape for k in keys}
     count = _vectors(path, *next(iter(shapes.items())))[0]
-    kind = {"a1111": "A1111 / ComfyUI (emb_params)", "sdxl": "SDXL (clip_l + clip_g)",
-            "diffusers": f"diffusers learned_embeds (token {next(iter(keys))!r})"}[layout]
+    kind = {"emb_params": "A1111 / ComfyUI (emb_params)", "sdxl": "SDXL (clip_l + clip_g)",
+            "token": f"diffusers learned_embeds (token {next(iter(keys))!r})"}[layout]
     widths = {keys[k]: int(s[-1]) for k, s in shapes.items()}
     width = " + ".join(f"{k} {w}" for k, w in widths.items()) if layout == "sdxl" else str(widths["*"])
     return [f"textual-inversion embedding: {kind}", f"vectors: {count}", f"width: {width}", f"fits: {fits(widths)}",
             f"prompt: A1111 '{Path(path).stem}', ComfyUI 'embedding:{Path(path).stem}', diffusers "
-            f"'{next(iter(keys)) if layout == 'diffusers' else Path(path).stem}'"]
+            f"'{next(iter(keys)) if layout == 'token' else Path(path).stem}'"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,7 +315,7 @@ class Embeddings:
                 continue  # a pickle's token is inside the pickle: named in check_diffusers_tokens' error
             else:
                 layout, keys = recognise(path, {k: t.shape for k, t in read_header(path).tensors.items()})
-                tok = next(iter(keys)) if layout == "diffusers" else name
+                tok = next(iter(keys)) if layout == "token" else name
             if tok in out:
                 raise EmbeddingError(f"{path}: token {tok!r} is also {self.files[out[tok]]}'s (diffusers refuses "
                                      f"a token twice)")
