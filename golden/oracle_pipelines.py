@@ -26,6 +26,7 @@ float in [0, 1], before the uint8 rounding). This module imports nothing from re
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import zlib
 from functools import cache
@@ -143,7 +144,7 @@ def _init_image(g, height: int, width: int):
 def _pipeline_case(g, dt, *, name: str, model: str, sampler: str, scheduler: str = "normal", prompt: str,
                    negative: str = "", steps: int, cfg: float, seed: int, width: int = 64, height: int = 64,
                    batch: int = 1, clip_skip: int | None = None, strength: float | None = None, inpaint: bool = False,
-                   desc: str):
+                   desc: str, load=None):
     import diffusers
     import PIL.Image
     from diffusers.pipelines.stable_diffusion import (
@@ -161,6 +162,10 @@ def _pipeline_case(g, dt, *, name: str, model: str, sampler: str, scheduler: str
     pipe = Pipe(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched, safety_checker=None,
                 feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    loaded = ({}, {}, "")
+    if load is not None:  # ``load(pipe) -> (inputs, op kwargs, call)``: e.g. textual inversion, on copies
+        pipe.text_encoder, pipe.tokenizer = copy.deepcopy(text), copy.deepcopy(tok)
+        loaded = load(pipe)
 
     rec: dict[str, torch.Tensor] = {}
     steps_done: list[torch.Tensor] = []
@@ -204,7 +209,7 @@ def _pipeline_case(g, dt, *, name: str, model: str, sampler: str, scheduler: str
         return kw
 
     kwargs = {}
-    inputs = {}
+    inputs = dict(loaded[0])
     if img2img or inpaint:
         image = _init_image(g, height, width)
         inputs["init_image"] = image
@@ -237,6 +242,7 @@ def _pipeline_case(g, dt, *, name: str, model: str, sampler: str, scheduler: str
         "scheduler": scheduler, "seed": seed, "rng": "torch-cpu", "batch_size": batch, "clip_skip": clip_skip,
         "parity": "diffusers",
     }
+    op_kwargs.update(loaded[1])
     if img2img or inpaint:
         op_kwargs["strength"] = strength
     else:
@@ -249,7 +255,7 @@ def _pipeline_case(g, dt, *, name: str, model: str, sampler: str, scheduler: str
             f"scheduler_config, **{ {**overrides, **SCHEDULE_OPTIONS[scheduler]} }))(prompt, negative_prompt, "
             f"num_inference_steps={steps}, guidance_scale={cfg}, num_images_per_prompt={batch}, "
             f"generator=torch.Generator('cpu').manual_seed({seed}), output_type='np', "
-            f"clip_skip={None if clip_skip is None else clip_skip - 1}{extra})")
+            f"clip_skip={None if clip_skip is None else clip_skip - 1}{extra})" + loaded[2])
     params = _params(model)
     borrowed = None if "base" not in MODELS[model] else tuple(k for k in params if not k.startswith("unet."))
     return Capture("pipeline", inputs, outputs, call, desc, kwargs=op_kwargs, params=params,

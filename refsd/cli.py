@@ -48,6 +48,7 @@ examples:
   refsd info ./stable-diffusion-v1-5/          (a diffusers folder)
   refsd samplers                               (the sampler names each --parity runs; also: refsd schedulers)
   refsd samplers --parity diffusers            (one profile's, one per line)
+  refsd convert-embedding style.pt style.safetensors   (opt-in: unpickles with torch, weights_only=True)
 
 exit status: 0 ok / match, 1 tensors diverge, 2 error
 """
@@ -109,7 +110,9 @@ cond_stage_model.* / conditioner.embedders.* keys, or a diffusers folder whose m
 a unet -- is also loaded as refsd would load it: its architecture (sd1, sd1-inpaint, sd2, sd2-inpaint,
 sdxl, sdxl-inpaint, sdxl-refiner) and each component's parameter count and dtypes are printed, and
 a checkpoint refsd cannot load (unknown architecture, stray or missing keys, wrong shapes) is an
-error. Other tensor files (goldens, traces, single components) get the summary only.
+error. A textual-inversion embedding (emb_params, clip_l + clip_g, or one diffusers <token> key) gets
+its layout, vector count, width, the base family it fits and how prompts name it. Other tensor files
+(goldens, traces, single components) get the summary only.
 """
 
 NAMES_HELP = {
@@ -124,6 +127,7 @@ examples:
   refsd info v1-5-pruned-emaonly.safetensors
   refsd info ./stable-diffusion-v1-5/
   refsd info model.safetensors --depth 2      (group keys by two dotted components)
+  refsd info embeddings/easynegative.safetensors      (a textual-inversion embedding)
 """
 
 
@@ -263,7 +267,30 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=raw)
         p.add_argument("--parity", metavar="PROFILE", help="only this profile's names, one per line")
         p.set_defaults(run=_cmd_names, kind=kind)
+
+    p = sub.add_parser("convert-embedding", help="convert a pickled A1111 .pt/.bin embedding to .safetensors",
+                       description=CONVERT_EMBEDDING_HELP, formatter_class=raw)
+    p.add_argument("src", metavar="IN", help="the .pt / .bin embedding (a pickle: convert only files you trust)")
+    p.add_argument("dst", metavar="OUT", help="the .safetensors file to write")
+    p.set_defaults(run=_cmd_convert_embedding)
     return parser
+
+
+CONVERT_EMBEDDING_HELP = """\
+Convert a textual-inversion embedding saved as a pickle (A1111's .pt, diffusers' learned_embeds.bin) to
+.safetensors, the only format refsd reads. Opt-in, and the only refsd command that unpickles: it needs
+torch and loads IN with torch.load(weights_only=True), torch's restricted unpickler (tensors, dicts,
+numbers and strings; anything else is refused). OUT holds emb_params (A1111 / ComfyUI's layout), or
+clip_l + clip_g (SDXL), or the diffusers token; it is written atomically. See docs/embeddings.md.
+"""
+
+
+def _cmd_convert_embedding(args) -> int:
+    from refsd.text.embedding_pickle import convert_pickle
+
+    emb = convert_pickle(args.src, args.dst)
+    print(f"{args.dst}: {emb.layout} embedding, {emb.count} vector(s), fits {emb.architecture}")
+    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,18 +417,18 @@ def _golden_meta(path: Path) -> dict | None:
 def _rename_sides(args, a, a_order, b, b_order, golden, port_names: dict):
     """Apply ``--names`` to A and ``--ref-names`` to B: both end up in diffusers names. The layout a
     map needs comes from the diffusers-named side (and a golden's param keys)."""
-    from refsd.weights.names import best_map
+    from refsd.weights.names import REFERENCE, best_map
 
     if not args.names and not args.ref_names:
         return a, a_order, b, b_order
-    if args.names and args.ref_names and "diffusers" not in (args.names, args.ref_names):
+    if args.names and args.ref_names and REFERENCE not in (args.names, args.ref_names):
         raise RefsdError("--names and --ref-names: one side must use diffusers names (the maps are built from it)")
     params = golden.get("params", []) if golden else []
-    if args.names and args.names != "diffusers":
+    if args.names and args.names != REFERENCE:
         m = best_map(args.names, a, list(b) + list(params))
         port_names.update({m.to_reference(n): n for n in a})
         a, a_order = _renamed(a, a_order, m.to_reference, args.a, m)
-    if args.ref_names and args.ref_names != "diffusers":
+    if args.ref_names and args.ref_names != REFERENCE:
         m = best_map(args.ref_names, b, list(a))
         b, b_order = _renamed(b, b_order, m.to_reference, args.b, m)
     return a, a_order, b, b_order
@@ -468,7 +495,7 @@ def _cmd_info(args) -> int:
     if not p.exists():
         raise RefsdError(f"{args.path}: no such file or directory")
     lines = describe_folder(p, depth=args.depth) if p.is_dir() else describe_file(p, depth=args.depth)
-    if not any(line.startswith(("architecture:", "golden case:")) for line in lines):
+    if not any(line.startswith(("architecture:", "golden case:", "textual-inversion embedding:")) for line in lines):
         lines.append("architecture: none recognised (no model.diffusion_model / first_stage_model / "
                      "cond_stage_model / conditioner.embedders keys, no model_index.json with a unet): "
                      "not a Stable Diffusion checkpoint")
@@ -608,8 +635,15 @@ def _checkpoint(header, depth: int) -> list[str]:
     return load_checkpoint(header.path).summary()
 
 
+def _embedding(header, depth: int) -> list[str]:
+    """A textual-inversion embedding: layout, vectors, width, base family (refsd.text.embeddings)."""
+    from refsd.text.embeddings import describe
+
+    return describe(header)
+
+
 # Sections of describe_file, in print order; each (header, depth) -> lines.
-FILE_SECTIONS: list[Callable] = [_counts, _dtypes, _prefixes, _metadata, _golden, _checkpoint]
+FILE_SECTIONS: list[Callable] = [_counts, _dtypes, _prefixes, _metadata, _golden, _checkpoint, _embedding]
 
 
 def _si(n: float) -> str:

@@ -79,6 +79,8 @@ examples:
       --negative-original-size 512x512 --negative-target-size 1024x1024 --out cat-xl.png
   refsd generate --from-png xl.png --model sd_xl_base_1.0.safetensors --refiner sd_xl_refiner_1.0.safetensors --out again.png
       (a PNG names its model and refiner but not their paths: pass them again)
+  refsd generate --model sd15.safetensors --embedding-dir embeddings/ --parity a1111 \
+      --prompt "a portrait, (myStyle:1.2)" --negative "easynegative" --out ti.png   (embeddings by file name)
   refsd generate --from-png cat.png --out again.png                (re-run from the PNG's parameters)
   refsd generate --from-png a1111.png --model-dir ~/models --out again.png
       (find the model the PNG names in ~/models, by its name, then its hash, as A1111 does)
@@ -117,6 +119,10 @@ def _add_generation_flags(p, *, out_default: str, out_help: str) -> None:
     g.add_argument("--prediction", metavar="KIND",
                    help=f"{' | '.join(PREDICTIONS)}: force the model's prediction type (SD 2.x 768-v "
                         "checkpoints are v_prediction; the weights cannot tell)")
+    g.add_argument("--embedding-dir", metavar="DIR",
+                   help="textual-inversion embeddings (.safetensors) the prompts may name: by file name under "
+                        "--parity a1111, as embedding:NAME under comfyui, as <token> under diffusers "
+                        "(docs/embeddings.md)")
     g = p.add_argument_group("prompt and sampling")
     g.add_argument("--prompt", help="the prompt (required unless --from-png)")
     g.add_argument("--negative", dest="negative_prompt", metavar="TEXT",
@@ -299,6 +305,10 @@ def _run_pipeline(job: GenerateJob, on_step: Callable | None = None, progress: P
     refiner_hash = _Background(png.model_hash, job.refiner) if job.refiner is not None else None
     placement = {"backend": s["backend"], "dtype": s["dtype"], "attention": s["attention"]}
     model = pipelines.load_model(model_path, prediction=s["prediction"], config=job.config, **placement)
+    if job.embeddings is not None:
+        from refsd.text.embeddings import attach_embeddings
+
+        model = attach_embeddings(model, job.embeddings)
     refiner = None
     if job.refiner is not None:
         refiner = pipelines.load_model(job.refiner, config=job.refiner_config, **placement)
@@ -326,6 +336,8 @@ def _run_pipeline(job: GenerateJob, on_step: Callable | None = None, progress: P
             shown.close()
     s["width"], s["height"] = result.info["width"], result.info["height"]
     names = {"model": png.model_name(model_path), "model_hash": model_hash.result()}
+    if job.embeddings is not None:
+        names["ti_hashes"] = job.embeddings.ti_hashes()
     if job.refiner is not None:
         names.update(refiner=png.model_name(job.refiner), refiner_hash=refiner_hash.result())
     return result, names

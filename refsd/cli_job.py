@@ -65,6 +65,7 @@ class GenerateJob:
     refiner: Path | None = None  # the SDXL refiner
     refiner_config: Path | None = None
     micro: dict | None = None  # the pipelines' micro= ((height, width) sizes); None: none given
+    embeddings: object = None  # --embedding-dir's refsd.text.embeddings.Embeddings, checked
 
 
 def _choice(what: str, value, valid) -> None:
@@ -82,7 +83,7 @@ def generate_job(args) -> GenerateJob:
     from refsd.pipelines.facts import inspect_model
     from refsd.pipelines.profiles import get_profile
 
-    s, explicit, keep, source, png_refiner = _settings(args)
+    s, explicit, keep, source, png_refiner, ti_hashes = _settings(args)
     notes: list[str] = []
     model, facts = _model(args, source)
     refiner, refiner_facts = _refiner(args, model, png_refiner)
@@ -122,13 +123,25 @@ def generate_job(args) -> GenerateJob:
     _check_memory(s, facts, refiner_facts)
     images = getattr(args, "command", None) != "trace"  # refsd trace writes one .safetensors file
     outputs = _outputs(args.out, 1 if keep is not None else s["batch"], images=images)
+    embeddings = _embeddings(args, s, facts, ti_hashes, notes)
     return GenerateJob(s, model, init, mask, outputs, keep, random_seed, notes, mask_options, config=config,
-                       refiner=refiner, refiner_config=refiner_config, micro=micro_conditioning(s))
+                       refiner=refiner, refiner_config=refiner_config, micro=micro_conditioning(s),
+                       embeddings=embeddings)
+
+
+def _embeddings(args, s: dict, facts, ti_hashes, notes: list):
+    """--embedding-dir, with the PNG's TI hashes resolved and the prompts' embedding names checked."""
+    from refsd.pipelines.profiles import get_profile
+    from refsd.text.embeddings import for_job
+
+    syntax = get_profile(s["parity"]).prompt_syntax
+    return for_job(getattr(args, "embedding_dir", None), ti_hashes, (s["prompt"], s["negative_prompt"]),
+                   syntax=syntax, xl=facts.is_xl, what=args.from_png or "the PNG", notes=notes)
 
 
 def _settings(args):
-    """(settings, the explicit flags, keep, the PNG's parameters, its refiner label): flags over
-    --from-png over GENERATE_DEFAULTS."""
+    """(settings, the explicit flags, keep, the PNG's parameters, its refiner label, its TI hashes):
+    flags over --from-png over GENERATE_DEFAULTS."""
     from refsd.pipelines import png
 
     explicit = {k: getattr(args, k) for k in GENERATE_DEFAULTS if getattr(args, k, None) is not None}
@@ -137,19 +150,20 @@ def _settings(args):
         if k in explicit:
             explicit[k] = parse[kind](explicit[k], flag)
     s = dict(GENERATE_DEFAULTS)
-    keep, source, png_refiner = None, {}, None
+    keep, source, png_refiner, ti_hashes = None, {}, None, None
     if args.from_png:
         source = png.read_parameters(args.from_png)
         found = png.settings(source, what=args.from_png)
         keep = found.pop("batch_index", None)
         png_refiner = found.pop("refiner", None)
+        ti_hashes = found.pop("ti_hashes", None)
         s.update(found)
     s.update(explicit)
     if keep is not None and ({"seed", "batch"} & explicit.keys()):
         keep = None  # a new seed or batch size: a new batch, not image i of the old one
     if keep is not None:
         s["batch"] = keep + 1
-    return s, explicit, keep, source, png_refiner
+    return s, explicit, keep, source, png_refiner, ti_hashes
 
 
 def _check(s: dict, explicit: dict, facts, refiner_facts, image: bool, mask: bool) -> None:

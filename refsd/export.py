@@ -36,7 +36,7 @@ import numpy as np
 from refsd.errors import RefsdError, WeightsError
 from refsd.files import atomic_write
 from refsd.weights import ldm
-from refsd.weights.names import name_map
+from refsd.weights.names import REFERENCE, name_map
 from refsd.xp import to_numpy
 
 NAMES = ("diffusers", "ldm")
@@ -200,7 +200,7 @@ def export_golden(case_id: str, out: str | Path, *, names: str = "diffusers", la
                         "transform": how}
 
     for k, v in weights.items():
-        put("param/" + k, v, "weight", "param/" + k if names == "diffusers" else "param/(renamed by ldm.to_ldm)")
+        put("param/" + k, v, "weight", "param/" + k if names == REFERENCE else "param/(renamed by ldm.to_ldm)")
     for group in ("in", "out"):
         for k, v in case.group(group).items():  # pipeline images are (B, H, W, 3) already: kept
             put(f"{group}/{k}", v, "image" if k.endswith("image") else "activation", f"{group}/{k}")

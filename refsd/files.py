@@ -1,4 +1,6 @@
-"""Host-side file output shared by every writer (weights, images): complete or absent, never partial.
+"""Host-side file helpers shared by every reader and writer: output that is complete or absent, never
+partial (weights, images), and the sha256 of a file (A1111's model, LoRA and embedding hashes, the demo's
+check).
 
 Rules for a target path (``atomic_write``, and ``check_writable`` before a long run):
 
@@ -12,6 +14,7 @@ Rules for a target path (``atomic_write``, and ``check_writable`` before a long 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import stat
@@ -100,3 +103,12 @@ def _keep_mode(fd: int, old: os.stat_result) -> None:
         except OSError:  # not ours to give away: the new file is the writer's, with the old mode
             pass
     os.fchmod(fd, stat.S_IMODE(old.st_mode))  # after chown, which clears set-id bits
+
+
+def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 22) -> str:
+    """The sha256 hex digest of a file, read in ``chunk``-byte blocks (memory stays bounded)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -211,6 +211,36 @@ def _stage_outputs(res, steps_done: dict, *, mode: str, prefix: str = "") -> dic
     return {prefix + k: (v if v.dtype == xp.float32 else xp.astype(v, xp.float32)) for k, v in out.items()}
 
 
+def _embeddings(tensors: dict, spec: list | None):
+    """The Embedding objects of a case's ``in/emb.<name>.<key>`` tensors, as ``op.kwargs.embeddings``
+    lists them (refsd.text.embeddings.from_tensors: the same recognition as a file's)."""
+    from refsd.text.embeddings import from_tensors
+
+    if not spec:
+        return None
+    return [from_tensors(e["name"], {k: rxp.to_numpy(tensors[f"emb.{e['name']}.{k}"]) for k in e["keys"]})
+            for e in spec]
+
+
+def _run_prompt_embeds(*, params, model: dict, prompt: str, negative_prompt: str | None, parity: str,
+                       embeddings: list, clip_skip: int | None = None, attention: str = "sliced", **tensors):
+    """Golden adapter for textual-inversion prompt cases (op "prompt_embeds"): refsd.pipelines.core
+    .encode_text on the tiny ``model`` with the case's embeddings attached, under ``parity``; outputs
+    ``prompt_embeds``, ``negative_prompt_embeds`` (SDXL also the pooled ``*_pooled_prompt_embeds``)."""
+    from refsd.pipelines.core import check_settings, encode_text
+    from refsd.text.embeddings import attach_embeddings
+
+    m = attach_embeddings(_tiny_model(params, model, attention), _embeddings(tensors, embeddings))
+    s = check_settings(m, prompt=prompt, negative_prompt=negative_prompt, width=64, height=64, steps=1, cfg=7.0,
+                       sampler="euler", scheduler="normal", seed=0, rng="torch-cpu", batch_size=1,
+                       clip_skip=clip_skip, parity=parity)
+    cond, uncond = encode_text(m, s)
+    out = {"prompt_embeds": cond["encoder_hidden_states"], "negative_prompt_embeds": uncond["encoder_hidden_states"]}
+    if "text_embeds" in cond:
+        out.update(pooled_prompt_embeds=cond["text_embeds"], negative_pooled_prompt_embeds=uncond["text_embeds"])
+    return out
+
+
 MICRO_KEYS = ("original_size", "crop", "target_size", "negative_original_size", "negative_crop",
               "negative_target_size", "aesthetic_score", "negative_aesthetic_score")
 
@@ -219,7 +249,8 @@ def _run_pipeline(init_image=None, mask=None, *, params, model: dict, mode: str,
                   negative_prompt: str | None, steps: int, cfg: float, sampler: str, scheduler: str, seed: int,
                   rng: str, batch_size: int, clip_skip: int | None, parity: str, width: int | None = None,
                   height: int | None = None, strength: float | None = None, attention: str = "sliced",
-                  refiner: dict | None = None, switch: float | None = None, **micro):
+                  refiner: dict | None = None, switch: float | None = None, embeddings: list | None = None,
+                  **micro):
     """Golden adapter for pipeline cases (op "pipeline"): refsd.pipelines.txt2img / img2img / inpaint (and
     txt2img with an SDXL ``refiner``, mode "base_refiner") on a tiny model whose weights are
     ``param/<component>.<key>`` (the refiner's UNet: ``param/refiner.unet.<key>``) and whose configs are
@@ -232,10 +263,15 @@ def _run_pipeline(init_image=None, mask=None, *, params, model: dict, mode: str,
     (as the UNet's batch gets them); base + refiner: the base stage's under ``base.``."""
     from refsd.pipelines import img2img, inpaint, txt2img
 
+    files = {k: micro.pop(k) for k in list(micro) if k.startswith("emb.")}  # textual-inversion tensors
     unknown = sorted(set(micro) - set(MICRO_KEYS))
     if unknown:
         raise GoldenError(f"pipeline golden: unknown kwargs {unknown}")
     m = _tiny_model(params, model, attention)
+    if embeddings:
+        from refsd.text.embeddings import attach_embeddings
+
+        m = attach_embeddings(m, _embeddings(files, embeddings))
     steps_done = {}
     common = dict(steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, seed=seed, rng=rng,
                   batch_size=batch_size, clip_skip=clip_skip, parity=parity,
@@ -284,6 +320,7 @@ OPS = {
     "vae": _run_vae,
     "unet": _run_unet,
     "pipeline": _run_pipeline,
+    "prompt_embeds": _run_prompt_embeds,
 }
 
 

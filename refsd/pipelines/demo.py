@@ -30,7 +30,6 @@ The file lives in ``$REFSD_CACHE`` if set, else ``~/.cache/refsd``, as ``demo-sd
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from pathlib import Path
@@ -38,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from refsd.errors import RefsdError
+from refsd.files import sha256_file
 from refsd.sampling.rng import generator
 from refsd.weights import detect as det
 from refsd.weights import ldm
@@ -114,11 +114,7 @@ def write(path: str | os.PathLike) -> Path:
 
 def sha256(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
     """The sha256 hex digest of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path, chunk=chunk)
 
 
 def ensure(directory: str | os.PathLike | None = None) -> Path:

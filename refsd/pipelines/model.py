@@ -18,7 +18,6 @@ standard deviation of ``up_blocks.3.attentions.2.transformer_blocks.0.norm1.bias
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any
 from refsd import xp as rxp
 from refsd.attention import STRATEGIES
 from refsd.errors import RefsdError
+from refsd.files import sha256_file
 from refsd.models.unet import UNetConfig
 from refsd.models.vae import VAEConfig
 from refsd.pipelines import demo
@@ -107,6 +107,7 @@ class Model:
     dtype: str = "float32"
     path: Path | None = None
     checkpoint: Checkpoint | None = field(default=None, repr=False)
+    embeddings: Any = None  # refsd.text.embeddings.Embeddings the prompts may name (attach_embeddings)
 
     def __repr__(self) -> str:
         """One line: architecture, name, dtype, backend (and device when not the CPU), where it came from."""
@@ -195,11 +196,7 @@ class Model:
         first use (seconds for a multi-GB file) and kept."""
         if self.path is None or not self.path.is_file():
             return None
-        h = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        return h.hexdigest()
+        return sha256_file(self.path, chunk=1 << 24)
 
     @property
     def short_hash(self) -> str | None:

@@ -58,7 +58,6 @@ is parsed in linear time (``find_pairs``) and every number read is range-checked
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -71,9 +70,9 @@ from typing import Any
 import numpy as np
 
 from refsd.errors import RefsdError
-from refsd.files import atomic_write
-from refsd.pipelines.profiles import get_profile
+from refsd.files import atomic_write, sha256_file
 from refsd.pipelines import preflight
+from refsd.pipelines.profiles import get_profile
 from refsd.pipelines.profiles.a1111 import A1111_AUTOMATIC_SCHEDULERS
 
 KEY = "parameters"
@@ -392,11 +391,7 @@ def model_hash(path: str | os.PathLike, *, chunk: int = 1 << 22) -> str | None:
     p = Path(path)
     if p.is_dir():
         return None
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()[:10]
+    return sha256_file(p, chunk=chunk)[:10]
 
 
 def model_name(path: str | os.PathLike) -> str:
@@ -450,7 +445,7 @@ def _micro_text(kind: str, v) -> str:
 
 def infotext(s: Mapping[str, Any], *, seed: int | None = None, index: int = 0, batch: int | None = None,
              model: str | None = None, model_hash: str | None = None, version: str | None = None,
-             refiner: str | None = None, refiner_hash: str | None = None) -> str:
+             refiner: str | None = None, refiner_hash: str | None = None, ti_hashes: str | None = None) -> str:
     """The infotext for image ``index`` of a batch generated with settings ``s``: the keys of
     ``refsd generate`` (prompt, negative_prompt (None: not given), steps, cfg, sampler, scheduler,
     seed, rng, width, height, batch, clip_skip, strength, parity, backend, dtype, attention,
@@ -459,7 +454,8 @@ def infotext(s: Mapping[str, Any], *, seed: int | None = None, index: int = 0, b
     the model, refiner and their hashes when known, and refsd's version is added).
     ``seed``: this image's own seed (default: the profile's seed for image ``index``, e.g. seed +
     index under a1111); ``batch``: the batch size (default: the settings'); ``refiner``: the SDXL
-    refiner's name (with ``refiner_hash``, A1111's short hash, when it has one)."""
+    refiner's name (with ``refiner_hash``, A1111's short hash, when it has one); ``ti_hashes``: A1111's
+    "TI hashes" of the textual-inversion embeddings used (refsd.text.embeddings.Embeddings.ti_hashes)."""
     if "batch_size" in s:  # a result's info
         s = _settings_from_info(s)
         model, model_hash = model or s.get("model"), model_hash or s.get("model_hash")
@@ -483,6 +479,7 @@ def infotext(s: Mapping[str, Any], *, seed: int | None = None, index: int = 0, b
         "Clip skip": clip_skip if clip_skip is not None and clip_skip > 1 else None,
         "Refiner": refiner_title,
         "Refiner switch at": _num(s.get("refiner_switch") or 0.8) if refiner_title is not None else None,
+        "TI hashes": ti_hashes,
         "RNG": A1111_RNG.get(s["rng"]),
         "refsd sampler": s["sampler"],
         "refsd scheduler": s["scheduler"],
@@ -626,6 +623,10 @@ def settings(params: Mapping[str, str], *, what: str = "parameters") -> dict[str
     for k, (key, kind) in MICRO_KEYS.items():
         if key in params:
             out[k] = parse[kind](params[key], f"{what}: {key}")
+    if "TI hashes" in params:  # textual-inversion embeddings: resolved against --embedding-dir
+        from refsd.text.embeddings import parse_ti_hashes
+
+        out["ti_hashes"] = parse_ti_hashes(params["TI hashes"], what)
     if "refsd batch" in params:
         m = re.fullmatch(r"(\d{1,9})/(\d{1,9})", params["refsd batch"].strip())
         if m is None or not 1 <= int(m.group(1)) <= int(m.group(2)):

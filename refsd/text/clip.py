@@ -34,7 +34,8 @@ from refsd.trace import detail, emit
 from refsd.weights.params import wb
 
 
-def clip_text(params, input_ids, *, cfg: CLIPTextConfig, attention: str = "sliced") -> dict:
+def clip_text(params, input_ids, *, cfg: CLIPTextConfig, attention: str = "sliced", extra_tokens=None,
+              pool_ids=None) -> dict:
     """CLIPTextModel / CLIPTextModelWithProjection forward. input_ids: (B, N) integer ids.
 
     Returns a dict: ``last_hidden_state`` (B, N, D), final-LN'd; ``hidden_states``, a tuple of
@@ -42,10 +43,15 @@ def clip_text(params, input_ids, *, cfg: CLIPTextConfig, attention: str = "slice
     transformers' ``output_hidden_states=True``; ``pooler_output`` (B, D), last_hidden_state at the
     EOS position (see ``_eos_positions``); ``text_embeds`` (B, projection_dim) when the params hold
     ``text_projection.weight``. ``attention`` is the refsd.attention strategy.
+
+    Textual-inversion embeddings (refsd.text.embeddings): ``extra_tokens`` (E, D) are token-embedding
+    rows for ids past the vocabulary (id ``vocab + e`` -> row e), as diffusers' resized embedding
+    matrix holds them; ``pool_ids`` (B, N), when given, are the ids the pooling position is found
+    from instead of ``input_ids`` (A1111 / ComfyUI pool at the EOS whatever ids the vectors have).
     """
     xp = rxp.namespace(input_ids)
     p = _text_root(params)
-    h = embeddings(p.sub("embeddings"), input_ids, cfg=cfg)
+    h = embeddings(p.sub("embeddings"), input_ids, cfg=cfg, extra_tokens=extra_tokens)
     hidden = [h]
     for i in range(cfg.num_hidden_layers):
         h = encoder_layer(p.sub(f"encoder.layers.{i}"), h, cfg=cfg, strategy=attention)
@@ -53,7 +59,7 @@ def clip_text(params, input_ids, *, cfg: CLIPTextConfig, attention: str = "slice
     last = emit(p.sub("final_layer_norm"), layer_norm(h, *wb(p, "final_layer_norm"), cfg.layer_norm_eps))
     b, n, d = last.shape
     rows = xp.arange(b, device=rxp.device(input_ids)) * n
-    pos = xp.astype(_eos_positions(input_ids, cfg), rows.dtype)
+    pos = xp.astype(_eos_positions(input_ids if pool_ids is None else pool_ids, cfg), rows.dtype)
     pooled = xp.take(xp.reshape(last, (b * n, d)), rows + pos, axis=0)
     out = {"last_hidden_state": last, "hidden_states": tuple(hidden), "pooler_output": pooled}
     if "text_projection.weight" in params:
@@ -100,14 +106,25 @@ def _act(x, name: str):
     return gelu(x, approximate="tanh")  # "gelu_new", "gelu_pytorch_tanh"
 
 
-def embeddings(p, input_ids, *, cfg: CLIPTextConfig, dtype=None):
-    """CLIPTextEmbeddings. input_ids: (B, N) int -> (B, N, D): token_embedding[ids] + position_embedding[:N]."""
+def embeddings(p, input_ids, *, cfg: CLIPTextConfig, dtype=None, extra_tokens=None):
+    """CLIPTextEmbeddings. input_ids: (B, N) int -> (B, N, D): token_embedding[ids] + position_embedding[:N].
+    ``extra_tokens`` (E, D): rows for ids vocab..vocab+E-1 (textual-inversion vectors), read without
+    copying the vocabulary's matrix."""
     xp = rxp.namespace(input_ids)
     b, n = input_ids.shape
     if n > cfg.max_position_embeddings:
         raise BackendError(f"CLIP text: {n} tokens exceed max_position_embeddings {cfg.max_position_embeddings}")
     tok = p["token_embedding.weight"]
-    h = xp.reshape(xp.take(tok, xp.reshape(input_ids, (-1,)), axis=0), (b, n, tok.shape[1]))
+    ids = xp.reshape(input_ids, (-1,))
+    if extra_tokens is None:
+        h = xp.take(tok, ids, axis=0)
+    else:
+        vocab = tok.shape[0]
+        inside = ids < vocab
+        zero = xp.zeros_like(ids)
+        h = xp.where(inside[:, None], xp.take(tok, xp.where(inside, ids, zero), axis=0),
+                     xp.take(extra_tokens, xp.where(inside, zero, ids - vocab), axis=0))
+    h = xp.reshape(h, (b, n, tok.shape[1]))
     return emit(p, h + p["position_embedding.weight"][:n, ...])
 
 

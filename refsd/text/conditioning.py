@@ -57,6 +57,12 @@ DEFAULT_EMPHASIS = {"a1111": "a1111", "comfyui": "comfyui", "none": "none", "dif
 EncodeFn = Callable[..., tuple]  # ids (n, 77) int -> (hidden (n, 77, D), pooled (n, P) or None)
 
 
+def _token_embedding_key(params) -> str:
+    """The token-embedding matrix's key (CLIPTextModel, or CLIPTextModelWithProjection's text_model.)."""
+    key = "embeddings.token_embedding.weight"
+    return key if key in params else "text_model." + key
+
+
 # --------------------------------------------------------------------------------------------
 # the two weighting rules
 
@@ -94,15 +100,21 @@ def emphasis_comfyui(z, z_empty, weights, changed=None):
 
 
 def prompt_chunks(tokenizer, prompt: str, *, syntax: str = "a1111", pad_token: int = EOS,
-                  comma_backtrack: int = 20) -> TokenChunks:
-    """The (ids[77], weights[77]) chunks of ``prompt`` under ``syntax`` (see the module docstring)."""
+                  comma_backtrack: int = 20, embeddings=None) -> TokenChunks:
+    """The (ids[77], weights[77]) chunks of ``prompt`` under ``syntax`` (see the module docstring).
+    ``embeddings``: a refsd.text.embeddings.PromptEmbeddings placing textual-inversion vectors by the
+    syntax's rule (A1111 stems, ComfyUI ``embedding:name``, diffusers ``<token>``)."""
     if syntax not in SYNTAXES:
         raise RefsdError(f"unknown prompt syntax {syntax!r}; valid: {', '.join(map(repr, SYNTAXES))}")
     if syntax == "diffusers":
-        ids = tokenizer(prompt, pad_token=pad_token)
-        _warn_truncated(tokenizer, prompt, pad_token)
+        if embeddings is not None:  # load_textual_inversion's added tokens; maybe_convert_prompt
+            ids = embeddings.diffusers_ids(prompt, pad_token=pad_token)
+        else:
+            ids = tokenizer(prompt, pad_token=pad_token)
+            _warn_truncated(tokenizer, prompt, pad_token)
         return [(ids, [1.0] * len(ids))]
-    return tokenizer.chunks(prompt, syntax=syntax, pad_token=pad_token, comma_backtrack=comma_backtrack)
+    return tokenizer.chunks(prompt, syntax=syntax, pad_token=pad_token, comma_backtrack=comma_backtrack,
+                            embeddings=embeddings)
 
 
 class TruncationWarning(UserWarning):
@@ -180,34 +192,49 @@ def encode_chunks(encode_fn: EncodeFn, chunks: TokenChunks, *, like, emphasis: s
 
 
 def encode_prompt(tokenizer, encode_fn: EncodeFn, prompt: str, *, like, syntax: str = "a1111",
-                  emphasis: str | None = None, pad_token: int = EOS, comma_backtrack: int = 20):
+                  emphasis: str | None = None, pad_token: int = EOS, comma_backtrack: int = 20, embeddings=None):
     """Prompt -> (cond (1, 77 * n_chunks, D), pooled (1, P) or None), as A1111 / ComfyUI / diffusers.
 
     ``tokenizer``: a refsd CLIPTokenizer; ``encode_fn(ids (n, 77) int) -> (hidden, pooled)``;
     ``like``: an array on the target backend/device; ``syntax``: "a1111" | "comfyui" | "none" |
     "diffusers"; ``emphasis``: "a1111" | "a1111_no_norm" | "comfyui" | "none" (default: the syntax's
     own); ``pad_token``: EOS (49407) for CLIP-L (SD1, SDXL's first encoder), 0 for OpenCLIP (SD2,
-    SDXL's second encoder); ``comma_backtrack``: A1111's comma_padding_backtrack (a1111/none syntax).
+    SDXL's second encoder); ``comma_backtrack``: A1111's comma_padding_backtrack (a1111/none syntax);
+    ``embeddings``: a refsd.text.embeddings.PromptEmbeddings (``encode_fn`` then needs its vectors:
+    ``clip_encode_fn(..., vectors=embeddings.vectors)``).
     """
     if syntax not in SYNTAXES:
         raise RefsdError(f"unknown prompt syntax {syntax!r}; valid: {', '.join(map(repr, SYNTAXES))}")
     emphasis = DEFAULT_EMPHASIS[syntax] if emphasis is None else emphasis
-    chunks = prompt_chunks(tokenizer, prompt, syntax=syntax, pad_token=pad_token, comma_backtrack=comma_backtrack)
+    chunks = prompt_chunks(tokenizer, prompt, syntax=syntax, pad_token=pad_token, comma_backtrack=comma_backtrack,
+                           embeddings=embeddings)
     empty = [tokenizer.bos, tokenizer.eos] + [pad_token] * (CONTEXT_LENGTH - 2)  # ComfyUI gen_empty_tokens
     return encode_chunks(encode_fn, chunks, like=like, emphasis=emphasis, empty_ids=empty)
 
 
 def clip_encode_fn(params, cfg, *, skip: int = 1, final_layer_norm: bool = True,
-                   pooled: str | None = "pooler_output", attention: str = "sliced") -> EncodeFn:
+                   pooled: str | None = "pooler_output", attention: str = "sliced", vectors=None,
+                   pool_at_eos: bool = True) -> EncodeFn:
     """An ``encode_fn`` over refsd's CLIP text model (refsd.text.clip.clip_text).
 
     ``skip``: A1111/ComfyUI clip skip (1 = last layer; 2 = penultimate, "Clip skip 2"); with
     ``final_layer_norm`` (A1111, ComfyUI SD1/SD2) the chosen hidden state goes through
     final_layer_norm, without it (SDXL's penultimate states) it is taken raw. ``pooled``: which
     output to pool ("pooler_output", "text_embeds" for a projection model, or None).
+    ``vectors``: a refsd.text.embeddings.TokenVectors whose rows the ids past the vocabulary select
+    (read when the ids are encoded, after chunking placed them); ``pool_at_eos``: pool where the
+    EOS is, as A1111 (placeholder ids 0) and ComfyUI (first EOS) do, rather than by transformers'
+    rule on the ids themselves (diffusers: for a legacy config, eos_token_id 2, the largest id,
+    which is an embedding's when the prompt holds one).
     """
     def encode(ids):
-        out = clip_text(params, ids, cfg=cfg, attention=attention)
+        extra = pool = None
+        if vectors is not None:
+            extra = vectors.table(params[_token_embedding_key(params)])
+            if extra is not None and pool_at_eos:
+                pool = rxp.asarray([vectors.placeholder_ids(list(map(int, r))) for r in rxp.to_numpy(ids)], like=ids,
+                                   dtype=ids.dtype)
+        out = clip_text(params, ids, cfg=cfg, attention=attention, extra_tokens=extra, pool_ids=pool)
         if final_layer_norm:
             hidden = out["last_hidden_state"] if skip == 1 else penultimate(out, params, cfg, skip=skip)
         else:

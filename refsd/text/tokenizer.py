@@ -57,6 +57,7 @@ CONTEXT_LENGTH = 77
 CHUNK_TOKENS = CONTEXT_LENGTH - 2  # 75 content tokens between BOS and EOS
 
 TokenChunks = list[tuple[list[int], list[float]]]  # per chunk: (ids[77], weights[77])
+EMBEDDING_PREFIX = "embedding:"  # ComfyUI's embedding_identifier
 
 VOCAB_FILE = Path(__file__).resolve().parent / "bpe_simple_vocab_16e6.txt.gz"
 
@@ -242,25 +243,35 @@ class CLIPTokenizer:
         self._bpe_memo[piece] = ids
         return ids
 
-    def _encode_plain(self, text: str) -> list[int]:
+    def _encode_plain(self, text: str, added: dict[str, int] | None = None) -> list[int]:
         ids = []
-        for piece in pretokenize(normalize(text)):
-            ids += self.bpe("".join(self.byte_encoder[b] for b in piece.encode("utf-8")))
+        text = normalize(text)
+        pieces = _split_special(text, added) if added else [(text, False)]
+        for part, is_added in pieces:  # tokenizers matches normalized added tokens on the normalized text
+            if is_added:
+                ids.append(added[part])
+                continue
+            for piece in pretokenize(part):
+                ids += self.bpe("".join(self.byte_encoder[b] for b in piece.encode("utf-8")))
         return ids
 
-    def encode(self, text: str, *, extra_specials: Iterable[str] = ()) -> list[int]:
+    def encode(self, text: str, *, extra_specials: Iterable[str] = (),
+               added: dict[str, int] | None = None) -> list[int]:
         """Token ids of ``text`` without BOS/EOS, as ``transformers.CLIPTokenizer(text,
         add_special_tokens=False).input_ids``. ``extra_specials``: further strings transformers has
-        registered as special tokens (e.g. a pad token ``"!"``), which it also cuts out of the text."""
+        registered as special tokens (e.g. a pad token ``"!"``), which it also cuts out of the text.
+        ``added``: tokens added with ``tokenizer.add_tokens`` (diffusers' textual-inversion tokens), by
+        their normalized text -> id: cut out of the normalized text, as tokenizers matches them."""
         if not isinstance(text, str):
             raise RefsdError(f"tokenizer input must be str, got {type(text).__name__}")
         ids = []
         for piece, special in _split_special(text, (*_SPECIALS, *extra_specials)):
-            ids += [self.encoder[piece]] if special else self._encode_plain(piece)
+            ids += [self.encoder[piece]] if special else self._encode_plain(piece, added)
         return ids
 
     def __call__(self, text: str, *, max_length: int = CONTEXT_LENGTH, pad_token: int = EOS,
-                 truncation: bool = True, pad_is_special: bool = True) -> list[int]:
+                 truncation: bool = True, pad_is_special: bool = True,
+                 added: dict[str, int] | None = None) -> list[int]:
         """BOS + ids + EOS, truncated and padded with ``pad_token`` to ``max_length``: exactly
         ``transformers.CLIPTokenizer(..., pad_token=<its string>)(text, padding="max_length",
         max_length=max_length, truncation=truncation).input_ids``. SD1 pads with EOS (49407); OpenCLIP
@@ -271,7 +282,7 @@ class CLIPTokenizer:
         if not isinstance(pad_token, int) or pad_token not in self.decoder:
             raise RefsdError(f"pad_token must be a token id in the vocabulary, got {pad_token!r}")
         extra = (self.decoder[pad_token],) if pad_is_special and pad_token != self.eos else ()
-        ids = self.encode(text, extra_specials=extra)
+        ids = self.encode(text, extra_specials=extra, added=added)
         if truncation:
             ids = ids[:max(max_length - 2, 0)]
         ids = [self.bos, *ids, self.eos]
@@ -297,14 +308,17 @@ class CLIPTokenizer:
     # ---------------------------------------------------------------- prompts
 
     def chunks(self, prompt: str, *, syntax: str = "a1111", pad_token: int = EOS,
-               comma_backtrack: int = 20) -> TokenChunks:
+               comma_backtrack: int = 20, embeddings=None) -> TokenChunks:
         """Prompt -> chunks of (ids[77], weights[77]), each BOS + 75 tokens + EOS, padded with
         ``pad_token`` (weight 1.0). ``syntax``: "a1111" (emphasis, BREAK, comma rule with
-        ``comma_backtrack``), "comfyui" (its emphasis and word-keeping rule) or "none" (literal)."""
+        ``comma_backtrack``), "comfyui" (its emphasis and word-keeping rule) or "none" (literal).
+        ``embeddings``: a refsd.text.embeddings.PromptEmbeddings; A1111 / "none": an embedding's stem
+        matched on token ids, its vectors kept in one chunk (sd_hijack_clip.tokenize_line); ComfyUI:
+        ``embedding:name`` words, kept whole like a word (fewer than 8 vectors)."""
         if not isinstance(prompt, str):
             raise RefsdError(f"prompt must be str, got {type(prompt).__name__}")
         if syntax == "comfyui":
-            return self._chunks_comfyui(prompt, pad_token)
+            return self._chunks_comfyui(prompt, pad_token, embeddings)
         parsed = parse_prompt(prompt, syntax=syntax)
         chunks: TokenChunks = []
         toks: list[int] = []
@@ -321,7 +335,10 @@ class CLIPTokenizer:
             if text == "BREAK" and weight == -1:
                 close()
                 continue
-            for token in self.encode(text):
+            tokens = self.encode(text)
+            position = 0
+            while position < len(tokens):
+                token = tokens[position]
                 if token == self.comma:
                     last_comma = len(toks)
                 elif (comma_backtrack and len(toks) == CHUNK_TOKENS and last_comma != -1
@@ -333,13 +350,23 @@ class CLIPTokenizer:
                     toks, mults = list(moved[0]), list(moved[1])
                 if len(toks) == CHUNK_TOKENS:
                     close()
-                toks.append(token)
-                mults.append(weight)
+                found = embeddings.a1111_match(tokens, position) if embeddings is not None else None
+                if found is None:
+                    toks.append(token)
+                    mults.append(weight)
+                    position += 1
+                    continue
+                vector_ids, consumed = found  # A1111: an embedding never straddles two chunks
+                if len(toks) + len(vector_ids) > CHUNK_TOKENS:
+                    close()
+                toks += vector_ids
+                mults += [weight] * len(vector_ids)
+                position += consumed
         if toks or not chunks:
             close()
         return chunks
 
-    def _chunks_comfyui(self, prompt: str, pad_token: int) -> TokenChunks:
+    def _chunks_comfyui(self, prompt: str, pad_token: int, embeddings=None) -> TokenChunks:
         """comfy/sd1_clip.py SDTokenizer.tokenize_with_weights (no embeddings, max_word_length 8).
 
         ref: comfyanonymous/ComfyUI@00728eb20fce05955f89ef1ccf5f6167416e94cf comfy/sd1_clip.py (checked
@@ -347,9 +374,12 @@ class CLIPTokenizer:
         shorter ones move whole; BOS/EOS/pad weights 1.0). ComfyUI looks a word up as ``word</w>``
         before running BPE; BPE yields that same single token whenever it is in the vocabulary.
         """
-        words = []  # (ids, weight) per space-separated word
+        words = []  # (ids, weight) per space-separated word; an embedding's vectors are one word
         for text, weight in parse_prompt(prompt, syntax="comfyui"):
             for word in text.replace("\n", " ").split(" "):
+                if word.startswith(EMBEDDING_PREFIX) and embeddings is not None:
+                    vector_ids, word = embeddings.comfy_ids(word[len(EMBEDDING_PREFIX):])
+                    words.append((vector_ids, weight))
                 if word:
                     words.append((self.encode(word), weight))
         chunks: TokenChunks = []

@@ -33,7 +33,8 @@ from pathlib import Path
 from refsd.errors import RefsdError, WeightsError
 from refsd.weights import ldm
 
-SCHEMES = ("diffusers", "ldm", "transformers4")
+REFERENCE = "diffusers"  # the scheme refsd, its goldens and traces name modules in; the maps lead to it
+SCHEMES = (REFERENCE, "ldm", "transformers4")
 KINDS = ("unet", "vae", "clip", "openclip", "openclip_proj")
 
 # Module paths with no weights of their own (the weight tables cannot list them), (ldm, diffusers).
@@ -174,7 +175,7 @@ def load_json_map(path: str | Path) -> tuple[tuple[str, str], ...]:
 def name_map(scheme: str, kind: str, reference_names: Iterable[str]) -> NameMap:
     """The map for ``scheme`` (one of SCHEMES, or a JSON file) on a component ``kind`` whose layout is
     read from the diffusers-named ``reference_names``."""
-    if scheme == "diffusers":
+    if scheme == REFERENCE:
         return NameMap(scheme, kind, None)
     if scheme == "transformers4":
         if kind in ("unet", "vae", "openclip_proj"):  # no change: only CLIPTextModel lost text_model.

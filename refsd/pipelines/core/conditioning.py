@@ -138,10 +138,13 @@ def encode_text_xl(model, s):
         hidden, pooled = [], None
         for enc in model.text_encoders:
             p = model.params[enc.component]
+            emb = prompt_embeddings(model, enc, syntax)
             fn = clip_encode_fn(p, enc.config, skip=skip, final_layer_norm=False,
                                 pooled="text_embeds" if enc is model.text_encoders[-1] else None,
-                                attention=model.attention)
-            z, pool = encode_prompt(enc.tokenizer, fn, text, like=like, syntax=syntax, pad_token=enc.pad_token)
+                                attention=model.attention, vectors=emb and emb.vectors,
+                                pool_at_eos=syntax != "diffusers")
+            z, pool = encode_prompt(enc.tokenizer, fn, text, like=like, syntax=syntax, pad_token=enc.pad_token,
+                                    embeddings=emb)
             hidden.append(z)
             pooled = pool if pool is not None else pooled
         n = min(z.shape[1] for z in hidden)  # ComfyUI's cut_to; equal lengths under diffusers
@@ -154,6 +157,20 @@ def encode_text_xl(model, s):
     if s.profile.zero_uncond_without_negative and s.negative_prompt is None and model.force_zeros_for_empty_prompt:
         return cond, {k: xp.zeros_like(v) for k, v in cond.items()}
     return cond, encode(s.negative_prompt or "", layer if s.profile.negative_clip_skip else 2)
+
+
+def prompt_embeddings(model, encoder, syntax: str):
+    """The textual-inversion lookup for one prompt on one text encoder (refsd.text.embeddings), or None:
+    the model's attached embeddings; under ComfyUI's syntax always one (``embedding:name`` is never
+    plain text there: without embeddings it is an unknown name)."""
+    from refsd.text.embeddings import Embeddings, PromptEmbeddings
+
+    embeddings = model.embeddings
+    if embeddings is None:
+        if syntax != "comfyui":
+            return None
+        embeddings = Embeddings({})
+    return PromptEmbeddings.for_encoder(embeddings, encoder, xl=model.is_xl)
 
 
 def _repeat(xp, x, b: int):
@@ -231,8 +248,11 @@ def encode_text(model, s, mode: str = "txt2img"):
     syntax = s.profile.prompt_syntax  # literal text (diffusers), or ComfyUI's / A1111's emphasis syntax and math
 
     def encode(text: str, clip_skip: int):
-        fn = clip_encode_fn(p, cfg, skip=clip_skip, final_layer_norm=True, pooled=None, attention=att)
-        z, _ = encode_prompt(model.tokenizer, fn, text, like=like, syntax=syntax, pad_token=model.pad_token)
+        emb = prompt_embeddings(model, model.text_encoders[0], syntax)
+        fn = clip_encode_fn(p, cfg, skip=clip_skip, final_layer_norm=True, pooled=None, attention=att,
+                            vectors=emb and emb.vectors)
+        z, _ = encode_prompt(model.tokenizer, fn, text, like=like, syntax=syntax, pad_token=model.pad_token,
+                             embeddings=emb)
         return z if s.batch_size == 1 else xp.concat([z] * s.batch_size, axis=0)
 
     cond = {"encoder_hidden_states": encode(s.prompt, skip)}
