@@ -162,6 +162,27 @@ def _run_unet(sample, encoder_hidden_states, timestep=None, text_embeds=None, ti
                            text_embeds=text_embeds, time_ids=time_ids, attention=attention)}
 
 
+def _run_controlnet(sample, timestep, encoder_hidden_states, controlnet_cond, text_embeds=None, time_ids=None, *,
+                    params, config: dict, unet_config: dict, conditioning_scale: float, guess_scale: float,
+                    attention: str = "sliced"):
+    """Golden adapter for ControlNet cases (op "controlnet"): refsd.models.controlnet on a diffusers
+    ControlNetModel config dict (weights ``param/controlnet.<key>``) -> ``down.<i>``, ``mid`` at
+    conditioning_scale, ``guess.down.<i>``, ``guess.mid`` in guess mode at guess_scale, and
+    ``unet_sample``: the UNet (``param/unet.<key>``) given the first residuals."""
+    from refsd.models.controlnet import ControlNetConfig, controlnet
+    from refsd.models.unet import UNetConfig, unet
+
+    cfg = ControlNetConfig.from_dict(config)
+    net, args = params.sub("controlnet"), (sample, timestep, encoder_hidden_states, controlnet_cond)
+    extra = {"text_embeds": text_embeds, "time_ids": time_ids, "attention": attention}
+    down, mid = controlnet(net, *args, cfg=cfg, conditioning_scale=conditioning_scale, **extra)
+    g_down, g_mid = controlnet(net, *args, cfg=cfg, conditioning_scale=guess_scale, guess_mode=True, **extra)
+    out = unet(params.sub("unet"), sample, timestep, encoder_hidden_states, cfg=UNetConfig.from_dict(unet_config),
+               down_block_additional_residuals=down, mid_block_additional_residual=mid, **extra)
+    return {**{f"down.{i}": d for i, d in enumerate(down)}, "mid": mid,
+            **{f"guess.down.{i}": d for i, d in enumerate(g_down)}, "guess.mid": g_mid, "unet_sample": out}
+
+
 def _tiny_model(params, model: dict, attention: str, prefixes: dict | None = None):
     """A pipelines Model over a case's ``param/<component>.<key>`` weights (``prefixes``: component ->
     another key prefix, e.g. the refiner's own UNet under "refiner.unet") and ``model`` configs."""
@@ -283,6 +304,7 @@ OPS = {
     "clip_text": _run_clip_text,
     "vae": _run_vae,
     "unet": _run_unet,
+    "controlnet": _run_controlnet,
     "pipeline": _run_pipeline,
 }
 
