@@ -114,3 +114,190 @@ def _sdxl_tiny(g, dt):
                             desc="tiny SDXL-base-layout ControlNet (no attention in block 0, transformer depth "
                                  "[1, 2, 1], text_time micro-conditioning with 6 time ids), randomised zero convs, "
                                  "conditioning_scale 1.3, guess mode at 0.5, and the UNet with the residuals")
+
+
+# --------------------------------------------------------------------------------------------
+# pipeline cases: StableDiffusionControlNet[Inpaint]Pipeline with one or several (MultiControlNetModel)
+# tiny ControlNets over golden/oracle_pipelines.py's sd1 model (its weights borrowed from that model's
+# owner case; each case stores its own ControlNets as ``param/controlnet.<i>.<key>``)
+
+
+def _pipeline_controlnet(model: str, index: int):
+    """Tiny ControlNet ``index`` for a golden/oracle_pipelines.py model, weights from crc32 of its name."""
+    import zlib
+
+    from diffusers import ControlNetModel
+
+    from golden.oracle_pipelines import MODELS
+
+    net = ControlNetModel(**controlnet_config(MODELS[model]["unet"])).eval()
+    randomise_controlnet(net, torch.Generator().manual_seed(zlib.crc32(f"pipeline/{model}/controlnet.{index}".encode())))
+    return net
+
+
+def _control_image(g, height: int, width: int, phase: float):
+    """uint8 (H, W, 3): a hard-edged pattern (edge-map-like, values 0 / 255) plus a few grey levels."""
+    y = torch.arange(height, dtype=torch.float64)[:, None]
+    x = torch.arange(width, dtype=torch.float64)[None, :]
+    bands = ((torch.sin(x / 5.0 + phase) + torch.cos(y / 7.0 - phase)) > 0.3).to(torch.float64) * 255.0
+    img = bands[:, :, None].repeat(1, 1, 3)
+    img[:, :, 1] = img[:, :, 1] * 0.5 + 60.0 * torch.rand((height, width), generator=g, dtype=torch.float64)
+    return img.round().clamp(0, 255).to(torch.uint8)
+
+
+def _controlnet_pipeline_case(g, dt, *, name: str, model: str, sampler: str, prompt: str, negative: str = "",
+                              steps: int, cfg: float, seed: int, controls: list[dict], width: int = 64,
+                              height: int = 64, batch: int = 1, guess_mode: bool = False,
+                              strength: float | None = None, desc: str):
+    import diffusers
+    import PIL.Image
+    from diffusers.pipelines.controlnet import pipeline_controlnet, pipeline_controlnet_inpaint
+
+    from golden.oracle_pipelines import (
+        MODELS,
+        OWNER,
+        SCHEDULERS,
+        _components,
+        _init_image,
+        _mask,
+        _params,
+        denoising_outputs,
+    )
+
+    inpaint = strength is not None
+    spec = MODELS[model]
+    text, unet, vae, tok = _components(model)
+    nets = [_pipeline_controlnet(model, i) for i in range(len(controls))]
+    cls, overrides = SCHEDULERS[sampler]
+    sched = getattr(diffusers, cls).from_config(spec["scheduler"], **overrides)
+    Pipe = diffusers.StableDiffusionControlNetInpaintPipeline if inpaint else diffusers.StableDiffusionControlNetPipeline
+    module = pipeline_controlnet_inpaint if inpaint else pipeline_controlnet
+    pipe = Pipe(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                controlnet=nets[0] if len(nets) == 1 else nets, scheduler=sched, safety_checker=None,
+                feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    rec: dict[str, torch.Tensor] = {}
+    steps_done: list[torch.Tensor] = []
+    encoded: list[torch.Tensor] = []
+    prepare = pipe.prepare_latents
+
+    def prepare_latents(*a, **k):
+        out = prepare(*a, **k)
+        if inpaint:
+            rec["init_latents"], rec["noise"] = out[0], out[1]
+        else:
+            rec["init_latents"] = out
+        return out
+
+    pipe.prepare_latents = prepare_latents
+    if inpaint:
+        encode_vae_image = pipe._encode_vae_image
+
+        def recording_encode(*a, **k):
+            encoded.append(encode_vae_image(*a, **k))
+            return encoded[-1]
+
+        pipe._encode_vae_image = recording_encode
+    randn = module.randn_tensor
+
+    def recording_randn(*a, **k):
+        out = randn(*a, **k)
+        rec.setdefault("noise", out.clone())
+        return out
+
+    def on_step_end(_pipe, i, t, kw):
+        steps_done.append(kw["latents"].clone())
+        return kw
+
+    inputs, images = {}, []
+    for i, c in enumerate(controls):
+        img = _control_image(g, c.get("image_height", height), c.get("image_width", width), phase=1.3 * i)
+        inputs[f"control_image_{i}"] = img
+        images.append(PIL.Image.fromarray(img.numpy()))
+    kwargs = {"height": height, "width": width}
+    if inpaint:
+        image, mask = _init_image(g, height, width), _mask(height, width)
+        inputs.update(init_image=image, mask=mask)
+        kwargs.update(image=PIL.Image.fromarray(image.numpy()), mask_image=PIL.Image.fromarray(mask.numpy()),
+                      control_image=images[0] if len(images) == 1 else images, strength=strength)
+    else:
+        kwargs["image"] = images[0] if len(images) == 1 else images
+    one = len(controls) == 1
+    scales = [c.get("scale", 1.0) for c in controls]
+    starts = [c.get("start", 0.0) for c in controls]
+    ends = [c.get("end", 1.0) for c in controls]
+    module.randn_tensor = recording_randn
+    try:
+        out = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=cfg,
+                   num_images_per_prompt=batch, generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
+                   controlnet_conditioning_scale=scales[0] if one else scales, guess_mode=guess_mode,
+                   control_guidance_start=starts[0] if one else starts, control_guidance_end=ends[0] if one else ends,
+                   callback_on_step_end=on_step_end, **kwargs)
+    finally:
+        module.randn_tensor = randn
+    outputs = denoising_outputs(rec, encoded, steps_done, inpaint=inpaint, strength=strength,
+                                blend=spec["unet"]["in_channels"] == 4)
+    outputs["image"] = torch.from_numpy(out.images)
+
+    base = _params(model)
+    params = dict(base)
+    for i, net in enumerate(nets):
+        params.update({f"controlnet.{i}.{k}": v.detach().clone() for k, v in net.state_dict().items()})
+    op_kwargs = {
+        "mode": "inpaint" if inpaint else "txt2img",
+        "model": {"architecture": model, "text_encoder": spec["text_encoder"], "unet": spec["unet"],
+                  "vae": spec["vae"], "scheduler": spec["scheduler"], "pad_token": spec["pad"][1]},
+        "prompt": prompt, "negative_prompt": negative, "steps": steps, "cfg": cfg, "sampler": sampler,
+        "scheduler": "normal", "seed": seed, "rng": "torch-cpu", "batch_size": batch, "clip_skip": None,
+        "parity": "diffusers", "width": width, "height": height,
+        "controlnets": [{"config": controlnet_config(spec["unet"]), "scale": s, "start": a, "end": b}
+                        for s, a, b in zip(scales, starts, ends)],
+        "guess_mode": guess_mode,
+    }
+    if inpaint:
+        op_kwargs["strength"] = strength
+        del op_kwargs["width"], op_kwargs["height"]
+    call = (f"diffusers.{Pipe.__name__}(vae, text_encoder, tokenizer, unet, controlnet="
+            f"{'controlnet' if one else '[controlnet_0, controlnet_1]'}, scheduler=diffusers.{cls}.from_config("
+            f"scheduler_config, **{overrides}))(prompt, negative_prompt, num_inference_steps={steps}, "
+            f"guidance_scale={cfg}, num_images_per_prompt={batch}, generator=torch.Generator('cpu').manual_seed({seed}), "
+            f"output_type='np', height={height}, width={width}, "
+            + ("image=init_image, mask_image=mask, control_image=control_image_0, " f"strength={strength}, "
+               if inpaint else "image=control_image(s), ")
+            + f"controlnet_conditioning_scale={scales[0] if one else scales}, guess_mode={guess_mode}, "
+            f"control_guidance_start={starts[0] if one else starts}, control_guidance_end={ends[0] if one else ends})")
+    return Capture("pipeline", inputs, outputs, call, desc, kwargs=op_kwargs, params=params,
+                   params_from=OWNER[model], borrowed=tuple(base))
+
+
+def _register_pipeline(name: str, **kw):
+    @case("pipeline", name, dtypes=("float32",))
+    def fn(g, dt, name=name, kw=kw):
+        return _controlnet_pipeline_case(g, dt, name=name, **kw)
+
+    return fn
+
+
+_register_pipeline("controlnet_txt2img_sd1_euler", model="sd1", sampler="euler", prompt="a house by a lake",
+                   negative="blurry", steps=4, cfg=7.5, seed=61,
+                   controls=[{"scale": 0.8, "image_height": 72, "image_width": 80}],
+                   desc="tiny SD1 + one tiny ControlNet (randomised zero convs), StableDiffusionControlNetPipeline, "
+                        "Euler, 4 steps, conditioning scale 0.8; the 80x72 control image is resized to 64x64 by "
+                        "PIL Lanczos (VaeImageProcessor, do_normalize False)")
+_register_pipeline("controlnet_multi_sd1_dpmpp_2m", model="sd1", sampler="dpmpp_2m", prompt="a house by a lake",
+                   steps=5, cfg=6.0, seed=62,
+                   controls=[{"scale": 1.0, "start": 0.0, "end": 0.6}, {"scale": 0.6, "start": 0.2, "end": 1.0}],
+                   desc="tiny SD1 + two tiny ControlNets (MultiControlNetModel), DPM-Solver++(2M), 5 steps: net 0 "
+                        "at 1.0 over [0, 0.6] (steps 0-2), net 1 at 0.6 over [0.2, 1] (steps 1-4), diffusers' "
+                        "controlnet_keep rule")
+_register_pipeline("controlnet_guess_sd1_euler_ancestral", model="sd1", sampler="euler_ancestral", prompt="a cat",
+                   negative="dark", steps=4, cfg=7.0, seed=63, batch=2, guess_mode=True,
+                   controls=[{"scale": 0.9, "start": 0.25, "end": 1.0}],
+                   desc="tiny SD1 + one ControlNet in guess mode (conditional half only, logspace soft weights x 0.9), "
+                        "batch 2, Euler ancestral, active from step 1 of 4")
+_register_pipeline("controlnet_inpaint_sd1_euler", model="sd1", sampler="euler", prompt="a red hat",
+                   negative="blurry", steps=4, cfg=7.5, seed=64, strength=1.0,
+                   controls=[{"scale": 1.2}],
+                   desc="tiny SD1 (4-channel, latent blending) + one ControlNet, StableDiffusionControlNetInpaintPipeline, "
+                        "strength 1, Euler, 4 steps, conditioning scale 1.2")

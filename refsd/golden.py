@@ -236,11 +236,12 @@ MICRO_KEYS = ("original_size", "crop", "target_size", "negative_original_size", 
               "negative_target_size", "aesthetic_score", "negative_aesthetic_score")
 
 
-def _run_pipeline(init_image=None, mask=None, *, params, model: dict, mode: str, prompt: str,
-                  negative_prompt: str | None, steps: int, cfg: float, sampler: str, scheduler: str, seed: int,
-                  rng: str, batch_size: int, clip_skip: int | None, parity: str, width: int | None = None,
-                  height: int | None = None, strength: float | None = None, attention: str = "sliced",
-                  refiner: dict | None = None, switch: float | None = None, **micro):
+def _run_pipeline(init_image=None, mask=None, control_image_0=None, control_image_1=None, *, params, model: dict,
+                  mode: str, prompt: str, negative_prompt: str | None, steps: int, cfg: float, sampler: str,
+                  scheduler: str, seed: int, rng: str, batch_size: int, clip_skip: int | None, parity: str,
+                  width: int | None = None, height: int | None = None, strength: float | None = None,
+                  attention: str = "sliced", refiner: dict | None = None, switch: float | None = None,
+                  controlnets: list | None = None, guess_mode: bool = False, **micro):
     """Golden adapter for pipeline cases (op "pipeline"): refsd.pipelines.txt2img / img2img / inpaint (and
     txt2img with an SDXL ``refiner``, mode "base_refiner") on a tiny model whose weights are
     ``param/<component>.<key>`` (the refiner's UNet: ``param/refiner.unet.<key>``) and whose configs are
@@ -250,7 +251,9 @@ def _run_pipeline(init_image=None, mask=None, *, params, model: dict, mode: str,
     strength 1), ``masked_image_latents`` (inpainting: the un-repeated first), ``init_latents``,
     ``step.<i>`` (latents after step i), ``latents``, ``image`` (float pixels (B, H, W, 3) before the
     uint8 rounding); SDXL: ``prompt_embeds``, ``pooled_prompt_embeds``, ``negative_*``, ``add_time_ids``
-    (as the UNet's batch gets them); base + refiner: the base stage's under ``base.``."""
+    (as the UNet's batch gets them); base + refiner: the base stage's under ``base.``. ``controlnets``:
+    [{config, scale, start, end}] with weights ``param/controlnet.<i>.<key>`` and images
+    ``control_image_<i>`` (uint8 (H, W, 3)); ``guess_mode`` for all of them."""
     from refsd.pipelines import img2img, inpaint, txt2img
 
     unknown = sorted(set(micro) - set(MICRO_KEYS))
@@ -263,6 +266,9 @@ def _run_pipeline(init_image=None, mask=None, *, params, model: dict, mode: str,
                   callback=lambda i, total, latents: steps_done.__setitem__(i, latents))
     if micro:
         common["micro"] = micro
+    if controlnets:
+        common.update(controls=_golden_controls(params, controlnets, (control_image_0, control_image_1), m),
+                      guess_mode=guess_mode)
     if mode == "txt2img":
         res = txt2img(m, prompt, negative_prompt, width=width, height=height, **common)
     elif mode == "img2img":
@@ -278,6 +284,23 @@ def _run_pipeline(init_image=None, mask=None, *, params, model: dict, mode: str,
     else:
         raise GoldenError(f"pipeline golden: unknown mode {mode!r}")
     return pipeline_outputs(res, steps_done, mode=mode)
+
+
+def _golden_controls(params, controlnets: list, images, model) -> list:
+    """The pipeline goldens' ControlNets as refsd.pipelines.control.ControlUnits (weights from the case)."""
+    from pathlib import Path
+
+    from refsd.models.configs import ControlNetConfig
+    from refsd.pipelines.control import ControlUnit
+    from refsd.weights.controlnet import ControlNet
+
+    units = []
+    for i, c in enumerate(controlnets):
+        net = ControlNet(Path(f"controlnet.{i}"), "golden", ControlNetConfig.from_dict(c["config"]),
+                         params.sub(f"controlnet.{i}"))
+        units.append(ControlUnit(net, rxp.to_numpy(images[i]).astype(np.uint8), scale=c["scale"], start=c["start"],
+                                 end=c["end"]))
+    return units
 
 
 # op name in a case's metadata -> the refsd callable (or adapter above). Inputs are passed by name.

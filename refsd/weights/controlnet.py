@@ -81,6 +81,15 @@ class ControlNet:
     config: ControlNetConfig
     params: Params
 
+    def placed(self, *, xp, device, dtype: str | None) -> ControlNet:
+        """The same ControlNet with its tensors placed on (xp, device) in ``dtype`` on first use (the
+        model's placement; the file's tensors are read again, this one's are untouched)."""
+        p = self.params
+        if p.xp is xp and p.device == device and p.dtype == dtype:
+            return self
+        entries = {rel: p._store.entries[full] for rel, full in p._own()}
+        return dataclasses.replace(self, params=Params(entries, xp=xp, device=device, dtype=dtype))
+
     @property
     def base(self) -> str:
         return base_architecture(self.config)
