@@ -301,3 +301,49 @@ _register_pipeline("controlnet_inpaint_sd1_euler", model="sd1", sampler="euler",
                    controls=[{"scale": 1.2}],
                    desc="tiny SD1 (4-channel, latent blending) + one ControlNet, StableDiffusionControlNetInpaintPipeline, "
                         "strength 1, Euler, 4 steps, conditioning scale 1.2")
+
+
+@case("pipeline", "controlnet_txt2img_sdxl_euler", dtypes=("float32",))
+def _controlnet_sdxl(g, dt):
+    """StableDiffusionXLControlNetPipeline over golden/oracle_sdxl.py's tiny SDXL base (weights borrowed)."""
+    import zlib
+
+    import diffusers
+    import PIL.Image
+    from diffusers import ControlNetModel
+
+    from golden.oracle_sdxl import MODELS, OWNER, _components, _model_kwargs, _params, _run, _scheduler
+
+    model, steps, cfg, seed, scale = "sdxl", 4, 6.0, 65, 0.7
+    spec, parts = MODELS[model], _components(model)
+    config = controlnet_config(spec["unet"])
+    net = ControlNetModel(**config).eval()
+    randomise_controlnet(net, torch.Generator().manual_seed(zlib.crc32(b"pipeline/sdxl/controlnet.0")))
+    pipe = diffusers.StableDiffusionXLControlNetPipeline(
+        vae=parts["vae"], text_encoder=parts["text_encoder"], text_encoder_2=parts["text_encoder_2"],
+        tokenizer=parts["tokenizer"], tokenizer_2=parts["tokenizer_2"], unet=parts["unet"], controlnet=net,
+        scheduler=_scheduler(model, "euler", "normal"), force_zeros_for_empty_prompt=spec["force_zeros_for_empty_prompt"],
+        add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    image = _control_image(g, 64, 64, phase=0.4)
+    prompt, negative = "a lighthouse at dusk", "fog"
+    outputs, _ = _run(pipe, "txt2img", prompt=prompt, negative_prompt=negative, image=PIL.Image.fromarray(image.numpy()),
+                      height=64, width=64, num_inference_steps=steps, guidance_scale=cfg,
+                      controlnet_conditioning_scale=scale, generator=torch.Generator("cpu").manual_seed(seed),
+                      output_type="np")
+    base = _params(model)
+    params = {**base, **{f"controlnet.0.{k}": v.detach().clone() for k, v in net.state_dict().items()}}
+    kwargs = {"mode": "txt2img", "model": _model_kwargs(model), "prompt": prompt, "negative_prompt": negative,
+              "steps": steps, "cfg": cfg, "sampler": "euler", "scheduler": "normal", "seed": seed, "rng": "torch-cpu",
+              "batch_size": 1, "clip_skip": None, "parity": "diffusers", "width": 64, "height": 64,
+              "controlnets": [{"config": config, "scale": scale, "start": 0.0, "end": 1.0}], "guess_mode": False}
+    call = ("diffusers.StableDiffusionXLControlNetPipeline(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, "
+            "unet, controlnet, scheduler=EulerDiscreteScheduler.from_config(scheduler_config), "
+            "force_zeros_for_empty_prompt=True, add_watermarker=False)(prompt, negative_prompt, "
+            f"image=control_image_0, height=64, width=64, num_inference_steps={steps}, guidance_scale={cfg}, "
+            f"controlnet_conditioning_scale={scale}, generator=torch.Generator('cpu').manual_seed({seed}), "
+            "output_type='np')")
+    return Capture("pipeline", {"control_image_0": image}, outputs, call,
+                   "tiny SDXL base + one tiny SDXL ControlNet (text_time micro-conditioning passed to it, randomised "
+                   "zero convs), StableDiffusionXLControlNetPipeline, Euler, 4 steps, conditioning scale 0.7",
+                   kwargs=kwargs, params=params, params_from=OWNER[model], borrowed=tuple(base))

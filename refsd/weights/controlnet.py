@@ -114,8 +114,12 @@ def _numel(shape) -> int:
 
 
 def base_architecture(cfg: ControlNetConfig) -> str:
-    """The SD architecture (refsd.weights.detect) whose UNet this ControlNet copies: "sd1", "sd2", "sdxl"."""
-    return det.architecture_of({"unet": dataclasses.asdict(cfg.unet)}, what="ControlNet")
+    """The SD architecture (refsd.weights.detect) whose UNet this ControlNet copies, by the family traits
+    detect uses: SDXL's text_time embedding -> "sdxl" (there are no refiner ControlNets), else linear
+    attention projections -> "sd2", else "sd1"."""
+    if cfg.addition_embed_type == "text_time":
+        return "sdxl"
+    return "sd2" if cfg.use_linear_projection else "sd1"
 
 
 def load_controlnet(path, *, xp=None, device=None, dtype: str | None = None) -> ControlNet:
