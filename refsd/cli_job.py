@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import numpy as np
 
+from refsd.cli_control import control_specs
 from refsd.errors import RefsdError
 
 # None: not given (then the --from-png value, else the default below). width / height default to the
@@ -29,7 +30,7 @@ GENERATE_DEFAULTS = {
     "strength": None, "parity": "diffusers", "backend": "numpy", "dtype": "float32", "attention": "sliced",
     "prediction": None, "refiner_switch": None, "original_size": None, "crop": None, "target_size": None,
     "negative_original_size": None, "negative_crop": None, "negative_target_size": None, "aesthetic_score": None,
-    "negative_aesthetic_score": None,
+    "negative_aesthetic_score": None, "controlnets": None, "guess_mode": None,
 }
 GENERATE_DTYPES = ("float32", "float16", "bfloat16")
 PREDICTIONS = ("epsilon", "v_prediction")
@@ -64,6 +65,7 @@ class GenerateJob:
     refiner: Path | None = None  # the SDXL refiner
     refiner_config: Path | None = None
     micro: dict | None = None  # the pipelines' micro= ((height, width) sizes); None: none given
+    controls: list = field(default_factory=list)  # refsd.cli_control.ControlSpec per --controlnet
 
 
 def _choice(what: str, value, valid) -> None:
@@ -95,6 +97,7 @@ def generate_job(args) -> GenerateJob:
     else:
         s["refiner_switch"] = None
     init, mask, mask_options = _images(args, s, explicit)
+    controls = control_specs(args, s, facts=facts, init_image=init is not None)
     if s["prompt"] is None:
         raise RefsdError("--prompt is required (or --from-png IMAGE to reuse a PNG's)")
     _micro_flags(s, explicit, args, facts, refiner is not None)
@@ -120,7 +123,7 @@ def generate_job(args) -> GenerateJob:
     rxp.backend(s["backend"])  # an unknown or unavailable backend fails here, before loading
     outputs = _outputs(args.out, 1 if keep is not None else s["batch"])
     return GenerateJob(s, model, init, mask, outputs, keep, random_seed, notes, mask_options, config=config,
-                       refiner=refiner, refiner_config=refiner_config, micro=micro_conditioning(s))
+                       refiner=refiner, refiner_config=refiner_config, micro=micro_conditioning(s), controls=controls)
 
 
 def _settings(args):
