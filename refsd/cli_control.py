@@ -94,9 +94,11 @@ def control_specs(args, s: dict, *, facts, init_image: bool) -> list[ControlSpec
         raise RefsdError(f"{args.from_png} was made with {len(units)} ControlNet(s), but {n} --controlnet given")
     if len(images) != n:
         raise RefsdError(f"{n} --controlnet but {len(images)} --control-image: give one image per ControlNet")
-    if s["parity"] != "diffusers":
-        raise RefsdError(f"--controlnet runs under --parity diffusers only (parity {s['parity']!r}: ComfyUI's range and "
-                         "resize rules are not reproduced; A1111 has ControlNet only as an extension)")
+    if s["parity"] not in ("diffusers", "comfyui"):
+        raise RefsdError(f"--controlnet runs under --parity diffusers or comfyui (parity {s['parity']!r}: A1111 has "
+                         "ControlNet only as the sd-webui-controlnet extension, not reproduced)")
+    if s["parity"] == "comfyui" and s.get("guess_mode"):
+        raise RefsdError("--guess-mode is diffusers'; ComfyUI's ControlNetApplyAdvanced has none (--parity comfyui)")
     scales = _per_unit(args.control_scale, n, "--control-scale", 1.0, units, "weight")
     starts = _per_unit(args.control_start, n, "--control-start", 0.0, units, "start")
     ends = _per_unit(args.control_end, n, "--control-end", 1.0, units, "end")

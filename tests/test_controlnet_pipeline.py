@@ -90,8 +90,8 @@ def test_refusals_name_the_culprit():
     units = _golden_controls(Params(case.group("param")), kw["controlnets"], (case.group("in")["control_image_0"], None),
                              model)
     assert check_controls(units, model, parity="diffusers") == tuple(units)
-    with pytest.raises(RefsdError, match="parity='diffusers' only"):
-        check_controls(units, model, parity="comfyui")
+    with pytest.raises(RefsdError, match="parity='diffusers' or 'comfyui'"):
+        check_controls(units, model, parity="a1111")
     with pytest.raises(RefsdError, match="start 0.7 / end 0.3"):
         check_controls([dataclasses.replace(units[0], start=0.7, end=0.3)], model, parity="diffusers")
     with pytest.raises(RefsdError, match="uint8 \\(H, W, 3\\)"):
@@ -102,3 +102,18 @@ def test_refusals_name_the_culprit():
                                 (xl.group("in")["control_image_0"], None), model)
     with pytest.raises(RefsdError, match="a ControlNet for sdxl .* but the model is sd1"):
         check_controls(xl_units, model, parity="diffusers")
+
+
+def test_comfyui_profile_runs_the_controlnet():
+    """parity="comfyui" end to end (its per-call rule is tests/test_controlnet_comfyui.py's): the
+    ControlNet changes the latents; a range [0.999, 1] still covers the last step (ComfyUI's schedule ends
+    at sigma_min and percent_to_sigma(0.999) is above it), so it changes them, less."""
+    case = golden.load_case("pipeline/controlnet_txt2img_sd1_euler_f32")
+    kw = case.meta["op"]["kwargs"]
+    comfy = {"parity": "comfyui", "negative_prompt": "blurry"}
+    with_cn, _ = _run(case.id, **comfy)
+    without, _ = _run(case.id, controlnets=None, **comfy)
+    assert np.all(np.isfinite(with_cn)) and float(np.abs(with_cn - without).max()) > 100 * PIPELINE_TOL
+    late = [{**c, "start": 0.999, "end": 1.0} for c in kw["controlnets"]]
+    late_run = _run(case.id, controlnets=late, **comfy)[0]
+    assert 0 < float(np.abs(late_run - without).max()) < float(np.abs(with_cn - without).max())

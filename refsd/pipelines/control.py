@@ -63,10 +63,9 @@ def check_controls(controls, model, *, parity: str) -> tuple:
 
     if not controls:
         return ()
-    if parity != "diffusers":
-        raise RefsdError(f"ControlNet runs under parity='diffusers' only for now; parity={parity!r} is not "
-                         "reproduced (ComfyUI applies its range by sigma and resizes with common_upscale; A1111 has "
-                         "ControlNet only through the sd-webui-controlnet extension)")
+    if parity not in ("diffusers", "comfyui"):
+        raise RefsdError(f"ControlNet runs under parity='diffusers' or 'comfyui'; parity={parity!r} is not reproduced "
+                         "(A1111 has ControlNet only through the sd-webui-controlnet extension)")
     out = []
     for k, u in enumerate(controls):
         what = f"control {k}" + (f" ({u.name})" if getattr(u, "name", None) else "")
@@ -87,6 +86,12 @@ def check_controls(controls, model, *, parity: str) -> tuple:
         check_fits(u.net, model.architecture, model.unet_config, name=what)
         out.append(u)
     return tuple(out)
+
+
+def model_like(model):
+    """A (1,) zero on the model's backend, device and dtype (what model sampling tables are built like)."""
+    xp = model.xp
+    return xp.zeros((1,), dtype=rxp.resolve_dtype(xp, model.dtype), device=model.device)
 
 
 def default_size(controls, width, height, multiple: int):
@@ -171,9 +176,15 @@ class ControlRun:
 
 def control_run(model, s, controls, plan, guess_mode: bool = False) -> ControlRun | None:
     """The ControlRun of one sampler run over ``plan`` (None without controls): images at the run's size
-    and batch, the unconditional half under guidance, n = len(plan.timesteps) UNet calls."""
+    and batch, the unconditional half under guidance, n = len(plan.timesteps) UNet calls (diffusers);
+    ComfyUI's (``ComfyControlRun``) under parity="comfyui"."""
     if not controls:
         return None
+    if s.profile.name == "comfyui":
+        if guess_mode:
+            raise RefsdError("guess mode is diffusers'; ComfyUI's ControlNetApplyAdvanced has none")
+        return ComfyControlRun(model, controls, width=s.width, height=s.height,
+                               model_sampling=s.profile.model_sampling(model.scheduler_config, like=model_like(model)))
     calls = len(plan.timesteps) if plan.timesteps is not None else plan.steps
     return ControlRun(model, controls, width=s.width, height=s.height, batch=s.batch_size, guided=s.guided,
                       calls=calls, guess_mode=guess_mode)
@@ -185,3 +196,89 @@ def record(res, run: ControlRun | None, guess_mode: bool) -> None:
         res.info["controlnets"] = run.info()
         if guess_mode:
             res.info["guess_mode"] = True
+
+
+# --------------------------------------------------------------------------------------------
+# ComfyUI (ControlNetApplyAdvanced + comfy/controlnet.py ControlNet.get_control)
+
+
+def comfy_hint(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """ComfyUI's hint: LoadImage's u8 / 255 (float32), then comfy.utils.common_upscale(hint, width, height,
+    "nearest-exact", "center"): crop the centre to the target's aspect ratio (x or y offset
+    round((old - old * ratio) / 2) per side), then nearest-exact resampling (source index
+    min(floor((dst + 0.5) * in / out), in - 1), torch's float32 scale). -> (1, 3, height, width)."""
+    x = image.astype(np.float32) / np.float32(255.0)
+    old_h, old_w = x.shape[:2]
+    old_aspect, new_aspect = old_w / old_h, width / height
+    ox = oy = 0
+    if old_aspect > new_aspect:
+        ox = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
+    elif old_aspect < new_aspect:
+        oy = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
+    x = x[oy:old_h - oy, ox:old_w - ox]
+    for axis, n_out in ((0, height), (1, width)):
+        n_in = x.shape[axis]
+        scale = np.float32(n_in / n_out)  # torch's nearest-exact: float32 scale = input / output
+        idx = np.minimum(np.floor((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale).astype(np.int64),
+                         n_in - 1)
+        x = np.take(x, idx, axis=axis)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+class ComfyControlRun(ControlRun):
+    """ComfyUI's rules: the hint is ``comfy_hint`` at 8x the latent size; a unit is active while
+    percent_to_sigma(end) <= sigma <= percent_to_sigma(start) (get_control skips it when
+    sigma > the start's sigma or sigma < the end's); its residuals times ``strength`` (the unit's scale);
+    it sees the same batch as the UNet (positive and negative: ControlNetApplyAdvanced sets both), with
+    the UNet's input and timestep (model_sampling.calculate_input, .timestep). No guess mode."""
+
+    def __init__(self, model, controls, *, width: int, height: int, model_sampling):
+        xp, dev = model.xp, model.device
+        dtype = rxp.resolve_dtype(xp, model.dtype)
+        self.units, self.guess, self.guided, self.sigma = controls, False, False, None
+        self.params = [u.net.placed(xp=xp, device=dev, dtype=model.dtype).params for u in controls]
+        self.images = [rxp.asarray(comfy_hint(u.image, width, height), xp=xp, device=dev, dtype=dtype) for u in controls]
+        self.ranges = [(model_sampling.percent_to_sigma(u.start), model_sampling.percent_to_sigma(u.end)) for u in controls]
+        self.attention = model.attention
+
+    def active(self, k: int) -> bool:
+        """comfy/controlnet.py get_control: skipped when sigma > the start's sigma or sigma < the end's."""
+        hi, lo = self.ranges[k]
+        return not (self.sigma > hi or self.sigma < lo)
+
+    def residuals(self, x_model, t, context: dict, cond: dict) -> dict:
+        xp = rxp.namespace(x_model)
+        b = x_model.shape[0]
+        extra = {k: context[k] for k in ("text_embeds", "time_ids") if k in context}
+        outs = []
+        for k, (u, p, img) in enumerate(zip(self.units, self.params, self.images)):
+            if not self.active(k):
+                outs.append(None)
+                continue
+            hint = img if img.shape[0] == b else xp.concat([img] * b, axis=0)  # broadcast_image_to: one hint
+            outs.append(controlnet(p, x_model, t, context["encoder_hidden_states"], hint, cfg=u.net.config,
+                                   conditioning_scale=u.scale, attention=self.attention, **extra))
+        total = sum_residuals(outs)
+        return {} if total is None else {"down_block_additional_residuals": total[0],
+                                         "mid_block_additional_residual": total[1]}
+
+    def wrap(self, net, denoiser_cls, model_sampling, **kw):
+        """A Denoiser over ``net`` that adds these residuals at each call, recording each call's sigma."""
+        return _Tracked(self, net, denoiser_cls, model_sampling, **kw)
+
+
+class _Tracked:
+    """``denoiser_cls(net + residuals, model_sampling)``, noting the sigma of each call for the range rule."""
+
+    def __init__(self, run: ComfyControlRun, net, denoiser_cls, model_sampling, **kw):
+        self.run, self.model_sampling = run, model_sampling
+
+        def controlled(x_in, t, **ctx):
+            return net(x_in, t, **ctx, **run.residuals(x_in, t, ctx, ctx))
+
+        self.inner = denoiser_cls(controlled, model_sampling, **kw)
+
+    def __call__(self, x, sigma, **extra):
+        s = rxp.to_numpy(sigma) if hasattr(sigma, "shape") else sigma
+        self.run.sigma = float(np.asarray(s).reshape(-1)[0])  # ComfyUI compares t[0]
+        return self.inner(x, sigma, **extra)

@@ -110,12 +110,14 @@ def make_denoiser(model: Model, s: Settings, plan: Plan, x, cond, uncond, host_s
     if s.profile.cfg_on == "eps":
         return _ScheduledDenoiser(_GuidedUNet(model, cond, uncond, s.cfg, unet_extra, control), ms, host_sigmas,
                                   plan.timesteps)
-    if control is not None:
-        raise RefsdError(f"ControlNet is not reproduced under parity={s.parity!r}")
     if unet_extra is not None:
         raise RefsdError(f"extra UNet input channels (9-channel inpainting) are not reproduced under "
                          f"parity={s.parity!r}")
-    return CFGDenoiser(Denoiser(unet_fn(model), ms, timestep_rounding=plan.timestep_rounding), cond, uncond, s.cfg)
+    if control is not None:  # ComfyUI's ControlNet (refsd.pipelines.control.ComfyControlRun)
+        inner = control.wrap(unet_fn(model), Denoiser, ms, timestep_rounding=plan.timestep_rounding)
+    else:
+        inner = Denoiser(unet_fn(model), ms, timestep_rounding=plan.timestep_rounding)
+    return CFGDenoiser(inner, cond, uncond, s.cfg)
 
 
 def noise_arguments(s: Settings, plan: Plan, x, host_sigmas, generator) -> dict:
