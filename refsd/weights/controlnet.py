@@ -97,20 +97,15 @@ class ControlNet:
     def summary(self) -> list[str]:
         """Lines for ``refsd info``."""
         shapes = self.params.shapes()
-        n = sum(int(_numel(s)) for s in shapes.values())
+        from refsd.weights.checkpoint import _numel
+
+        n = sum(_numel(s) for s in shapes.values())
         c = self.config
         return [f"kind: ControlNet ({self.layout})",
                 f"base architecture: {self.base} ({det.BY_NAME[self.base].description})",
                 f"controlnet: {n:,} parameters, {len(shapes):,} tensors; {c.n_skips} down residuals + mid, "
                 f"control image {c.conditioning_channels} channels at "
                 f"{2 ** (len(c.conditioning_embedding_out_channels) - 1)}x the latent size"]
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def base_architecture(cfg: ControlNetConfig) -> str:
