@@ -21,9 +21,10 @@ diffusers profile (StableDiffusion[XL]ControlNet[Img2Img|Inpaint]Pipeline), repr
   channels), its timestep, the same text conditioning (SDXL: text_embeds and time_ids too); in guess
   mode under guidance only the conditional half, its residuals added to that half alone.
 
-ComfyUI and A1111 are refused for now with one line (docs/controlnet.md): ComfyUI's ControlNetApplyAdvanced
-applies a range by sigma (percent_to_sigma) and resizes with common_upscale; A1111 has no ControlNet
-of its own (the sd-webui-controlnet extension).
+comfyui profile (``ComfyControlRun``; ControlNetApplyAdvanced + comfy/controlnet.py get_control): the hint
+by common_upscale (centre crop, nearest-exact), the range by sigma (percent_to_sigma), ``strength``, on
+both CFG halves with the UNet's own input and timestep. A1111 has no ControlNet of its own (the
+sd-webui-controlnet extension): refused with one line (docs/controlnet.md).
 
 ref: diffusers 0.42.1 pipelines/controlnet/pipeline_controlnet.py (prepare_image, __call__: controlnet_keep,
 guess mode), pipeline_controlnet_inpaint.py, pipeline_controlnet_img2img.py,
@@ -180,7 +181,7 @@ def control_run(model, s, controls, plan, guess_mode: bool = False) -> ControlRu
     ComfyUI's (``ComfyControlRun``) under parity="comfyui"."""
     if not controls:
         return None
-    if s.profile.name == "comfyui":
+    if s.profile.cfg_on == "x0":  # k-diffusion-style profiles: ComfyUI's rules (check_controls refused A1111)
         if guess_mode:
             raise RefsdError("guess mode is diffusers'; ComfyUI's ControlNetApplyAdvanced has none")
         return ComfyControlRun(model, controls, width=s.width, height=s.height,
