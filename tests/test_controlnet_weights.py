@@ -123,3 +123,15 @@ def test_info_names_kind_and_base(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "kind: ControlNet (lllyasviel single file)" in out
     assert "base architecture: sdxl" in out
+
+
+def test_info_on_a_diffusers_controlnet_folder(tmp_path, capsys):
+    from refsd.cli import main
+
+    config, state = _state()
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel", **config}))
+    save_safetensors(tmp_path / "diffusion_pytorch_model.safetensors", state)
+    assert main(["info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "kind: ControlNet (diffusers single file)" in out and "base architecture: sd1" in out
+    assert "none recognised" not in out
