@@ -94,10 +94,13 @@ def control_specs(args, s: dict, *, facts, init_image: bool) -> list[ControlSpec
         raise RefsdError(f"{args.from_png} was made with {len(units)} ControlNet(s), but {n} --controlnet given")
     if len(images) != n:
         raise RefsdError(f"{n} --controlnet but {len(images)} --control-image: give one image per ControlNet")
-    if s["parity"] not in ("diffusers", "comfyui"):
+    from refsd.pipelines.profiles import get_profile
+
+    rules = get_profile(s["parity"]).controlnet
+    if rules is None:
         raise RefsdError(f"--controlnet runs under --parity diffusers or comfyui (parity {s['parity']!r}: A1111 has "
                          "ControlNet only as the sd-webui-controlnet extension, not reproduced)")
-    if s["parity"] == "comfyui" and s.get("guess_mode"):
+    if rules == "sigma_range" and s.get("guess_mode"):
         raise RefsdError("--guess-mode is diffusers'; ComfyUI's ControlNetApplyAdvanced has none (--parity comfyui)")
     scales = _per_unit(args.control_scale, n, "--control-scale", 1.0, units, "weight")
     starts = _per_unit(args.control_start, n, "--control-start", 0.0, units, "start")

@@ -90,8 +90,8 @@ def test_released_configs_are_inferred_exactly():
 
 
 def test_layout_detection_from_keys():
-    assert controlnet_layout(["controlnet_cond_embedding.conv_in.weight"]) == "diffusers"
-    assert controlnet_layout(["control_model.input_hint_block.0.weight"]) == "ldm"
+    assert controlnet_layout(["controlnet_cond_embedding.conv_in.weight"]) == "diffusers-keys"
+    assert controlnet_layout(["control_model.input_hint_block.0.weight"]) == "ldm-keys"
     assert controlnet_layout(["model.diffusion_model.input_blocks.0.0.weight"]) is None
 
 

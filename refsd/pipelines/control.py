@@ -42,6 +42,7 @@ import numpy as np
 from refsd import xp as rxp
 from refsd.errors import RefsdError
 from refsd.models.controlnet import controlnet, sum_residuals
+from refsd.pipelines.profiles import get_profile
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def check_controls(controls, model, *, parity: str) -> tuple:
 
     if not controls:
         return ()
-    if parity not in ("diffusers", "comfyui"):
+    if get_profile(parity).controlnet is None:
         raise RefsdError(f"ControlNet runs under parity='diffusers' or 'comfyui'; parity={parity!r} is not reproduced "
                          "(A1111 has ControlNet only through the sd-webui-controlnet extension)")
     out = []
@@ -181,7 +182,7 @@ def control_run(model, s, controls, plan, guess_mode: bool = False) -> ControlRu
     ComfyUI's (``ComfyControlRun``) under parity="comfyui"."""
     if not controls:
         return None
-    if s.profile.cfg_on == "x0":  # k-diffusion-style profiles: ComfyUI's rules (check_controls refused A1111)
+    if s.profile.controlnet == "sigma_range":  # ComfyUI's rules
         if guess_mode:
             raise RefsdError("guess mode is diffusers'; ComfyUI's ControlNetApplyAdvanced has none")
         return ComfyControlRun(model, controls, width=s.width, height=s.height,

@@ -44,12 +44,13 @@ LDM_MARK = "input_hint_block.0.weight"  # relative to LDM_PREFIX (or bare)
 
 
 def controlnet_layout(keys: Iterable[str]) -> str | None:
-    """"diffusers", "ldm" (with or without ``control_model.``) or None (not a ControlNet) from key names."""
+    """"diffusers-keys", "ldm-keys" (lllyasviel's, with or without ``control_model.``) or None (not a
+    ControlNet) from key names."""
     keys = set(keys)
     if DIFFUSERS_MARK in keys:
-        return "diffusers"
+        return "diffusers-keys"
     if LDM_PREFIX + LDM_MARK in keys or LDM_MARK in keys:
-        return "ldm"
+        return "ldm-keys"
     return None
 
 
@@ -132,7 +133,7 @@ def load_controlnet(path, *, xp=None, device=None, dtype: str | None = None) -> 
         if layout is None:
             raise WeightsError(f"{p}: not a ControlNet (neither {DIFFUSERS_MARK!r} nor lllyasviel's "
                                f"{LDM_PREFIX + LDM_MARK!r} among its {len(header)} tensors)")
-        if layout == "diffusers":
+        if layout == "diffusers-keys":
             entries = {k: _lazy(f, k, k, None) for k in header}
         else:
             entries = _ldm_entries(f, p)
@@ -142,7 +143,7 @@ def load_controlnet(path, *, xp=None, device=None, dtype: str | None = None) -> 
     except BaseException:
         f.close()
         raise
-    name = "diffusers single file" if layout == "diffusers" else "lllyasviel single file"
+    name = "diffusers single file" if layout == "diffusers-keys" else "lllyasviel single file"
     return ControlNet(p, name, cfg, params)
 
 
