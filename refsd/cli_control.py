@@ -138,12 +138,14 @@ def _preprocess(image: np.ndarray, name: str) -> np.ndarray:
     """--preprocess: "none" keeps the image; "canny" is refsd.preprocess.canny's edge map, as RGB."""
     if name == "none":
         return image
-    try:
-        from refsd.preprocess import canny as _canny  # the Canny preprocessor (issue 16, item 4)
-    except ImportError:
-        raise RefsdError("--preprocess canny needs refsd.preprocess.canny, which this refsd does not have; pass an "
-                         "edge map with --preprocess none") from None
-    edges = np.asarray(_canny.canny(image))
+    import importlib
+
+    try:  # the Canny preprocessor (issue 16, item 4): module refsd.preprocess.canny, function canny(u8 RGB)
+        canny = importlib.import_module("refsd.preprocess.canny").canny
+    except (ImportError, AttributeError):
+        raise RefsdError("--preprocess canny needs refsd.preprocess.canny.canny, which this refsd does not have; pass "
+                         "an edge map with --preprocess none") from None
+    edges = np.asarray(canny(image))
     if edges.ndim == 2:
         edges = np.stack([edges] * 3, axis=-1)
     return edges.astype(np.uint8)
