@@ -74,6 +74,17 @@ OPENCLIP_BIGG = {  # SDXL text_encoder_2/config.json (CLIPTextModelWithProjectio
     "layer_norm_eps": 1e-5, "projection_dim": 1280, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
 }
 
+_UNET_ONLY = ("sample_size", "out_channels", "center_input_sample", "up_block_types")
+_CONTROLNET_FIELDS = {"conditioning_channels": 3, "conditioning_embedding_out_channels": [16, 32, 96, 256],
+                      "controlnet_conditioning_channel_order": "rgb", "global_pool_conditions": False}
+# lllyasviel/sd-controlnet-canny (and every SD 1.5 ControlNet v1.0 / v1.1 converted to diffusers): the
+# SD 1.5 UNet's down and mid path plus the control embedding.
+CONTROLNET_SD15 = {**{k: v for k, v in UNET_SD15.items() if k not in _UNET_ONLY}, **_CONTROLNET_FIELDS}
+# diffusers/controlnet-canny-sdxl-1.0: the SDXL base UNet's down and mid path (its config.json says
+# upcast_attention null; False here, the same network).
+CONTROLNET_SDXL = {**{k: v for k, v in UNET_SDXL.items() if k not in _UNET_ONLY}, **_CONTROLNET_FIELDS}
+CONTROLNETS = {"sd15.controlnet": CONTROLNET_SD15, "sdxl.controlnet": CONTROLNET_SDXL}
+
 # name -> (component, oracle class, config). The architectures refsd must detect and run.
 RELEASED = {
     "sd15.unet": ("unet", "UNet2DConditionModel", UNET_SD15),

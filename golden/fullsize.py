@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from golden.configs import CLIP_L, OPENCLIP_BIGG, UNET_SD15, UNET_SDXL, VAE_SD
+from golden.configs import CLIP_L, CONTROLNET_SD15, CONTROLNET_SDXL, OPENCLIP_BIGG, UNET_SD15, UNET_SDXL, VAE_SD
 from golden.registry import randomise_weights
 
 REL_TARGET = 1e-4  # max abs error / max |oracle|, per output
@@ -159,12 +159,51 @@ def _unet(name, cfg, batch, sdxl: bool):
     return model, oracle, refsd, what
 
 
+def _controlnet(name, cfg, batch, sdxl: bool):
+    """A released ControlNet layout (golden/configs.py CONTROLNETS) at a 32x32 latent (256x256 control
+    image); weights by golden.oracle_controlnet.randomise_controlnet (zero convs randomised too)."""
+    from diffusers import ControlNetModel
+
+    from golden.oracle_controlnet import randomise_controlnet
+
+    g = _generator(name)
+    model = ControlNetModel(**cfg).eval()
+    randomise_controlnet(model, g)
+    sample = torch.randn((batch, 4, 32, 32), generator=g)
+    t = torch.tensor([999.0, 411.5][:batch])
+    ctx = torch.randn((batch, 77, cfg["cross_attention_dim"]), generator=g)
+    image = torch.rand((batch, 3, 256, 256), generator=g)
+    extra = {}
+    if sdxl:
+        extra = {"text_embeds": torch.randn((batch, 1280), generator=g),
+                 "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * batch)}
+
+    def named(down, mid):
+        return {**{f"down.{i}": d for i, d in enumerate(down)}, "mid": mid}
+
+    def oracle():
+        kw = {"added_cond_kwargs": extra} if sdxl else {}
+        return named(*model(sample, t, ctx, image, conditioning_scale=0.8, return_dict=False, **kw))
+
+    def refsd(params, put):
+        from refsd.models.controlnet import ControlNetConfig, controlnet
+
+        kw = {k: put(v) for k, v in extra.items()}
+        return named(*controlnet(params, put(sample), put(t), put(ctx), put(image), cfg=ControlNetConfig.from_dict(cfg),
+                                 conditioning_scale=0.8, **kw))
+
+    what = f"latent {batch}x4x32x32, control image 256x256, 77 tokens" + (", text_time" if sdxl else "")
+    return model, oracle, refsd, what
+
+
 CASES = {
     "clip_l": lambda: _clip("clip_l", CLIP_L, False, pad=49407),
     "openclip_bigg": lambda: _clip("openclip_bigg", OPENCLIP_BIGG, True, pad=0),
     "vae_decoder_sd": lambda: _vae_decoder("vae_decoder_sd"),
     "unet_sd15": lambda: _unet("unet_sd15", UNET_SD15, 2, sdxl=False),
     "unet_sdxl": lambda: _unet("unet_sdxl", UNET_SDXL, 1, sdxl=True),
+    "controlnet_sd15": lambda: _controlnet("controlnet_sd15", CONTROLNET_SD15, 2, sdxl=False),
+    "controlnet_sdxl": lambda: _controlnet("controlnet_sdxl", CONTROLNET_SDXL, 1, sdxl=True),
 }
 
 

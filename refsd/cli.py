@@ -495,7 +495,8 @@ def _cmd_info(args) -> int:
     if not p.exists():
         raise RefsdError(f"{args.path}: no such file or directory")
     lines = describe_folder(p, depth=args.depth) if p.is_dir() else describe_file(p, depth=args.depth)
-    if not any(line.startswith(("architecture:", "golden case:", "textual-inversion embedding:")) for line in lines):
+    if not any(line.lstrip().startswith(("architecture:", "kind:", "golden case:", "textual-inversion embedding:"))
+               for line in lines):
         lines.append("architecture: none recognised (no model.diffusion_model / first_stage_model / "
                      "cond_stage_model / conditioner.embedders keys, no model_index.json with a unet): "
                      "not a Stable Diffusion checkpoint")
@@ -635,6 +636,15 @@ def _checkpoint(header, depth: int) -> list[str]:
     return load_checkpoint(header.path).summary()
 
 
+def _controlnet(header, depth: int) -> list[str]:
+    """A ControlNet file (diffusers or lllyasviel keys): its kind and base architecture."""
+    from refsd.weights.controlnet import controlnet_layout, load_controlnet
+
+    if controlnet_layout(header.tensors) is None:
+        return []
+    return load_controlnet(header.path).summary()
+
+
 def _embedding(header, depth: int) -> list[str]:
     """A textual-inversion embedding: layout, vectors, width, base family (refsd.text.embeddings)."""
     from refsd.text.embeddings import describe
@@ -643,7 +653,7 @@ def _embedding(header, depth: int) -> list[str]:
 
 
 # Sections of describe_file, in print order; each (header, depth) -> lines.
-FILE_SECTIONS: list[Callable] = [_counts, _dtypes, _prefixes, _metadata, _golden, _checkpoint, _embedding]
+FILE_SECTIONS: list[Callable] = [_counts, _dtypes, _prefixes, _metadata, _golden, _checkpoint, _embedding, _controlnet]
 
 
 def _si(n: float) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from refsd import __version__
 from refsd import xp as rxp
+from refsd.cli_control import add_control_flags, control_units
 from refsd.cli_job import (
     DEFAULT_REFINER_SWITCH,
     GENERATE_DEFAULTS,
@@ -178,6 +179,7 @@ def _add_generation_flags(p, *, out_default: str, out_help: str) -> None:
     g.add_argument("--aesthetic-score", type=float, metavar="S", help="the refiner's aesthetic score (default 6)")
     g.add_argument("--negative-aesthetic-score", type=float, metavar="S", help="the refiner's aesthetic score for "
                                                                                 "the negative branch (default 2.5)")
+    add_control_flags(p)
     g = p.add_argument_group("runtime")
     g.add_argument("--backend", metavar="NAME", help=f"numpy | torch | torch:mps | torch:cuda | cupy "
                                                      f"(default {d['backend']})")
@@ -328,6 +330,8 @@ def _run_pipeline(job: GenerateJob, on_step: Callable | None = None, progress: P
               "batch_size": s["batch"], "clip_skip": s["clip_skip"], "parity": s["parity"], "callback": callback}
     if job.micro is not None:
         common["micro"] = job.micro
+    if job.controls:
+        common.update(controls=control_units(job.controls, model), guess_mode=bool(s.get("guess_mode")))
     with core_progress.listen(shown.stage), warnings.catch_warnings():
         warnings.showwarning = _warning_line  # e.g. refsd.text.conditioning.TruncationWarning: one line
         try:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import numpy as np
 
+from refsd.cli_control import control_specs
 from refsd.errors import RefsdError
 
 # None: not given (then the --from-png value, else the default below). width / height default to the
@@ -30,7 +31,7 @@ GENERATE_DEFAULTS = {
     "strength": None, "parity": "diffusers", "backend": "numpy", "dtype": "float32", "attention": "sliced",
     "prediction": None, "refiner_switch": None, "original_size": None, "crop": None, "target_size": None,
     "negative_original_size": None, "negative_crop": None, "negative_target_size": None, "aesthetic_score": None,
-    "negative_aesthetic_score": None,
+    "negative_aesthetic_score": None, "controlnets": None, "guess_mode": None,
 }
 GENERATE_DTYPES = ("float32", "float16", "bfloat16")
 PREDICTIONS = ("epsilon", "v_prediction")
@@ -66,6 +67,7 @@ class GenerateJob:
     refiner_config: Path | None = None
     micro: dict | None = None  # the pipelines' micro= ((height, width) sizes); None: none given
     embeddings: object = None  # --embedding-dir's refsd.text.embeddings.Embeddings, checked
+    controls: list = field(default_factory=list)  # refsd.cli_control.ControlSpec per --controlnet
 
 
 def _choice(what: str, value, valid) -> None:
@@ -97,6 +99,7 @@ def generate_job(args) -> GenerateJob:
     else:
         s["refiner_switch"] = None
     init, mask, mask_options = _images(args, s, explicit)
+    controls = control_specs(args, s, facts=facts, init_image=init is not None)
     if s["prompt"] is None:
         raise RefsdError("--prompt is required (or --from-png IMAGE to reuse a PNG's)")
     _micro_flags(s, explicit, args, facts, refiner is not None)
@@ -126,7 +129,7 @@ def generate_job(args) -> GenerateJob:
     embeddings = _embeddings(args, s, facts, ti_hashes, notes)
     return GenerateJob(s, model, init, mask, outputs, keep, random_seed, notes, mask_options, config=config,
                        refiner=refiner, refiner_config=refiner_config, micro=micro_conditioning(s),
-                       embeddings=embeddings)
+                       embeddings=embeddings, controls=controls)
 
 
 def _embeddings(args, s: dict, facts, ti_hashes, notes: list):

@@ -162,6 +162,27 @@ def _run_unet(sample, encoder_hidden_states, timestep=None, text_embeds=None, ti
                            text_embeds=text_embeds, time_ids=time_ids, attention=attention)}
 
 
+def _run_controlnet(sample, timestep, encoder_hidden_states, controlnet_cond, text_embeds=None, time_ids=None, *,
+                    params, config: dict, unet_config: dict, conditioning_scale: float, guess_scale: float,
+                    attention: str = "sliced"):
+    """Golden adapter for ControlNet cases (op "controlnet"): refsd.models.controlnet on a diffusers
+    ControlNetModel config dict (weights ``param/controlnet.<key>``) -> ``down.<i>``, ``mid`` at
+    conditioning_scale, ``guess.down.<i>``, ``guess.mid`` in guess mode at guess_scale, and
+    ``unet_sample``: the UNet (``param/unet.<key>``) given the first residuals."""
+    from refsd.models.controlnet import ControlNetConfig, controlnet
+    from refsd.models.unet import UNetConfig, unet
+
+    cfg = ControlNetConfig.from_dict(config)
+    net, args = params.sub("controlnet"), (sample, timestep, encoder_hidden_states, controlnet_cond)
+    extra = {"text_embeds": text_embeds, "time_ids": time_ids, "attention": attention}
+    down, mid = controlnet(net, *args, cfg=cfg, conditioning_scale=conditioning_scale, **extra)
+    g_down, g_mid = controlnet(net, *args, cfg=cfg, conditioning_scale=guess_scale, guess_mode=True, **extra)
+    out = unet(params.sub("unet"), sample, timestep, encoder_hidden_states, cfg=UNetConfig.from_dict(unet_config),
+               down_block_additional_residuals=down, mid_block_additional_residual=mid, **extra)
+    return {**{f"down.{i}": d for i, d in enumerate(down)}, "mid": mid,
+            **{f"guess.down.{i}": d for i, d in enumerate(g_down)}, "guess.mid": g_mid, "unet_sample": out}
+
+
 def _tiny_model(params, model: dict, attention: str, prefixes: dict | None = None):
     """A pipelines Model over a case's ``param/<component>.<key>`` weights (``prefixes``: component ->
     another key prefix, e.g. the refiner's own UNet under "refiner.unet") and ``model`` configs."""
@@ -245,11 +266,12 @@ MICRO_KEYS = ("original_size", "crop", "target_size", "negative_original_size", 
               "negative_target_size", "aesthetic_score", "negative_aesthetic_score")
 
 
-def _run_pipeline(init_image=None, mask=None, *, params, model: dict, mode: str, prompt: str,
-                  negative_prompt: str | None, steps: int, cfg: float, sampler: str, scheduler: str, seed: int,
-                  rng: str, batch_size: int, clip_skip: int | None, parity: str, width: int | None = None,
-                  height: int | None = None, strength: float | None = None, attention: str = "sliced",
-                  refiner: dict | None = None, switch: float | None = None, embeddings: list | None = None,
+def _run_pipeline(init_image=None, mask=None, control_image_0=None, control_image_1=None, *, params, model: dict,
+                  mode: str, prompt: str, negative_prompt: str | None, steps: int, cfg: float, sampler: str,
+                  scheduler: str, seed: int, rng: str, batch_size: int, clip_skip: int | None, parity: str,
+                  width: int | None = None, height: int | None = None, strength: float | None = None,
+                  attention: str = "sliced", refiner: dict | None = None, switch: float | None = None,
+                  controlnets: list | None = None, guess_mode: bool = False, embeddings: list | None = None,
                   **micro):
     """Golden adapter for pipeline cases (op "pipeline"): refsd.pipelines.txt2img / img2img / inpaint (and
     txt2img with an SDXL ``refiner``, mode "base_refiner") on a tiny model whose weights are
@@ -260,7 +282,9 @@ def _run_pipeline(init_image=None, mask=None, *, params, model: dict, mode: str,
     strength 1), ``masked_image_latents`` (inpainting: the un-repeated first), ``init_latents``,
     ``step.<i>`` (latents after step i), ``latents``, ``image`` (float pixels (B, H, W, 3) before the
     uint8 rounding); SDXL: ``prompt_embeds``, ``pooled_prompt_embeds``, ``negative_*``, ``add_time_ids``
-    (as the UNet's batch gets them); base + refiner: the base stage's under ``base.``."""
+    (as the UNet's batch gets them); base + refiner: the base stage's under ``base.``. ``controlnets``:
+    [{config, scale, start, end}] with weights ``param/controlnet.<i>.<key>`` and images
+    ``control_image_<i>`` (uint8 (H, W, 3)); ``guess_mode`` for all of them."""
     from refsd.pipelines import img2img, inpaint, txt2img
 
     files = {k: micro.pop(k) for k in list(micro) if k.startswith("emb.")}  # textual-inversion tensors
@@ -278,6 +302,9 @@ def _run_pipeline(init_image=None, mask=None, *, params, model: dict, mode: str,
                   callback=lambda i, total, latents: steps_done.__setitem__(i, latents))
     if micro:
         common["micro"] = micro
+    if controlnets:
+        common.update(controls=_golden_controls(params, controlnets, (control_image_0, control_image_1), m),
+                      guess_mode=guess_mode)
     if mode == "txt2img":
         res = txt2img(m, prompt, negative_prompt, width=width, height=height, **common)
     elif mode == "img2img":
@@ -293,6 +320,23 @@ def _run_pipeline(init_image=None, mask=None, *, params, model: dict, mode: str,
     else:
         raise GoldenError(f"pipeline golden: unknown mode {mode!r}")
     return pipeline_outputs(res, steps_done, mode=mode)
+
+
+def _golden_controls(params, controlnets: list, images, model) -> list:
+    """The pipeline goldens' ControlNets as refsd.pipelines.control.ControlUnits (weights from the case)."""
+    from pathlib import Path
+
+    from refsd.models.configs import ControlNetConfig
+    from refsd.pipelines.control import ControlUnit
+    from refsd.weights.controlnet import ControlNet
+
+    units = []
+    for i, c in enumerate(controlnets):
+        net = ControlNet(Path(f"controlnet.{i}"), "golden", ControlNetConfig.from_dict(c["config"]),
+                         params.sub(f"controlnet.{i}"))
+        units.append(ControlUnit(net, rxp.to_numpy(images[i]).astype(np.uint8), scale=c["scale"], start=c["start"],
+                                 end=c["end"]))
+    return units
 
 
 # op name in a case's metadata -> the refsd callable (or adapter above). Inputs are passed by name.
@@ -319,6 +363,7 @@ OPS = {
     "clip_text": _run_clip_text,
     "vae": _run_vae,
     "unet": _run_unet,
+    "controlnet": _run_controlnet,
     "pipeline": _run_pipeline,
     "prompt_embeds": _run_prompt_embeds,
 }

@@ -24,6 +24,7 @@ NUMPY_ALLOWED = {"xp.py", "kernels.py",  # kernels.py: the NumPy-only fast kerne
                  "pipelines/demo.py",  # writes the demo checkpoint's seeded random weights (host arrays to a file)
                  "pipelines/images.py",  # host uint8 images <-> float pixels, each profile's rounding
                  "pipelines/masks.py",  # host inpainting masks: read, grow, blur, resize, composite onto the image
+                 "pipelines/control.py", "cli_control.py",  # host ControlNet images: read, preprocess, resize, / 255
                  # the profiles' host-side schedule arithmetic (diffusers' NumPy/float32, A1111's float32 table)
                  "pipelines/profiles/diffusers_tables.py", "pipelines/profiles/diffusers_plans.py",
                  "pipelines/profiles/a1111.py",

@@ -485,3 +485,123 @@ class CLIPTextConfig:
         if projection:
             out["text_projection.weight"] = (self.projection_dim, d)
         return out
+
+
+# --------------------------------------------------------------------------------------------
+# ControlNet
+
+
+# ControlNetModel fields refsd runs with one value only (every released SD 1.x / SDXL ControlNet uses it).
+_CONTROLNET_ONLY = {
+    "act_fn": ("silu", "swish"),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "num_attention_heads": (None,),
+    "class_embed_type": (None,),
+    "num_class_embeds": (None,),
+    "addition_embed_type": (None, "text_time"),
+    "resnet_time_scale_shift": ("default",),
+    "mid_block_type": MID_BLOCK_TYPES,
+    "controlnet_conditioning_channel_order": ("rgb", "bgr"),
+}
+# The fields a ControlNet shares with the UNet whose down and mid path it copies (its ``unet`` view).
+_CONTROLNET_SHARED = (
+    "in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "mid_block_type", "only_cross_attention",
+    "block_out_channels", "layers_per_block", "downsample_padding", "mid_block_scale_factor", "act_fn",
+    "norm_num_groups", "norm_eps", "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim",
+    "use_linear_projection", "addition_embed_type", "addition_time_embed_dim", "upcast_attention",
+    "projection_class_embeddings_input_dim",
+)
+
+
+@dataclass(frozen=True)
+class ControlNetConfig:
+    """diffusers ``ControlNetModel`` config.json fields, with diffusers' defaults.
+
+    A ControlNet is the UNet's time embedding, conv_in, down blocks and mid block (read through the
+    ``unet`` view: a UNetConfig with the same fields and the mirrored up path, whose up path is never
+    built), plus ``controlnet_cond_embedding`` (ControlNetConditioningEmbedding: conv_in, pairs of 3x3
+    convs, the second of each pair stride 2, conv_out to block_out_channels[0]) and one 1x1 "zero conv"
+    per skip (``controlnet_down_blocks.i``) and one for the mid block (``controlnet_mid_block``).
+    ref: diffusers 0.42.1 models/controlnets/controlnet.py (ControlNetModel.__init__,
+    ControlNetConditioningEmbedding).
+    """
+
+    in_channels: int = 4
+    conditioning_channels: int = 3
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+    only_cross_attention: bool | tuple[bool, ...] = False
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    act_fn: str = "silu"
+    norm_num_groups: int | None = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int = 1280
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    encoder_hid_dim: int | None = None
+    encoder_hid_dim_type: str | None = None
+    attention_head_dim: int | tuple[int, ...] = 8  # the head count (diffusers #2011), as in UNetConfig
+    num_attention_heads: int | tuple[int, ...] | None = None
+    use_linear_projection: bool = False
+    class_embed_type: str | None = None
+    addition_embed_type: str | None = None  # SDXL: "text_time" (the micro-conditioning, as the UNet's)
+    addition_time_embed_dim: int | None = None
+    num_class_embeds: int | None = None
+    upcast_attention: bool = False
+    resnet_time_scale_shift: str = "default"
+    projection_class_embeddings_input_dim: int | None = None
+    controlnet_conditioning_channel_order: str = "rgb"  # "bgr": the control image's channels are flipped
+    conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
+    global_pool_conditions: bool = False  # residuals averaged over H, W (e.g. the shuffle ControlNet)
+    addition_embed_type_num_heads: int = 64  # only for addition_embed_type "text", which is refused: unused
+
+    def __post_init__(self):
+        _refuse("ControlNet", self, _CONTROLNET_ONLY)
+        if not _positive(self.layers_per_block):
+            raise ConfigError(f"ControlNet config: layers_per_block={self.layers_per_block!r} must be a positive int "
+                              "(diffusers' ControlNetModel takes one for every block)")
+        if not self.conditioning_embedding_out_channels or not all(
+                map(_positive, self.conditioning_embedding_out_channels)):
+            raise ConfigError("ControlNet config: conditioning_embedding_out_channels must be positive ints, got "
+                              f"{self.conditioning_embedding_out_channels!r}")
+        self.unet  # the shared fields must make a UNet refsd runs; its ConfigError names the field
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ControlNetConfig:
+        """From a diffusers config.json dict; lists become tuples, unknown keys (``_class_name``) are ignored."""
+        return _from_dict(cls, d)
+
+    @property
+    def unet(self) -> UNetConfig:
+        """The UNet whose down and mid path this ControlNet copies (up path mirrored, never run)."""
+        mirror = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+        up = tuple(mirror.get(t, t) for t in reversed(self.down_block_types))
+        return UNetConfig(up_block_types=up, **{k: getattr(self, k) for k in _CONTROLNET_SHARED})
+
+    @property
+    def n_skips(self) -> int:
+        """How many down residuals it returns: conv_in's output, every resnet/attention pair, every downsampler."""
+        n = len(self.down_block_types)
+        return 1 + n * self.layers_per_block + n - 1
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every key and shape of diffusers' ``ControlNetModel(**config)`` state dict."""
+        down = ("conv_in.", "time_embedding.", "add_embedding.", "down_blocks.", "mid_block.")
+        out = {k: v for k, v in self.unet.param_shapes().items() if k.startswith(down)}
+        ch, emb = self.block_out_channels, self.conditioning_embedding_out_channels
+        _conv(out, "controlnet_cond_embedding.conv_in", emb[0], self.conditioning_channels, 3)
+        for i in range(len(emb) - 1):
+            _conv(out, f"controlnet_cond_embedding.blocks.{2 * i}", emb[i], emb[i], 3)
+            _conv(out, f"controlnet_cond_embedding.blocks.{2 * i + 1}", emb[i + 1], emb[i], 3)
+        _conv(out, "controlnet_cond_embedding.conv_out", ch[0], emb[-1], 3)
+        widths = [ch[0]] + [c for b, c in enumerate(ch)
+                            for _ in range(self.layers_per_block + (b < len(ch) - 1))]
+        for i, c in enumerate(widths):
+            _conv(out, f"controlnet_down_blocks.{i}", c, c, 1)
+        _conv(out, "controlnet_mid_block", ch[-1], ch[-1], 1)
+        return out

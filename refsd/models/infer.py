@@ -190,3 +190,28 @@ def text_config(shapes: Shapes, *, hidden_act: str | None = None) -> dict:
         "eos_token_id": 2,
         "pad_token_id": 1,
     }
+
+
+_UNET_ONLY_FIELDS = ("sample_size", "out_channels", "center_input_sample", "up_block_types",
+                     "reverse_transformer_layers_per_block", "conv_out_kernel")
+
+
+def controlnet_config(shapes: Shapes) -> dict:
+    """diffusers ``ControlNetModel`` config.json fields from a diffusers-named ControlNet state dict's shapes.
+
+    The down and mid path are read as ``unet_config`` reads a UNet's (same defaults: heads, upcast);
+    the control embedding's widths from its convs. ``global_pool_conditions`` (True only for the
+    shuffle ControlNet) is not in the weights: False; a diffusers folder's config.json says it.
+    """
+    what = "ControlNet"
+    conv_in = _need(shapes, "controlnet_cond_embedding.conv_in.weight", what)
+    ch0 = _need(shapes, "conv_in.weight", what)[0]
+    # unet_config reads out_channels from conv_out, which a ControlNet does not have: any 3x3 stands in,
+    # and the UNet-only fields are dropped below.
+    cfg = unet_config({**shapes, "conv_out.weight": (4, ch0, 3, 3)})
+    cfg = {k: v for k, v in cfg.items() if k not in _UNET_ONLY_FIELDS}
+    steps = _count(shapes, r"controlnet_cond_embedding\.blocks\.(\d+)\.") // 2
+    widths = [conv_in[0]] + [_need(shapes, f"controlnet_cond_embedding.blocks.{2 * i + 1}.weight", what)[0]
+                             for i in range(steps)]
+    return {**cfg, "conditioning_channels": conv_in[1], "conditioning_embedding_out_channels": widths,
+            "controlnet_conditioning_channel_order": "rgb", "global_pool_conditions": False}

@@ -50,13 +50,16 @@ __all__ = ["UNetConfig", "get_timestep_embedding", "unet"]
 
 
 def unet(params, sample, timestep, encoder_hidden_states, *, cfg: UNetConfig, text_embeds=None, time_ids=None,
-         attention: str = "sliced"):
+         attention: str = "sliced", down_block_additional_residuals=None, mid_block_additional_residual=None):
     """UNet2DConditionModel.forward: the noise (or v) prediction.
 
     sample: (B, in_channels, H, W) latents; timestep: a number, a 0-d, (1,) or (B,) array (fractional
     values allowed); encoder_hidden_states: (B, M, cross_attention_dim) text embeddings; SDXL
     (addition_embed_type "text_time") also text_embeds (B, pooled width) and time_ids (B, 6 base / 5
     refiner). attention: "sliced" | "naive" | "tiled" (refsd.attention). -> (B, out_channels, H, W).
+    down_block_additional_residuals / mid_block_additional_residual: ControlNet residuals
+    (refsd.models.controlnet), added to the down path's outputs (the skips) once the down path is done
+    and to the mid block's output, as diffusers' forward does.
     """
     rxp.namespace(sample, encoder_hidden_states)  # one backend and device, or a BackendError naming them
     if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
@@ -79,12 +82,23 @@ def unet(params, sample, timestep, encoder_hidden_states, *, cfg: UNetConfig, te
                                 attention=attention)
         skips += outputs
     h = mid_block(params.sub("mid_block"), h, temb, context, cfg=cfg, attention=attention)
+    skips, h = _add_control(skips, h, down_block_additional_residuals, mid_block_additional_residual)
     for i in range(len(cfg.up_block_types)):
         h, skips = up_block(params.sub(f"up_blocks.{i}"), h, temb, context, skips, index=i, cfg=cfg,
                             attention=attention)
     h = silu(detail(params, "conv_norm_out", group_norm(h, *wb(params, "conv_norm_out"), cfg.norm_num_groups,
                                                          cfg.norm_eps)))
     return emit(params.sub("conv_out"), conv2d(h, *wb(params, "conv_out"), padding=cfg.conv_out_kernel // 2))
+
+
+def _add_control(skips: tuple, h, down, mid):
+    """ControlNet residuals: skip i + down[i], mid output + mid (either may be None: nothing added)."""
+    if down is not None:
+        if len(down) != len(skips):
+            raise BackendError(f"UNet: {len(down)} down_block_additional_residuals for {len(skips)} skips "
+                               "(a ControlNet built for another UNet layout)")
+        skips = tuple(s + r for s, r in zip(skips, down))
+    return skips, (h if mid is None else h + mid)
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ ref: diffusers 0.42.1 pipelines/stable_diffusion/pipeline_stable_diffusion_img2i
 from __future__ import annotations
 
 from refsd import xp as rxp
+from refsd.pipelines import control as _control
 from refsd.pipelines.core import (
     Callback,
     GenerationResult,
@@ -45,7 +46,7 @@ def img2img(model: Model, init_image, prompt: str, negative_prompt: str | None =
             sampler: str = "euler", scheduler: str = "normal", seed: int = 0, rng: str = "torch-cpu",
             batch_size: int = 1, clip_skip: int | None = None, parity: str = "diffusers", micro=None,
             denoising_start: float | None = None, decode: bool = True,
-            callback: Callback | None = None) -> GenerationResult:
+            callback: Callback | None = None, controls=None, guess_mode: bool = False) -> GenerationResult:
     """Generate ``batch_size`` images starting from ``init_image``: a uint8 (H, W, 3) NumPy array (H and
     W multiples of 8), or latents (B, 4, h, w) (a base stage's output, used as they are: no VAE).
     ``strength`` in (0, 1]: how much of the schedule runs (1: all of it, from noise-dominated
@@ -55,7 +56,9 @@ def img2img(model: Model, init_image, prompt: str, negative_prompt: str | None =
     after that fraction from the latents as given (or the image's latents), adding no noise;
     ``strength`` is then ignored (diffusers' denoising_start; ComfyUI: KSamplerAdvanced from step
     round(steps * denoising_start), add_noise disabled). ``micro``: SDXL micro-conditioning (as
-    txt2img). Other arguments as ``txt2img``."""
+    txt2img). ``controls`` / ``guess_mode``: ControlNets as txt2img's, their images resized to the init
+    image's size. Other arguments as ``txt2img``."""
+    controls = _control.check_controls(controls, model, parity=parity)
     common = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, cfg=cfg, sampler=sampler,
                   scheduler=scheduler, seed=seed, rng=rng, clip_skip=clip_skip, parity=parity, micro=micro,
                   mode="img2img", split=denoising_start is not None)
@@ -84,12 +87,14 @@ def img2img(model: Model, init_image, prompt: str, negative_prompt: str | None =
         noise = rxp.asarray(noise_host, like=image_latents, dtype=image_latents.dtype)
         scale = s.profile.img2img_noise_scale(plan)
         x = image_latents + noise * scale  # add_noise / noise_scaling, in x = x0 + sigma * noise
-    latents = run_sampler(model, s, plan, x, cond, uncond, generator=gen, callback=callback)
+    control = _control.control_run(model, s, controls, plan, guess_mode)
+    latents = run_sampler(model, s, plan, x, cond, uncond, generator=gen, callback=callback, control=control)
     info = {**s.info(model), "steps_run": plan.steps}
     if start is not None:
         info.update(denoising_start=start, strength=None)
     res = GenerationResult([], latents, [s.seed] * s.batch_size, info, init_latents=to_profile(x, sigma0, plan),
                            noise=noise_host, image_latents=image_latents, cond=cond, uncond=uncond)
+    _control.record(res, control, guess_mode)
     if decode:
         res.pixels, res.images = decode_images(model, latents, s.profile)
     return res

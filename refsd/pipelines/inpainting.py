@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from refsd import xp as rxp
 from refsd.errors import RefsdError
+from refsd.pipelines import control as _control
 from refsd.pipelines import images as _images
 from refsd.pipelines import masks as _masks
 from refsd.pipelines.core import (
@@ -67,7 +68,7 @@ def inpaint(model: Model, init_image, mask, prompt: str, negative_prompt: str | 
             sampler: str = "euler", scheduler: str = "normal", seed: int = 0, rng: str = "torch-cpu",
             batch_size: int = 1, clip_skip: int | None = None, parity: str = "diffusers", mask_grow: int = 0,
             mask_blur: float = 0.0, composite: bool = False, micro=None,
-            callback: Callback | None = None) -> GenerationResult:
+            callback: Callback | None = None, controls=None, guess_mode: bool = False) -> GenerationResult:
     """Repaint where ``mask`` is set in ``init_image`` (uint8 (H, W, 3)). ``mask``: bool, uint8 (/ 255;
     (H, W), or RGB made grayscale) or float in [0, 1], (H, W), 1 = repaint; ``mask_grow`` pixels of
     dilation then a ``mask_blur``-pixel Gaussian (refsd.pipelines.masks). A 9-channel inpainting model
@@ -77,7 +78,10 @@ def inpaint(model: Model, init_image, mask, prompt: str, negative_prompt: str | 
     (``images`` change; ``pixels`` and ``latents`` stay the decoder's). Other arguments as
     ``txt2img`` (``micro``: SDXL micro-conditioning); ``res.masked_image_latents`` holds the 9-channel
     route's masked image latents. SDXL inpainting (9-channel SDXL inpainting UNets, or blending with any
-    SDXL base) follows StableDiffusionXLInpaintPipeline, which draws and blends as the SD pipeline does."""
+    SDXL base) follows StableDiffusionXLInpaintPipeline, which draws and blends as the SD pipeline does.
+    ``controls`` / ``guess_mode``: ControlNets as txt2img's (StableDiffusionControlNetInpaintPipeline),
+    their images resized to the init image's size; they see the 4-channel latents only."""
+    controls = _control.check_controls(controls, model, parity=parity)
     nine = isinstance(model, Model) and model.unet_config.in_channels == 9
     if isinstance(model, Model) and model.unet_config.in_channels not in (4, 9):
         raise RefsdError(f"{model.name} has a {model.unet_config.in_channels}-channel UNet: inpainting needs a "
@@ -94,7 +98,12 @@ def inpaint(model: Model, init_image, mask, prompt: str, negative_prompt: str | 
     if s.profile.inpaint_blend is None:
         raise RefsdError(f"inpainting is not reproduced under parity={s.parity!r}")
     run = _nine_channel if nine else _blend_after_step if s.profile.inpaint_blend == "after_step" else _blend_every_call
-    res = run(model, s, image, repaint, callback)
+    res = run(model, s, image, repaint, callback,
+              lambda plan: _control.control_run(model, s, controls, plan, guess_mode))
+    if controls:
+        res.info["controlnets"] = _control.ControlRun.info_of(controls)
+        if guess_mode:
+            res.info["guess_mode"] = True
     res.info.update(mask_grow=int(mask_grow), mask_blur=float(mask_blur))
     if composite:
         res.images = _masks.composite(res.images, image, repaint)
@@ -108,7 +117,7 @@ def _setup(model: Model, s, image):
     return xp, dev, dtype, like
 
 
-def _nine_channel(model: Model, s, image, repaint, callback) -> GenerationResult:
+def _nine_channel(model: Model, s, image, repaint, callback, control) -> GenerationResult:
     """(a): diffusers' 9-channel recipe (module docstring)."""
     xp, dev, dtype, like = _setup(model, s, image)
     h, w = image.shape[:2]
@@ -135,14 +144,15 @@ def _nine_channel(model: Model, s, image, repaint, callback) -> GenerationResult
     if b > 1:
         mask_latent = xp.concat([mask_latent] * b, axis=0)
     extra = xp.concat([mask_latent, masked_latents], axis=1)
-    latents = run_sampler(model, s, plan, x, cond, uncond, generator=gen, callback=callback, unet_extra=extra)
+    latents = run_sampler(model, s, plan, x, cond, uncond, generator=gen, callback=callback, unet_extra=extra,
+                          control=control(plan))
     pixels, images = decode_images(model, latents, s.profile)
     return GenerationResult(images, latents, [s.seed] * b, s.info(model), pixels=pixels, init_latents=init,
                             noise=noise_host, image_latents=image_latents, masked_image_latents=masked_latents,
                             cond=cond, uncond=uncond)
 
 
-def _blend_after_step(model: Model, s, image, repaint, callback) -> GenerationResult:
+def _blend_after_step(model: Model, s, image, repaint, callback, control) -> GenerationResult:
     """(b) under parity="diffusers": StableDiffusionInpaintPipeline with a 4-channel UNet."""
     xp, dev, dtype, like = _setup(model, s, image)
     h, w = image.shape[:2]
@@ -179,14 +189,15 @@ def _blend_after_step(model: Model, s, image, repaint, callback) -> GenerationRe
             callback(i, total, blended(i, total, latents))
 
     latents = run_sampler(model, s, plan, x, cond, uncond, generator=gen, callback=cb,
-                          wrap_denoiser=lambda d: InpaintDenoiser(d, image_latents, noise, m, blend_first=False))
+                          wrap_denoiser=lambda d: InpaintDenoiser(d, image_latents, noise, m, blend_first=False),
+                          control=control(plan))
     latents = blended(plan.steps - 1, plan.steps, latents)
     pixels, images = decode_images(model, latents, s.profile)
     return GenerationResult(images, latents, [s.seed] * b, s.info(model), pixels=pixels, init_latents=init,
                             noise=noise_host, image_latents=image_latents, cond=cond, uncond=uncond)
 
 
-def _blend_every_call(model: Model, s, image, repaint, callback) -> GenerationResult:
+def _blend_every_call(model: Model, s, image, repaint, callback, control) -> GenerationResult:
     """(b) under parity="comfyui": VAEEncode + SetLatentNoiseMask + KSampler(denoise=strength)."""
     xp, dev, dtype, like = _setup(model, s, image)
     h, w = image.shape[:2]
@@ -200,7 +211,7 @@ def _blend_every_call(model: Model, s, image, repaint, callback) -> GenerationRe
     x = image_latents + noise * plan.init_noise_sigma  # ComfyUI noise_scaling(sigma_0, noise, latent_image)
     m = rxp.asarray(_masks.resize_bilinear(repaint, (h // f, w // f))[None, None], xp=xp, device=dev, dtype=dtype)
     latents = run_sampler(model, s, plan, x, cond, uncond, callback=callback,
-                          wrap_denoiser=lambda d: InpaintDenoiser(d, image_latents, noise, m))
+                          wrap_denoiser=lambda d: InpaintDenoiser(d, image_latents, noise, m), control=control(plan))
     pixels, images = decode_images(model, latents, s.profile)
     return GenerationResult(images, latents, [s.seed] * s.batch_size, s.info(model), pixels=pixels,
                             init_latents=x, noise=noise_host, image_latents=image_latents, cond=cond, uncond=uncond)

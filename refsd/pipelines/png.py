@@ -490,6 +490,7 @@ def infotext(s: Mapping[str, Any], *, seed: int | None = None, index: int = 0, b
         "refsd attention": s.get("attention"),
         "refsd prediction": s.get("prediction"),
         **{key: _micro_text(kind, s[k]) for k, (key, kind) in MICRO_KEYS.items() if s.get(k) is not None},
+        **control_parameters(s.get("controlnets"), s.get("guess_mode")),
         EMPTY_NEGATIVE: "encoded" if s.get("negative_prompt") == "" else None,
         "refsd batch": f"{index + 1}/{batch}" if batch > 1 else None,
         "refsd seed": s["seed"] if batch > 1 else None,
@@ -511,6 +512,49 @@ def _version() -> str:
     from refsd import __version__
 
     return __version__
+
+
+# sd-webui-controlnet's infotext (scripts/infotext.py serialize_unit): "ControlNet <i>" -> "Field Name: value, ..."
+# (the unit's fields, words capitalised); the fields refsd writes and reads, with its settings' keys:
+CONTROL_FIELDS = (("module", "Module"), ("model", "Model"), ("weight", "Weight"), ("resize_mode", "Resize Mode"),
+                  ("start", "Guidance Start"), ("end", "Guidance End"))
+CONTROL_RESIZE = "Just Resize"  # diffusers resizes the control image to the output size, aspect ratio ignored
+
+
+def control_parameters(units, guess_mode=None) -> dict[str, str]:
+    """The ``ControlNet <i>`` entries of the infotext, as sd-webui-controlnet writes them (plus
+    ``refsd guess mode`` when set)."""
+    out = {}
+    for i, u in enumerate(units or ()):
+        values = {**u, "resize_mode": CONTROL_RESIZE, "weight": float(u["weight"]), "start": float(u["start"]),
+                  "end": float(u["end"])}
+        out[f"ControlNet {i}"] = ", ".join(f"{label}: {values[k]}" for k, label in CONTROL_FIELDS)
+    if units and guess_mode:
+        out["refsd guess mode"] = "True"
+    return out
+
+
+def _control_units(params, what: str) -> list[dict] | None:
+    """``ControlNet <i>`` entries back to units (module, model, weight, start, end)."""
+    labels = {label: k for k, label in CONTROL_FIELDS}
+    units, i = [], 0
+    while f"ControlNet {i}" in params:
+        fields = {}
+        for item in params[f"ControlNet {i}"].split(","):
+            key, sep, value = item.strip().partition(": ")
+            if not sep:
+                raise RefsdError(f"{what}: ControlNet {i}: {item.strip()!r} is not 'Field: value'")
+            if key in labels:
+                fields[labels[key]] = value.strip()
+        try:
+            unit = {"module": fields.get("module", "none"), "model": fields.get("model"),
+                    "weight": float(fields.get("weight", 1.0)), "start": float(fields.get("start", 0.0)),
+                    "end": float(fields.get("end", 1.0))}
+        except ValueError:
+            raise RefsdError(f"{what}: ControlNet {i}: a weight / guidance value is not a number") from None
+        units.append(unit)
+        i += 1
+    return units or None
 
 
 def _num(x) -> str:
@@ -627,6 +671,11 @@ def settings(params: Mapping[str, str], *, what: str = "parameters") -> dict[str
         from refsd.text.embeddings import parse_ti_hashes
 
         out["ti_hashes"] = parse_ti_hashes(params["TI hashes"], what)
+    units = _control_units(params, what)
+    if units is not None:
+        out["controlnets"] = units
+        if params.get("refsd guess mode") == "True":
+            out["guess_mode"] = True
     if "refsd batch" in params:
         m = re.fullmatch(r"(\d{1,9})/(\d{1,9})", params["refsd batch"].strip())
         if m is None or not 1 <= int(m.group(1)) <= int(m.group(2)):

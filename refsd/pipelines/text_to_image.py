@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from refsd import xp as rxp
 from refsd.errors import RefsdError
+from refsd.pipelines import control as _control
 from refsd.pipelines import sdxl as _sdxl
 from refsd.pipelines.core import (
     Callback,
@@ -46,7 +47,7 @@ def txt2img(model: Model, prompt: str, negative_prompt: str | None = None, *, wi
             scheduler: str = "normal", seed: int = 0, rng: str = "torch-cpu", batch_size: int = 1,
             clip_skip: int | None = None, parity: str = "diffusers", micro=None, denoising_end: float | None = None,
             refiner: Model | None = None, refiner_switch: float = 0.8, decode: bool = True,
-            callback: Callback | None = None) -> GenerationResult:
+            callback: Callback | None = None, controls=None, guess_mode: bool = False) -> GenerationResult:
     """Generate ``batch_size`` images from text.
 
     ``sampler`` / ``scheduler``: ComfyUI names (``refsd.sampling.SAMPLERS`` / ``SCHEDULERS``; under
@@ -67,7 +68,15 @@ def txt2img(model: Model, prompt: str, negative_prompt: str | None = None, *, wi
     never decoded in between; ``res.base`` holds the base stage's result). ``decode=False``: latents
     only (``images`` empty). ``callback(i, total, latents)`` after each step (i from 0; with a
     refiner, its steps continue the count).
+
+    ``controls``: ControlNets (refsd.pipelines.control.ControlUnit: net, image, scale, start, end;
+    parity="diffusers"); without width / height the first control image's size (rounded down to a
+    multiple of 8) is the image size. ``guess_mode``: diffusers' guess mode for all of them.
     """
+    controls = _control.check_controls(controls, model, parity=parity)
+    if controls and refiner is not None:
+        raise RefsdError("ControlNet with a refiner is not supported (diffusers' ControlNet pipelines have none)")
+    width, height = _control.default_size(controls, width, height, max(8, model.vae_scale_factor))
     width, height = native(model, width), native(model, height)
     s = check_settings(model, prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
                        steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, seed=seed, rng=rng,
@@ -94,11 +103,13 @@ def txt2img(model: Model, prompt: str, negative_prompt: str | None = None, *, wi
     if refiner is not None and callback is not None:  # one count over both stages
         def base_callback(i, total, x):
             callback(i, s.steps, x)
-    latents = run_sampler(model, s, plan, x, cond, uncond, generator=gen, callback=base_callback)
+    control = _control.control_run(model, s, controls, plan, guess_mode)
+    latents = run_sampler(model, s, plan, x, cond, uncond, generator=gen, callback=base_callback, control=control)
     seeds = s.profile.seeds(s.seed, s.batch_size)
     res = GenerationResult([], latents, seeds, s.info(model), init_latents=init, noise=noise_host, cond=cond,
                            uncond=uncond)
     res.info["steps_run"] = plan.steps
+    _control.record(res, control, guess_mode)
     if end is not None:
         res.info["denoising_end"] = end
     if refiner is not None:

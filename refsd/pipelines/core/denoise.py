@@ -42,11 +42,12 @@ from refsd.sampling.noise import BrownianTreeNoiseSampler, default_noise_sampler
 
 
 def unet_fn(model: Model):
-    """The model's UNet as ``net(x, timestep, encoder_hidden_states, text_embeds=None, time_ids=None) ->
-    eps or v`` (the last two: SDXL's added conditioning)."""
-    def net(x, t, encoder_hidden_states, text_embeds=None, time_ids=None):
+    """The model's UNet as ``net(x, timestep, encoder_hidden_states, text_embeds=None, time_ids=None,
+    **control) -> eps or v`` (text_embeds, time_ids: SDXL's added conditioning; control: ControlNet
+    residuals, refsd.pipelines.control)."""
+    def net(x, t, encoder_hidden_states, text_embeds=None, time_ids=None, **control):
         return _unet(model.params["unet"], x, t, encoder_hidden_states, cfg=model.unet_config,
-                     text_embeds=text_embeds, time_ids=time_ids, attention=model.attention)
+                     text_embeds=text_embeds, time_ids=time_ids, attention=model.attention, **control)
     return net
 
 
@@ -55,11 +56,11 @@ class _GuidedUNet:
     UNet call on the batch [uncond, cond] (cond only, once, without an uncond); ``cond`` / ``uncond``:
     the UNet's conditioning keyword arguments (encode_text). ``extra``: channels appended to the UNet
     input after the scaled latents (inpainting UNets: mask, masked-image latents), the same for both
-    halves of the batch."""
+    halves of the batch. ``control``: a refsd.pipelines.control.ControlRun whose residuals each call adds."""
 
-    def __init__(self, model: Model, cond: dict, uncond: dict | None, scale: float, extra=None):
+    def __init__(self, model: Model, cond: dict, uncond: dict | None, scale: float, extra=None, control=None):
         self.unet, self.cond, self.uncond, self.scale = unet_fn(model), cond, uncond, scale
-        self.extra = extra
+        self.extra, self.control = extra, control
         if uncond is not None:
             xp = model.xp
             self.context = {k: xp.concat([uncond[k], v], axis=0) for k, v in cond.items()}
@@ -69,10 +70,13 @@ class _GuidedUNet:
     def __call__(self, x_in, t):
         xp = rxp.namespace(x_in)
         if self.uncond is None:
-            return self.unet(x_in if self.extra is None else xp.concat([x_in, self.extra], axis=1), t, **self.cond)
+            res = {} if self.control is None else self.control.residuals(x_in, t, self.cond, self.cond)
+            return self.unet(x_in if self.extra is None else xp.concat([x_in, self.extra], axis=1), t, **self.cond,
+                             **res)
         b = x_in.shape[0]
         x2 = xp.concat([x_in, x_in], axis=0)
-        out = self.unet(x2 if self.extra is None else xp.concat([x2, self.extra], axis=1), t, **self.context)
+        res = {} if self.control is None else self.control.residuals(x2, t, self.context, self.cond)
+        out = self.unet(x2 if self.extra is None else xp.concat([x2, self.extra], axis=1), t, **self.context, **res)
         uncond, cond = out[:b, ...], out[b:, ...]
         return uncond + self.scale * (cond - uncond)
 
@@ -98,18 +102,23 @@ class _ScheduledDenoiser:
         return ms.calculate_denoised(sigma, self.net(ms.calculate_input(sigma, x), t), x)
 
 
-def make_denoiser(model: Model, s: Settings, plan: Plan, x, cond, uncond, host_sigmas, unet_extra=None):
+def make_denoiser(model: Model, s: Settings, plan: Plan, x, cond, uncond, host_sigmas, unet_extra=None, control=None):
     """``D(x, sigma) -> x0`` for the profile's ``cfg_on``: "eps" (diffusers): guidance on the UNet output
     at the scheduler's own timesteps (_ScheduledDenoiser over _GuidedUNet); "x0" (k-diffusion style:
     ComfyUI, A1111): CFGDenoiser over a Denoiser whose t(sigma) is rounded as the plan says. The noise
     table is the profile's (``Profile.model_sampling``)."""
     ms = s.profile.model_sampling(model.scheduler_config, like=x)
     if s.profile.cfg_on == "eps":
-        return _ScheduledDenoiser(_GuidedUNet(model, cond, uncond, s.cfg, unet_extra), ms, host_sigmas, plan.timesteps)
+        return _ScheduledDenoiser(_GuidedUNet(model, cond, uncond, s.cfg, unet_extra, control), ms, host_sigmas,
+                                  plan.timesteps)
     if unet_extra is not None:
         raise RefsdError(f"extra UNet input channels (9-channel inpainting) are not reproduced under "
                          f"parity={s.parity!r}")
-    return CFGDenoiser(Denoiser(unet_fn(model), ms, timestep_rounding=plan.timestep_rounding), cond, uncond, s.cfg)
+    if control is not None:  # ComfyUI's ControlNet (refsd.pipelines.control.ComfyControlRun)
+        inner = control.wrap(unet_fn(model), Denoiser, ms, timestep_rounding=plan.timestep_rounding)
+    else:
+        inner = Denoiser(unet_fn(model), ms, timestep_rounding=plan.timestep_rounding)
+    return CFGDenoiser(inner, cond, uncond, s.cfg)
 
 
 def noise_arguments(s: Settings, plan: Plan, x, host_sigmas, generator) -> dict:
@@ -179,12 +188,13 @@ def from_profile(x, sigma: float, plan: Plan):
 
 
 def run_sampler(model: Model, s: Settings, plan: Plan, x, cond, uncond, *, generator=None,
-                callback: Callback | None = None, unet_extra=None, wrap_denoiser=None):
+                callback: Callback | None = None, unet_extra=None, wrap_denoiser=None, control=None):
     """Run the plan's sampler from x (x0 + sigma * noise at plan.sigmas[0]) -> final latents in the
     profile's convention. ``generator``: the diffusers profile's generator, continued by ancestral
     samplers; ``callback(i, total, latents)`` after each step; ``unet_extra``: channels appended to
     the UNet input (diffusers profile; inpainting UNets); ``wrap_denoiser(denoiser) -> denoiser``: a
-    wrapper around the guided denoiser (latent-blending inpainting)."""
+    wrapper around the guided denoiser (latent-blending inpainting); ``control``: a ControlRun
+    (refsd.pipelines.control), diffusers profile."""
     xp = model.xp
     dev = model.device
     sigmas = xp.asarray(list(plan.sigmas), dtype=x.dtype, device=dev)
@@ -192,8 +202,8 @@ def run_sampler(model: Model, s: Settings, plan: Plan, x, cond, uncond, *, gener
     total = plan.steps
     progress.stage("sampling", total)
     if plan.sampler == "pndm":  # diffusers' PNDMScheduler: a multistep method on eps, no k-diffusion sampler
-        return _run_pndm(model, s, plan, x, cond, uncond, callback=callback, unet_extra=unet_extra)
-    denoiser = make_denoiser(model, s, plan, x, cond, uncond, host, unet_extra)
+        return _run_pndm(model, s, plan, x, cond, uncond, callback=callback, unet_extra=unet_extra, control=control)
+    denoiser = make_denoiser(model, s, plan, x, cond, uncond, host, unet_extra, control)
     if wrap_denoiser is not None:
         denoiser = wrap_denoiser(denoiser)
     kwargs = noise_arguments(s, plan, x, host, generator)
@@ -213,14 +223,15 @@ def run_sampler(model: Model, s: Settings, plan: Plan, x, cond, uncond, *, gener
     return latents
 
 
-def _run_pndm(model: Model, s: Settings, plan: Plan, x, cond, uncond, *, callback=None, unet_extra=None):
+def _run_pndm(model: Model, s: Settings, plan: Plan, x, cond, uncond, *, callback=None, unet_extra=None,
+              control=None):
     """diffusers' PNDMScheduler (skip_prk_steps) from x = x0 + sigma * noise at plan.sigmas[0]: the
     guided UNet gets the DDPM sample itself (scale_model_input is the identity) at plan.timesteps."""
     config = model.scheduler_config
     ac, _ = diffusers_tables(config)
     final = 1.0 if config.get("set_alpha_to_one", True) else float(ac[0])
     n = int(config.get("num_train_timesteps", 1000))
-    net = _GuidedUNet(model, cond, uncond, s.cfg, unet_extra)
+    net = _GuidedUNet(model, cond, uncond, s.cfg, unet_extra, control)
     total = plan.steps
 
     def step_done(i, latents):

@@ -141,6 +141,15 @@ EXPLAIN: dict[str, dict[Any, str]] = {
         False: "an SDXL refiner runs as img2img or as txt2img's refiner= only (StableDiffusionXLPipeline cannot "
                "drive a 5-id UNet)",
     },
+    "controlnet": {
+        "step_fraction": "the control image Lanczos-resized, u8 / 255; the i-th of n UNet calls controlled unless "
+                         "i / n < start or (i + 1) / n > end; residuals x scale (guess mode: logspace soft weights, "
+                         "cond half only); refsd.pipelines.control",
+        "sigma_range": "ControlNetApplyAdvanced: the hint by common_upscale (centre crop, nearest-exact); controlled "
+                       "while percent_to_sigma(end) <= sigma <= percent_to_sigma(start); residuals x strength, both "
+                       "CFG halves; refsd.pipelines.control",
+        None: "not reproduced: a clear error (A1111's ControlNet is the sd-webui-controlnet extension)",
+    },
     "split_by_timestep": {
         True: "denoising_end / refiner switch: the steps whose timestep >= int(round(T - fraction * T))",
         False: "denoising_end / refiner switch: KSamplerAdvanced's step split, round(steps * fraction)",
@@ -176,6 +185,7 @@ class Profile:
     sdxl: str | None = rule("SDXL time ids", "nodes")  # "pipelines" (diffusers') | "nodes" (ComfyUI's) | None (refused)
     refiner_from_noise: bool = rule("SDXL refiner", True)
     split_by_timestep: bool = rule("split schedules", False)
+    controlnet: str | None = rule("ControlNet", "sigma_range")  # "step_fraction" (diffusers') | "sigma_range" | None
     brownian_per_image: frozenset = frozenset()  # SDE samplers whose Brownian tree is per image seed (A1111)
     fallback: str | None = None  # the nearest profile for a PNG's run this one cannot reproduce (the CLI)
     refusals: Mapping[str, str] = field(default_factory=dict)  # "sdxl" | "img2img" -> why, in the error
