@@ -152,14 +152,32 @@ def _run_vae(z=None, x=None, noise=None, *, params, config: dict, mode: str, att
 
 
 def _run_unet(sample, encoder_hidden_states, timestep=None, text_embeds=None, time_ids=None, *, params,
-              config: dict, attention: str = "sliced"):
+              config: dict, attention: str = "sliced", **residuals):
     """Golden adapter for UNet cases (op "unet"): refsd.models.unet.unet on a diffusers
     UNet2DConditionModel config dict -> ``sample`` (the noise prediction). ``timestep`` is an input
-    array, or a Python number stored in the case's kwargs (as diffusers received it)."""
+    array, or a Python number stored in the case's kwargs (as diffusers received it). Inputs
+    ``residual_0``, ``residual_1``, ... are T2I-Adapter features (down_intrablock_additional_residuals)."""
     from refsd.models.unet import UNetConfig, unet
 
+    adapter = [residuals[f"residual_{i}"] for i in range(len(residuals))] or None
     return {"sample": unet(params, sample, timestep, encoder_hidden_states, cfg=UNetConfig.from_dict(config),
-                           text_embeds=text_embeds, time_ids=time_ids, attention=attention)}
+                           text_embeds=text_embeds, time_ids=time_ids, attention=attention,
+                           down_intrablock_additional_residuals=adapter)}
+
+
+def _run_t2i_adapter(*, params, configs: list, weights=None, **images):
+    """Golden adapter for T2I-Adapter cases (op "t2i_adapter"): refsd.models.adapters.t2i_adapter on
+    ``image_0`` (one config: diffusers T2IAdapter keys), or multi_adapter over ``image_0``, ``image_1``, ...
+    (several: MultiAdapter keys ``adapters.k.adapter.*``) -> ``feature_0``, ``feature_1``, ..."""
+    from refsd.models.adapters import T2IAdapterConfig, multi_adapter, t2i_adapter
+
+    cfgs = [T2IAdapterConfig.from_dict(c) for c in configs]
+    if len(cfgs) == 1:
+        feats = t2i_adapter(params, images["image_0"], cfg=cfgs[0])
+    else:
+        feats = multi_adapter([(params.sub(f"adapters.{k}"), c) for k, c in enumerate(cfgs)],
+                              [images[f"image_{k}"] for k in range(len(cfgs))], weights)
+    return {f"feature_{i}": f for i, f in enumerate(feats)}
 
 
 def _tiny_model(params, model: dict, attention: str, prefixes: dict | None = None):
@@ -283,6 +301,7 @@ OPS = {
     "clip_text": _run_clip_text,
     "vae": _run_vae,
     "unet": _run_unet,
+    "t2i_adapter": _run_t2i_adapter,
     "pipeline": _run_pipeline,
 }
 

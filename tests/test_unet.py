@@ -28,6 +28,9 @@ def _load(case_id, xp, device):
 
 def _run(params, inputs, t, cfg, **kw):
     extra = {k: inputs[k] for k in ("text_embeds", "time_ids") if k in inputs}
+    adapter = [inputs[f"residual_{i}"] for i in range(sum(k.startswith("residual_") for k in inputs))]
+    if adapter:  # T2I-Adapter features (golden/oracle_adapters.py)
+        extra["down_intrablock_additional_residuals"] = adapter
     return unet(params, inputs["sample"], t, inputs["encoder_hidden_states"], cfg=cfg, **extra, **kw)
 
 

@@ -1,0 +1,173 @@
+"""T2I-Adapter: diffusers ``T2IAdapter`` (``full_adapter``, ``light_adapter``, ``full_adapter_xl``) and
+``MultiAdapter``'s weighted sum. The adapter turns a control image into one feature map per UNet level;
+the UNet adds them inside its down path (``down_intrablock_additional_residuals`` in
+``refsd.models.unet.unet``).
+
+Parameter keys are diffusers' state-dict keys, verbatim (``adapter.conv_in.weight``,
+``adapter.body.1.resnets.0.block1.weight``, ``adapter.body.0.in_conv.weight``). Traces:
+``adapter.body.i`` (each level's feature, before any scale).
+
+ref: diffusers 0.42.1 models/adapter.py (T2IAdapter, FullAdapter, FullAdapterXL, LightAdapter,
+AdapterBlock, AdapterResnetBlock, LightAdapterBlock, LightAdapterResnetBlock, MultiAdapter.forward);
+Mou et al. 2023, "T2I-Adapter" (TencentARC/T2I-Adapter ldm/modules/encoders/adapter.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from refsd import xp as rxp
+from refsd.errors import BackendError
+from refsd.models.configs import ConfigError, _from_dict, _tuples
+from refsd.ops import conv2d
+from refsd.trace import emit
+from refsd.weights.params import wb
+
+ADAPTER_TYPES = ("full_adapter", "full_adapter_xl", "light_adapter")
+
+
+@dataclass(frozen=True)
+class T2IAdapterConfig:
+    """diffusers T2IAdapter config.json fields (defaults: SD 1.x full adapter)."""
+
+    in_channels: int = 3
+    channels: tuple = (320, 640, 1280, 1280)
+    num_res_blocks: int = 2
+    downscale_factor: int = 8
+    adapter_type: str = "full_adapter"
+
+    def __post_init__(self):
+        object.__setattr__(self, "channels", _tuples(self.channels))
+        if self.adapter_type not in ADAPTER_TYPES:
+            raise ConfigError(f"T2IAdapter config: adapter_type={self.adapter_type!r} is not supported; "
+                              f"refsd supports {' or '.join(map(repr, ADAPTER_TYPES))}")
+        if not self.channels or self.num_res_blocks < 1 or self.downscale_factor < 1:
+            raise ConfigError("T2IAdapter config: channels must be non-empty, num_res_blocks and "
+                              f"downscale_factor >= 1; got {self.channels}, {self.num_res_blocks}, "
+                              f"{self.downscale_factor}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> T2IAdapterConfig:
+        return _from_dict(cls, d)
+
+    @property
+    def total_downscale_factor(self) -> int:
+        """Image pixels per pixel of the smallest feature (diffusers' ``total_downscale_factor``)."""
+        n = len(self.channels)
+        return self.downscale_factor * {"full_adapter": 2 ** (n - 1), "full_adapter_xl": 2,
+                                        "light_adapter": 2 ** n}[self.adapter_type]
+
+    def blocks(self) -> list[tuple[int, int, bool]]:
+        """(in channels, out channels, downsample first) of each ``adapter.body.i``, as diffusers builds them."""
+        c, n = self.channels, len(self.channels)
+        if self.adapter_type == "full_adapter":
+            return [(c[0], c[0], False)] + [(c[i - 1], c[i], True) for i in range(1, n)]
+        if self.adapter_type == "full_adapter_xl":  # only body.2 downsamples; body.1 widens in place
+            return [(c[i - 1], c[i], i == 2) if i in (1, 2) else (c[i], c[i], False) for i in range(n)]
+        unshuffled = self.in_channels * self.downscale_factor ** 2
+        return ([(unshuffled, c[0], False)] + [(c[i], c[i + 1], True) for i in range(n - 1)]
+                + [(c[-1], c[-1], True)])
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every state-dict key the forward pass reads, with its shape."""
+        out = {}
+        conv = lambda name, o, i, k: out.update({f"{name}.weight": (o, i, k, k), f"{name}.bias": (o,)})  # noqa: E731
+        unshuffled = self.in_channels * self.downscale_factor ** 2
+        light = self.adapter_type == "light_adapter"
+        if not light:
+            conv("adapter.conv_in", self.channels[0], unshuffled, 3)
+        for i, (cin, cout, _) in enumerate(self.blocks()):
+            b = f"adapter.body.{i}"
+            width = cout // 4 if light else cout
+            if light or cin != cout:
+                conv(f"{b}.in_conv", width, cin, 1)
+            for j in range(self.num_res_blocks):
+                conv(f"{b}.resnets.{j}.block1", width, width, 3)
+                conv(f"{b}.resnets.{j}.block2", width, width, 3 if light else 1)
+            if light:
+                conv(f"{b}.out_conv", cout, width, 1)
+        return out
+
+
+def pixel_unshuffle(x, r: int):
+    """torch.nn.PixelUnshuffle(r): (B, C, H, W) -> (B, C*r*r, H/r, W/r), channel c*r*r + i*r + j holding
+    pixel (i, j) of each r x r cell."""
+    xp = rxp.namespace(x)
+    b, c, h, w = x.shape
+    if h % r or w % r:
+        raise BackendError(f"T2I-Adapter: image size {h}x{w} is not a multiple of the downscale factor {r}")
+    x = xp.reshape(x, (b, c, h // r, r, w // r, r))
+    return xp.reshape(xp.permute_dims(x, (0, 1, 3, 5, 2, 4)), (b, c * r * r, h // r, w // r))
+
+
+def avg_pool2x2_ceil(x):
+    """torch.nn.AvgPool2d(2, stride=2, ceil_mode=True): 2x2 means; on an odd edge the last window holds
+    fewer pixels and is divided by their count (padding 0, so no padded zeros are counted)."""
+    xp = rxp.namespace(x)
+    b, c, h, w = x.shape
+    ph, pw = h % 2, w % 2
+    ones = xp.ones((1, 1, h, w), dtype=x.dtype, device=rxp.device(x))
+    if ph or pw:
+        zr = lambda t: xp.concat([t, xp.zeros((*t.shape[:2], ph, t.shape[3]), dtype=t.dtype, device=rxp.device(t))], axis=2)  # noqa: E731
+        zc = lambda t: xp.concat([t, xp.zeros((*t.shape[:3], pw), dtype=t.dtype, device=rxp.device(t))], axis=3)  # noqa: E731
+        x, ones = zc(zr(x)), zc(zr(ones))
+    s = x[:, :, 0::2, 0::2] + x[:, :, 0::2, 1::2] + x[:, :, 1::2, 0::2] + x[:, :, 1::2, 1::2]
+    n = ones[:, :, 0::2, 0::2] + ones[:, :, 0::2, 1::2] + ones[:, :, 1::2, 0::2] + ones[:, :, 1::2, 1::2]
+    return s / n
+
+
+def _relu(x):
+    xp = rxp.namespace(x)
+    return xp.where(x > 0, x, xp.zeros_like(x))
+
+
+def _resnet(p, x, *, k2: int):
+    """AdapterResnetBlock (block2 1x1, k2=1) / LightAdapterResnetBlock (block2 3x3, k2=3): x + conv(relu(conv x))."""
+    h = _relu(conv2d(x, *wb(p, "block1"), padding=1))
+    return x + conv2d(h, *wb(p, "block2"), padding=k2 // 2)
+
+
+def _block(p, x, *, down: bool, cfg: T2IAdapterConfig):
+    """AdapterBlock / LightAdapterBlock: [avg pool 2x2] [in_conv 1x1] resnets [out_conv 1x1 (light)]."""
+    light = cfg.adapter_type == "light_adapter"
+    if down:
+        x = avg_pool2x2_ceil(x)
+    if "in_conv.weight" in p:
+        x = conv2d(x, *wb(p, "in_conv"))
+    for j in range(cfg.num_res_blocks):
+        x = _resnet(p.sub(f"resnets.{j}"), x, k2=3 if light else 1)
+    return conv2d(x, *wb(p, "out_conv")) if light else x
+
+
+def t2i_adapter(params, x, *, cfg: T2IAdapterConfig) -> list:
+    """T2IAdapter.forward: control image (B, in_channels, H, W) in [0, 1] -> one feature per body block,
+    [(B, channels[i] or ..., H / f_i, W / f_i)], the order the UNet consumes them."""
+    if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+        raise BackendError(f"T2I-Adapter: image must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
+    p = params.sub("adapter")
+    h = pixel_unshuffle(x, cfg.downscale_factor)
+    if cfg.adapter_type != "light_adapter":
+        h = conv2d(h, *wb(p, "conv_in"), padding=1)
+    features = []
+    for i, (_, _, down) in enumerate(cfg.blocks()):
+        b = p.sub(f"body.{i}")
+        h = emit(b, _block(b, h, down=down, cfg=cfg))
+        features.append(h)
+    return features
+
+
+def multi_adapter(adapters, images, weights=None) -> list:
+    """MultiAdapter.forward: sum_k weights[k] * features of adapter k on its image, level by level.
+
+    adapters: [(params, T2IAdapterConfig)], images: one (B, C_k, H, W) per adapter; weights default to
+    1 / count each (diffusers). Every adapter must downscale alike (the features are summed)."""
+    if len(adapters) != len(images) or not adapters:
+        raise BackendError(f"MultiAdapter: {len(adapters)} adapters but {len(images)} images")
+    if len({(c.downscale_factor, c.total_downscale_factor) for _, c in adapters}) != 1:
+        raise BackendError("MultiAdapter: every adapter must have the same downscale_factor and total_downscale_factor")
+    weights = [1.0 / len(adapters)] * len(adapters) if weights is None else list(weights)
+    total = None
+    for (params, cfg), image, w in zip(adapters, images, weights):
+        feats = [w * f for f in t2i_adapter(params, image, cfg=cfg)]
+        total = feats if total is None else [a + b for a, b in zip(total, feats)]
+    return total

@@ -1,0 +1,30 @@
+"""T2I-Adapter declarations and pieces not covered by the goldens alone: the config's param_shapes are
+exactly diffusers' state dict (every key, every shape), for each adapter type."""
+
+import pytest
+
+from refsd.models.adapters import T2IAdapterConfig
+from refsd.models.configs import ConfigError
+
+CONFIGS = [
+    {"adapter_type": "full_adapter"},
+    {"adapter_type": "full_adapter_xl", "downscale_factor": 16},
+    {"adapter_type": "light_adapter", "channels": [320, 640, 1280], "num_res_blocks": 4},
+    {"adapter_type": "full_adapter", "in_channels": 1, "channels": [8, 16, 16, 24], "num_res_blocks": 1},
+    {"adapter_type": "light_adapter", "channels": [8, 16, 24], "num_res_blocks": 2},
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c['adapter_type']}-{c.get('channels', 'default')}")
+def test_param_shapes_match_diffusers(config):
+    diffusers = pytest.importorskip("diffusers")
+    model = diffusers.T2IAdapter(**config)
+    ref = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    cfg = T2IAdapterConfig.from_dict(config)
+    assert cfg.param_shapes() == ref
+    assert cfg.total_downscale_factor == model.total_downscale_factor
+
+
+def test_unknown_adapter_type_refused():
+    with pytest.raises(ConfigError, match="adapter_type='style'"):
+        T2IAdapterConfig(adapter_type="style")
