@@ -128,3 +128,107 @@ def _sdxl_residuals(g, dt):
                                "tiny SDXL UNet with 4 T2I-Adapter-XL features: the plain first block's output "
                                "(after its downsampler, also its last skip), two CrossAttn blocks, then the mid "
                                "block's output (shape match)", sdxl=True)
+
+
+# --------------------------------------------------------------------------------------------
+# pipeline: StableDiffusionXLAdapterPipeline on the tiny SDXL model of golden/oracle_sdxl.py
+
+# A full_adapter_xl for the tiny SDXL UNet (blocks Down 8 -> CrossAttn 16, latents 1/8 of the image):
+# body.0 (8 wide, 1/16) meets the Down block's output (after its downsampler), body.1 (16 wide, 1/16)
+# the CrossAttn block before the mid block.
+T2I_XL_PIPE = {"in_channels": 3, "channels": [8, 16], "num_res_blocks": 2, "downscale_factor": 16,
+               "adapter_type": "full_adapter_xl"}
+
+
+def _control_image(g, height: int, width: int):
+    """uint8 (H, W, 3): a bright disc and a bar on a gradient, with noise (a synthetic edge / sketch map)."""
+    y = torch.arange(height, dtype=torch.float64)[:, None, None]
+    x = torch.arange(width, dtype=torch.float64)[None, :, None]
+    disc = ((y - height * 0.4) ** 2 + (x - width * 0.6) ** 2 < (height * 0.25) ** 2).to(torch.float64)
+    bar = ((x > width * 0.1) & (x < width * 0.25)).to(torch.float64)
+    img = 40 + 150 * disc + 60 * bar + 30 * x / width + 15 * torch.randn((height, width, 3), generator=g, dtype=torch.float64)
+    return img.round().clamp(0, 255).to(torch.uint8)
+
+
+def _run_adapter_pipe(pipe, **call) -> dict[str, torch.Tensor]:
+    """Call an adapter pipeline with recorders (it has the old ``callback``, not callback_on_step_end):
+    noise, init_latents, step.<i>, latents, the encode_prompt outputs, add_time_ids, image."""
+    import importlib
+
+    module = importlib.import_module(type(pipe).__module__)
+    rec: dict[str, torch.Tensor] = {}
+    steps_done: list[torch.Tensor] = []
+    encode_prompt, prepare, randn = pipe.encode_prompt, pipe.prepare_latents, module.randn_tensor
+
+    def recording_encode_prompt(*a, **k):
+        out = encode_prompt(*a, **k)
+        names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+        rec.update({n: t.clone() for n, t in zip(names, out) if t is not None})
+        return out
+
+    def recording_prepare(*a, **k):
+        out = prepare(*a, **k)
+        rec["init_latents"] = out.clone()
+        return out
+
+    def recording_randn(*a, **k):
+        out = randn(*a, **k)
+        rec.setdefault("noise", out.clone())
+        return out
+
+    def unet_pre_hook(_m, _args, kwargs):
+        rec.setdefault("add_time_ids", kwargs["added_cond_kwargs"]["time_ids"].clone())
+
+    pipe.encode_prompt, pipe.prepare_latents, module.randn_tensor = recording_encode_prompt, recording_prepare, recording_randn
+    hook = pipe.unet.register_forward_pre_hook(unet_pre_hook, with_kwargs=True)
+    try:
+        out = pipe(**call, callback=lambda i, t, latents: steps_done.append(latents.clone()), callback_steps=1)
+    finally:
+        module.randn_tensor = randn
+        hook.remove()
+    outputs = {"noise": rec["noise"], "init_latents": rec["init_latents"]}
+    outputs.update({f"step.{i}": x for i, x in enumerate(steps_done)})
+    outputs["latents"] = steps_done[-1]
+    outputs.update({k: rec[k] for k in ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
+                                        "negative_pooled_prompt_embeds", "add_time_ids") if k in rec})
+    outputs["image"] = torch.from_numpy(out.images)
+    return outputs
+
+
+@case("pipeline", "t2i_adapter_sdxl_euler", dtypes=("float32",))
+def _t2i_adapter_sdxl(g, dt):
+    import PIL.Image
+    from diffusers import StableDiffusionXLAdapterPipeline, T2IAdapter
+
+    from golden.oracle_sdxl import _components, _model_kwargs, _params, _scheduler
+
+    parts = _components("sdxl")
+    adapter = T2IAdapter(**T2I_XL_PIPE).eval()
+    randomise_weights(adapter, g)
+    image = _control_image(g, 40, 56)
+    prompt, negative, steps, cfg, seed, scale, factor = "a red cube on a table", "blurry", 5, 6.0, 7, 0.8, 0.6
+    pipe = StableDiffusionXLAdapterPipeline(
+        vae=parts["vae"], text_encoder=parts["text_encoder"], text_encoder_2=parts["text_encoder_2"],
+        tokenizer=parts["tokenizer"], tokenizer_2=parts["tokenizer_2"], unet=parts["unet"], adapter=adapter,
+        scheduler=_scheduler("sdxl", "euler", "normal"), force_zeros_for_empty_prompt=True)
+    pipe.set_progress_bar_config(disable=True)
+    outputs = _run_adapter_pipe(pipe, prompt=prompt, negative_prompt=negative, image=PIL.Image.fromarray(image.numpy()),
+                                height=64, width=64, num_inference_steps=steps, guidance_scale=cfg,
+                                adapter_conditioning_scale=scale, adapter_conditioning_factor=factor,
+                                generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
+    params = {**_params("sdxl"), **{f"adapter.{k}": v.clone() for k, v in adapter.state_dict().items()}}
+    kwargs = {"mode": "txt2img", "model": _model_kwargs("sdxl"), "prompt": prompt, "negative_prompt": negative,
+              "steps": steps, "cfg": cfg, "sampler": "euler", "scheduler": "normal", "seed": seed, "rng": "torch-cpu",
+              "batch_size": 1, "clip_skip": None, "parity": "diffusers", "width": 64, "height": 64,
+              "t2i_adapter": {"config": T2I_XL_PIPE, "scale": scale, "factor": factor}}
+    call = ("diffusers.StableDiffusionXLAdapterPipeline(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, "
+            "adapter=T2IAdapter(**t2i_adapter.config), scheduler=EulerDiscreteScheduler.from_config(scheduler_config), "
+            f"force_zeros_for_empty_prompt=True)({prompt!r}, negative_prompt={negative!r}, "
+            "image=PIL.Image.fromarray(adapter_image), height=64, width=64, "
+            f"num_inference_steps={steps}, guidance_scale={cfg}, adapter_conditioning_scale={scale}, "
+            f"adapter_conditioning_factor={factor}, generator=torch.Generator('cpu').manual_seed({seed}), output_type='np')")
+    return Capture("pipeline", {"adapter_image": image}, outputs, call,
+                   "tiny SDXL + tiny full_adapter_xl (2 levels), Euler 5 steps, cfg 6, 56x40 control image LANCZOS-"
+                   "resized to 64x64, adapter_conditioning_scale 0.8, factor 0.6: features on steps 0-2 of 5",
+                   kwargs=kwargs, params=params, params_from="pipeline/txt2img_sdxl_euler_f32",
+                   borrowed=tuple(k for k in params if not k.startswith("adapter.")))

@@ -233,11 +233,12 @@ MICRO_KEYS = ("original_size", "crop", "target_size", "negative_original_size", 
               "negative_target_size", "aesthetic_score", "negative_aesthetic_score")
 
 
-def _run_pipeline(init_image=None, mask=None, *, params, model: dict, mode: str, prompt: str,
+def _run_pipeline(init_image=None, mask=None, adapter_image=None, *, params, model: dict, mode: str, prompt: str,
                   negative_prompt: str | None, steps: int, cfg: float, sampler: str, scheduler: str, seed: int,
                   rng: str, batch_size: int, clip_skip: int | None, parity: str, width: int | None = None,
                   height: int | None = None, strength: float | None = None, attention: str = "sliced",
-                  refiner: dict | None = None, switch: float | None = None, **micro):
+                  refiner: dict | None = None, switch: float | None = None, t2i_adapter: dict | None = None,
+                  **micro):
     """Golden adapter for pipeline cases (op "pipeline"): refsd.pipelines.txt2img / img2img / inpaint (and
     txt2img with an SDXL ``refiner``, mode "base_refiner") on a tiny model whose weights are
     ``param/<component>.<key>`` (the refiner's UNet: ``param/refiner.unet.<key>``) and whose configs are
@@ -247,7 +248,9 @@ def _run_pipeline(init_image=None, mask=None, *, params, model: dict, mode: str,
     strength 1), ``masked_image_latents`` (inpainting: the un-repeated first), ``init_latents``,
     ``step.<i>`` (latents after step i), ``latents``, ``image`` (float pixels (B, H, W, 3) before the
     uint8 rounding); SDXL: ``prompt_embeds``, ``pooled_prompt_embeds``, ``negative_*``, ``add_time_ids``
-    (as the UNet's batch gets them); base + refiner: the base stage's under ``base.``."""
+    (as the UNet's batch gets them); base + refiner: the base stage's under ``base.``. ``t2i_adapter``
+    ({config, scale, factor}, weights ``param/adapter.<T2IAdapter key>``, image ``in/adapter_image``
+    uint8): txt2img with that T2I-Adapter (StableDiffusion{,XL}AdapterPipeline)."""
     from refsd.pipelines import img2img, inpaint, txt2img
 
     unknown = sorted(set(micro) - set(MICRO_KEYS))
@@ -260,6 +263,13 @@ def _run_pipeline(init_image=None, mask=None, *, params, model: dict, mode: str,
                   callback=lambda i, total, latents: steps_done.__setitem__(i, latents))
     if micro:
         common["micro"] = micro
+    if t2i_adapter is not None:
+        from refsd.models.adapters import T2IAdapterConfig
+        from refsd.pipelines.adapters import T2IAdapter
+
+        use = T2IAdapter(params.sub("adapter"), T2IAdapterConfig.from_dict(t2i_adapter["config"]),
+                         rxp.to_numpy(adapter_image), t2i_adapter["scale"])
+        common.update(t2i_adapters=[use], adapter_factor=t2i_adapter["factor"])
     if mode == "txt2img":
         res = txt2img(m, prompt, negative_prompt, width=width, height=height, **common)
     elif mode == "img2img":

@@ -41,11 +41,12 @@ from refsd.sampling.noise import BrownianTreeNoiseSampler, default_noise_sampler
 
 
 def unet_fn(model: Model):
-    """The model's UNet as ``net(x, timestep, encoder_hidden_states, text_embeds=None, time_ids=None) ->
-    eps or v`` (the last two: SDXL's added conditioning)."""
-    def net(x, t, encoder_hidden_states, text_embeds=None, time_ids=None):
+    """The model's UNet as ``net(x, timestep, encoder_hidden_states, text_embeds=None, time_ids=None,
+    **extensions) -> eps or v`` (text_embeds, time_ids: SDXL's added conditioning; extensions: the UNet's
+    extension inputs, e.g. T2I-Adapter ``down_intrablock_additional_residuals``)."""
+    def net(x, t, encoder_hidden_states, text_embeds=None, time_ids=None, **extensions):
         return _unet(model.params["unet"], x, t, encoder_hidden_states, cfg=model.unet_config,
-                     text_embeds=text_embeds, time_ids=time_ids, attention=model.attention)
+                     text_embeds=text_embeds, time_ids=time_ids, attention=model.attention, **extensions)
     return net
 
 
@@ -54,11 +55,12 @@ class _GuidedUNet:
     UNet call on the batch [uncond, cond] (cond only, once, without an uncond); ``cond`` / ``uncond``:
     the UNet's conditioning keyword arguments (encode_text). ``extra``: channels appended to the UNet
     input after the scaled latents (inpainting UNets: mask, masked-image latents), the same for both
-    halves of the batch."""
+    halves of the batch. ``residuals(t) -> features or None``: T2I-Adapter features for this timestep
+    (refsd.pipelines.adapters), likewise doubled."""
 
-    def __init__(self, model: Model, cond: dict, uncond: dict | None, scale: float, extra=None):
+    def __init__(self, model: Model, cond: dict, uncond: dict | None, scale: float, extra=None, residuals=None):
         self.unet, self.cond, self.uncond, self.scale = unet_fn(model), cond, uncond, scale
-        self.extra = extra
+        self.extra, self.residuals = extra, residuals
         if uncond is not None:
             xp = model.xp
             self.context = {k: xp.concat([uncond[k], v], axis=0) for k, v in cond.items()}
@@ -67,11 +69,16 @@ class _GuidedUNet:
 
     def __call__(self, x_in, t):
         xp = rxp.namespace(x_in)
+        feats = None if self.residuals is None else self.residuals(t)
+        ext = {} if feats is None else {"down_intrablock_additional_residuals": feats}
         if self.uncond is None:
-            return self.unet(x_in if self.extra is None else xp.concat([x_in, self.extra], axis=1), t, **self.cond)
+            return self.unet(x_in if self.extra is None else xp.concat([x_in, self.extra], axis=1), t, **self.cond,
+                             **ext)
+        if feats is not None:
+            ext = {"down_intrablock_additional_residuals": [xp.concat([f, f], axis=0) for f in feats]}
         b = x_in.shape[0]
         x2 = xp.concat([x_in, x_in], axis=0)
-        out = self.unet(x2 if self.extra is None else xp.concat([x2, self.extra], axis=1), t, **self.context)
+        out = self.unet(x2 if self.extra is None else xp.concat([x2, self.extra], axis=1), t, **self.context, **ext)
         uncond, cond = out[:b, ...], out[b:, ...]
         return uncond + self.scale * (cond - uncond)
 
@@ -97,14 +104,18 @@ class _ScheduledDenoiser:
         return ms.calculate_denoised(sigma, self.net(ms.calculate_input(sigma, x), t), x)
 
 
-def make_denoiser(model: Model, s: Settings, plan: Plan, x, cond, uncond, host_sigmas, unet_extra=None):
+def make_denoiser(model: Model, s: Settings, plan: Plan, x, cond, uncond, host_sigmas, unet_extra=None,
+                  residuals=None):
     """``D(x, sigma) -> x0`` for the profile's ``cfg_on``: "eps" (diffusers): guidance on the UNet output
     at the scheduler's own timesteps (_ScheduledDenoiser over _GuidedUNet); "x0" (k-diffusion style:
     ComfyUI, A1111): CFGDenoiser over a Denoiser whose t(sigma) is rounded as the plan says. The noise
     table is the profile's (``Profile.model_sampling``)."""
     ms = s.profile.model_sampling(model.scheduler_config, like=x)
     if s.profile.cfg_on == "eps":
-        return _ScheduledDenoiser(_GuidedUNet(model, cond, uncond, s.cfg, unet_extra), ms, host_sigmas, plan.timesteps)
+        return _ScheduledDenoiser(_GuidedUNet(model, cond, uncond, s.cfg, unet_extra, residuals), ms, host_sigmas,
+                                  plan.timesteps)
+    if residuals is not None:
+        raise RefsdError(f"T2I-Adapters are reproduced under parity='diffusers' only, not {s.parity!r}")
     if unet_extra is not None:
         raise RefsdError(f"extra UNet input channels (9-channel inpainting) are not reproduced under "
                          f"parity={s.parity!r}")
@@ -178,20 +189,23 @@ def from_profile(x, sigma: float, plan: Plan):
 
 
 def run_sampler(model: Model, s: Settings, plan: Plan, x, cond, uncond, *, generator=None,
-                callback: Callback | None = None, unet_extra=None, wrap_denoiser=None):
+                callback: Callback | None = None, unet_extra=None, wrap_denoiser=None, residuals=None):
     """Run the plan's sampler from x (x0 + sigma * noise at plan.sigmas[0]) -> final latents in the
     profile's convention. ``generator``: the diffusers profile's generator, continued by ancestral
     samplers; ``callback(i, total, latents)`` after each step; ``unet_extra``: channels appended to
     the UNet input (diffusers profile; inpainting UNets); ``wrap_denoiser(denoiser) -> denoiser``: a
-    wrapper around the guided denoiser (latent-blending inpainting)."""
+    wrapper around the guided denoiser (latent-blending inpainting); ``residuals(t)``: T2I-Adapter
+    features per timestep (diffusers profile)."""
     xp = model.xp
     dev = model.device
     sigmas = xp.asarray(list(plan.sigmas), dtype=x.dtype, device=dev)
     host = [float(v) for v in rxp.to_numpy(sigmas)]
     total = plan.steps
     if plan.sampler == "pndm":  # diffusers' PNDMScheduler: a multistep method on eps, no k-diffusion sampler
+        if residuals is not None:
+            raise RefsdError("T2I-Adapters are not reproduced with the pndm sampler (its warm-up repeats timesteps)")
         return _run_pndm(model, s, plan, x, cond, uncond, callback=callback, unet_extra=unet_extra)
-    denoiser = make_denoiser(model, s, plan, x, cond, uncond, host, unet_extra)
+    denoiser = make_denoiser(model, s, plan, x, cond, uncond, host, unet_extra, residuals)
     if wrap_denoiser is not None:
         denoiser = wrap_denoiser(denoiser)
     kwargs = noise_arguments(s, plan, x, host, generator)

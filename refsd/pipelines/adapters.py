@@ -1,0 +1,82 @@
+"""T2I-Adapters in a generation: the control image prepared as diffusers' adapter pipelines do, the
+adapter features computed once, and the rule for which steps get them.
+
+diffusers (StableDiffusion{,XL}AdapterPipeline.__call__, _preprocess_adapter_image): the control image
+is resized to the output size with PIL's LANCZOS filter, scaled to [0, 1] in float32 (no [-1, 1]
+normalisation), run through the adapter once; one adapter's features are multiplied by
+``adapter_conditioning_scale``, several adapters are a MultiAdapter whose weights ARE the scales; the
+features are repeated to the batch (and to [uncond, cond] under guidance: the pipeline core) and given
+to the UNet (``down_intrablock_additional_residuals``) at step i while ``i < int(steps *
+adapter_conditioning_factor)``.
+
+ref: diffusers 0.42.1 pipelines/t2i_adapter/pipeline_stable_diffusion_xl_adapter.py,
+pipeline_stable_diffusion_adapter.py; models/adapter.py (MultiAdapter.forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from refsd import xp as rxp
+from refsd.errors import RefsdError
+from refsd.models.adapters import T2IAdapterConfig, multi_adapter, t2i_adapter
+
+
+@dataclass(frozen=True)
+class T2IAdapter:
+    """One T2I-Adapter as a generation uses it: weights (diffusers T2IAdapter keys, ``adapter.*``) on the
+    model's backend, its config, the control image (uint8 (H, W), (H, W, 1) or (H, W, 3), any size: it
+    is resized to the output) and ``scale`` (adapter_conditioning_scale)."""
+
+    params: Any
+    config: T2IAdapterConfig
+    image: np.ndarray
+    scale: float = 1.0
+
+
+def adapter_pixels(image: np.ndarray, width: int, height: int, channels: int) -> np.ndarray:
+    """diffusers' _preprocess_adapter_image for one PIL image: LANCZOS resize to (width, height), uint8
+    -> float32 / 255, (1, C, H, W). A grey adapter (1 channel) takes the image's luminance (PIL "L") as a
+    user's grey PNG would arrive; an RGB adapter its RGB."""
+    import PIL.Image
+
+    a = np.asarray(image)
+    if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3)):
+        raise RefsdError(f"adapter image must be uint8 (H, W), (H, W, 1) or (H, W, 3), got {a.dtype} {a.shape}")
+    pil = PIL.Image.fromarray(a[:, :, 0] if a.ndim == 3 and a.shape[2] == 1 else a)
+    pil = pil.convert("L" if channels == 1 else "RGB")
+    x = np.array(pil.resize((width, height), resample=PIL.Image.LANCZOS))
+    x = x[None, :, :, None] if x.ndim == 2 else x[None]
+    return np.ascontiguousarray((x.astype(np.float32) / np.float32(255.0)).transpose(0, 3, 1, 2))
+
+
+def adapter_features(adapters: list[T2IAdapter], *, width: int, height: int, batch: int, like) -> list:
+    """The UNet residuals for a batch of ``batch`` images: each adapter on its resized image; one adapter
+    times its scale, several summed with their scales as MultiAdapter weights; repeated to the batch."""
+    if not adapters:
+        raise RefsdError("adapter_features: no adapters")
+    for a in adapters:
+        f = a.config.total_downscale_factor
+        if width % f or height % f:
+            raise RefsdError(f"a T2I-Adapter ({a.config.adapter_type}) needs width and height multiples of {f}, "
+                             f"got {width}x{height}")
+    xp = rxp.namespace(like)
+    images = [rxp.asarray(adapter_pixels(a.image, width, height, a.config.in_channels), like=like, dtype=like.dtype)
+              for a in adapters]
+    if len(adapters) == 1:
+        feats = [f * adapters[0].scale for f in t2i_adapter(adapters[0].params, images[0], cfg=adapters[0].config)]
+    else:
+        feats = multi_adapter([(a.params, a.config) for a in adapters], images, [a.scale for a in adapters])
+    return [xp.concat([f] * batch, axis=0) if batch > 1 else f for f in feats]
+
+
+def adapter_residuals(features: list, timesteps, steps: int, factor: float):
+    """``residuals(t) -> features or None``: the features at the first ``int(steps * factor)`` of the
+    schedule's timesteps (diffusers' ``i < int(num_inference_steps * adapter_conditioning_factor)``)."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0.0 <= factor <= 1.0:
+        raise RefsdError(f"adapter_factor must be a number in [0, 1], got {factor!r}")
+    active = {float(t) for t in list(timesteps)[:int(steps * factor)]}
+    return lambda t: features if float(t) in active else None
