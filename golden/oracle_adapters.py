@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from golden.oracle_unet import ATTENTION_VARIANTS, SD1_TINY, SDXL_TINY, _traced as _unet_traced
-from golden.registry import Capture, case, hooked, randomise_weights
+from golden.registry import Capture, case, hooked, randn, randomise_weights
 
 T2I_FULL_TINY = {"in_channels": 3, "channels": [8, 16, 16, 24], "num_res_blocks": 2, "downscale_factor": 8,
                  "adapter_type": "full_adapter"}
@@ -232,3 +232,66 @@ def _t2i_adapter_sdxl(g, dt):
                    "resized to 64x64, adapter_conditioning_scale 0.8, factor 0.6: features on steps 0-2 of 5",
                    kwargs=kwargs, params=params, params_from="pipeline/txt2img_sdxl_euler_f32",
                    borrowed=tuple(k for k in params if not k.startswith("adapter.")))
+
+
+# --------------------------------------------------------------------------------------------
+# IP-Adapter on the UNet: the original file layout loaded by diffusers' own converter
+
+
+def _ip_state_dict(g, unet, image_dim: int, tokens: int = 4) -> dict:
+    """An ip-adapter_sd15-layout state dict for ``unet`` (the nested {"image_proj", "ip_adapter"} form
+    diffusers' load_ip_adapter reads from the file), every tensor random: to_k_ip / to_v_ip start at
+    zero in real training code, so zero weights here would test nothing."""
+    c = unet.config.cross_attention_dim
+    proj = {"proj.weight": randn(g, (tokens * c, image_dim), torch.float32, image_dim ** -0.5),
+            "proj.bias": randn(g, (tokens * c,), torch.float32, 0.1),
+            "norm.weight": randn(g, (c,), torch.float32, 0.1, 1.0), "norm.bias": randn(g, (c,), torch.float32, 0.1)}
+    layers, key_id = {}, 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        block, channels = name.split("."), list(unet.config.block_out_channels)  # the layer's width, as diffusers
+        width = (channels[-1] if block[0] == "mid_block" else
+                 channels[int(block[1])] if block[0] == "down_blocks" else channels[::-1][int(block[1])])
+        for kv in ("to_k_ip", "to_v_ip"):
+            layers[f"{key_id}.{kv}.weight"] = randn(g, (width, c), torch.float32, c ** -0.5)
+        key_id += 2
+    return {"image_proj": proj, "ip_adapter": layers}
+
+
+def _unet_ip_case(g, dt, config, *, image_dim: int, n_images: int, scale, desc: str):
+    from diffusers import UNet2DConditionModel
+
+    model = UNet2DConditionModel(**config).eval()
+    randomise_weights(model, g)
+    state = _ip_state_dict(g, model, image_dim)
+    model._load_ip_adapter_weights([state], low_cpu_mem_usage=False)
+    for proc in model.attn_processors.values():
+        if hasattr(proc, "to_k_ip"):
+            proc.scale = [scale]
+    sample = torch.randn((2, 4, 8, 8), generator=g, dtype=torch.float64).to(dt)
+    context = torch.randn((2, 7, config["cross_attention_dim"]), generator=g, dtype=torch.float64).to(dt)
+    embeds = torch.randn((2, n_images, image_dim), generator=g, dtype=torch.float64).to(dt)
+    t = torch.tensor([901.0, 17.0], dtype=dt)
+    out, trace = hooked(model, lambda: model(sample, t, context, added_cond_kwargs={"image_embeds": [embeds]}).sample,
+                        _unet_traced)
+    return Capture("unet", {"sample": sample, "encoder_hidden_states": context, "timestep": t, "image_embeds_0": embeds},
+                   {"sample": out},
+                   "unet._load_ip_adapter_weights([ip-adapter_sd15 layout]); processors' scale=[s]; "
+                   "unet(sample, timestep, encoder_hidden_states, added_cond_kwargs={'image_embeds': [image_embeds_0]})",
+                   desc, kwargs={"config": config, "ip_scales": [scale]}, variants=ATTENTION_VARIANTS,
+                   params={k: v.clone() for k, v in model.state_dict().items()}, trace=trace)
+
+
+@case("unet", "sd1_tiny_ip_adapter", dtypes=("float32",))
+def _sd1_ip(g, dt):
+    return _unet_ip_case(g, dt, SD1_TINY, image_dim=12, n_images=1, scale=0.7,
+                         desc="tiny SD1 UNet + IP-Adapter (linear ImageProjection to 4 tokens, random to_k_ip/to_v_ip "
+                              "on each attn2, numbered 1, 3, 5, ... as the original file), scale 0.7, one image")
+
+
+@case("unet", "sdxl_tiny_ip_adapter_2images", dtypes=("float32",))
+def _sdxl_ip(g, dt):
+    return _unet_ip_case(g, dt, {**SDXL_TINY, "addition_embed_type": None}, image_dim=10, n_images=2, scale=1.3,
+                         desc="tiny SDXL-layout UNet (transformer depth 2, mid block) + IP-Adapter, two images per "
+                              "adapter (their 2 x 4 tokens concatenated), scale 1.3")

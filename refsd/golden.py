@@ -159,6 +159,12 @@ def _run_unet(sample, encoder_hidden_states, timestep=None, text_embeds=None, ti
     ``residual_0``, ``residual_1``, ... are T2I-Adapter features (down_intrablock_additional_residuals)."""
     from refsd.models.unet import UNetConfig, unet
 
+    ip_scales = residuals.pop("ip_scales", None)
+    if ip_scales is not None:  # IP-Adapter cases: image_embeds_k (B, n_images, D), the weights in params
+        from refsd.models.adapters import IPContext, project_images
+
+        tokens = [project_images(params, residuals.pop(f"image_embeds_{k}"), k) for k in range(len(ip_scales))]
+        encoder_hidden_states = IPContext(encoder_hidden_states, tokens, ip_scales, params, root=params.prefix)
     adapter = [residuals[f"residual_{i}"] for i in range(len(residuals))] or None
     return {"sample": unet(params, sample, timestep, encoder_hidden_states, cfg=UNetConfig.from_dict(config),
                            text_embeds=text_embeds, time_ids=time_ids, attention=attention,

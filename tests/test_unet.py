@@ -28,9 +28,6 @@ def _load(case_id, xp, device):
 
 def _run(params, inputs, t, cfg, **kw):
     extra = {k: inputs[k] for k in ("text_embeds", "time_ids") if k in inputs}
-    adapter = [inputs[f"residual_{i}"] for i in range(sum(k.startswith("residual_") for k in inputs))]
-    if adapter:  # T2I-Adapter features (golden/oracle_adapters.py)
-        extra["down_intrablock_additional_residuals"] = adapter
     return unet(params, inputs["sample"], t, inputs["encoder_hidden_states"], cfg=cfg, **extra, **kw)
 
 
@@ -43,8 +40,9 @@ def test_trace_names_match_diffusers_modules(case_id, xp, device):
     """refsd emits under the module paths the oracle hooked, in the same order, with the same values
     (each trace within 1e-4 of its own max: float32 summation order accumulates through the layers)."""
     case, cfg, params, inputs, t = _load(case_id, xp, device)
-    with record() as rec:
-        _run(params, inputs, t, cfg)
+    kw = {k: v for k, v in case.meta["op"]["kwargs"].items() if k != "timestep"}
+    with record() as rec:  # the golden runner: it also feeds T2I-Adapter residuals and IP-Adapter image embeds
+        golden.OPS["unet"](**inputs, timestep=t, params=params, **kw)
     assert rec.order == case.meta["trace_order"]
     ref = case.group("trace")
     for name in rec.order:

@@ -171,3 +171,107 @@ def multi_adapter(adapters, images, weights=None) -> list:
         feats = [w * f for f in t2i_adapter(params, image, cfg=cfg)]
         total = feats if total is None else [a + b for a, b in zip(total, feats)]
     return total
+
+
+# --------------------------------------------------------------------------------------------
+# IP-Adapter: image projection and decoupled cross-attention
+#
+# Keys are diffusers' converted form, relative to the UNet (what UNet2DConditionModel's state dict
+# holds after load_ip_adapter): ``encoder_hid_proj.image_projection_layers.{k}.image_embeds.weight``,
+# ``...layers.{k}.norm.{weight,bias}`` and ``<attn2 path>.processor.to_k_ip.{k}.weight`` /
+# ``to_v_ip.{k}.weight`` for adapter k. ``ip_adapter_keys`` maps the original ip-adapter_sd15 layout.
+#
+# ref: diffusers 0.42.1 loaders/unet.py (_convert_ip_adapter_image_proj_to_diffusers,
+# _convert_ip_adapter_attn_to_diffusers: processors numbered 1, 3, 5, ... over attn_processors order,
+# every attn1 skipped), models/embeddings.py (ImageProjection, MultiIPAdapterImageProjection),
+# models/attention_processor.py (IPAdapterAttnProcessor2_0); Ye et al. 2023, "IP-Adapter".
+
+IP_PROJ = "encoder_hid_proj.image_projection_layers"
+
+
+def cross_attention_paths(cfg) -> list[str]:
+    """Every UNet attn2 module path in diffusers' ``attn_processors`` order: down blocks, up blocks,
+    then the mid block (the UNet registers its children in that order)."""
+    out = []
+    for i, kind in enumerate(cfg.down_block_types):
+        if kind == "CrossAttnDownBlock2D":
+            out += [f"down_blocks.{i}.attentions.{j}.transformer_blocks.{k}.attn2"
+                    for j in range(cfg.layers[i]) for k in range(cfg.transformer_layers[i])]
+    n = len(cfg.up_block_types)
+    for i, kind in enumerate(cfg.up_block_types):
+        if kind == "CrossAttnUpBlock2D":
+            out += [f"up_blocks.{i}.attentions.{j}.transformer_blocks.{k}.attn2"
+                    for j in range(cfg.layers[n - 1 - i] + 1) for k in range(cfg.up_transformer_layers[i])]
+    out += [f"mid_block.attentions.0.transformer_blocks.{k}.attn2" for k in range(cfg.transformer_layers[-1])]
+    return out
+
+
+def ip_adapter_keys(original: dict, cfg, index: int = 0) -> dict:
+    """The original IP-Adapter file layout (``image_proj.proj.weight``, ``image_proj.norm.*``,
+    ``ip_adapter.{1,3,5,...}.to_{k,v}_ip.weight``) -> diffusers' converted keys for adapter ``index``
+    (linear ImageProjection). Values are passed through; a key the table does not place is refused."""
+    from refsd.errors import WeightsError
+
+    paths = cross_attention_paths(cfg)
+    out, left = {}, dict(original)
+    for name in ("proj.weight", "proj.bias", "norm.weight", "norm.bias"):
+        v = left.pop(f"image_proj.{name}", None)
+        if v is not None:
+            out[f"{IP_PROJ}.{index}.{name.replace('proj.', 'image_embeds.')}"] = v
+    for n, path in enumerate(paths):
+        for kv in ("to_k_ip", "to_v_ip"):
+            v = left.pop(f"ip_adapter.{2 * n + 1}.{kv}.weight", None)
+            if v is not None:
+                out[f"{path}.processor.{kv}.{index}.weight"] = v
+    if left:
+        raise WeightsError(f"IP-Adapter: {len(left)} keys the ip-adapter_sd15 layout does not place on this UNet "
+                           f"({len(paths)} cross-attention layers), e.g. {sorted(left)[0]!r}")
+    return out
+
+
+def image_projection(p, image_embeds, *, eps: float = 1e-5):
+    """ImageProjection (IP-Adapter): linear to T * C, reshape (B, T, C), LayerNorm. (B, D) -> (B, T, C);
+    T = rows of ``image_embeds.weight`` / C (4 for the released adapters)."""
+    from refsd.ops import layer_norm, linear
+
+    xp = rxp.namespace(image_embeds)
+    c = p["norm.weight"].shape[0]
+    h = linear(image_embeds, *wb(p, "image_embeds"))
+    h = xp.reshape(h, (image_embeds.shape[0], -1, c))
+    return layer_norm(h, *wb(p, "norm"), eps)
+
+
+def project_images(params, image_embeds, index: int = 0):
+    """MultiIPAdapterImageProjection for adapter ``index``: (B, n_images, D) -> (B, n_images * T, C):
+    each image projected, the images' tokens concatenated (diffusers attends to all of them at once)."""
+    xp = rxp.namespace(image_embeds)
+    b, n = image_embeds.shape[:2]
+    tokens = image_projection(params.sub(f"{IP_PROJ}.{index}"), xp.reshape(image_embeds, (b * n, -1)))
+    return xp.reshape(tokens, (b, n * tokens.shape[1], tokens.shape[2]))
+
+
+class IPContext:
+    """The UNet's cross-attention context with IP-Adapters: the text states plus, per adapter, its
+    projected image tokens (B, T, C), its scale (a number, or ``{attn2 path: number}``, unlisted = 0) and
+    the weights holding its ``processor.to_{k,v}_ip.{k}`` keys (relative to ``root``, the UNet's prefix
+    in that Params store). Passed as ``encoder_hidden_states`` through the blocks; ``extra_kv`` gives
+    attn2 its decoupled keys and values."""
+
+    def __init__(self, text, tokens: list, scales: list, params, root: str = ""):
+        if len(tokens) != len(scales):
+            raise BackendError(f"IP-Adapter: {len(tokens)} token sets but {len(scales)} scales")
+        self.text, self.tokens, self.scales, self.params, self.root = text, tokens, scales, params, root
+
+    def extra_kv(self, p) -> list:
+        """[(to_k_ip(tokens), to_v_ip(tokens), scale)] for the attn2 view ``p``; adapters at scale 0 skipped."""
+        from refsd.ops import linear
+
+        rel = p.prefix[len(self.root) + 1:] if self.root else p.prefix
+        out = []
+        for k, (tokens, scale) in enumerate(zip(self.tokens, self.scales)):
+            s = scale.get(rel, 0.0) if isinstance(scale, dict) else scale
+            if s == 0:
+                continue
+            w = f"{rel}.processor.to_%s_ip.{k}.weight"
+            out.append((linear(tokens, self.params[w % "k"]), linear(tokens, self.params[w % "v"]), s))
+        return out

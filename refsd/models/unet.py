@@ -59,14 +59,16 @@ def unet(params, sample, timestep, encoder_hidden_states, *, cfg: UNetConfig, te
     refiner). attention: "sliced" | "naive" | "tiled" (refsd.attention). -> (B, out_channels, H, W).
     down_intrablock_additional_residuals: T2I-Adapter features (refsd.models.adapters), consumed in order
     by the down blocks (``down_block``'s ``residual``), then by the mid block's output if one is left and
-    its shape matches (T2I-Adapter-XL), as diffusers' forward does.
+    its shape matches (T2I-Adapter-XL), as diffusers' forward does. encoder_hidden_states may be a
+    refsd.models.adapters.IPContext (IP-Adapter: text states plus image tokens for every attn2).
     """
-    rxp.namespace(sample, encoder_hidden_states)  # one backend and device, or a BackendError naming them
+    text = getattr(encoder_hidden_states, "text", encoder_hidden_states)  # IP-Adapter: an IPContext around it
+    rxp.namespace(sample, text)  # one backend and device, or a BackendError naming them
     if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
         raise BackendError(f"UNet: sample must be (B, {cfg.in_channels}, H, W), got {tuple(sample.shape)}")
-    if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != sample.shape[0]:
+    if text.ndim != 3 or text.shape[0] != sample.shape[0]:
         raise BackendError(f"UNet: encoder_hidden_states must be (B={sample.shape[0]}, tokens, width), "
-                           f"got {tuple(encoder_hidden_states.shape)}")
+                           f"got {tuple(text.shape)}")
     if cfg.center_input_sample:
         sample = 2 * sample - 1.0
     emb = time_embedding(params, sample, timestep, cfg=cfg)
