@@ -295,3 +295,82 @@ def _sdxl_ip(g, dt):
     return _unet_ip_case(g, dt, {**SDXL_TINY, "addition_embed_type": None}, image_dim=10, n_images=2, scale=1.3,
                          desc="tiny SDXL-layout UNet (transformer depth 2, mid block) + IP-Adapter, two images per "
                               "adapter (their 2 x 4 tokens concatenated), scale 1.3")
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP vision tower (transformers CLIPVisionModelWithProjection) and its image processor
+
+VISION_H_TINY = {"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+                 "image_size": 28, "patch_size": 14, "projection_dim": 24, "hidden_act": "gelu",
+                 "layer_norm_eps": 1e-5}  # OpenCLIP ViT-H/14 layout: gelu, patch 14, MLP 4x, head width 8
+VISION_G_TINY = {"hidden_size": 40, "intermediate_size": 196, "num_hidden_layers": 4, "num_attention_heads": 5,
+                 "image_size": 42, "patch_size": 14, "projection_dim": 32, "hidden_act": "gelu",
+                 "layer_norm_eps": 1e-5}  # ViT-bigG/14 layout: gelu, patch 14, MLP 4.92x (8192 / 1664)
+
+
+def _vision_traced(name: str) -> bool:
+    return name in ("vision_model.embeddings", "vision_model.pre_layrnorm", "vision_model.post_layernorm",
+                    "visual_projection") or (name.startswith("vision_model.encoder.layers.") and name.count(".") == 3)
+
+
+def _vision_case(g, dt, config, batch, desc):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig(**config, attention_dropout=0.0)).eval()
+    randomise_weights(model, g)
+    s = config["image_size"]
+    pixels = torch.randn((batch, 3, s, s), generator=g, dtype=torch.float64).to(dt)
+    out, trace = hooked(model, lambda: model(pixels, output_hidden_states=True), _vision_traced)
+    outputs = {"image_embeds": out.image_embeds, "last_hidden_state": out.last_hidden_state,
+               "penultimate_hidden_state": out.hidden_states[-2]}
+    return Capture("clip_vision", {"pixel_values": pixels}, outputs,
+                   "transformers.CLIPVisionModelWithProjection(CLIPVisionConfig(**config))(pixel_values, "
+                   "output_hidden_states=True): image_embeds, last_hidden_state, hidden_states[-2]",
+                   desc, kwargs={"config": config}, variants=[{"attention": "sliced"}, {"attention": "naive"}],
+                   tol_component="text_encoder", params={k: v.clone() for k, v in model.state_dict().items()},
+                   trace=trace)
+
+
+@case("vision", "clip_vit_h_tiny", dtypes=("float32",))
+def _vision_h(g, dt):
+    return _vision_case(g, dt, VISION_H_TINY, 2, "tiny ViT-H/14-layout CLIP vision tower (gelu, 2x2 patches + "
+                                                 "class token), batch 2; outputs as IP-Adapter (image_embeds) and "
+                                                 "IP-Adapter Plus (hidden_states[-2]) use them")
+
+
+@case("vision", "clip_vit_bigg_tiny", dtypes=("float32",))
+def _vision_g(g, dt):
+    return _vision_case(g, dt, VISION_G_TINY, 1, "tiny ViT-bigG/14-layout CLIP vision tower (gelu, 3x3 patches, "
+                                                 "4 layers, 5 heads)")
+
+
+def _processor_case(g, size: int, hw: tuple[int, int], desc: str):
+    import numpy as np
+    import PIL.Image
+    from transformers import CLIPImageProcessor
+
+    h, w = hw
+    y = torch.linspace(0, 1, h, dtype=torch.float64)[:, None, None]
+    x = torch.linspace(0, 1, w, dtype=torch.float64)[None, :, None]
+    img = 128 + 90 * torch.sin(9 * x - 5 * y + torch.tensor([0.0, 1.7, 3.1])) + 25 * torch.randn((h, w, 3), generator=g,
+                                                                                                  dtype=torch.float64)
+    image = img.round().clamp(0, 255).to(torch.uint8)
+    proc = CLIPImageProcessor(size=size, crop_size=size)
+    pixels = proc(PIL.Image.fromarray(np.asarray(image.numpy())), return_tensors="pt").pixel_values
+    return Capture("clip_image_processor", {"image": image}, {"pixel_values": pixels},
+                   f"transformers.CLIPImageProcessor(size={size}, crop_size={size})(PIL.Image.fromarray(image), "
+                   f"return_tensors='pt').pixel_values  ({type(proc).__name__})",
+                   desc, kwargs={"size": size}, tol_component="ops")
+
+
+@case("vision", "clip_processor_224", dtypes=("float32",))
+def _processor_224(g, dt):
+    return _processor_case(g, 224, (150, 263), "CLIP image processing as load_ip_adapter's default: shortest edge to "
+                                               "224 (BICUBIC, long edge 263*224/150 truncated), center crop 224, "
+                                               "/255, OpenAI mean/std; landscape 263x150 input (upscaled)")
+
+
+@case("vision", "clip_processor_28", dtypes=("float32",))
+def _processor_28(g, dt):
+    return _processor_case(g, 28, (97, 45), "CLIP image processing at a tiny vision tower's size 28 (downscaling a "
+                                            "portrait 45x97 image: BICUBIC's support widens), center crop 28x28")

@@ -186,6 +186,25 @@ def _run_t2i_adapter(*, params, configs: list, weights=None, **images):
     return {f"feature_{i}": f for i, f in enumerate(feats)}
 
 
+def _run_clip_vision(pixel_values, *, params, config: dict, attention: str = "sliced"):
+    """Golden adapter for CLIP vision cases (op "clip_vision"): refsd.models.vision.clip_vision ->
+    ``image_embeds``, ``last_hidden_state``, ``penultimate_hidden_state`` (hidden_states[-2])."""
+    from refsd.models.vision import CLIPVisionConfig, clip_vision
+
+    out = clip_vision(params, pixel_values, cfg=CLIPVisionConfig.from_dict(config), attention=attention)
+    return {"image_embeds": out["image_embeds"], "last_hidden_state": out["last_hidden_state"],
+            "penultimate_hidden_state": out["hidden_states"][-2]}
+
+
+def _run_clip_image_processor(image, *, size: int):
+    """Golden adapter for CLIP image processor cases (op "clip_image_processor"): the uint8 image
+    through refsd.pipelines.adapters.clip_image_pixels -> ``pixel_values`` on the image's backend."""
+    from refsd.pipelines.adapters import clip_image_pixels
+
+    return {"pixel_values": rxp.asarray(clip_image_pixels(rxp.to_numpy(image), size), like=image,
+                                        dtype=rxp.namespace(image).float32)}
+
+
 def _tiny_model(params, model: dict, attention: str, prefixes: dict | None = None):
     """A pipelines Model over a case's ``param/<component>.<key>`` weights (``prefixes``: component ->
     another key prefix, e.g. the refiner's own UNet under "refiner.unet") and ``model`` configs."""
@@ -318,6 +337,8 @@ OPS = {
     "vae": _run_vae,
     "unet": _run_unet,
     "t2i_adapter": _run_t2i_adapter,
+    "clip_vision": _run_clip_vision,
+    "clip_image_processor": _run_clip_image_processor,
     "pipeline": _run_pipeline,
 }
 

@@ -28,3 +28,28 @@ def test_param_shapes_match_diffusers(config):
 def test_unknown_adapter_type_refused():
     with pytest.raises(ConfigError, match="adapter_type='style'"):
         T2IAdapterConfig(adapter_type="style")
+
+
+@pytest.mark.parametrize("name", ["VISION_H_TINY", "VISION_G_TINY"])
+def test_vision_param_shapes_match_transformers(name):
+    transformers = pytest.importorskip("transformers")
+    from golden import oracle_adapters
+    from refsd.models.vision import CLIPVisionConfig
+
+    config = getattr(oracle_adapters, name)
+    model = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**config))
+    ref = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    assert CLIPVisionConfig.from_dict(config).param_shapes() == ref
+
+
+def test_ip_adapter_numbering_matches_diffusers():
+    """ip_adapter_keys places ip_adapter.{1,3,5,...} on the attn2 layers in diffusers' attn_processors order."""
+    diffusers = pytest.importorskip("diffusers")
+    from golden.oracle_unet import SD1_TINY, SDXL_TINY
+    from refsd.models.adapters import cross_attention_paths
+    from refsd.models.unet import UNetConfig
+
+    for config in (SD1_TINY, SDXL_TINY):
+        unet = diffusers.UNet2DConditionModel(**config)
+        ref = [k[:-len(".processor")] for k in unet.attn_processors if k.endswith("attn2.processor")]
+        assert cross_attention_paths(UNetConfig.from_dict(config)) == ref

@@ -80,3 +80,34 @@ def adapter_residuals(features: list, timesteps, steps: int, factor: float):
         raise RefsdError(f"adapter_factor must be a number in [0, 1], got {factor!r}")
     active = {float(t) for t in list(timesteps)[:int(steps * factor)]}
     return lambda t: features if float(t) in active else None
+
+
+# --------------------------------------------------------------------------------------------
+# IP-Adapter: the CLIP image processor
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_image_pixels(image: np.ndarray, size: int = 224) -> np.ndarray:
+    """transformers CLIPImageProcessor(size=size, crop_size=size) on one uint8 (H, W, 3) RGB image ->
+    (1, 3, size, size) float32, as load_ip_adapter builds it for an image encoder of image_size ``size``:
+    PIL BICUBIC resize of the shortest edge to ``size`` (the other int(size * long / short)), center crop
+    (top = (H - size) // 2), x * (1/255) in float64 then float32, (x - mean) / std in float32 with
+    OpenAI's mean and std. ref: transformers 5 image_processing_backends.py (PilBackend._preprocess),
+    image_transforms.py (get_resize_output_image_size, resize, center_crop, rescale, normalize)."""
+    import PIL.Image
+
+    a = np.asarray(image)
+    if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3 or min(a.shape[:2]) < 1:
+        raise RefsdError(f"IP-Adapter image must be uint8 (H, W, 3), got {a.dtype} {a.shape}")
+    h, w = a.shape[:2]
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    new_h, new_w = (new_long, size) if w <= h else (size, new_long)
+    x = np.array(PIL.Image.fromarray(a).resize((new_w, new_h), resample=PIL.Image.BICUBIC))
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    x = x[top:top + size, left:left + size].transpose(2, 0, 1)  # (3, size, size), channels first
+    x = (x.astype(np.float64) * (1 / 255)).astype(np.float32)
+    mean, std = np.array(OPENAI_CLIP_MEAN, dtype=np.float32), np.array(OPENAI_CLIP_STD, dtype=np.float32)
+    return np.ascontiguousarray(((x.T - mean) / std).T[None])

@@ -111,8 +111,9 @@ def embeddings(p, input_ids, *, cfg: CLIPTextConfig, dtype=None):
     return emit(p, h + p["position_embedding.weight"][:n, ...])
 
 
-def self_attn(p, x, *, cfg: CLIPTextConfig, strategy: str = "sliced"):
-    """CLIPAttention with a causal mask. x: (B, N, D) -> (B, N, D); scale head_dim^-0.5."""
+def self_attn(p, x, *, cfg: CLIPTextConfig, strategy: str = "sliced", causal: bool = True):
+    """CLIPAttention, with a causal mask for text (the vision tower, refsd.models.vision, has none).
+    x: (B, N, D) -> (B, N, D); scale head_dim^-0.5."""
     xp = rxp.namespace(x)
     b, n, d = x.shape
     h = cfg.num_attention_heads
@@ -121,7 +122,7 @@ def self_attn(p, x, *, cfg: CLIPTextConfig, strategy: str = "sliced"):
         return xp.permute_dims(xp.reshape(t, (b, n, h, d // h)), (0, 2, 1, 3))
 
     q, k, v = (heads(linear(x, *wb(p, name))) for name in ("q_proj", "k_proj", "v_proj"))
-    o = _attention(q, k, v, causal=True, scale=cfg.head_dim ** -0.5, strategy=strategy)
+    o = _attention(q, k, v, causal=causal, scale=cfg.head_dim ** -0.5, strategy=strategy)
     o = xp.reshape(xp.permute_dims(o, (0, 2, 1, 3)), (b, n, d))
     return linear(o, *wb(p, "out_proj"))
 
@@ -131,9 +132,11 @@ def mlp(p, x, *, cfg: CLIPTextConfig):
     return linear(_act(linear(x, *wb(p, "fc1")), cfg.hidden_act), *wb(p, "fc2"))
 
 
-def encoder_layer(p, x, *, cfg: CLIPTextConfig, strategy: str = "sliced"):
-    """CLIPEncoderLayer (pre-LN). x: (B, N, D) -> (B, N, D)."""
+def encoder_layer(p, x, *, cfg: CLIPTextConfig, strategy: str = "sliced", causal: bool = True):
+    """CLIPEncoderLayer (pre-LN). x: (B, N, D) -> (B, N, D). ``cfg``: anything with the text config's
+    num_attention_heads, head_dim, hidden_act and layer_norm_eps (the vision config too)."""
     eps = cfg.layer_norm_eps
-    x = x + self_attn(p.sub("self_attn"), layer_norm(x, *wb(p, "layer_norm1"), eps), cfg=cfg, strategy=strategy)
+    x = x + self_attn(p.sub("self_attn"), layer_norm(x, *wb(p, "layer_norm1"), eps), cfg=cfg, strategy=strategy,
+                      causal=causal)
     x = x + mlp(p.sub("mlp"), layer_norm(x, *wb(p, "layer_norm2"), eps), cfg=cfg)
     return emit(p, x)
