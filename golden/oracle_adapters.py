@@ -374,3 +374,108 @@ def _processor_224(g, dt):
 def _processor_28(g, dt):
     return _processor_case(g, 28, (97, 45), "CLIP image processing at a tiny vision tower's size 28 (downscaling a "
                                             "portrait 45x97 image: BICUBIC's support widens), center crop 28x28")
+
+
+# --------------------------------------------------------------------------------------------
+# pipeline: StableDiffusionPipeline + load_ip_adapter (files written here, loaded as a user does)
+
+VISION_PIPE = {**VISION_H_TINY, "projection_dim": 12}
+
+
+def _flat_ip_file(state: dict) -> dict:
+    """The nested {"image_proj", "ip_adapter"} dict as the flat keys of an ip-adapter_sd15.safetensors file."""
+    return {f"{group}.{k}": v.contiguous() for group, d in state.items() for k, v in d.items()}
+
+
+@case("pipeline", "ip_adapter_sd1_euler", dtypes=("float32",))
+def _ip_adapter_sd1(g, dt):
+    import copy
+    import tempfile
+    from pathlib import Path
+
+    import PIL.Image
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from diffusers import EulerDiscreteScheduler
+
+    from golden.oracle_pipelines import MODELS as SD_MODELS, _components, _params
+
+    text, unet, vae, tok = _components("sd1")
+    unet = copy.deepcopy(unet)  # load_ip_adapter rewires the UNet: keep the shared tiny model untouched
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION_PIPE, attention_dropout=0.0)).eval()
+    randomise_weights(encoder, g)
+    state = _ip_state_dict(g, unet, VISION_PIPE["projection_dim"])
+    image = _control_image(g, 45, 37)
+    prompt, negative, steps, cfg, seed, scale = "a cat in a hat", "", 4, 7.0, 3, 0.6
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                   scheduler=EulerDiscreteScheduler.from_config(SD_MODELS["sd1"]["scheduler"]),
+                                   safety_checker=None,
+                                   feature_extractor=None, image_encoder=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file(_flat_ip_file(state), str(Path(tmp) / "ip-adapter_tiny.safetensors"))
+        encoder.save_pretrained(str(Path(tmp) / "image_encoder"))
+        pipe.load_ip_adapter(tmp, subfolder="", weight_name="ip-adapter_tiny.safetensors",
+                             image_encoder_folder="image_encoder", low_cpu_mem_usage=False)
+    pipe.set_ip_adapter_scale(scale)
+    outputs = _run_adapter_pipe_sd(pipe, prompt=prompt, negative_prompt=negative, ip_adapter_image=PIL.Image.fromarray(
+        image.numpy()), height=64, width=64, num_inference_steps=steps, guidance_scale=cfg,
+        generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
+    params = {**_params("sd1"), **{f"image_encoder.{k}": v.clone() for k, v in encoder.state_dict().items()},
+              **{f"ip_adapter.{k}": v.clone() for k, v in _flat_ip_file(state).items()}}
+    model = {"architecture": "sd1", "unet": SD_MODELS["sd1"]["unet"], "vae": SD_MODELS["sd1"]["vae"],
+             "text_encoder": SD_MODELS["sd1"]["text_encoder"], "scheduler": SD_MODELS["sd1"]["scheduler"],
+             "pad_token": SD_MODELS["sd1"]["pad"][1]}
+    kwargs = {"mode": "txt2img", "model": model, "prompt": prompt, "negative_prompt": negative, "steps": steps,
+              "cfg": cfg, "sampler": "euler", "scheduler": "normal", "seed": seed, "rng": "torch-cpu", "batch_size": 1,
+              "clip_skip": None, "parity": "diffusers", "width": 64, "height": 64,
+              "ip_adapter": {"image_encoder": VISION_PIPE, "scale": scale}}
+    call = ("pipe = diffusers.StableDiffusionPipeline(vae, text_encoder, tokenizer, unet, scheduler=EulerDiscreteScheduler"
+            ".from_config(scheduler_config), safety_checker=None, feature_extractor=None, image_encoder=None); "
+            "pipe.load_ip_adapter(dir, subfolder='', weight_name='ip-adapter_tiny.safetensors' (param/ip_adapter.*, the "
+            "original layout), image_encoder_folder='image_encoder' (param/image_encoder.*)); "
+            f"pipe.set_ip_adapter_scale({scale}); pipe({prompt!r}, negative_prompt={negative!r}, "
+            f"ip_adapter_image=PIL.Image.fromarray(ip_image), height=64, width=64, num_inference_steps={steps}, "
+            f"guidance_scale={cfg}, generator=torch.Generator('cpu').manual_seed({seed}), output_type='np')")
+    return Capture("pipeline", {"ip_image": image}, outputs, call,
+                   "tiny SD1 + IP-Adapter (original-layout file, random to_k_ip/to_v_ip; tiny ViT-H-layout image "
+                   "encoder at image_size 28), 37x45 image, scale 0.6, Euler 4 steps, cfg 7: negative image "
+                   "embeds are zeros", kwargs=kwargs, params=params, params_from="pipeline/txt2img_sd1_euler_f32",
+                   borrowed=tuple(k for k in params if k.split(".")[0] in ("text_encoder", "unet", "vae")))
+
+
+def _run_adapter_pipe_sd(pipe, **call) -> dict[str, torch.Tensor]:
+    """An SD1 pipeline call with recorders (callback_on_step_end): noise, init_latents, step.<i>, latents, image."""
+    import importlib
+
+    module = importlib.import_module(type(pipe).__module__)
+    rec: dict[str, torch.Tensor] = {}
+    steps_done: list[torch.Tensor] = []
+    prepare, randn = pipe.prepare_latents, module.randn_tensor
+
+    def recording_prepare(*a, **k):
+        out = prepare(*a, **k)
+        rec["init_latents"] = out.clone()
+        return out
+
+    def recording_randn(*a, **k):
+        out = randn(*a, **k)
+        rec.setdefault("noise", out.clone())
+        return out
+
+    def on_step_end(_pipe, i, t, kw):
+        steps_done.append(kw["latents"].clone())
+        return kw
+
+    pipe.prepare_latents, module.randn_tensor = recording_prepare, recording_randn
+    try:
+        out = pipe(**call, callback_on_step_end=on_step_end)
+    finally:
+        module.randn_tensor = randn
+    outputs = {"noise": rec["noise"], "init_latents": rec["init_latents"]}
+    outputs.update({f"step.{i}": x for i, x in enumerate(steps_done)})
+    outputs["latents"] = steps_done[-1]
+    outputs["image"] = torch.from_numpy(out.images)
+    return outputs

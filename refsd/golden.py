@@ -164,7 +164,8 @@ def _run_unet(sample, encoder_hidden_states, timestep=None, text_embeds=None, ti
         from refsd.models.adapters import IPContext, project_images
 
         tokens = [project_images(params, residuals.pop(f"image_embeds_{k}"), k) for k in range(len(ip_scales))]
-        encoder_hidden_states = IPContext(encoder_hidden_states, tokens, ip_scales, params, root=params.prefix)
+        weights = [(params, k) for k in range(len(ip_scales))]
+        encoder_hidden_states = IPContext(encoder_hidden_states, tokens, ip_scales, weights, root=params.prefix)
     adapter = [residuals[f"residual_{i}"] for i in range(len(residuals))] or None
     return {"sample": unet(params, sample, timestep, encoder_hidden_states, cfg=UNetConfig.from_dict(config),
                            text_embeds=text_embeds, time_ids=time_ids, attention=attention,
@@ -258,12 +259,13 @@ MICRO_KEYS = ("original_size", "crop", "target_size", "negative_original_size", 
               "negative_target_size", "aesthetic_score", "negative_aesthetic_score")
 
 
-def _run_pipeline(init_image=None, mask=None, adapter_image=None, *, params, model: dict, mode: str, prompt: str,
+def _run_pipeline(init_image=None, mask=None, adapter_image=None, ip_image=None, *, params, model: dict, mode: str,
+                  prompt: str,
                   negative_prompt: str | None, steps: int, cfg: float, sampler: str, scheduler: str, seed: int,
                   rng: str, batch_size: int, clip_skip: int | None, parity: str, width: int | None = None,
                   height: int | None = None, strength: float | None = None, attention: str = "sliced",
                   refiner: dict | None = None, switch: float | None = None, t2i_adapter: dict | None = None,
-                  **micro):
+                  ip_adapter: dict | None = None, **micro):
     """Golden adapter for pipeline cases (op "pipeline"): refsd.pipelines.txt2img / img2img / inpaint (and
     txt2img with an SDXL ``refiner``, mode "base_refiner") on a tiny model whose weights are
     ``param/<component>.<key>`` (the refiner's UNet: ``param/refiner.unet.<key>``) and whose configs are
@@ -275,7 +277,9 @@ def _run_pipeline(init_image=None, mask=None, adapter_image=None, *, params, mod
     uint8 rounding); SDXL: ``prompt_embeds``, ``pooled_prompt_embeds``, ``negative_*``, ``add_time_ids``
     (as the UNet's batch gets them); base + refiner: the base stage's under ``base.``. ``t2i_adapter``
     ({config, scale, factor}, weights ``param/adapter.<T2IAdapter key>``, image ``in/adapter_image``
-    uint8): txt2img with that T2I-Adapter (StableDiffusion{,XL}AdapterPipeline)."""
+    uint8): txt2img with that T2I-Adapter (StableDiffusion{,XL}AdapterPipeline). ``ip_adapter``
+    ({image_encoder: CLIPVisionConfig dict, scale}; weights ``param/ip_adapter.<original file key>`` and
+    ``param/image_encoder.<key>``, image ``in/ip_image``): txt2img with that IP-Adapter (load_ip_adapter)."""
     from refsd.pipelines import img2img, inpaint, txt2img
 
     unknown = sorted(set(micro) - set(MICRO_KEYS))
@@ -295,6 +299,19 @@ def _run_pipeline(init_image=None, mask=None, adapter_image=None, *, params, mod
         use = T2IAdapter(params.sub("adapter"), T2IAdapterConfig.from_dict(t2i_adapter["config"]),
                          rxp.to_numpy(adapter_image), t2i_adapter["scale"])
         common.update(t2i_adapters=[use], adapter_factor=t2i_adapter["factor"])
+    if ip_adapter is not None:
+        from refsd.models.adapters import ip_adapter_keys
+        from refsd.models.unet import UNetConfig
+        from refsd.models.vision import CLIPVisionConfig
+        from refsd.pipelines.adapters import IPAdapter
+        from refsd.weights import Params
+
+        original = params.sub("ip_adapter")
+        converted = ip_adapter_keys({k: original[k] for k in original}, UNetConfig.from_dict(model["unet"]))
+        use = IPAdapter(Params(converted, xp=params.xp, device=params.device), params.sub("image_encoder"),
+                        CLIPVisionConfig.from_dict(ip_adapter["image_encoder"]), rxp.to_numpy(ip_image),
+                        ip_adapter["scale"])
+        common["ip_adapters"] = [use]
     if mode == "txt2img":
         res = txt2img(m, prompt, negative_prompt, width=width, height=height, **common)
     elif mode == "img2img":

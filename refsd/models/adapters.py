@@ -253,25 +253,27 @@ def project_images(params, image_embeds, index: int = 0):
 class IPContext:
     """The UNet's cross-attention context with IP-Adapters: the text states plus, per adapter, its
     projected image tokens (B, T, C), its scale (a number, or ``{attn2 path: number}``, unlisted = 0) and
-    the weights holding its ``processor.to_{k,v}_ip.{k}`` keys (relative to ``root``, the UNet's prefix
-    in that Params store). Passed as ``encoder_hidden_states`` through the blocks; ``extra_kv`` gives
-    attn2 its decoupled keys and values."""
+    where its attn2 weights are: ``(params, index)`` -- keys ``<attn2 path>.processor.to_{k,v}_ip.
+    {index}.weight``, the attn2 path relative to the UNet (``root``: the UNet params' own prefix).
+    Passed as ``encoder_hidden_states`` through the blocks; ``extra_kv`` gives attn2 its decoupled keys
+    and values."""
 
-    def __init__(self, text, tokens: list, scales: list, params, root: str = ""):
-        if len(tokens) != len(scales):
-            raise BackendError(f"IP-Adapter: {len(tokens)} token sets but {len(scales)} scales")
-        self.text, self.tokens, self.scales, self.params, self.root = text, tokens, scales, params, root
+    def __init__(self, text, tokens: list, scales: list, weights: list, root: str = ""):
+        if not len(tokens) == len(scales) == len(weights):
+            raise BackendError(f"IP-Adapter: {len(tokens)} token sets, {len(scales)} scales, {len(weights)} weights")
+        self.text, self.tokens, self.scales, self.weights, self.root = text, tokens, scales, weights, root
 
     def extra_kv(self, p) -> list:
-        """[(to_k_ip(tokens), to_v_ip(tokens), scale)] for the attn2 view ``p``; adapters at scale 0 skipped."""
+        """[(to_k_ip(tokens), to_v_ip(tokens), scale)] for the attn2 view ``p``; adapters at scale 0 skipped
+        (as IPAdapterAttnProcessor2_0)."""
         from refsd.ops import linear
 
-        rel = p.prefix[len(self.root) + 1:] if self.root else p.prefix
         out = []
-        for k, (tokens, scale) in enumerate(zip(self.tokens, self.scales)):
+        rel = p.prefix[len(self.root) + 1:] if self.root else p.prefix
+        for tokens, scale, (params, index) in zip(self.tokens, self.scales, self.weights):
             s = scale.get(rel, 0.0) if isinstance(scale, dict) else scale
             if s == 0:
                 continue
-            w = f"{rel}.processor.to_%s_ip.{k}.weight"
-            out.append((linear(tokens, self.params[w % "k"]), linear(tokens, self.params[w % "v"]), s))
+            w = f"{rel}.processor.to_%s_ip.{index}.weight"
+            out.append((linear(tokens, params[w % "k"]), linear(tokens, params[w % "v"]), s))
         return out

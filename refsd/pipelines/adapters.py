@@ -111,3 +111,61 @@ def clip_image_pixels(image: np.ndarray, size: int = 224) -> np.ndarray:
     x = (x.astype(np.float64) * (1 / 255)).astype(np.float32)
     mean, std = np.array(OPENAI_CLIP_MEAN, dtype=np.float32), np.array(OPENAI_CLIP_STD, dtype=np.float32)
     return np.ascontiguousarray(((x.T - mean) / std).T[None])
+
+
+@dataclass(frozen=True)
+class IPAdapter:
+    """One IP-Adapter as a generation uses it: ``params`` its weights in diffusers' converted keys
+    (refsd.models.adapters.ip_adapter_keys makes them from the original file layout; adapter index 0),
+    ``encoder`` / ``encoder_config`` the CLIP vision tower (transformers CLIPVisionModelWithProjection
+    keys), ``image`` a uint8 (H, W, 3) picture, ``scale`` a number (diffusers' set_ip_adapter_scale)."""
+
+    params: Any
+    encoder: Any
+    encoder_config: Any
+    image: np.ndarray
+    scale: float = 1.0
+
+
+def check_ip_encoder(adapter: IPAdapter) -> None:
+    """The image encoder must produce what the projection reads: its projection_dim is the width of
+    ``image_embeds.weight``'s input (ViT-H 1024 for the SD 1.5 / "vit-h" adapters, bigG 1280)."""
+    from refsd.models.adapters import IP_PROJ
+
+    want = adapter.params.shapes()[f"{IP_PROJ}.0.image_embeds.weight"][1]
+    got = adapter.encoder_config.projection_dim
+    if want != got:
+        raise RefsdError(f"IP-Adapter: the image encoder gives {got}-wide image embeddings (projection_dim, hidden "
+                         f"size {adapter.encoder_config.hidden_size}) but the adapter's projection reads {want}: "
+                         f"use the image encoder the adapter was trained with")
+
+
+class IPRun:
+    """The IP-Adapters of one generation: image tokens computed once (the image and, for guidance, the
+    zero image embedding diffusers uses as the negative, each through the adapter's projection),
+    repeated to the batch; ``context(text, guided)`` wraps the text states for the UNet."""
+
+    def __init__(self, adapters: list[IPAdapter], *, batch: int, like):
+        from refsd.models.adapters import project_images
+        from refsd.models.vision import clip_vision
+
+        xp = rxp.namespace(like)
+        self.pos, self.neg, self.scales, self.weights = [], [], [], []
+        for a in adapters:
+            check_ip_encoder(a)
+            pixels = rxp.asarray(clip_image_pixels(a.image, a.encoder_config.image_size), like=like, dtype=like.dtype)
+            embeds = clip_vision(a.encoder, pixels, cfg=a.encoder_config)["image_embeds"]  # (1, D)
+            embeds = xp.concat([embeds[None, ...]] * batch, axis=0)  # (B, 1 image, D)
+            self.pos.append(project_images(a.params, embeds, 0))
+            self.neg.append(project_images(a.params, xp.zeros_like(embeds), 0))
+            self.scales.append(a.scale)
+            self.weights.append((a.params, 0))
+
+    def context(self, text, guided: bool, root: str = ""):
+        """IPContext over ``text``: image tokens [negative; positive] when the batch is [uncond; cond];
+        ``root``: the UNet params' prefix (the attn2 paths are relative to it)."""
+        from refsd.models.adapters import IPContext
+
+        xp = rxp.namespace(text)
+        tokens = [xp.concat([n, p], axis=0) for n, p in zip(self.neg, self.pos)] if guided else list(self.pos)
+        return IPContext(text, tokens, self.scales, self.weights, root)

@@ -38,7 +38,7 @@ from refsd.pipelines.core import (
     plan_for,
     run_sampler,
 )
-from refsd.pipelines.adapters import adapter_features, adapter_residuals
+from refsd.pipelines.adapters import IPRun, adapter_features, adapter_residuals
 from refsd.pipelines.model import Model
 
 
@@ -47,7 +47,8 @@ def txt2img(model: Model, prompt: str, negative_prompt: str | None = None, *, wi
             scheduler: str = "normal", seed: int = 0, rng: str = "torch-cpu", batch_size: int = 1,
             clip_skip: int | None = None, parity: str = "diffusers", micro=None, denoising_end: float | None = None,
             refiner: Model | None = None, refiner_switch: float = 0.8, decode: bool = True,
-            callback: Callback | None = None, t2i_adapters=None, adapter_factor: float = 1.0) -> GenerationResult:
+            callback: Callback | None = None, t2i_adapters=None, adapter_factor: float = 1.0,
+            ip_adapters=None) -> GenerationResult:
     """Generate ``batch_size`` images from text.
 
     ``sampler`` / ``scheduler``: ComfyUI names (``refsd.sampling.SAMPLERS`` / ``SCHEDULERS``; under
@@ -70,7 +71,8 @@ def txt2img(model: Model, prompt: str, negative_prompt: str | None = None, *, wi
     refiner, its steps continue the count). ``t2i_adapters``: a list of
     refsd.pipelines.adapters.T2IAdapter (control image, scale) whose features the UNet adds for the
     first ``int(steps * adapter_factor)`` steps (diffusers' adapter_conditioning_factor; parity
-    "diffusers").
+    "diffusers"). ``ip_adapters``: a list of refsd.pipelines.adapters.IPAdapter (image, encoder, scale):
+    their image tokens join every cross-attention (negative: the zero image embedding, as diffusers).
     """
     width, height = native(model, width), native(model, height)
     s = check_settings(model, prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
@@ -102,7 +104,9 @@ def txt2img(model: Model, prompt: str, negative_prompt: str | None = None, *, wi
     if t2i_adapters:
         feats = adapter_features(list(t2i_adapters), width=s.width, height=s.height, batch=s.batch_size, like=like)
         residuals = adapter_residuals(feats, plan.timesteps, plan.steps, adapter_factor)
-    latents = run_sampler(model, s, plan, x, cond, uncond, generator=gen, callback=base_callback, residuals=residuals)
+    ip = IPRun(list(ip_adapters), batch=s.batch_size, like=like) if ip_adapters else None
+    latents = run_sampler(model, s, plan, x, cond, uncond, generator=gen, callback=base_callback, residuals=residuals,
+                          ip=ip)
     seeds = s.profile.seeds(s.seed, s.batch_size)
     res = GenerationResult([], latents, seeds, s.info(model), init_latents=init, noise=noise_host, cond=cond,
                            uncond=uncond)

@@ -56,14 +56,22 @@ class _GuidedUNet:
     the UNet's conditioning keyword arguments (encode_text). ``extra``: channels appended to the UNet
     input after the scaled latents (inpainting UNets: mask, masked-image latents), the same for both
     halves of the batch. ``residuals(t) -> features or None``: T2I-Adapter features for this timestep
-    (refsd.pipelines.adapters), likewise doubled."""
+    (refsd.pipelines.adapters), likewise doubled. ``ip``: a refsd.pipelines.adapters.IPRun whose image
+    tokens join the text states of every cross-attention (IP-Adapter)."""
 
-    def __init__(self, model: Model, cond: dict, uncond: dict | None, scale: float, extra=None, residuals=None):
+    def __init__(self, model: Model, cond: dict, uncond: dict | None, scale: float, extra=None, residuals=None,
+                 ip=None):
         self.unet, self.cond, self.uncond, self.scale = unet_fn(model), cond, uncond, scale
         self.extra, self.residuals = extra, residuals
+        if ip is not None:
+            self.cond = {**cond, "encoder_hidden_states": ip.context(cond["encoder_hidden_states"], guided=False,
+                                                                root=model.params["unet"].prefix)}
         if uncond is not None:
             xp = model.xp
             self.context = {k: xp.concat([uncond[k], v], axis=0) for k, v in cond.items()}
+            if ip is not None:
+                self.context["encoder_hidden_states"] = ip.context(self.context["encoder_hidden_states"], guided=True,
+                                                                         root=model.params["unet"].prefix)
             if extra is not None:
                 self.extra = xp.concat([extra, extra], axis=0)
 
@@ -105,17 +113,17 @@ class _ScheduledDenoiser:
 
 
 def make_denoiser(model: Model, s: Settings, plan: Plan, x, cond, uncond, host_sigmas, unet_extra=None,
-                  residuals=None):
+                  residuals=None, ip=None):
     """``D(x, sigma) -> x0`` for the profile's ``cfg_on``: "eps" (diffusers): guidance on the UNet output
     at the scheduler's own timesteps (_ScheduledDenoiser over _GuidedUNet); "x0" (k-diffusion style:
     ComfyUI, A1111): CFGDenoiser over a Denoiser whose t(sigma) is rounded as the plan says. The noise
     table is the profile's (``Profile.model_sampling``)."""
     ms = s.profile.model_sampling(model.scheduler_config, like=x)
     if s.profile.cfg_on == "eps":
-        return _ScheduledDenoiser(_GuidedUNet(model, cond, uncond, s.cfg, unet_extra, residuals), ms, host_sigmas,
+        return _ScheduledDenoiser(_GuidedUNet(model, cond, uncond, s.cfg, unet_extra, residuals, ip), ms, host_sigmas,
                                   plan.timesteps)
-    if residuals is not None:
-        raise RefsdError(f"T2I-Adapters are reproduced under parity='diffusers' only, not {s.parity!r}")
+    if residuals is not None or ip is not None:
+        raise RefsdError(f"T2I-Adapters and IP-Adapters are reproduced under parity='diffusers' only, not {s.parity!r}")
     if unet_extra is not None:
         raise RefsdError(f"extra UNet input channels (9-channel inpainting) are not reproduced under "
                          f"parity={s.parity!r}")
@@ -189,23 +197,23 @@ def from_profile(x, sigma: float, plan: Plan):
 
 
 def run_sampler(model: Model, s: Settings, plan: Plan, x, cond, uncond, *, generator=None,
-                callback: Callback | None = None, unet_extra=None, wrap_denoiser=None, residuals=None):
+                callback: Callback | None = None, unet_extra=None, wrap_denoiser=None, residuals=None, ip=None):
     """Run the plan's sampler from x (x0 + sigma * noise at plan.sigmas[0]) -> final latents in the
     profile's convention. ``generator``: the diffusers profile's generator, continued by ancestral
     samplers; ``callback(i, total, latents)`` after each step; ``unet_extra``: channels appended to
     the UNet input (diffusers profile; inpainting UNets); ``wrap_denoiser(denoiser) -> denoiser``: a
     wrapper around the guided denoiser (latent-blending inpainting); ``residuals(t)``: T2I-Adapter
-    features per timestep (diffusers profile)."""
+    features per timestep, ``ip``: an IPRun (IP-Adapters) (both: diffusers profile)."""
     xp = model.xp
     dev = model.device
     sigmas = xp.asarray(list(plan.sigmas), dtype=x.dtype, device=dev)
     host = [float(v) for v in rxp.to_numpy(sigmas)]
     total = plan.steps
     if plan.sampler == "pndm":  # diffusers' PNDMScheduler: a multistep method on eps, no k-diffusion sampler
-        if residuals is not None:
-            raise RefsdError("T2I-Adapters are not reproduced with the pndm sampler (its warm-up repeats timesteps)")
+        if residuals is not None or ip is not None:
+            raise RefsdError("T2I-Adapters and IP-Adapters are not reproduced with the pndm sampler")
         return _run_pndm(model, s, plan, x, cond, uncond, callback=callback, unet_extra=unet_extra)
-    denoiser = make_denoiser(model, s, plan, x, cond, uncond, host, unet_extra, residuals)
+    denoiser = make_denoiser(model, s, plan, x, cond, uncond, host, unet_extra, residuals, ip)
     if wrap_denoiser is not None:
         denoiser = wrap_denoiser(denoiser)
     kwargs = noise_arguments(s, plan, x, host, generator)
