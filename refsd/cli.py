@@ -285,8 +285,15 @@ def _checkpoint(header, depth: int) -> list[str]:
     return load_checkpoint(header.path).summary()
 
 
+def _adapter(header, depth: int) -> list[str]:
+    """A T2I-Adapter, IP-Adapter or CLIP vision file: its kind and the base it serves (refsd.weights.adapters)."""
+    from refsd.weights.adapters import describe
+
+    return describe({k: tuple(t.shape) for k, t in header.tensors.items()})
+
+
 # Sections of describe_file, in print order; each (header, depth) -> lines.
-FILE_SECTIONS: list[Callable] = [_counts, _dtypes, _prefixes, _metadata, _checkpoint]
+FILE_SECTIONS: list[Callable] = [_counts, _dtypes, _prefixes, _metadata, _checkpoint, _adapter]
 
 
 def _si(n: float) -> str:

@@ -22,6 +22,8 @@ from refsd.cli_job import (
     GenerateJob,
     generate_job,
 )
+from refsd.cli_adapters import add_flags as add_adapter_flags
+from refsd.cli_adapters import check as check_adapters
 from refsd.errors import RefsdError
 
 # --------------------------------------------------------------------------------------------
@@ -161,6 +163,7 @@ def _add_generation_flags(p, *, out_default: str, out_help: str) -> None:
     g.add_argument("--aesthetic-score", type=float, metavar="S", help="the refiner's aesthetic score (default 6)")
     g.add_argument("--negative-aesthetic-score", type=float, metavar="S", help="the refiner's aesthetic score for "
                                                                                 "the negative branch (default 2.5)")
+    add_adapter_flags(p)
     g = p.add_argument_group("runtime")
     g.add_argument("--backend", metavar="NAME", help=f"numpy | torch | torch:mps | torch:cuda | cupy "
                                                      f"(default {d['backend']})")
@@ -177,6 +180,7 @@ def _add_generation_flags(p, *, out_default: str, out_help: str) -> None:
 
 def _cmd_generate(args) -> int:
     job = generate_job(args)
+    job.adapters = check_adapters(args, job)
     _set_kernels(args.kernels)
     for path in run_generate(job):
         print(path, flush=True)
@@ -263,6 +267,8 @@ def _run_pipeline(job: GenerateJob, on_step: Callable | None = None):
               "batch_size": s["batch"], "clip_skip": s["clip_skip"], "parity": s["parity"], "callback": callback}
     if job.micro is not None:
         common["micro"] = job.micro
+    if job.adapters is not None:  # T2I- / IP-Adapters (refsd.cli_adapters): txt2img only, checked up front
+        common.update(job.adapters.build(model))
     try:
         if job.mask is not None:
             result = pipelines.inpaint(model, job.init_image, job.mask, s["prompt"], s["negative_prompt"],
@@ -345,6 +351,7 @@ def _cmd_trace(args) -> int:
     from refsd.weights import save_safetensors
 
     job = generate_job(args)
+    job.adapters = check_adapters(args, job)
     _set_kernels(args.kernels)
     s = job.settings
     out = Path(args.out)

@@ -64,6 +64,7 @@ class GenerateJob:
     refiner: Path | None = None  # the SDXL refiner
     refiner_config: Path | None = None
     micro: dict | None = None  # the pipelines' micro= ((height, width) sizes); None: none given
+    adapters: object = None  # refsd.cli_adapters.AdapterJob (T2I- / IP-Adapters), set by the generate command
 
 
 def _choice(what: str, value, valid) -> None:

@@ -53,3 +53,21 @@ def test_ip_adapter_numbering_matches_diffusers():
         unet = diffusers.UNet2DConditionModel(**config)
         ref = [k[:-len(".processor")] for k in unet.attn_processors if k.endswith("attn2.processor")]
         assert cross_attention_paths(UNetConfig.from_dict(config)) == ref
+
+
+def test_feature_shapes_fit_the_goldens_unets():
+    """check_fits accepts the adapter / UNet pairs the goldens run and refuses a mismatched one."""
+    from golden.oracle_adapters import T2I_XL_PIPE
+    from golden.oracle_sdxl import UNET_SDXL
+    from golden.oracle_unet import SD1_TINY
+    from refsd.models.adapters import check_fits
+    from refsd.models.unet import UNetConfig
+    from refsd.errors import BackendError
+
+    check_fits(T2IAdapterConfig.from_dict(T2I_XL_PIPE), UNetConfig.from_dict(UNET_SDXL))
+    sd15 = UNetConfig.from_dict({"block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768})
+    check_fits(T2IAdapterConfig(), sd15)  # diffusers' defaults: the SD 1.5 full adapter
+    with pytest.raises(BackendError, match="do not fit"):
+        check_fits(T2IAdapterConfig(adapter_type="full_adapter_xl", downscale_factor=16), sd15)
+    with pytest.raises(BackendError, match="do not fit"):
+        check_fits(T2IAdapterConfig.from_dict(T2I_XL_PIPE), UNetConfig.from_dict(SD1_TINY))

@@ -89,6 +89,31 @@ class T2IAdapterConfig:
         return out
 
 
+def feature_shapes(cfg: T2IAdapterConfig) -> list[tuple[int, int]]:
+    """(channels, image pixels per feature pixel) of each feature the adapter returns."""
+    out, f = [], cfg.downscale_factor
+    for _, cout, down in cfg.blocks():
+        f *= 2 if down else 1
+        out.append((cout, f))
+    return out
+
+
+def check_fits(cfg: T2IAdapterConfig, unet_cfg, vae_factor: int = 8) -> None:
+    """Refuse an adapter whose features do not meet the UNet where diffusers adds them: down block i
+    (a cross-attention block before its downsampler, a plain block after it), then the mid block."""
+    want, f = [], vae_factor
+    for i, kind in enumerate(unet_cfg.down_block_types):
+        down = i < len(unet_cfg.down_block_types) - 1
+        plain_after = kind != "CrossAttnDownBlock2D" and down
+        want.append((unet_cfg.block_out_channels[i], f * 2 if plain_after else f))
+        f *= 2 if down else 1
+    want.append((unet_cfg.block_out_channels[-1], f))  # the mid block (T2I-Adapter-XL's last feature)
+    got = feature_shapes(cfg)
+    if len(got) > len(want) or any(g != w for g, w in zip(got, want)):
+        raise BackendError(f"T2I-Adapter ({cfg.adapter_type}): its features (channels, downscale) {got} do not fit "
+                           f"this UNet, which takes {want[:len(got)]}: an adapter for another architecture")
+
+
 def pixel_unshuffle(x, r: int):
     """torch.nn.PixelUnshuffle(r): (B, C, H, W) -> (B, C*r*r, H/r, W/r), channel c*r*r + i*r + j holding
     pixel (i, j) of each r x r cell."""
@@ -204,6 +229,16 @@ def cross_attention_paths(cfg) -> list[str]:
                     for j in range(cfg.layers[n - 1 - i] + 1) for k in range(cfg.up_transformer_layers[i])]
     out += [f"mid_block.attentions.0.transformer_blocks.{k}.attn2" for k in range(cfg.transformer_layers[-1])]
     return out
+
+
+def attention_width(cfg, path: str) -> int:
+    """The hidden width of the attn2 at ``path`` (its to_k_ip / to_v_ip output), as diffusers' loader
+    sizes it: block_out_channels of the down block, of the mirrored up block, or the last (mid)."""
+    parts = path.split(".")
+    if parts[0] == "mid_block":
+        return cfg.block_out_channels[-1]
+    level = int(parts[1])
+    return cfg.block_out_channels[level] if parts[0] == "down_blocks" else cfg.block_out_channels[::-1][level]
 
 
 def ip_adapter_keys(original: dict, cfg, index: int = 0) -> dict:
