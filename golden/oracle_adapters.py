@@ -259,19 +259,21 @@ def _ip_state_dict(g, unet, image_dim: int, tokens: int = 4) -> dict:
     return {"image_proj": proj, "ip_adapter": layers}
 
 
-def _unet_ip_case(g, dt, config, *, image_dim: int, n_images: int, scale, desc: str):
+def _unet_ip_case(g, dt, config, *, image_dim: int, n_images: int, scale, desc: str, tokens_in: int | None = None,
+                  state_fn=None):
     from diffusers import UNet2DConditionModel
 
     model = UNet2DConditionModel(**config).eval()
     randomise_weights(model, g)
-    state = _ip_state_dict(g, model, image_dim)
+    state = (state_fn or _ip_state_dict)(g, model, image_dim)
     model._load_ip_adapter_weights([state], low_cpu_mem_usage=False)
     for proc in model.attn_processors.values():
         if hasattr(proc, "to_k_ip"):
             proc.scale = [scale]
     sample = torch.randn((2, 4, 8, 8), generator=g, dtype=torch.float64).to(dt)
     context = torch.randn((2, 7, config["cross_attention_dim"]), generator=g, dtype=torch.float64).to(dt)
-    embeds = torch.randn((2, n_images, image_dim), generator=g, dtype=torch.float64).to(dt)
+    shape = (2, n_images, image_dim) if tokens_in is None else (2, n_images, tokens_in, image_dim)  # Plus: hidden states
+    embeds = torch.randn(shape, generator=g, dtype=torch.float64).to(dt)
     t = torch.tensor([901.0, 17.0], dtype=dt)
     out, trace = hooked(model, lambda: model(sample, t, context, added_cond_kwargs={"image_embeds": [embeds]}).sample,
                         _unet_traced)
@@ -479,3 +481,97 @@ def _run_adapter_pipe_sd(pipe, **call) -> dict[str, torch.Tensor]:
     outputs["latents"] = steps_done[-1]
     outputs["image"] = torch.from_numpy(out.images)
     return outputs
+
+
+# --------------------------------------------------------------------------------------------
+# IP-Adapter Plus: the Resampler projection, in the original ip-adapter-plus file layout
+
+
+def _ip_plus_state_dict(g, unet, embed_dim: int, *, hidden: int = 32, heads: int = 1, depth: int = 4,
+                        queries: int = 4) -> dict:
+    """An ip-adapter-plus-layout state dict (image_proj.latents / proj_in / layers.i.{0: attention with
+    norm1, norm2, to_q, to_kv, to_out; 1: LayerNorm, Linear, GELU, Linear} / proj_out / norm_out) with
+    random weights, plus random to_k_ip / to_v_ip as _ip_state_dict. Attention heads are 64 wide, as
+    diffusers' loader assumes; depth 4, the only depth its loader builds."""
+    c, inner = unet.config.cross_attention_dim, heads * 64
+    r = lambda shape, scale=None, shift=0.0: randn(g, shape, torch.float32,  # noqa: E731
+                                                   shape[-1] ** -0.5 if scale is None else scale, shift)
+    proj = {"latents": r((1, queries, hidden), hidden ** -0.5), "proj_in.weight": r((hidden, embed_dim)),
+            "proj_in.bias": r((hidden,), 0.1), "proj_out.weight": r((c, hidden)), "proj_out.bias": r((c,), 0.1),
+            "norm_out.weight": r((c,), 0.1, 1.0), "norm_out.bias": r((c,), 0.1)}
+    for i in range(depth):
+        a, f = f"layers.{i}.0", f"layers.{i}.1"
+        proj.update({f"{a}.norm1.weight": r((hidden,), 0.1, 1.0), f"{a}.norm1.bias": r((hidden,), 0.1),
+                     f"{a}.norm2.weight": r((hidden,), 0.1, 1.0), f"{a}.norm2.bias": r((hidden,), 0.1),
+                     f"{a}.to_q.weight": r((inner, hidden)), f"{a}.to_kv.weight": r((2 * inner, hidden)),
+                     f"{a}.to_out.weight": r((hidden, inner)),
+                     f"{f}.0.weight": r((hidden,), 0.1, 1.0), f"{f}.0.bias": r((hidden,), 0.1),
+                     f"{f}.1.weight": r((4 * hidden, hidden)), f"{f}.3.weight": r((hidden, 4 * hidden))})
+    return {"image_proj": proj, "ip_adapter": _ip_state_dict(g, unet, embed_dim)["ip_adapter"]}
+
+
+@case("unet", "sdxl_tiny_ip_adapter_plus", dtypes=("float32",))
+def _sdxl_ip_plus(g, dt):
+    return _unet_ip_case(g, dt, {**SDXL_TINY, "addition_embed_type": None}, image_dim=10, n_images=1, scale=0.9,
+                         tokens_in=5, state_fn=_ip_plus_state_dict,
+                         desc="tiny SDXL-layout UNet + IP-Adapter Plus (original layout: Resampler with 4 queries, "
+                              "4 layers (diffusers builds depth 4), one 64-wide head, to_kv split by diffusers' converter) on (B, 1, 5, 10) "
+                              "encoder hidden states, scale 0.9")
+
+
+@case("pipeline", "ip_adapter_plus_sdxl_euler", dtypes=("float32",))
+def _ip_adapter_plus_sdxl(g, dt):
+    import copy
+    import tempfile
+    from pathlib import Path
+
+    import PIL.Image
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from golden.oracle_sdxl import _components, _model_kwargs, _params, _run, _scheduler
+
+    parts = _components("sdxl")
+    unet = copy.deepcopy(parts["unet"])  # load_ip_adapter rewires the UNet: keep the shared tiny model untouched
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION_H_TINY, attention_dropout=0.0)).eval()
+    randomise_weights(encoder, g)
+    state = _ip_plus_state_dict(g, unet, VISION_H_TINY["hidden_size"])
+    image = _control_image(g, 33, 50)
+    prompt, negative, steps, cfg, seed, scale = "a red cube on a table", None, 4, 5.0, 21, 0.7
+    pipe = StableDiffusionXLPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"],
+                                     text_encoder_2=parts["text_encoder_2"], tokenizer=parts["tokenizer"],
+                                     tokenizer_2=parts["tokenizer_2"], unet=unet,
+                                     scheduler=_scheduler("sdxl", "euler", "normal"), image_encoder=None,
+                                     feature_extractor=None, force_zeros_for_empty_prompt=True, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file(_flat_ip_file(state), str(Path(tmp) / "ip-adapter-plus_tiny.safetensors"))
+        encoder.save_pretrained(str(Path(tmp) / "image_encoder"))
+        pipe.load_ip_adapter(tmp, subfolder="", weight_name="ip-adapter-plus_tiny.safetensors",
+                             image_encoder_folder="image_encoder", low_cpu_mem_usage=False)
+    pipe.set_ip_adapter_scale(scale)
+    outputs, _ = _run(pipe, "txt2img", prompt=prompt, negative_prompt=negative, height=64, width=64,
+                      ip_adapter_image=PIL.Image.fromarray(image.numpy()), num_inference_steps=steps,
+                      guidance_scale=cfg, generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
+    params = {**_params("sdxl"), **{f"image_encoder.{k}": v.clone() for k, v in encoder.state_dict().items()},
+              **{f"ip_adapter.{k}": v.clone() for k, v in _flat_ip_file(state).items()}}
+    kwargs = {"mode": "txt2img", "model": _model_kwargs("sdxl"), "prompt": prompt, "negative_prompt": negative,
+              "steps": steps, "cfg": cfg, "sampler": "euler", "scheduler": "normal", "seed": seed, "rng": "torch-cpu",
+              "batch_size": 1, "clip_skip": None, "parity": "diffusers", "width": 64, "height": 64,
+              "ip_adapter": {"image_encoder": VISION_H_TINY, "scale": scale}}
+    call = ("pipe = diffusers.StableDiffusionXLPipeline(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, "
+            "scheduler=EulerDiscreteScheduler.from_config(scheduler_config), image_encoder=None, feature_extractor=None, "
+            "force_zeros_for_empty_prompt=True, add_watermarker=False); pipe.load_ip_adapter(dir, subfolder='', "
+            "weight_name='ip-adapter-plus_tiny.safetensors' (param/ip_adapter.*, the original Plus layout), "
+            f"image_encoder_folder='image_encoder' (param/image_encoder.*)); pipe.set_ip_adapter_scale({scale}); "
+            f"pipe({prompt!r}, negative_prompt=None, ip_adapter_image=PIL.Image.fromarray(ip_image), height=64, width=64, "
+            f"num_inference_steps={steps}, guidance_scale={cfg}, generator=torch.Generator('cpu').manual_seed({seed}), "
+            "output_type='np')")
+    return Capture("pipeline", {"ip_image": image}, outputs, call,
+                   "tiny SDXL + IP-Adapter Plus (original Plus layout: Resampler, random to_k_ip/to_v_ip; tiny "
+                   "ViT-H-layout encoder, image_size 28): the encoder's penultimate hidden states of the image and, "
+                   "as the negative, of a zero image; 50x33 image, scale 0.7, Euler 4 steps, cfg 5",
+                   kwargs=kwargs, params=params, params_from="pipeline/txt2img_sdxl_euler_f32",
+                   borrowed=tuple(k for k in params if k.split(".")[0] in ("text_encoder", "text_encoder_2", "unet",
+                                                                           "vae")))

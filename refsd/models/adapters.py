@@ -249,6 +249,10 @@ def ip_adapter_keys(original: dict, cfg, index: int = 0) -> dict:
 
     paths = cross_attention_paths(cfg)
     out, left = {}, dict(original)
+    if "image_proj.latents" in left:  # IP-Adapter Plus: the Resampler's keys
+        for key in [k for k in left if k.startswith("image_proj.")]:
+            for name, v in _plus_key(key[len("image_proj."):], left.pop(key)):
+                out[f"{IP_PROJ}.{index}.{name}"] = v
     for name in ("proj.weight", "proj.bias", "norm.weight", "norm.bias"):
         v = left.pop(f"image_proj.{name}", None)
         if v is not None:
@@ -264,6 +268,30 @@ def ip_adapter_keys(original: dict, cfg, index: int = 0) -> dict:
     return out
 
 
+# The Resampler's original keys (image_proj.<key>) -> diffusers' (loaders/unet.py's renames): per layer i,
+# 0 = the attention (norm1, norm2 = the two LayerNorms; to_kv holds to_k over to_v), 1 = the feed-forward.
+_PLUS_RENAMES = [(r"^layers\.(\d+)\.0\.norm1\.", r"layers.\1.ln0."), (r"^layers\.(\d+)\.0\.norm2\.", r"layers.\1.ln1."),
+                 (r"^layers\.(\d+)\.0\.to_q\.", r"layers.\1.attn.to_q."),
+                 (r"^layers\.(\d+)\.0\.to_out\.", r"layers.\1.attn.to_out.0."),
+                 (r"^layers\.(\d+)\.1\.0\.", r"layers.\1.ff.0."), (r"^layers\.(\d+)\.1\.1\.", r"layers.\1.ff.1.net.0.proj."),
+                 (r"^layers\.(\d+)\.1\.3\.", r"layers.\1.ff.1.net.2.")]
+
+
+def _plus_key(key: str, v) -> list:
+    """One original Resampler key -> [(diffusers key, value)] (to_kv splits into to_k and to_v halves)."""
+    import re
+
+    m = re.match(r"^layers\.(\d+)\.0\.to_kv\.weight$", key)
+    if m:
+        half = v.shape[0] // 2
+        return [(f"layers.{m.group(1)}.attn.to_k.weight", v[:half, ...]),
+                (f"layers.{m.group(1)}.attn.to_v.weight", v[half:, ...])]
+    for pattern, repl in _PLUS_RENAMES:
+        if re.match(pattern, key):
+            return [(re.sub(pattern, repl, key), v)]
+    return [(key, v)]  # latents, proj_in, proj_out, norm_out keep their names
+
+
 def image_projection(p, image_embeds, *, eps: float = 1e-5):
     """ImageProjection (IP-Adapter): linear to T * C, reshape (B, T, C), LayerNorm. (B, D) -> (B, T, C);
     T = rows of ``image_embeds.weight`` / C (4 for the released adapters)."""
@@ -276,12 +304,47 @@ def image_projection(p, image_embeds, *, eps: float = 1e-5):
     return layer_norm(h, *wb(p, "norm"), eps)
 
 
+def resampler(p, x, *, eps: float = 1e-5, attention: str = "sliced"):
+    """IPAdapterPlusImageProjection (IP-Adapter Plus' perceiver Resampler): learned ``latents`` queries
+    attend, in each of ``layers.i``, to [LayerNorm(proj_in(x)); LayerNorm(latents)] (heads of width 64,
+    no biases), then a LayerNorm + GELU feed-forward, both residual; proj_out, norm_out.
+    x: (B, N, D) CLIP hidden states (the encoder's penultimate layer) -> (B, num_queries, C)."""
+    from refsd.models.blocks import attention_layer
+    from refsd.ops import gelu, layer_norm, linear
+
+    xp = rxp.namespace(x)
+    b = x.shape[0]
+    lat = p["latents"]
+    latents = xp.broadcast_to(lat, (b, lat.shape[1], lat.shape[2]))
+    x = linear(x, *wb(p, "proj_in"))
+    n = sum(1 for k in p if k.endswith(".ln0.weight"))
+    for i in range(n):
+        q = p.sub(f"layers.{i}")
+        heads = q["attn.to_q.weight"].shape[0] // 64  # diffusers' loader: dim_head 64
+        ctx = layer_norm(x, *wb(q, "ln0"), eps)
+        normed = layer_norm(latents, *wb(q, "ln1"), eps)
+        ctx = xp.concat([ctx, normed], axis=1)
+        latents = attention_layer(q.sub("attn"), normed, ctx, heads=heads, strategy=attention) + latents
+        h = layer_norm(latents, *wb(q, "ff.0"), eps)
+        h = linear(gelu(linear(h, *wb(q, "ff.1.net.0.proj"))), *wb(q, "ff.1.net.2"))
+        latents = h + latents
+    return layer_norm(linear(latents, *wb(p, "proj_out")), *wb(p, "norm_out"), eps)
+
+
+def is_plus(params, index: int = 0) -> bool:
+    """True for an IP-Adapter Plus projection (a Resampler: it reads the encoder's hidden states)."""
+    return f"{IP_PROJ}.{index}.latents" in params
+
+
 def project_images(params, image_embeds, index: int = 0):
-    """MultiIPAdapterImageProjection for adapter ``index``: (B, n_images, D) -> (B, n_images * T, C):
+    """MultiIPAdapterImageProjection for adapter ``index``: (B, n_images, D) image embeddings (linear
+    ImageProjection) or (B, n_images, N, D) hidden states (Plus' Resampler) -> (B, n_images * T, C):
     each image projected, the images' tokens concatenated (diffusers attends to all of them at once)."""
     xp = rxp.namespace(image_embeds)
     b, n = image_embeds.shape[:2]
-    tokens = image_projection(params.sub(f"{IP_PROJ}.{index}"), xp.reshape(image_embeds, (b * n, -1)))
+    p = params.sub(f"{IP_PROJ}.{index}")
+    flat = xp.reshape(image_embeds, (b * n, *image_embeds.shape[2:]))
+    tokens = resampler(p, flat) if "latents" in p else image_projection(p, flat)
     return xp.reshape(tokens, (b, n * tokens.shape[1], tokens.shape[2]))
 
 

@@ -129,15 +129,32 @@ class IPAdapter:
 
 def check_ip_encoder(adapter: IPAdapter) -> None:
     """The image encoder must produce what the projection reads: its projection_dim is the width of
-    ``image_embeds.weight``'s input (ViT-H 1024 for the SD 1.5 / "vit-h" adapters, bigG 1280)."""
-    from refsd.models.adapters import IP_PROJ
+    ``image_embeds.weight``'s input (ViT-H 1024 for the SD 1.5 / "vit-h" adapters, bigG 1280); for
+    IP-Adapter Plus its hidden size is the width of the Resampler's ``proj_in``."""
+    from refsd.models.adapters import IP_PROJ, is_plus
 
-    want = adapter.params.shapes()[f"{IP_PROJ}.0.image_embeds.weight"][1]
-    got = adapter.encoder_config.projection_dim
+    plus = is_plus(adapter.params)
+    key = f"{IP_PROJ}.0.{'proj_in' if plus else 'image_embeds'}.weight"
+    want = adapter.params.shapes()[key][1]
+    cfg = adapter.encoder_config
+    got = cfg.hidden_size if plus else cfg.projection_dim
     if want != got:
-        raise RefsdError(f"IP-Adapter: the image encoder gives {got}-wide image embeddings (projection_dim, hidden "
-                         f"size {adapter.encoder_config.hidden_size}) but the adapter's projection reads {want}: "
-                         f"use the image encoder the adapter was trained with")
+        what = "hidden states (hidden size" if plus else "image embeddings (projection_dim"
+        raise RefsdError(f"IP-Adapter: the image encoder gives {got}-wide {what}; vision width {cfg.hidden_size}) but "
+                         f"the adapter's projection reads {want}: use the image encoder the adapter was trained with")
+
+
+def _encode(adapter: IPAdapter, pixels, *, plus: bool):
+    """(image, negative) encodings as diffusers' encode_image: the projected image embedding and zeros,
+    or for IP-Adapter Plus the encoder's penultimate hidden states of the image and of a zero image."""
+    from refsd.models.vision import clip_vision
+
+    xp = rxp.namespace(pixels)
+    run = lambda x: clip_vision(adapter.encoder, x, cfg=adapter.encoder_config)  # noqa: E731
+    if plus:
+        return run(pixels)["hidden_states"][-2], run(xp.zeros_like(pixels))["hidden_states"][-2]
+    embeds = run(pixels)["image_embeds"]
+    return embeds, xp.zeros_like(embeds)
 
 
 class IPRun:
@@ -146,18 +163,16 @@ class IPRun:
     repeated to the batch; ``context(text, guided)`` wraps the text states for the UNet."""
 
     def __init__(self, adapters: list[IPAdapter], *, batch: int, like):
-        from refsd.models.adapters import project_images
-        from refsd.models.vision import clip_vision
+        from refsd.models.adapters import is_plus, project_images
 
         xp = rxp.namespace(like)
         self.pos, self.neg, self.scales, self.weights = [], [], [], []
         for a in adapters:
             check_ip_encoder(a)
             pixels = rxp.asarray(clip_image_pixels(a.image, a.encoder_config.image_size), like=like, dtype=like.dtype)
-            embeds = clip_vision(a.encoder, pixels, cfg=a.encoder_config)["image_embeds"]  # (1, D)
-            embeds = xp.concat([embeds[None, ...]] * batch, axis=0)  # (B, 1 image, D)
-            self.pos.append(project_images(a.params, embeds, 0))
-            self.neg.append(project_images(a.params, xp.zeros_like(embeds), 0))
+            embeds, negative = _encode(a, pixels, plus=is_plus(a.params))
+            self.pos.append(project_images(a.params, xp.concat([embeds[None, ...]] * batch, axis=0), 0))
+            self.neg.append(project_images(a.params, xp.concat([negative[None, ...]] * batch, axis=0), 0))
             self.scales.append(a.scale)
             self.weights.append((a.params, 0))
 
