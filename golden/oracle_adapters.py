@@ -267,9 +267,16 @@ def _unet_ip_case(g, dt, config, *, image_dim: int, n_images: int, scale, desc: 
     randomise_weights(model, g)
     state = (state_fn or _ip_state_dict)(g, model, image_dim)
     model._load_ip_adapter_weights([state], low_cpu_mem_usage=False)
-    for proc in model.attn_processors.values():
-        if hasattr(proc, "to_k_ip"):
-            proc.scale = [scale]
+    if isinstance(scale, dict):  # per-block scales: the pipeline method itself, on a stand-in holding the UNet
+        from types import SimpleNamespace
+
+        from diffusers.loaders.ip_adapter import IPAdapterMixin
+
+        IPAdapterMixin.set_ip_adapter_scale(SimpleNamespace(unet=model, unet_name="unet"), scale)
+    else:
+        for proc in model.attn_processors.values():
+            if hasattr(proc, "to_k_ip"):
+                proc.scale = [scale]
     sample = torch.randn((2, 4, 8, 8), generator=g, dtype=torch.float64).to(dt)
     context = torch.randn((2, 7, config["cross_attention_dim"]), generator=g, dtype=torch.float64).to(dt)
     shape = (2, n_images, image_dim) if tokens_in is None else (2, n_images, tokens_in, image_dim)  # Plus: hidden states
@@ -575,3 +582,12 @@ def _ip_adapter_plus_sdxl(g, dt):
                    kwargs=kwargs, params=params, params_from="pipeline/txt2img_sdxl_euler_f32",
                    borrowed=tuple(k for k in params if k.split(".")[0] in ("text_encoder", "text_encoder_2", "unet",
                                                                            "vae")))
+
+
+@case("unet", "sdxl_tiny_ip_adapter_block_scales", dtypes=("float32",))
+def _sdxl_ip_blocks(g, dt):
+    return _unet_ip_case(g, dt, {**SDXL_TINY, "addition_embed_type": None}, image_dim=10, n_images=1,
+                         scale={"down": {"block_2": [1.5]}, "up": {"block_1": [0.0, 0.8]}},
+                         desc="tiny SDXL-layout UNet + IP-Adapter with per-block scales as set_ip_adapter_scale takes "
+                              "them: down block 2 at 1.5, up block 1 attentions (0, 0.8), every other layer (down "
+                              "block 1, up block 0, mid) 0")

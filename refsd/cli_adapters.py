@@ -116,11 +116,14 @@ def check(args, job) -> AdapterJob | None:
         expect(args.ip_adapter, ip_shapes, "ip_adapter", "--ip-adapter")
         enc_shapes, _ = file_shapes(args.image_encoder)
         expect(args.image_encoder, enc_shapes, "clip_vision", "--image-encoder")
-        proj = "image_proj.proj.weight" if kind(ip_shapes) == "ip_adapter" else \
-            "encoder_hid_proj.image_projection_layers.0.image_embeds.weight"
-        if proj in ip_shapes and ip_shapes[proj][1] != enc_shapes["visual_projection.weight"][0]:
-            raise RefsdError(f"{args.image_encoder} makes {enc_shapes['visual_projection.weight'][0]}-wide image "
-                             f"embeddings (vision width {enc_shapes['vision_model.embeddings.class_embedding'][0]}) but "
+        root = "image_proj." if kind(ip_shapes) == "ip_adapter" else "encoder_hid_proj.image_projection_layers.0."
+        plus = f"{root}latents" in ip_shapes  # IP-Adapter Plus reads the encoder's hidden states, not its embeddings
+        proj = f"{root}{'proj_in' if plus else 'proj' if root == 'image_proj.' else 'image_embeds'}.weight"
+        width = enc_shapes["vision_model.embeddings.class_embedding"][0]
+        made = width if plus else enc_shapes["visual_projection.weight"][0]
+        if proj in ip_shapes and ip_shapes[proj][1] != made:
+            what = "hidden states" if plus else "image embeddings"
+            raise RefsdError(f"{args.image_encoder} makes {made}-wide {what} (vision width {width}) but "
                              f"{args.ip_adapter} projects {ip_shapes[proj][1]}-wide ones: not the image encoder it was "
                              f"trained with")
         a.ip, a.image_encoder, a.ip_image = Path(args.ip_adapter), Path(args.image_encoder), png.read_image(args.ip_image)

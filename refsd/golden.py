@@ -164,6 +164,9 @@ def _run_unet(sample, encoder_hidden_states, timestep=None, text_embeds=None, ti
         from refsd.models.adapters import IPContext, project_images
 
         tokens = [project_images(params, residuals.pop(f"image_embeds_{k}"), k) for k in range(len(ip_scales))]
+        from refsd.models.adapters import expand_ip_scale
+
+        ip_scales = [expand_ip_scale(v, UNetConfig.from_dict(config)) for v in ip_scales]
         weights = [(params, k) for k in range(len(ip_scales))]
         encoder_hidden_states = IPContext(encoder_hidden_states, tokens, ip_scales, weights, root=params.prefix)
     adapter = [residuals[f"residual_{i}"] for i in range(len(residuals))] or None

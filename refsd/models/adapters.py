@@ -231,6 +231,47 @@ def cross_attention_paths(cfg) -> list[str]:
     return out
 
 
+def expand_ip_scale(scale, cfg):
+    """diffusers' set_ip_adapter_scale for one adapter: a number stays a number; a dict such as
+    ``{"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}, "mid": 0.5}`` becomes
+    ``{attn2 path: scale}`` over every cross-attention layer: per block a number or one per transformer
+    (``attentions.j``), blocks and "mid" not named get 0. ref: diffusers 0.42.1
+    loaders/unet_loader_utils.py (_maybe_expand_lora_scales_for_one_adapter), loaders/ip_adapter.py
+    (set_ip_adapter_scale: a processor takes the value of each expanded name its own name starts with)."""
+    if not isinstance(scale, dict):
+        return scale
+    unknown = set(scale) - {"down", "mid", "up"}
+    if unknown:
+        raise BackendError(f"IP-Adapter scale: unknown keys {sorted(unknown)}; use 'down', 'mid', 'up'")
+    n_up = len(cfg.up_block_types)
+    groups = {"down": [(i, cfg.layers[i]) for i, t in enumerate(cfg.down_block_types) if t == "CrossAttnDownBlock2D"],
+              "up": [(i, cfg.layers[n_up - 1 - i] + 1) for i, t in enumerate(cfg.up_block_types)
+                     if t == "CrossAttnUpBlock2D"]}
+    mid = scale.get("mid", 0.0)
+    if isinstance(mid, list):
+        if len(mid) != 1:
+            raise BackendError(f"IP-Adapter scale: expected 1 scale for mid, got {len(mid)}")
+        mid = mid[0]
+    prefixes = {"mid_block.attentions.0": mid}
+    for side, blocks in groups.items():
+        given = scale.get(side, 0.0)
+        for i, n in blocks:
+            v = given.get(f"block_{i}", 0.0) if isinstance(given, dict) else given
+            v = [v] * n if not isinstance(v, list) else v * n if len(v) == 1 else v
+            if len(v) != n:
+                raise BackendError(f"IP-Adapter scale: expected {n} scales for {side}.block_{i}, got {len(v)}")
+            prefixes.update({f"{side}_blocks.{i}.attentions.{j}": float(x) for j, x in enumerate(v)})
+        if isinstance(given, dict) and set(given) - {f"block_{i}" for i, _ in blocks}:
+            raise BackendError(f"IP-Adapter scale: {side} blocks {sorted(set(given) - {f'block_{i}' for i, _ in blocks})} "
+                               f"have no attention; these do: {[f'block_{i}' for i, _ in blocks]}")
+    out = {}
+    for path in cross_attention_paths(cfg):
+        for prefix, v in prefixes.items():
+            if path.startswith(prefix):
+                out[path] = v
+    return out
+
+
 def attention_width(cfg, path: str) -> int:
     """The hidden width of the attn2 at ``path`` (its to_k_ip / to_v_ip output), as diffusers' loader
     sizes it: block_out_channels of the down block, of the mirrored up block, or the last (mid)."""

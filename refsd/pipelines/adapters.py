@@ -118,7 +118,8 @@ class IPAdapter:
     """One IP-Adapter as a generation uses it: ``params`` its weights in diffusers' converted keys
     (refsd.models.adapters.ip_adapter_keys makes them from the original file layout; adapter index 0),
     ``encoder`` / ``encoder_config`` the CLIP vision tower (transformers CLIPVisionModelWithProjection
-    keys), ``image`` a uint8 (H, W, 3) picture, ``scale`` a number (diffusers' set_ip_adapter_scale)."""
+    keys), ``image`` a uint8 (H, W, 3) picture, ``scale`` a number or a per-block dict as diffusers'
+    set_ip_adapter_scale takes it (refsd.models.adapters.expand_ip_scale)."""
 
     params: Any
     encoder: Any
@@ -162,8 +163,8 @@ class IPRun:
     zero image embedding diffusers uses as the negative, each through the adapter's projection),
     repeated to the batch; ``context(text, guided)`` wraps the text states for the UNet."""
 
-    def __init__(self, adapters: list[IPAdapter], *, batch: int, like):
-        from refsd.models.adapters import is_plus, project_images
+    def __init__(self, adapters: list[IPAdapter], *, batch: int, like, unet_config):
+        from refsd.models.adapters import expand_ip_scale, is_plus, project_images
 
         xp = rxp.namespace(like)
         self.pos, self.neg, self.scales, self.weights = [], [], [], []
@@ -173,7 +174,7 @@ class IPRun:
             embeds, negative = _encode(a, pixels, plus=is_plus(a.params))
             self.pos.append(project_images(a.params, xp.concat([embeds[None, ...]] * batch, axis=0), 0))
             self.neg.append(project_images(a.params, xp.concat([negative[None, ...]] * batch, axis=0), 0))
-            self.scales.append(a.scale)
+            self.scales.append(expand_ip_scale(a.scale, unet_config))
             self.weights.append((a.params, 0))
 
     def context(self, text, guided: bool, root: str = ""):

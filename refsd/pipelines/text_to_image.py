@@ -104,7 +104,7 @@ def txt2img(model: Model, prompt: str, negative_prompt: str | None = None, *, wi
     if t2i_adapters:
         feats = adapter_features(list(t2i_adapters), width=s.width, height=s.height, batch=s.batch_size, like=like)
         residuals = adapter_residuals(feats, plan.timesteps, plan.steps, adapter_factor)
-    ip = IPRun(list(ip_adapters), batch=s.batch_size, like=like) if ip_adapters else None
+    ip = IPRun(list(ip_adapters), batch=s.batch_size, like=like, unet_config=model.unet_config) if ip_adapters else None
     latents = run_sampler(model, s, plan, x, cond, uncond, generator=gen, callback=base_callback, residuals=residuals,
                           ip=ip)
     seeds = s.profile.seeds(s.seed, s.batch_size)

@@ -55,9 +55,14 @@ def describe(shapes: dict) -> list[str]:
         embed, width, tokens, layers = _ip_facts(shapes, k)
         base = CONTEXT_WIDTHS.get(width, f"a UNet with {width}-wide cross-attention")
         form = "original ip-adapter layout" if k == "ip_adapter" else "diffusers' converted keys"
-        plus = "" if tokens else " (not the linear ImageProjection: IP-Adapter Plus / Face ID, not run by refsd)"
-        return [f"kind: IP-Adapter ({form}; image embedding width {embed} -> {tokens or '?'} tokens of {width}; "
-                f"{layers} cross-attention layers){plus}", f"architecture: {base} (IP-Adapter)"]
+        latents = next((s for key, s in shapes.items() if key.endswith("latents")), None)
+        if latents is not None:
+            what = f"IP-Adapter Plus ({form}; Resampler: {latents[1]} queries from the encoder's hidden states"
+        elif tokens:
+            what = f"IP-Adapter ({form}; image embedding width {embed} -> {tokens} tokens of {width}"
+        else:
+            what = f"IP-Adapter ({form}; an image projection refsd does not run (Face ID?)"
+        return [f"kind: {what}; {layers} cross-attention layers)", f"architecture: {base} (IP-Adapter)"]
     if k == "clip_vision":
         cfg = vision_config(shapes, known_heads=False)
         name = VISION_TOWERS.get(cfg.hidden_size, ("CLIP vision",))[0]
@@ -213,12 +218,18 @@ def load_ip_adapter(path, unet_cfg, *, xp=None, device=None, dtype=None):
         source.update({k: st.numpy(k) for k in st})
     if kind(shapes) == "ip_adapter":
         source = ip_adapter_keys(source, unet_cfg)
-    embed, width, tokens, _ = _ip_facts({k: tuple(v.shape) for k, v in source.items()}, "ip_adapter_diffusers")
-    if not tokens:
-        raise WeightsError(f"{path}: not a linear-projection IP-Adapter (IP-Adapter Plus / Face ID files are not run "
-                           f"by refsd's CLI)")
-    want = {f"{IP_PROJ}.0.image_embeds.weight": (tokens * width, embed), f"{IP_PROJ}.0.image_embeds.bias": (tokens * width,),
-            f"{IP_PROJ}.0.norm.weight": (width,), f"{IP_PROJ}.0.norm.bias": (width,)}
+    got = {k: tuple(v.shape) for k, v in source.items()}
+    embed, width, tokens, _ = _ip_facts(got, "ip_adapter_diffusers")
+    if f"{IP_PROJ}.0.latents" in got:  # IP-Adapter Plus: the Resampler's keys as they are (its forward reads them)
+        want = {k: s for k, s in got.items() if k.startswith(f"{IP_PROJ}.0.")}
+        width = got[f"{IP_PROJ}.0.norm_out.weight"][0] if f"{IP_PROJ}.0.norm_out.weight" in got else width
+    elif tokens:
+        want = {f"{IP_PROJ}.0.image_embeds.weight": (tokens * width, embed),
+                f"{IP_PROJ}.0.image_embeds.bias": (tokens * width,),
+                f"{IP_PROJ}.0.norm.weight": (width,), f"{IP_PROJ}.0.norm.bias": (width,)}
+    else:
+        raise WeightsError(f"{path}: an IP-Adapter image projection refsd does not run (neither the linear "
+                           f"ImageProjection nor IP-Adapter Plus' Resampler: Face ID?)")
     for p in cross_attention_paths(unet_cfg):
         for kv in ("to_k_ip", "to_v_ip"):
             want[f"{p}.processor.{kv}.0.weight"] = (attention_width(unet_cfg, p), unet_cfg.cross_attention_dims[0])
