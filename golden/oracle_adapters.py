@@ -150,15 +150,17 @@ def _control_image(g, height: int, width: int):
     return img.round().clamp(0, 255).to(torch.uint8)
 
 
-def _run_adapter_pipe(pipe, **call) -> dict[str, torch.Tensor]:
-    """Call an adapter pipeline with recorders (it has the old ``callback``, not callback_on_step_end):
-    noise, init_latents, step.<i>, latents, the encode_prompt outputs, add_time_ids, image."""
+def _run_adapter_pipe(pipe, *, old_callback: bool = False, **call) -> dict[str, torch.Tensor]:
+    """Call a pipeline with recorders: noise, init_latents, step.<i>, latents, image and, for SDXL, the
+    encode_prompt outputs and add_time_ids. ``old_callback``: the pipeline has only the old
+    ``callback(i, t, latents)`` (the adapter pipelines), not callback_on_step_end."""
     import importlib
 
     module = importlib.import_module(type(pipe).__module__)
     rec: dict[str, torch.Tensor] = {}
     steps_done: list[torch.Tensor] = []
     encode_prompt, prepare, randn = pipe.encode_prompt, pipe.prepare_latents, module.randn_tensor
+    sdxl = hasattr(pipe, "text_encoder_2")
 
     def recording_encode_prompt(*a, **k):
         out = encode_prompt(*a, **k)
@@ -179,13 +181,23 @@ def _run_adapter_pipe(pipe, **call) -> dict[str, torch.Tensor]:
     def unet_pre_hook(_m, _args, kwargs):
         rec.setdefault("add_time_ids", kwargs["added_cond_kwargs"]["time_ids"].clone())
 
-    pipe.encode_prompt, pipe.prepare_latents, module.randn_tensor = recording_encode_prompt, recording_prepare, recording_randn
-    hook = pipe.unet.register_forward_pre_hook(unet_pre_hook, with_kwargs=True)
+    def on_step_end(_pipe, i, t, kw):
+        steps_done.append(kw["latents"].clone())
+        return kw
+
+    pipe.prepare_latents, module.randn_tensor = recording_prepare, recording_randn
+    hook = None
+    if sdxl:
+        pipe.encode_prompt = recording_encode_prompt
+        hook = pipe.unet.register_forward_pre_hook(unet_pre_hook, with_kwargs=True)
+    steps = ({"callback": lambda i, t, latents: steps_done.append(latents.clone()), "callback_steps": 1} if old_callback
+             else {"callback_on_step_end": on_step_end})
     try:
-        out = pipe(**call, callback=lambda i, t, latents: steps_done.append(latents.clone()), callback_steps=1)
+        out = pipe(**call, **steps)
     finally:
         module.randn_tensor = randn
-        hook.remove()
+        if hook is not None:
+            hook.remove()
     outputs = {"noise": rec["noise"], "init_latents": rec["init_latents"]}
     outputs.update({f"step.{i}": x for i, x in enumerate(steps_done)})
     outputs["latents"] = steps_done[-1]
@@ -212,7 +224,8 @@ def _t2i_adapter_sdxl(g, dt):
         tokenizer=parts["tokenizer"], tokenizer_2=parts["tokenizer_2"], unet=parts["unet"], adapter=adapter,
         scheduler=_scheduler("sdxl", "euler", "normal"), force_zeros_for_empty_prompt=True)
     pipe.set_progress_bar_config(disable=True)
-    outputs = _run_adapter_pipe(pipe, prompt=prompt, negative_prompt=negative, image=PIL.Image.fromarray(image.numpy()),
+    outputs = _run_adapter_pipe(pipe, old_callback=True, prompt=prompt, negative_prompt=negative,
+                                image=PIL.Image.fromarray(image.numpy()),
                                 height=64, width=64, num_inference_steps=steps, guidance_scale=cfg,
                                 adapter_conditioning_scale=scale, adapter_conditioning_factor=factor,
                                 generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
@@ -429,7 +442,7 @@ def _ip_adapter_sd1(g, dt):
         pipe.load_ip_adapter(tmp, subfolder="", weight_name="ip-adapter_tiny.safetensors",
                              image_encoder_folder="image_encoder", low_cpu_mem_usage=False)
     pipe.set_ip_adapter_scale(scale)
-    outputs = _run_adapter_pipe_sd(pipe, prompt=prompt, negative_prompt=negative, ip_adapter_image=PIL.Image.fromarray(
+    outputs = _run_adapter_pipe(pipe, prompt=prompt, negative_prompt=negative, ip_adapter_image=PIL.Image.fromarray(
         image.numpy()), height=64, width=64, num_inference_steps=steps, guidance_scale=cfg,
         generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
     params = {**_params("sd1"), **{f"image_encoder.{k}": v.clone() for k, v in encoder.state_dict().items()},
@@ -453,41 +466,6 @@ def _ip_adapter_sd1(g, dt):
                    "encoder at image_size 28), 37x45 image, scale 0.6, Euler 4 steps, cfg 7: negative image "
                    "embeds are zeros", kwargs=kwargs, params=params, params_from="pipeline/txt2img_sd1_euler_f32",
                    borrowed=tuple(k for k in params if k.split(".")[0] in ("text_encoder", "unet", "vae")))
-
-
-def _run_adapter_pipe_sd(pipe, **call) -> dict[str, torch.Tensor]:
-    """An SD1 pipeline call with recorders (callback_on_step_end): noise, init_latents, step.<i>, latents, image."""
-    import importlib
-
-    module = importlib.import_module(type(pipe).__module__)
-    rec: dict[str, torch.Tensor] = {}
-    steps_done: list[torch.Tensor] = []
-    prepare, randn = pipe.prepare_latents, module.randn_tensor
-
-    def recording_prepare(*a, **k):
-        out = prepare(*a, **k)
-        rec["init_latents"] = out.clone()
-        return out
-
-    def recording_randn(*a, **k):
-        out = randn(*a, **k)
-        rec.setdefault("noise", out.clone())
-        return out
-
-    def on_step_end(_pipe, i, t, kw):
-        steps_done.append(kw["latents"].clone())
-        return kw
-
-    pipe.prepare_latents, module.randn_tensor = recording_prepare, recording_randn
-    try:
-        out = pipe(**call, callback_on_step_end=on_step_end)
-    finally:
-        module.randn_tensor = randn
-    outputs = {"noise": rec["noise"], "init_latents": rec["init_latents"]}
-    outputs.update({f"step.{i}": x for i, x in enumerate(steps_done)})
-    outputs["latents"] = steps_done[-1]
-    outputs["image"] = torch.from_numpy(out.images)
-    return outputs
 
 
 # --------------------------------------------------------------------------------------------
