@@ -78,11 +78,23 @@ def _first_kv(params) -> str:
     return next(k for k in params.shapes() if k.endswith("to_k_ip.0.weight"))
 
 
+def _model_unet(job):
+    """(UNetConfig, VAE scale factor) of the job's model, from its headers / configs (nothing loaded)."""
+    from refsd.models.unet import UNetConfig
+    from refsd.pipelines import demo
+    from refsd.pipelines.facts import model_configs
+
+    configs = demo.CONFIGS if job.model is None else model_configs(job.model, config=job.config)[2]
+    vae = configs.get("vae", {}).get("block_out_channels", [0] * 4)
+    return UNetConfig.from_dict(configs["unet"]), 2 ** (len(vae) - 1)
+
+
 def check(args, job) -> AdapterJob | None:
     """Validate the adapter flags against each other, the files' headers and the images; None when no
     adapter flag is given."""
+    from refsd.models.adapters import check_fits, cross_attention_paths
     from refsd.pipelines import png
-    from refsd.weights.adapters import expect, file_shapes, kind
+    from refsd.weights.adapters import CONTEXT_WIDTHS, expect, file_shapes, kind, t2i_config
 
     given = [f for f in ("t2i_adapter", "adapter_image", "ip_adapter", "image_encoder", "ip_image")
              if getattr(args, f, None)]
@@ -103,9 +115,11 @@ def check(args, job) -> AdapterJob | None:
         raise RefsdError("adapters run with txt2img only (no --init-image, --mask or --refiner)")
     if job.settings.get("parity") != "diffusers":
         raise RefsdError(f"adapters are reproduced under --parity diffusers only, not {job.settings.get('parity')!r}")
+    unet_cfg, vae_factor = _model_unet(job)
     if args.t2i_adapter:
-        shapes, _ = file_shapes(args.t2i_adapter)
+        shapes, t2i_json = file_shapes(args.t2i_adapter)
         expect(args.t2i_adapter, shapes, "t2i_adapter", "--t2i-adapter")
+        check_fits(t2i_config(shapes, t2i_json), unet_cfg, vae_factor)
         a.t2i, a.adapter_image = Path(args.t2i_adapter), png.read_image(args.adapter_image)
         a.adapter_scale = 1.0 if args.adapter_scale is None else args.adapter_scale
         a.adapter_factor = 1.0 if args.adapter_factor is None else args.adapter_factor
@@ -114,6 +128,13 @@ def check(args, job) -> AdapterJob | None:
     if args.ip_adapter:
         ip_shapes, _ = file_shapes(args.ip_adapter)
         expect(args.ip_adapter, ip_shapes, "ip_adapter", "--ip-adapter")
+        kv = [s for k, s in ip_shapes.items() if k.endswith(("to_k_ip.weight", "to_k_ip.0.weight"))]
+        width, layers = unet_cfg.cross_attention_dims[0], len(cross_attention_paths(unet_cfg))
+        if len(kv) != layers or any(s[1] != width for s in kv):
+            got = sorted({s[1] for s in kv})
+            raise RefsdError(f"{args.ip_adapter} is an IP-Adapter for {len(kv)} cross-attention layers of width "
+                             f"{'/'.join(map(str, got))} ({', '.join(CONTEXT_WIDTHS.get(w, '?') for w in got)}); the "
+                             f"model has {layers} of width {width}: an adapter for another architecture")
         enc_shapes, _ = file_shapes(args.image_encoder)
         expect(args.image_encoder, enc_shapes, "clip_vision", "--image-encoder")
         root = "image_proj." if kind(ip_shapes) == "ip_adapter" else "encoder_hid_proj.image_projection_layers.0."

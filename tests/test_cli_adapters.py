@@ -45,6 +45,8 @@ def files(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("adapters")
     save_safetensors(d / "t2i.safetensors", _random(T2I.param_shapes(), 1))
+    sd1 = T2IAdapterConfig(channels=(32, 64, 64), num_res_blocks=1)  # an SD 1.x full_adapter: not the demo's layout
+    save_safetensors(d / "t2i_sd1.safetensors", _random(sd1.param_shapes(), 4))
     save_safetensors(d / "ip.safetensors", _random(_ip_shapes(12), 2))
     for name, cfg in (("encoder", VISION), ("encoder16", CLIPVisionConfig(**{**VISION.__dict__, "projection_dim": 16}))):
         (d / name).mkdir()
@@ -82,6 +84,8 @@ def test_t2i_and_ip_adapters_change_the_image(env, files, tmp_path):  # noqa: F8
      ["16-wide image embeddings", "projects 12-wide", "not the image encoder"]),
     (["--t2i-adapter", "{d}/t2i.safetensors", "--adapter-image", "{d}/text.png"], ["text.png", "not an image"]),
     (["--t2i-adapter", "{d}/t2i.safetensors"], ["--adapter-image"]),
+    (["--t2i-adapter", "{d}/t2i_sd1.safetensors", "--adapter-image", "{d}/control.png"],
+     ["full_adapter", "do not fit this UNet", "another architecture"]),
     (["--t2i-adapter", "{d}/ip.safetensors", "--adapter-image", "{d}/control.png"],
      ["must be a T2I-Adapter", "it is an IP-Adapter"]),
     (["--ip-adapter", "{d}/ip.safetensors", "--image-encoder", "{d}/t2i.safetensors", "--ip-image", "{d}/control.png"],

@@ -116,12 +116,18 @@ def inspect_model(path: str | os.PathLike, *, config: str | os.PathLike | None =
     pickles refused unopened) through refsd.weights.detect, or a diffusers folder's config.json files.
     ``config``: for a single file, a diffusers folder or a UNet config.json whose configs replace the
     detected ones (as ``load_model(config=)``; the loader checks them against the weights)."""
+    return facts_from_configs(*model_configs(path, config=config))
+
+
+def model_configs(path: str | os.PathLike, *, config: str | os.PathLike | None = None) -> tuple[str, str, dict]:
+    """(name, architecture, component configs) of a model, without loading it (``inspect_model``'s
+    reading; the adapters' up-front checks need the UNet config itself)."""
     p = Path(path)
     if p.is_dir():
         if not (p / "model_index.json").is_file():
             raise RefsdError(f"{p}: not a diffusers model folder (no model_index.json)")
         configs = _read_configs(p)
-        return facts_from_configs(p.name, det.architecture_of(configs, what=str(p)), configs)
+        return p.name, det.architecture_of(configs, what=str(p)), configs
     if not p.exists():
         raise RefsdError(f"{p}: no such file or directory")
     header = read_header(p)
@@ -131,4 +137,4 @@ def inspect_model(path: str | os.PathLike, *, config: str | os.PathLike | None =
         q = Path(config)
         given = _read_configs(q) if q.is_dir() else {"unet": _read_json(q)} if q.is_file() else {}
         configs.update({c: v for c, v in given.items() if c in configs})
-    return facts_from_configs(p.stem, found.architecture, configs)
+    return p.stem, found.architecture, configs
