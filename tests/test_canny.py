@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from refsd.errors import RefsdError
-from refsd.preprocess import canny
+from refsd.preprocess.canny import canny
 
 cv2 = pytest.importorskip("cv2")
 
