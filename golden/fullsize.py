@@ -196,6 +196,35 @@ def _controlnet(name, cfg, batch, sdxl: bool):
     return model, oracle, refsd, what
 
 
+# h94/IP-Adapter models/image_encoder/config.json (OpenCLIP ViT-H/14 as CLIPVisionModelWithProjection)
+CLIP_VISION_H = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 16,
+                 "image_size": 224, "patch_size": 14, "projection_dim": 1024, "hidden_act": "gelu",
+                 "layer_norm_eps": 1e-5}
+
+
+def _clip_vision(name, cfg):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    g = _generator(name)
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg, attention_dropout=0.0)).eval()
+    randomise_weights(model, g)
+    pixels = torch.randn((1, 3, cfg["image_size"], cfg["image_size"]), generator=g)
+
+    def oracle():
+        o = model(pixels, output_hidden_states=True)
+        return {"image_embeds": o.image_embeds, "last_hidden_state": o.last_hidden_state,
+                "penultimate": o.hidden_states[-2]}
+
+    def refsd(params, put):
+        from refsd.models.vision import CLIPVisionConfig as Cfg, clip_vision
+
+        o = clip_vision(params, put(pixels), cfg=Cfg.from_dict(cfg))
+        return {"image_embeds": o["image_embeds"], "last_hidden_state": o["last_hidden_state"],
+                "penultimate": o["hidden_states"][-2]}
+
+    return model, oracle, refsd, "1 x 3 x 224 x 224 pixels (257 tokens)"
+
+
 CASES = {
     "clip_l": lambda: _clip("clip_l", CLIP_L, False, pad=49407),
     "openclip_bigg": lambda: _clip("openclip_bigg", OPENCLIP_BIGG, True, pad=0),
@@ -204,6 +233,7 @@ CASES = {
     "unet_sdxl": lambda: _unet("unet_sdxl", UNET_SDXL, 1, sdxl=True),
     "controlnet_sd15": lambda: _controlnet("controlnet_sd15", CONTROLNET_SD15, 2, sdxl=False),
     "controlnet_sdxl": lambda: _controlnet("controlnet_sdxl", CONTROLNET_SDXL, 1, sdxl=True),
+    "clip_vision_h": lambda: _clip_vision("clip_vision_h", CLIP_VISION_H),
 }
 
 

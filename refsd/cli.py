@@ -652,8 +652,16 @@ def _embedding(header, depth: int) -> list[str]:
     return describe(header)
 
 
+def _adapter(header, depth: int) -> list[str]:
+    """A T2I-Adapter, IP-Adapter or CLIP vision file: its kind and the base it serves (refsd.weights.adapters)."""
+    from refsd.weights.adapters import describe
+
+    return describe({k: tuple(t.shape) for k, t in header.tensors.items()})
+
+
 # Sections of describe_file, in print order; each (header, depth) -> lines.
-FILE_SECTIONS: list[Callable] = [_counts, _dtypes, _prefixes, _metadata, _golden, _checkpoint, _embedding, _controlnet]
+FILE_SECTIONS: list[Callable] = [_counts, _dtypes, _prefixes, _metadata, _golden, _checkpoint, _embedding, _controlnet,
+                                 _adapter]
 
 
 def _si(n: float) -> str:

@@ -24,6 +24,8 @@ from refsd.cli_job import (
     GenerateJob,
     generate_job,
 )
+from refsd.cli_adapters import add_flags as add_adapter_flags
+from refsd.cli_adapters import check as check_adapters
 from refsd.errors import RefsdError
 
 # --------------------------------------------------------------------------------------------
@@ -180,6 +182,7 @@ def _add_generation_flags(p, *, out_default: str, out_help: str) -> None:
     g.add_argument("--negative-aesthetic-score", type=float, metavar="S", help="the refiner's aesthetic score for "
                                                                                 "the negative branch (default 2.5)")
     add_control_flags(p)
+    add_adapter_flags(p)
     g = p.add_argument_group("runtime")
     g.add_argument("--backend", metavar="NAME", help=f"numpy | torch | torch:mps | torch:cuda | cupy "
                                                      f"(default {d['backend']})")
@@ -198,6 +201,7 @@ def _add_generation_flags(p, *, out_default: str, out_help: str) -> None:
 
 def _cmd_generate(args) -> int:
     job = generate_job(args)
+    job.adapters = check_adapters(args, job)
     _set_kernels(args.kernels)
     for path in run_generate(job, Progress(quiet=args.quiet)):
         print(path, flush=True)
@@ -332,6 +336,8 @@ def _run_pipeline(job: GenerateJob, on_step: Callable | None = None, progress: P
         common["micro"] = job.micro
     if job.controls:
         common.update(controls=control_units(job.controls, model), guess_mode=bool(s.get("guess_mode")))
+    if job.adapters is not None:  # T2I- / IP-Adapters (refsd.cli_adapters): txt2img only, checked up front
+        common.update(job.adapters.build(model))
     with core_progress.listen(shown.stage), warnings.catch_warnings():
         warnings.showwarning = _warning_line  # e.g. refsd.text.conditioning.TruncationWarning: one line
         try:
@@ -433,6 +439,7 @@ def _cmd_trace(args) -> int:
     from refsd.weights import save_safetensors
 
     job = generate_job(args)
+    job.adapters = check_adapters(args, job)
     _set_kernels(args.kernels)
     s = job.settings
     out = Path(args.out)

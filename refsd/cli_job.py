@@ -68,6 +68,7 @@ class GenerateJob:
     micro: dict | None = None  # the pipelines' micro= ((height, width) sizes); None: none given
     embeddings: object = None  # --embedding-dir's refsd.text.embeddings.Embeddings, checked
     controls: list = field(default_factory=list)  # refsd.cli_control.ControlSpec per --controlnet
+    adapters: object = None  # refsd.cli_adapters.AdapterJob (T2I- / IP-Adapters), set by the generate command
 
 
 def _choice(what: str, value, valid) -> None:

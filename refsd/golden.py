@@ -152,14 +152,61 @@ def _run_vae(z=None, x=None, noise=None, *, params, config: dict, mode: str, att
 
 
 def _run_unet(sample, encoder_hidden_states, timestep=None, text_embeds=None, time_ids=None, *, params,
-              config: dict, attention: str = "sliced"):
+              config: dict, attention: str = "sliced", **residuals):
     """Golden adapter for UNet cases (op "unet"): refsd.models.unet.unet on a diffusers
     UNet2DConditionModel config dict -> ``sample`` (the noise prediction). ``timestep`` is an input
-    array, or a Python number stored in the case's kwargs (as diffusers received it)."""
+    array, or a Python number stored in the case's kwargs (as diffusers received it). Inputs
+    ``residual_0``, ``residual_1``, ... are T2I-Adapter features (down_intrablock_additional_residuals)."""
     from refsd.models.unet import UNetConfig, unet
 
+    ip_scales = residuals.pop("ip_scales", None)
+    if ip_scales is not None:  # IP-Adapter cases: image_embeds_k (B, n_images, D), the weights in params
+        from refsd.models.adapters import IPContext, project_images
+
+        tokens = [project_images(params, residuals.pop(f"image_embeds_{k}"), k) for k in range(len(ip_scales))]
+        from refsd.models.adapters import expand_ip_scale
+
+        ip_scales = [expand_ip_scale(v, UNetConfig.from_dict(config)) for v in ip_scales]
+        weights = [(params, k) for k in range(len(ip_scales))]
+        encoder_hidden_states = IPContext(encoder_hidden_states, tokens, ip_scales, weights, root=params.prefix)
+    adapter = [residuals[f"residual_{i}"] for i in range(len(residuals))] or None
     return {"sample": unet(params, sample, timestep, encoder_hidden_states, cfg=UNetConfig.from_dict(config),
-                           text_embeds=text_embeds, time_ids=time_ids, attention=attention)}
+                           text_embeds=text_embeds, time_ids=time_ids, attention=attention,
+                           down_intrablock_additional_residuals=adapter)}
+
+
+def _run_t2i_adapter(*, params, configs: list, weights=None, **images):
+    """Golden adapter for T2I-Adapter cases (op "t2i_adapter"): refsd.models.adapters.t2i_adapter on
+    ``image_0`` (one config: diffusers T2IAdapter keys), or multi_adapter over ``image_0``, ``image_1``, ...
+    (several: MultiAdapter keys ``adapters.k.adapter.*``) -> ``feature_0``, ``feature_1``, ..."""
+    from refsd.models.adapters import T2IAdapterConfig, multi_adapter, t2i_adapter
+
+    cfgs = [T2IAdapterConfig.from_dict(c) for c in configs]
+    if len(cfgs) == 1:
+        feats = t2i_adapter(params, images["image_0"], cfg=cfgs[0])
+    else:
+        feats = multi_adapter([(params.sub(f"adapters.{k}"), c) for k, c in enumerate(cfgs)],
+                              [images[f"image_{k}"] for k in range(len(cfgs))], weights)
+    return {f"feature_{i}": f for i, f in enumerate(feats)}
+
+
+def _run_clip_vision(pixel_values, *, params, config: dict, attention: str = "sliced"):
+    """Golden adapter for CLIP vision cases (op "clip_vision"): refsd.models.vision.clip_vision ->
+    ``image_embeds``, ``last_hidden_state``, ``penultimate_hidden_state`` (hidden_states[-2])."""
+    from refsd.models.vision import CLIPVisionConfig, clip_vision
+
+    out = clip_vision(params, pixel_values, cfg=CLIPVisionConfig.from_dict(config), attention=attention)
+    return {"image_embeds": out["image_embeds"], "last_hidden_state": out["last_hidden_state"],
+            "penultimate_hidden_state": out["hidden_states"][-2]}
+
+
+def _run_clip_image_processor(image, *, size: int):
+    """Golden adapter for CLIP image processor cases (op "clip_image_processor"): the uint8 image
+    through refsd.pipelines.adapters.clip_image_pixels -> ``pixel_values`` on the image's backend."""
+    from refsd.pipelines.adapters import clip_image_pixels
+
+    return {"pixel_values": rxp.asarray(clip_image_pixels(rxp.to_numpy(image), size), like=image,
+                                        dtype=rxp.namespace(image).float32)}
 
 
 def _run_controlnet(sample, timestep, encoder_hidden_states, controlnet_cond, text_embeds=None, time_ids=None, *,
@@ -266,12 +313,13 @@ MICRO_KEYS = ("original_size", "crop", "target_size", "negative_original_size", 
               "negative_target_size", "aesthetic_score", "negative_aesthetic_score")
 
 
-def _run_pipeline(init_image=None, mask=None, control_image_0=None, control_image_1=None, *, params, model: dict,
-                  mode: str, prompt: str, negative_prompt: str | None, steps: int, cfg: float, sampler: str,
-                  scheduler: str, seed: int, rng: str, batch_size: int, clip_skip: int | None, parity: str,
-                  width: int | None = None, height: int | None = None, strength: float | None = None,
-                  attention: str = "sliced", refiner: dict | None = None, switch: float | None = None,
-                  controlnets: list | None = None, guess_mode: bool = False, embeddings: list | None = None,
+def _run_pipeline(init_image=None, mask=None, control_image_0=None, control_image_1=None, adapter_image=None,
+                  ip_image=None, *, params, model: dict, mode: str, prompt: str, negative_prompt: str | None,
+                  steps: int, cfg: float, sampler: str, scheduler: str, seed: int, rng: str, batch_size: int,
+                  clip_skip: int | None, parity: str, width: int | None = None, height: int | None = None,
+                  strength: float | None = None, attention: str = "sliced", refiner: dict | None = None,
+                  switch: float | None = None, controlnets: list | None = None, guess_mode: bool = False,
+                  embeddings: list | None = None, t2i_adapter: dict | None = None, ip_adapter: dict | None = None,
                   **micro):
     """Golden adapter for pipeline cases (op "pipeline"): refsd.pipelines.txt2img / img2img / inpaint (and
     txt2img with an SDXL ``refiner``, mode "base_refiner") on a tiny model whose weights are
@@ -284,7 +332,11 @@ def _run_pipeline(init_image=None, mask=None, control_image_0=None, control_imag
     uint8 rounding); SDXL: ``prompt_embeds``, ``pooled_prompt_embeds``, ``negative_*``, ``add_time_ids``
     (as the UNet's batch gets them); base + refiner: the base stage's under ``base.``. ``controlnets``:
     [{config, scale, start, end}] with weights ``param/controlnet.<i>.<key>`` and images
-    ``control_image_<i>`` (uint8 (H, W, 3)); ``guess_mode`` for all of them."""
+    ``control_image_<i>`` (uint8 (H, W, 3)); ``guess_mode`` for all of them. ``t2i_adapter``
+    ({config, scale, factor}, weights ``param/adapter.<T2IAdapter key>``, image ``in/adapter_image``
+    uint8): txt2img with that T2I-Adapter (StableDiffusion{,XL}AdapterPipeline). ``ip_adapter``
+    ({image_encoder: CLIPVisionConfig dict, scale}; weights ``param/ip_adapter.<original file key>`` and
+    ``param/image_encoder.<key>``, image ``in/ip_image``): txt2img with that IP-Adapter (load_ip_adapter)."""
     from refsd.pipelines import img2img, inpaint, txt2img
 
     files = {k: micro.pop(k) for k in list(micro) if k.startswith("emb.")}  # textual-inversion tensors
@@ -305,6 +357,26 @@ def _run_pipeline(init_image=None, mask=None, control_image_0=None, control_imag
     if controlnets:
         common.update(controls=_golden_controls(params, controlnets, (control_image_0, control_image_1), m),
                       guess_mode=guess_mode)
+    if t2i_adapter is not None:
+        from refsd.models.adapters import T2IAdapterConfig
+        from refsd.pipelines.adapters import T2IAdapter
+
+        use = T2IAdapter(params.sub("adapter"), T2IAdapterConfig.from_dict(t2i_adapter["config"]),
+                         rxp.to_numpy(adapter_image), t2i_adapter["scale"])
+        common.update(t2i_adapters=[use], adapter_factor=t2i_adapter["factor"])
+    if ip_adapter is not None:
+        from refsd.models.adapters import ip_adapter_keys
+        from refsd.models.unet import UNetConfig
+        from refsd.models.vision import CLIPVisionConfig
+        from refsd.pipelines.adapters import IPAdapter
+        from refsd.weights import Params
+
+        original = params.sub("ip_adapter")
+        converted = ip_adapter_keys({k: original[k] for k in original}, UNetConfig.from_dict(model["unet"]))
+        use = IPAdapter(Params(converted, xp=params.xp, device=params.device), params.sub("image_encoder"),
+                        CLIPVisionConfig.from_dict(ip_adapter["image_encoder"]), rxp.to_numpy(ip_image),
+                        ip_adapter["scale"])
+        common["ip_adapters"] = [use]
     if mode == "txt2img":
         res = txt2img(m, prompt, negative_prompt, width=width, height=height, **common)
     elif mode == "img2img":
@@ -364,6 +436,9 @@ OPS = {
     "vae": _run_vae,
     "unet": _run_unet,
     "controlnet": _run_controlnet,
+    "t2i_adapter": _run_t2i_adapter,
+    "clip_vision": _run_clip_vision,
+    "clip_image_processor": _run_clip_image_processor,
     "pipeline": _run_pipeline,
     "prompt_embeds": _run_prompt_embeds,
 }

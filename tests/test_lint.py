@@ -21,6 +21,8 @@ NUMPY_ALLOWED = {"xp.py", "kernels.py",  # kernels.py: the NumPy-only fast kerne
                  "weights/ldm.py",  # ldm.py: to_ldm concatenates fused q/k/v on the host, to write files
                  "export.py",  # host arrays transposed / cast and written to files (refsd export)
                  "pipelines/png.py",  # host uint8 images in and out of PNG files
+                 "preprocess/canny.py",
+                 "pipelines/adapters.py",  # host control images for T2I-Adapters (PIL resize, / 255)  # host uint8 image -> uint8 edge map (cv2.Canny restated)
                  "pipelines/demo.py",  # writes the demo checkpoint's seeded random weights (host arrays to a file)
                  "pipelines/images.py",  # host uint8 images <-> float pixels, each profile's rounding
                  "pipelines/masks.py",  # host inpainting masks: read, grow, blur, resize, composite onto the image

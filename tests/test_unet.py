@@ -40,8 +40,9 @@ def test_trace_names_match_diffusers_modules(case_id, xp, device):
     """refsd emits under the module paths the oracle hooked, in the same order, with the same values
     (each trace within 1e-4 of its own max: float32 summation order accumulates through the layers)."""
     case, cfg, params, inputs, t = _load(case_id, xp, device)
-    with record(depth=case.meta.get("trace_depth", 1)) as rec:
-        _run(params, inputs, t, cfg)
+    kw = {k: v for k, v in case.meta["op"]["kwargs"].items() if k != "timestep"}
+    with record(depth=case.meta.get("trace_depth", 1)) as rec:  # the golden runner: it also feeds T2I-Adapter residuals and IP-Adapter image embeds
+        golden.OPS["unet"](**inputs, timestep=t, params=params, **kw)
     assert rec.order == case.meta["trace_order"]
     ref = case.group("trace")
     for name in rec.order:

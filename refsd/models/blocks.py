@@ -90,21 +90,32 @@ def _as(x, dtype):
 
 
 def attention_layer(p, x, context, *, heads: int, upcast: bool = False, strategy: str = "sliced",
-                    scale: float | None = None):
+                    scale: float | None = None, extra_kv=()):
     """diffusers Attention (AttnProcessor2_0): to_q(x), to_k/to_v(context), SDPA over heads, to_out.0.
 
     x: (B, N, C); context: (B, M, C_ctx) (x itself for self-attention). ``scale``: 1/sqrt(head width)
     when None.
     ``upcast`` (upcast_attention) computes the attention in float32 for half-precision inputs, as
     diffusers' classic processor does (get_attention_scores); for float32 it changes nothing.
+    ``extra_kv``: IP-Adapter's decoupled cross-attention (IPAdapterAttnProcessor2_0): (k, v, s) triples
+    of already projected (B, T, inner) keys and values; the same queries attend to each and
+    ``s * result`` is added before ``to_out.0``.
     -> (B, N, C_out).
     """
-    xp = rxp.namespace(x, context)
-    b, n, _ = x.shape
     q = detail(p, "to_q", linear(x, *wb(p, "to_q")))
     k = detail(p, "to_k", linear(context, *wb(p, "to_k")))
     v = detail(p, "to_v", linear(context, *wb(p, "to_v")))
-    inner = q.shape[-1]
+    o = _heads_attention(q, k, v, heads=heads, upcast=upcast, strategy=strategy, scale=scale, dtype=x.dtype)
+    for k_ip, v_ip, s in extra_kv:
+        o = o + s * _heads_attention(q, k_ip, v_ip, heads=heads, upcast=upcast, strategy=strategy, scale=scale,
+                                     dtype=x.dtype)
+    return detail(p, "to_out.0", linear(o, *wb(p, "to_out.0")))
+
+
+def _heads_attention(q, k, v, *, heads: int, upcast: bool, strategy: str, scale, dtype):
+    """(B, N, inner) queries over (B, M, inner) keys / values, split into ``heads``, merged back."""
+    xp = rxp.namespace(q, k, v)
+    b, n, inner = q.shape
     d = inner // heads
 
     def split(t):  # (B, L, heads * d) -> (B, heads, L, d), a view
@@ -113,9 +124,8 @@ def attention_layer(p, x, context, *, heads: int, upcast: bool = False, strategy
     q, k, v = split(q), split(k), split(v)
     if upcast and q.dtype != xp.float32:
         q, k, v = _as(q, xp.float32), _as(k, xp.float32), _as(v, xp.float32)
-    o = _as(_attention(q, k, v, scale=scale, strategy=strategy), x.dtype)  # (B, heads, N, d)
-    o = xp.reshape(xp.permute_dims(o, (0, 2, 1, 3)), (b, n, inner))
-    return detail(p, "to_out.0", linear(o, *wb(p, "to_out.0")))
+    o = _as(_attention(q, k, v, scale=scale, strategy=strategy), dtype)  # (B, heads, N, d)
+    return xp.reshape(xp.permute_dims(o, (0, 2, 1, 3)), (b, n, inner))
 
 
 def spatial_self_attention(p, x, *, groups: int, eps: float, strategy: str = "sliced"):
@@ -157,7 +167,10 @@ def transformer_block(p, x, context, *, heads: int, upcast: bool = False, attent
     x = x + emit(a1, attention_layer(a1, n1, n1, heads=heads, upcast=upcast, strategy=attention))
     n2 = detail(p, "norm2", layer_norm(x, *wb(p, "norm2"), LAYER_NORM_EPS))
     a2 = p.sub("attn2")
-    x = x + emit(a2, attention_layer(a2, n2, context, heads=heads, upcast=upcast, strategy=attention))
+    extra = ()
+    if hasattr(context, "extra_kv"):  # IP-Adapter (refsd.models.adapters.IPContext): text + image tokens
+        context, extra = context.text, context.extra_kv(a2)
+    x = x + emit(a2, attention_layer(a2, n2, context, heads=heads, upcast=upcast, strategy=attention, extra_kv=extra))
     ff = p.sub("ff")
     x = x + emit(ff, feed_forward(ff, detail(p, "norm3", layer_norm(x, *wb(p, "norm3"), LAYER_NORM_EPS))))
     return emit(p, x)
@@ -182,7 +195,7 @@ def transformer_2d(p, x, context, *, heads: int, depth: int, groups: int, linear
     one matmul straight from / into NCHW through transposed views ((B, HW, C) = (B, C, HW)^T), so the
     layout change costs no copy.
     """
-    xp = rxp.namespace(x, context)
+    xp = rxp.namespace(x, getattr(context, "text", context))  # an IP-Adapter context carries the text inside
     b, c, hh, ww = x.shape
     t = detail(p, "norm", group_norm(x, *wb(p, "norm"), groups, TRANSFORMER_GROUP_NORM_EPS))
     w_in, b_in = _projection(p, "proj_in", linear_projection=linear_projection)

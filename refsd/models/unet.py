@@ -50,7 +50,8 @@ __all__ = ["UNetConfig", "get_timestep_embedding", "unet"]
 
 
 def unet(params, sample, timestep, encoder_hidden_states, *, cfg: UNetConfig, text_embeds=None, time_ids=None,
-         attention: str = "sliced", down_block_additional_residuals=None, mid_block_additional_residual=None):
+         attention: str = "sliced", down_block_additional_residuals=None, mid_block_additional_residual=None,
+         down_intrablock_additional_residuals=None):
     """UNet2DConditionModel.forward: the noise (or v) prediction.
 
     sample: (B, in_channels, H, W) latents; timestep: a number, a 0-d, (1,) or (B,) array (fractional
@@ -60,13 +61,18 @@ def unet(params, sample, timestep, encoder_hidden_states, *, cfg: UNetConfig, te
     down_block_additional_residuals / mid_block_additional_residual: ControlNet residuals
     (refsd.models.controlnet), added to the down path's outputs (the skips) once the down path is done
     and to the mid block's output, as diffusers' forward does.
+    down_intrablock_additional_residuals: T2I-Adapter features (refsd.models.adapters), consumed in order
+    by the down blocks (``down_block``'s ``residual``), then by the mid block's output if one is left and
+    its shape matches (T2I-Adapter-XL), as diffusers' forward does. encoder_hidden_states may be a
+    refsd.models.adapters.IPContext (IP-Adapter: text states plus image tokens for every attn2).
     """
-    rxp.namespace(sample, encoder_hidden_states)  # one backend and device, or a BackendError naming them
+    text = getattr(encoder_hidden_states, "text", encoder_hidden_states)  # IP-Adapter: an IPContext around it
+    rxp.namespace(sample, text)  # one backend and device, or a BackendError naming them
     if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
         raise BackendError(f"UNet: sample must be (B, {cfg.in_channels}, H, W), got {tuple(sample.shape)}")
-    if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != sample.shape[0]:
+    if text.ndim != 3 or text.shape[0] != sample.shape[0]:
         raise BackendError(f"UNet: encoder_hidden_states must be (B={sample.shape[0]}, tokens, width), "
-                           f"got {tuple(encoder_hidden_states.shape)}")
+                           f"got {tuple(text.shape)}")
     if cfg.center_input_sample:
         sample = 2 * sample - 1.0
     emb = time_embedding(params, sample, timestep, cfg=cfg)
@@ -77,11 +83,14 @@ def unet(params, sample, timestep, encoder_hidden_states, *, cfg: UNetConfig, te
 
     h = emit(params.sub("conv_in"), conv2d(sample, *wb(params, "conv_in"), padding=cfg.conv_in_kernel // 2))
     skips = (h,)  # diffusers' down_block_res_samples: every down-path output, in order
+    adapter = list(down_intrablock_additional_residuals or ())
     for i in range(len(cfg.down_block_types)):
         h, outputs = down_block(params.sub(f"down_blocks.{i}"), h, temb, context, index=i, cfg=cfg,
-                                attention=attention)
+                                attention=attention, residual=adapter.pop(0) if adapter else None)
         skips += outputs
     h = mid_block(params.sub("mid_block"), h, temb, context, cfg=cfg, attention=attention)
+    if adapter and tuple(adapter[0].shape) == tuple(h.shape):
+        h = h + adapter.pop(0)
     skips, h = _add_control(skips, h, down_block_additional_residuals, mid_block_additional_residual)
     for i in range(len(cfg.up_block_types)):
         h, skips = up_block(params.sub(f"up_blocks.{i}"), h, temb, context, skips, index=i, cfg=cfg,
@@ -115,9 +124,13 @@ def _transformer(p, h, context, *, heads: int, depth: int, cfg: UNetConfig, atte
                                   attention=attention))
 
 
-def down_block(p, h, temb, context, *, index: int, cfg: UNetConfig, attention: str = "sliced"):
+def down_block(p, h, temb, context, *, index: int, cfg: UNetConfig, attention: str = "sliced", residual=None):
     """CrossAttnDownBlock2D / DownBlock2D: (resnet [, transformer]) x layers, then a downsampler unless
-    the last block. -> (h, the block's outputs as a tuple: diffusers' res_samples, the skips)."""
+    the last block. -> (h, the block's outputs as a tuple: diffusers' res_samples, the skips).
+
+    residual (a T2I-Adapter feature): a cross-attention block adds it to its last transformer's output,
+    before the downsampler; a plain block to its final output, which is also its last skip (diffusers'
+    in-place ``sample += ...`` on that same tensor)."""
     cross = cfg.down_block_types[index] == "CrossAttnDownBlock2D"
     outputs = ()
     for j in range(cfg.layers[index]):
@@ -125,11 +138,16 @@ def down_block(p, h, temb, context, *, index: int, cfg: UNetConfig, attention: s
         if cross:
             h = _transformer(p.sub(f"attentions.{j}"), h, context, heads=cfg.heads[index],
                              depth=cfg.transformer_layers[index], cfg=cfg, attention=attention)
+            if residual is not None and j == cfg.layers[index] - 1:
+                h = h + residual
         outputs += (h,)
     if index < len(cfg.down_block_types) - 1:
         d = p.sub("downsamplers.0")
         h = emit(d, downsample(d, h, padding=cfg.downsample_padding))
         outputs += (h,)
+    if residual is not None and not cross:
+        h = h + residual
+        outputs = outputs[:-1] + (h,)
     return h, outputs
 
 

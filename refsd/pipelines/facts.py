@@ -121,13 +121,24 @@ def inspect_model(path: str | os.PathLike, *, config: str | os.PathLike | None =
     pickles refused unopened) through refsd.weights.detect, or a diffusers folder's config.json files.
     ``config``: for a single file, a diffusers folder or a UNet config.json whose configs replace the
     detected ones (as ``load_model(config=)``; the loader checks them against the weights)."""
+    name, architecture, configs, parameters = _read_model(path, config=config)
+    return replace(facts_from_configs(name, architecture, configs), parameters=parameters)
+
+
+def model_configs(path: str | os.PathLike, *, config: str | os.PathLike | None = None) -> tuple[str, str, dict]:
+    """(name, architecture, component configs) of a model, without loading it (``inspect_model``'s
+    reading; the adapters' up-front checks need the UNet config itself)."""
+    return _read_model(path, config=config)[:3]
+
+
+def _read_model(path, *, config=None) -> tuple[str, str, dict, int]:
+    """(name, architecture, component configs, parameter count) from headers and config files."""
     p = Path(path)
     if p.is_dir():
         if not (p / "model_index.json").is_file():
             raise RefsdError(f"{p}: not a diffusers model folder (no model_index.json)")
         configs = _read_configs(p)
-        facts = facts_from_configs(p.name, det.architecture_of(configs, what=str(p)), configs)
-        return replace(facts, parameters=_folder_parameters(p, configs))
+        return p.name, det.architecture_of(configs, what=str(p)), configs, _folder_parameters(p, configs)
     if not p.exists():
         raise RefsdError(f"{p}: no such file or directory")
     header = read_header(p)
@@ -138,8 +149,7 @@ def inspect_model(path: str | os.PathLike, *, config: str | os.PathLike | None =
         q = Path(config)
         given = _read_configs(q) if q.is_dir() else {"unet": _read_json(q)} if q.is_file() else {}
         configs.update({c: v for c, v in given.items() if c in configs})
-    facts = facts_from_configs(p.stem, found.architecture, configs)
-    return replace(facts, parameters=_count(header.tensors.items()))
+    return p.stem, found.architecture, configs, _count(header.tensors.items())
 
 
 def _count(tensors) -> int:

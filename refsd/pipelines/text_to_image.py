@@ -39,6 +39,7 @@ from refsd.pipelines.core import (
     plan_for,
     run_sampler,
 )
+from refsd.pipelines.adapters import IPRun, adapter_features, adapter_residuals
 from refsd.pipelines.model import Model
 
 
@@ -47,7 +48,8 @@ def txt2img(model: Model, prompt: str, negative_prompt: str | None = None, *, wi
             scheduler: str = "normal", seed: int = 0, rng: str = "torch-cpu", batch_size: int = 1,
             clip_skip: int | None = None, parity: str = "diffusers", micro=None, denoising_end: float | None = None,
             refiner: Model | None = None, refiner_switch: float = 0.8, decode: bool = True,
-            callback: Callback | None = None, controls=None, guess_mode: bool = False) -> GenerationResult:
+            callback: Callback | None = None, controls=None, guess_mode: bool = False, t2i_adapters=None,
+            adapter_factor: float = 1.0, ip_adapters=None) -> GenerationResult:
     """Generate ``batch_size`` images from text.
 
     ``sampler`` / ``scheduler``: ComfyUI names (``refsd.sampling.SAMPLERS`` / ``SCHEDULERS``; under
@@ -72,6 +74,12 @@ def txt2img(model: Model, prompt: str, negative_prompt: str | None = None, *, wi
     ``controls``: ControlNets (refsd.pipelines.control.ControlUnit: net, image, scale, start, end;
     parity="diffusers"); without width / height the first control image's size (rounded down to a
     multiple of 8) is the image size. ``guess_mode``: diffusers' guess mode for all of them.
+
+    ``t2i_adapters``: a list of
+    refsd.pipelines.adapters.T2IAdapter (control image, scale) whose features the UNet adds for the
+    first ``int(steps * adapter_factor)`` steps (diffusers' adapter_conditioning_factor; parity
+    "diffusers"). ``ip_adapters``: a list of refsd.pipelines.adapters.IPAdapter (image, encoder, scale):
+    their image tokens join every cross-attention (negative: the zero image embedding, as diffusers).
     """
     controls = _control.check_controls(controls, model, parity=parity)
     if controls and refiner is not None:
@@ -104,7 +112,13 @@ def txt2img(model: Model, prompt: str, negative_prompt: str | None = None, *, wi
         def base_callback(i, total, x):
             callback(i, s.steps, x)
     control = _control.control_run(model, s, controls, plan, guess_mode)
-    latents = run_sampler(model, s, plan, x, cond, uncond, generator=gen, callback=base_callback, control=control)
+    residuals = None
+    if t2i_adapters:
+        feats = adapter_features(list(t2i_adapters), width=s.width, height=s.height, batch=s.batch_size, like=like)
+        residuals = adapter_residuals(feats, plan.timesteps, plan.steps, adapter_factor)
+    ip = IPRun(list(ip_adapters), batch=s.batch_size, like=like, unet_config=model.unet_config) if ip_adapters else None
+    latents = run_sampler(model, s, plan, x, cond, uncond, generator=gen, callback=base_callback, control=control,
+                          residuals=residuals, ip=ip)
     seeds = s.profile.seeds(s.seed, s.batch_size)
     res = GenerationResult([], latents, seeds, s.info(model), init_latents=init, noise=noise_host, cond=cond,
                            uncond=uncond)

@@ -128,8 +128,9 @@ def embeddings(p, input_ids, *, cfg: CLIPTextConfig, dtype=None, extra_tokens=No
     return emit(p, h + p["position_embedding.weight"][:n, ...])
 
 
-def self_attn(p, x, *, cfg: CLIPTextConfig, strategy: str = "sliced"):
-    """CLIPAttention with a causal mask. x: (B, N, D) -> (B, N, D); scale head_dim^-0.5."""
+def self_attn(p, x, *, cfg: CLIPTextConfig, strategy: str = "sliced", causal: bool = True):
+    """CLIPAttention, with a causal mask for text (the vision tower, refsd.models.vision, has none).
+    x: (B, N, D) -> (B, N, D); scale head_dim^-0.5."""
     xp = rxp.namespace(x)
     b, n, d = x.shape
     h = cfg.num_attention_heads
@@ -138,7 +139,7 @@ def self_attn(p, x, *, cfg: CLIPTextConfig, strategy: str = "sliced"):
         return xp.permute_dims(xp.reshape(t, (b, n, h, d // h)), (0, 2, 1, 3))
 
     q, k, v = (heads(detail(p, name, linear(x, *wb(p, name)))) for name in ("q_proj", "k_proj", "v_proj"))
-    o = _attention(q, k, v, causal=True, scale=cfg.head_dim ** -0.5, strategy=strategy)
+    o = _attention(q, k, v, causal=causal, scale=cfg.head_dim ** -0.5, strategy=strategy)
     o = xp.reshape(xp.permute_dims(o, (0, 2, 1, 3)), (b, n, d))
     return detail(p, "out_proj", linear(o, *wb(p, "out_proj")))
 
@@ -149,12 +150,13 @@ def mlp(p, x, *, cfg: CLIPTextConfig):
     return detail(p, "fc2", linear(h, *wb(p, "fc2")))
 
 
-def encoder_layer(p, x, *, cfg: CLIPTextConfig, strategy: str = "sliced"):
-    """CLIPEncoderLayer (pre-LN). x: (B, N, D) -> (B, N, D)."""
+def encoder_layer(p, x, *, cfg: CLIPTextConfig, strategy: str = "sliced", causal: bool = True):
+    """CLIPEncoderLayer (pre-LN). x: (B, N, D) -> (B, N, D). ``cfg``: anything with the text config's
+    num_attention_heads, head_dim, hidden_act and layer_norm_eps (the vision config too)."""
     eps = cfg.layer_norm_eps
     a, m = p.sub("self_attn"), p.sub("mlp")
     n1 = detail(p, "layer_norm1", layer_norm(x, *wb(p, "layer_norm1"), eps))
-    x = x + emit(a, self_attn(a, n1, cfg=cfg, strategy=strategy), level=2)
+    x = x + emit(a, self_attn(a, n1, cfg=cfg, strategy=strategy, causal=causal), level=2)
     n2 = detail(p, "layer_norm2", layer_norm(x, *wb(p, "layer_norm2"), eps))
     x = x + emit(m, mlp(m, n2, cfg=cfg), level=2)
     return emit(p, x)

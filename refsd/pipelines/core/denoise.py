@@ -43,11 +43,12 @@ from refsd.sampling.noise import BrownianTreeNoiseSampler, default_noise_sampler
 
 def unet_fn(model: Model):
     """The model's UNet as ``net(x, timestep, encoder_hidden_states, text_embeds=None, time_ids=None,
-    **control) -> eps or v`` (text_embeds, time_ids: SDXL's added conditioning; control: ControlNet
-    residuals, refsd.pipelines.control)."""
-    def net(x, t, encoder_hidden_states, text_embeds=None, time_ids=None, **control):
+    **extensions) -> eps or v`` (text_embeds, time_ids: SDXL's added conditioning; extensions: the UNet's
+    extension inputs: ControlNet residuals (refsd.pipelines.control), T2I-Adapter
+    ``down_intrablock_additional_residuals``)."""
+    def net(x, t, encoder_hidden_states, text_embeds=None, time_ids=None, **extensions):
         return _unet(model.params["unet"], x, t, encoder_hidden_states, cfg=model.unet_config,
-                     text_embeds=text_embeds, time_ids=time_ids, attention=model.attention, **control)
+                     text_embeds=text_embeds, time_ids=time_ids, attention=model.attention, **extensions)
     return net
 
 
@@ -56,27 +57,45 @@ class _GuidedUNet:
     UNet call on the batch [uncond, cond] (cond only, once, without an uncond); ``cond`` / ``uncond``:
     the UNet's conditioning keyword arguments (encode_text). ``extra``: channels appended to the UNet
     input after the scaled latents (inpainting UNets: mask, masked-image latents), the same for both
-    halves of the batch. ``control``: a refsd.pipelines.control.ControlRun whose residuals each call adds."""
+    halves of the batch. ``control``: a refsd.pipelines.control.ControlRun whose residuals each call adds
+    (computed from the text conditioning alone). ``residuals(t) -> features or None``: T2I-Adapter
+    features for this timestep (refsd.pipelines.adapters), likewise doubled. ``ip``: a
+    refsd.pipelines.adapters.IPRun whose image tokens join the text states of every cross-attention
+    (IP-Adapter)."""
 
-    def __init__(self, model: Model, cond: dict, uncond: dict | None, scale: float, extra=None, control=None):
+    def __init__(self, model: Model, cond: dict, uncond: dict | None, scale: float, extra=None, control=None,
+                 residuals=None, ip=None):
         self.unet, self.cond, self.uncond, self.scale = unet_fn(model), cond, uncond, scale
-        self.extra, self.control = extra, control
+        self.extra, self.control, self.residuals = extra, control, residuals
+        self.text_cond = cond  # what a ControlNet sees: the text states, without IP-Adapter image tokens
+        if ip is not None:
+            self.cond = {**cond, "encoder_hidden_states": ip.context(cond["encoder_hidden_states"], guided=False,
+                                                                root=model.params["unet"].prefix)}
         if uncond is not None:
             xp = model.xp
-            self.context = {k: xp.concat([uncond[k], v], axis=0) for k, v in cond.items()}
+            self.context = self.text_context = {k: xp.concat([uncond[k], v], axis=0) for k, v in cond.items()}
+            if ip is not None:
+                self.context = {**self.text_context, "encoder_hidden_states": ip.context(
+                    self.text_context["encoder_hidden_states"], guided=True, root=model.params["unet"].prefix)}
             if extra is not None:
                 self.extra = xp.concat([extra, extra], axis=0)
 
     def __call__(self, x_in, t):
         xp = rxp.namespace(x_in)
+        feats = None if self.residuals is None else self.residuals(t)
+        ext = {} if feats is None else {"down_intrablock_additional_residuals": feats}
         if self.uncond is None:
-            res = {} if self.control is None else self.control.residuals(x_in, t, self.cond, self.cond)
+            if self.control is not None:
+                ext.update(self.control.residuals(x_in, t, self.text_cond, self.text_cond))
             return self.unet(x_in if self.extra is None else xp.concat([x_in, self.extra], axis=1), t, **self.cond,
-                             **res)
+                             **ext)
+        if feats is not None:
+            ext = {"down_intrablock_additional_residuals": [xp.concat([f, f], axis=0) for f in feats]}
         b = x_in.shape[0]
         x2 = xp.concat([x_in, x_in], axis=0)
-        res = {} if self.control is None else self.control.residuals(x2, t, self.context, self.cond)
-        out = self.unet(x2 if self.extra is None else xp.concat([x2, self.extra], axis=1), t, **self.context, **res)
+        if self.control is not None:
+            ext.update(self.control.residuals(x2, t, self.text_context, self.text_cond))
+        out = self.unet(x2 if self.extra is None else xp.concat([x2, self.extra], axis=1), t, **self.context, **ext)
         uncond, cond = out[:b, ...], out[b:, ...]
         return uncond + self.scale * (cond - uncond)
 
@@ -102,15 +121,18 @@ class _ScheduledDenoiser:
         return ms.calculate_denoised(sigma, self.net(ms.calculate_input(sigma, x), t), x)
 
 
-def make_denoiser(model: Model, s: Settings, plan: Plan, x, cond, uncond, host_sigmas, unet_extra=None, control=None):
+def make_denoiser(model: Model, s: Settings, plan: Plan, x, cond, uncond, host_sigmas, unet_extra=None, control=None,
+                  residuals=None, ip=None):
     """``D(x, sigma) -> x0`` for the profile's ``cfg_on``: "eps" (diffusers): guidance on the UNet output
     at the scheduler's own timesteps (_ScheduledDenoiser over _GuidedUNet); "x0" (k-diffusion style:
     ComfyUI, A1111): CFGDenoiser over a Denoiser whose t(sigma) is rounded as the plan says. The noise
     table is the profile's (``Profile.model_sampling``)."""
     ms = s.profile.model_sampling(model.scheduler_config, like=x)
     if s.profile.cfg_on == "eps":
-        return _ScheduledDenoiser(_GuidedUNet(model, cond, uncond, s.cfg, unet_extra, control), ms, host_sigmas,
-                                  plan.timesteps)
+        return _ScheduledDenoiser(_GuidedUNet(model, cond, uncond, s.cfg, unet_extra, control, residuals, ip), ms,
+                                  host_sigmas, plan.timesteps)
+    if residuals is not None or ip is not None:
+        raise RefsdError(f"T2I-Adapters and IP-Adapters are reproduced under parity='diffusers' only, not {s.parity!r}")
     if unet_extra is not None:
         raise RefsdError(f"extra UNet input channels (9-channel inpainting) are not reproduced under "
                          f"parity={s.parity!r}")
@@ -188,13 +210,15 @@ def from_profile(x, sigma: float, plan: Plan):
 
 
 def run_sampler(model: Model, s: Settings, plan: Plan, x, cond, uncond, *, generator=None,
-                callback: Callback | None = None, unet_extra=None, wrap_denoiser=None, control=None):
+                callback: Callback | None = None, unet_extra=None, wrap_denoiser=None, control=None, residuals=None,
+                ip=None):
     """Run the plan's sampler from x (x0 + sigma * noise at plan.sigmas[0]) -> final latents in the
     profile's convention. ``generator``: the diffusers profile's generator, continued by ancestral
     samplers; ``callback(i, total, latents)`` after each step; ``unet_extra``: channels appended to
     the UNet input (diffusers profile; inpainting UNets); ``wrap_denoiser(denoiser) -> denoiser``: a
     wrapper around the guided denoiser (latent-blending inpainting); ``control``: a ControlRun
-    (refsd.pipelines.control), diffusers profile."""
+    (refsd.pipelines.control); ``residuals(t)``: T2I-Adapter features per timestep, ``ip``: an IPRun
+    (IP-Adapters) (both: diffusers profile)."""
     xp = model.xp
     dev = model.device
     sigmas = xp.asarray(list(plan.sigmas), dtype=x.dtype, device=dev)
@@ -202,8 +226,10 @@ def run_sampler(model: Model, s: Settings, plan: Plan, x, cond, uncond, *, gener
     total = plan.steps
     progress.stage("sampling", total)
     if plan.sampler == "pndm":  # diffusers' PNDMScheduler: a multistep method on eps, no k-diffusion sampler
+        if residuals is not None or ip is not None:
+            raise RefsdError("T2I-Adapters and IP-Adapters are not reproduced with the pndm sampler")
         return _run_pndm(model, s, plan, x, cond, uncond, callback=callback, unet_extra=unet_extra, control=control)
-    denoiser = make_denoiser(model, s, plan, x, cond, uncond, host, unet_extra, control)
+    denoiser = make_denoiser(model, s, plan, x, cond, uncond, host, unet_extra, control, residuals, ip)
     if wrap_denoiser is not None:
         denoiser = wrap_denoiser(denoiser)
     kwargs = noise_arguments(s, plan, x, host, generator)
