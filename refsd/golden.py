@@ -259,6 +259,13 @@ def _run_pipeline(init_image=None, mask=None, *, params, model: dict, mode: str,
     return pipeline_outputs(res, steps_done, mode=mode)
 
 
+def _run_lora(*args, **kwargs):
+    """Golden adapter for LoRA cases (op "lora"): refsd.adapters.golden_ops.run_lora."""
+    from refsd.adapters.golden_ops import run_lora
+
+    return run_lora(*args, **kwargs)
+
+
 # op name in a case's metadata -> the refsd callable (or adapter above). Inputs are passed by name.
 OPS = {
     "linear": ops.linear,
@@ -284,6 +291,7 @@ OPS = {
     "vae": _run_vae,
     "unet": _run_unet,
     "pipeline": _run_pipeline,
+    "lora": _run_lora,
 }
 
 
