@@ -285,8 +285,15 @@ def _checkpoint(header, depth: int) -> list[str]:
     return load_checkpoint(header.path).summary()
 
 
+def _lora(header, depth: int) -> list[str]:
+    """A LoRA file: format, modules, ranks, alphas, base architecture (refsd.adapters.lora_info)."""
+    from refsd.adapters.lora_info import describe_lora
+
+    return describe_lora(header)
+
+
 # Sections of describe_file, in print order; each (header, depth) -> lines.
-FILE_SECTIONS: list[Callable] = [_counts, _dtypes, _prefixes, _metadata, _checkpoint]
+FILE_SECTIONS: list[Callable] = [_counts, _dtypes, _prefixes, _metadata, _checkpoint, _lora]
 
 
 def _si(n: float) -> str:

@@ -64,6 +64,9 @@ class GenerateJob:
     refiner: Path | None = None  # the SDXL refiner
     refiner_config: Path | None = None
     micro: dict | None = None  # the pipelines' micro= ((height, width) sizes); None: none given
+    loras: list = field(default_factory=list)  # refsd.adapters.lora_cli.LoraUse, in application order
+    lora_mode: str = "unmerged"
+    prompt: str | None = None  # what the pipeline encodes, when it differs from settings' (A1111 <lora:> tags out)
 
 
 def _choice(what: str, value, valid) -> None:
@@ -119,8 +122,43 @@ def generate_job(args) -> GenerateJob:
         _choice("prediction type", s["prediction"], PREDICTIONS)
     rxp.backend(s["backend"])  # an unknown or unavailable backend fails here, before loading
     outputs = _outputs(args.out, 1 if keep is not None else s["batch"])
+    loras, prompt, lora_mode = _loras(args, s, source)
+    if loras:
+        _check_loras(loras, model, config, facts.architecture)
     return GenerateJob(s, model, init, mask, outputs, keep, random_seed, notes, mask_options, config=config,
-                       refiner=refiner, refiner_config=refiner_config, micro=micro_conditioning(s))
+                       refiner=refiner, refiner_config=refiner_config, micro=micro_conditioning(s), loras=loras,
+                       lora_mode=lora_mode, prompt=prompt)
+
+
+def _check_loras(loras, model: Path | None, config: Path | None, architecture: str) -> None:
+    """Each LoRA recognised against the model's parameter shapes (headers only; the demo's from its
+    configs), so a LoRA for another architecture is refused before anything runs."""
+    from refsd.adapters.lora import read_lora
+    from refsd.pipelines import demo
+    from refsd.weights import load_checkpoint
+
+    if model is None:
+        shapes = demo._shapes()
+    else:
+        ck = load_checkpoint(model, **({} if config is None else {"config": config}))
+        shapes = {c: p.shapes() for c, p in ck.params.items()}
+    for u in loras:
+        lora = read_lora(u.path, shapes, architecture=architecture)
+        if lora.file is not None:
+            lora.file.close()
+
+
+def _loras(args, s: dict, source: dict):
+    """(LoraUses, the prompt to encode or None, --lora-mode): --lora flags (else the PNG's), and A1111's
+    <lora:...> prompt tags under parity a1111 (refsd.adapters.lora_cli)."""
+    from refsd.adapters.lora import MODES
+    from refsd.adapters.lora_cli import lora_uses
+
+    mode = getattr(args, "lora_mode", None) or "unmerged"
+    _choice("--lora-mode", mode, MODES)
+    uses, prompt = lora_uses(getattr(args, "lora", None), getattr(args, "lora_dir", None), s["prompt"],
+                             s["parity"], source, args.from_png)
+    return uses, (prompt if prompt != s["prompt"] else None), mode
 
 
 def _settings(args):

@@ -216,9 +216,11 @@ def _patch(path: Path, tensors: Mapping[str, LazyTensor], module: str, roles: Ma
 
 
 def component_shapes(model) -> dict[str, dict[str, tuple[int, ...]]]:
-    """component -> key -> shape for the components a LoRA may patch (a Model, or a Mapping of Params)."""
+    """component -> key -> shape for the components a LoRA may patch (a Model, or a Mapping of Params
+    or of key -> shape mappings)."""
     params = model.params if hasattr(model, "params") else model
-    return {c: dict(params[c].shapes()) for c in PATCHED_COMPONENTS if c in params}
+    return {c: dict(params[c].shapes() if hasattr(params[c], "shapes") else params[c])
+            for c in PATCHED_COMPONENTS if c in params}
 
 
 def recognise_lora(tensors: Mapping[str, LazyTensor], model, *, path: str | os.PathLike,
@@ -237,7 +239,7 @@ def recognise_lora(tensors: Mapping[str, LazyTensor], model, *, path: str | os.P
     unknown = [m for m in groups if m not in names]
     if unknown:
         key = _first(groups[unknown[0]].values())
-        where = f"a {arch} model" if arch else "the model"
+        where = f"the {arch} model" if arch else "the model"
         guess = f"; its shapes point to {hint}" if hint and hint != arch else ""
         raise WeightsError(f"{path}: key {key!r} names no layer of {where} ({len(unknown)} of {len(groups)} "
                            f"modules unrecognised){guess}")

@@ -288,13 +288,14 @@ def _micro_text(kind: str, v) -> str:
 
 def infotext(s: Mapping[str, Any], *, seed: int, index: int = 0, batch: int = 1,
              model: str | None = None, model_hash: str | None = None, version: str | None = None,
-             refiner: str | None = None, refiner_hash: str | None = None) -> str:
+             refiner: str | None = None, refiner_hash: str | None = None,
+             extra: Mapping[str, Any] | None = None) -> str:
     """The infotext for image ``index`` of a batch generated with settings ``s`` (the keys of
     ``refsd generate``: prompt, negative_prompt (None: not given), steps, cfg, sampler, scheduler,
     seed, rng, width, height, clip_skip, strength, parity, backend, dtype, attention, prediction;
     SDXL: refiner_switch and the ``MICRO_KEYS`` fields, sizes (width, height), crops (top, left));
     ``seed`` is this image's own seed; ``refiner``: the SDXL refiner's name (with ``refiner_hash``,
-    A1111's short hash, when it has one)."""
+    A1111's short hash, when it has one); ``extra``: more keys, after RNG (``Lora hashes``, ...)."""
     clip_skip = s.get("clip_skip")
     refiner_title = None if refiner is None else refiner if not refiner_hash else f"{refiner} [{refiner_hash}]"
     params = {
@@ -311,6 +312,7 @@ def infotext(s: Mapping[str, Any], *, seed: int, index: int = 0, batch: int = 1,
         "Refiner": refiner_title,
         "Refiner switch at": _num(s.get("refiner_switch") or 0.8) if refiner_title is not None else None,
         "RNG": A1111_RNG.get(s["rng"]),
+        **(extra or {}),
         "refsd sampler": s["sampler"],
         "refsd scheduler": s["scheduler"],
         "refsd rng": s["rng"],
