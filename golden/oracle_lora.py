@@ -267,3 +267,76 @@ for _model in ("sd1", "sdxl"):
                   desc=f"tiny {_model}, three LoRAs at once (kohya alpha 4, peft, kohya alpha 4) with UNet / text "
                        f"encoder strengths (1, 0.5), (0.7, -0.4), (-0.3, 1.2), diffusers "
                        f"{'fuse_lora' if _mode == 'fuse' else 'set_adapters'}")
+
+
+# --------------------------------------------------------------------------------------------
+# end to end: txt2img with a LoRA, diffusers' pipeline vs refsd's under --parity diffusers
+
+
+def _txt2img_case(g, dt, *, name: str, model: str, fmt: str, alpha: float, strength: tuple[float, float],
+                  prompt: str, negative: str, steps: int, cfg: float, seed: int, desc: str) -> Capture:
+    import diffusers
+
+    base = _parts(model)
+    parts = {k: copy.deepcopy(v) if k in ("unet", "text_encoder", "text_encoder_2") else v for k, v in base.items()}
+    for c in ("text_encoder", "text_encoder_2"):
+        t = parts.get(c)
+        if t is not None and hasattr(t, "text_model") and not isinstance(t.text_model, torch.nn.Module):
+            del t.text_model
+    sd = lora_file(g, parts, fmt, te=True, alpha=alpha, conv=True)
+    comps = [c for c in ("unet", "text_encoder", "text_encoder_2") if c in parts]
+    params = {f"{c}.{k}": v.detach().clone() for c in (*comps, "vae") for k, v in parts[c].state_dict().items()}
+    pipe = _pipeline(model, parts)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights({k: v.clone() for k, v in sd.items()}, adapter_name="lora0")
+    pipe.set_adapters(["lora0"], adapter_weights=[{"unet": strength[0], **{c: strength[1] for c in comps[1:]}}])
+    steps_done: list[torch.Tensor] = []
+
+    def on_step_end(_pipe, i, t, kw):
+        steps_done.append(kw["latents"].clone())
+        return kw
+
+    spec = MODELS[model].MODELS[model]
+    out = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=cfg, height=64, width=64,
+               generator=torch.Generator("cpu").manual_seed(seed), output_type="np", callback_on_step_end=on_step_end)
+    outputs = {f"step.{i}": x for i, x in enumerate(steps_done)}
+    outputs["latents"] = steps_done[-1]
+    outputs["image"] = torch.from_numpy(out.images)
+    pads = spec.get("pads")
+    model_kw = {"architecture": model, "unet": spec["unet"], "vae": spec["vae"], "scheduler": spec["scheduler"],
+                **{c: spec[c] for c in comps[1:]}}
+    if pads:
+        model_kw.update(pad_tokens={c: pads[c][1] for c in comps[1:]},
+                        force_zeros_for_empty_prompt=spec["force_zeros_for_empty_prompt"],
+                        requires_aesthetics_score=spec["requires_aesthetics_score"])
+    else:
+        model_kw["pad_token"] = spec["pad"][1]
+    kwargs = {"model": model_kw, "loras": [{"unet": strength[0], "te": strength[1]}], "prompt": prompt,
+              "negative_prompt": negative, "steps": steps, "cfg": cfg, "sampler": "euler", "seed": seed,
+              "width": 64, "height": 64, "parity": "diffusers"}
+    call = (f"pipe.load_lora_weights(lora, adapter_name='lora0'); pipe.set_adapters(['lora0'], [{{'unet': "
+            f"{strength[0]}, 'text_encoder*': {strength[1]}}}]); pipe(prompt, negative_prompt, num_inference_steps="
+            f"{steps}, guidance_scale={cfg}, height=64, width=64, generator=torch.Generator('cpu').manual_seed({seed}), "
+            f"output_type='np') with EulerDiscreteScheduler.from_config(scheduler_config)")
+    lora_params = {f"lora.0.{k}": v for k, v in sd.items()}
+    return Capture("lora_pipeline", {}, outputs, call, desc, kwargs=kwargs,
+                   variants=[{"mode": "merged"}, {"mode": "unmerged"}], tol_component="pipeline",
+                   params={**params, **lora_params}, params_from=OWNERS[model], borrowed=tuple(params))
+
+
+def _register_txt2img(name: str, **kw):
+    @case("lora", name, dtypes=("float32",))
+    def fn(g, dt, name=name, kw=kw):
+        return _txt2img_case(g, dt, name=name, **kw)
+
+    return fn
+
+
+_register_txt2img("txt2img_sd1_kohya", model="sd1", fmt="kohya", alpha=2.0, strength=(0.8, 0.6),
+                  prompt=sd1.ASTRONAUT, negative="blurry", steps=4, cfg=7.5, seed=42,
+                  desc="tiny SD1 txt2img with a Kohya LoCon LoRA (rank 4, alpha 2, UNet 0.8, text encoder 0.6) "
+                       "under --parity diffusers: StableDiffusionPipeline + load_lora_weights, Euler, 4 steps")
+_register_txt2img("txt2img_sdxl_kohya_ldm", model="sdxl", fmt="kohya_ldm", alpha=2.0, strength=(0.7, 0.9),
+                  prompt="a red cube on a table", negative="blurry", steps=3, cfg=5.0, seed=7,
+                  desc="tiny SDXL txt2img with a Kohya LoRA in LDM block names (rank 4, alpha 2, UNet 0.7, both "
+                       "text encoders 0.9): StableDiffusionXLPipeline + load_lora_weights, Euler, 3 steps")

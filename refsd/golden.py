@@ -266,6 +266,13 @@ def _run_lora(*args, **kwargs):
     return run_lora(*args, **kwargs)
 
 
+def _run_lora_pipeline(**kwargs):
+    """Golden adapter for LoRA txt2img cases (op "lora_pipeline"): refsd.adapters.golden_ops.run_lora_pipeline."""
+    from refsd.adapters.golden_ops import run_lora_pipeline
+
+    return run_lora_pipeline(**kwargs)
+
+
 # op name in a case's metadata -> the refsd callable (or adapter above). Inputs are passed by name.
 OPS = {
     "linear": ops.linear,
@@ -292,6 +299,7 @@ OPS = {
     "unet": _run_unet,
     "pipeline": _run_pipeline,
     "lora": _run_lora,
+    "lora_pipeline": _run_lora_pipeline,
 }
 
 
