@@ -15,6 +15,10 @@ Kohya file's most common alpha to every module; a uniform alpha keeps these case
   ``out_layers_3``, ``emb_layers_1``), as sd-scripts writes SDXL LoRAs (its SDXL UNet is sgm's).
 - ``peft``: ``unet.<path>.lora_A.weight`` / ``.lora_B.weight``, ``text_encoder.text_model.<path>...``
   (no alpha: scale 1), as diffusers' ``save_lora_weights`` writes it (transformers 4 module paths).
+- ``peft_dora``: ``peft`` plus ``.lora_magnitude_vector`` (out,) ((1, out, 1, 1) for convs) (DoRA: the weight's row
+  norms perturbed by 1 + 0.3 N), as peft's get_peft_model_state_dict names it; UNet only: diffusers 0.42.1 with
+  transformers 5 leaves a text encoder's magnitudes unloaded (peft then keeps its initial ||W||), a quirk refsd
+  does not copy (tests/test_lora.py checks text-encoder DoRA against peft's merge rule restated).
 - ``diffusers_old``: ``unet.<path>.lora.down.weight`` / ``.lora.up.weight`` (LoRACompatibleLinear era) and
   ``text_encoder.text_model.<path>.lora_linear_layer.down.weight`` / ``.up.weight`` (diffusers' old
   text-encoder monkey-patch layout; both are what diffusers' convert_state_dict_to_diffusers reads).
@@ -124,9 +128,14 @@ def lora_file(g, parts: dict, fmt: str, *, te: bool, alpha: float | None, conv: 
             name = _ldm_block(unet, path) if comp == "unet" and fmt == "kohya_ldm" else path
             name = ("lora_unet_" if comp == "unet" else kohya_te[comp] + "_text_model_") + name.replace(".", "_")
             down_k, up_k = f"{name}.lora_down.weight", f"{name}.lora_up.weight"
-        elif fmt == "peft":
+        elif fmt in ("peft", "peft_dora"):
             name = f"unet.{path}" if comp == "unet" else f"{comp}.text_model.{path}"
             down_k, up_k = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+            if fmt == "peft_dora":  # the weight's row norms, perturbed: DoRA's trained magnitude
+                w = m.weight.detach().double().reshape(m.weight.shape[0], -1)
+                r = torch.randn((w.shape[0],), generator=g, dtype=torch.float64)
+                mag = (w.norm(dim=1) * (1 + 0.3 * r)).float()  # peft's conv layers keep it as (1, out, 1, 1)
+                sd[f"{name}.lora_magnitude_vector"] = mag.reshape((1, -1, 1, 1)) if m.weight.dim() == 4 else mag
         elif fmt == "diffusers_old":  # UNet: LoRACompatibleLinear's .lora.*; text encoders: .lora_linear_layer.*
             name = f"unet.{path}" if comp == "unet" else f"{comp}.text_model.{path}"
             layer = "lora" if comp == "unet" else "lora_linear_layer"
@@ -247,12 +256,13 @@ def _register(name: str, **kw):
     return fn
 
 
-_FORMATS = {"kohya": (8.0, True), "kohya_ldm": (2.0, True), "peft": (None, False), "diffusers_old": (None, False)}
+_FORMATS = {"kohya": (8.0, True), "kohya_ldm": (2.0, True), "peft": (None, False), "diffusers_old": (None, False),
+            "peft_dora": (None, False)}
 for _model in ("sd1", "sdxl"):
     for _fmt, (_alpha, _conv) in _FORMATS.items():
         if (_model, _fmt) in (("sdxl", "diffusers_old"), ("sd1", "kohya_ldm")):
             continue  # diffusers maps LDM block names for SDXL only (its sgm UNet); old layout: an SD1-era format
-        for _te in (False, True):
+        for _te in (False,) if _fmt == "peft_dora" else (False, True):
             for _mode in ("fuse", "adapters"):
                 _s = (0.8, 0.6) if _te else (0.8, 0.0)
                 _register(f"{_model}_{_fmt}_{'unet_te' if _te else 'unet'}_{_mode}", model=_model, fmts=(_fmt,),

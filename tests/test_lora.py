@@ -151,6 +151,91 @@ def test_tucker_dora_and_full_diffs(tmp_path):
     _close(out["unet"][f"{conv2}.bias"], bias + 0.6 * t["lora_unet_down_blocks_0_resnets_0_conv2.diff_b"])
 
 
+# ComfyUI a125cd84 comfy/weight_adapter/loha.py and lokr.py calculate_weight, restated in torch.
+
+def comfy_cp(t, b, a):
+    return torch.einsum("i j k l, j r, i p -> p r k l", t, b, a)
+
+
+def comfy_loha(weight, w1a, w1b, w2a, w2b, alpha, strength, t1=None, t2=None):
+    a = alpha / w1b.shape[0] if alpha is not None else 1.0
+    m1 = comfy_cp(t1, w1b, w1a) if t1 is not None else torch.mm(w1a, w1b)
+    m2 = comfy_cp(t2, w2b, w2a) if t2 is not None else torch.mm(w2a, w2b)
+    return weight + (strength * a) * (m1 * m2).reshape(weight.shape)
+
+
+def comfy_lokr(weight, alpha, strength, w1=None, w2=None, w1_a=None, w1_b=None, w2_a=None, w2_b=None, t2=None):
+    dim = None
+    if w1 is None:
+        dim = w1_b.shape[0]
+        w1 = torch.mm(w1_a, w1_b)
+    if w2 is None:
+        dim = w2_b.shape[0]
+        w2 = torch.mm(w2_a, w2_b) if t2 is None else comfy_cp(t2, w2_b, w2_a).contiguous()  # (torch.kron views it)
+    if len(w2.shape) == 4:
+        w1 = w1.unsqueeze(2).unsqueeze(2)
+    a = alpha / dim if alpha is not None and dim is not None else 1.0
+    return weight + (strength * a) * torch.kron(w1, w2).reshape(weight.shape)
+
+
+def test_lycoris_loha_lokr_and_norm_diffs(tmp_path):
+    """LoHa (plain and CP on a 3x3 conv), LoKr (full w1 + factored w2; factored w1 + CP w2), w_norm /
+    b_norm: ComfyUI's rules, its alpha conventions included (LoKr: alpha / the factored rank, ignored
+    when neither factor is factored)."""
+    g = torch.Generator().manual_seed(6)
+    m = _model(SD1_CASE)
+    k = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"
+    v = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v"
+    conv2 = "down_blocks.0.resnets.0.conv2"
+    norm = "down_blocks.0.resnets.0.norm1"
+    n = {x: "lora_unet_" + x.replace(".", "_") for x in (Q1, CONV1, k, v, conv2, norm)}
+    t = {f"{n[Q1]}.hada_w1_a": _rand(g, 8, 2), f"{n[Q1]}.hada_w1_b": _rand(g, 2, 8),
+         f"{n[Q1]}.hada_w2_a": _rand(g, 8, 2), f"{n[Q1]}.hada_w2_b": _rand(g, 2, 8), f"{n[Q1]}.alpha": torch.tensor(1.0),
+         f"{n[CONV1]}.hada_w1_a": _rand(g, 2, 8), f"{n[CONV1]}.hada_w1_b": _rand(g, 2, 8),
+         f"{n[CONV1]}.hada_t1": _rand(g, 2, 2, 3, 3), f"{n[CONV1]}.hada_w2_a": _rand(g, 2, 8),
+         f"{n[CONV1]}.hada_w2_b": _rand(g, 2, 8), f"{n[CONV1]}.hada_t2": _rand(g, 2, 2, 3, 3),
+         f"{n[CONV1]}.alpha": torch.tensor(3.0),
+         f"{n[k]}.lokr_w1": _rand(g, 2, 4), f"{n[k]}.lokr_w2_a": _rand(g, 4, 1), f"{n[k]}.lokr_w2_b": _rand(g, 1, 2),
+         f"{n[k]}.alpha": torch.tensor(0.5),
+         f"{n[v]}.lokr_w1": _rand(g, 4, 2), f"{n[v]}.lokr_w2": _rand(g, 2, 4), f"{n[v]}.alpha": torch.tensor(7.0),
+         f"{n[conv2]}.lokr_w1_a": _rand(g, 2, 1), f"{n[conv2]}.lokr_w1_b": _rand(g, 1, 2),
+         f"{n[conv2]}.lokr_w2_a": _rand(g, 2, 4), f"{n[conv2]}.lokr_w2_b": _rand(g, 2, 4),
+         f"{n[conv2]}.lokr_t2": _rand(g, 2, 2, 3, 3), f"{n[conv2]}.alpha": torch.tensor(1.0),
+         f"{n[norm]}.w_norm": _rand(g, 8), f"{n[norm]}.b_norm": _rand(g, 8)}
+    lora = read_lora(_write(tmp_path, "lyco.safetensors", t), m)
+    assert set(lora.formats) == {"loha", "lokr", "diff"}
+    out = _patched(m, lora, unet_w=0.7)["unet"]
+    _close(out[f"{Q1}.weight"], comfy_loha(_w(m, "unet", Q1), *(t[f"{n[Q1]}.hada_{r}"] for r in ("w1_a", "w1_b", "w2_a",
+                                                                                                  "w2_b")), 1.0, 0.7))
+    _close(out[f"{CONV1}.weight"], comfy_loha(_w(m, "unet", CONV1), *(t[f"{n[CONV1]}.hada_{r}"] for r in (
+        "w1_a", "w1_b", "w2_a", "w2_b")), 3.0, 0.7, t1=t[f"{n[CONV1]}.hada_t1"], t2=t[f"{n[CONV1]}.hada_t2"]))
+    _close(out[f"{k}.weight"], comfy_lokr(_w(m, "unet", k), 0.5, 0.7, w1=t[f"{n[k]}.lokr_w1"],
+                                          w2_a=t[f"{n[k]}.lokr_w2_a"], w2_b=t[f"{n[k]}.lokr_w2_b"]))
+    _close(out[f"{v}.weight"], comfy_lokr(_w(m, "unet", v), 7.0, 0.7, w1=t[f"{n[v]}.lokr_w1"], w2=t[f"{n[v]}.lokr_w2"]))
+    _close(out[f"{conv2}.weight"], comfy_lokr(_w(m, "unet", conv2), 1.0, 0.7, **{
+        r: t[f"{n[conv2]}.lokr_{r}"] for r in ("w1_a", "w1_b", "w2_a", "w2_b", "t2")}))
+    _close(out[f"{norm}.weight"], _w(m, "unet", norm) + 0.7 * t[f"{n[norm]}.w_norm"])
+    bias = torch.from_numpy(np.array(m["unet"][f"{norm}.bias"]))
+    _close(out[f"{norm}.bias"], bias + 0.7 * t[f"{n[norm]}.b_norm"])
+
+
+def test_peft_dora_on_a_text_encoder(tmp_path):
+    """diffusers 0.42.1 leaves a text encoder's DoRA magnitudes unloaded (see golden/oracle_lora.py), so the
+    text-encoder case is checked against peft's merge restated (peft tuners/lora/variants.py
+    DoraLinearVariant.merge_safe, dora.py get_weight_norm): m / ||W + dW||_rows * (W + dW)."""
+    g = torch.Generator().manual_seed(7)
+    m = _model(SD1_CASE)
+    name = "text_encoder.text_model." + TE_Q
+    a, b, mag = _rand(g, 4, 16), _rand(g, 16, 4), _rand(g, 16).abs() + 0.5
+    lora = read_lora(_write(tmp_path, "dora.safetensors", {f"{name}.lora_A.weight": a, f"{name}.lora_B.weight": b,
+                                                            f"{name}.lora_magnitude_vector": mag}), m)
+    out = _patched(m, lora, te_w=0.6)["text_encoder"][f"{TE_Q}.weight"]
+    w = _w(m, "text_encoder", TE_Q)
+    delta = 0.6 * (b @ a)
+    want = (mag / torch.linalg.norm(w + delta, dim=1)).view(-1, 1) * (w + delta)
+    _close(out, want)
+
+
 def test_ldm_and_diffusers_block_names_patch_the_same_layers(tmp_path):
     """sd-scripts' two UNet spellings of SD 1.x (diffusers reads only the second for SDXL): one layer each."""
     g = torch.Generator().manual_seed(2)

@@ -173,46 +173,111 @@ def _check_lora_shapes(path: Path, module: str, roles: Mapping[str, str], shapes
                            f"{want}: a LoRA for another architecture?")
 
 
-def _patch(path: Path, tensors: Mapping[str, LazyTensor], module: str, roles: Mapping[str, str],
-           where: tuple[str, str], model_shapes, meta) -> list[Patch]:
-    """The Patch(es) of one module, shapes checked."""
+LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR_ROLES = ("lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+
+def _mm_shape(a: tuple, b: tuple, t: tuple | None, what: str) -> tuple[int, ...]:
+    """The shape of a LyCORIS factor product: ``a @ b`` ((out, r) @ (r, in...)), or with a CP core ``t``
+    ComfyUI's einsum('i j k l, j r, i p -> p r k l', t, b, a)."""
+    if t is not None:
+        if len(t) != 4 or len(a) != 2 or len(b) != 2 or a[0] != t[0] or b[0] != t[1]:
+            raise WeightsError(f"{what}: factors {a}, {b} and core {t} do not fit together")
+        return (a[1], b[1], t[2], t[3])
+    if len(a) != 2 or len(b) < 2 or a[1] != b[0]:
+        raise WeightsError(f"{what}: ranks differ: {a} @ {b}")
+    return (a[0], math.prod(b[1:]))
+
+
+def _lycoris_numel(kind: str, roles: Mapping[str, str], shapes, what: str) -> int:
+    """How many elements a LoHa / LoKr update has (its shape is then the target's)."""
+    sh = {r: shapes[k] for r, k in roles.items()}
+    if kind == "loha":
+        missing = [r for r in LOHA_ROLES[:4] if r not in sh]
+        if missing:
+            raise WeightsError(f"{what}: LoHa needs {', '.join(missing)}")
+        m1 = _mm_shape(sh["hada_w1_a"], sh["hada_w1_b"], sh.get("hada_t1"), what)
+        m2 = _mm_shape(sh["hada_w2_a"], sh["hada_w2_b"], sh.get("hada_t2"), what)
+        if math.prod(m1) != math.prod(m2):
+            raise WeightsError(f"{what}: LoHa halves differ in size: {m1} and {m2}")
+        return math.prod(m1)
+    n = 1
+    for w in ("1", "2"):
+        if f"lokr_w{w}" in sh:
+            n *= math.prod(sh[f"lokr_w{w}"])
+        elif f"lokr_w{w}_a" in sh and f"lokr_w{w}_b" in sh:
+            n *= math.prod(_mm_shape(sh[f"lokr_w{w}_a"], sh[f"lokr_w{w}_b"], sh.get("lokr_t2") if w == "2" else None,
+                                     what))
+        else:
+            raise WeightsError(f"{what}: LoKr needs lokr_w{w} or lokr_w{w}_a and lokr_w{w}_b")
+    return n
+
+
+def _check_dora(path: Path, roles, shapes, target: str, want: tuple) -> None:
+    if "dora_scale" in roles:
+        d = shapes[roles["dora_scale"]]
+        if math.prod(d) not in (want[0], math.prod(want[1:])):
+            raise WeightsError(f"{path}: {roles['dora_scale']!r} shape {d} fits neither axis of {target} {want}")
+
+
+def _factored(path: Path, tensors, module: str, roles, where, model_shapes, meta) -> Patch | None:
+    """The low-rank patch of a module (LoRA, LoHa or LoKr), shapes checked; None if it has none."""
     comp, target = where
     shapes = {k: tensors[k].shape for k in roles.values()}
     want = model_shapes[comp][target]
-    for k in roles.values():
-        if not tensors[k].dtype.startswith(("float", "bfloat")):
-            raise WeightsError(f"{path}: {k!r} has dtype {tensors[k].dtype}; LoRA tensors are floats")
     lazy = {role: tensors[k] for role, k in roles.items() if role != "alpha"}
-    out = []
+    alpha = _read_alpha(path, roles["alpha"], tensors[roles["alpha"]]) if "alpha" in roles else None
     if "up" in roles or "down" in roles:
         missing = "down" if "up" in roles else "up"
         if missing not in roles:
             have = roles.get("up") or roles.get("down")
             raise WeightsError(f"{path}: {have!r} has no matching {missing} tensor")
         _check_lora_shapes(path, module, roles, shapes, target, want)
-        alpha = _read_alpha(path, roles["alpha"], tensors[roles["alpha"]]) if "alpha" in roles else _config_alpha(meta, comp, module)
-        if "dora_scale" in roles:
-            d = shapes[roles["dora_scale"]]
-            if math.prod(d) not in (want[0], math.prod(want[1:])):
-                raise WeightsError(f"{path}: {roles['dora_scale']!r} shape {d} fits neither axis of {target} {want}")
-        lora = {r: lazy[r] for r in ("up", "down", "mid", "dora_scale") if r in lazy}
-        out.append(Patch(module, comp, target, "lora", lora, alpha))
-    elif "alpha" in roles or "dora_scale" in roles or "mid" in roles:
-        extra = roles.get("alpha") or roles.get("dora_scale") or roles.get("mid")
+        _check_dora(path, roles, shapes, target, want)
+        if "magnitude" in roles and math.prod(shapes[roles["magnitude"]]) != want[0]:
+            raise WeightsError(f"{path}: {roles['magnitude']!r} shape {shapes[roles['magnitude']]} is not the "
+                               f"{want[0]} outputs of {target}")
+        alpha = alpha if "alpha" in roles else _config_alpha(meta, comp, module)
+        return Patch(module, comp, target, "lora", {r: lazy[r] for r in ("up", "down", "mid", "dora_scale", "magnitude")
+                                                     if r in lazy}, alpha)
+    for kind, names in (("loha", LOHA_ROLES), ("lokr", LOKR_ROLES)):
+        if any(r in roles for r in names):
+            n = _lycoris_numel(kind, roles, shapes, f"{path}: {module!r}")
+            if n != math.prod(want):
+                raise WeightsError(f"{path}: {module!r} makes a {kind} update of {n} elements, but the model's "
+                                   f"{target} is {want}: a file for another architecture?")
+            _check_dora(path, roles, shapes, target, want)
+            return Patch(module, comp, target, kind, {r: lazy[r] for r in (*names, "dora_scale") if r in lazy},
+                         alpha)
+    extra = roles.get("alpha") or roles.get("dora_scale") or roles.get("mid") or roles.get("magnitude")
+    if extra is not None:
         raise WeightsError(f"{path}: {extra!r} has no lora_up / lora_down pair")
-    if "diff" in roles:
-        if shapes[roles["diff"]] != want:
-            raise WeightsError(f"{path}: {roles['diff']!r} has shape {shapes[roles['diff']]}, the model's {target} "
-                               f"is {want}")
-        out.append(Patch(module, comp, target, "diff", {"diff": lazy["diff"]}))
-    if "diff_b" in roles:
-        bias = target.removesuffix(".weight") + ".bias"
-        got = shapes[roles["diff_b"]]
-        if bias not in model_shapes[comp] or model_shapes[comp][bias] != got:
-            raise WeightsError(f"{path}: {roles['diff_b']!r} shape {got} does not fit the model's {bias} "
-                               f"{model_shapes[comp].get(bias)}")
-        out.append(Patch(module, comp, bias, "diff", {"diff": lazy["diff_b"]}))
+    return None
+
+
+def _diffs(path: Path, tensors, module: str, roles, where, model_shapes) -> list[Patch]:
+    """Full-difference patches: ``diff`` / ``w_norm`` on the weight, ``diff_b`` / ``b_norm`` on the bias."""
+    comp, target = where
+    out = []
+    for role, key in (("diff", target), ("w_norm", target), ("diff_b", target.removesuffix(".weight") + ".bias"),
+                      ("b_norm", target.removesuffix(".weight") + ".bias")):
+        if role not in roles:
+            continue
+        got, want = tensors[roles[role]].shape, model_shapes[comp].get(key)
+        if got != want:
+            raise WeightsError(f"{path}: {roles[role]!r} has shape {got}, the model's {key} is {want}")
+        out.append(Patch(module, comp, key, "diff", {"diff": tensors[roles[role]]}))
     return out
+
+
+def _patch(path: Path, tensors: Mapping[str, LazyTensor], module: str, roles: Mapping[str, str],
+           where: tuple[str, str], model_shapes, meta) -> list[Patch]:
+    """The Patch(es) of one module, shapes checked (comfy/lora.py load_lora: an adapter, then diffs)."""
+    for k in roles.values():
+        if not tensors[k].dtype.startswith(("float", "bfloat")):
+            raise WeightsError(f"{path}: {k!r} has dtype {tensors[k].dtype}; LoRA tensors are floats")
+    factored = _factored(path, tensors, module, roles, where, model_shapes, meta)
+    return ([factored] if factored is not None else []) + _diffs(path, tensors, module, roles, where, model_shapes)
 
 
 def component_shapes(model) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -290,6 +355,39 @@ def lora_delta(p: Patch, like) -> Any:
     return xp.reshape(xp.matmul(u, d), like.shape)
 
 
+def _cp(t: np.ndarray, b: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """ComfyUI's CP reconstruction einsum('i j k l, j r, i p -> p r k l', t, b, a)."""
+    return np.einsum("ijkl,jr,ip->prkl", t, b, a)
+
+
+def lycoris_delta(p: Patch) -> np.ndarray:
+    """The unscaled update of a LoHa or LoKr patch on the host, as ComfyUI computes it
+    (comfy/weight_adapter/loha.py, lokr.py LoHaAdapter / LoKrAdapter.calculate_weight): LoHa
+    (w1a w1b) * (w2a w2b) elementwise; LoKr kron(w1, w2), a 2-D w1 given trailing 1x1 axes when w2
+    is 4-D. Returns (update, the rank its alpha divides by, or None: alpha is then ignored)."""
+    t = {r: _host(v) for r, v in p.tensors.items()}
+    if p.kind == "loha":
+        m1 = _cp(t["hada_t1"], t["hada_w1_b"], t["hada_w1_a"]) if "hada_t1" in t else t["hada_w1_a"] @ \
+            t["hada_w1_b"].reshape(t["hada_w1_b"].shape[0], -1)
+        m2 = _cp(t["hada_t2"], t["hada_w2_b"], t["hada_w2_a"]) if "hada_t2" in t else t["hada_w2_a"] @ \
+            t["hada_w2_b"].reshape(t["hada_w2_b"].shape[0], -1)
+        return m1 * m2.reshape(m1.shape), t["hada_w1_b"].shape[0]
+    dim = None
+    if "lokr_w1" in t:
+        w1 = t["lokr_w1"]
+    else:
+        dim = t["lokr_w1_b"].shape[0]
+        w1 = t["lokr_w1_a"] @ t["lokr_w1_b"]
+    if "lokr_w2" in t:
+        w2 = t["lokr_w2"]
+    else:
+        dim = t["lokr_w2_b"].shape[0]
+        w2 = _cp(t["lokr_t2"], t["lokr_w2_b"], t["lokr_w2_a"]) if "lokr_t2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
+    if w2.ndim == 4 and w1.ndim == 2:
+        w1 = w1[:, :, None, None]
+    return np.kron(w1, w2), dim
+
+
 def _tucker_down(down: np.ndarray, mid: np.ndarray) -> np.ndarray:
     """ComfyUI's LoCon-Tucker rule: mm(down^T flattened, mid^T flattened), reshaped (in, r, kh, kw),
     transposed to (r, in, kh, kw)."""
@@ -322,15 +420,39 @@ def _dora(w, delta, dora_scale, strength: float):
     return w + strength * (calc - w) if strength != 1.0 else calc
 
 
+def _scaled_delta(p: Patch, w):
+    """(alpha / rank) x the patch's update, on ``w``'s backend and in its shape."""
+    if p.kind == "lora":
+        return p.scale * lora_delta(p, w)
+    xp = rxp.namespace(w)
+    d, dim = lycoris_delta(p)
+    scale = p.alpha / dim if p.alpha is not None and dim is not None else 1.0
+    return scale * xp.reshape(rxp.asarray(d.astype(np.float32), like=w, dtype=w.dtype), w.shape)
+
+
+def _peft_dora(w, delta, magnitude):
+    """peft's DoRA merge (peft tuners/lora/variants.py DoraLinearVariant.merge_safe, dora.py
+    get_weight_norm): (m / ||W + delta|| per output row) * (W + delta), ``delta`` already scaled by
+    strength x alpha / rank; no epsilon."""
+    xp = rxp.namespace(w)
+    calc = w + delta
+    rows = xp.reshape(calc, (w.shape[0], -1))
+    norm = xp.reshape(xp.sqrt(xp.sum(rows * rows, axis=1)), (w.shape[0],) + (1,) * (w.ndim - 1))
+    m = xp.reshape(rxp.asarray(_host(magnitude), like=w, dtype=w.dtype), norm.shape)
+    return (m / norm) * calc
+
+
 def patched_weight(w, patches: Sequence[tuple[Patch, float]]):
     """``w`` with every (patch, strength) applied in order (ComfyUI applies patches sequentially)."""
     for p, strength in patches:
         if p.kind == "diff":
             w = w + strength * rxp.asarray(_host(p.tensors["diff"]), like=w, dtype=w.dtype)
-        elif "dora_scale" in p.tensors:
-            w = _dora(w, p.scale * lora_delta(p, w), p.tensors["dora_scale"], strength)
+        elif "magnitude" in p.tensors:  # diffusers / peft DoRA
+            w = _peft_dora(w, strength * _scaled_delta(p, w), p.tensors["magnitude"])
+        elif "dora_scale" in p.tensors:  # Kohya / LyCORIS DoRA, ComfyUI's rule
+            w = _dora(w, _scaled_delta(p, w), p.tensors["dora_scale"], strength)
         else:
-            w = w + (strength * p.scale) * lora_delta(p, w)
+            w = w + strength * _scaled_delta(p, w)
     return w
 
 

@@ -15,7 +15,10 @@ A LoRA file's key is ``<module name><suffix>``. The suffix says which tensor of 
   ``.lora_B.weight`` [/ ``.alpha``], ``.lora_magnitude_vector`` (DoRA); the older layouts
   ``<module>.lora.down.weight`` / ``.lora.up.weight`` (LoRACompatibleLinear), ``<attn>.processor.to_q_lora
   .down.weight`` (attention processors) and ``<module>.lora_linear_layer.down.weight`` (text encoder).
-- full diffs: ``.diff`` (weight), ``.diff_b`` (bias), as LyCORIS and ComfyUI write them.
+- LyCORIS (KohakuBlueleaf/LyCORIS, read as ComfyUI's comfy/weight_adapter/loha.py, lokr.py): LoHa
+  ``.hada_w1_a`` / ``_w1_b`` / ``_w2_a`` / ``_w2_b`` [``.hada_t1`` / ``_t2`` CP cores], LoKr ``.lokr_w1`` |
+  ``.lokr_w1_a`` + ``_w1_b``, ``.lokr_w2`` | ``.lokr_w2_a`` + ``_w2_b`` [``.lokr_t2``], with ``.alpha``;
+  full diffs ``.diff`` (weight) / ``.diff_b`` (bias) and norm diffs ``.w_norm`` / ``.b_norm``.
 
 Spellings are not parsed (underscores are ambiguous): like ComfyUI (comfy/lora.py
 model_lora_keys_unet / model_lora_keys_clip at a125cd8), every spelling of every weight of the
@@ -44,7 +47,7 @@ SUFFIXES: dict[str, tuple[str, str]] = {
     ".dora_scale": ("kohya", "dora_scale"),
     ".lora_A.weight": ("peft", "down"),
     ".lora_B.weight": ("peft", "up"),
-    ".lora_magnitude_vector": ("peft", "dora_scale"),
+    ".lora_magnitude_vector": ("peft", "magnitude"),
     ".lora.down.weight": ("diffusers-old", "down"),
     ".lora.up.weight": ("diffusers-old", "up"),
     "_lora.down.weight": ("diffusers-processor", "down"),
@@ -53,6 +56,10 @@ SUFFIXES: dict[str, tuple[str, str]] = {
     ".lora_linear_layer.up.weight": ("diffusers-old", "up"),
     ".diff": ("diff", "diff"),
     ".diff_b": ("diff", "diff_b"),
+    ".w_norm": ("diff", "w_norm"),
+    ".b_norm": ("diff", "b_norm"),
+    **{f".hada_{r}": ("loha", f"hada_{r}") for r in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")},
+    **{f".lokr_{r}": ("lokr", f"lokr_{r}") for r in ("w1", "w2", "w1_a", "w1_b", "w2_a", "w2_b", "t2")},
 }
 _BY_LENGTH = sorted(SUFFIXES, key=len, reverse=True)
 
@@ -97,8 +104,9 @@ def module_map(shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> dict[str,
     """File module name -> (component, diffusers weight key) for a model's patchable weights.
 
     ``shapes``: component ("unet", "text_encoder", "text_encoder_2") -> key -> shape, the model's
-    Params shapes. Every ``*.weight`` of at least 2 dimensions (linear and conv layers) gets all its
-    spellings; text-encoder keys are taken relative to ``text_model.`` where the state dict has it.
+    Params shapes. Every ``*.weight`` (linear, conv, norm, embedding: full diffs and norm diffs reach
+    them all) gets all its spellings; text-encoder keys are taken relative to ``text_model.`` where the
+    state dict has it.
     """
     out: dict[str, tuple[str, str]] = {}
     if "unet" in shapes:
@@ -108,13 +116,13 @@ def module_map(shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> dict[str,
         except Exception:  # a UNet the LDM tables cannot lay out: diffusers spellings only
             table = None
         for k, s in shapes["unet"].items():
-            if k.endswith(".weight") and len(s) >= 2:
+            if k.endswith(".weight"):
                 for name in _unet_names(k[: -len(".weight")], table):
                     out.setdefault(name, ("unet", k))
     encoders = [c for c in ("text_encoder", "text_encoder_2") if c in shapes]
     for i, comp in enumerate(encoders):
         for k, s in shapes[comp].items():
-            if k.endswith(".weight") and len(s) >= 2 and "embedding" not in k:
+            if k.endswith(".weight"):
                 rel = k[: -len(".weight")].removeprefix("text_model.")
                 for name in _text_names(rel, comp, i, len(encoders)):
                     out.setdefault(name, (comp, k))
