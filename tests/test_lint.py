@@ -25,7 +25,10 @@ NUMPY_ALLOWED = {"xp.py", "kernels.py",  # kernels.py: the NumPy-only fast kerne
                  "pipelines/masks.py",  # host inpainting masks: read, grow, blur, resize, composite onto the image
                  # the profiles' host-side schedule arithmetic (diffusers' NumPy/float32, A1111's float32 table)
                  "pipelines/profiles/diffusers_tables.py", "pipelines/profiles/diffusers_plans.py",
-                 "pipelines/profiles/a1111.py"}
+                 "pipelines/profiles/a1111.py",
+                 # LoRA files' tensors read on the host (as the weights loader) and LyCORIS kron / CP products
+                 # built there (the standard has no kron or einsum); the weight + update arithmetic is xp
+                 "adapters/lora.py", "adapters/lora_info.py"}
 BACKEND_BRANCH = re.compile(r"^is_(numpy|torch|cupy|jax|dask|array_api_strict)_(namespace|array)$")
 
 
