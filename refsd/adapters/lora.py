@@ -343,13 +343,17 @@ def _host(t: LazyTensor) -> np.ndarray:
     return np.asarray(rxp.to_numpy(t.load()), dtype=np.float32)
 
 
-def lora_delta(p: Patch, like) -> Any:
-    """The unscaled update of a "lora" patch, ``up @ down`` (through ``mid`` for Tucker), in the
-    shape and on the backend of the weight ``like`` (ComfyUI LoRAAdapter.calculate_weight)."""
+def lora_delta(p: Patch, like, factor: float = 1.0) -> Any:
+    """``factor`` x the update of a "lora" patch, ``up @ down`` (through ``mid`` for Tucker), in the
+    shape and on the backend of the weight ``like`` (ComfyUI LoRAAdapter.calculate_weight). The factor
+    multiplies the small ``up`` (out x rank) before the product, not the full-size result: one
+    full-size temporary instead of two."""
     xp = rxp.namespace(like)
     up, down = _host(p.tensors["up"]), _host(p.tensors["down"])
     if "mid" in p.tensors:  # Tucker: down (r, in, 1, 1) through mid (r, r, kh, kw) -> (r, in, kh, kw)
         down = _tucker_down(down, _host(p.tensors["mid"]))
+    if factor != 1.0:
+        up = up * np.float32(factor)
     u = rxp.asarray(up.reshape(up.shape[0], -1), like=like, dtype=like.dtype)
     d = rxp.asarray(down.reshape(down.shape[0], -1), like=like, dtype=like.dtype)
     return xp.reshape(xp.matmul(u, d), like.shape)
@@ -420,14 +424,16 @@ def _dora(w, delta, dora_scale, strength: float):
     return w + strength * (calc - w) if strength != 1.0 else calc
 
 
-def _scaled_delta(p: Patch, w):
-    """(alpha / rank) x the patch's update, on ``w``'s backend and in its shape."""
+def _scaled_delta(p: Patch, w, factor: float = 1.0):
+    """``factor`` x (alpha / rank) x the patch's update, on ``w``'s backend and in its shape (the
+    factors applied on the host, to the small factor or the host update)."""
     if p.kind == "lora":
-        return p.scale * lora_delta(p, w)
+        return lora_delta(p, w, factor * p.scale)
     xp = rxp.namespace(w)
     d, dim = lycoris_delta(p)
     scale = p.alpha / dim if p.alpha is not None and dim is not None else 1.0
-    return scale * xp.reshape(rxp.asarray(d.astype(np.float32), like=w, dtype=w.dtype), w.shape)
+    d = (d * np.float32(factor * scale)).astype(np.float32)
+    return xp.reshape(rxp.asarray(d, like=w, dtype=w.dtype), w.shape)
 
 
 def _peft_dora(w, delta, magnitude):
@@ -448,11 +454,11 @@ def patched_weight(w, patches: Sequence[tuple[Patch, float]]):
         if p.kind == "diff":
             w = w + strength * rxp.asarray(_host(p.tensors["diff"]), like=w, dtype=w.dtype)
         elif "magnitude" in p.tensors:  # diffusers / peft DoRA
-            w = _peft_dora(w, strength * _scaled_delta(p, w), p.tensors["magnitude"])
+            w = _peft_dora(w, _scaled_delta(p, w, strength), p.tensors["magnitude"])
         elif "dora_scale" in p.tensors:  # Kohya / LyCORIS DoRA, ComfyUI's rule
             w = _dora(w, _scaled_delta(p, w), p.tensors["dora_scale"], strength)
         else:
-            w = w + strength * _scaled_delta(p, w)
+            w = w + _scaled_delta(p, w, strength)
     return w
 
 

@@ -15,6 +15,7 @@ COMPONENT_PREFIXES = (("lora_unet_", "unet"), ("unet.", "unet"), ("lora_te2_", "
                       ("text_encoder.", "text_encoder"))
 
 
+RANK_ROLES = ("down", "hada_w1_b", "lokr_w2_b")
 ORDER = ("unet", "text_encoder", "text_encoder_2", "unknown")
 
 
@@ -52,14 +53,13 @@ def describe_lora(header) -> list[str]:
             modules.setdefault(module, _component(module))
             if family != "any" and family not in formats:
                 formats.append(family)
-            if role == "down":
+            if role in RANK_ROLES:  # LoRA down (r, in), LoHa w1_b (r, in), LoKr factored w2_b (r, in)
                 ranks[t.shape[0]] += 1
             elif role == "alpha":
                 alphas[float(np.asarray(f.numpy(key), dtype=np.float64).reshape(-1)[0])] += 1
     per = Counter(modules.values())
     arch = architecture_hint({k: t.shape for k, t in header.tensors.items()}, modules) or "unknown"
-    without = len([m for m in modules if any(split_key(k) and split_key(k)[0] == m and SUFFIXES[split_key(k)[1]][1]
-                                             == "down" for k in header.tensors)]) - sum(alphas.values())
+    without = sum(ranks.values()) - sum(alphas.values())
     return [f"lora format: {', '.join(formats)}",
             "lora modules: " + ", ".join(f"{c} {per[c]}" for c in ORDER if c in per),
             f"lora ranks: {_counts(ranks)}",
