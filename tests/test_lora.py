@@ -421,3 +421,37 @@ def test_comfyui_profile_txt2img_equals_comfyuis_loraloader_restated(tmp_path):
     scale = float(np.max(np.abs(b)))
     assert float(np.max(np.abs(a - b))) <= 1e-5 * scale
     assert float(np.max(np.abs(base - b))) > 1e-2 * scale  # the LoRA matters
+
+
+def test_bigg_lora_on_a_single_file_checkpoint_fused_in_proj(tmp_path):
+    """A single-file SDXL checkpoint stores bigG's q/k/v as open_clip's fused in_proj_weight; refsd's
+    loader views its rows as q_proj / k_proj / v_proj, so a lora_te2_ q/k/v update must land on the same
+    rows as on the diffusers-keyed weights: same patched weights, same text-encoder output."""
+    from refsd.text.clip import CLIPTextConfig, clip_text
+    from refsd.weights import load_checkpoint, save_safetensors
+    from refsd.weights.ldm import to_single_file
+
+    case = golden.load_case(SDXL_CASE)
+    params = Params(case.group("param"))
+    comps = {c: {k: np.asarray(params.sub(c)[k]) for k in params.sub(c)} for c in
+             ("unet", "vae", "text_encoder", "text_encoder_2")}
+    save_safetensors(tmp_path / "xl.safetensors", to_single_file(comps, "sdxl"))
+    single = load_checkpoint(tmp_path / "xl.safetensors").params
+    g = torch.Generator().manual_seed(8)
+    t = {}
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        name = f"lora_te2_text_model_encoder_layers_1_self_attn_{proj}"
+        t[f"{name}.lora_down.weight"], t[f"{name}.lora_up.weight"] = _rand(g, 2, 32), _rand(g, 32, 2)
+        t[f"{name}.alpha"] = torch.tensor(1.0)
+    path = _write(tmp_path, "te2.safetensors", t)
+    model = {c: params.sub(c) for c in ("unet", "text_encoder", "text_encoder_2")}
+    a = patch_params(model, [(read_lora(path, model), 1.0, 0.9)])["text_encoder_2"]
+    b = patch_params(single, [(read_lora(path, single), 1.0, 0.9)])["text_encoder_2"]
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        key = f"text_model.encoder.layers.1.self_attn.{proj}.weight"
+        assert np.array_equal(np.asarray(a[key]), np.asarray(b[key]))
+        assert not np.allclose(np.asarray(a[key]), np.asarray(model["text_encoder_2"][key]), atol=1e-2)
+    ids = np.asarray([[49406, 320, 1125, 49407] + [0] * 3], dtype=np.int64)
+    cfg = CLIPTextConfig.from_dict(case.meta["op"]["kwargs"]["model"]["text_encoder_2"])
+    np.testing.assert_array_equal(clip_text(a, ids, cfg=cfg)["last_hidden_state"],
+                                  clip_text(b, ids, cfg=cfg)["last_hidden_state"])

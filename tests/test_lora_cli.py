@@ -40,6 +40,10 @@ def loras(tmp_path_factory):
     save_safetensors(d / "xl.safetensors", {
         "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": np.ones((2, 1280), np.float32),
         "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": np.ones((1280, 2), np.float32)})
+    raw = (d / "style.safetensors").read_bytes()
+    (d / "bad").mkdir()
+    (d / "bad" / "trunc.safetensors").write_bytes(raw[: len(raw) - 100])
+    save_safetensors(d / "bad" / "unrelated.safetensors", {"model.layers.0.weight": np.ones((4, 4), np.float32)})
     return d
 
 
@@ -115,6 +119,10 @@ def test_a1111_prompt_tags_equal_the_flag(env, loras, tmp_path):  # noqa: F811
     (["--parity", "a1111", "--prompt", "x <lora:nobody:1>", "--lora-dir", "{d}"], ["'nobody'", "--lora-dir"]),
     (["--parity", "a1111", "--prompt", "x <lora:style:1>"], ["'style'", "needs --lora-dir"]),
     (["--lora", "{d}/style.safetensors", "--lora-mode", "fused"], ["--lora-mode", "'fused'"]),
+    (["--lora", "{d}/bad/trunc.safetensors"], ["trunc.safetensors"]),
+    (["--lora", "{d}/bad/unrelated.safetensors"], ["unrelated.safetensors", "'model.layers.0.weight'",
+                                                   "not a LoRA tensor"]),
+    (["--lora", "{d}/style.safetensors:1:nan"], ["--lora", "finite"]),
 ])
 def test_bad_lora_input_one_line_exit_2_no_file(env, loras, tmp_path, args, fragments):  # noqa: F811
     args = [a.format(d=loras) for a in args]
