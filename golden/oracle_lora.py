@@ -166,6 +166,17 @@ def _parts(model: str) -> dict:
     return dict(sdxl._components("sdxl"))
 
 
+def _fresh_parts(model: str) -> dict:
+    """The model's parts with copies of the modules a LoRA changes (the cached ones stay clean)."""
+    parts = {k: copy.deepcopy(v) if k in ("unet", "text_encoder", "text_encoder_2") else v
+             for k, v in _parts(model).items()}
+    for c in ("text_encoder", "text_encoder_2"):  # drop oracle_pipelines' final_layer_norm alias (not a module):
+        t = parts.get(c)  # diffusers' LoRA loader takes any text_model attribute for transformers 4's layout
+        if t is not None and hasattr(t, "text_model") and not isinstance(t.text_model, torch.nn.Module):
+            del t.text_model
+    return parts
+
+
 def _pipeline(model: str, parts: dict):
     import diffusers
 
@@ -196,12 +207,7 @@ def _forward(parts: dict, inputs: dict) -> dict:
 
 def _lora_case(g, dt, *, name: str, model: str, fmts: tuple[str, ...], strengths: tuple[tuple[float, float], ...],
                te: bool, mode: str, alpha: float | None, conv: bool, desc: str) -> Capture:
-    base = _parts(model)
-    parts = {k: copy.deepcopy(v) if k in ("unet", "text_encoder", "text_encoder_2") else v for k, v in base.items()}
-    for c in ("text_encoder", "text_encoder_2"):  # drop oracle_pipelines' final_layer_norm alias (not a module):
-        t = parts.get(c)  # diffusers' LoRA loader takes any text_model attribute for transformers 4's layout
-        if t is not None and hasattr(t, "text_model") and not isinstance(t.text_model, torch.nn.Module):
-            del t.text_model
+    parts = _fresh_parts(model)
     files = [lora_file(g, parts, f, te=te, alpha=alpha, conv=conv) for f in fmts]
     unet_cfg = MODELS[model].MODELS[model]["unet"]
     inputs = {"sample": torch.randn((2, 4, 8, 8), generator=g, dtype=torch.float64).float(),
@@ -248,10 +254,11 @@ def _lora_case(g, dt, *, name: str, model: str, fmts: tuple[str, ...], strengths
                    params={**borrowed, **params}, params_from=OWNERS[model], borrowed=tuple(borrowed))
 
 
-def _register(name: str, **kw):
+def _register(name: str, build=None, **kw):
+    """A float32 lora case made by ``build(g, dt, name=name, **kw)`` (default: ``_lora_case``)."""
     @case("lora", name, dtypes=("float32",))
-    def fn(g, dt, name=name, kw=kw):
-        return _lora_case(g, dt, name=name, **kw)
+    def fn(g, dt, name=name, kw=kw, build=build):
+        return (build or _lora_case)(g, dt, name=name, **kw)
 
     return fn
 
@@ -287,12 +294,7 @@ def _txt2img_case(g, dt, *, name: str, model: str, fmt: str, alpha: float, stren
                   prompt: str, negative: str, steps: int, cfg: float, seed: int, desc: str) -> Capture:
     import diffusers
 
-    base = _parts(model)
-    parts = {k: copy.deepcopy(v) if k in ("unet", "text_encoder", "text_encoder_2") else v for k, v in base.items()}
-    for c in ("text_encoder", "text_encoder_2"):
-        t = parts.get(c)
-        if t is not None and hasattr(t, "text_model") and not isinstance(t.text_model, torch.nn.Module):
-            del t.text_model
+    parts = _fresh_parts(model)
     sd = lora_file(g, parts, fmt, te=True, alpha=alpha, conv=True)
     comps = [c for c in ("unet", "text_encoder", "text_encoder_2") if c in parts]
     params = {f"{c}.{k}": v.detach().clone() for c in (*comps, "vae") for k, v in parts[c].state_dict().items()}
@@ -334,19 +336,11 @@ def _txt2img_case(g, dt, *, name: str, model: str, fmt: str, alpha: float, stren
                    params={**params, **lora_params}, params_from=OWNERS[model], borrowed=tuple(params))
 
 
-def _register_txt2img(name: str, **kw):
-    @case("lora", name, dtypes=("float32",))
-    def fn(g, dt, name=name, kw=kw):
-        return _txt2img_case(g, dt, name=name, **kw)
-
-    return fn
-
-
-_register_txt2img("txt2img_sd1_kohya", model="sd1", fmt="kohya", alpha=2.0, strength=(0.8, 0.6),
-                  prompt=sd1.ASTRONAUT, negative="blurry", steps=4, cfg=7.5, seed=42,
-                  desc="tiny SD1 txt2img with a Kohya LoCon LoRA (rank 4, alpha 2, UNet 0.8, text encoder 0.6) "
-                       "under --parity diffusers: StableDiffusionPipeline + load_lora_weights, Euler, 4 steps")
-_register_txt2img("txt2img_sdxl_kohya_ldm", model="sdxl", fmt="kohya_ldm", alpha=2.0, strength=(0.7, 0.9),
-                  prompt="a red cube on a table", negative="blurry", steps=3, cfg=5.0, seed=7,
-                  desc="tiny SDXL txt2img with a Kohya LoRA in LDM block names (rank 4, alpha 2, UNet 0.7, both "
-                       "text encoders 0.9): StableDiffusionXLPipeline + load_lora_weights, Euler, 3 steps")
+_register("txt2img_sd1_kohya", _txt2img_case, model="sd1", fmt="kohya", alpha=2.0, strength=(0.8, 0.6),
+          prompt=sd1.ASTRONAUT, negative="blurry", steps=4, cfg=7.5, seed=42,
+          desc="tiny SD1 txt2img with a Kohya LoCon LoRA (rank 4, alpha 2, UNet 0.8, text encoder 0.6) "
+               "under --parity diffusers: StableDiffusionPipeline + load_lora_weights, Euler, 4 steps")
+_register("txt2img_sdxl_kohya_ldm", _txt2img_case, model="sdxl", fmt="kohya_ldm", alpha=2.0, strength=(0.7, 0.9),
+          prompt="a red cube on a table", negative="blurry", steps=3, cfg=5.0, seed=7,
+          desc="tiny SDXL txt2img with a Kohya LoRA in LDM block names (rank 4, alpha 2, UNet 0.7, both "
+               "text encoders 0.9): StableDiffusionXLPipeline + load_lora_weights, Euler, 3 steps")
