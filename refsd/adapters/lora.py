@@ -457,8 +457,10 @@ def patched_weight(w, patches: Sequence[tuple[Patch, float]]):
             w = _peft_dora(w, _scaled_delta(p, w, strength), p.tensors["magnitude"])
         elif "dora_scale" in p.tensors:  # Kohya / LyCORIS DoRA, ComfyUI's rule
             w = _dora(w, _scaled_delta(p, w), p.tensors["dora_scale"], strength)
-        else:
-            w = w + _scaled_delta(p, w, strength)
+        else:  # the update is a fresh array: add W into it in place (W + d == d + W exactly), so the
+            d = _scaled_delta(p, w, strength)  # patched weight costs one full-size array, not two
+            d += w
+            w = d
     return w
 
 
