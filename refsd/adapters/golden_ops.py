@@ -10,7 +10,7 @@ from refsd.weights.params import LazyTensor
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
-def _lazy(view) -> dict[str, LazyTensor]:
+def lazy_view(view) -> dict[str, LazyTensor]:
     """A Params view's tensors as LazyTensors (as a file's would be), read through the view."""
     return {k: LazyTensor(lambda k=k: view[k], s, view.dtype_of(k), f"golden:{view.prefix}.{k}")
             for k, s in view.shapes().items()}
@@ -23,7 +23,7 @@ def run_lora(sample, timestep, encoder_hidden_states, input_ids, text_embeds=Non
     outputs: ``unet.sample``, each text encoder's ``last_hidden_state`` (``text_embeds`` for bigG) and
     ``weight.<component>.<key>`` for every weight the LoRAs patch (as the model reads it)."""
     comps = {c: params.sub(c) for c in COMPONENTS if c in configs}
-    files = [recognise_lora(_lazy(params.sub(f"lora.{i}")), comps, path=f"lora.{i}", architecture=model)
+    files = [recognise_lora(lazy_view(params.sub(f"lora.{i}")), comps, path=f"lora.{i}", architecture=model)
              for i in range(len(loras))]
     patched = patch_params(comps, [(f, s["unet"], s["te"]) for f, s in zip(files, loras)], mode=mode)
     out = {"unet.sample": unet(patched["unet"], sample, timestep, encoder_hidden_states,
@@ -40,22 +40,3 @@ def run_lora(sample, timestep, encoder_hidden_states, input_ids, text_embeds=Non
             out[f"weight.{p.component}.{p.target}"] = patched[p.component][p.target]
     return out
 
-
-def run_lora_pipeline(*, params, model: dict, loras: list, mode: str, prompt: str, negative_prompt: str | None,
-                      steps: int, cfg: float, sampler: str, seed: int, width: int, height: int, parity: str,
-                      attention: str = "sliced"):
-    """Golden adapter for LoRA txt2img cases (op "lora_pipeline"): the tiny model of ``model`` (weights
-    ``param/<component>.<key>``) with the case's LoRA files applied in ``mode``, then
-    refsd.pipelines.txt2img; outputs as the pipeline goldens' (``step.<i>``, ``latents``, ``image``)."""
-    from dataclasses import replace
-
-    from refsd.golden import _tiny_model, pipeline_outputs
-    from refsd.pipelines import txt2img
-
-    m = _tiny_model(params, model, attention)
-    files = [recognise_lora(_lazy(params.sub(f"lora.{i}")), m, path=f"lora.{i}") for i in range(len(loras))]
-    m = replace(m, params=patch_params(m.params, [(f, s["unet"], s["te"]) for f, s in zip(files, loras)], mode=mode))
-    steps_done = {}
-    res = txt2img(m, prompt, negative_prompt, width=width, height=height, steps=steps, cfg=cfg, sampler=sampler,
-                  seed=seed, parity=parity, callback=lambda i, total, latents: steps_done.__setitem__(i, latents))
-    return pipeline_outputs(res, steps_done, mode="txt2img")
