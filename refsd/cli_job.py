@@ -153,11 +153,12 @@ def _loras(args, s: dict, source: dict):
     <lora:...> prompt tags under parity a1111 (refsd.adapters.lora_cli)."""
     from refsd.adapters.lora import MODES
     from refsd.adapters.lora_cli import lora_uses
+    from refsd.pipelines.profiles import get_profile
 
     mode = getattr(args, "lora_mode", None) or "unmerged"
     _choice("--lora-mode", mode, MODES)
     uses, prompt = lora_uses(getattr(args, "lora", None), getattr(args, "lora_dir", None), s["prompt"],
-                             s["parity"], source, args.from_png)
+                             get_profile(s["parity"]).prompt_syntax, source, args.from_png)
     return uses, (prompt if prompt != s["prompt"] else None), mode
 
 

@@ -169,13 +169,14 @@ def check_hash(name: str, path: Path, source: dict, *, what: str) -> None:
         raise RefsdError(f"{what}: LoRA {name!r} has hash {want} in the PNG, but {path} hashes to {short_hash(path)}")
 
 
-def lora_uses(flags: list[str] | None, lora_dir: str | None, prompt: str, parity: str, source: dict,
+def lora_uses(flags: list[str] | None, lora_dir: str | None, prompt: str, syntax: str, source: dict,
               png_path: str | None) -> tuple[list[LoraUse], str]:
     """Every LoRA of a run and the prompt the pipeline encodes: the --lora flags (else the PNG's
-    ``refsd loras``), then, under parity a1111, the prompt's ``<lora:...>`` tags (taken out of it).
-    ``source``: the --from-png PNG's parameters ({} without one), ``png_path`` its path."""
+    ``refsd loras``), then, where the profile's prompt syntax is A1111's (``Profile.prompt_syntax``),
+    the prompt's ``<lora:...>`` tags (taken out of it). ``source``: the --from-png PNG's parameters
+    ({} without one), ``png_path`` its path."""
     uses = [parse_lora_flag(f) for f in flags] if flags else from_png(source, lora_dir, what=png_path or "--lora")
-    if parity != "a1111":
+    if syntax != "a1111":  # extra-network tags are A1111's prompt syntax; the other profiles read them as text
         return uses, prompt
     text, tags = prompt_tags(prompt)
     what = png_path or "prompt"
