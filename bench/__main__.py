@@ -1,5 +1,6 @@
 """python -m bench ops [--repeats N] [--quick] [--kernels fast|reference|both] [--json PATH]
 python -m bench brownian [--repeats N] [--json PATH]
+python -m bench lora [--repeats N] [--json PATH]
 python -m bench unet [--model sd15|sdxl] [--latent N] [--warmup W] [--repeats N] [--rounds R] [--kernels fast|reference] [--json PATH]
 python -m bench sweep [--size PIXELS] [--steps N] [--seeds N] [--json PATH]"""
 
@@ -16,10 +17,11 @@ from bench.unet import add_options as unet_options
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description="refsd vs torch benchmarks (ratios in one run)")
-    ap.add_argument("suite", choices=["ops", "unet", "brownian", "sweep"],
+    ap.add_argument("suite", choices=["ops", "unet", "brownian", "sweep", "lora"],
                     help="ops: single ops at SD1.5 shapes; unet: full-size UNet forward; "
                          "brownian: Brownian-tree noise per sampler step vs torchsde; "
-                         "sweep: refsd sweep cases/min at 1 and 2 Dask workers")
+                         "sweep: refsd sweep cases/min at 1 and 2 Dask workers; "
+                         "lora: full-size LoRA merge time (bench/lora.py)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="ops: timed runs per block (median over two alternating blocks per side is reported); "
                          "unet: timed forwards per side in all, split over --rounds (N // rounds each, at least 1)")
@@ -56,6 +58,15 @@ def main(argv=None) -> int:
 
         res = unet.from_args(args, ap.error)
         print(unet.summary(res))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return 0
+    if args.suite == "lora":
+        from bench import lora
+
+        res = lora.run(repeats=args.repeats)
+        print(lora.summary(res))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1)

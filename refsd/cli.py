@@ -659,9 +659,16 @@ def _adapter(header, depth: int) -> list[str]:
     return describe({k: tuple(t.shape) for k, t in header.tensors.items()})
 
 
+def _lora(header, depth: int) -> list[str]:
+    """A LoRA file: format, modules, ranks, alphas, base architecture (refsd.adapters.lora_info)."""
+    from refsd.adapters.lora_info import describe_lora
+
+    return describe_lora(header)
+
+
 # Sections of describe_file, in print order; each (header, depth) -> lines.
 FILE_SECTIONS: list[Callable] = [_counts, _dtypes, _prefixes, _metadata, _golden, _checkpoint, _embedding, _controlnet,
-                                 _adapter]
+                                 _adapter, _lora]
 
 
 def _si(n: float) -> str:

@@ -183,6 +183,15 @@ def _add_generation_flags(p, *, out_default: str, out_help: str) -> None:
                                                                                 "the negative branch (default 2.5)")
     add_control_flags(p)
     add_adapter_flags(p)
+    g = p.add_argument_group("LoRA", "see docs/lora.md for the file formats and how strengths scale")
+    g.add_argument("--lora", action="append", metavar="PATH[:UNET_W[:TE_W]]",
+                   help="apply a LoRA file (repeatable, applied in order) with a UNet and a text-encoder strength "
+                        "(default 1; TE_W defaults to UNET_W)")
+    g.add_argument("--lora-dir", metavar="DIR", help="where A1111's <lora:NAME:TE_W:UNET_W> prompt tags (--parity "
+                                                     "a1111) and a --from-png's LoRAs are found, as NAME.safetensors")
+    g.add_argument("--lora-mode", metavar="MODE", help="unmerged (default: the update is added to a layer's weight "
+                                                       "as it is read, no copy kept) | merged (patched weights "
+                                                       "computed once and kept)")
     g = p.add_argument_group("runtime")
     g.add_argument("--backend", metavar="NAME", help=f"numpy | torch | torch:mps | torch:cuda | cupy "
                                                      f"(default {d['backend']})")
@@ -315,6 +324,10 @@ def _run_pipeline(job: GenerateJob, on_step: Callable | None = None, progress: P
         from refsd.text.embeddings import attach_embeddings
 
         model = attach_embeddings(model, job.embeddings)
+    if job.loras:  # checked against the model's shapes now, before any weight is placed
+        from refsd.adapters.lora import apply_loras, read_lora
+
+        model = apply_loras(model, [(read_lora(u.path, model), u.unet, u.te) for u in job.loras], mode=job.lora_mode)
     refiner = None
     if job.refiner is not None:
         refiner = pipelines.load_model(job.refiner, config=job.refiner_config, **placement)
@@ -329,6 +342,7 @@ def _run_pipeline(job: GenerateJob, on_step: Callable | None = None, progress: P
         if on_step is not None:
             on_step(step, total, latents)
 
+    prompt = s["prompt"] if job.prompt is None else job.prompt
     common = {"width": s["width"], "height": s["height"], "steps": s["steps"], "cfg": s["cfg"],
               "sampler": s["sampler"], "scheduler": s["scheduler"], "seed": s["seed"], "rng": s["rng"],
               "batch_size": s["batch"], "clip_skip": s["clip_skip"], "parity": s["parity"], "callback": callback}
@@ -348,6 +362,10 @@ def _run_pipeline(job: GenerateJob, on_step: Callable | None = None, progress: P
     names = {"model": png.model_name(model_path), "model_hash": model_hash.result()}
     if job.embeddings is not None:
         names["ti_hashes"] = job.embeddings.ti_hashes()
+    if job.loras:
+        from refsd.adapters.lora_cli import png_entries
+
+        names["extra"] = png_entries(job.loras)
     if job.refiner is not None:
         names.update(refiner=png.model_name(job.refiner), refiner_hash=refiner_hash.result())
     return result, names
@@ -363,16 +381,17 @@ def _call_pipeline(job: GenerateJob, model, refiner, common: dict):
     from refsd import pipelines
 
     s = job.settings
+    prompt = s["prompt"] if job.prompt is None else job.prompt  # A1111 <lora:> tags taken out
     if job.mask is not None:
-        return pipelines.inpaint(model, job.init_image, job.mask, s["prompt"], s["negative_prompt"],
+        return pipelines.inpaint(model, job.init_image, job.mask, prompt, s["negative_prompt"],
                                  strength=s["strength"], **job.mask_options, **common)
     if job.init_image is not None:
-        return pipelines.img2img(model, job.init_image, s["prompt"], s["negative_prompt"], strength=s["strength"],
+        return pipelines.img2img(model, job.init_image, prompt, s["negative_prompt"], strength=s["strength"],
                                  **common)
     if refiner is not None:
-        return pipelines.txt2img(model, s["prompt"], s["negative_prompt"], refiner=refiner,
+        return pipelines.txt2img(model, prompt, s["negative_prompt"], refiner=refiner,
                                  refiner_switch=s["refiner_switch"], **common)
-    return pipelines.txt2img(model, s["prompt"], s["negative_prompt"], **common)
+    return pipelines.txt2img(model, prompt, s["negative_prompt"], **common)
 
 
 def run_generate(job: GenerateJob, progress: Progress | None = None) -> list[Path]:

@@ -69,6 +69,9 @@ class GenerateJob:
     embeddings: object = None  # --embedding-dir's refsd.text.embeddings.Embeddings, checked
     controls: list = field(default_factory=list)  # refsd.cli_control.ControlSpec per --controlnet
     adapters: object = None  # refsd.cli_adapters.AdapterJob (T2I- / IP-Adapters), set by the generate command
+    loras: list = field(default_factory=list)  # refsd.adapters.lora_cli.LoraUse, in application order
+    lora_mode: str = "unmerged"
+    prompt: str | None = None  # what the pipeline encodes, when it differs from settings' (A1111 <lora:> tags out)
 
 
 def _choice(what: str, value, valid) -> None:
@@ -128,9 +131,12 @@ def generate_job(args) -> GenerateJob:
     images = getattr(args, "command", None) != "trace"  # refsd trace writes one .safetensors file
     outputs = _outputs(args.out, 1 if keep is not None else s["batch"], images=images)
     embeddings = _embeddings(args, s, facts, ti_hashes, notes)
+    loras, prompt, lora_mode = _loras(args, s, source)
+    if loras:
+        _check_loras(loras, model, config, facts.architecture)
     return GenerateJob(s, model, init, mask, outputs, keep, random_seed, notes, mask_options, config=config,
                        refiner=refiner, refiner_config=refiner_config, micro=micro_conditioning(s),
-                       embeddings=embeddings, controls=controls)
+                       embeddings=embeddings, controls=controls, loras=loras, lora_mode=lora_mode, prompt=prompt)
 
 
 def _embeddings(args, s: dict, facts, ti_hashes, notes: list):
@@ -141,6 +147,38 @@ def _embeddings(args, s: dict, facts, ti_hashes, notes: list):
     syntax = get_profile(s["parity"]).prompt_syntax
     return for_job(getattr(args, "embedding_dir", None), ti_hashes, (s["prompt"], s["negative_prompt"]),
                    syntax=syntax, xl=facts.is_xl, what=args.from_png or "the PNG", notes=notes)
+
+
+def _check_loras(loras, model: Path | None, config: Path | None, architecture: str) -> None:
+    """Each LoRA recognised against the model's parameter shapes (headers only; the demo's from its
+    configs), so a LoRA for another architecture is refused before anything runs."""
+    from refsd.adapters.lora import read_lora
+    from refsd.pipelines import demo
+    from refsd.weights import load_checkpoint
+
+    if model is None:
+        shapes = demo._shapes()
+    else:
+        ck = load_checkpoint(model, **({} if config is None else {"config": config}))
+        shapes = {c: p.shapes() for c, p in ck.params.items()}
+    for u in loras:
+        lora = read_lora(u.path, shapes, architecture=architecture)
+        if lora.file is not None:
+            lora.file.close()
+
+
+def _loras(args, s: dict, source: dict):
+    """(LoraUses, the prompt to encode or None, --lora-mode): --lora flags (else the PNG's), and A1111's
+    <lora:...> prompt tags under parity a1111 (refsd.adapters.lora_cli)."""
+    from refsd.adapters.lora import MODES
+    from refsd.adapters.lora_cli import lora_uses
+    from refsd.pipelines.profiles import get_profile
+
+    mode = getattr(args, "lora_mode", None) or "unmerged"
+    _choice("--lora-mode", mode, MODES)
+    uses, prompt = lora_uses(getattr(args, "lora", None), getattr(args, "lora_dir", None), s["prompt"],
+                             get_profile(s["parity"]).prompt_syntax, source, args.from_png)
+    return uses, (prompt if prompt != s["prompt"] else None), mode
 
 
 def _settings(args):

@@ -411,6 +411,34 @@ def _golden_controls(params, controlnets: list, images, model) -> list:
     return units
 
 
+def _run_lora(*args, **kwargs):
+    """Golden adapter for LoRA cases (op "lora"): refsd.adapters.golden_ops.run_lora."""
+    from refsd.adapters.golden_ops import run_lora
+
+    return run_lora(*args, **kwargs)
+
+
+def _run_lora_pipeline(*, params, model: dict, loras: list, mode: str, prompt: str, negative_prompt: str | None,
+                       steps: int, cfg: float, sampler: str, seed: int, width: int, height: int, parity: str,
+                       attention: str = "sliced"):
+    """Golden adapter for LoRA txt2img cases (op "lora_pipeline"): the tiny model of ``model`` (weights
+    ``param/<component>.<key>``) with the case's LoRA files (``param/lora.<i>.<file key>``) applied in
+    ``mode`` at ``loras`` strengths, then refsd.pipelines.txt2img; outputs as the pipeline goldens'."""
+    from dataclasses import replace
+
+    from refsd.adapters.golden_ops import lazy_view
+    from refsd.adapters.lora import patch_params, recognise_lora
+    from refsd.pipelines import txt2img
+
+    m = _tiny_model(params, model, attention)
+    files = [recognise_lora(lazy_view(params.sub(f"lora.{i}")), m, path=f"lora.{i}") for i in range(len(loras))]
+    m = replace(m, params=patch_params(m.params, [(f, s["unet"], s["te"]) for f, s in zip(files, loras)], mode=mode))
+    steps_done = {}
+    res = txt2img(m, prompt, negative_prompt, width=width, height=height, steps=steps, cfg=cfg, sampler=sampler,
+                  seed=seed, parity=parity, callback=lambda i, total, latents: steps_done.__setitem__(i, latents))
+    return pipeline_outputs(res, steps_done, mode="txt2img")
+
+
 # op name in a case's metadata -> the refsd callable (or adapter above). Inputs are passed by name.
 OPS = {
     "linear": ops.linear,
@@ -441,6 +469,8 @@ OPS = {
     "clip_image_processor": _run_clip_image_processor,
     "pipeline": _run_pipeline,
     "prompt_embeds": _run_prompt_embeds,
+    "lora": _run_lora,
+    "lora_pipeline": _run_lora_pipeline,
 }
 
 

@@ -31,7 +31,10 @@ NUMPY_ALLOWED = {"xp.py", "kernels.py",  # kernels.py: the NumPy-only fast kerne
                  "pipelines/profiles/diffusers_tables.py", "pipelines/profiles/diffusers_plans.py",
                  "pipelines/profiles/a1111.py",
                  # textual-inversion files: host vectors read from / written to .safetensors
-                 "text/embeddings.py", "text/embedding_pickle.py"}
+                 "text/embeddings.py", "text/embedding_pickle.py",
+                 # LoRA files' tensors read on the host (as the weights loader) and LyCORIS kron / CP products
+                 # built there (the standard has no kron or einsum); the weight + update arithmetic is xp
+                 "adapters/lora.py", "adapters/lora_info.py"}
 # The one opt-in pickle reader, `refsd convert-embedding` (torch.load(weights_only=True), torch imported there
 # only): never on a loading path.
 UNPICKLE_ALLOWED = {"text/embedding_pickle.py"}

@@ -445,7 +445,8 @@ def _micro_text(kind: str, v) -> str:
 
 def infotext(s: Mapping[str, Any], *, seed: int | None = None, index: int = 0, batch: int | None = None,
              model: str | None = None, model_hash: str | None = None, version: str | None = None,
-             refiner: str | None = None, refiner_hash: str | None = None, ti_hashes: str | None = None) -> str:
+             refiner: str | None = None, refiner_hash: str | None = None, ti_hashes: str | None = None,
+             extra: Mapping[str, Any] | None = None) -> str:
     """The infotext for image ``index`` of a batch generated with settings ``s``: the keys of
     ``refsd generate`` (prompt, negative_prompt (None: not given), steps, cfg, sampler, scheduler,
     seed, rng, width, height, batch, clip_skip, strength, parity, backend, dtype, attention,
@@ -455,7 +456,8 @@ def infotext(s: Mapping[str, Any], *, seed: int | None = None, index: int = 0, b
     ``seed``: this image's own seed (default: the profile's seed for image ``index``, e.g. seed +
     index under a1111); ``batch``: the batch size (default: the settings'); ``refiner``: the SDXL
     refiner's name (with ``refiner_hash``, A1111's short hash, when it has one); ``ti_hashes``: A1111's
-    "TI hashes" of the textual-inversion embeddings used (refsd.text.embeddings.Embeddings.ti_hashes)."""
+    "TI hashes" of the textual-inversion embeddings used (refsd.text.embeddings.Embeddings.ti_hashes);
+    ``extra``: more keys, after RNG (``Lora hashes``, ...)."""
     if "batch_size" in s:  # a result's info
         s = _settings_from_info(s)
         model, model_hash = model or s.get("model"), model_hash or s.get("model_hash")
@@ -481,6 +483,7 @@ def infotext(s: Mapping[str, Any], *, seed: int | None = None, index: int = 0, b
         "Refiner switch at": _num(s.get("refiner_switch") or 0.8) if refiner_title is not None else None,
         "TI hashes": ti_hashes,
         "RNG": A1111_RNG.get(s["rng"]),
+        **(extra or {}),
         "refsd sampler": s["sampler"],
         "refsd scheduler": s["scheduler"],
         "refsd rng": s["rng"],
