@@ -37,12 +37,7 @@ def main(argv=None) -> int:
     if args.suite == "sweep":
         from bench import sweep
 
-        res = sweep.run(size=args.size, steps=args.steps, seeds=args.seeds)
-        print(sweep.summary(res))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1)
-        return 0
+        return _report(sweep, sweep.run(size=args.size, steps=args.steps, seeds=args.seeds), args.json)
     import numpy as np
     import torch
 
@@ -56,30 +51,15 @@ def main(argv=None) -> int:
     if args.suite == "unet":
         from bench import unet
 
-        res = unet.from_args(args, ap.error)
-        print(unet.summary(res))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1)
-        return 0
+        return _report(unet, unet.from_args(args, ap.error), args.json)
     if args.suite == "lora":
         from bench import lora
 
-        res = lora.run(repeats=args.repeats)
-        print(lora.summary(res))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1)
-        return 0
+        return _report(lora, lora.run(repeats=args.repeats), args.json)
     if args.suite == "brownian":
         from bench import brownian
 
-        res = brownian.run(repeats=args.repeats)
-        print(brownian.summary(res))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1)
-        return 0
+        return _report(brownian, brownian.run(repeats=args.repeats), args.json)
     from bench import ops
 
     modes = ops.KERNEL_MODES if args.kernels is None or args.kernels == "both" else (args.kernels,)
@@ -90,6 +70,15 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.__dict__ | {"ratio": r.ratio} for r in rows], f, indent=1)
+    return 0
+
+
+def _report(suite, res, json_path) -> int:
+    """Print a suite's summary of ``res`` and, with --json, write ``res`` there."""
+    print(suite.summary(res))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(res, f, indent=1)
     return 0
 
 

@@ -1,6 +1,7 @@
-"""The exceptions refsd raises, and the integer-argument check the public functions share. Every
+"""The exceptions refsd raises, and the integer and finite-number checks the public functions share. Every
 message names the culprit (file, key, argument)."""
 
+import math
 import operator
 
 
@@ -32,3 +33,14 @@ def check_int(name: str, v, lo: int | None = None) -> int:
     if lo is not None and v < lo:
         raise RefsdError(f"{name} must be >= {lo}, got {v}")
     return v
+
+
+def finite_number(value, what: str, *, error: type[RefsdError] = RefsdError) -> float:
+    """``value`` as a finite float, else ``error`` naming ``what`` (one line: a CLI, PNG or API input)."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise error(f"{what} {str(value)[:40]!r} is not a number") from None
+    if not math.isfinite(f):
+        raise error(f"{what} must be a finite number, got {value!r}")
+    return f

@@ -38,7 +38,7 @@ import numpy as np
 
 from refsd import xp as rxp
 from refsd.adapters.lora_keys import SUFFIXES, architecture_hint, module_map, split_key
-from refsd.errors import WeightsError
+from refsd.errors import WeightsError, finite_number
 from refsd.weights.params import LazyTensor, Params, lazy_tensors
 from refsd.weights.safetensors import SafeTensorsFile
 
@@ -502,13 +502,7 @@ class PatchedParams(Params):
 
 
 def _check_strength(name: str, v) -> float:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise WeightsError(f"LoRA {name}: strength must be a number, got {v!r}") from None
-    if not math.isfinite(f):
-        raise WeightsError(f"LoRA {name}: strength must be finite, got {v!r}")
-    return f
+    return finite_number(v, f"LoRA {name}: strength", error=WeightsError)
 
 
 def patch_params(params: Mapping[str, Params], loras: Iterable[tuple[LoraFile, float, float]], *,

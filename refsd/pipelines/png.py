@@ -69,7 +69,7 @@ from typing import Any
 
 import numpy as np
 
-from refsd.errors import RefsdError
+from refsd.errors import RefsdError, finite_number
 from refsd.files import atomic_write, sha256_file
 from refsd.pipelines import preflight
 from refsd.pipelines.profiles import get_profile
@@ -422,13 +422,7 @@ def parse_crop(text: str, what: str) -> tuple[int, int]:
 
 def parse_score(text, what: str) -> float:
     """A finite number; RefsdError naming ``what``."""
-    try:
-        v = float(text)
-    except (TypeError, ValueError):
-        raise RefsdError(f"{what} {str(text)[:40]!r} is not a number") from None
-    if not math.isfinite(v):
-        raise RefsdError(f"{what} must be a finite number, got {text!r}")
-    return v
+    return finite_number(text, what)
 
 
 def _micro_text(kind: str, v) -> str:
