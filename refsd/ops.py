@@ -16,7 +16,7 @@ reachable, without the argument checks, as ``<op>.reference``. Each fast kernel 
 error against the definition.
 
 References (semantics each op matches, verified by the goldens in golden/cases/ops):
-- torch.nn.functional: linear, conv2d, group_norm, layer_norm, silu, gelu, softmax, interpolate, pad.
+- torch.nn.functional: linear, conv2d, group_norm, layer_norm, rms_norm, silu, gelu, softmax, interpolate, pad.
 - quick_gelu: x * sigmoid(1.702 x), OpenAI CLIP (transformers ``QuickGELUActivation``).
 - erf: rational minimax approximation as in Eigen's ``generic_fast_erf_float``
   (Eigen/src/Core/arch/Default/GenericPacketMathFunctions.h); coefficients in refsd/numerics.py.
@@ -155,6 +155,17 @@ def layer_norm(x, weight, bias, eps: float = 1e-5):
     mean = xp.mean(x, axis=-1, keepdims=True)
     var = xp.var(x, axis=-1, keepdims=True)
     return _affine(xp, (x - mean) / xp.sqrt(var + eps), weight, bias, (-1,))
+
+
+@_op(check=lambda x, weight, eps=1e-6: _same_dtype("rms_norm", x, weight))
+def rms_norm(x, weight, eps: float = 1e-6):
+    """Root-mean-square norm over the last axis, no centring and no bias: x / sqrt(mean(x^2) + eps) * weight.
+    T5 (transformers ``T5LayerNorm``), SD3 / Flux QK norms (diffusers ``RMSNorm``) and
+    torch.nn.functional.rms_norm all compute this; they write ``x * rsqrt(...)``, a float-noise
+    difference. x: (..., D); weight: (D,) or None."""
+    xp = rxp.namespace(x, weight)
+    y = x / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)
+    return y if weight is None else y * weight
 
 
 # --------------------------------------------------------------------------------------------
