@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PIP     := $(BIN)/python -m pip install --only-binary=:all: -c requirements/lock.txt
 
-.PHONY: setup demo test test-slow golden-check bench bench-unet bench-unet-sdxl conformance clean
+.PHONY: setup demo test notebooks test-slow golden-check bench bench-unet bench-unet-sdxl conformance clean
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,10 @@ demo: setup
 # Default tier: re-capture every golden with the oracle and compare, then the test suite.
 test: setup golden-check
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The teaching notebooks alone (tests/test_notebooks.py runs the same check under make test).
+notebooks: setup
+	$(BIN)/python -m notebooks.run
 
 # Slow tier: full-size SD1.5 / SDXL UNets, VAE decoder, CLIP-L and OpenCLIP-bigG with seeded random
 # weights against the oracle (golden/fullsize.py; ~15 GB peak memory, several minutes). CI runs it.
