@@ -67,3 +67,15 @@ def test_kernel_is_this_interpreter(tmp_path):
 
     spec = json.loads((run._kernel_dir(tmp_path) / run.KERNEL / "kernel.json").read_text())
     assert spec["argv"][0] == sys.executable
+
+
+def test_a_cell_error_or_a_notebook_over_its_time_fails(tmp_path):
+    failing = tmp_path / "99_fails.ipynb"
+    nbformat.write(_nb(nbformat.v4.new_code_cell("print('ok')"), nbformat.v4.new_code_cell("1 / 0")), failing)
+    problems = run.run(failing).problems
+    assert len(problems) == 1 and problems[0].startswith("execution failed: CellExecutionError")
+    assert "ZeroDivisionError" in problems[0]
+    slow = tmp_path / "98_slow.ipynb"
+    nbformat.write(_nb(nbformat.v4.new_code_cell("import time\ntime.sleep(30)")), slow)
+    problems = run.run(slow, timeout=2).problems
+    assert len(problems) == 1 and problems[0].startswith("execution failed: CellTimeoutError: A cell timed out")
