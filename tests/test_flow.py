@@ -318,3 +318,93 @@ def test_flow_denoise_keeps_the_tail(model):
     got = np.asarray(rxp.to_numpy(S.get_sigmas("simple", ours, 6, denoise=0.6, precision="float32")), np.float32)
     want = comfy_simple(ref, int(6 / 0.6))[-7:].numpy()
     assert np.array_equal(got, want) and got[0] < 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# parity="diffusers": FlowMatchEulerDiscreteScheduler (the pipeline-level goldens: golden/oracle_flow.py)
+
+FLOW_MATCH_CONFIGS = {
+    "sd3": {"shift": 3.0},
+    "sd3_dynamic": {"use_dynamic_shifting": True, "shift": 3.0},
+    "flux_dev": {"use_dynamic_shifting": True, "shift": 3.0, "base_shift": 0.5, "max_shift": 1.15},
+    "flux_schnell": {"shift": 1.0},
+    "linear_time_shift": {"use_dynamic_shifting": True, "time_shift_type": "linear"},
+}
+
+
+@pytest.mark.parametrize("name", list(FLOW_MATCH_CONFIGS))
+@pytest.mark.parametrize("flux_sigmas_given", [False, True])
+def test_flow_match_plan_equals_diffusers(name, flux_sigmas_given):
+    """set_timesteps(steps, sigmas=..., mu=...) and get_timesteps(strength): sigmas and timesteps bit for bit."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline
+
+    from refsd.pipelines.diffusers_schedulers import flow_match_plan, flux_sigmas
+
+    cfg = FLOW_MATCH_CONFIGS[name]
+    for steps in (1, 2, 4, 7, 28, 50):
+        mu = calculate_shift(1024 + steps) if cfg.get("use_dynamic_shifting") else None
+        sig = flux_sigmas(steps) if flux_sigmas_given else None
+        for strength in (1.0, 0.6, 0.05):
+            d = FlowMatchEulerDiscreteScheduler(**cfg)
+            d.set_timesteps(steps, sigmas=sig if sig is None else np.linspace(1.0, 1 / steps, steps), mu=mu)
+            stub = type("P", (), {"scheduler": d})()
+            ts, n = FluxImg2ImgPipeline.get_timesteps(stub, steps, strength, "cpu")
+            plan = flow_match_plan({**d.config}, steps, mu=mu, sigmas=sig, strength=strength)
+            assert np.array_equal(np.asarray(plan.timesteps, np.float32), ts.numpy()), (steps, strength)
+            assert np.array_equal(np.asarray(plan.sigmas, np.float32), d.sigmas[d.begin_index:].numpy())
+            assert plan.begin_index == d.begin_index and len(plan.timesteps) == n
+
+
+def test_flow_match_step_and_scale_noise_equal_diffusers():
+    """step (x + (sigma_next - sigma) * v, float32) and scale_noise (img2img's start): bit for bit."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from refsd.pipelines.diffusers_schedulers import flow_match_plan, sample_flow_match_euler
+    from refsd.sampling.model_sampling import const_noise_scaling
+
+    g = torch.Generator().manual_seed(5)
+    x0, noise = torch.randn(2, 16, 4, 6, generator=g), torch.randn(2, 16, 4, 6, generator=g)
+    d = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    d.set_timesteps(8)
+    d.set_begin_index(3)
+    start = d.scale_noise(x0, d.timesteps[3:4].repeat(2), noise)
+    plan = flow_match_plan({**d.config}, 8, strength=5 / 8)
+    assert plan.begin_index == 3
+    ours = const_noise_scaling(plan.sigmas[0], noise.numpy(), x0.numpy())
+    assert np.array_equal(ours, start.numpy())
+    net = lambda x, t: (x * 0.7 - 0.3) * (t / 1000)  # noqa: E731  some velocity, float32 either side
+    y = start
+    for t in d.timesteps[3:]:
+        y = d.step(net(y, t), t, y, return_dict=False)[0]
+    got = sample_flow_match_euler(lambda x, t: net(x, np.float32(t)), start.numpy(), plan)
+    assert got.dtype == np.float32 and np.array_equal(got, y.numpy())
+
+
+def test_flow_match_refuses_what_it_does_not_do():
+    from refsd.pipelines.diffusers_schedulers import flow_latent_shape, flow_match_plan
+
+    with pytest.raises(RefsdError, match="use_karras_sigmas"):
+        flow_match_plan({"use_karras_sigmas": True}, 4)
+    with pytest.raises(RefsdError, match="needs mu"):
+        flow_match_plan({"use_dynamic_shifting": True}, 4)
+    with pytest.raises(RefsdError, match="strength must be in"):
+        flow_match_plan({}, 4, strength=1.5)
+    with pytest.raises(RefsdError, match="3 sigmas given for 4 steps"):
+        flow_match_plan({}, 4, sigmas=[1.0, 0.5, 0.25])
+    assert flow_latent_shape("flux", 1, 16, 72, 40) == (1, 16, 8, 4)
+    assert flow_latent_shape("sd3", 2, 16, 72, 40) == (2, 16, 9, 5)
+    with pytest.raises(RefsdError, match="flow family 'sdxl' unknown"):
+        flow_latent_shape("sdxl", 1, 16, 64, 64)
+
+
+@pytest.mark.parametrize("name", ["dpm_fast", "dpm_adaptive"])
+def test_dpm_solver_eta_refuses_on_flow(name):
+    from refsd.sampling import SAMPLERS
+    from refsd.sampling.denoisers import GaussianDenoiser
+
+    x = np.linspace(-1.0, 1.0, 6)
+    model = GaussianDenoiser(0.2, 0.5, model_sampling=ModelSamplingDiscreteFlow(like=x, shift=3.0))
+    sigmas = np.array([0.9, 0.6, 0.3, 0.1, 0.0])
+    SAMPLERS[name](model, x, sigmas)  # eta 0: an ODE solver in sigma, as ComfyUI runs it
+    with pytest.raises(RefsdError, match=f"sampler '{name}': eta > 0"):
+        SAMPLERS[name](model, x, sigmas, eta=0.5, noise_sampler=lambda a, b: x * 0)

@@ -395,6 +395,14 @@ class ModelSamplingDiscrete:
 # flow matching (rectified flow: SD3, Flux-style): the extension point
 
 
+def const_noise_scaling(sigma, noise, latent_image=None):
+    """sigma * noise + (1 - sigma) * latent_image (sigma * noise without a latent): a rectified-flow
+    latent at noise level sigma. ComfyUI CONST.noise_scaling (noise_scale 1) and diffusers
+    FlowMatchEulerDiscreteScheduler.scale_noise (img2img's start) compute it in this order."""
+    s = broadcast_sigma(sigma, noise)
+    return noise * s if latent_image is None else noise * s + latent_image * (1.0 - s)
+
+
 class ModelSamplingDiscreteFlow:
     """Rectified-flow model sampling (ComfyUI ModelSamplingDiscreteFlow + CONST).
 
@@ -499,8 +507,7 @@ class ModelSamplingDiscreteFlow:
     def noise_scaling(self, sigma, noise, latent_image=None, max_denoise: bool = False):
         """(1 - sigma) * latent + sigma * noise: flow interpolation; max_denoise changes nothing
         (at sigma = 1 the latent drops out). ComfyUI CONST.noise_scaling."""
-        s = broadcast_sigma(sigma, noise)
-        return noise * s if latent_image is None else noise * s + latent_image * (1.0 - s)
+        return const_noise_scaling(sigma, noise, latent_image)
 
     def inverse_noise_scaling(self, sigma, latent):
         """latent / (1 - sigma) (ComfyUI CONST.inverse_noise_scaling; sigma is the last, usually 0)."""
