@@ -408,3 +408,70 @@ def test_dpm_solver_eta_refuses_on_flow(name):
     SAMPLERS[name](model, x, sigmas)  # eta 0: an ODE solver in sigma, as ComfyUI runs it
     with pytest.raises(RefsdError, match=f"sampler '{name}': eta > 0"):
         SAMPLERS[name](model, x, sigmas, eta=0.5, noise_sampler=lambda a, b: x * 0)
+
+
+# --------------------------------------------------------------------------------------------
+# the network call on flow models: timesteps, distilled guidance (Flux-dev) vs true CFG (SD3)
+
+
+def test_flow_denoiser_timesteps_and_velocity(put):
+    """Denoiser over a velocity network: SD3 (multiplier 1000) sees t = 1000 sigma, Flux t = sigma (its
+    transformer scales by 1000 itself; diffusers passes timestep / 1000 = sigma); D = x - sigma v."""
+    from refsd.sampling.denoisers import Denoiser
+
+    x = put(np.linspace(-1.0, 1.0, 12).reshape(1, 3, 2, 2))
+    for ms, factor in ((ModelSamplingDiscreteFlow(like=x, shift=3.0), 1000.0), (ModelSamplingFlux(like=x), 1.0)):
+        seen = []
+
+        def net(x_in, t):
+            seen.append(float(rxp.to_numpy(t)))
+            return x_in * 0.5 + 0.25
+        d = Denoiser(net, ms)
+        out = d(x, put(np.asarray(0.4)))
+        assert seen == [pytest.approx(0.4 * factor, rel=1e-15)]
+        np.testing.assert_allclose(_np(out), _np(x) - 0.4 * (_np(x) * 0.5 + 0.25), rtol=1e-15, atol=1e-15)
+
+
+def test_distilled_guidance_is_a_model_input_without_cfg_batch(put):
+    """Flux-dev: GuidanceInput passes guidance (B,) = the scale to every call; under CFGDenoiser at
+    scale 1 (ComfyUI's cfg 1) one model call per step on B samples: no unconditional branch."""
+    from refsd.sampling import SAMPLERS
+    from refsd.sampling.guidance import CFGDenoiser, GuidanceInput
+
+    x = put(np.linspace(-1.0, 1.0, 24).reshape(2, 3, 2, 2))
+    calls = []
+
+    def inner(x_, sigma, *, ctx, guidance):
+        assert guidance.dtype == x_.dtype and rxp.device(guidance) == rxp.device(x_)
+        calls.append((x_.shape[0], _np(guidance).tolist(), float(_np(ctx).ravel()[0])))
+        return x_ * 0.0 + ctx
+    inner.model_sampling = ModelSamplingFlux(like=x)
+    model = CFGDenoiser(GuidanceInput(inner, 3.5), {"ctx": put(np.full((2, 1, 1, 1), 0.7))}, None, 1.0)
+    assert model.model_sampling is inner.model_sampling
+    sigmas = S.get_sigmas("simple", inner.model_sampling, 4)
+    SAMPLERS["euler"](model, x, sigmas)
+    assert calls == [(2, [3.5, 3.5], 0.7)] * 4
+    calls.clear()  # under true CFG as well (scale > 1): one joined call on 2B samples, guidance for each
+    CFGDenoiser(GuidanceInput(inner, 2.0), {"ctx": put(np.full((2, 1, 1, 1), 0.7))},
+                {"ctx": put(np.full((2, 1, 1, 1), 0.1))}, 3.0)(x, put(np.asarray(0.5)))
+    assert calls == [(4, [2.0] * 4, 0.7)]
+
+
+def test_true_cfg_on_x0_equals_diffusers_velocity_cfg(put):
+    """SD3: diffusers guides the velocity (v_u + s (v_c - v_u)); refsd's CFGDenoiser guides D = x - sigma v:
+    the same denoised estimate (D is affine in v), float64 to 1e-15."""
+    from refsd.sampling.denoisers import Denoiser
+    from refsd.sampling.guidance import CFGDenoiser
+
+    g = np.random.default_rng(0)
+    x, a_c, a_u = (put(g.standard_normal((2, 4, 3, 3))) for _ in range(3))
+    ms = ModelSamplingDiscreteFlow(like=x, shift=3.0)
+
+    def net(x_in, t, *, a):
+        return x_in * (t / 1000.0) - a
+    cfg = CFGDenoiser(Denoiser(net, ms), {"a": a_c}, {"a": a_u}, 4.5)
+    sigma = 0.63
+    got = _np(cfg(x, put(np.asarray(sigma))))
+    v_c, v_u = _np(x) * sigma - _np(a_c), _np(x) * sigma - _np(a_u)
+    want = _np(x) - sigma * (v_u + 4.5 * (v_c - v_u))
+    np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-14)
