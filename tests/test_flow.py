@@ -475,3 +475,17 @@ def test_true_cfg_on_x0_equals_diffusers_velocity_cfg(put):
     v_c, v_u = _np(x) * sigma - _np(a_c), _np(x) * sigma - _np(a_u)
     want = _np(x) - sigma * (v_u + 4.5 * (v_c - v_u))
     np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-14)
+
+
+def test_comfyui_plan_on_flow_starts_at_sigma_times_noise():
+    """ComfyUI's KSampler on a flow model: CONST.noise_scaling from an empty latent is sigma_0 * noise
+    (no sqrt(1 + sigma^2) at max denoise, which is EPS's), on ComfyUI's float32 schedule."""
+    from refsd.pipelines.profiles.comfyui import comfyui_plan
+
+    for model in ("sd3_shift3", "flux_1024"):
+        ms, ref = MODELS[model][0](np.zeros(1, np.float32)), MODELS[model][1]()
+        plan = comfyui_plan(ms, "euler", "simple", 6)
+        assert np.array_equal(np.asarray(plan.sigmas, np.float32), comfy_simple(ref, 6).numpy())
+        assert ms.is_max_denoise(plan.sigmas[0]) and plan.init_noise_sigma == plan.sigmas[0] == 1.0
+        img = comfyui_plan(ms, "euler", "simple", 6, denoise=0.5)
+        assert img.init_noise_sigma == img.sigmas[0] < 1.0

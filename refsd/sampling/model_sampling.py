@@ -390,6 +390,11 @@ class ModelSamplingDiscrete:
         """Undo noise_scaling's scaling of the final sample: the identity for eps/v models."""
         return latent
 
+    def noise_factor_f32(self, sigma: float, max_denoise: bool) -> float:
+        """noise_scaling's factor on the noise, in ComfyUI's float32 arithmetic on a float32 sigma:
+        torch.sqrt(1.0 + sigma ** 2.0) from pure noise, else sigma (EPS.noise_scaling)."""
+        return f32(math.sqrt(f32(1.0 + f32(sigma * sigma)))) if max_denoise else sigma
+
 
 # --------------------------------------------------------------------------------------------
 # flow matching (rectified flow: SD3, Flux-style): the extension point
@@ -512,6 +517,11 @@ class ModelSamplingDiscreteFlow:
     def inverse_noise_scaling(self, sigma, latent):
         """latent / (1 - sigma) (ComfyUI CONST.inverse_noise_scaling; sigma is the last, usually 0)."""
         return latent / (1.0 - broadcast_sigma(sigma, latent))
+
+    def noise_factor_f32(self, sigma: float, max_denoise: bool) -> float:
+        """noise_scaling's factor on the noise: sigma, also from pure noise (CONST.noise_scaling; the
+        latent's own factor 1 - sigma is applied by noise_scaling / const_noise_scaling)."""
+        return sigma
 
 
 class ModelSamplingFlux(ModelSamplingDiscreteFlow):
