@@ -27,7 +27,8 @@ from refsd import xp as rxp  # noqa: E402
 from refsd.errors import RefsdError  # noqa: E402
 from refsd.sampling import schedules as S  # noqa: E402
 from refsd.sampling.model_sampling import (ModelSamplingDiscreteFlow, ModelSamplingFlux, calculate_shift,  # noqa: E402
-                                           flux_shift, flux_time_shift, from_config, time_snr_shift)
+                                           comfyui_flow_model_sampling, flux_shift, flux_time_shift, from_config,
+                                           time_snr_shift)
 
 COMFYUI = "Comfy-Org/ComfyUI@a125cd84b054a57729b5eecab930ca9408719832"
 
@@ -192,6 +193,9 @@ MODELS = {
     "flux_512x768": (lambda like: ModelSamplingFlux(like=like, shift=flux_shift(512, 768)),
                      lambda: ComfyFlux(FLUX_512x768)),
     "flux_default": (lambda like: ModelSamplingFlux(like=like), lambda: ComfyFlux()),
+    # ComfyUI's FluxSchnell: ModelType.FLOW with sampling_settings multiplier 1.0, shift 1.0
+    "flux_schnell": (lambda like: comfyui_flow_model_sampling("flux_schnell", like=like),
+                     lambda: ComfyDiscreteFlow(1.0, multiplier=1.0)),
 }
 
 
@@ -489,3 +493,19 @@ def test_comfyui_plan_on_flow_starts_at_sigma_times_noise():
         assert ms.is_max_denoise(plan.sigmas[0]) and plan.init_noise_sigma == plan.sigmas[0] == 1.0
         img = comfyui_plan(ms, "euler", "simple", 6, denoise=0.5)
         assert img.init_noise_sigma == img.sigmas[0] < 1.0
+
+
+def test_comfyui_flow_families(put):
+    """comfy/supported_models.py: SD3 shift 3 (multiplier 1000), Flux-dev ModelSamplingFlux 1.15 (or the
+    node's size-dependent mu), Flux-schnell ModelSamplingDiscreteFlow shift 1, multiplier 1."""
+    like = put(np.zeros(1))
+    sd3 = comfyui_flow_model_sampling("sd3", like=like)
+    assert type(sd3) is ModelSamplingDiscreteFlow and (sd3.shift, sd3.multiplier) == (3.0, 1000.0)
+    dev = comfyui_flow_model_sampling("flux_dev", like=like)
+    assert type(dev) is ModelSamplingFlux and dev.mu == 1.15 and dev.num_timesteps == 10000
+    assert comfyui_flow_model_sampling("flux_dev", like=like, width=512, height=768).mu == FLUX_512x768
+    schnell = comfyui_flow_model_sampling("flux_schnell", like=like)
+    assert type(schnell) is ModelSamplingDiscreteFlow and (schnell.shift, schnell.multiplier) == (1.0, 1.0)
+    assert float(_np(schnell.timestep(put(np.asarray(0.25))))) == 0.25
+    with pytest.raises(RefsdError, match="flow family 'sdxl' unknown"):
+        comfyui_flow_model_sampling("sdxl", like=like)

@@ -578,6 +578,26 @@ class ModelSamplingFlux(ModelSamplingDiscreteFlow):
         return cls(like=like, shift=mu)
 
 
+# ComfyUI's model sampling per flow family (comfy/supported_models.py sampling_settings, model_base.py
+# model_sampling: SD3 and Flux-schnell are ModelType.FLOW, Flux-dev ModelType.FLUX).
+COMFYUI_FLOW_FAMILIES = ("sd3", "flux_dev", "flux_schnell")
+
+
+def comfyui_flow_model_sampling(family: str, *, like, width: int | None = None, height: int | None = None):
+    """The model sampling ComfyUI gives a flow family: "sd3" (SD3 / SD3.5) ModelSamplingDiscreteFlow
+    shift 3.0, multiplier 1000; "flux_dev" ModelSamplingFlux, mu 1.15, or flux_shift(width, height) when
+    the size is given (the ModelSamplingFlux node of ComfyUI's Flux workflows); "flux_schnell"
+    ModelSamplingDiscreteFlow shift 1.0, multiplier 1.0 (a 1000-entry table, t = sigma)."""
+    if family == "sd3":
+        return ModelSamplingDiscreteFlow(like=like, shift=3.0, multiplier=1000.0)
+    if family == "flux_dev":
+        mu = 1.15 if width is None or height is None else flux_shift(width, height)
+        return ModelSamplingFlux(like=like, shift=mu)
+    if family == "flux_schnell":
+        return ModelSamplingDiscreteFlow(like=like, shift=1.0, multiplier=1.0)
+    raise RefsdError(f"flow family {family!r} unknown; valid: {', '.join(COMFYUI_FLOW_FAMILIES)}")
+
+
 def from_config(config: dict, *, like, mu: float | None = None, **kw):
     """ModelSamplingDiscreteFlow for flow-matching configs (``_class_name`` FlowMatch*, or
     ``prediction_type: "flow"``; ModelSamplingFlux with ``mu`` when ``use_dynamic_shifting``),
