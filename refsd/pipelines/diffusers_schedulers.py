@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 from refsd.errors import RefsdError
 from refsd.numerics import f32
+from refsd.sampling.model_sampling import time_snr_shift_f32
 
 
 def sample_pndm(net, x, timesteps, *, transfer, step_ratio: int, prediction: str = "epsilon", callback=None):
@@ -111,8 +112,7 @@ def _flow_shift_f32(config: dict, mu, t: float) -> float:
     if config.get("use_dynamic_shifting"):
         e = f32(math.exp(mu)) if config.get("time_shift_type", "exponential") == "exponential" else f32(mu)
         return f32(e / f32(e + f32(f32(1.0 / t) - 1.0)))
-    shift = float(config.get("shift", 1.0))
-    return f32(f32(f32(shift) * t) / f32(1.0 + f32(f32(shift - 1.0) * t)))
+    return time_snr_shift_f32(float(config.get("shift", 1.0)), t)
 
 
 def _flow_shift_f64(config: dict, mu, t: float) -> float:
@@ -131,11 +131,8 @@ def _flow_table_ends(config: dict) -> tuple[float, float]:
     hi, lo = 1.0, f32(1.0 / n)
     if config.get("use_dynamic_shifting"):
         return hi, lo
-    shift = float(config.get("shift", 1.0))
-
-    def sh(t):  # torch float32: shift * sigmas / (1 + (shift - 1) * sigmas)
-        return f32(f32(f32(shift) * t) / f32(1.0 + f32(f32(shift - 1.0) * t)))
-    return sh(hi), sh(lo)
+    shift = float(config.get("shift", 1.0))  # torch float32: shift * sigmas / (1 + (shift - 1) * sigmas)
+    return time_snr_shift_f32(shift, hi), time_snr_shift_f32(shift, lo)
 
 
 def flow_match_plan(config: dict, steps: int, *, mu: float | None = None, sigmas=None,

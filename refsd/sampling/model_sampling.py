@@ -82,6 +82,14 @@ def time_snr_shift(shift: float, t: float) -> float:
     return shift * t / (1 + (shift - 1) * t)
 
 
+def time_snr_shift_f32(shift: float, t: float) -> float:
+    """time_snr_shift on a float32 t in float32 arithmetic (shift and shift - 1 rounded to float32 as
+    Python scalars meeting float32 tensors / arrays, every operation rounded once): ComfyUI's
+    ModelSamplingDiscreteFlow.sigma on its float32 buffer and diffusers' FlowMatchEulerDiscreteScheduler
+    shift (torch in __init__, NumPy float32 in set_timesteps) compute exactly this."""
+    return f32(f32(f32(shift) * t) / f32(1.0 + f32(f32(shift - 1.0) * t)))
+
+
 def flux_time_shift(mu: float, t: float, sigma: float = 1.0) -> float:
     """Flux's resolution-dependent shift of a flow time t in (0, 1]: e^mu / (e^mu + (1/t - 1)^sigma)
     (ComfyUI flux_time_shift; diffusers FlowMatchEulerDiscreteScheduler._time_shift_exponential).
@@ -478,12 +486,9 @@ class ModelSamplingDiscreteFlow:
     def sigma_f32(self, timesteps: Sequence[float]) -> list[float]:
         """ComfyUI's sigma in its float32 arithmetic: t = f32(timestep) / multiplier, then
         shift * t / (1 + (shift - 1) * t), each operation rounded to float32. Python floats."""
-        m, a, a1 = f32(self.multiplier), f32(self.shift), f32(self.shift - 1.0)
-        out = []
-        for ts in timesteps:
-            t = f32(f32(ts) / m)
-            out.append(t if self.shift == 1.0 else f32(f32(a * t) / f32(1.0 + f32(a1 * t))))
-        return out
+        m = f32(self.multiplier)
+        ts = [f32(f32(v) / m) for v in timesteps]
+        return ts if self.shift == 1.0 else [time_snr_shift_f32(self.shift, t) for t in ts]
 
     def timestep_f32(self, sigmas: Sequence[float]) -> list[float]:
         """ComfyUI's timestep in float32: f32(f32(sigma) * multiplier)."""
