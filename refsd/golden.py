@@ -40,6 +40,38 @@ def _run_sample(x, sigmas, noise, mean, std, *, sampler: str, options: dict | No
     return SAMPLERS[sampler](model, x, sigmas, noise_sampler=SequenceNoiseSampler(noise), **(options or {}))
 
 
+def _run_flow_match(mean, std, image_latents=None, *, family: str, config: dict, steps: int, seed: int,
+                    height: int, width: int, batch: int = 1, strength: float | None = None, mu: float | None = None):
+    """Golden adapter for diffusers' flow pipelines (op "flow_match"; golden/oracle_flow.py): the initial
+    noise (refsd.sampling.rng, torch-cpu), FlowMatchEulerDiscreteScheduler's plan, img2img's scale_noise,
+    and its Euler steps over the exact flow-Gaussian velocity v = (x - D) / s at s = t / 1000,
+    D = mean + c (x - (1 - s) mean), c = (1 - s) std^2 / ((1 - s)^2 std^2 + s^2)."""
+    from refsd.numerics import f32
+    from refsd.pipelines.diffusers_schedulers import (flow_latent_shape, flow_match_plan, flux_sigmas,
+                                                       sample_flow_match_euler)
+    from refsd.sampling.model_sampling import const_noise_scaling
+    from refsd.sampling.rng import randn
+
+    xp = rxp.namespace(mean)
+    shape = flow_latent_shape(family, batch, mean.shape[1], height, width)
+    noise = rxp.asarray(randn(seed, shape, mode="torch-cpu"), like=mean, dtype=mean.dtype)
+    plan = flow_match_plan(config, steps, mu=mu, sigmas=flux_sigmas(steps) if family == "flux" else None,
+                           strength=1.0 if strength is None else strength)
+    start = noise if image_latents is None else const_noise_scaling(plan.sigmas[0], noise, image_latents)
+
+    def velocity(x, t):
+        s = f32(t / 1000)  # the oracle's 0-d float32 tensor arithmetic, on the host
+        a = f32(1 - s)
+        c = a * std**2 / (f32(a * a) * std**2 + f32(s * s))
+        d = mean + c * (x - a * mean)
+        return (x - d) / s
+
+    y = sample_flow_match_euler(velocity, start, plan)
+    table = {"sigmas": plan.sigmas, "timesteps": plan.timesteps}
+    out = {k: xp.asarray(v, dtype=mean.dtype, device=rxp.device(mean)) for k, v in table.items()}
+    return {"noise": noise, "start": start, "y": y, **out}
+
+
 def _run_sample_brownian(x, sigmas, mean, std, *, sampler: str, seed, options: dict | None = None, cpu=None):
     """Golden adapter for sampler cases with Brownian-tree noise (op "sample_brownian"): ``cpu`` None
     runs the sampler with ``seed=`` and no noise sampler (ComfyUI's default tree, cpu=True); a bool
@@ -455,6 +487,7 @@ OPS = {
     "attention": _attention.attention,
     "sample": _run_sample,
     "sample_brownian": _run_sample_brownian,
+    "flow_match": _run_flow_match,
     "brownian_tree": _run_brownian_tree,
     "brownian_noise": _run_brownian_noise,
     "schedule": _run_schedule,

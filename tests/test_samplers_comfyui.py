@@ -36,7 +36,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array_wrap__ must accept conte
 from refsd.sampling import SAMPLERS  # noqa: E402
 from refsd.sampling.denoisers import GaussianDenoiser  # noqa: E402
 from refsd.sampling.guidance import CFGDenoiser  # noqa: E402
-from refsd.sampling.model_sampling import ModelSamplingDiscrete  # noqa: E402
+from refsd.errors import RefsdError  # noqa: E402
+from refsd.sampling.model_sampling import ModelSamplingDiscrete, ModelSamplingDiscreteFlow, ModelSamplingFlux  # noqa: E402
 from refsd.sampling.noise import SequenceNoiseSampler  # noqa: E402
 from refsd.sampling.samplers.solvers import sa_solver_tau_interval  # noqa: E402
 from refsd.sampling.schedules import get_sigmas  # noqa: E402
@@ -61,6 +62,28 @@ class ComfyEPS:
         return noise + latent_image
 
 
+class ComfyCONST:
+    """comfy/model_sampling.py CONST with ModelSamplingDiscreteFlow (time_snr_shift) or ModelSamplingFlux
+    (flux_time_shift): what the samplers read (isinstance CONST, percent_to_sigma, noise_scaling)."""
+
+    def __init__(self, shift, flux=False):
+        self.shift, self.flux = shift, flux
+
+    def percent_to_sigma(self, percent):
+        if percent <= 0.0:
+            return 1.0
+        if percent >= 1.0:
+            return 0.0
+        t = 1.0 - percent
+        if self.flux:  # flux_time_shift(shift, 1.0, t)
+            return math.exp(self.shift) / (math.exp(self.shift) + (1 / t - 1) ** 1.0)
+        return self.shift * t / (1 + (self.shift - 1) * t)  # time_snr_shift
+
+    def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
+        sigma = sigma.view(()) if sigma.nelement() == 1 else sigma.view(sigma.shape[:1] + (1,) * (noise.ndim - 1))
+        return sigma * (getattr(self, "noise_scale", 1.0) * noise) + (1.0 - sigma) * latent_image
+
+
 def set_model_options_post_cfg_function(model_options, post_cfg_function, disable_cfg1_optimization=False):
     """comfy/model_patcher.py set_model_options_post_cfg_function."""
     model_options["sampler_post_cfg_function"] = model_options.get("sampler_post_cfg_function", []) + [post_cfg_function]
@@ -80,11 +103,15 @@ class ComfyGuidedGaussian:
 
     def __init__(self, mean_cond, mean_uncond, std, scale, model_sampling):
         self.mean_cond, self.mean_uncond, self.std, self.scale = mean_cond, mean_uncond, std, scale
+        self.flow = isinstance(model_sampling, ComfyCONST)
         patcher = SimpleNamespace(get_model_object=lambda name: model_sampling)
         self.inner_model = SimpleNamespace(model_patcher=patcher, inner_model=SimpleNamespace(model_sampling=model_sampling))
 
     def _gaussian(self, x, sigma, mean):
         s = sigma.view(sigma.shape[:1] + (1,) * (x.ndim - 1))
+        if self.flow:  # x = (1 - s) x0 + s n: E[x0 | x] = mean + c (x - (1 - s) mean)
+            c = (1 - s) * self.std**2 / ((1 - s) ** 2 * self.std**2 + s * s)
+            return mean + c * (x - (1 - s) * mean)
         a = self.std * self.std / (self.std * self.std + s * s)
         return a * x + (1.0 - a) * mean
 
@@ -141,15 +168,29 @@ def get_ancestral_step(sigma_from, sigma_to, eta=1.0):
 
 
 def sigma_to_half_log_snr(sigma, model_sampling):
-    return sigma.log().neg()  # EPS (the CONST branch, -logit(sigma), is not exercised here)
+    if isinstance(model_sampling, ComfyCONST):
+        return sigma.logit().neg()
+    return sigma.log().neg()
 
 
 def half_log_snr_to_sigma(half_log_snr, model_sampling):
+    if isinstance(model_sampling, ComfyCONST):
+        return half_log_snr.neg().sigmoid()
     return half_log_snr.neg().exp()
 
 
 def offset_first_sigma_for_snr(sigmas, model_sampling, percent_offset=1e-4):
-    return sigmas  # changes only CONST (flow) schedules starting at sigma >= 1
+    if len(sigmas) <= 1:
+        return sigmas
+    if isinstance(model_sampling, ComfyCONST):
+        if sigmas[0] >= 1:
+            sigmas = sigmas.clone()
+            sigmas[0] = model_sampling.percent_to_sigma(percent_offset)
+    return sigmas
+
+
+def _is_const(model):
+    return isinstance(model.inner_model.inner_model.model_sampling, ComfyCONST)
 
 
 def ei_h_phi_1(h):
@@ -565,7 +606,75 @@ def comfy_sample_euler(model, x, sigmas, extra_args, noise_sampler):
     return x
 
 
+def _rf_split(sigma, sigma_next, eta):
+    """The (sigma_down, alpha_ip1, alpha_down, renoise_coeff) lines of ComfyUI's *_RF samplers."""
+    downstep_ratio = 1 + (sigma_next / sigma - 1) * eta
+    sigma_down = sigma_next * downstep_ratio
+    alpha_ip1, alpha_down = 1 - sigma_next, 1 - sigma_down
+    renoise_coeff = (sigma_next**2 - sigma_down**2 * alpha_ip1**2 / alpha_down**2) ** 0.5
+    return sigma_down, alpha_ip1, alpha_down, renoise_coeff
+
+
+def comfy_sample_euler_ancestral_RF(model, x, sigmas, extra_args, noise_sampler, eta=1.0, s_noise=1.0):
+    s_in = _s_in(x)
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            sigma_down, alpha_ip1, alpha_down, renoise_coeff = _rf_split(sigmas[i], sigmas[i + 1], eta)
+            sigma_down_i_ratio = sigma_down / sigmas[i]
+            x = sigma_down_i_ratio * x + (1 - sigma_down_i_ratio) * denoised
+            if eta > 0:
+                x = (alpha_ip1 / alpha_down) * x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * renoise_coeff
+    return x
+
+
+def comfy_sample_dpm_2_ancestral_RF(model, x, sigmas, extra_args, noise_sampler, eta=1.0, s_noise=1.0):
+    s_in = _s_in(x)
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        sigma_down, alpha_ip1, alpha_down, renoise_coeff = _rf_split(sigmas[i], sigmas[i + 1], eta)
+        d = to_d(x, sigmas[i], denoised)
+        if sigma_down == 0:
+            x = x + d * (sigma_down - sigmas[i])
+        else:
+            sigma_mid = sigmas[i].log().lerp(sigma_down.log(), 0.5).exp()
+            x_2 = x + d * (sigma_mid - sigmas[i])
+            d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_mid * s_in, **extra_args))
+            x = x + d_2 * (sigma_down - sigmas[i])
+            x = (alpha_ip1 / alpha_down) * x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * renoise_coeff
+    return x
+
+
+def comfy_sample_dpmpp_2s_ancestral_RF(model, x, sigmas, extra_args, noise_sampler, eta=1.0, s_noise=1.0):
+    s_in = _s_in(x)
+    sigma_fn = lambda lbda: (lbda.exp() + 1) ** -1  # noqa: E731
+    lambda_fn = lambda sigma: ((1 - sigma) / sigma).log()  # noqa: E731
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        sigma_down, alpha_ip1, alpha_down, renoise_coeff = _rf_split(sigmas[i], sigmas[i + 1], eta)
+        if sigmas[i + 1] == 0:
+            x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+        else:
+            if sigmas[i] == 1.0:
+                sigma_s = 0.9999
+            else:
+                t_i, t_down = lambda_fn(sigmas[i]), lambda_fn(sigma_down)
+                sigma_s = sigma_fn(t_i + (t_down - t_i) / 2)
+            sigma_s_i_ratio = sigma_s / sigmas[i]
+            u = sigma_s_i_ratio * x + (1 - sigma_s_i_ratio) * denoised
+            D_i = model(u, sigma_s * s_in, **extra_args)
+            sigma_down_i_ratio = sigma_down / sigmas[i]
+            x = sigma_down_i_ratio * x + (1 - sigma_down_i_ratio) * D_i
+        if sigmas[i + 1] > 0 and eta > 0:
+            x = (alpha_ip1 / alpha_down) * x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * renoise_coeff
+    return x
+
+
 def comfy_sample_euler_ancestral(model, x, sigmas, extra_args, noise_sampler, eta=1.0, s_noise=1.0):
+    if _is_const(model):
+        return comfy_sample_euler_ancestral_RF(model, x, sigmas, extra_args, noise_sampler, eta, s_noise)
     s_in = _s_in(x)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
@@ -609,6 +718,8 @@ def comfy_sample_dpm_2(model, x, sigmas, extra_args, noise_sampler):
 
 
 def comfy_sample_dpm_2_ancestral(model, x, sigmas, extra_args, noise_sampler, eta=1.0, s_noise=1.0):
+    if _is_const(model):
+        return comfy_sample_dpm_2_ancestral_RF(model, x, sigmas, extra_args, noise_sampler, eta, s_noise)
     s_in = _s_in(x)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
@@ -652,6 +763,8 @@ def comfy_sample_lms(model, x, sigmas, extra_args, noise_sampler, order=4):
 
 
 def comfy_sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args, noise_sampler, eta=1.0, s_noise=1.0):
+    if _is_const(model):
+        return comfy_sample_dpmpp_2s_ancestral_RF(model, x, sigmas, extra_args, noise_sampler, eta, s_noise)
     s_in = _s_in(x)
     sigma_fn, t_fn = (lambda t: t.neg().exp()), (lambda sigma: sigma.log().neg())
     for i in range(len(sigmas) - 1):
@@ -1141,9 +1254,8 @@ def test_every_sampler_is_restated():
 
 def test_dpmpp_2s_ancestral_cfg_pp_has_no_flow_branch():
     """ComfyUI@a125cd84's sample_dpmpp_2s_ancestral_cfg_pp never reads model_sampling: a rectified-flow
-    model gets the same formulas (refsd used to switch to a flow variant that ComfyUI does not have)."""
-    from refsd.sampling.model_sampling import ModelSamplingDiscreteFlow
-
+    model gets the same formulas (refsd used to switch to a flow variant that ComfyUI does not have).
+    At eta 0 refsd runs them; with eta > 0 their variance-exploding noise is wrong for flow: it refuses."""
     mean_c, mean_u, std, x0, noises = _problem()
     sigmas = np.array([0.95, 0.7, 0.4, 0.15, 0.0])
     outs = []
@@ -1153,5 +1265,102 @@ def test_dpmpp_2s_ancestral_cfg_pp_has_no_flow_branch():
         inner.model_sampling = ms
         cfg = CFGDenoiser(inner, {"mean": mean_c}, {"mean": mean_u}, 3.0)
         assert (cfg.model_sampling is None) == (ms is None)
-        outs.append(SAMPLERS["dpmpp_2s_ancestral_cfg_pp"](cfg, x0 * 0.95, sigmas, noise_sampler=SequenceNoiseSampler(noises)))
+        outs.append(SAMPLERS["dpmpp_2s_ancestral_cfg_pp"](cfg, x0 * 0.95, sigmas, eta=0.0))
+        if ms is not None:
+            with pytest.raises(RefsdError, match="wrong for a rectified-flow model"):
+                SAMPLERS["dpmpp_2s_ancestral_cfg_pp"](cfg, x0 * 0.95, sigmas, noise_sampler=SequenceNoiseSampler(noises))
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+# --------------------------------------------------------------------------------------------
+# rectified-flow models: ComfyUI's CONST model sampling (the *_RF forms, the flow half-log-SNR)
+
+# (refsd model sampling, ComfyUI's, scheduler, denoise): SD3's shift 3 from sigma 1 (the RF samplers'
+# sigma == 1 branches, offset_first_sigma_for_snr), Flux's exponential shift from sigma < 1 (img2img)
+FLOW_SETUPS = {
+    "sd3-simple": (lambda like: ModelSamplingDiscreteFlow(like=like, shift=3.0), ComfyCONST(3.0), "simple", 1.0),
+    "flux-normal-denoise0.6": (lambda like: ModelSamplingFlux(like=like, shift=1.15), ComfyCONST(1.15, flux=True),
+                               "normal", 0.6),
+}
+# ComfyUI adds variance-exploding noise here (no flow branch): wrong for a flow model, refsd refuses
+# (dpm_2_ancestral_RF at eta 0 adds noise * sqrt(rounding-level negative): NaN at some steps)
+FLOW_REFUSED = {("ddpm", ""), ("res_multistep_ancestral", "eta1"), ("res_multistep_ancestral_cfg_pp", "eta1"),
+                ("dpmpp_2s_ancestral_cfg_pp", "eta1"), ("dpm_2_ancestral", "eta0")}
+
+
+def flow_gaussian(std):
+    """E[x0 | x] for x0 ~ N(mean, std^2) seen as x = (1 - sigma) x0 + sigma n (NumPy; ComfyGuidedGaussian's flow case)."""
+    def inner(x_, sigma, *, mean):
+        s = np.asarray(sigma)
+        c = (1 - s) * std**2 / ((1 - s) ** 2 * std**2 + s * s)
+        return mean + c * (x_ - (1 - s) * mean)
+    return inner
+
+
+def run_flow_pair(name, refsd_opts, comfy_opts, setup, scale, noise_factor=1.0):
+    """As run_pair, on a flow model: x = CONST.noise_scaling(sigma_0, noise, x0)."""
+    comfy_fn = CASES[name][0]
+    mean_c, mean_u, std, x0, noises = _problem()
+    noises = noises * noise_factor
+    ms_fn, comfy_ms, scheduler, denoise = FLOW_SETUPS[setup]
+    ms = ms_fn(x0)
+    sigmas = np.asarray(get_sigmas(scheduler, ms, STEPS, denoise=denoise), dtype=np.float64)
+    x = sigmas[0] * noises[-1] + (1 - sigmas[0]) * x0
+    inner = flow_gaussian(std)
+    inner.model_sampling = ms
+    cfg = CFGDenoiser(inner, {"mean": mean_c}, {"mean": mean_u}, scale)
+    noise = SequenceNoiseSampler(noises[:-1])
+    y = SAMPLERS[name](cfg, x, sigmas, noise_sampler=noise, **refsd_opts)
+
+    t = lambda a: torch.from_numpy(np.array(a, dtype=np.float64))  # noqa: E731
+    comfy_model = ComfyGuidedGaussian(t(mean_c), t(mean_u), t(std), scale, comfy_ms)
+    comfy_noise = FixedNoise([t(n) for n in noises[:-1]])
+    y_ref = comfy_fn(comfy_model, t(x), t(sigmas), {}, comfy_noise, **comfy_opts)
+    return np.asarray(y), y_ref.numpy(), noise.used, comfy_noise.used
+
+
+def _flow_params(refused: bool):
+    for name, (_, option_sets) in CASES.items():
+        for refsd_opts, comfy_opts, oid in option_sets:
+            if ((name, oid) in FLOW_REFUSED) != refused:
+                continue
+            for setup in FLOW_SETUPS:
+                for scale in SCALES:
+                    yield pytest.param(name, refsd_opts, comfy_opts, setup, scale,
+                                       id=f"{name}{'-' + oid if oid else ''}-{setup}-cfg{scale:g}")
+
+
+@pytest.mark.parametrize("name,refsd_opts,comfy_opts,setup,scale", list(_flow_params(refused=False)))
+def test_sampler_on_flow_equals_comfyui_function(name, refsd_opts, comfy_opts, setup, scale):
+    y, y_ref, used, comfy_used = run_flow_pair(name, refsd_opts, comfy_opts, setup, scale)
+    assert np.isfinite(y_ref).all() and np.abs(y_ref).max() > 0.1
+    err = float(np.abs(y - y_ref).max())
+    tol = F32_REL_TOL[name] * float(np.abs(y_ref).max()) if _f32_transcendental(name, refsd_opts) else TOL
+    assert err <= tol, (name, setup, scale, err)
+    if used:
+        assert used == comfy_used, (used, comfy_used)
+
+
+@pytest.mark.parametrize("name,refsd_opts,comfy_opts,setup,scale", list(_flow_params(refused=True)))
+def test_sampler_on_flow_refuses_where_comfyui_is_wrong(name, refsd_opts, comfy_opts, setup, scale):
+    with pytest.raises(RefsdError, match=f"sampler '{name}'"):
+        run_flow_pair(name, refsd_opts, comfy_opts, setup, scale)
+
+
+def test_flow_ancestral_noise_matters():
+    """The RF forms' renoising is exercised: doubling the draws moves the output."""
+    for name in ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m_sde", "seeds_2", "er_sde"):
+        opts = CASES[name][1][0]
+        y1, _, used, _ = run_flow_pair(name, opts[0], opts[1], "sd3-simple", 3.0)
+        y2, _, _, _ = run_flow_pair(name, opts[0], opts[1], "sd3-simple", 3.0, noise_factor=2.0)
+        assert used > 0 and np.abs(y1 - y2).max() > 1e-3, name
+
+
+def test_flow_churn_refuses():
+    mean_c, _, std, x0, _ = _problem()
+    ms = ModelSamplingDiscreteFlow(like=x0, shift=3.0)
+    inner = flow_gaussian(std)
+    inner.model_sampling = ms
+    sigmas = np.asarray(get_sigmas("simple", ms, 4), dtype=np.float64)
+    with pytest.raises(RefsdError, match="sampler 'euler': s_churn > 0"):
+        SAMPLERS["euler"](CFGDenoiser(inner, {"mean": mean_c}, None, 1.0), x0, sigmas, s_churn=1.0)

@@ -1,4 +1,5 @@
-"""diffusers schedulers that are no k-diffusion sampler: PNDMScheduler (PLMS, ``skip_prk_steps``).
+"""diffusers schedulers that are no k-diffusion sampler: PNDMScheduler (PLMS, ``skip_prk_steps``) and
+FlowMatchEulerDiscreteScheduler (SD3 / Flux, below).
 
 PNDM (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models on Manifolds", eq. 9 and the
 PLMS method) is diffusers' default scheduler for SD 1.x. It is a linear multistep method on the
@@ -22,7 +23,12 @@ ref: diffusers 0.42.1 schedulers/scheduling_pndm.py (set_timesteps, step_plms, _
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 from refsd.errors import RefsdError
+from refsd.numerics import f32
+from refsd.sampling.model_sampling import time_snr_shift_f32
 
 
 def sample_pndm(net, x, timesteps, *, transfer, step_ratio: int, prediction: str = "epsilon", callback=None):
@@ -60,4 +66,134 @@ def sample_pndm(net, x, timesteps, *, transfer, step_ratio: int, prediction: str
         x = c_sample * sample - c_diff * e / denom  # _get_prev_sample, diffusers' order of operations
         if callback is not None:
             callback(counter, x)
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# FlowMatchEulerDiscreteScheduler (SD3 / SD3.5 / Flux under parity="diffusers")
+#
+# ref: diffusers 0.42.1 schedulers/scheduling_flow_match_euler_discrete.py (__init__, set_timesteps,
+# time_shift, scale_noise, step), pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py and
+# pipelines/flux/pipeline_flux.py (prepare_latents, sigmas = linspace(1, 1/N, N), calculate_shift),
+# pipelines/flux/pipeline_flux_img2img.py (get_timesteps: strength, set_begin_index).
+#
+# The schedule is built on the host in diffusers' own arithmetic, bit for bit: its float32 torch
+# table (sigma_max, sigma_min), its float64 NumPy linspace and shift when the pipeline passes no
+# sigmas (SD3), its float32 NumPy shift when it passes them (Flux), then float32 sigmas and
+# timesteps = sigmas * N in float32. Each float32 operation is the float64 one rounded once
+# (refsd.numerics.f32: float32 + - * / are correctly rounded, so this is exact).
+
+FLOW_MATCH_UNSUPPORTED = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                          "invert_sigmas", "stochastic_sampling")
+
+
+class FlowMatchPlan(NamedTuple):
+    """What a diffusers flow pipeline samples with: ``sigmas`` (steps + 1, ending in 0) and
+    ``timesteps`` (steps; the transformer's t = sigma * num_train_timesteps), host float32 values as
+    Python floats, both after img2img's ``strength`` cut; ``begin_index`` (where the cut starts)."""
+
+    sigmas: tuple
+    timesteps: tuple
+    begin_index: int
+
+
+def _linspace_numpy(start: float, stop: float, n: int) -> list[float]:
+    """np.linspace(start, stop, n) in float64: start + i * step, the last value stop itself."""
+    if n == 1:
+        return [start]
+    step = (stop - start) / (n - 1)
+    return [start + i * step for i in range(n - 1)] + [stop]
+
+
+def _flow_shift_f32(config: dict, mu, t: float) -> float:
+    """The scheduler's shift of one float32 sigma in float32 NumPy arithmetic (Python scalars cast to
+    float32 first, NEP 50): exponential e^mu / (e^mu + (1/t - 1)), linear mu / (mu + (1/t - 1)),
+    fixed shift * t / (1 + (shift - 1) t). ``** 1.0`` is exact."""
+    if config.get("use_dynamic_shifting"):
+        e = f32(math.exp(mu)) if config.get("time_shift_type", "exponential") == "exponential" else f32(mu)
+        return f32(e / f32(e + f32(f32(1.0 / t) - 1.0)))
+    return time_snr_shift_f32(float(config.get("shift", 1.0)), t)
+
+
+def _flow_shift_f64(config: dict, mu, t: float) -> float:
+    """The same shift in float64 (NumPy float64 arrays with Python scalars)."""
+    if config.get("use_dynamic_shifting"):
+        e = math.exp(mu) if config.get("time_shift_type", "exponential") == "exponential" else mu
+        return e / (e + (1.0 / t - 1.0))
+    shift = float(config.get("shift", 1.0))
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def _flow_table_ends(config: dict) -> tuple[float, float]:
+    """(sigma_max, sigma_min) of the scheduler's float32 training table (its __init__): sigma_i =
+    f32(i / N), shifted in float32 torch unless dynamic shifting is on."""
+    n = int(config.get("num_train_timesteps", 1000))
+    hi, lo = 1.0, f32(1.0 / n)
+    if config.get("use_dynamic_shifting"):
+        return hi, lo
+    shift = float(config.get("shift", 1.0))  # torch float32: shift * sigmas / (1 + (shift - 1) * sigmas)
+    return time_snr_shift_f32(shift, hi), time_snr_shift_f32(shift, lo)
+
+
+def flow_match_plan(config: dict, steps: int, *, mu: float | None = None, sigmas=None,
+                    strength: float = 1.0) -> FlowMatchPlan:
+    """FlowMatchEulerDiscreteScheduler.set_timesteps(steps, sigmas=sigmas, mu=mu) from a scheduler
+    config dict, then the img2img pipelines' get_timesteps(steps, strength): keep the schedule from
+    t_start = int(max(steps - min(steps * strength, steps), 0)).
+
+    ``sigmas``: None (SD3: linspace over the shifted table's timesteps) or the pipeline's list (Flux:
+    ``flux_sigmas(steps)``). ``mu``: required with ``use_dynamic_shifting`` (Flux's
+    model_sampling.calculate_shift of the packed sequence length).
+    """
+    bad = [k for k in FLOW_MATCH_UNSUPPORTED if config.get(k)]
+    if bad:
+        raise RefsdError(f"FlowMatchEulerDiscreteScheduler options not supported: {', '.join(bad)}")
+    if config.get("time_shift_type", "exponential") not in ("exponential", "linear"):
+        raise RefsdError(f"time_shift_type {config['time_shift_type']!r} unknown; valid: exponential, linear")
+    if config.get("use_dynamic_shifting") and mu is None:
+        raise RefsdError("use_dynamic_shifting needs mu (refsd.sampling.model_sampling.calculate_shift)")
+    if not isinstance(steps, int) or steps < 1:
+        raise RefsdError(f"steps must be an integer >= 1, got {steps!r}")
+    if not 0.0 <= strength <= 1.0:
+        raise RefsdError(f"strength must be in [0, 1], got {strength!r}")
+    n = int(config.get("num_train_timesteps", 1000))
+    if sigmas is None:  # float64 NumPy: linspace of timesteps, / N, shift; then float32
+        hi, lo = _flow_table_ends(config)
+        ts = _linspace_numpy(hi * n, lo * n, steps)
+        sig = [f32(_flow_shift_f64(config, mu, t / n)) for t in ts]
+    else:
+        if len(sigmas) != steps:
+            raise RefsdError(f"{len(sigmas)} sigmas given for {steps} steps")
+        sig = [_flow_shift_f32(config, mu, f32(float(v))) for v in sigmas]
+    timesteps = [f32(v * f32(n)) for v in sig]
+    t_start = int(max(steps - min(steps * strength, steps), 0))
+    return FlowMatchPlan(tuple(sig[t_start:]) + (0.0,), tuple(timesteps[t_start:]), t_start)
+
+
+def flux_sigmas(steps: int) -> list[float]:
+    """The sigmas FluxPipeline passes to set_timesteps: np.linspace(1.0, 1 / steps, steps)."""
+    return _linspace_numpy(1.0, 1.0 / steps, steps)
+
+
+def flow_latent_shape(family: str, batch: int, channels: int, height: int, width: int) -> tuple:
+    """The (B, C, h, w) shape diffusers' prepare_latents draws its initial noise in: SD3 (H // 8, W // 8);
+    Flux 2 * (H // 16) (even, for 2x2 packing; the draw is unpacked, packing is the transformer's)."""
+    if family == "sd3":
+        return (batch, channels, int(height) // 8, int(width) // 8)
+    if family == "flux":
+        return (batch, channels, 2 * (int(height) // 16), 2 * (int(width) // 16))
+    raise RefsdError(f"flow family {family!r} unknown; valid: sd3, flux")
+
+
+def sample_flow_match_euler(net, x, plan: FlowMatchPlan, *, callback=None):
+    """FlowMatchEulerDiscreteScheduler.step over the plan: x <- x + (sigma_next - sigma) * v with
+    v = net(x, t) the velocity (the guided transformer output) at the plan's timestep t, dt the
+    float32 difference of the float32 sigmas, x in its own dtype (diffusers upcasts to float32).
+    ``callback(i, x)`` after each step."""
+    for i, t in enumerate(plan.timesteps):
+        v = net(x, t)
+        dt = f32(plan.sigmas[i + 1] - plan.sigmas[i])
+        x = x + v * dt
+        if callback is not None:
+            callback(i, x)
     return x

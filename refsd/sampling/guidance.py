@@ -1,4 +1,5 @@
-"""Classifier-free guidance as a denoiser wrapper (Ho & Salimans 2022).
+"""Classifier-free guidance as a denoiser wrapper (Ho & Salimans 2022), and guidance as a model input
+(GuidanceInput: guidance-distilled models such as Flux-dev).
 
     denoised = uncond + scale * (cond - uncond)
 
@@ -104,3 +105,32 @@ class CFGDenoiser:
             uncond = self.inner_model(x, sigma, **self.uncond, **extra)
         self.cond_denoised, self.uncond_denoised = cond, uncond
         return uncond + (cond - uncond) * self.scale
+
+
+class GuidanceInput:
+    """``GuidanceInput(model, guidance)(x, sigma, **extra) -> model(x, sigma, guidance=g, **extra)``:
+    guidance as a model input, for guidance-distilled models (Flux-dev: the guidance scale is embedded
+    like the timestep, one forward per step, no unconditional branch).
+
+    ``g`` is a (B,) array of ``guidance`` in x's dtype and device, B = x.shape[0] at each call (so it
+    also fits the joined [cond; uncond] batch when a CFGDenoiser wraps this). As diffusers' FluxPipeline
+    (guidance = torch.full([1], guidance_scale).expand(B), transformer(..., guidance=guidance)) and
+    ComfyUI's FluxGuidance node (conditioning "guidance", comfy/model_base.py Flux.extra_conds); the
+    transformer does any scaling (x 1000) itself. Flux-dev runs as ``CFGDenoiser(GuidanceInput(den,
+    3.5), cond, None, 1.0)`` (ComfyUI's cfg 1: the cond branch only); true CFG (SD3) is CFGDenoiser
+    alone, on x0, which for a flow model equals diffusers' guidance on the velocity because
+    D = x - sigma * v is affine in v. ``model_sampling`` is the inner model's.
+    """
+
+    def __init__(self, model: Callable, guidance: float):
+        self.inner_model = model
+        self.guidance = float(guidance)
+
+    @property
+    def model_sampling(self):
+        return getattr(self.inner_model, "model_sampling", None)
+
+    def __call__(self, x, sigma, **extra):
+        xp = rxp.namespace(x)
+        g = xp.full((x.shape[0],), self.guidance, dtype=x.dtype, device=rxp.device(x))
+        return self.inner_model(x, sigma, guidance=g, **extra)

@@ -22,7 +22,12 @@ float32-exact helpers of refsd.numerics (f32, linspace_f32; the rounding argumen
 
 References (ported, not copied):
 - ComfyUI comfy/model_sampling.py: EPS, V_PREDICTION, CONST, ModelSamplingDiscrete (timestep,
-  sigma, percent_to_sigma), ModelSamplingDiscreteFlow, time_snr_shift;
+  sigma, percent_to_sigma), ModelSamplingDiscreteFlow, time_snr_shift, ModelSamplingFlux,
+  flux_time_shift (Comfy-Org/ComfyUI@a125cd84b054a57729b5eecab930ca9408719832);
+  comfy_extras/nodes_model_advanced.py ModelSamplingSD3 (shift 3.0), ModelSamplingFlux (the shift from
+  width / height: ``flux_shift``);
+- diffusers 0.42.1 pipelines/flux/pipeline_flux.py calculate_shift (``calculate_shift``: the same line
+  in image-sequence length) and schedulers/scheduling_flow_match_euler_discrete.py time_shift;
   comfy_extras/nodes_model_advanced.py and model_sampling.py rescale_zero_terminal_snr_sigmas;
   comfy/ldm/modules/diffusionmodules/util.py make_beta_schedule.
 - k-diffusion 0.1.1 k_diffusion/external.py DiscreteSchedule.sigma_to_t / t_to_sigma (continuous t).
@@ -75,6 +80,42 @@ def time_snr_shift(shift: float, t: float) -> float:
     if shift == 1.0:
         return t
     return shift * t / (1 + (shift - 1) * t)
+
+
+def time_snr_shift_f32(shift: float, t: float) -> float:
+    """time_snr_shift on a float32 t in float32 arithmetic (shift and shift - 1 rounded to float32 as
+    Python scalars meeting float32 tensors / arrays, every operation rounded once): ComfyUI's
+    ModelSamplingDiscreteFlow.sigma on its float32 buffer and diffusers' FlowMatchEulerDiscreteScheduler
+    shift (torch in __init__, NumPy float32 in set_timesteps) compute exactly this."""
+    return f32(f32(f32(shift) * t) / f32(1.0 + f32(f32(shift - 1.0) * t)))
+
+
+def flux_time_shift(mu: float, t: float, sigma: float = 1.0) -> float:
+    """Flux's resolution-dependent shift of a flow time t in (0, 1]: e^mu / (e^mu + (1/t - 1)^sigma)
+    (ComfyUI flux_time_shift; diffusers FlowMatchEulerDiscreteScheduler._time_shift_exponential).
+    mu = log(shift) makes it time_snr_shift(shift, t) when sigma = 1."""
+    e = math.exp(mu)
+    return e / (e + (1.0 / t - 1.0) ** sigma)
+
+
+def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+                    base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """mu for Flux's dynamic shift: the line through (base_seq_len, base_shift) and (max_seq_len,
+    max_shift) at ``image_seq_len`` (the packed latent's token count, (h/2)(w/2) for latents h x w).
+    diffusers pipelines/flux/pipeline_flux.py calculate_shift, in its operation order."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return image_seq_len * m + b
+
+
+def flux_shift(width: int, height: int, *, max_shift: float = 1.15, base_shift: float = 0.5) -> float:
+    """ComfyUI's ModelSamplingFlux node: mu from the image size in pixels, the same line as
+    ``calculate_shift`` with image_seq_len = width * height / (8 * 8 * 2 * 2) (VAE factor 8, 2x2
+    packing), computed in the node's operation order (comfy_extras/nodes_model_advanced.py)."""
+    x1, x2 = 256, 4096
+    mm = (max_shift - base_shift) / (x2 - x1)
+    b = base_shift - mm * x1
+    return (width * height / (8 * 8 * 2 * 2)) * mm + b
 
 
 def _betas(config: dict) -> list[float]:
@@ -357,9 +398,22 @@ class ModelSamplingDiscrete:
         """Undo noise_scaling's scaling of the final sample: the identity for eps/v models."""
         return latent
 
+    def noise_factor_f32(self, sigma: float, max_denoise: bool) -> float:
+        """noise_scaling's factor on the noise, in ComfyUI's float32 arithmetic on a float32 sigma:
+        torch.sqrt(1.0 + sigma ** 2.0) from pure noise, else sigma (EPS.noise_scaling)."""
+        return f32(math.sqrt(f32(1.0 + f32(sigma * sigma)))) if max_denoise else sigma
+
 
 # --------------------------------------------------------------------------------------------
 # flow matching (rectified flow: SD3, Flux-style): the extension point
+
+
+def const_noise_scaling(sigma, noise, latent_image=None):
+    """sigma * noise + (1 - sigma) * latent_image (sigma * noise without a latent): a rectified-flow
+    latent at noise level sigma. ComfyUI CONST.noise_scaling (noise_scale 1) and diffusers
+    FlowMatchEulerDiscreteScheduler.scale_noise (img2img's start) compute it in this order."""
+    s = broadcast_sigma(sigma, noise)
+    return noise * s if latent_image is None else noise * s + latent_image * (1.0 - s)
 
 
 class ModelSamplingDiscreteFlow:
@@ -384,7 +438,7 @@ class ModelSamplingDiscreteFlow:
         self.config = {"shift": self.shift, "multiplier": self.multiplier, "num_train_timesteps": self.num_timesteps}
         n, m = self.num_timesteps, self.multiplier
         # ComfyUI: self.sigma((arange(1, N + 1) / N) * multiplier)
-        host = [time_snr_shift(self.shift, ((i / n) * m) / m) for i in range(1, n + 1)]
+        host = [self._shift_host(((i / n) * m) / m) for i in range(1, n + 1)]
         xp = rxp.namespace(like)
         self.host_sigmas = tuple(host)
         self.sigmas = xp.asarray(host, dtype=_table_dtype(like), device=rxp.device(like))
@@ -399,7 +453,8 @@ class ModelSamplingDiscreteFlow:
         """From a diffusers FlowMatchEulerDiscreteScheduler config: ``shift`` (1.0),
         ``num_train_timesteps`` (1000), and refsd's ``multiplier`` (1000; ComfyUI's name)."""
         if config.get("use_dynamic_shifting"):
-            raise RefsdError("dynamic (resolution-dependent) flow shifting is not supported; pass a fixed shift")
+            raise RefsdError("a dynamically shifted flow config (use_dynamic_shifting) is ModelSamplingFlux's, "
+                             "with mu: use model_sampling.from_config(config, like=..., mu=...)")
         return cls(like=like, shift=config.get("shift", 1.0), multiplier=config.get("multiplier", 1000.0),
                    timesteps=config.get("num_train_timesteps", 1000))
 
@@ -413,23 +468,27 @@ class ModelSamplingDiscreteFlow:
             return xp.asarray(float(sigma) * self.multiplier, dtype=self.sigmas.dtype, device=rxp.device(self.sigmas))
         return sigma * self.multiplier
 
+    def _shift_host(self, t: float) -> float:
+        """The shifted sigma of a flow time t in [0, 1], on Python floats."""
+        return time_snr_shift(self.shift, t)
+
+    def _shift_array(self, t):
+        """``_shift_host`` on an array."""
+        return t if self.shift == 1.0 else self.shift * t / (1.0 + (self.shift - 1.0) * t)
+
     def sigma(self, timestep):
         """sigma = time_snr_shift(shift, t / multiplier)."""
         xp = rxp.namespace(self.sigmas)
         if not hasattr(timestep, "shape"):
             timestep = xp.asarray(float(timestep), dtype=self.sigmas.dtype, device=rxp.device(self.sigmas))
-        t = timestep / self.multiplier
-        return t if self.shift == 1.0 else self.shift * t / (1.0 + (self.shift - 1.0) * t)
+        return self._shift_array(timestep / self.multiplier)
 
     def sigma_f32(self, timesteps: Sequence[float]) -> list[float]:
         """ComfyUI's sigma in its float32 arithmetic: t = f32(timestep) / multiplier, then
         shift * t / (1 + (shift - 1) * t), each operation rounded to float32. Python floats."""
-        m, a, a1 = f32(self.multiplier), f32(self.shift), f32(self.shift - 1.0)
-        out = []
-        for ts in timesteps:
-            t = f32(f32(ts) / m)
-            out.append(t if self.shift == 1.0 else f32(f32(a * t) / f32(1.0 + f32(a1 * t))))
-        return out
+        m = f32(self.multiplier)
+        ts = [f32(f32(v) / m) for v in timesteps]
+        return ts if self.shift == 1.0 else [time_snr_shift_f32(self.shift, t) for t in ts]
 
     def timestep_f32(self, sigmas: Sequence[float]) -> list[float]:
         """ComfyUI's timestep in float32: f32(f32(sigma) * multiplier)."""
@@ -442,7 +501,7 @@ class ModelSamplingDiscreteFlow:
             return 1.0
         if percent >= 1.0:
             return 0.0
-        return time_snr_shift(self.shift, 1.0 - percent)
+        return self._shift_host(1.0 - percent)
 
     def is_max_denoise(self, sigma) -> bool:
         return _is_max_denoise(self.sigma_max, sigma)
@@ -458,18 +517,99 @@ class ModelSamplingDiscreteFlow:
     def noise_scaling(self, sigma, noise, latent_image=None, max_denoise: bool = False):
         """(1 - sigma) * latent + sigma * noise: flow interpolation; max_denoise changes nothing
         (at sigma = 1 the latent drops out). ComfyUI CONST.noise_scaling."""
-        s = broadcast_sigma(sigma, noise)
-        return noise * s if latent_image is None else noise * s + latent_image * (1.0 - s)
+        return const_noise_scaling(sigma, noise, latent_image)
 
     def inverse_noise_scaling(self, sigma, latent):
         """latent / (1 - sigma) (ComfyUI CONST.inverse_noise_scaling; sigma is the last, usually 0)."""
         return latent / (1.0 - broadcast_sigma(sigma, latent))
 
+    def noise_factor_f32(self, sigma: float, max_denoise: bool) -> float:
+        """noise_scaling's factor on the noise: sigma, also from pure noise (CONST.noise_scaling; the
+        latent's own factor 1 - sigma is applied by noise_scaling / const_noise_scaling)."""
+        return sigma
 
-def from_config(config: dict, *, like, **kw):
+
+class ModelSamplingFlux(ModelSamplingDiscreteFlow):
+    """Flux's rectified-flow model sampling (ComfyUI ModelSamplingFlux + CONST).
+
+    As ModelSamplingDiscreteFlow, with the exponential shift sigma(t) = flux_time_shift(mu, t) in place
+    of time_snr_shift, a 10000-entry table (sigmas[i] = sigma((i + 1) / 10000)) and timestep = sigma
+    (multiplier 1: the Flux network scales its timestep by 1000 itself). ``shift`` is ComfyUI's name
+    for mu: 1.15 by default (ComfyUI's Flux default), or resolution-dependent from ``flux_shift(width,
+    height)`` (ComfyUI's ModelSamplingFlux node) / ``calculate_shift(seq_len)`` (diffusers' dynamic
+    shifting); mu = log(s) equals a fixed SD3-style shift s.
+    """
+
+    def __init__(self, *, like, shift: float = 1.15, timesteps: int = 10000):
+        self.mu = float(shift)
+        super().__init__(like=like, shift=1.0, multiplier=1.0, timesteps=timesteps)
+        self.shift = self.mu
+        self.config = {"mu": self.mu, "num_train_timesteps": self.num_timesteps, "flux": True}
+
+    def _shift_host(self, t: float) -> float:
+        return flux_time_shift(self.mu, t) if t > 0 else 0.0
+
+    def _shift_array(self, t):
+        xp = rxp.namespace(t)
+        e = math.exp(self.mu)
+        safe = xp.where(t > 0, t, xp.ones_like(t))
+        return xp.where(t > 0, e / (e + (1.0 / safe - 1.0)), xp.zeros_like(t))
+
+    def sigma_f32(self, timesteps: Sequence[float]) -> list[float]:
+        """ComfyUI's flux_time_shift on a float32 tensor, as torch evaluates it: the Python float
+        e = exp(mu) enters float32 arithmetic as f32(e); ``1 / t`` and ``e / d`` are torch's
+        ``__rtruediv__``, a float32 reciprocal then a product: f32(f32(1 / d) * f32(e)) with
+        d = f32(f32(e) + f32(f32(1 / t) - 1)); ``** 1.0`` is exact. Checked bit for bit against torch
+        (tests/test_flow.py)."""
+        e, out = f32(math.exp(self.mu)), []
+        for ts in timesteps:
+            t = f32(ts)
+            if t > 0:
+                d = f32(e + f32(f32(1.0 / t) - 1.0))
+                out.append(f32(f32(1.0 / d) * e))
+            else:
+                out.append(0.0)
+        return out
+
+    @classmethod
+    def from_config(cls, config: dict, *, like, mu: float | None = None) -> "ModelSamplingFlux":
+        """From a diffusers FlowMatchEulerDiscreteScheduler config with ``use_dynamic_shifting`` (Flux):
+        ``mu`` (required: ``calculate_shift`` of the image's sequence length, or ``flux_shift``)."""
+        if mu is None:
+            raise RefsdError("a dynamically shifted flow model (use_dynamic_shifting) needs mu: "
+                             "calculate_shift(image_seq_len) or flux_shift(width, height)")
+        if config.get("time_shift_type", "exponential") != "exponential":
+            raise RefsdError(f"time_shift_type {config['time_shift_type']!r} is not supported; valid: exponential")
+        return cls(like=like, shift=mu)
+
+
+# ComfyUI's model sampling per flow family (comfy/supported_models.py sampling_settings, model_base.py
+# model_sampling: SD3 and Flux-schnell are ModelType.FLOW, Flux-dev ModelType.FLUX).
+COMFYUI_FLOW_FAMILIES = ("sd3", "flux_dev", "flux_schnell")
+
+
+def comfyui_flow_model_sampling(family: str, *, like, width: int | None = None, height: int | None = None):
+    """The model sampling ComfyUI gives a flow family: "sd3" (SD3 / SD3.5) ModelSamplingDiscreteFlow
+    shift 3.0, multiplier 1000; "flux_dev" ModelSamplingFlux, mu 1.15, or flux_shift(width, height) when
+    the size is given (the ModelSamplingFlux node of ComfyUI's Flux workflows); "flux_schnell"
+    ModelSamplingDiscreteFlow shift 1.0, multiplier 1.0 (a 1000-entry table, t = sigma)."""
+    if family == "sd3":
+        return ModelSamplingDiscreteFlow(like=like, shift=3.0, multiplier=1000.0)
+    if family == "flux_dev":
+        mu = 1.15 if width is None or height is None else flux_shift(width, height)
+        return ModelSamplingFlux(like=like, shift=mu)
+    if family == "flux_schnell":
+        return ModelSamplingDiscreteFlow(like=like, shift=1.0, multiplier=1.0)
+    raise RefsdError(f"flow family {family!r} unknown; valid: {', '.join(COMFYUI_FLOW_FAMILIES)}")
+
+
+def from_config(config: dict, *, like, mu: float | None = None, **kw):
     """ModelSamplingDiscreteFlow for flow-matching configs (``_class_name`` FlowMatch*, or
-    ``prediction_type: "flow"``), else ModelSamplingDiscrete."""
+    ``prediction_type: "flow"``; ModelSamplingFlux with ``mu`` when ``use_dynamic_shifting``),
+    else ModelSamplingDiscrete."""
     if str(config.get("_class_name", "")).startswith("FlowMatch") or config.get("prediction_type") == "flow":
+        if config.get("use_dynamic_shifting"):
+            return ModelSamplingFlux.from_config(config, like=like, mu=mu)
         return ModelSamplingDiscreteFlow.from_config(config, like=like)
     return ModelSamplingDiscrete.from_config(config, like=like, **kw)
 

@@ -7,13 +7,11 @@ KSamplerX0Inpaint), comfy/sample.py (prepare_noise), comfy/model_sampling.py (no
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from refsd import xp as rxp
 from refsd.errors import RefsdError
 from refsd.pipelines.profiles.base import Plan, Profile, register
-from refsd.sampling.model_sampling import f32
 from refsd.sampling.schedules import DISCARD_PENULTIMATE_SIGMA_SAMPLERS, get_sigmas
 
 
@@ -22,7 +20,9 @@ def comfyui_plan(model_sampling, sampler: str, scheduler: str, steps: int, denoi
     step longer with the penultimate sigma dropped for DISCARD_PENULTIMATE_SIGMA_SAMPLERS) in ComfyUI's
     float32 arithmetic (precision="float32": its float32 table and torch ops, so t = k + 0.5 sigmas round
     to ComfyUI's integer timesteps), timesteps rounded by the denoiser (float32 argmin, as ComfyUI),
-    initial noise scaled by model_sampling.noise_scaling: sqrt(1 + sigma^2) in float32 from full noise."""
+    initial noise scaled by model_sampling.noise_scaling: sqrt(1 + sigma^2) in float32 from full noise
+    (eps / v), sigma for flow models (CONST; their img2img start is model_sampling.noise_scaling's
+    sigma * noise + (1 - sigma) * latent, not latent + init * noise)."""
     COMFYUI.check_sampler(sampler, scheduler)
     s = get_sigmas(scheduler, model_sampling, steps, denoise=denoise, precision="float32",
                    discard_penultimate=sampler in DISCARD_PENULTIMATE_SIGMA_SAMPLERS)
@@ -30,9 +30,8 @@ def comfyui_plan(model_sampling, sampler: str, scheduler: str, steps: int, denoi
     if len(sigmas) < 2:
         raise RefsdError(f"scheduler {scheduler!r} gave no steps for steps={steps}, denoise={denoise}")
     first = sigmas[0]
-    max_denoise = model_sampling.is_max_denoise(first)
-    # EPS.noise_scaling: torch.sqrt(1.0 + sigma ** 2.0) on the float32 sigma
-    init = f32(math.sqrt(f32(1.0 + f32(first * first)))) if max_denoise else first
+    # EPS.noise_scaling: torch.sqrt(1.0 + sigma ** 2.0) on the float32 sigma from pure noise; CONST (flow): sigma
+    init = model_sampling.noise_factor_f32(first, model_sampling.is_max_denoise(first))
     return Plan(sampler, sigmas, None, init, vp=False, timestep_rounding="round")
 
 

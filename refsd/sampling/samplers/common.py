@@ -143,6 +143,16 @@ class Run:
         """The sigma of a half-log-SNR (ComfyUI half_log_snr_to_sigma)."""
         return sigmoid_neg(lam) if self.flow else math.exp(-lam)
 
+    def refuse_on_flow(self, what: str) -> None:
+        """Raise for a rectified-flow model where ComfyUI's sampler applies VE/VP formulas that are
+        wrong for it (noise added as x + sigma_up * noise ignores the (1 - sigma) scaling of the
+        signal): one line naming the sampler and what to use instead."""
+        if self.flow:
+            raise RefsdError(
+                f"sampler {self.name!r}: {what} adds variance-exploding noise, which is wrong for a rectified-flow "
+                f"model (model_sampling 'const'; ComfyUI applies it unchanged); use eta=0 / s_churn=0, or "
+                f"euler_ancestral / dpmpp_2s_ancestral / dpm_2_ancestral (rectified-flow forms) / dpmpp_2m_sde")
+
     def offset_first_sigma(self, percent_offset: float = 1e-4) -> None:
         """ComfyUI offset_first_sigma_for_snr: a flow schedule starting at sigma >= 1 (half-log-SNR
         -inf) starts at percent_to_sigma(1e-4) instead."""
@@ -156,5 +166,6 @@ def churn(r: Run, x, i: int, s_churn, s_tmin, s_tmax, s_noise):
     gamma = min(s_churn / (len(s) - 1), 2**0.5 - 1) if s_churn > 0 and s_tmin <= s[i] <= s_tmax else 0.0
     sigma_hat = s[i] * (gamma + 1)
     if gamma > 0:
+        r.refuse_on_flow("s_churn > 0 (Karras churn)")
         x = x + r.noise(s[i], sigma_hat) * (s_noise * math.sqrt(sigma_hat**2 - s[i] ** 2))
     return x, sigma_hat

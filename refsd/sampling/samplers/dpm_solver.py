@@ -122,6 +122,8 @@ def sample_dpm_fast(model, x, sigmas, *, extra_args=None, callback=None, noise_s
     ts = linspace_floats(t_start, t_end, m + 1)
     orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
     noisy = bool(eta) and s_noise != 0
+    if noisy:
+        r.refuse_on_flow("eta > 0 (ancestral noise)")
     for i, order in enumerate(orders):
         cache = {}
         t, t_next = ts[i], ts[i + 1]
@@ -157,6 +159,8 @@ def sample_dpm_adaptive(model, x, sigmas, *, extra_args=None, callback=None, noi
     s_, x_prev = t_start, x
     pid = _PIDStepSizeController(h_init, pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
     noisy, steps, root_n = bool(eta) and s_noise != 0, 0, math.sqrt(math.prod(x.shape))
+    if noisy:
+        r.refuse_on_flow("eta > 0 (ancestral noise)")
     while s_ < t_end - 1e-5 if forward else s_ > t_end + 1e-5:
         cache = {}
         t = min(t_end, s_ + pid.h) if forward else max(t_end, s_ + pid.h)

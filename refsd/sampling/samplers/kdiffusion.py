@@ -211,6 +211,10 @@ def sample_dpm_2_ancestral(model, x, sigmas, *, extra_args=None, callback=None, 
     """dpm_2 steps down to sigma_down, then fresh noise up to sigma_next. ComfyUI sample_dpm_2_ancestral."""
     r = Run("dpm_2_ancestral", model, x, sigmas, extra_args, callback, noise_sampler, seed)
     s = r.s
+    if r.flow and not eta:
+        raise RefsdError("sampler 'dpm_2_ancestral' with eta=0 on a rectified-flow model: ComfyUI's "
+                         "sample_dpm_2_ancestral_RF adds noise * sqrt(a rounding-level negative number), NaN at "
+                         "some steps; use dpm_2 (the same deterministic steps)")
     if r.flow:  # ComfyUI sample_dpm_2_ancestral_RF: the rectified-flow split, noise scaled by noise_scale
         s_noise = s_noise * r.noise_scale()
     noisy = bool(eta) and s_noise != 0
@@ -632,7 +636,8 @@ def _euler_ancestral_cfg_pp(name, model, x, sigmas, extra_args, callback, noise_
         alpha_s = s[i] * math.exp(r.lam(s[i]))  # 1 (up to rounding) for VE/VP sigmas, 1 - sigma for flow
         alpha_t = s[i + 1] * math.exp(r.lam(s[i + 1]))
         d = (x - uncond * alpha_s) / s[i]
-        sigma_down, sigma_up = ancestral_step(s[i] / alpha_s, s[i + 1] / alpha_t, eta)
+        # a flow schedule's sigma 1 has alpha 0: ComfyUI's tensor division gives inf (then sigma_down 0)
+        sigma_down, sigma_up = ancestral_step(s[i] / alpha_s if alpha_s else math.inf, s[i + 1] / alpha_t, eta)
         x = denoised * alpha_t + d * (alpha_t * sigma_down)
         if noisy:
             x = x + r.noise(s[i], s[i + 1]) * (alpha_t * s_noise * sigma_up)
@@ -646,11 +651,14 @@ def sample_dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, *, extra_args=None, callb
     D_uncond), with D_cfg at x and D_uncond of the latest model call (at x, then at the midpoint x_2),
     and are pulled toward the guided prediction (D_cfg at x, then at x_2); ancestral noise as
     dpmpp_2s_ancestral.
-    The same formulas for every model (ComfyUI has no rectified-flow branch for this sampler).
+    The same formulas for every model (ComfyUI has no rectified-flow branch for this sampler); on a
+    rectified-flow model its variance-exploding ancestral noise is wrong, so eta > 0 refuses there.
     """
     r = Run("dpmpp_2s_ancestral_cfg_pp", model, x, sigmas, extra_args, callback, noise_sampler, seed, cfg_pp=True)
     s = r.s
     noisy = bool(eta) and s_noise != 0
+    if noisy:
+        r.refuse_on_flow("eta > 0 (ancestral noise)")
     for i in range(len(s) - 1):
         denoised = r.model(x, s[i])
         uncond = r.uncond()

@@ -24,8 +24,12 @@ Semantics are ComfyUI's, for discrete-time eps / v models:
        comfy_extras/nodes_custom_sampler.py (SamplerSASolver, SamplerER_SDE option semantics)
 Where refsd departs from ComfyUI's arithmetic (never its semantics), docs/samplers.md (Solvers section) says how.
 
-Not implemented: ComfyUI's rectified-flow (model_sampling CONST) variants; samplers that have one
-raise RefsdError for a flow model.
+Rectified-flow models (model_sampling prediction "const", ComfyUI's CONST): sa_solver(_pece), er_sde,
+seeds_2 / seeds_3 / exp_heun_2_x0(_sde) use ComfyUI's flow half-log-SNR log((1 - sigma) / sigma) with
+the first sigma pulled below 1 (Run.lam / Run.sigma / Run.offset_first_sigma), as ComfyUI@a125cd84;
+res_multistep_ancestral(_cfg_pp) with eta > 0 adds variance-exploding noise, wrong for a flow model
+(ComfyUI has no flow branch), and refuses (Run.refuse_on_flow); the other samplers here are ODE
+solvers of dx/dsigma = (x - D) / sigma, which holds for flow models too, and run unchanged as in ComfyUI.
 
 Papers: Song et al. DDIM (arXiv:2010.02502); Zhao et al. UniPC (arXiv:2302.04867); Xue et al. SA-Solver (arXiv:2309.05019); Zhang et al. RES
 (arXiv:2308.02157); Permenter & Yuan, gradient estimation (arXiv:2306.04848); Cui et al. ER-SDE
@@ -229,7 +233,8 @@ def _sa_solver(name, model, x, sigmas, extra_args, callback, noise_sampler, seed
         ms = r.model_sampling()  # ComfyUI's default interval is set in model percent
         tau_func = sa_solver_tau_interval(ms.percent_to_sigma(sde_start_percent),
                                           ms.percent_to_sigma(sde_end_percent), eta=eta)
-    lam = [neg_log(v) for v in s]
+    r.offset_first_sigma()
+    lam = [r.lam(v) for v in s]  # ComfyUI sigma_to_half_log_snr: -logit(sigma) for flow models
     max_used = max(predictor_order, corrector_order)
     lower_order_to_end = s[-1] == 0
     x_pred, h, tau_t, noise = x, 0.0, 0.0, None
@@ -308,6 +313,8 @@ def _res_multistep(name, model, x, sigmas, extra_args, callback, noise_sampler, 
     r = Run(name, model, x, sigmas, extra_args, callback, noise_sampler, seed, cfg_pp=cfg_pp)
     s = r.s
     s_noise = s_noise * r.noise_scale()
+    if eta > 0 and s_noise > 0:
+        r.refuse_on_flow("eta > 0 (ancestral noise)")
     old_sigma_down = old_denoised = None
     for i in range(len(s) - 1):
         denoised = r.model(x, s[i])
@@ -502,7 +509,8 @@ def sample_er_sde(model, x, sigmas, *, extra_args=None, callback=None, noise_sam
     s = r.s
     s_noise = s_noise * r.noise_scale()
     n_points = 200
-    er_lam = [math.exp(-neg_log(v)) for v in s]  # sigma / alpha; = sigma for VE/VP sigmas
+    r.offset_first_sigma()
+    er_lam = [math.exp(-r.lam(v)) for v in s]  # sigma / alpha; = sigma for VE/VP sigmas, sigma / (1 - sigma) for flow
     old_denoised = old_denoised_d = None
     for i in range(len(s) - 1):
         denoised = r.model(x, s[i])
@@ -552,17 +560,18 @@ def _seeds_2(name, model, x, sigmas, extra_args, callback, noise_sampler, seed, 
     s_noise = s_noise * r.noise_scale()
     inject = eta > 0 and s_noise > 0
     fac = 1 / (2 * r_mid)
+    r.offset_first_sigma()
     for i in range(len(s) - 1):
         denoised = r.model(x, s[i])
         r.callback(i, x, s[i], s[i], denoised)
         if s[i + 1] == 0:
             x = denoised
             continue
-        lam_s, lam_t = neg_log(s[i]), neg_log(s[i + 1])
+        lam_s, lam_t = r.lam(s[i]), r.lam(s[i + 1])
         h = lam_t - lam_s
         h_eta = h * (eta + 1)
         lam_1 = lerp(lam_s, lam_t, r_mid)
-        sig_1 = math.exp(-lam_1)
+        sig_1 = r.sigma(lam_1)
         alpha_1, alpha_t = sig_1 * math.exp(lam_1), s[i + 1] * math.exp(lam_t)
         # stage 1: exponential Euler to lambda_s + r h
         x_2 = x * (sig_1 / s[i] * math.exp(-r_mid * h * eta)) - denoised * (alpha_1 * math.expm1(-r_mid * h_eta))
@@ -617,6 +626,7 @@ def sample_seeds_3(model, x, sigmas, *, extra_args=None, callback=None, noise_sa
     s = r.s
     s_noise = s_noise * r.noise_scale()
     inject = eta > 0 and s_noise > 0
+    r.offset_first_sigma()
 
     def phi_1(v):  # h phi_1(h)
         return math.expm1(v)
@@ -630,11 +640,11 @@ def sample_seeds_3(model, x, sigmas, *, extra_args=None, callback=None, noise_sa
         if s[i + 1] == 0:
             x = denoised
             continue
-        lam_s, lam_t = neg_log(s[i]), neg_log(s[i + 1])
+        lam_s, lam_t = r.lam(s[i]), r.lam(s[i + 1])
         h = lam_t - lam_s
         h_eta = h * (eta + 1)
         lam_1, lam_2 = lerp(lam_s, lam_t, r_1), lerp(lam_s, lam_t, r_2)
-        sig_1, sig_2 = math.exp(-lam_1), math.exp(-lam_2)
+        sig_1, sig_2 = r.sigma(lam_1), r.sigma(lam_2)
         alpha_1, alpha_2 = sig_1 * math.exp(lam_1), sig_2 * math.exp(lam_2)
         alpha_t = s[i + 1] * math.exp(lam_t)
         x_2 = x * (sig_1 / s[i] * math.exp(-r_1 * h * eta)) - denoised * (alpha_1 * phi_1(-r_1 * h_eta))
