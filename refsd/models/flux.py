@@ -34,7 +34,8 @@ from __future__ import annotations
 
 from refsd import xp as rxp
 from refsd.errors import BackendError
-from refsd.models.dit_blocks import (ada_layer_norm_continuous, ada_layer_norm_zero, batch_values,
+from refsd.models.blocks import batch_values
+from refsd.models.dit_blocks import (ada_layer_norm_continuous, ada_layer_norm_zero,
                                      feed_forward_gelu_tanh, joint_attention, modulate, plain_layer_norm,
                                      qkv_heads, rope_frequencies, time_text_embedding)
 from refsd.models.dit_configs import FluxConfig

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 from refsd import xp as rxp
 from refsd.errors import BackendError
-from refsd.models.dit_blocks import (ada_layer_norm_continuous, ada_layer_norm_zero, batch_values,
+from refsd.models.blocks import batch_values
+from refsd.models.dit_blocks import (ada_layer_norm_continuous, ada_layer_norm_zero,
                                      feed_forward_gelu_tanh, joint_attention, modulate, patch_embed,
                                      plain_layer_norm, qkv_heads, time_text_embedding, unpatchify)
 from refsd.models.dit_configs import SD3Config
