@@ -105,12 +105,12 @@ def ada_layer_norm_zero(p, x, temb_act, *, n: int = 6):
     after gate_msa2 (SD35AdaLayerNormZeroX's (x, gate_msa, shift_mlp, scale_mlp, gate_mlp, x2, gate_msa2)).
     """
     chunks = modulation(p, temb_act, n)
-    normed = plain_layer_norm(x)
+    normed = detail(p, "norm", plain_layer_norm(x))  # diffusers' ``norm`` submodule: the LayerNorm alone
     out = modulate(normed, chunks[0], chunks[1])
     rest = chunks[2:6] if n >= 6 else chunks[2:3]
     if n == 9:
         rest = rest + [modulate(normed, chunks[6], chunks[7]), chunks[8]]
-    return detail(p, "norm", out), rest
+    return out, rest
 
 
 def ada_layer_norm_continuous(p, x, temb_act, *, eps: float = ADA_NORM_EPS):
@@ -144,9 +144,9 @@ def qkv_heads(p, x, *, heads: int, names=("to_q", "to_k", "to_v"), norms=None):
         t = detail(p, name, linear(x, *wb(p, name)))
         out.append(xp.reshape(t, (b, n, heads, t.shape[-1] // heads)))
     q, k, v = out
-    if norms is not None:
-        q = detail(p, norms[0], rms_norm(q, p[f"{norms[0]}.weight"], QK_NORM_EPS))
-        k = detail(p, norms[1], rms_norm(k, p[f"{norms[1]}.weight"], QK_NORM_EPS))
+    if norms is not None:  # not traced: diffusers' norm_q / norm_k see (B, heads, N, d) in SD3, (B, N, heads, d) in Flux
+        q = rms_norm(q, p[f"{norms[0]}.weight"], QK_NORM_EPS)
+        k = rms_norm(k, p[f"{norms[1]}.weight"], QK_NORM_EPS)
     return q, k, v
 
 
