@@ -33,6 +33,7 @@ from refsd.errors import BackendError
 from refsd.models.blocks import _as
 from refsd.models.unet import get_timestep_embedding, timestep_embedding_mlp
 from refsd.ops import conv2d, gelu, layer_norm, linear, rms_norm, silu
+from refsd.sampling.model_sampling import _table_dtype
 from refsd.trace import detail
 from refsd.weights.params import wb
 
@@ -188,7 +189,7 @@ def rope_frequencies(ids, axes_dims, *, theta: float = 10000.0, like):
     if ids.ndim != 2 or ids.shape[1] != len(axes_dims):
         raise BackendError(f"RoPE ids must be (tokens, {len(axes_dims)}), got shape {tuple(ids.shape)}")
     dev = rxp.device(like)
-    wide = _wide_float(xp, dev)
+    wide = _table_dtype(like)  # float64 where the device has it
     pos = _as(_as(ids, xp.float32), wide)  # diffusers: ids.float(), then float64 arithmetic
     cos, sin = [], []
     for i, dim in enumerate(axes_dims):
@@ -199,15 +200,6 @@ def rope_frequencies(ids, axes_dims, *, theta: float = 10000.0, like):
         cos.append(xp.cos(ang))
         sin.append(xp.sin(ang))
     return _as(xp.concat(cos, axis=-1), like.dtype), _as(xp.concat(sin, axis=-1), like.dtype)
-
-
-def _wide_float(xp, dev):
-    """float64 where the device supports it (the Array API's per-device query), else float32."""
-    try:
-        floats = xp.__array_namespace_info__().dtypes(device=dev, kind="real floating")
-    except Exception:  # a namespace without the inspection API: assume the common case
-        return getattr(xp, "float64", xp.float32)
-    return floats.get("float64", floats["float32"])
 
 
 def apply_rope(x, cos, sin):
