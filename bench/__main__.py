@@ -2,7 +2,8 @@
 python -m bench brownian [--repeats N] [--json PATH]
 python -m bench lora [--repeats N] [--json PATH]
 python -m bench unet [--model sd15|sdxl] [--latent N] [--warmup W] [--repeats N] [--rounds R] [--kernels fast|reference] [--json PATH]
-python -m bench sweep [--size PIXELS] [--steps N] [--seeds N] [--json PATH]"""
+python -m bench sweep [--size PIXELS] [--steps N] [--seeds N] [--json PATH]
+python -m bench dit [--repeats N] [--rounds R] [--json PATH]"""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from bench.unet import add_options as unet_options
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description="refsd vs torch benchmarks (ratios in one run)")
-    ap.add_argument("suite", choices=["ops", "unet", "brownian", "sweep", "lora"],
+    ap.add_argument("suite", choices=["ops", "unet", "brownian", "sweep", "lora", "dit"],
                     help="ops: single ops at SD1.5 shapes; unet: full-size UNet forward; "
                          "brownian: Brownian-tree noise per sampler step vs torchsde; "
                          "sweep: refsd sweep cases/min at 1 and 2 Dask workers; "
-                         "lora: full-size LoRA merge time (bench/lora.py)")
+                         "lora: full-size LoRA merge time (bench/lora.py); "
+                         "dit: one full-width Flux double and single block (bench/dit.py)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="ops: timed runs per block (median over two alternating blocks per side is reported); "
                          "unet: timed forwards per side in all, split over --rounds (N // rounds each, at least 1)")
@@ -52,6 +54,10 @@ def main(argv=None) -> int:
         from bench import unet
 
         return _report(unet, unet.from_args(args, ap.error), args.json)
+    if args.suite == "dit":
+        from bench import dit
+
+        return _report(dit, dit.run(repeats=args.repeats, rounds=args.rounds or 2), args.json)
     if args.suite == "lora":
         from bench import lora
 

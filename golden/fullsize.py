@@ -225,6 +225,79 @@ def _clip_vision(name, cfg):
     return model, oracle, refsd, "1 x 3 x 224 x 224 pixels (257 tokens)"
 
 
+# Released transformer widths (config.json of black-forest-labs/FLUX.1-dev, stabilityai/stable-diffusion-3.5-large
+# and -3.5-medium, transformer/ folder; FLUX.1-schnell differs only in guidance_embeds False). Full depth does
+# not fit next to the oracle in 24 GiB for Flux (11.9B params, 47.6 GB float32) and SD3.5 Large (8.1B,
+# 32.6 GB): those run at reduced depth, SD3.5 Medium (2.5B, 9.9 GB) whole.
+FLUX_DEV = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+            "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
+            "guidance_embeds": True, "axes_dims_rope": [16, 56, 56]}
+SD35_LARGE = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 38, "attention_head_dim": 64,
+              "num_attention_heads": 38, "joint_attention_dim": 4096, "caption_projection_dim": 2432,
+              "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 192, "qk_norm": "rms_norm"}
+SD35_MEDIUM = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24, "attention_head_dim": 64,
+               "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536,
+               "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 384, "qk_norm": "rms_norm",
+               "dual_attention_layers": list(range(13))}
+
+
+def _flux(name, cfg):
+    """FluxTransformer2DModel at the released width: a 64x64 latent (512x512 image) packed to 1024 tokens,
+    256 T5 tokens (schnell's max_sequence_length), guidance 3.5, weights by golden.oracle_dit.randomise_dit."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    from golden.oracle_dit import randomise_dit
+
+    g = _generator(name)
+    model = FluxTransformer2DModel(**cfg).eval()
+    randomise_dit(model, g)
+    hidden = torch.randn((1, 1024, cfg["in_channels"]), generator=g)
+    ctx = torch.randn((1, 256, cfg["joint_attention_dim"]), generator=g)
+    pooled = torch.randn((1, cfg["pooled_projection_dim"]), generator=g)
+    t, guidance = torch.tensor([0.75]), torch.tensor([3.5])
+    img_ids = FluxPipeline._prepare_latent_image_ids(1, 32, 32, "cpu", torch.float32)
+    txt_ids = torch.zeros(256, 3)
+
+    def oracle():
+        return {"sample": model(hidden, ctx, pooled, t, img_ids, txt_ids, guidance=guidance).sample}
+
+    def refsd(params, put):
+        from refsd.models.flux import FluxConfig, flux
+
+        return {"sample": flux(params, put(hidden), put(t), put(ctx), put(pooled), img_ids=put(img_ids),
+                               txt_ids=put(txt_ids), guidance=put(guidance), cfg=FluxConfig.from_dict(cfg))}
+
+    depth = f"{cfg['num_layers']} double + {cfg['num_single_layers']} single blocks"
+    return model, oracle, refsd, f"{depth}; 1024 image + 256 text tokens, guidance 3.5"
+
+
+def _sd3(name, cfg, latent: int = 64, tokens: int = 333):
+    """SD3Transformer2DModel at the released width: by default a 64x64 latent (512x512, 1024 patches) and 333
+    text tokens (77 CLIP + 256 T5), weights by golden.oracle_dit.randomise_dit (pos_embed keeps diffusers'
+    sincos table)."""
+    from diffusers import SD3Transformer2DModel
+
+    from golden.oracle_dit import randomise_dit
+
+    g = _generator(name)
+    model = SD3Transformer2DModel(**cfg).eval()
+    randomise_dit(model, g)
+    sample = torch.randn((1, cfg["in_channels"], latent, latent), generator=g)
+    ctx = torch.randn((1, tokens, cfg["joint_attention_dim"]), generator=g)
+    pooled = torch.randn((1, cfg["pooled_projection_dim"]), generator=g)
+    t = torch.tensor([750.0])
+
+    def oracle():
+        return {"sample": model(sample, ctx, pooled, t).sample}
+
+    def refsd(params, put):
+        from refsd.models.mmdit import SD3Config, mmdit
+
+        return {"sample": mmdit(params, put(sample), put(t), put(ctx), put(pooled), cfg=SD3Config.from_dict(cfg))}
+
+    return model, oracle, refsd, f"{cfg['num_layers']} joint blocks; latent 1x16x{latent}x{latent}, {tokens} text tokens"
+
+
 CASES = {
     "clip_l": lambda: _clip("clip_l", CLIP_L, False, pad=49407),
     "openclip_bigg": lambda: _clip("openclip_bigg", OPENCLIP_BIGG, True, pad=0),
@@ -234,6 +307,9 @@ CASES = {
     "controlnet_sd15": lambda: _controlnet("controlnet_sd15", CONTROLNET_SD15, 2, sdxl=False),
     "controlnet_sdxl": lambda: _controlnet("controlnet_sdxl", CONTROLNET_SDXL, 1, sdxl=True),
     "clip_vision_h": lambda: _clip_vision("clip_vision_h", CLIP_VISION_H),
+    "flux_dev_2x2": lambda: _flux("flux_dev_2x2", {**FLUX_DEV, "num_layers": 2, "num_single_layers": 2}),
+    "sd35_large_2": lambda: _sd3("sd35_large_2", {**SD35_LARGE, "num_layers": 2}),
+    "sd35_medium": lambda: _sd3("sd35_medium", SD35_MEDIUM, latent=32, tokens=154),  # whole: 2.5B params
 }
 
 

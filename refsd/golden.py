@@ -471,6 +471,47 @@ def _run_lora_pipeline(*, params, model: dict, loras: list, mode: str, prompt: s
     return pipeline_outputs(res, steps_done, mode="txt2img")
 
 
+def _run_mmdit(hidden_states, timestep, encoder_hidden_states, pooled_projections, *, params, config: dict,
+               attention: str = "sliced", skip_layers=()):
+    """Golden adapter for SD3 / SD3.5 transformer cases (op "mmdit"): refsd.models.mmdit.mmdit on a diffusers
+    SD3Transformer2DModel config dict -> ``sample`` (the velocity)."""
+    from refsd.models.mmdit import SD3Config, mmdit
+
+    return {"sample": mmdit(params, hidden_states, timestep, encoder_hidden_states, pooled_projections,
+                            cfg=SD3Config.from_dict(config), attention=attention, skip_layers=tuple(skip_layers))}
+
+
+def _run_flux(hidden_states, timestep, encoder_hidden_states, pooled_projections, img_ids, txt_ids, guidance=None, *,
+              params, config: dict, attention: str = "sliced"):
+    """Golden adapter for Flux transformer cases (op "flux"): refsd.models.flux.flux on a diffusers
+    FluxTransformer2DModel config dict -> ``sample`` (the velocity, packed tokens)."""
+    from refsd.models.flux import FluxConfig, flux
+
+    return {"sample": flux(params, hidden_states, timestep, encoder_hidden_states, pooled_projections, img_ids=img_ids,
+                           txt_ids=txt_ids, guidance=guidance, cfg=FluxConfig.from_dict(config), attention=attention)}
+
+
+def _run_flux_block(hidden_states, encoder_hidden_states, temb, rope_cos, rope_sin, *, params, single: bool,
+                    heads: int, prefix: str, attention: str = "sliced"):
+    """Golden adapter for Flux block cases (op "flux_block"): flux_single_block / flux_double_block of the
+    weights under ``prefix`` on SiLU(temb) and the given RoPE tables -> ``hidden_states``,
+    ``encoder_hidden_states``."""
+    from refsd.models.flux import flux_double_block, flux_single_block
+
+    block = flux_single_block if single else flux_double_block
+    ctx, x = block(params.sub(prefix), hidden_states, encoder_hidden_states, ops.silu(temb), (rope_cos, rope_sin),
+                   heads=heads, attention=attention)
+    return {"hidden_states": x, "encoder_hidden_states": ctx}
+
+
+def _run_flux_rope(ids, *, axes_dims_rope, theta: float):
+    """Golden adapter for Flux RoPE cases (op "flux_rope"): rope_frequencies(ids) -> ``cos``, ``sin``."""
+    from refsd.models.dit_blocks import rope_frequencies
+
+    cos, sin = rope_frequencies(ids, tuple(axes_dims_rope), theta=theta, like=ids)
+    return {"cos": cos, "sin": sin}
+
+
 # op name in a case's metadata -> the refsd callable (or adapter above). Inputs are passed by name.
 OPS = {
     "linear": ops.linear,
@@ -504,6 +545,10 @@ OPS = {
     "prompt_embeds": _run_prompt_embeds,
     "lora": _run_lora,
     "lora_pipeline": _run_lora_pipeline,
+    "mmdit": _run_mmdit,
+    "flux": _run_flux,
+    "flux_block": _run_flux_block,
+    "flux_rope": _run_flux_rope,
 }
 
 

@@ -89,6 +89,22 @@ def _as(x, dtype):
     return x if x.dtype == dtype else rxp.namespace(x).astype(x, dtype)
 
 
+def batch_values(value, like, *, what: str):
+    """A number, a 0-d, (1,) or (B,) array -> (B,) float32 on ``like``'s backend (the timestep / guidance
+    forms diffusers' transformers accept; ``what`` names the argument in the error)."""
+    xp = rxp.namespace(like)
+    b = like.shape[0]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return xp.full((b,), float(value), dtype=xp.float32, device=rxp.device(like))
+    xp = rxp.namespace(value, like)
+    v = _as(value, xp.float32)
+    if v.ndim == 0:
+        v = xp.reshape(v, (1,))
+    if v.ndim != 1 or v.shape[0] not in (1, b):
+        raise BackendError(f"{what} must be a number, a 0-d array or shape (1,) or ({b},), got shape {tuple(value.shape)}")
+    return xp.broadcast_to(v, (b,))
+
+
 def attention_layer(p, x, context, *, heads: int, upcast: bool = False, strategy: str = "sliced",
                     scale: float | None = None, extra_kv=()):
     """diffusers Attention (AttnProcessor2_0): to_q(x), to_k/to_v(context), SDPA over heads, to_out.0.

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from refsd import xp as rxp
 from refsd.errors import BackendError
-from refsd.models.blocks import _as, downsample, resnet_block, transformer_2d, upsample
+from refsd.models.blocks import _as, batch_values, downsample, resnet_block, transformer_2d, upsample
 from refsd.models.configs import UNetConfig
 from refsd.numerics import timestep_frequencies_f32
 from refsd.ops import conv2d, group_norm, linear, silu
@@ -237,18 +237,7 @@ def timestep_embedding_mlp(p, x):
 
 def _timesteps(timestep, sample):
     """diffusers get_time_embed's broadcast: a Python number, a 0-d, (1,) or (B,) array -> (B,) float32."""
-    xp = rxp.namespace(sample)
-    b = sample.shape[0]
-    if isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
-        return xp.full((b,), float(timestep), dtype=xp.float32, device=rxp.device(sample))
-    xp = rxp.namespace(timestep, sample)
-    t = _as(timestep, xp.float32)
-    if t.ndim == 0:
-        t = xp.reshape(t, (1,))
-    if t.ndim != 1 or t.shape[0] not in (1, b):
-        raise BackendError(f"UNet: timestep must be a number, a 0-d array or shape (1,) or ({b},), "
-                           f"got shape {tuple(timestep.shape)}")
-    return xp.broadcast_to(t, (b,))
+    return batch_values(timestep, sample, what="UNet: timestep")
 
 
 def get_timestep_embedding(timesteps, embedding_dim: int, *, flip_sin_to_cos: bool = False,
