@@ -19,7 +19,7 @@ import pytest
 # start; a value set by the caller wins). The tests' arrays are tiny, so a second thread buys little,
 # and on a loaded 2-core machine OpenMP's spinning threads cost much: the SDXL txt2img golden on
 # torch:cpu took 7.7-11.7 CPU s / 46-88 s wall with torch's 2 threads, 0.35-0.57 CPU s / 3.5-6 s with 1
-# (same case, same load). Under ``pytest -n 2`` (pytest-xdist) the two workers then fill the two cores.
+# (same case, same load). Parallelism, where wanted, belongs to the test runner (pytest-xdist workers).
 # Set before anything imports NumPy or torch, which read these at start-up.
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
@@ -33,7 +33,8 @@ def _available_backends():
         names.append("torch:cpu")
         import torch
 
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch came in before this file
+        if os.environ["OMP_NUM_THREADS"].isdigit():  # in case torch came in before this file
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         if torch.cuda.is_available():
             names.append("torch:cuda")
     if importlib.util.find_spec("cupy") is not None:
