@@ -17,12 +17,27 @@ import pytest
 from refsd import xp as rxp
 
 
+def _pin_torch_threads(torch):
+    """One torch intra-op thread in the test process.
+
+    The tests' arrays are tiny, so torch's second OpenMP thread buys little, and on a loaded 2-core
+    machine its spinning threads cost much: the SDXL txt2img golden on torch:cpu took 7.7-11.7 CPU s /
+    46-88 s wall with 2 threads, 0.35-0.57 CPU s / 3.5-6 s with 1 (same case, same load); all 223
+    golden cases pass on torch:cpu with 1. Only this process: subprocesses keep torch's default,
+    because the oracle is thread-count sensitive (``golden.capture --check`` with OMP_NUM_THREADS=1
+    finds adapters/t2i_full_tiny_f32, vision/clip_vit_h_tiny_f32 and vision/clip_vit_bigg_tiny_f32
+    up to 1.9e-6 off the committed captures, beyond its float-noise bound).
+    """
+    torch.set_num_threads(1)
+
+
 def _available_backends():
     names = ["array-api-strict:device1", "numpy"]
     if importlib.util.find_spec("torch") is not None:
         names.append("torch:cpu")
         import torch
 
+        _pin_torch_threads(torch)
         if torch.cuda.is_available():
             names.append("torch:cuda")
     if importlib.util.find_spec("cupy") is not None:
