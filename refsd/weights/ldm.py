@@ -441,12 +441,13 @@ class Source:
     reshape: Reshape | None = None
     ratios: tuple[int, ...] | None = None
 
-    def _rows(self, n: int) -> tuple[int, int]:
-        """(start, stop) of this part's rows in an axis-0 extent ``n``."""
+    def _rows(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """(start, stop) of this part's rows in a tensor of ``shape``."""
         ratios = self.ratios or (1,) * self.parts
-        total = sum(ratios)
+        total, n = sum(ratios), shape[0]
         if n % total:
-            raise WeightsError(f"{self.key}: {n} rows do not split {':'.join(map(str, ratios))} along axis 0")
+            how = f"in the ratio {':'.join(map(str, ratios))}" if self.ratios else f"into {self.parts} equal parts"
+            raise WeightsError(f"{self.key}: shape {tuple(shape)} does not split {how} along axis 0")
         unit = n // total
         start = unit * sum(ratios[:self.part])
         return start, start + unit * ratios[self.part]
@@ -456,14 +457,14 @@ class Source:
         if self.parts > 1:
             if not s:
                 raise WeightsError(f"{self.key}: a scalar does not split into {self.parts} parts along axis 0")
-            start, stop = self._rows(s[0])
+            start, stop = self._rows(s)
             s = (stop - start,) + s[1:]
         return self.reshape.shape(s) if self.reshape else s
 
     def take(self, a):
         """The diffusers tensor from the file's array ``a``: a view (slice, reshape, transpose)."""
         if self.parts > 1:
-            start, stop = self._rows(a.shape[0])
+            start, stop = self._rows(tuple(a.shape))
             a = a[start:stop]
         return self.reshape.forward(a) if self.reshape else a
 
