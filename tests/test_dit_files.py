@@ -308,28 +308,30 @@ def test_flux_single_block_split_is_a_view(tmp_path):
     assert mlp.shape == (64, 16) and not mlp.flags.owndata
 
 
+def _bf16_to_torch(a):
+    """An ml_dtypes bfloat16 NumPy array as a torch bfloat16 tensor (same bits)."""
+    return torch.from_numpy(np.ascontiguousarray(a).view(np.uint16)).view(torch.bfloat16)
+
+
 @pytest.mark.slow
 def test_diffusers_reads_refsd_flux_file_at_released_width(tmp_path):
     """Flux at the released width (3072, 24 heads of 128; diffusers' converter hardcodes it) with
-    one double and one single block, bfloat16 (as released): diffusers' converter consumes every
-    key, from_single_file reads every tensor torch.equal, and so does refsd."""
+    one double and one single block, bfloat16 as released, ComfyUI's model.diffusion_model. prefix:
+    diffusers' converter consumes every key, from_single_file reads every tensor torch.equal, and
+    so does refsd. (~1.1 GB of weights; run under the big-memory lock.)"""
     from diffusers import FluxTransformer2DModel
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+    from safetensors.torch import load_file
 
     cfg = {**RELEASED["flux-dev"][1], "num_layers": 1, "num_single_layers": 1}
-    model, state = _flux_state(cfg, 11, torch.bfloat16)
-    del model
-    sd = {"model.diffusion_model." + k: torch.from_numpy(np.array(v)) if not isinstance(v, torch.Tensor) else v
-          for k, v in _to_file("flux", {k: v.float() for k, v in state.items()}, FLUX_BARE).items()}
-    sd = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+    _, state = _flux_state(cfg, 11, torch.bfloat16)
     path = tmp_path / "flux-dev-1-1.safetensors"
-    from safetensors.torch import save_file
-
-    save_file(sd, str(path))
-    ck = dict(sd)
-    convert_flux_transformer_checkpoint_to_diffusers(ck)
-    assert ck == {}
-    del ck, sd
+    save_safetensors(path, _to_file("flux", state, flux.SLOTS[0]))
+    ck = load_file(str(path))
+    assert all(k.startswith("model.diffusion_model.") for k in ck)
+    converted = convert_flux_transformer_checkpoint_to_diffusers(ck)
+    assert ck == {} and set(converted) == set(state)
+    del ck, converted
     folder = tmp_path / "transformer"
     with torch.device("meta"):
         FluxTransformer2DModel(**cfg).save_config(folder)
@@ -338,11 +340,9 @@ def test_diffusers_reads_refsd_flux_file_at_released_width(tmp_path):
     assert_same_state(m.state_dict(), state, "diffusers flux, released width")
     del m
     got = load_checkpoint(path)
-    assert got.architecture == "flux-dev"
+    assert got.architecture == "flux-dev" and set(got.params["transformer"]) == set(state)
     for k, w in state.items():
-        assert torch.equal(torch.from_numpy(np.array(got.params["transformer"][k]).view(np.uint16)).view(torch.bfloat16)
-                           if got.params["transformer"].dtype_of(k) == "bfloat16" else
-                           torch.from_numpy(np.array(got.params["transformer"][k])), w), k
+        assert torch.equal(_bf16_to_torch(got.params["transformer"][k]), w), k
 
 
 # --------------------------------------------------------------------------------------------
