@@ -404,6 +404,10 @@ def test_a_flux_file_without_its_text_encoders(tmp_path):
     assert "\n" not in msg and "flux1-dev.safetensors" in msg and "flux-dev file without its text_encoder, " \
         "text_encoder_2" in msg and "--clip-l (CLIP-L" in msg and "--t5 (T5-XXL" in msg
     dit.check_supplied(found, {"vae", "text_encoder", "text_encoder_2"}, what=str(path))  # all given: fine
+    proc = run_info(path)
+    assert proc.returncode == 0, proc.stderr
+    assert "architecture: flux-dev (FLUX.1 dev" in proc.stdout
+    assert "needs: --vae (16-channel AutoencoderKL), --clip-l (CLIP-L (CLIPTextModel)), --t5 (T5-XXL" in proc.stdout
 
 
 def test_a_4_channel_vae_for_a_16_channel_model(sd3_built, tmp_path):
@@ -436,3 +440,62 @@ def test_a_4_channel_vae_for_a_16_channel_model(sd3_built, tmp_path):
     save_safetensors(path, bundled)
     with pytest.raises(WeightsError, match=r"the VAE of .*bundled\.safetensors: a 4-channel VAE"):
         load_checkpoint(path)
+
+
+def _text_encoders(seed):
+    """Tiny CLIP-L (quick_gelu) and bigG (gelu) with projections, CLIP-L without, and a T5 v1.1 encoder."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from tests.test_checkpoint import CLIP_TINY, OPENCLIP_TINY
+
+    t5 = T5Config(vocab_size=40, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=3,
+                  feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+    models = {"clip_l_proj": CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_TINY)),
+              "clip_g": CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_TINY)),
+              "clip_l": CLIPTextModel(CLIPTextConfig(**CLIP_TINY)), "t5": T5EncoderModel(t5)}
+    return {k: {n: v.detach().clone() for n, v in _randomise(m, seed + i).state_dict().items()}
+            for i, (k, m) in enumerate(models.items())}
+
+
+def test_bundled_text_encoders_and_vae(sd3_built, tmp_path):
+    """SD3 "incl. clips" and ComfyUI-saved Flux files: the text encoders keep transformers' names
+    (diffusers' convert_ldm_clip_checkpoint / convert_sd3_t5_checkpoint_to_diffusers strip the prefix
+    and nothing else), the VAE sits under first_stage_model. (SD3) or vae. (Flux)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_sd3_t5_checkpoint_to_diffusers
+
+    te = _text_encoders(300)
+    b = sd3_built["sd3.5-medium"]
+    sd = dict(b["sd"])
+    for slot, key in zip(sd3.SLOTS[2:5], ("clip_l_proj", "clip_g", "t5")):
+        sd.update({slot.prefix + k: v.numpy() for k, v in te[key].items()})
+    path = tmp_path / "sd3.5-medium-incl-clips.safetensors"
+    save_safetensors(path, sd)
+    ck = load_checkpoint(path)
+    assert ck.architecture == "sd3.5-medium" and ck.needs == ()
+    file_t = {k: torch.from_numpy(v) for k, v in sd.items()}
+    for comp, slot, key in zip(("text_encoder", "text_encoder_2", "text_encoder_3"), sd3.SLOTS[2:5],
+                               ("clip_l_proj", "clip_g", "t5")):
+        assert_same_state(ck.params[comp], te[key], f"refsd {comp}")
+        ref = (convert_sd3_t5_checkpoint_to_diffusers(file_t) if key == "t5"
+               else convert_ldm_clip_checkpoint(file_t, slot.prefix))
+        assert_same_state(ref, te[key], f"diffusers {comp}")
+    assert ck.configs["text_encoder"]["hidden_act"] == "quick_gelu" and ck.configs["text_encoder_2"]["hidden_act"] == "gelu"
+    assert ck.configs["text_encoder_2"]["projection_dim"] == 20
+    assert {k: ck.configs["text_encoder_3"][k] for k in ("d_model", "d_kv", "d_ff", "num_layers", "num_heads",
+                                                        "feed_forward_proj")} == \
+        {"d_model": 16, "d_kv": 4, "d_ff": 24, "num_layers": 2, "num_heads": 3, "feed_forward_proj": "gated-gelu"}
+    # ComfyUI-saved Flux: transformer, VAE under vae., CLIP-L (CLIPTextModel) and T5
+    _, state = _flux_state({**FLUX_TINY, "in_channels": 64}, 9)
+    sd = {**_to_file("flux", state, flux.SLOTS[0]),
+          **{"vae." + k.removeprefix("first_stage_model."): v for k, v in b["sd"].items()
+             if k.startswith("first_stage_model.")},
+          **{"text_encoders.clip_l.transformer.text_model." + k: v.numpy() for k, v in te["clip_l"].items()},
+          **{"text_encoders.t5xxl.transformer." + k: v.numpy() for k, v in te["t5"].items()}}
+    path = tmp_path / "flux1-dev-comfy.safetensors"
+    save_safetensors(path, sd)
+    ck = load_checkpoint(path)
+    assert ck.architecture == "flux-dev" and ck.needs == ()
+    assert_same_state(ck.params["text_encoder"], te["clip_l"], "refsd flux clip_l")
+    assert_same_state(ck.params["text_encoder_2"], te["t5"], "refsd flux t5")
+    assert_same_state(ck.params["vae"], b["vae_state"], "refsd flux vae")
+    assert (ck.configs["vae"]["scaling_factor"], ck.configs["vae"]["shift_factor"]) == (0.3611, 0.1159)
