@@ -351,7 +351,11 @@ def test_diffusers_reads_refsd_flux_file_at_released_width(tmp_path):
 
 @pytest.mark.parametrize("name", list(RELEASED))
 def test_released_key_sets_are_detected_and_named(name):
-    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+    from diffusers.loaders.single_file_utils import (
+        convert_flux_transformer_checkpoint_to_diffusers,
+        convert_sd3_transformer_checkpoint_to_diffusers,
+        infer_diffusers_model_type,
+    )
 
     cls, cfg, diffusers_name = RELEASED[name]
     family = "sd3" if cls.startswith("SD3") else "flux"
@@ -359,7 +363,12 @@ def test_released_key_sets_are_detected_and_named(name):
     slot = SD3_SLOT if family == "sd3" else FLUX_BARE
     file_shapes = ldm.to_ldm_shapes(shapes, slot, _table(family, shapes))
     with torch.device("meta"):
-        assert infer_diffusers_model_type({k: torch.empty(s) for k, s in file_shapes.items()}) == diffusers_name
+        ck = {k: torch.empty(s) for k, s in file_shapes.items()}
+        assert infer_diffusers_model_type(ck) == diffusers_name
+        convert = (convert_sd3_transformer_checkpoint_to_diffusers if family == "sd3"
+                   else convert_flux_transformer_checkpoint_to_diffusers)
+        converted = convert(ck)  # on meta tensors: the full released key set, every key consumed
+    assert ck == {} and {k: tuple(v.shape) for k, v in converted.items()} == shapes
     found = dit.detect_dit(file_shapes, what=name)
     assert found.architecture == name and found.family == family
     got = found.configs["transformer"]
