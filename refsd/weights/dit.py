@@ -28,8 +28,19 @@ from pathlib import Path
 from refsd.errors import WeightsError
 from refsd.models.infer import text_config, vae_config
 from refsd.weights import flux, sd3
+from refsd.weights.ldm import (
+    CLIP_TOP,
+    RESHAPES,
+    Plan,
+    Slot,
+    Table,
+    _indices,
+    plan,
+    vae_layout_diffusers,
+    vae_layout_ldm,
+    vae_rows,
+)
 from refsd.weights.ldm import IGNORED as LDM_IGNORED
-from refsd.weights.ldm import Plan, Slot, plan
 
 Shapes = Mapping[str, tuple]
 
@@ -87,10 +98,29 @@ def _ignorable(rules: Iterable[tuple[str, str]]):
     return lambda k: any(r.search(k) for r in rx)
 
 
+IDENTITY = (("", ""),)  # transformers' names kept as they are
+
+
+def table_for(slot: Slot, keys: list[str], *, naming: str = "ldm") -> Table:
+    """The table of one slot of an SD3 / Flux file, its layout read from ``keys`` (relative to the slot)."""
+    if slot.kind == "mmdit":
+        return sd3.mmdit_table((sd3.depth_ldm if naming == "ldm" else sd3.depth_diffusers)(keys))
+    if slot.kind == "vae":
+        layout = (vae_layout_ldm if naming == "ldm" else vae_layout_diffusers)(keys)
+        return Table(tuple(vae_rows(layout)), RESHAPES["vae"])
+    if slot.kind == "hf":
+        return Table(IDENTITY)
+    if slot.kind == "clip":
+        return Table(tuple(CLIP_TOP))
+    if slot.kind == "flux":
+        return flux.flux_table(*(flux.depths_ldm if naming == "ldm" else flux.depths_diffusers)(keys))
+    raise WeightsError(f"no table for slot kind {slot.kind!r}")
+
+
 def plan_file(shapes: Shapes, family: str, *, what: str = "checkpoint") -> Plan:
     """Every key of an SD3 / Flux file renamed to its component's diffusers key, or WeightsError naming the rest."""
     fam = FAMILIES[family]
-    return plan(shapes, what=what, slots=fam.slots, table_for=sd3.table_for, ignorable=_ignorable(fam.ignored))
+    return plan(shapes, what=what, slots=fam.slots, table_for=table_for, ignorable=_ignorable(fam.ignored))
 
 
 def t5_config(shapes: Shapes) -> dict:
@@ -106,7 +136,7 @@ def t5_config(shapes: Shapes) -> dict:
     inner = need("encoder.block.0.layer.0.SelfAttention.q.weight")[0]
     gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in shapes
     d_ff = need("encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight")[0]
-    layers = len(sd3._indices(shapes, r"encoder\.block\.(\d+)\."))
+    layers = len(_indices(shapes, r"encoder\.block\.(\d+)\."))
     if inner % heads:
         raise WeightsError(f"T5 encoder: {inner}-wide attention does not split into {heads} heads")
     return {"vocab_size": vocab, "d_model": d_model, "d_kv": inner // heads, "d_ff": d_ff, "num_layers": layers,
@@ -189,7 +219,7 @@ def vae_plan(shapes: Shapes, *, what: str) -> Plan:
         slots: tuple[Slot, ...] = (Slot("", "vae", "hf"),)
     else:
         slots = VAE_SLOTS
-    return plan(shapes, what=what, slots=slots, table_for=sd3.table_for, ignorable=_ignorable(LDM_IGNORED))
+    return plan(shapes, what=what, slots=slots, table_for=table_for, ignorable=_ignorable(LDM_IGNORED))
 
 
 def load_vae_file(path: str | Path, *, architecture: str, transformer_config: Mapping, xp=None, device=None,

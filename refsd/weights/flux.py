@@ -12,7 +12,7 @@ Besides names: each double block's fused ``img_attn.qkv`` / ``txt_attn.qkv`` spl
 each single block's ``linear1`` holds q, k, v and the MLP input in the ratio 1:1:1:4 (Flux's
 mlp_ratio 4) and splits by those ratios (views: the files are 24 GB, nothing is read to rename
 them); ``final_layer.adaLN_modulation.1`` swaps its (shift, scale) halves to diffusers' (scale,
-shift) (``refsd.weights.sd3.SWAP_HALVES``, the one copy).
+shift) (``refsd.weights.ldm.SWAP_HALVES``, the one copy).
 
 The config (``transformer_config``): depths, width (``img_in`` rows), head width (the QK norm
 ``scale``'s length), channels, text widths, ``guidance_embeds`` (``guidance_in`` present: Flux dev;
@@ -32,8 +32,9 @@ import re
 from collections.abc import Iterable, Mapping
 
 from refsd.errors import WeightsError
-from refsd.weights.ldm import Slot, Table, _indices, nest
-from refsd.weights.sd3 import SWAP_HALVES, _qkv
+from refsd.models.infer import _need
+from refsd.weights.ldm import SWAP_HALVES, Slot, Table, _indices, nest
+from refsd.weights.sd3 import _qkv
 
 SLOTS: tuple[Slot, ...] = (
     Slot("model.diffusion_model.", "transformer", "flux"),  # ComfyUI-saved
@@ -129,20 +130,14 @@ def flux_table(double: int, single: int) -> Table:
 AXES_DIMS_ROPE = (16, 56, 56)  # (text, height, width) rotary dims of the released 128-wide heads
 
 
-def _need(shapes: Mapping[str, tuple], key: str) -> tuple:
-    if key not in shapes:
-        raise WeightsError(f"Flux: no {key}: not a Flux transformer")
-    return tuple(shapes[key])
-
-
 def transformer_config(shapes: Mapping[str, tuple]) -> dict:
     """diffusers ``FluxTransformer2DModel`` config.json fields from a diffusers-named state dict's shapes."""
     double, single = depths_diffusers(shapes)
-    width, cin = _need(shapes, "x_embedder.weight")
-    head = _need(shapes, "transformer_blocks.0.attn.norm_q.weight")[0]
+    width, cin = _need(shapes, "x_embedder.weight", "Flux")
+    head = _need(shapes, "transformer_blocks.0.attn.norm_q.weight", "Flux")[0]
     if width % head:
         raise WeightsError(f"Flux: width {width} does not split into {head}-wide heads")
-    out = _need(shapes, "proj_out.weight")[0]
+    out = _need(shapes, "proj_out.weight", "Flux")[0]
     return {
         "patch_size": 1,
         "in_channels": cin,
@@ -151,8 +146,8 @@ def transformer_config(shapes: Mapping[str, tuple]) -> dict:
         "num_single_layers": single,
         "attention_head_dim": head,
         "num_attention_heads": width // head,
-        "joint_attention_dim": _need(shapes, "context_embedder.weight")[1],
-        "pooled_projection_dim": _need(shapes, "time_text_embed.text_embedder.linear_1.weight")[1],
+        "joint_attention_dim": _need(shapes, "context_embedder.weight", "Flux")[1],
+        "pooled_projection_dim": _need(shapes, "time_text_embed.text_embedder.linear_1.weight", "Flux")[1],
         "guidance_embeds": "time_text_embed.guidance_embedder.linear_1.weight" in shapes,
         "axes_dims_rope": list(AXES_DIMS_ROPE) if head == sum(AXES_DIMS_ROPE) else None,
     }

@@ -146,6 +146,18 @@ CONV1X1_AS_LINEAR = Reshape(
 TRANSPOSE = Reshape("transpose", lambda s: tuple(reversed(s)), lambda a: a.T, lambda a: a.T,
                     lambda s: tuple(reversed(s)))
 
+
+def _swap_halves(a):
+    """(shift, scale) rows -> (scale, shift): the DiT files' AdaLayerNormContinuous order -> diffusers'
+    (diffusers single_file_utils.swap_scale_shift). A copy (the halves trade places), a few MB."""
+    n = a.shape[0] // 2
+    return np.concatenate([a[n:], a[:n]], axis=0)
+
+
+# SD3 / Flux ``final_layer.adaLN_modulation.1`` (refsd.weights.sd3, .flux): its own inverse.
+SWAP_HALVES = Reshape("swap halves (shift, scale) <-> (scale, shift)", lambda s: tuple(s), _swap_halves,
+                      _swap_halves, lambda s: tuple(s))
+
 # (regex over diffusers keys, reshape): which tensors change layout, per component kind.
 RESHAPES: dict[str, tuple[tuple[str, Reshape], ...]] = {
     "unet": (),

@@ -32,23 +32,12 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 
-import numpy as np
-
 from refsd.errors import WeightsError
-from refsd.weights.ldm import CLIP_TOP, RESHAPES, Reshape, Slot, Table, _indices, nest, vae_layout_ldm, vae_rows
+from refsd.models.infer import _need
+from refsd.weights.ldm import SWAP_HALVES, Slot, Table, _indices, nest
 
 Shapes = Mapping[str, tuple]
 
-
-def _swap_halves(a):
-    """(shift, scale) rows -> (scale, shift): the only tensor the DiT renames copy."""
-    n = a.shape[0] // 2
-    return np.concatenate([a[n:], a[:n]], axis=0)
-
-
-# (shift, scale) <-> (scale, shift) along axis 0: its own inverse.
-SWAP_HALVES = Reshape("swap halves (shift, scale) <-> (scale, shift)", lambda s: tuple(s), _swap_halves,
-                      _swap_halves, lambda s: tuple(s))
 
 # where the components of an SD3 / SD3.5 file sit (ComfyUI's prefixes; diffusers reads the same)
 SLOTS: tuple[Slot, ...] = (
@@ -135,29 +124,6 @@ def mmdit_table(depth: int) -> Table:
     return Table(tuple(mmdit_rows(depth)), (swapped,))
 
 
-IDENTITY = (("", ""),)  # transformers' names kept as they are
-
-
-def table_for(slot: Slot, keys: list[str], *, naming: str = "ldm") -> Table:
-    """The table of one slot of an SD3 / Flux file, its layout read from ``keys`` (relative to the slot)."""
-    if slot.kind == "mmdit":
-        return mmdit_table((depth_ldm if naming == "ldm" else depth_diffusers)(keys))
-    if slot.kind == "vae":
-        from refsd.weights.ldm import vae_layout_diffusers
-
-        layout = (vae_layout_ldm if naming == "ldm" else vae_layout_diffusers)(keys)
-        return Table(tuple(vae_rows(layout)), RESHAPES["vae"])
-    if slot.kind == "hf":
-        return Table(IDENTITY)
-    if slot.kind == "clip":
-        return Table(tuple(CLIP_TOP))
-    if slot.kind == "flux":
-        from refsd.weights import flux
-
-        return flux.flux_table(*(flux.depths_ldm if naming == "ldm" else flux.depths_diffusers)(keys))
-    raise WeightsError(f"no table for slot kind {slot.kind!r}")
-
-
 # --------------------------------------------------------------------------------------------
 # config from keys
 
@@ -165,19 +131,13 @@ HEAD_DIM = 64  # every released MMDiT: 64-wide heads (only ln_q's width says it 
 SAMPLE_SIZE = 128  # 1024 px / 8: the released configs' (not in the weights)
 
 
-def _need(shapes: Shapes, key: str) -> tuple:
-    if key not in shapes:
-        raise WeightsError(f"MMDiT: no {key}: not an SD3 transformer")
-    return tuple(shapes[key])
-
-
 def transformer_config(shapes: Shapes) -> dict:
     """diffusers ``SD3Transformer2DModel`` config.json fields from a diffusers-named state dict's shapes."""
     depth = depth_diffusers(shapes)
-    width, joint = _need(shapes, "context_embedder.weight")
-    proj = _need(shapes, "pos_embed.proj.weight")
+    width, joint = _need(shapes, "context_embedder.weight", "MMDiT")
+    proj = _need(shapes, "pos_embed.proj.weight", "MMDiT")
     patch, cin = proj[-1], proj[1]
-    positions = _need(shapes, "pos_embed.pos_embed")[1]
+    positions = _need(shapes, "pos_embed.pos_embed", "MMDiT")[1]
     side = math.isqrt(positions)
     if side * side != positions:
         raise WeightsError(f"MMDiT: pos_embed has {positions} positions, not a square grid")
@@ -185,7 +145,7 @@ def transformer_config(shapes: Shapes) -> dict:
     head = shapes["transformer_blocks.0.attn.norm_q.weight"][0] if qk else HEAD_DIM
     if width % head:
         raise WeightsError(f"MMDiT: width {width} does not split into {head}-wide heads")
-    out = _need(shapes, "proj_out.weight")[0]
+    out = _need(shapes, "proj_out.weight", "MMDiT")[0]
     if out % (patch * patch):
         raise WeightsError(f"MMDiT: proj_out's {out} rows are not channels x {patch}x{patch} patches")
     return {
@@ -197,7 +157,7 @@ def transformer_config(shapes: Shapes) -> dict:
         "num_attention_heads": width // head,
         "joint_attention_dim": joint,
         "caption_projection_dim": width,
-        "pooled_projection_dim": _need(shapes, "time_text_embed.text_embedder.linear_1.weight")[1],
+        "pooled_projection_dim": _need(shapes, "time_text_embed.text_embedder.linear_1.weight", "MMDiT")[1],
         "out_channels": out // (patch * patch),
         "pos_embed_max_size": side,
         "dual_attention_layers": sorted(_indices(shapes, r"transformer_blocks\.(\d+)\.attn2\.")),
