@@ -508,3 +508,28 @@ def test_bundled_text_encoders_and_vae(sd3_built, tmp_path):
     assert_same_state(ck.params["text_encoder_2"], te["t5"], "refsd flux t5")
     assert_same_state(ck.params["vae"], b["vae_state"], "refsd flux vae")
     assert (ck.configs["vae"]["scaling_factor"], ck.configs["vae"]["shift_factor"]) == (0.3611, 0.1159)
+
+
+def test_malformed_dit_files_name_the_culprit(sd3_built, tmp_path):
+    """Hostile input: one error naming the file and the key, before any tensor is read."""
+    _, state = _flux_state({**FLUX_TINY, "guidance_embeds": False}, 13)
+    sd = _to_file("flux", state, FLUX_BARE)
+    cases = {
+        "split.safetensors": ({**sd, "single_blocks.0.linear1.weight": np.zeros((50, 16), np.float32)},
+                              r"single_blocks\.0\.linear1\.weight: shape \(50, 16\) does not split in the ratio 1:1:1:4"),
+        "gap.safetensors": ({**{k: v for k, v in sd.items() if not k.startswith("double_blocks.0.")}},
+                            r"double_blocks \[1\] are not 0\.\.N-1"),
+        "extra.safetensors": ({**sd, "double_blocks.0.img_attn.frob": np.zeros(2, np.float32)},
+                              r"match no rename rule: double_blocks\.0\.img_attn\.frob"),
+        "shape.safetensors": ({**sd, "double_blocks.1.img_mlp.0.bias": np.zeros(63, np.float32)},
+                              r"transformer_blocks\.1\.ff\.net\.0\.proj\.bias: expected \(64,\), got \(63,\)"),
+    }
+    b = sd3_built["sd3-medium"]
+    pos = {**b["sd"], "model.diffusion_model.pos_embed": np.zeros((1, 143, 64), np.float32)}
+    cases["pos.safetensors"] = (pos, "pos_embed has 143 positions, not a square grid")
+    for name, (state_dict, pattern) in cases.items():
+        path = tmp_path / name
+        save_safetensors(path, state_dict)
+        with pytest.raises(WeightsError, match=pattern) as e:
+            load_checkpoint(path)
+        assert name in str(e.value)

@@ -627,7 +627,10 @@ def plan(shapes: Mapping[str, tuple[int, ...]], *, what: str = "checkpoint",
             raise WeightsError(f"{what}: {len(unconsumed)} {s.component} key(s) under {s.prefix}* match no "
                                f"rename rule: {_listing(unconsumed)}")
         sources[s.component] = src
-        out_shapes[s.component] = {d: source.shape(shapes[source.key]) for d, source in src.items()}
+        try:
+            out_shapes[s.component] = {d: source.shape(shapes[source.key]) for d, source in src.items()}
+        except WeightsError as e:
+            raise WeightsError(f"{what}: {e}") from None
     return Plan(sources, out_shapes, slots, tuple(ignored))
 
 
