@@ -28,18 +28,7 @@ from pathlib import Path
 from refsd.errors import WeightsError
 from refsd.models.infer import text_config, vae_config
 from refsd.weights import flux, sd3
-from refsd.weights.ldm import (
-    CLIP_TOP,
-    RESHAPES,
-    Plan,
-    Slot,
-    Table,
-    _indices,
-    plan,
-    vae_layout_diffusers,
-    vae_layout_ldm,
-    vae_rows,
-)
+from refsd.weights.ldm import SAME, Plan, Slot, Table, _indices, plan, slot_table
 from refsd.weights.ldm import IGNORED as LDM_IGNORED
 
 Shapes = Mapping[str, tuple]
@@ -47,10 +36,12 @@ Shapes = Mapping[str, tuple]
 
 @dataclass(frozen=True)
 class DiTFamily:
+    """A DiT family's file layout: where its components sit, which extra keys are ignorable, and
+    every component a pipeline needs as (component, what it is, the CLI flag that supplies it)."""
+
     name: str
     slots: tuple[Slot, ...]
     ignored: tuple[tuple[str, str], ...]
-    # component -> (what it is, the CLI flag that supplies it when the file lacks it)
     components: tuple[tuple[str, str, str], ...]
 
 
@@ -98,23 +89,17 @@ def _ignorable(rules: Iterable[tuple[str, str]]):
     return lambda k: any(r.search(k) for r in rx)
 
 
-IDENTITY = (("", ""),)  # transformers' names kept as they are
-
-
 def table_for(slot: Slot, keys: list[str], *, naming: str = "ldm") -> Table:
-    """The table of one slot of an SD3 / Flux file, its layout read from ``keys`` (relative to the slot)."""
+    """The table of one slot of an SD3 / Flux file, its layout read from ``keys`` (relative to the slot):
+    the MMDiT / Flux tables, SD's VAE and CLIP tables (``ldm.slot_table``), or transformers' names kept
+    as they are ("hf": CLIP with projection, T5)."""
     if slot.kind == "mmdit":
         return sd3.mmdit_table((sd3.depth_ldm if naming == "ldm" else sd3.depth_diffusers)(keys))
-    if slot.kind == "vae":
-        layout = (vae_layout_ldm if naming == "ldm" else vae_layout_diffusers)(keys)
-        return Table(tuple(vae_rows(layout)), RESHAPES["vae"])
-    if slot.kind == "hf":
-        return Table(IDENTITY)
-    if slot.kind == "clip":
-        return Table(tuple(CLIP_TOP))
     if slot.kind == "flux":
         return flux.flux_table(*(flux.depths_ldm if naming == "ldm" else flux.depths_diffusers)(keys))
-    raise WeightsError(f"no table for slot kind {slot.kind!r}")
+    if slot.kind == "hf":
+        return Table(SAME)
+    return slot_table(slot, keys, naming=naming)
 
 
 def plan_file(shapes: Shapes, family: str, *, what: str = "checkpoint") -> Plan:
