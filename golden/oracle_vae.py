@@ -162,3 +162,67 @@ def _encode_porting_tiny(g, dt):
                    "porting case: tiny AutoencoderKL encode + posterior, x and encoder.conv_in bias scaled by 1e-2 "
                    "(GroupNorm eps visible), every submodule traced (depth 2)",
                    kwargs={"config": VAE_TINY, "mode": "encode"}, params=_params(model), trace=trace, trace_depth=2)
+
+
+# 16-channel VAEs (SD3 / SD3.5, Flux): latent_channels 16, no quant_conv / post_quant_conv, and the
+# latent scaling with a shift. The pipelines map the VAE posterior sample z to the transformer's
+# latents as (z - shift_factor) * scaling_factor (diffusers pipeline_stable_diffusion_3_img2img.py
+# _encode_vae_image, pipeline_flux_img2img.py _encode_vae_image) and back as latents / scaling_factor
+# + shift_factor before decode (pipeline_stable_diffusion_3.py and pipeline_flux.py __call__); the
+# factors are those of the released vae/config.json files (SD3: 1.5305 / 0.0609, Flux: 0.3611 / 0.1159).
+VAE16_TINY = {**VAE_TINY, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False}
+VAE16 = {
+    "sd3": {**VAE16_TINY, "scaling_factor": 1.5305, "shift_factor": 0.0609},
+    "flux": {**VAE16_TINY, "scaling_factor": 0.3611, "shift_factor": 0.1159},
+}
+
+
+def _model16(g, dt, config):
+    from diffusers import AutoencoderKL
+
+    model = AutoencoderKL(**config).eval()
+    randomise_weights(model, g)
+    assert model.quant_conv is None and model.post_quant_conv is None
+    return model
+
+
+def _decode16(family):
+    def fn(g, dt):
+        config = VAE16[family]
+        model = _model16(g, dt, config)
+        latents = torch.randn((1, 16, 8, 8), generator=g, dtype=torch.float64).to(dt)
+        scale, shift = model.config.scaling_factor, model.config.shift_factor
+        sample, trace = hooked(model, lambda: model.decode(latents / scale + shift).sample, _traced)
+        return Capture("vae", {"latents": latents}, {"sample": sample},
+                       "m = diffusers.AutoencoderKL(**config); m.decode(latents / scaling_factor + shift_factor).sample",
+                       f"tiny 16-channel AutoencoderKL ({family} latent scaling, no quant convs): the pipeline's "
+                       "unscale + shift, then decode",
+                       kwargs={"config": config, "mode": "decode_latents"}, params=_params(model), trace=trace)
+    return fn
+
+
+def _encode16(family):
+    def fn(g, dt):
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        config = VAE16[family]
+        model = _model16(g, dt, config)
+        x = torch.randn((1, 3, 16, 16), generator=g, dtype=torch.float64).to(dt)
+        noise = torch.randn((1, 16, 8, 8), generator=g, dtype=torch.float64).to(dt)
+        dist, trace = hooked(model, lambda: model.encode(x).latent_dist, _traced)
+        assert isinstance(dist, DiagonalGaussianDistribution)
+        z = dist.mean + dist.std * noise
+        latents = (z - model.config.shift_factor) * model.config.scaling_factor
+        return Capture("vae", {"x": x, "noise": noise},
+                       {"mean": dist.mean, "logvar": dist.logvar, "latent_sample": z, "latents": latents},
+                       "d = diffusers.AutoencoderKL(**config).encode(x).latent_dist; z = d.mean + d.std * noise; "
+                       "(d.mean, d.logvar, z, (z - shift_factor) * scaling_factor)",
+                       f"tiny 16-channel AutoencoderKL ({family} latent scaling, no quant convs): encode, posterior "
+                       "sample, the pipeline's shift + scale",
+                       kwargs={"config": config, "mode": "encode_latents"}, params=_params(model), trace=trace)
+    return fn
+
+
+for _family in VAE16:
+    case("vae", f"decode_{_family}_16ch_tiny", dtypes=("float32",))(_decode16(_family))
+    case("vae", f"encode_{_family}_16ch_tiny", dtypes=("float32",))(_encode16(_family))

@@ -164,13 +164,23 @@ def _run_clip_text(input_ids, *, params, config: dict, attention: str = "sliced"
     return res
 
 
-def _run_vae(z=None, x=None, noise=None, *, params, config: dict, mode: str, attention: str = "sliced",
+def _run_vae(z=None, x=None, noise=None, latents=None, *, params, config: dict, mode: str, attention: str = "sliced",
              tiling: dict | bool | None = None):
     """Golden adapter for VAE cases (op "vae"): refsd.models.vae on a diffusers AutoencoderKL config
     dict. ``mode="decode"``: z -> ``sample``; ``mode="encode"``: x -> ``mean``, ``logvar`` and
-    ``latent_sample`` = sample_latent(mean, logvar, noise). ``tiling``: None (off), True (diffusers'
-    enable_tiling defaults) or the fields of refsd.models.vae.Tiling (``sample_size``, ``overlap``)."""
-    from refsd.models.vae import Tiling, VAEConfig, decode, encode, sample_latent
+    ``latent_sample`` = sample_latent(mean, logvar, noise). ``"decode_latents"`` / ``"encode_latents"``:
+    the same through the pipelines' latent scaling (from_latent(latents) decoded; to_latent of the
+    sample as ``latents``). ``tiling``: None (off), True (diffusers' enable_tiling defaults) or the
+    fields of refsd.models.vae.Tiling (``sample_size``, ``overlap``)."""
+    from refsd.models.vae import Tiling, VAEConfig, decode, encode, from_latent, sample_latent, to_latent
+
+    if mode == "decode_latents":
+        return _run_vae(from_latent(latents, cfg=VAEConfig.from_dict(config)), params=params, config=config,
+                        mode="decode", attention=attention, tiling=tiling)
+    if mode == "encode_latents":
+        out = _run_vae(x=x, noise=noise, params=params, config=config, mode="encode", attention=attention,
+                       tiling=tiling)
+        return {**out, "latents": to_latent(out["latent_sample"], cfg=VAEConfig.from_dict(config))}
 
     cfg = VAEConfig.from_dict(config)
     if isinstance(tiling, dict):

@@ -32,6 +32,8 @@ def test_trace_names_match_diffusers_modules(case_id, xp, device):
     with record(depth=case.meta.get("trace_depth", 1)) as rec:
         if kw["mode"] == "decode":
             decode(params, inputs["z"], cfg=cfg, tiling=tiling)
+        elif kw["mode"] == "decode_latents":  # 16-channel cases: the pipelines' unscale + shift first
+            decode(params, from_latent(inputs["latents"], cfg=cfg), cfg=cfg, tiling=tiling)
         else:
             encode(params, inputs["x"], cfg=cfg, tiling=tiling)
     want = case.meta["trace_order"]

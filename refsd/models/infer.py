@@ -122,10 +122,17 @@ def unet_config(shapes: Shapes, *, addition_time_embed_dim: int = 256) -> dict:
     return cfg
 
 
+# The 16-channel VAEs' latent scaling: (scaling_factor, shift_factor) of the released config.json
+# files (stabilityai/stable-diffusion-3-medium-diffusers vae/, black-forest-labs/FLUX.1-dev vae/), by
+# architecture-name prefix; the weights do not hold them.
+LATENT_FACTORS = {"sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159)}
+
+
 def vae_config(shapes: Shapes, *, architecture: str | None = None) -> dict:
     """diffusers ``AutoencoderKL`` config.json fields from a diffusers-named VAE state dict's shapes.
 
-    ``architecture``: an SDXL one selects SDXL's scaling_factor 0.13025 and sample_size 1024.
+    ``architecture``: an SDXL one selects SDXL's scaling_factor 0.13025 and sample_size 1024; an SD3
+    / SD3.5 or Flux one (``sd3*``, ``flux*``) their scaling_factor and shift_factor (LATENT_FACTORS).
     """
     what = "VAE"
     levels = _count(shapes, r"encoder\.down_blocks\.(\d+)\.")
@@ -148,7 +155,15 @@ def vae_config(shapes: Shapes, *, architecture: str | None = None) -> dict:
         "use_quant_conv": "quant_conv.weight" in shapes,
         "use_post_quant_conv": "post_quant_conv.weight" in shapes,
         "mid_block_add_attention": "encoder.mid_block.attentions.0.to_q.weight" in shapes,
+        **_latent_factors(architecture),
     }
+
+
+def _latent_factors(architecture: str | None) -> dict:
+    for prefix, (scale, shift) in LATENT_FACTORS.items():
+        if architecture is not None and architecture.startswith(prefix):
+            return {"sample_size": 1024, "scaling_factor": scale, "shift_factor": shift}
+    return {}
 
 
 # width -> (hidden_act, projection_dim) of the released text encoders

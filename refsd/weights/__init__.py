@@ -4,7 +4,9 @@
 tensors are placed on the chosen backend on first use; ``check_params`` names every missing,
 unexpected or misshapen key at once. ``load_checkpoint`` opens a diffusers folder or a single-file
 (LDM) checkpoint as per-component Params; ``refsd.weights.detect.detect`` names a checkpoint's architecture
-and ``refsd.weights.ldm`` holds the LDM <-> diffusers key tables.
+and ``refsd.weights.ldm`` holds the LDM <-> diffusers key tables; ``refsd.weights.sd3`` / ``.flux`` hold
+the SD3 / SD3.5 and Flux single-file tables and ``refsd.weights.dit`` detects, plans and checks those
+files (``load_checkpoint`` reads them too).
 """
 
 from refsd.weights.checkpoint import Checkpoint, TokenizerInfo, load_checkpoint

@@ -37,7 +37,7 @@ from refsd import xp as rxp
 from refsd.errors import BackendError, WeightsError
 from refsd.text.tokenizer import CLIPTokenizer
 from refsd.weights import detect as det
-from refsd.weights import ldm
+from refsd.weights import dit, flux, ldm, sd3
 from refsd.weights.params import LazyTensor, Params, check_params, lazy_tensors
 from refsd.weights.safetensors import (
     DTYPES,
@@ -49,6 +49,7 @@ from refsd.weights.safetensors import (
 )
 
 MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+DIT_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")  # diffusers models, transformers models
 PAD = {"clip": 49407, "openclip": 0}  # CLIP-L pads with <|endoftext|>, OpenCLIP with "!" (id 0)
@@ -123,6 +124,7 @@ class Checkpoint:
     tokenizers: Mapping[str, TokenizerInfo]
     ignored: tuple[str, ...] = ()
     pipeline_config: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    needs: tuple[tuple[str, str, str], ...] = ()  # DiT files: (component, what, CLI flag) the file lacks
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -130,6 +132,8 @@ class Checkpoint:
 
     @property
     def description(self) -> str:
+        if self.architecture in dit.DESCRIPTIONS:
+            return dit.DESCRIPTIONS[self.architecture]
         return det.BY_NAME[self.architecture].description
 
     def summary(self) -> list[str]:
@@ -151,6 +155,9 @@ class Checkpoint:
             lines.append(f"tokenizers: {toks}")
         if self.ignored:
             lines.append(f"ignored: {len(self.ignored):,} tensors: {_ignored_groups(self.ignored)}")
+        if self.needs:
+            lines.append("needs: " + ", ".join(f"{flag} ({what})" for _, what, flag in self.needs)
+                         + ": the file does not hold them")
         return lines
 
 
@@ -221,6 +228,11 @@ def _load_single_file(path: Path, *, xp, device, dtype, config) -> Checkpoint:
     try:
         header = f.header.tensors
         check_float_params(header, str(path))
+        if dit.family_of(header) is not None:
+            if config is not None:
+                raise WeightsError(f"{path}: config= is for SD single files; an SD3 / Flux file's configs "
+                                   "come from its keys")
+            return _load_dit_file(path, f, xp=xp, device=device, dtype=dtype)
         found = det.detect_checkpoint({k: t.shape for k, t in header.items()}, what=str(path))
         plan = found.plan
         if plan is None:  # a diffusers UNet state dict on its own: keys as they are
@@ -250,6 +262,34 @@ def _load_single_file(path: Path, *, xp, device, dtype, config) -> Checkpoint:
     return Checkpoint(path, "single-file", found.architecture, MappingProxyType(params), MappingProxyType(configs),
                       MappingProxyType(tokenizers), plan.ignored if plan is not None else (),
                       MappingProxyType(given.pipeline if given is not None else {}))
+
+
+def _load_dit_file(path: Path, f: SafeTensorsFile, *, xp, device, dtype) -> Checkpoint:
+    """An SD3 / SD3.5 / Flux single file (``refsd.weights.dit``): renamed lazily, every component
+    checked against the key and shape list its inferred config implies."""
+    header = f.header.tensors
+    found = dit.detect_dit({k: t.shape for k, t in header.items()}, what=str(path))
+    plan = found.plan
+    order = [c for c in DIT_COMPONENTS if c in plan.sources]
+    for comp in order:
+        cfg = found.configs[comp]
+        if comp == "transformer":
+            want = (sd3 if found.family == "sd3" else flux).param_shapes(cfg)
+        elif comp == "vae":
+            want = det.vae_shapes(cfg)
+        elif "shared.weight" in plan.shapes[comp]:
+            continue  # T5: refsd.text's T5 loader checks its own keys
+        else:
+            want = det.text_shapes(cfg, projection="text_projection.weight" in plan.shapes[comp],
+                                   prefixed=any(k.startswith("text_model.") for k in plan.shapes[comp]))
+        check_params(plan.shapes[comp], want, what=f"{comp} of {path}")
+    params = {comp: Params({key: LazyTensor(lambda src=src: src.take(f.numpy(src.key)), plan.shapes[comp][key],
+                                            DTYPES[header[src.key].dtype].name, f"{path}:{src.key}")
+                            for key, src in plan.sources[comp].items()}, xp=xp, device=device, dtype=dtype)
+              for comp in order}
+    return Checkpoint(path, "single-file", found.architecture, MappingProxyType(params),
+                      MappingProxyType({c: found.configs[c] for c in order}), MappingProxyType({}), plan.ignored,
+                      needs=found.needs)
 
 
 @dataclass(frozen=True)
@@ -530,4 +570,4 @@ def claims_checkpoint(path: str | os.PathLike, keys: Any = None) -> bool:
             and obj["unet"][0] is not None
     if keys is None:
         keys = read_header(p).tensors
-    return any(ldm.slot_of(k) is not None for k in keys)
+    return any(ldm.slot_of(k) is not None for k in keys) or dit.family_of(keys) is not None

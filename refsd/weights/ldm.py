@@ -146,6 +146,18 @@ CONV1X1_AS_LINEAR = Reshape(
 TRANSPOSE = Reshape("transpose", lambda s: tuple(reversed(s)), lambda a: a.T, lambda a: a.T,
                     lambda s: tuple(reversed(s)))
 
+
+def _swap_halves(a):
+    """(shift, scale) rows -> (scale, shift): the DiT files' AdaLayerNormContinuous order -> diffusers'
+    (diffusers single_file_utils.swap_scale_shift). A copy (the halves trade places), a few MB."""
+    n = a.shape[0] // 2
+    return np.concatenate([a[n:], a[:n]], axis=0)
+
+
+# SD3 / Flux ``final_layer.adaLN_modulation.1`` (refsd.weights.sd3, .flux): its own inverse.
+SWAP_HALVES = Reshape("swap halves (shift, scale) <-> (scale, shift)", lambda s: tuple(s), _swap_halves,
+                      _swap_halves, lambda s: tuple(s))
+
 # (regex over diffusers keys, reshape): which tensors change layout, per component kind.
 RESHAPES: dict[str, tuple[tuple[str, Reshape], ...]] = {
     "unet": (),
@@ -429,26 +441,43 @@ def slot_rows(slot: Slot, keys: Iterable[str], *, naming: str) -> list[tuple]:
 
 @dataclass(frozen=True)
 class Source:
-    """Where one diffusers tensor comes from: file key, which of ``parts`` slices along axis 0, reshape."""
+    """Where one diffusers tensor comes from: file key, which of ``parts`` slices along axis 0, reshape.
+
+    ``ratios``: the parts' relative sizes along axis 0 when they are unequal (Flux's ``linear1``
+    holds q, k, v and the MLP input, 1:1:1:4); None splits into equal parts.
+    """
 
     key: str
     part: int = 0
     parts: int = 1
     reshape: Reshape | None = None
+    ratios: tuple[int, ...] | None = None
+
+    def _rows(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """(start, stop) of this part's rows in a tensor of ``shape``."""
+        ratios = self.ratios or (1,) * self.parts
+        total, n = sum(ratios), shape[0]
+        if n % total:
+            how = f"in the ratio {':'.join(map(str, ratios))}" if self.ratios else f"into {self.parts} equal parts"
+            raise WeightsError(f"{self.key}: shape {tuple(shape)} does not split {how} along axis 0")
+        unit = n // total
+        start = unit * sum(ratios[:self.part])
+        return start, start + unit * ratios[self.part]
 
     def shape(self, ldm_shape: tuple[int, ...]) -> tuple[int, ...]:
         s = tuple(ldm_shape)
         if self.parts > 1:
-            if not s or s[0] % self.parts:
-                raise WeightsError(f"{self.key}: shape {s} does not split into {self.parts} equal parts along axis 0")
-            s = (s[0] // self.parts,) + s[1:]
+            if not s:
+                raise WeightsError(f"{self.key}: a scalar does not split into {self.parts} parts along axis 0")
+            start, stop = self._rows(s)
+            s = (stop - start,) + s[1:]
         return self.reshape.shape(s) if self.reshape else s
 
     def take(self, a):
         """The diffusers tensor from the file's array ``a``: a view (slice, reshape, transpose)."""
         if self.parts > 1:
-            n = a.shape[0] // self.parts
-            a = a[self.part * n:(self.part + 1) * n]
+            start, stop = self._rows(tuple(a.shape))
+            a = a[start:stop]
         return self.reshape.forward(a) if self.reshape else a
 
 
@@ -458,6 +487,7 @@ class Table:
 
     rows: tuple[tuple, ...]
     reshapes: tuple[tuple[str, Reshape], ...] = ()
+    splits: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (regex over LDM keys, unequal part ratios)
     _by_ldm: dict = field(default_factory=dict, repr=False, compare=False)
     _by_diffusers: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -486,6 +516,12 @@ class Table:
                 return r
         return None
 
+    def ratios_of(self, ldm_key: str) -> tuple[int, ...] | None:
+        for pattern, ratios in self.splits:
+            if re.search(pattern, ldm_key):
+                return ratios
+        return None
+
     def to_diffusers(self, key: str, source_key: str | None = None) -> list[tuple[str, Source]] | None:
         """``[(diffusers key, Source)]`` for an LDM key relative to its slot (several for a fused
         tensor), or None when no row consumes it. ``source_key``: the full file key, for Source."""
@@ -496,7 +532,10 @@ class Table:
         if isinstance(dif, tuple):
             if rest:
                 return None
-            return [(d, Source(src, i, len(dif), self.reshape_of(d))) for i, d in enumerate(dif)]
+            ratios = self.ratios_of(key)
+            if ratios is not None and len(ratios) != len(dif):
+                raise WeightsError(f"table splits {key!r} in {len(ratios)} ratios but names {len(dif)} parts")
+            return [(d, Source(src, i, len(dif), self.reshape_of(d), ratios)) for i, d in enumerate(dif)]
         d = _join(dif, rest)
         return [(d, Source(src, 0, 1, self.reshape_of(d)))]
 
@@ -538,17 +577,22 @@ def _listing(keys: list[str], limit: int = 8) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def plan(shapes: Mapping[str, tuple[int, ...]], *, what: str = "checkpoint") -> Plan:
+def plan(shapes: Mapping[str, tuple[int, ...]], *, what: str = "checkpoint",
+         slots: tuple[Slot, ...] = SLOTS, table_for: Callable[[Slot, list[str]], Table] | None = None,
+         ignorable: Callable[[str], bool] = is_ignored) -> Plan:
     """Map every key of a single file to diffusers keys, or raise naming what no row consumes.
 
     ``shapes``: file key -> shape (a safetensors header is enough). ``what`` names the file in errors.
+    ``slots`` / ``table_for(slot, keys relative to its prefix)`` / ``ignorable(key)``: the family's
+    file layout (default: the SD LDM one; ``refsd.weights.sd3`` and ``.flux`` pass theirs).
     """
+    table_for = table_for or (lambda s, rel: slot_table(s, rel, naming="ldm"))
     by_slot: dict[Slot, list[str]] = {}
     ignored, unknown = [], []
     for k in shapes:
-        if is_ignored(k):
+        if ignorable(k):
             ignored.append(k)
-        elif (s := slot_of(k)) is not None:
+        elif (s := next((s for s in slots if k.startswith(s.prefix)), None)) is not None:
             by_slot.setdefault(s, []).append(k)
         else:
             unknown.append(k)
@@ -565,7 +609,7 @@ def plan(shapes: Mapping[str, tuple[int, ...]], *, what: str = "checkpoint") -> 
     for s, keys in by_slot.items():
         rel = [k[len(s.prefix):] for k in keys]
         try:
-            table = slot_table(s, rel, naming="ldm")
+            table = table_for(s, rel)
         except WeightsError as e:
             raise WeightsError(f"{what}: {e} (under {s.prefix}*)") from None
         src: dict[str, Source] = {}
@@ -583,19 +627,23 @@ def plan(shapes: Mapping[str, tuple[int, ...]], *, what: str = "checkpoint") -> 
             raise WeightsError(f"{what}: {len(unconsumed)} {s.component} key(s) under {s.prefix}* match no "
                                f"rename rule: {_listing(unconsumed)}")
         sources[s.component] = src
-        out_shapes[s.component] = {d: source.shape(shapes[source.key]) for d, source in src.items()}
+        try:
+            out_shapes[s.component] = {d: source.shape(shapes[source.key]) for d, source in src.items()}
+        except WeightsError as e:
+            raise WeightsError(f"{what}: {e}") from None
     return Plan(sources, out_shapes, slots, tuple(ignored))
 
 
-def _reverse(component: Mapping[str, Any], slot: Slot | str):
+def _reverse(component: Mapping[str, Any], slot: Slot | str, table: Table | None = None):
     """(slot, [(diffusers key, value, LDM key, part, parts, reshape)]) for a diffusers-keyed mapping;
-    WeightsError naming the keys no row takes. A CLIPTextModel's old ``text_model.`` prefix is accepted."""
+    WeightsError naming the keys no row takes. A CLIPTextModel's old ``text_model.`` prefix is accepted.
+    ``table``: the component's table (default: the SD slot's, its layout read from the keys)."""
     if isinstance(slot, str):
         slot = next((s for s in SLOTS if s.prefix == slot), None)
         if slot is None:
             raise WeightsError(f"unknown single-file prefix; known: {', '.join(s.prefix for s in SLOTS)}")
     items = {k.removeprefix("text_model.") if slot.kind == "clip" else k: v for k, v in component.items()}
-    table = slot_table(slot, items, naming="diffusers")
+    table = table if table is not None else slot_table(slot, items, naming="diffusers")
     rows, rest = [], []
     for k, v in items.items():
         hit = table.to_ldm(k)
@@ -608,13 +656,13 @@ def _reverse(component: Mapping[str, Any], slot: Slot | str):
     return slot, rows
 
 
-def to_ldm(component_state: Mapping[str, Any], slot: Slot | str) -> dict[str, np.ndarray]:
+def to_ldm(component_state: Mapping[str, Any], slot: Slot | str, table: Table | None = None) -> dict[str, np.ndarray]:
     """A diffusers / transformers state dict -> single-file keys under ``slot`` (a Slot or its prefix).
 
     Arrays of any backend in; host NumPy arrays out (fused q/k/v concatenated, reshapes reversed).
-    Every key must be consumed, else WeightsError naming the rest.
+    Every key must be consumed, else WeightsError naming the rest. ``table``: as ``_reverse``.
     """
-    slot, rows = _reverse(component_state, slot)
+    slot, rows = _reverse(component_state, slot, table)
     out: dict[str, np.ndarray] = {}
     fused: dict[str, list] = {}
     for _, v, ldm, part, parts, r in rows:
@@ -631,13 +679,16 @@ def to_ldm(component_state: Mapping[str, Any], slot: Slot | str) -> dict[str, np
     return out
 
 
-def to_ldm_shapes(component_shapes: Mapping[str, tuple], slot: Slot | str) -> dict[str, tuple[int, ...]]:
+def to_ldm_shapes(component_shapes: Mapping[str, tuple], slot: Slot | str,
+                  table: Table | None = None) -> dict[str, tuple[int, ...]]:
     """``to_ldm`` on shapes alone (no tensors): diffusers key -> shape to single-file key -> shape."""
-    _, rows = _reverse(component_shapes, slot)
+    _, rows = _reverse(component_shapes, slot, table)
     out: dict[str, tuple[int, ...]] = {}
     for _, s, ldm, _, parts, r in rows:
         s = r.reverse_shape(tuple(s)) if r is not None else tuple(s)
-        out[ldm] = (s[0] * parts,) + s[1:] if parts > 1 else s
+        if parts > 1 and ldm in out:  # the parts of a fused tensor stack along axis 0 (any sizes)
+            s = (out[ldm][0] + s[0],) + s[1:]
+        out[ldm] = s
     return out
 
 
