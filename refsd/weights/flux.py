@@ -32,6 +32,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 from refsd.errors import WeightsError
+from refsd.models.dit_configs import FluxConfig
 from refsd.models.infer import _need
 from refsd.weights.ldm import SWAP_HALVES, Slot, Table, _indices, nest
 from refsd.weights.sd3 import _qkv
@@ -154,45 +155,11 @@ def transformer_config(shapes: Mapping[str, tuple]) -> dict:
 
 
 def param_shapes(cfg: Mapping) -> dict[str, tuple[int, ...]]:
-    """Every key and shape of diffusers' ``FluxTransformer2DModel(**cfg)`` state dict."""
-    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    hd, cin = cfg["attention_head_dim"], cfg["in_channels"]
-    cout = cfg.get("out_channels") or cin
-    out: dict[str, tuple[int, ...]] = {}
-
-    def lin(name, o, i):
-        out[f"{name}.weight"], out[f"{name}.bias"] = (o, i), (o,)
-
-    embedders = ["timestep_embedder"] + (["guidance_embedder"] if cfg.get("guidance_embeds") else [])
-    for e in embedders:
-        lin(f"time_text_embed.{e}.linear_1", d, 256)
-        lin(f"time_text_embed.{e}.linear_2", d, d)
-    lin("time_text_embed.text_embedder.linear_1", d, cfg["pooled_projection_dim"])
-    lin("time_text_embed.text_embedder.linear_2", d, d)
-    lin("context_embedder", d, cfg["joint_attention_dim"])
-    lin("x_embedder", d, cin)
-    for i in range(cfg["num_layers"]):
-        b = f"transformer_blocks.{i}"
-        lin(f"{b}.norm1.linear", 6 * d, d)
-        lin(f"{b}.norm1_context.linear", 6 * d, d)
-        for q in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
-            lin(f"{b}.attn.{q}", d, d)
-        for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
-            out[f"{b}.attn.{n}.weight"] = (hd,)
-        for ff in ("ff", "ff_context"):
-            lin(f"{b}.{ff}.net.0.proj", MLP_RATIO * d, d)
-            lin(f"{b}.{ff}.net.2", d, MLP_RATIO * d)
-    for i in range(cfg["num_single_layers"]):
-        b = f"single_transformer_blocks.{i}"
-        lin(f"{b}.norm.linear", 3 * d, d)
-        lin(f"{b}.proj_mlp", MLP_RATIO * d, d)
-        lin(f"{b}.proj_out", d, d + MLP_RATIO * d)
-        for q in ("to_q", "to_k", "to_v"):
-            lin(f"{b}.attn.{q}", d, d)
-        out[f"{b}.attn.norm_q.weight"] = out[f"{b}.attn.norm_k.weight"] = (hd,)
-    lin("norm_out.linear", 2 * d, d)
-    lin("proj_out", cout, d)
-    return out
+    """Every key and shape of diffusers' ``FluxTransformer2DModel(**cfg)`` state dict: ``FluxConfig.param_shapes``.
+    The rotary axes change no shape; where the keys could not tell them (heads not 128 wide,
+    ``axes_dims_rope`` None) one axis of the head's width stands in, for the shape check only."""
+    axes = cfg.get("axes_dims_rope") or (cfg["attention_head_dim"],)
+    return FluxConfig.from_dict({**cfg, "axes_dims_rope": axes}).param_shapes()
 
 
 def variant(cfg: Mapping) -> str:

@@ -33,6 +33,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 from refsd.errors import WeightsError
+from refsd.models.dit_configs import SD3Config
 from refsd.models.infer import _need
 from refsd.weights.ldm import SWAP_HALVES, Slot, Table, _indices, nest
 
@@ -165,57 +166,13 @@ def transformer_config(shapes: Shapes) -> dict:
     }
 
 
-def param_shapes(cfg: Mapping) -> dict[str, tuple[int, ...]]:
-    """Every key and shape of diffusers' ``SD3Transformer2DModel(**cfg)`` state dict."""
-    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    hd, p, n = cfg["attention_head_dim"], cfg["patch_size"], cfg["num_layers"]
-    cout = cfg.get("out_channels") or cfg["in_channels"]
-    out: dict[str, tuple[int, ...]] = {}
-
-    def lin(name, o, i, bias=True):
-        out[f"{name}.weight"] = (o, i)
-        if bias:
-            out[f"{name}.bias"] = (o,)
-
-    out["pos_embed.pos_embed"] = (1, cfg["pos_embed_max_size"] ** 2, d)
-    out["pos_embed.proj.weight"], out["pos_embed.proj.bias"] = (d, cfg["in_channels"], p, p), (d,)
-    lin("time_text_embed.timestep_embedder.linear_1", d, 256)
-    lin("time_text_embed.timestep_embedder.linear_2", d, d)
-    lin("time_text_embed.text_embedder.linear_1", d, cfg["pooled_projection_dim"])
-    lin("time_text_embed.text_embedder.linear_2", d, d)
-    lin("context_embedder", cfg["caption_projection_dim"], cfg["joint_attention_dim"])
-    dual = set(cfg.get("dual_attention_layers") or ())
-    qk = cfg.get("qk_norm") == "rms_norm"
-    for i in range(n):
-        b, last = f"transformer_blocks.{i}", i == n - 1
-        lin(f"{b}.norm1.linear", (9 if i in dual else 6) * d, d)
-        lin(f"{b}.norm1_context.linear", (2 if last else 6) * d, d)
-        attns = [("attn", True)] + ([("attn2", False)] if i in dual else [])
-        for a, joint in attns:
-            for q in ("to_q", "to_k", "to_v"):
-                lin(f"{b}.{a}.{q}", d, d)
-            lin(f"{b}.{a}.to_out.0", d, d)
-            if qk:
-                out[f"{b}.{a}.norm_q.weight"] = out[f"{b}.{a}.norm_k.weight"] = (hd,)
-            if joint:
-                for q in ("add_q_proj", "add_k_proj", "add_v_proj"):
-                    lin(f"{b}.{a}.{q}", d, d)
-                if qk:
-                    out[f"{b}.{a}.norm_added_q.weight"] = out[f"{b}.{a}.norm_added_k.weight"] = (hd,)
-                if not last:
-                    lin(f"{b}.{a}.to_add_out", d, d)
-        lin(f"{b}.ff.net.0.proj", 4 * d, d)
-        lin(f"{b}.ff.net.2", d, 4 * d)
-        if not last:
-            lin(f"{b}.ff_context.net.0.proj", 4 * d, d)
-            lin(f"{b}.ff_context.net.2", d, 4 * d)
-    lin("norm_out.linear", 2 * d, d)
-    lin("proj_out", p * p * cout, d)
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # which SD3 model
+
+
+def param_shapes(cfg: Mapping) -> dict[str, tuple[int, ...]]:
+    """Every key and shape of diffusers' ``SD3Transformer2DModel(**cfg)`` state dict: ``SD3Config.param_shapes``."""
+    return SD3Config.from_dict(dict(cfg)).param_shapes()
 
 
 def variant(cfg: Mapping) -> str:
