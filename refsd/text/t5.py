@@ -116,11 +116,10 @@ def t5_encoder(params, input_ids, *, cfg: T5Config, attention_mask=None, attenti
     table = params["shared.weight"] if "shared.weight" in params else enc["embed_tokens.weight"]
     h = xp.reshape(xp.take(table, xp.reshape(input_ids, (-1,)), axis=0), (b, n, table.shape[1]))
     h = emit(enc.sub("embed_tokens"), h)
-    bias = position_bias(enc.sub("block.0.layer.0.SelfAttention"), n, cfg=cfg, like=h)  # (1, H, N, N)
-    if attention_mask is not None:
-        bias = bias + _key_mask(attention_mask, h)  # (B, H, N, N): most negative float on padded keys
+    mask = None if attention_mask is None else _key_mask(attention_mask, h)  # (B, 1, 1, N)
+    bias = None  # block 0 computes the position bias (+ mask) and every later block reuses it
     for i in range(cfg.num_layers):
-        h = block(enc.sub(f"block.{i}"), h, bias, cfg=cfg, strategy=attention)
+        h, bias = block(enc.sub(f"block.{i}"), h, bias, cfg=cfg, mask=mask, strategy=attention)
     h = emit(enc.sub("final_layer_norm"), rms_norm(h, enc["final_layer_norm.weight"], cfg.layer_norm_epsilon))
     return {"last_hidden_state": h}
 
@@ -182,9 +181,11 @@ def _key_mask(attention_mask, like):
 # layers
 
 
-def self_attention(p, x, bias, *, cfg: T5Config, strategy: str = "sliced"):
+def self_attention(p, x, bias, *, cfg: T5Config, mask=None, strategy: str = "sliced"):
     """T5Attention (encoder self-attention): o(softmax(q k^T + bias) v), no scaling, no biases.
-    x: (B, N, d_model); bias broadcastable to (B, heads, N, N) -> (B, N, d_model)."""
+    x: (B, N, d_model); bias: (1 or B, heads, N, N), or None in block 0, which computes it (the
+    relative position bias, plus ``mask`` (B, 1, 1, N) when given) after q, k and v, as transformers
+    does. -> ((B, N, d_model), bias)."""
     xp = rxp.namespace(x)
     b, n, _ = x.shape
     h, d = cfg.num_heads, cfg.d_kv
@@ -193,9 +194,13 @@ def self_attention(p, x, bias, *, cfg: T5Config, strategy: str = "sliced"):
         return xp.permute_dims(xp.reshape(t, (b, n, h, d)), (0, 2, 1, 3))
 
     q, k, v = (heads(detail(p, name, linear(x, p[f"{name}.weight"]))) for name in ("q", "k", "v"))
+    if bias is None:
+        bias = position_bias(p, n, cfg=cfg, like=x)  # (1, H, N, N)
+        if mask is not None:
+            bias = bias + mask  # (B, H, N, N); 0 or the most negative float: the same as adding each time
     o = _attention(q, k, v, mask=bias, scale=1.0, strategy=strategy)
     o = xp.reshape(xp.permute_dims(o, (0, 2, 1, 3)), (b, n, h * d))
-    return detail(p, "o", linear(o, p["o.weight"]))
+    return detail(p, "o", linear(o, p["o.weight"])), bias
 
 
 def _act(x, cfg: T5Config):
@@ -216,14 +221,15 @@ def feed_forward(p, x, *, cfg: T5Config):
     return detail(p, "wo", linear(hidden, p["wo.weight"]))
 
 
-def block(p, x, bias, *, cfg: T5Config, strategy: str = "sliced"):
-    """T5Block (encoder): x + SelfAttention(norm(x)), then x + DenseReluDense(norm(x)). (B, N, D) -> same."""
+def block(p, x, bias, *, cfg: T5Config, mask=None, strategy: str = "sliced"):
+    """T5Block (encoder): x + SelfAttention(norm(x)), then x + DenseReluDense(norm(x)).
+    (B, N, D) -> ((B, N, D), the attention bias for the next block; see ``self_attention``)."""
     eps = cfg.layer_norm_epsilon
     a, f = p.sub("layer.0"), p.sub("layer.1")
     n0 = detail(a, "layer_norm", rms_norm(x, a["layer_norm.weight"], eps))
-    x = emit(a, x + emit(a.sub("SelfAttention"), self_attention(a.sub("SelfAttention"), n0, bias, cfg=cfg,
-                                                                 strategy=strategy), level=2), level=2)
+    attn, bias = self_attention(a.sub("SelfAttention"), n0, bias, cfg=cfg, mask=mask, strategy=strategy)
+    x = emit(a, x + emit(a.sub("SelfAttention"), attn, level=2), level=2)
     n1 = detail(f, "layer_norm", rms_norm(x, f["layer_norm.weight"], eps))
     x = emit(f, x + emit(f.sub("DenseReluDense"), feed_forward(f.sub("DenseReluDense"), n1, cfg=cfg), level=2),
              level=2)
-    return emit(p, x)
+    return emit(p, x), bias
