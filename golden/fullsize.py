@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from golden.configs import CLIP_L, CONTROLNET_SD15, CONTROLNET_SDXL, OPENCLIP_BIGG, UNET_SD15, UNET_SDXL, VAE_SD
+from golden.oracle_t5 import T5_V1_1_XXL_2L, randomise_t5
 from golden.registry import randomise_weights
 
 REL_TARGET = 1e-4  # max abs error / max |oracle|, per output
@@ -225,6 +226,28 @@ def _clip_vision(name, cfg):
     return model, oracle, refsd, "1 x 3 x 224 x 224 pixels (257 tokens)"
 
 
+def _t5(name, cfg):
+    """T5-XXL at its released width with reduced depth (golden.oracle_t5.T5_V1_1_XXL_2L: 2 of 24 layers),
+    512 tokens (Flux's max_sequence_length), no attention mask, as the SD3 / Flux pipelines call it."""
+    from transformers import T5Config, T5EncoderModel
+
+    g = _generator(name)
+    model = T5EncoderModel(T5Config(**cfg, dropout_rate=0.0)).eval()
+    randomise_t5(model, g)
+    ids = torch.randint(0, cfg["vocab_size"], (1, 512), generator=g)
+    ids[0, 300], ids[0, 301:] = 1, 0  # 300 tokens, </s>, <pad> up to 512
+
+    def oracle():
+        return {"last_hidden_state": model(input_ids=ids).last_hidden_state}
+
+    def refsd(params, put):
+        from refsd.text.t5 import T5Config as Cfg, t5_encoder
+
+        return {"last_hidden_state": t5_encoder(params, put(ids), cfg=Cfg.from_dict(cfg))["last_hidden_state"]}
+
+    return model, oracle, refsd, "1 x 512 tokens (300 + </s> + padding), 2 of 24 layers"
+
+
 CASES = {
     "clip_l": lambda: _clip("clip_l", CLIP_L, False, pad=49407),
     "openclip_bigg": lambda: _clip("openclip_bigg", OPENCLIP_BIGG, True, pad=0),
@@ -234,6 +257,7 @@ CASES = {
     "controlnet_sd15": lambda: _controlnet("controlnet_sd15", CONTROLNET_SD15, 2, sdxl=False),
     "controlnet_sdxl": lambda: _controlnet("controlnet_sdxl", CONTROLNET_SDXL, 1, sdxl=True),
     "clip_vision_h": lambda: _clip_vision("clip_vision_h", CLIP_VISION_H),
+    "t5_xxl_2layers": lambda: _t5("t5_xxl_2layers", T5_V1_1_XXL_2L),
 }
 
 

@@ -1,7 +1,8 @@
 """T5 cases: transformers' T5EncoderModel and T5TokenizerFast are the oracle (SD3 text_encoder_3, Flux text_encoder_2).
 
 Encoder: tiny models built offline from T5Config dicts, every parameter redrawn from the case generator
-(``randomise_weights``); traces are forward hooks on the model's own module paths.
+(``randomise_t5``: ``randomise_weights`` with T5's attention scale folded into q, as its initialisation
+does); traces are forward hooks on the model's own module paths.
 
 Tokenizer: no T5 vocabulary is downloadable here, so the oracle trains one. SentencePiece (single
 thread: deterministic) learns a unigram model with T5's settings (pad 0, eos 1, unk 2, no bos,
@@ -32,6 +33,11 @@ T5_V1_1_TINY = {  # google/t5-v1_1 layout (gated-gelu), real bucket settings, ti
 }
 T5_RELU_TINY = {**T5_V1_1_TINY, "feed_forward_proj": "relu", "relative_attention_num_buckets": 8,
                 "relative_attention_max_distance": 20}
+# google/t5-v1_1-xxl config.json (SD3 text_encoder_3, Flux text_encoder_2) with 2 of its 24 layers:
+# the slow tier's full-width case (golden/fullsize.py).
+T5_V1_1_XXL_2L = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 2, "num_heads": 64,
+                  "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+                  "layer_norm_epsilon": 1e-6, "feed_forward_proj": "gated-gelu"}
 ATTENTION_VARIANTS = [{"attention": "sliced"}, {"attention": "naive"}, {"attention": "tiled"}]
 
 # Block outputs (depth 1) and every submodule a porter writes (depth 2).
@@ -40,11 +46,22 @@ _FINE = re.compile(r"encoder\.block\.\d+\.layer\.(0(\.layer_norm|\.SelfAttention
                    r"|1(\.layer_norm|\.DenseReluDense(\.(wi|wi_0|wi_1|wo|act))?)?)$")
 
 
+def randomise_t5(model, g: torch.Generator) -> None:
+    """``randomise_weights``, then every ``SelfAttention.q`` scaled by d_kv^-1/2: T5 has no attention
+    scaling because its initialisation folds it into q (transformers T5PreTrainedModel._init_weights:
+    q ~ N(0, 1/(d_model d_kv))); without it the logits are sqrt(d_kv) times those of a trained model."""
+    randomise_weights(model, g)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith("SelfAttention.q.weight"):
+                t.mul_(model.config.d_kv ** -0.5)
+
+
 def _t5_case(g, dt, cfg, ids, desc, *, mask=None, porting=False):
     from transformers import T5Config, T5EncoderModel
 
     model = T5EncoderModel(T5Config(**cfg, dropout_rate=0.0)).eval().to(dt)
-    randomise_weights(model, g)
+    randomise_t5(model, g)
     traced = (lambda n: bool(_BLOCK.match(n) or _FINE.match(n))) if porting else (lambda n: bool(_BLOCK.match(n)))
     o, trace = hooked(model, lambda: model(input_ids=ids, attention_mask=mask), traced)
     inputs = {"input_ids": ids} if mask is None else {"input_ids": ids, "attention_mask": mask}
@@ -188,3 +205,149 @@ def _t5_tokenize(g, dt):
             "tokenizer cases (UTF-8 bytes + offsets). dtype 'float64' is a naming convention only.")
     return Capture("t5_tokenize", inputs, outputs, call, desc,
                    variants=[{"source": "tokenizer.json"}, {"source": "spiece.model"}])
+
+
+# --------------------------------------------------------------------------------------------
+# SD3 / Flux prompt encoding (diffusers' encode_prompt on tiny encoders)
+#
+# The CLIPs are the tiny SDXL pipeline's (golden/oracle_sdxl.py: CLIP-L-like 16 wide, bigG-like 32 wide
+# with projection), borrowed through params_from; SD3's CLIP-L is a CLIPTextModelWithProjection whose
+# text model is that CLIP-L and whose text_projection is this case's own draw. The T5 is this case's
+# own tiny T5 v1.1 on the vocabulary of the tokenizer case's oracle-trained model. Token ids come from
+# the same tokenizer objects the pipeline uses, called as the pipeline calls them, and are stored as
+# inputs: the goldens check ids -> embeddings; the tokenizer goldens check text -> ids.
+
+T5_DIT_TINY = {**T5_V1_1_TINY, "d_model": 64, "d_ff": 80}  # wider than the 16 + 32 CLIP channels
+SD3_TRANSFORMER_TINY = {  # only its config is read (joint_attention_dim, sample_size, patch_size)
+    "sample_size": 8, "patch_size": 2, "in_channels": 4, "num_layers": 1, "attention_head_dim": 8,
+    "num_attention_heads": 2, "joint_attention_dim": 64, "caption_projection_dim": 16,
+    "pooled_projection_dim": 40, "out_channels": 4, "pos_embed_max_size": 16,
+}
+
+
+def oracle_t5_tokenizer():
+    """The tokenizer case's T5TokenizerFast (its model is the first draw of that case's generator)."""
+    import zlib
+
+    global _T5_TOKENIZER
+    if _T5_TOKENIZER is None:
+        g = torch.Generator().manual_seed(zlib.crc32(b"text/t5_tokenize_f64"))
+        _T5_TOKENIZER = hf_t5_tokenizers(train_spiece(g))[2]
+    return _T5_TOKENIZER
+
+
+_T5_TOKENIZER = None
+
+
+def _sdxl_clips():
+    from golden import oracle_sdxl
+
+    return oracle_sdxl._components("sdxl"), oracle_sdxl.OWNER["sdxl"], oracle_sdxl.TEXT_L, oracle_sdxl.TEXT_G
+
+
+def _tiny_t5(g, vocab: int):
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = {**T5_DIT_TINY, "vocab_size": vocab}
+    model = T5EncoderModel(T5Config(**cfg, dropout_rate=0.0)).eval()
+    randomise_t5(model, g)
+    return model, cfg
+
+
+def _clip_ids(tok, texts):
+    return torch.tensor(tok(texts, padding="max_length", max_length=77, truncation=True).input_ids)
+
+
+def _t5_ids(tok, texts, n):
+    return torch.tensor(tok(texts, padding="max_length", max_length=n, truncation=True,
+                            add_special_tokens=True).input_ids)
+
+
+def _state(prefix, model):
+    return {f"{prefix}.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _sd3_case(g, dt, *, with_t5: bool, prompts: dict, clip_skip, msl: int, desc: str):
+    import math
+
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    base, owner, text_l, text_g = _sdxl_clips()
+    clip_l = CLIPTextModelWithProjection(CLIPTextConfig(**text_l, attention_dropout=0.0)).eval()
+    clip_l.text_model.load_state_dict(base["text_encoder"].state_dict())
+    w = clip_l.text_projection.weight
+    with torch.no_grad():
+        w.copy_((torch.randn(w.shape, generator=g, dtype=torch.float64) / math.sqrt(w.shape[1])).to(w.dtype))
+    t5tok = oracle_t5_tokenizer()
+    t5, t5_cfg = _tiny_t5(g, len(t5tok)) if with_t5 else (None, None)
+    pipe = StableDiffusion3Pipeline(transformer=SD3Transformer2DModel(**SD3_TRANSFORMER_TINY), scheduler=None, vae=None,
+                                    text_encoder=clip_l, tokenizer=base["tokenizer"],
+                                    text_encoder_2=base["text_encoder_2"], tokenizer_2=base["tokenizer_2"],
+                                    text_encoder_3=t5, tokenizer_3=t5tok if with_t5 else None)
+    with torch.no_grad():
+        full = {"prompt_2": None, "prompt_3": None, **prompts}
+        pe, npe, pp, npp = pipe.encode_prompt(**full, device="cpu", do_classifier_free_guidance=True,
+                                              clip_skip=clip_skip, max_sequence_length=msl)
+    p, n = prompts["prompt"], prompts["negative_prompt"]
+    inputs = {"ids_l": _clip_ids(base["tokenizer"], [p, n]),
+              "ids_g": _clip_ids(base["tokenizer_2"], [prompts.get("prompt_2") or p, n])}
+    if with_t5:
+        inputs["ids_t5"] = _t5_ids(t5tok, [prompts.get("prompt_3") or p, n], msl)
+    borrowed = {**_state("text_encoder", base["text_encoder"]), **_state("text_encoder_2", base["text_encoder_2"])}
+    params = {**borrowed, "text_encoder.text_projection.weight": w.detach().clone()}
+    if with_t5:
+        params.update(_state("text_encoder_3", t5))
+    kwargs = {"family": "sd3", "clip_l": text_l, "clip_g": text_g, "t5": t5_cfg, "clip_skip": clip_skip,
+              "max_sequence_length": msl, "joint_attention_dim": SD3_TRANSFORMER_TINY["joint_attention_dim"]}
+    call = (f"diffusers.StableDiffusion3Pipeline(<tiny encoders>).encode_prompt(**{prompts!r}, "
+            f"do_classifier_free_guidance=True, clip_skip={clip_skip}, max_sequence_length={msl})")
+    return Capture("dit_prompt_embeds", inputs,
+                   {"prompt_embeds": pe, "negative_prompt_embeds": npe, "pooled_prompt_embeds": pp,
+                    "negative_pooled_prompt_embeds": npp},
+                   call, desc, kwargs=kwargs, params=params, params_from=owner, borrowed=tuple(borrowed))
+
+
+@case("text_encoder", "sd3_encode_prompt", dtypes=("float32",))
+def _sd3_encode(g, dt):
+    prompts = {"prompt": "a photo of a cat", "prompt_3": "a photo of a cat on a red sofa, <extra_id_0>",
+               "negative_prompt": "blurry"}
+    return _sd3_case(g, dt, with_t5=True, prompts=prompts, clip_skip=None, msl=256,
+                     desc="SD3 encode_prompt on tiny CLIP-L + bigG (projection) + T5 v1.1: penultimate CLIP states "
+                          "concatenated, zero-padded to T5's 64 channels, before 256 T5 tokens; pooled = both "
+                          "text_embeds; prompt_3 differs from prompt; negative prompt 'blurry'")
+
+
+@case("text_encoder", "sd3_encode_prompt_no_t5", dtypes=("float32",))
+def _sd3_encode_no_t5(g, dt):
+    prompts = {"prompt": "an astronaut riding a horse", "prompt_2": "a horse", "negative_prompt": ""}
+    return _sd3_case(g, dt, with_t5=False, prompts=prompts, clip_skip=1, msl=77,
+                     desc="SD3 encode_prompt without text_encoder_3 (T5 part zeros, joint_attention_dim 64, "
+                          "max_sequence_length 77), clip_skip=1 (prompt only; the negative uses hidden_states[-2]), "
+                          "prompt_2 for bigG, empty negative prompt")
+
+
+@case("text_encoder", "flux_encode_prompt", dtypes=("float32",))
+def _flux_encode(g, dt):
+    from diffusers import FluxPipeline
+
+    base, owner, text_l, _ = _sdxl_clips()
+    t5tok = oracle_t5_tokenizer()
+    t5, t5_cfg = _tiny_t5(g, len(t5tok))
+    pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=base["text_encoder"], tokenizer=base["tokenizer"],
+                        text_encoder_2=t5, tokenizer_2=t5tok, transformer=None)
+    p, p2 = "a photo of a cat", "a photo of a cat, highly detailed, <extra_id_3> studio light"
+    with torch.no_grad():
+        pe, pp, text_ids = pipe.encode_prompt(prompt=p, prompt_2=p2, device="cpu", max_sequence_length=512)
+    inputs = {"ids_clip": _clip_ids(base["tokenizer"], [p]), "ids_t5": _t5_ids(t5tok, [p2], 512)}
+    borrowed = _state("text_encoder", base["text_encoder"])
+    params = {**borrowed, **_state("text_encoder_2", t5)}
+    return Capture("dit_prompt_embeds", inputs,
+                   {"prompt_embeds": pe, "pooled_prompt_embeds": pp, "text_ids": text_ids},
+                   f"diffusers.FluxPipeline(<tiny encoders>).encode_prompt(prompt={p!r}, prompt_2={p2!r}, "
+                   "max_sequence_length=512)",
+                   "Flux encode_prompt on tiny CLIP-L (pooler_output only) + T5 v1.1 (512 tokens from prompt_2); "
+                   "text_ids zeros (512, 3)",
+                   kwargs={"family": "flux", "clip": text_l, "t5": t5_cfg}, tol_component="text_encoder.t5_512",
+                   params=params, params_from=owner,
+                   borrowed=tuple(borrowed))

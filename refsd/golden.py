@@ -169,6 +169,33 @@ def _run_t5_tokenize(spiece_model, tokenizer_json, text_bytes, text_offsets, lon
     return {k: rxp.asarray(v, like=text_bytes) for k, v in out.items()}
 
 
+def _run_dit_prompt_embeds(ids_l=None, ids_g=None, ids_t5=None, ids_clip=None, *, params, family: str,
+                           clip_l=None, clip_g=None, clip=None, t5=None, clip_skip=None, max_sequence_length=256,
+                           joint_attention_dim=4096):
+    """Golden adapter for SD3 / Flux prompt encoding (op "dit_prompt_embeds", refsd.text.dit_conditioning).
+    SD3: row 0 of the ids is the prompt (with ``clip_skip``), row 1 the negative prompt (clip_skip None,
+    as the pipeline) -> prompt_embeds, negative_prompt_embeds and their pooled vectors. Flux: the ids
+    -> prompt_embeds, pooled_prompt_embeds, text_ids."""
+    from refsd.text.clip import CLIPTextConfig
+    from refsd.text.dit_conditioning import flux_prompt_embeds, sd3_prompt_embeds
+    from refsd.text.t5 import T5Config
+
+    t5_cfg = None if t5 is None else T5Config.from_dict(t5)
+    if family == "flux":
+        seq, pooled, text_ids = flux_prompt_embeds(params, ids_clip, ids_t5, clip=CLIPTextConfig.from_dict(clip),
+                                                   t5=t5_cfg)
+        return {"prompt_embeds": seq, "pooled_prompt_embeds": pooled, "text_ids": text_ids}
+    out = {}
+    for row, name, skip in ((0, "", clip_skip), (1, "negative_", None)):
+        pick = (lambda a: None if a is None else a[row:row + 1, ...])
+        seq, pooled = sd3_prompt_embeds(params, pick(ids_l), pick(ids_g), pick(ids_t5),
+                                        clip_l=CLIPTextConfig.from_dict(clip_l), clip_g=CLIPTextConfig.from_dict(clip_g),
+                                        t5=t5_cfg, clip_skip=skip, max_sequence_length=max_sequence_length,
+                                        joint_attention_dim=joint_attention_dim)
+        out[f"{name}prompt_embeds"], out[f"{name}pooled_prompt_embeds"] = seq, pooled
+    return out
+
+
 def _run_vae(z=None, x=None, noise=None, *, params, config: dict, mode: str, attention: str = "sliced",
              tiling: dict | bool | None = None):
     """Golden adapter for VAE cases (op "vae"): refsd.models.vae on a diffusers AutoencoderKL config
@@ -500,6 +527,7 @@ OPS = {
     "clip_text": _run_clip_text,
     "t5_text": _run_t5_text,
     "t5_tokenize": _run_t5_tokenize,
+    "dit_prompt_embeds": _run_dit_prompt_embeds,
     "vae": _run_vae,
     "unet": _run_unet,
     "controlnet": _run_controlnet,
