@@ -298,7 +298,7 @@ def _sd3_case(g, dt, *, with_t5: bool, prompts: dict, clip_skip, msl: int, desc:
     params = {**borrowed, "text_encoder.text_projection.weight": w.detach().clone()}
     if with_t5:
         params.update(_state("text_encoder_3", t5))
-    kwargs = {"family": "sd3", "clip_l": text_l, "clip_g": text_g, "t5": t5_cfg, "clip_skip": clip_skip,
+    kwargs = {"family": "sd3", "prompts": prompts, "clip_l": text_l, "clip_g": text_g, "t5": t5_cfg, "clip_skip": clip_skip,
               "max_sequence_length": msl, "joint_attention_dim": SD3_TRANSFORMER_TINY["joint_attention_dim"]}
     call = (f"diffusers.StableDiffusion3Pipeline(<tiny encoders>).encode_prompt(**{prompts!r}, "
             f"do_classifier_free_guidance=True, clip_skip={clip_skip}, max_sequence_length={msl})")
@@ -348,6 +348,7 @@ def _flux_encode(g, dt):
                    "max_sequence_length=512)",
                    "Flux encode_prompt on tiny CLIP-L (pooler_output only) + T5 v1.1 (512 tokens from prompt_2); "
                    "text_ids zeros (512, 3)",
-                   kwargs={"family": "flux", "clip": text_l, "t5": t5_cfg}, tol_component="text_encoder.t5_512",
+                   kwargs={"family": "flux", "prompts": {"prompt": p, "prompt_2": p2}, "clip": text_l, "t5": t5_cfg},
+                   tol_component="text_encoder.t5_512",
                    params=params, params_from=owner,
                    borrowed=tuple(borrowed))

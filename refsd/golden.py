@@ -170,12 +170,13 @@ def _run_t5_tokenize(spiece_model, tokenizer_json, text_bytes, text_offsets, lon
 
 
 def _run_dit_prompt_embeds(ids_l=None, ids_g=None, ids_t5=None, ids_clip=None, *, params, family: str,
-                           clip_l=None, clip_g=None, clip=None, t5=None, clip_skip=None, max_sequence_length=256,
-                           joint_attention_dim=4096):
+                           prompts: dict, clip_l=None, clip_g=None, clip=None, t5=None, clip_skip=None,
+                           max_sequence_length=256, joint_attention_dim=4096):
     """Golden adapter for SD3 / Flux prompt encoding (op "dit_prompt_embeds", refsd.text.dit_conditioning).
     SD3: row 0 of the ids is the prompt (with ``clip_skip``), row 1 the negative prompt (clip_skip None,
     as the pipeline) -> prompt_embeds, negative_prompt_embeds and their pooled vectors. Flux: the ids
-    -> prompt_embeds, pooled_prompt_embeds, text_ids."""
+    -> prompt_embeds, pooled_prompt_embeds, text_ids. ``prompts`` (the texts the oracle's tokenizers
+    made the ids from) is not used here: tests/test_dit_conditioning.py re-tokenizes them."""
     from refsd.text.clip import CLIPTextConfig
     from refsd.text.dit_conditioning import flux_prompt_embeds, sd3_prompt_embeds
     from refsd.text.t5 import T5Config
