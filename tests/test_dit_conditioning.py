@@ -1,6 +1,8 @@
 """SD3 / Flux prompt encoding: refsd's tokenizers reproduce the ids the oracle fed diffusers' encode_prompt,
 and the shape rules and errors of refsd.text.dit_conditioning."""
 
+from functools import cache
+
 import numpy as np
 import pytest
 
@@ -17,6 +19,11 @@ from refsd.weights import Params
 CLIP = CLIPTokenizer.from_package()
 
 
+@cache
+def _case(case_id):
+    return golden.load_case(case_id)
+
+
 @pytest.fixture(scope="module")
 def t5tok(tmp_path_factory):
     """The tokenizer the oracle used: the t5_tokenize case's trained model."""
@@ -27,7 +34,7 @@ def t5tok(tmp_path_factory):
 
 @pytest.mark.parametrize("case_id", ["text_encoder/sd3_encode_prompt_f32", "text_encoder/sd3_encode_prompt_no_t5_f32"])
 def test_sd3_tokens_are_the_oracle_ids(case_id, t5tok):
-    case = golden.load_case(case_id)
+    case = _case(case_id)
     kw = case.meta["op"]["kwargs"]
     p = kw["prompts"]
     ins = case.group("in")
@@ -42,7 +49,7 @@ def test_sd3_tokens_are_the_oracle_ids(case_id, t5tok):
 
 
 def test_flux_tokens_are_the_oracle_ids(t5tok):
-    case = golden.load_case("text_encoder/flux_encode_prompt_f32")
+    case = _case("text_encoder/flux_encode_prompt_f32")
     p, ins = case.meta["op"]["kwargs"]["prompts"], case.group("in")
     ids = flux_tokens(p["prompt"], clip=CLIP, t5=t5tok, prompt_2=p["prompt_2"])
     assert ids["ids_clip"] == ins["ids_clip"][0].tolist() and ids["ids_t5"] == ins["ids_t5"][0].tolist()
@@ -50,7 +57,7 @@ def test_flux_tokens_are_the_oracle_ids(t5tok):
 
 
 def _sd3_setup(xp, device):
-    case = golden.load_case("text_encoder/sd3_encode_prompt_f32")
+    case = _case("text_encoder/sd3_encode_prompt_f32")
     kw = case.meta["op"]["kwargs"]
     params = Params(case.group("param"), xp=xp, device=device)
     ins = {k: rxp.asarray(v[:1], xp=xp, device=device) for k, v in case.group("in").items()}
@@ -67,8 +74,8 @@ def test_sd3_layout(xp, device):
     assert not seq[:, :77, 48:].any() and seq[:, :77, :48].all()
 
 
-def test_sd3_refuses_clip_wider_than_t5_and_missing_ids(xp, device):
-    params, ins, cfgs, t5 = _sd3_setup(xp, device)
+def test_sd3_refuses_clip_wider_than_t5_and_missing_ids():
+    params, ins, cfgs, t5 = _sd3_setup(np, None)
     with pytest.raises(BackendError, match="CLIP channels 48 exceed the T5 width 32"):
         sd3_prompt_embeds(params, ins["ids_l"], ins["ids_g"], None, **cfgs, t5=None, joint_attention_dim=32)
     with pytest.raises(BackendError, match="no T5 ids"):
@@ -78,16 +85,17 @@ def test_sd3_refuses_clip_wider_than_t5_and_missing_ids(xp, device):
                           clip_skip=5)
 
 
-def test_sd3_needs_projected_clips(xp, device):
+def test_sd3_needs_projected_clips():
+    xp, device = np, None
     params, ins, cfgs, _ = _sd3_setup(xp, device)
-    plain = Params({k: v for k, v in golden.load_case("text_encoder/sd3_encode_prompt_f32").group("param").items()
+    plain = Params({k: v for k, v in _case("text_encoder/sd3_encode_prompt_f32").group("param").items()
                     if k != "text_encoder.text_projection.weight"}, xp=xp, device=device)
     with pytest.raises(BackendError, match="text_encoder: no text_projection.weight"):
         sd3_prompt_embeds(plain, ins["ids_l"], ins["ids_g"], None, **cfgs, t5=None, joint_attention_dim=64)
 
 
 def test_flux_text_ids_are_zeros(xp, device):
-    case = golden.load_case("text_encoder/flux_encode_prompt_f32")
+    case = _case("text_encoder/flux_encode_prompt_f32")
     kw = case.meta["op"]["kwargs"]
     ins = {k: rxp.asarray(v, xp=xp, device=device) for k, v in case.group("in").items()}
     seq, pooled, text_ids = flux_prompt_embeds(Params(case.group("param"), xp=xp, device=device), ins["ids_clip"],
