@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from golden.configs import CLIP_L, CONTROLNET_SD15, CONTROLNET_SDXL, OPENCLIP_BIGG, UNET_SD15, UNET_SDXL, VAE_SD
+from golden.oracle_t5 import T5_V1_1_XXL_2L, randomise_t5
 from golden.registry import randomise_weights
 
 REL_TARGET = 1e-4  # max abs error / max |oracle|, per output
@@ -296,6 +297,26 @@ def _sd3(name, cfg, latent: int = 64, tokens: int = 333):
         return {"sample": mmdit(params, put(sample), put(t), put(ctx), put(pooled), cfg=SD3Config.from_dict(cfg))}
 
     return model, oracle, refsd, f"{cfg['num_layers']} joint blocks; latent 1x16x{latent}x{latent}, {tokens} text tokens"
+def _t5(name, cfg):
+    """T5-XXL at its released width with reduced depth (golden.oracle_t5.T5_V1_1_XXL_2L: 2 of 24 layers),
+    512 tokens (Flux's max_sequence_length), no attention mask, as the SD3 / Flux pipelines call it."""
+    from transformers import T5Config, T5EncoderModel
+
+    g = _generator(name)
+    model = T5EncoderModel(T5Config(**cfg, dropout_rate=0.0)).eval()
+    randomise_t5(model, g)
+    ids = torch.randint(0, cfg["vocab_size"], (1, 512), generator=g)
+    ids[0, 300], ids[0, 301:] = 1, 0  # 300 tokens, </s>, <pad> up to 512
+
+    def oracle():
+        return {"last_hidden_state": model(input_ids=ids).last_hidden_state}
+
+    def refsd(params, put):
+        from refsd.text.t5 import T5Config as Cfg, t5_encoder
+
+        return {"last_hidden_state": t5_encoder(params, put(ids), cfg=Cfg.from_dict(cfg))["last_hidden_state"]}
+
+    return model, oracle, refsd, "1 x 512 tokens (300 + </s> + padding), 2 of 24 layers"
 
 
 CASES = {
@@ -310,6 +331,7 @@ CASES = {
     "flux_dev_2x2": lambda: _flux("flux_dev_2x2", {**FLUX_DEV, "num_layers": 2, "num_single_layers": 2}),
     "sd35_large_2": lambda: _sd3("sd35_large_2", {**SD35_LARGE, "num_layers": 2}),
     "sd35_medium": lambda: _sd3("sd35_medium", SD35_MEDIUM, latent=32, tokens=154),  # whole: 2.5B params
+    "t5_xxl_2layers": lambda: _t5("t5_xxl_2layers", T5_V1_1_XXL_2L),
 }
 
 

@@ -164,6 +164,71 @@ def _run_clip_text(input_ids, *, params, config: dict, attention: str = "sliced"
     return res
 
 
+def _run_t5_text(input_ids, attention_mask=None, *, params, config: dict, attention: str = "sliced"):
+    """Golden adapter for T5 encoder cases (op "t5_text"): refsd.text.t5.t5_encoder on a transformers
+    T5Config dict, with the case's attention_mask when it has one."""
+    from refsd.text.t5 import T5Config, t5_encoder
+
+    return t5_encoder(params, input_ids, cfg=T5Config.from_dict(config), attention_mask=attention_mask,
+                      attention=attention)
+
+
+def _run_t5_tokenize(spiece_model, tokenizer_json, text_bytes, text_offsets, long_bytes, long_offsets, *,
+                     source: str):
+    """Golden adapter for the T5 tokenizer case (op "t5_tokenize"): the oracle's ``spiece.model`` or
+    ``tokenizer.json`` (uint8 inputs) written alone into a folder and read by
+    ``T5Tokenizer.from_folder``; prompts as in "tokenize". -> ``ids`` (flat, with </s>) and
+    ``ids_offsets``; ``ids_<n>`` / ``mask_<n>`` for the long prompts at max_length 256 and 512."""
+    import tempfile
+
+    from refsd.text.t5_tokenizer import T5Tokenizer
+
+    def texts(data, offsets):
+        data, offsets = bytes(rxp.to_numpy(data).astype(np.uint8)), rxp.to_numpy(offsets).tolist()
+        return [data[a:b].decode("utf-8") for a, b in zip(offsets[:-1], offsets[1:])]
+
+    blob = spiece_model if source == "spiece.model" else tokenizer_json
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / source).write_bytes(bytes(rxp.to_numpy(blob).astype(np.uint8)))
+        tok = T5Tokenizer.from_folder(d)
+    rows = [tok(t) for t in texts(text_bytes, text_offsets)]
+    out = {"ids": np.asarray([i for r in rows for i in r], dtype=np.int64),
+           "ids_offsets": np.cumsum([0] + [len(r) for r in rows]).astype(np.int64)}
+    long = texts(long_bytes, long_offsets)
+    for n in (256, 512):
+        out[f"ids_{n}"] = np.asarray([tok(t, max_length=n) for t in long], dtype=np.int64)
+        out[f"mask_{n}"] = np.asarray([tok.attention_mask(t, max_length=n) for t in long], dtype=np.int64)
+    return {k: rxp.asarray(v, like=text_bytes) for k, v in out.items()}
+
+
+def _run_dit_prompt_embeds(ids_l=None, ids_g=None, ids_t5=None, ids_clip=None, *, params, family: str,
+                           prompts: dict, clip_l=None, clip_g=None, clip=None, t5=None, clip_skip=None,
+                           max_sequence_length=256, joint_attention_dim=4096):
+    """Golden adapter for SD3 / Flux prompt encoding (op "dit_prompt_embeds", refsd.text.dit_conditioning).
+    SD3: row 0 of the ids is the prompt (with ``clip_skip``), row 1 the negative prompt (clip_skip None,
+    as the pipeline) -> prompt_embeds, negative_prompt_embeds and their pooled vectors. Flux: the ids
+    -> prompt_embeds, pooled_prompt_embeds, text_ids. ``prompts`` (the texts the oracle's tokenizers
+    made the ids from) is not used here: tests/test_dit_conditioning.py re-tokenizes them."""
+    from refsd.text.clip import CLIPTextConfig
+    from refsd.text.dit_conditioning import flux_prompt_embeds, sd3_prompt_embeds
+    from refsd.text.t5 import T5Config
+
+    t5_cfg = None if t5 is None else T5Config.from_dict(t5)
+    if family == "flux":
+        seq, pooled, text_ids = flux_prompt_embeds(params, ids_clip, ids_t5, clip=CLIPTextConfig.from_dict(clip),
+                                                   t5=t5_cfg)
+        return {"prompt_embeds": seq, "pooled_prompt_embeds": pooled, "text_ids": text_ids}
+    out = {}
+    for row, name, skip in ((0, "", clip_skip), (1, "negative_", None)):
+        pick = (lambda a: None if a is None else a[row:row + 1, ...])
+        seq, pooled = sd3_prompt_embeds(params, pick(ids_l), pick(ids_g), pick(ids_t5),
+                                        clip_l=CLIPTextConfig.from_dict(clip_l), clip_g=CLIPTextConfig.from_dict(clip_g),
+                                        t5=t5_cfg, clip_skip=skip, max_sequence_length=max_sequence_length,
+                                        joint_attention_dim=joint_attention_dim)
+        out[f"{name}prompt_embeds"], out[f"{name}pooled_prompt_embeds"] = seq, pooled
+    return out
+
+
 def _run_vae(z=None, x=None, noise=None, latents=None, *, params, config: dict, mode: str, attention: str = "sliced",
              tiling: dict | bool | None = None):
     """Golden adapter for VAE cases (op "vae"): refsd.models.vae on a diffusers AutoencoderKL config
@@ -545,6 +610,9 @@ OPS = {
     "model_sampling_table": _run_model_sampling_table,
     "tokenize": _run_tokenize,
     "clip_text": _run_clip_text,
+    "t5_text": _run_t5_text,
+    "t5_tokenize": _run_t5_tokenize,
+    "dit_prompt_embeds": _run_dit_prompt_embeds,
     "vae": _run_vae,
     "unet": _run_unet,
     "controlnet": _run_controlnet,
