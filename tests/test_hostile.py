@@ -251,10 +251,11 @@ def test_from_png_one_megabyte_chunk_refused(env, tmp_path):
 ])
 def test_parse_parameters_is_linear(line):
     """A 1 MB single line parses within the refusal watchdog (A1111's findall took 3.2 s on 20 k
-    letters here: quadratic), with findall's exact pairs."""
-    start = time.perf_counter()
+    letters here: quadratic), with findall's exact pairs. CPU time of this process, like the other
+    watchdogs here: wall time on a loaded machine measures the neighbours."""
+    start = time.process_time()
     params = png.parse_parameters("a prompt\n" + line)
-    assert time.perf_counter() - start < REFUSAL_SECONDS
+    assert time.process_time() - start < REFUSAL_SECONDS
     assert params["Prompt"].startswith("a prompt")
     sample = line[:3000]
     assert png.find_pairs(sample) == png.RE_PARAM.findall(sample)
