@@ -12,7 +12,11 @@ Kohya file's most common alpha to every module; a uniform alpha keeps these case
   conv1/conv2 (down (r, in, 3, 3), up (out, r, 1, 1)) and time_emb_proj. Layout as kohya-ss/sd-scripts
   networks/lora.py (LoRANetwork, lora_name = prefix + module path with "." -> "_") writes it.
 - ``kohya_ldm``: the same in LDM block names (``lora_unet_input_blocks_1_1_...``, ``in_layers_2``,
-  ``out_layers_3``, ``emb_layers_1``), as sd-scripts writes SDXL LoRAs (its SDXL UNet is sgm's).
+  ``out_layers_3``, ``emb_layers_1``), as sd-scripts writes SDXL LoRAs (its SDXL UNet is sgm's) and as
+  A1111 / ComfyUI read SD 1.x ones. diffusers' own block-name map (lora_conversion_utils.py
+  _maybe_map_sgm_blocks_to_diffusers, driven by the UNet config's layers_per_block) converts them: SDXL's
+  load_lora_weights passes its ``unet_config`` to lora_state_dict itself, SD1's is given it explicitly
+  (the same documented lora_state_dict kwarg), so SD 1.x LDM names have a diffusers oracle too.
 - ``peft``: ``unet.<path>.lora_A.weight`` / ``.lora_B.weight``, ``text_encoder.text_model.<path>...``
   (no alpha: scale 1), as diffusers' ``save_lora_weights`` writes it (transformers 4 module paths).
 - ``peft_dora``: ``peft`` plus ``.lora_magnitude_vector`` (out,) ((1, out, 1, 1) for convs) (DoRA: the weight's row
@@ -22,6 +26,11 @@ Kohya file's most common alpha to every module; a uniform alpha keeps these case
 - ``diffusers_old``: ``unet.<path>.lora.down.weight`` / ``.lora.up.weight`` (LoRACompatibleLinear era) and
   ``text_encoder.text_model.<path>.lora_linear_layer.down.weight`` / ``.up.weight`` (diffusers' old
   text-encoder monkey-patch layout; both are what diffusers' convert_state_dict_to_diffusers reads).
+- ``diffusers_proc``: the attention-processor layout (diffusers' AttnProcsLayers / LoRAAttnProcessor era):
+  ``unet.<attn>.processor.to_q_lora.down.weight`` / ``to_k`` / ``to_v`` / ``to_out_lora`` and, on text
+  encoders, ``text_encoder.text_model.<layer>.self_attn.to_q_lora.down.weight`` ...; attention projections
+  only, as those processors had (diffusers@0.42.1 utils/state_dict_utils.py UNET_TO_DIFFUSERS /
+  DIFFUSERS_OLD_TO_PEFT and the always-removed ``.processor.`` read it).
 
 Each case loads 1 or 3 files as named adapters, gives each a UNet and a text-encoder weight through
 ``set_adapters(names, [{"unet": w, "text_encoder": w_te, ...}])`` and then either runs the peft layers
@@ -51,7 +60,14 @@ TOKENS = [49406, 320, 1125, 539, 550, 18376, 6765, 525, 3965, 49407]  # "a photo
 UNET_LINEAR = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
                "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
 TEXT_LINEAR = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+PROC_NAMES = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out", "q_proj": "to_q", "k_proj": "to_k",
+              "v_proj": "to_v", "out_proj": "to_out"}  # a layer's name in the attention-processor layout
 RESNET_LDM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1"}
+
+
+ATTENTION = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
+             "attn2.to_out.0", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+ATTENTION_ONLY = ("diffusers_proc",)  # formats whose layout has attention layers only
 
 
 def _unet_targets(unet, conv: bool) -> list[str]:
@@ -107,12 +123,13 @@ def _module(parts: dict, comp: str, path: str):
     return parts["unet"].get_submodule(path) if comp == "unet" else _text_root(parts[comp]).get_submodule(path)
 
 
-def targets(parts: dict, *, te: bool, conv: bool) -> list[tuple[str, str]]:
-    """(component, module path) of every layer a file patches, in file order."""
+def targets(parts: dict, *, te: bool, conv: bool, attention_only: bool = False) -> list[tuple[str, str]]:
+    """(component, module path) of every layer a file patches, in file order (``attention_only``: the
+    attention projections only, as the attention-processor layout has them)."""
     out = [("unet", n) for n in _unet_targets(parts["unet"], conv)]
     if te:
         out += [(c, n) for c in ("text_encoder", "text_encoder_2") if c in parts for n in _text_targets(parts[c])]
-    return out
+    return [(c, n) for c, n in out if n.endswith(ATTENTION)] if attention_only else out
 
 
 def lora_file(g, parts: dict, fmt: str, *, te: bool, alpha: float | None, conv: bool, rank: int = RANK) -> dict:
@@ -121,7 +138,8 @@ def lora_file(g, parts: dict, fmt: str, *, te: bool, alpha: float | None, conv: 
     encoders = [c for c in ("text_encoder", "text_encoder_2") if c in parts]
     kohya_te = {"text_encoder": "lora_te", "text_encoder_2": "lora_te2"} if len(encoders) < 2 else \
         {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
-    mods = [(c, n, _module(parts, c, n)) for c, n in targets(parts, te=te, conv=conv)]
+    mods = [(c, n, _module(parts, c, n)) for c, n in targets(parts, te=te, conv=conv,
+                                                          attention_only=fmt in ATTENTION_ONLY)]
     sd = {}
     for comp, path, m in mods:
         if fmt in ("kohya", "kohya_ldm"):
@@ -140,6 +158,11 @@ def lora_file(g, parts: dict, fmt: str, *, te: bool, alpha: float | None, conv: 
             name = f"unet.{path}" if comp == "unet" else f"{comp}.text_model.{path}"
             layer = "lora" if comp == "unet" else "lora_linear_layer"
             down_k, up_k = f"{name}.{layer}.down.weight", f"{name}.{layer}.up.weight"
+        elif fmt == "diffusers_proc":  # attention processors: attn1.processor.to_q_lora (UNet), self_attn.to_q_lora
+            attn, proj = path.removesuffix(".0").rsplit(".", 1)
+            proj = PROC_NAMES[proj]
+            name = f"unet.{attn}.processor.{proj}" if comp == "unet" else f"{comp}.text_model.{attn}.{proj}"
+            down_k, up_k = f"{name}_lora.down.weight", f"{name}_lora.up.weight"
         else:
             raise ValueError(fmt)
         sd[down_k], sd[up_k] = _factors(g, m, rank)
@@ -222,8 +245,11 @@ def _lora_case(g, dt, *, name: str, model: str, fmts: tuple[str, ...], strengths
     before = {c: {k: v.clone() for k, v in parts[c].state_dict().items()} for c in comps}
     pipe = _pipeline(model, parts)
     names = [f"lora{i}" for i in range(len(files))]
+    # SD1's load_lora_weights maps LDM block names only when given the UNet config (lora_state_dict's
+    # unet_config, which SDXL's loader always passes): diffusers' own _maybe_map_sgm_blocks_to_diffusers
+    ldm = {"unet_config": pipe.unet.config} if model == "sd1" and "kohya_ldm" in fmts else {}
     for n, sd in zip(names, files):
-        pipe.load_lora_weights({k: v.clone() for k, v in sd.items()}, adapter_name=n)
+        pipe.load_lora_weights({k: v.clone() for k, v in sd.items()}, adapter_name=n, **ldm)
     weights = [{"unet": u, **{c: t for c in comps if c != "unet"}} for u, t in strengths]
     pipe.set_adapters(names, adapter_weights=weights)
     outputs = {}
@@ -237,7 +263,8 @@ def _lora_case(g, dt, *, name: str, model: str, fmts: tuple[str, ...], strengths
                     if not torch.equal(v, before[c][k]):
                         outputs[f"weight.{c}.{k}"] = v.clone()
                         changed.add((c, k))
-            want = {(c, _weight_key(parts, c, n)) for c, n in targets(parts, te=te, conv=conv)}
+            want = {(c, _weight_key(parts, c, n)) for c, n in targets(parts, te=te, conv=conv,
+                                                                     attention_only=fmts[0] in ATTENTION_ONLY)}
             assert changed == want, f"{name}: diffusers changed {len(changed)} weights, the files patch {len(want)}"
         outputs.update(_forward(parts, inputs))
     params = {f"lora.{i}.{k}": v for i, sd in enumerate(files) for k, v in sd.items()}
@@ -245,7 +272,8 @@ def _lora_case(g, dt, *, name: str, model: str, fmts: tuple[str, ...], strengths
     loras = [{"unet": u, "te": t} for u, t in strengths]
     kwargs = {"model": model, "loras": loras, "unet": unet_cfg,
               **{c: MODELS[model].MODELS[model][c] for c in comps if c != "unet"}}
-    call = (f"pipe.load_lora_weights(lora_i, adapter_name=name_i) for each file; pipe.set_adapters(names, "
+    call = (f"pipe.load_lora_weights(lora_i, adapter_name=name_i{', unet_config=pipe.unet.config' if ldm else ''}) "
+            f"for each file; pipe.set_adapters(names, "
             f"adapter_weights=[{{'unet': w, 'text_encoder*': w_te}}, ...])"
             + ("; pipe.fuse_lora(components, lora_scale=1.0, adapter_names=names); pipe.unload_lora_weights()"
                if mode == "fuse" else "") + "; unet(sample, timestep, encoder_hidden_states), text_encoder(input_ids)")
@@ -264,11 +292,9 @@ def _register(name: str, build=None, **kw):
 
 
 _FORMATS = {"kohya": (8.0, True), "kohya_ldm": (2.0, True), "peft": (None, False), "diffusers_old": (None, False),
-            "peft_dora": (None, False)}
+            "peft_dora": (None, False), "diffusers_proc": (None, False)}
 for _model in ("sd1", "sdxl"):
     for _fmt, (_alpha, _conv) in _FORMATS.items():
-        if (_model, _fmt) in (("sdxl", "diffusers_old"), ("sd1", "kohya_ldm")):
-            continue  # diffusers maps LDM block names for SDXL only (its sgm UNet); old layout: an SD1-era format
         for _te in (False,) if _fmt == "peft_dora" else (False, True):
             for _mode in ("fuse", "adapters"):
                 _s = (0.8, 0.6) if _te else (0.8, 0.0)

@@ -91,6 +91,12 @@ def _unet_names(module: str, to_ldm: Table | None) -> Iterable[str]:
         yield proc.removesuffix(".0")  # the oldest attention-processor files have no "unet." prefix
 
 
+# text-encoder attention projections in diffusers' attention-processor-era layout (``self_attn.to_q_lora
+# .down.weight``; diffusers@0.42.1 utils/state_dict_utils.py DIFFUSERS_OLD_TO_PEFT maps them back)
+TEXT_PROCESSOR = {"self_attn.q_proj": "self_attn.to_q", "self_attn.k_proj": "self_attn.to_k",
+                  "self_attn.v_proj": "self_attn.to_v", "self_attn.out_proj": "self_attn.to_out"}
+
+
 def _text_names(module: str, component: str, index: int, count: int) -> Iterable[str]:
     """Every file spelling of a text-encoder module (path relative to the text root, no ``text_model.``)."""
     for prefix, i in KOHYA_TE[min(count, 2)].items():
@@ -98,6 +104,9 @@ def _text_names(module: str, component: str, index: int, count: int) -> Iterable
             yield prefix + "text_model_" + _underscored(module)
     yield f"{component}.text_model.{module}"
     yield f"{component}.{module}"
+    head, _, tail = module.rpartition(".self_attn.")
+    if tail and (proc := TEXT_PROCESSOR.get(f"self_attn.{tail}")):
+        yield f"{component}.text_model.{head}.{proc}"
 
 
 def module_map(shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> dict[str, tuple[str, str]]:
