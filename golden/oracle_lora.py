@@ -22,7 +22,7 @@ Kohya file's most common alpha to every module; a uniform alpha keeps these case
 - ``peft_dora``: ``peft`` plus ``.lora_magnitude_vector`` (out,) ((1, out, 1, 1) for convs) (DoRA: the weight's row
   norms perturbed by 1 + 0.3 N), as peft's get_peft_model_state_dict names it; UNet only: diffusers 0.42.1 with
   transformers 5 leaves a text encoder's magnitudes unloaded (peft then keeps its initial ||W||), a quirk refsd
-  does not copy (tests/test_lora.py checks text-encoder DoRA against peft's merge rule restated).
+  does not copy (golden/oracle_lora_peft.py captures text-encoder DoRA with peft itself as the oracle).
 - ``diffusers_old``: ``unet.<path>.lora.down.weight`` / ``.lora.up.weight`` (LoRACompatibleLinear era) and
   ``text_encoder.text_model.<path>.lora_linear_layer.down.weight`` / ``.up.weight`` (diffusers' old
   text-encoder monkey-patch layout; both are what diffusers' convert_state_dict_to_diffusers reads).
@@ -132,22 +132,30 @@ def targets(parts: dict, *, te: bool, conv: bool, attention_only: bool = False) 
     return [(c, n) for c, n in out if n.endswith(ATTENTION)] if attention_only else out
 
 
-def lora_file(g, parts: dict, fmt: str, *, te: bool, alpha: float | None, conv: bool, rank: int = RANK) -> dict:
-    """A LoRA state dict in layout ``fmt`` for the modules of ``parts`` (unet, text_encoder[, _2])."""
-    unet = parts["unet"]
+def file_module_name(parts: dict, fmt: str, comp: str, path: str) -> str:
+    """A module's name in a file of layout ``fmt`` ("kohya", "kohya_ldm" or "peft"): Kohya's
+    ``lora_unet_`` / ``lora_te[1|2]_text_model_`` + the path with "_" for ".", or PEFT's ``unet.<path>`` /
+    ``<text encoder>.text_model.<path>``."""
+    if fmt.startswith("peft"):
+        return f"unet.{path}" if comp == "unet" else f"{comp}.text_model.{path}"
     encoders = [c for c in ("text_encoder", "text_encoder_2") if c in parts]
     kohya_te = {"text_encoder": "lora_te", "text_encoder_2": "lora_te2"} if len(encoders) < 2 else \
         {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    name = _ldm_block(parts["unet"], path) if comp == "unet" and fmt == "kohya_ldm" else path
+    return ("lora_unet_" if comp == "unet" else kohya_te[comp] + "_text_model_") + name.replace(".", "_")
+
+
+def lora_file(g, parts: dict, fmt: str, *, te: bool, alpha: float | None, conv: bool, rank: int = RANK) -> dict:
+    """A LoRA state dict in layout ``fmt`` for the modules of ``parts`` (unet, text_encoder[, _2])."""
     mods = [(c, n, _module(parts, c, n)) for c, n in targets(parts, te=te, conv=conv,
                                                           attention_only=fmt in ATTENTION_ONLY)]
     sd = {}
     for comp, path, m in mods:
         if fmt in ("kohya", "kohya_ldm"):
-            name = _ldm_block(unet, path) if comp == "unet" and fmt == "kohya_ldm" else path
-            name = ("lora_unet_" if comp == "unet" else kohya_te[comp] + "_text_model_") + name.replace(".", "_")
+            name = file_module_name(parts, fmt, comp, path)
             down_k, up_k = f"{name}.lora_down.weight", f"{name}.lora_up.weight"
         elif fmt in ("peft", "peft_dora"):
-            name = f"unet.{path}" if comp == "unet" else f"{comp}.text_model.{path}"
+            name = file_module_name(parts, fmt, comp, path)
             down_k, up_k = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
             if fmt == "peft_dora":  # the weight's row norms, perturbed: DoRA's trained magnitude
                 w = m.weight.detach().double().reshape(m.weight.shape[0], -1)
@@ -228,10 +236,9 @@ def _forward(parts: dict, inputs: dict) -> dict:
     return out
 
 
-def _lora_case(g, dt, *, name: str, model: str, fmts: tuple[str, ...], strengths: tuple[tuple[float, float], ...],
-               te: bool, mode: str, alpha: float | None, conv: bool, desc: str) -> Capture:
-    parts = _fresh_parts(model)
-    files = [lora_file(g, parts, f, te=te, alpha=alpha, conv=conv) for f in fmts]
+def case_inputs(g, model: str) -> dict:
+    """A LoRA case's seeded inputs: a UNet call (sample, timestep, context[, SDXL's added conditions]) and
+    the fixed prompt's token ids for the text encoders."""
     unet_cfg = MODELS[model].MODELS[model]["unet"]
     inputs = {"sample": torch.randn((2, 4, 8, 8), generator=g, dtype=torch.float64).float(),
               "timestep": torch.tensor([999.0, 411.0]),
@@ -241,6 +248,34 @@ def _lora_case(g, dt, *, name: str, model: str, fmts: tuple[str, ...], strengths
     if model == "sdxl":
         inputs["text_embeds"] = torch.randn((2, 24), generator=g, dtype=torch.float64).float()
         inputs["time_ids"] = torch.tensor([[64.0, 64, 0, 0, 64, 64], [48, 56, 4, 8, 64, 64]])
+    return inputs
+
+
+def changed_weights(parts: dict, before: dict) -> dict:
+    """``weight.<component>.<key>`` -> every weight of ``parts`` that differs from ``before`` (the merged
+    LoRA, as the model now holds it)."""
+    return {f"weight.{c}.{k}": v.clone() for c in before for k, v in parts[c].state_dict().items()
+            if not torch.equal(v, before[c][k])}
+
+
+def lora_capture(model: str, parts: dict, before: dict, files: list, strengths, inputs: dict, outputs: dict,
+                 call: str, desc: str) -> Capture:
+    """The op "lora" Capture: the model's weights as borrowed params, the files as ``lora.<i>.<key>``,
+    refsd run in both modes at ``strengths`` ((unet, text encoder) per file)."""
+    params = {f"lora.{i}.{k}": v for i, sd in enumerate(files) for k, v in sd.items()}
+    borrowed = {f"{c}.{k}": v for c in before for k, v in before[c].items()}
+    kwargs = {"model": model, "loras": [{"unet": u, "te": t} for u, t in strengths],
+              **{c: MODELS[model].MODELS[model][c] for c in before}}
+    return Capture("lora", inputs, outputs, call, desc, kwargs=kwargs,
+                   variants=[{"mode": "merged"}, {"mode": "unmerged"}],
+                   params={**borrowed, **params}, params_from=OWNERS[model], borrowed=tuple(borrowed))
+
+
+def _lora_case(g, dt, *, name: str, model: str, fmts: tuple[str, ...], strengths: tuple[tuple[float, float], ...],
+               te: bool, mode: str, alpha: float | None, conv: bool, desc: str) -> Capture:
+    parts = _fresh_parts(model)
+    files = [lora_file(g, parts, f, te=te, alpha=alpha, conv=conv) for f in fmts]
+    inputs = case_inputs(g, model)
     comps = [c for c in ("unet", "text_encoder", "text_encoder_2") if c in parts]
     before = {c: {k: v.clone() for k, v in parts[c].state_dict().items()} for c in comps}
     pipe = _pipeline(model, parts)
@@ -257,29 +292,18 @@ def _lora_case(g, dt, *, name: str, model: str, fmts: tuple[str, ...], strengths
         if mode == "fuse":
             pipe.fuse_lora(components=comps, lora_scale=1.0, adapter_names=names)
             pipe.unload_lora_weights()
-            changed = set()
-            for c in comps:
-                for k, v in parts[c].state_dict().items():
-                    if not torch.equal(v, before[c][k]):
-                        outputs[f"weight.{c}.{k}"] = v.clone()
-                        changed.add((c, k))
+            outputs = changed_weights(parts, before)
+            changed = {tuple(k.split(".", 2)[1:]) for k in outputs}
             want = {(c, _weight_key(parts, c, n)) for c, n in targets(parts, te=te, conv=conv,
                                                                      attention_only=fmts[0] in ATTENTION_ONLY)}
             assert changed == want, f"{name}: diffusers changed {len(changed)} weights, the files patch {len(want)}"
         outputs.update(_forward(parts, inputs))
-    params = {f"lora.{i}.{k}": v for i, sd in enumerate(files) for k, v in sd.items()}
-    borrowed = {f"{c}.{k}": v for c in comps for k, v in before[c].items()}
-    loras = [{"unet": u, "te": t} for u, t in strengths]
-    kwargs = {"model": model, "loras": loras, "unet": unet_cfg,
-              **{c: MODELS[model].MODELS[model][c] for c in comps if c != "unet"}}
     call = (f"pipe.load_lora_weights(lora_i, adapter_name=name_i{', unet_config=pipe.unet.config' if ldm else ''}) "
             f"for each file; pipe.set_adapters(names, "
             f"adapter_weights=[{{'unet': w, 'text_encoder*': w_te}}, ...])"
             + ("; pipe.fuse_lora(components, lora_scale=1.0, adapter_names=names); pipe.unload_lora_weights()"
                if mode == "fuse" else "") + "; unet(sample, timestep, encoder_hidden_states), text_encoder(input_ids)")
-    return Capture("lora", inputs, outputs, call, desc, kwargs=kwargs,
-                   variants=[{"mode": "merged"}, {"mode": "unmerged"}],
-                   params={**borrowed, **params}, params_from=OWNERS[model], borrowed=tuple(borrowed))
+    return lora_capture(model, parts, before, files, strengths, inputs, outputs, call, desc)
 
 
 def _register(name: str, build=None, **kw):
