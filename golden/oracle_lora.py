@@ -341,7 +341,8 @@ for _model in ("sd1", "sdxl"):
 
 
 def _txt2img_case(g, dt, *, name: str, model: str, fmt: str, alpha: float, strength: tuple[float, float],
-                  prompt: str, negative: str, steps: int, cfg: float, seed: int, desc: str) -> Capture:
+                  prompt: str, negative: str, steps: int, cfg: float, seed: int, desc: str,
+                  embeddings: bool = False) -> Capture:
     import diffusers
 
     parts = _fresh_parts(model)
@@ -350,6 +351,15 @@ def _txt2img_case(g, dt, *, name: str, model: str, fmt: str, alpha: float, stren
     params = {f"{c}.{k}": v.detach().clone() for c in (*comps, "vae") for k, v in parts[c].state_dict().items()}
     pipe = _pipeline(model, parts)
     pipe.set_progress_bar_config(disable=True)
+    ti_inputs, ti_kwargs, ti_call = {}, {}, ""
+    if embeddings:  # a 1-vector diffusers file (<cat-toy>) and a 2-vector A1111 one (token mystyle), first
+        from golden.oracle_embeddings import _load, _sd1_files
+
+        pipe.tokenizer = copy.deepcopy(pipe.tokenizer)  # load_textual_inversion adds tokens: not to the cached one
+        ti_inputs, spec, files = _sd1_files(g)
+        ti_inputs = {k: v for k, v in ti_inputs.items() if not k.startswith("emb.style_embeds.")}
+        ti_kwargs = {"embeddings": [spec[0], spec[2]]}
+        ti_call = _load(pipe, [files[0], files[2]]) + "; "
     pipe.load_lora_weights({k: v.clone() for k, v in sd.items()}, adapter_name="lora0")
     pipe.set_adapters(["lora0"], adapter_weights=[{"unet": strength[0], **{c: strength[1] for c in comps[1:]}}])
     steps_done: list[torch.Tensor] = []
@@ -376,12 +386,12 @@ def _txt2img_case(g, dt, *, name: str, model: str, fmt: str, alpha: float, stren
     kwargs = {"model": model_kw, "loras": [{"unet": strength[0], "te": strength[1]}], "prompt": prompt,
               "negative_prompt": negative, "steps": steps, "cfg": cfg, "sampler": "euler", "seed": seed,
               "width": 64, "height": 64, "parity": "diffusers"}
-    call = (f"pipe.load_lora_weights(lora, adapter_name='lora0'); pipe.set_adapters(['lora0'], [{{'unet': "
+    call = (f"{ti_call}pipe.load_lora_weights(lora, adapter_name='lora0'); pipe.set_adapters(['lora0'], [{{'unet': "
             f"{strength[0]}, 'text_encoder*': {strength[1]}}}]); pipe(prompt, negative_prompt, num_inference_steps="
             f"{steps}, guidance_scale={cfg}, height=64, width=64, generator=torch.Generator('cpu').manual_seed({seed}), "
             f"output_type='np') with EulerDiscreteScheduler.from_config(scheduler_config)")
     lora_params = {f"lora.0.{k}": v for k, v in sd.items()}
-    return Capture("lora_pipeline", {}, outputs, call, desc, kwargs=kwargs,
+    return Capture("lora_pipeline", ti_inputs, outputs, call, desc, kwargs={**kwargs, **ti_kwargs},
                    variants=[{"mode": "merged"}, {"mode": "unmerged"}], tol_component="pipeline",
                    params={**params, **lora_params}, params_from=OWNERS[model], borrowed=tuple(params))
 
@@ -394,3 +404,9 @@ _register("txt2img_sdxl_kohya_ldm", _txt2img_case, model="sdxl", fmt="kohya_ldm"
           prompt="a red cube on a table", negative="blurry", steps=3, cfg=5.0, seed=7,
           desc="tiny SDXL txt2img with a Kohya LoRA in LDM block names (rank 4, alpha 2, UNet 0.7, both "
                "text encoders 0.9): StableDiffusionXLPipeline + load_lora_weights, Euler, 3 steps")
+_register("txt2img_sd1_kohya_ti", _txt2img_case, model="sd1", fmt="kohya", alpha=2.0, strength=(0.8, 0.6),
+          prompt="a photo of <cat-toy> on a beach, mystyle", negative="blurry", steps=4, cfg=7.5, seed=42,
+          embeddings=True,
+          desc="tiny SD1 txt2img with a Kohya LoCon LoRA (rank 4, alpha 2, UNet 0.8, text encoder 0.6) and two "
+               "embeddings (a diffusers <cat-toy>, a 2-vector A1111 file as token mystyle) under --parity "
+               "diffusers: load_textual_inversion, load_lora_weights, Euler, 4 steps")

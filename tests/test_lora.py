@@ -407,10 +407,12 @@ def test_bad_files_name_the_culprit(tmp_path):
 # ---- end to end
 
 
-@pytest.mark.parametrize("case_id", ["lora/txt2img_sd1_kohya_f32", "lora/txt2img_sdxl_kohya_ldm_f32"])
+@pytest.mark.parametrize("case_id", ["lora/txt2img_sd1_kohya_f32", "lora/txt2img_sdxl_kohya_ldm_f32",
+                                     "lora/txt2img_sd1_kohya_ti_f32"])
 def test_txt2img_with_a_lora_matches_diffusers_to_1e5_of_the_latents(case_id):
-    """The issue's bar: under --parity diffusers, txt2img with a Kohya LoRA equals diffusers' pipeline with
-    the LoRA loaded to <= 1e-5 of max |latent| (the golden's own tolerance is the pipeline table's)."""
+    """The issue's bar: under --parity diffusers, txt2img with a Kohya LoRA (and, _ti, two embeddings)
+    equals diffusers' pipeline with them loaded to <= 1e-5 of max |latent| (the golden's own tolerance
+    is the pipeline table's)."""
     from refsd import xp as rxp
 
     xp, dev = rxp.backend("numpy")
