@@ -12,16 +12,25 @@ Kohya file's most common alpha to every module; a uniform alpha keeps these case
   conv1/conv2 (down (r, in, 3, 3), up (out, r, 1, 1)) and time_emb_proj. Layout as kohya-ss/sd-scripts
   networks/lora.py (LoRANetwork, lora_name = prefix + module path with "." -> "_") writes it.
 - ``kohya_ldm``: the same in LDM block names (``lora_unet_input_blocks_1_1_...``, ``in_layers_2``,
-  ``out_layers_3``, ``emb_layers_1``), as sd-scripts writes SDXL LoRAs (its SDXL UNet is sgm's).
+  ``out_layers_3``, ``emb_layers_1``), as sd-scripts writes SDXL LoRAs (its SDXL UNet is sgm's) and as
+  A1111 / ComfyUI read SD 1.x ones. diffusers' own block-name map (lora_conversion_utils.py
+  _maybe_map_sgm_blocks_to_diffusers, driven by the UNet config's layers_per_block) converts them: SDXL's
+  load_lora_weights passes its ``unet_config`` to lora_state_dict itself, SD1's is given it explicitly
+  (the same documented lora_state_dict kwarg), so SD 1.x LDM names have a diffusers oracle too.
 - ``peft``: ``unet.<path>.lora_A.weight`` / ``.lora_B.weight``, ``text_encoder.text_model.<path>...``
   (no alpha: scale 1), as diffusers' ``save_lora_weights`` writes it (transformers 4 module paths).
 - ``peft_dora``: ``peft`` plus ``.lora_magnitude_vector`` (out,) ((1, out, 1, 1) for convs) (DoRA: the weight's row
   norms perturbed by 1 + 0.3 N), as peft's get_peft_model_state_dict names it; UNet only: diffusers 0.42.1 with
   transformers 5 leaves a text encoder's magnitudes unloaded (peft then keeps its initial ||W||), a quirk refsd
-  does not copy (tests/test_lora.py checks text-encoder DoRA against peft's merge rule restated).
+  does not copy (golden/oracle_lora_peft.py captures text-encoder DoRA with peft itself as the oracle).
 - ``diffusers_old``: ``unet.<path>.lora.down.weight`` / ``.lora.up.weight`` (LoRACompatibleLinear era) and
   ``text_encoder.text_model.<path>.lora_linear_layer.down.weight`` / ``.up.weight`` (diffusers' old
   text-encoder monkey-patch layout; both are what diffusers' convert_state_dict_to_diffusers reads).
+- ``diffusers_proc``: the attention-processor layout (diffusers' AttnProcsLayers / LoRAAttnProcessor era):
+  ``unet.<attn>.processor.to_q_lora.down.weight`` / ``to_k`` / ``to_v`` / ``to_out_lora`` and, on text
+  encoders, ``text_encoder.text_model.<layer>.self_attn.to_q_lora.down.weight`` ...; attention projections
+  only, as those processors had (diffusers@0.42.1 utils/state_dict_utils.py UNET_TO_DIFFUSERS /
+  DIFFUSERS_OLD_TO_PEFT and the always-removed ``.processor.`` read it).
 
 Each case loads 1 or 3 files as named adapters, gives each a UNet and a text-encoder weight through
 ``set_adapters(names, [{"unet": w, "text_encoder": w_te, ...}])`` and then either runs the peft layers
@@ -51,7 +60,14 @@ TOKENS = [49406, 320, 1125, 539, 550, 18376, 6765, 525, 3965, 49407]  # "a photo
 UNET_LINEAR = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
                "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
 TEXT_LINEAR = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+PROC_NAMES = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out", "q_proj": "to_q", "k_proj": "to_k",
+              "v_proj": "to_v", "out_proj": "to_out"}  # a layer's name in the attention-processor layout
 RESNET_LDM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1"}
+
+
+ATTENTION = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
+             "attn2.to_out.0", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+ATTENTION_ONLY = ("diffusers_proc",)  # formats whose layout has attention layers only
 
 
 def _unet_targets(unet, conv: bool) -> list[str]:
@@ -107,29 +123,39 @@ def _module(parts: dict, comp: str, path: str):
     return parts["unet"].get_submodule(path) if comp == "unet" else _text_root(parts[comp]).get_submodule(path)
 
 
-def targets(parts: dict, *, te: bool, conv: bool) -> list[tuple[str, str]]:
-    """(component, module path) of every layer a file patches, in file order."""
+def targets(parts: dict, *, te: bool, conv: bool, attention_only: bool = False) -> list[tuple[str, str]]:
+    """(component, module path) of every layer a file patches, in file order (``attention_only``: the
+    attention projections only, as the attention-processor layout has them)."""
     out = [("unet", n) for n in _unet_targets(parts["unet"], conv)]
     if te:
         out += [(c, n) for c in ("text_encoder", "text_encoder_2") if c in parts for n in _text_targets(parts[c])]
-    return out
+    return [(c, n) for c, n in out if n.endswith(ATTENTION)] if attention_only else out
+
+
+def file_module_name(parts: dict, fmt: str, comp: str, path: str) -> str:
+    """A module's name in a file of layout ``fmt`` ("kohya", "kohya_ldm" or "peft"): Kohya's
+    ``lora_unet_`` / ``lora_te[1|2]_text_model_`` + the path with "_" for ".", or PEFT's ``unet.<path>`` /
+    ``<text encoder>.text_model.<path>``."""
+    if fmt.startswith("peft"):
+        return f"unet.{path}" if comp == "unet" else f"{comp}.text_model.{path}"
+    encoders = [c for c in ("text_encoder", "text_encoder_2") if c in parts]
+    kohya_te = {"text_encoder": "lora_te", "text_encoder_2": "lora_te2"} if len(encoders) < 2 else \
+        {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    name = _ldm_block(parts["unet"], path) if comp == "unet" and fmt == "kohya_ldm" else path
+    return ("lora_unet_" if comp == "unet" else kohya_te[comp] + "_text_model_") + name.replace(".", "_")
 
 
 def lora_file(g, parts: dict, fmt: str, *, te: bool, alpha: float | None, conv: bool, rank: int = RANK) -> dict:
     """A LoRA state dict in layout ``fmt`` for the modules of ``parts`` (unet, text_encoder[, _2])."""
-    unet = parts["unet"]
-    encoders = [c for c in ("text_encoder", "text_encoder_2") if c in parts]
-    kohya_te = {"text_encoder": "lora_te", "text_encoder_2": "lora_te2"} if len(encoders) < 2 else \
-        {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
-    mods = [(c, n, _module(parts, c, n)) for c, n in targets(parts, te=te, conv=conv)]
+    mods = [(c, n, _module(parts, c, n)) for c, n in targets(parts, te=te, conv=conv,
+                                                          attention_only=fmt in ATTENTION_ONLY)]
     sd = {}
     for comp, path, m in mods:
         if fmt in ("kohya", "kohya_ldm"):
-            name = _ldm_block(unet, path) if comp == "unet" and fmt == "kohya_ldm" else path
-            name = ("lora_unet_" if comp == "unet" else kohya_te[comp] + "_text_model_") + name.replace(".", "_")
+            name = file_module_name(parts, fmt, comp, path)
             down_k, up_k = f"{name}.lora_down.weight", f"{name}.lora_up.weight"
         elif fmt in ("peft", "peft_dora"):
-            name = f"unet.{path}" if comp == "unet" else f"{comp}.text_model.{path}"
+            name = file_module_name(parts, fmt, comp, path)
             down_k, up_k = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
             if fmt == "peft_dora":  # the weight's row norms, perturbed: DoRA's trained magnitude
                 w = m.weight.detach().double().reshape(m.weight.shape[0], -1)
@@ -140,6 +166,11 @@ def lora_file(g, parts: dict, fmt: str, *, te: bool, alpha: float | None, conv: 
             name = f"unet.{path}" if comp == "unet" else f"{comp}.text_model.{path}"
             layer = "lora" if comp == "unet" else "lora_linear_layer"
             down_k, up_k = f"{name}.{layer}.down.weight", f"{name}.{layer}.up.weight"
+        elif fmt == "diffusers_proc":  # attention processors: attn1.processor.to_q_lora (UNet), self_attn.to_q_lora
+            attn, proj = path.removesuffix(".0").rsplit(".", 1)
+            proj = PROC_NAMES[proj]
+            name = f"unet.{attn}.processor.{proj}" if comp == "unet" else f"{comp}.text_model.{attn}.{proj}"
+            down_k, up_k = f"{name}_lora.down.weight", f"{name}_lora.up.weight"
         else:
             raise ValueError(fmt)
         sd[down_k], sd[up_k] = _factors(g, m, rank)
@@ -205,10 +236,9 @@ def _forward(parts: dict, inputs: dict) -> dict:
     return out
 
 
-def _lora_case(g, dt, *, name: str, model: str, fmts: tuple[str, ...], strengths: tuple[tuple[float, float], ...],
-               te: bool, mode: str, alpha: float | None, conv: bool, desc: str) -> Capture:
-    parts = _fresh_parts(model)
-    files = [lora_file(g, parts, f, te=te, alpha=alpha, conv=conv) for f in fmts]
+def case_inputs(g, model: str) -> dict:
+    """A LoRA case's seeded inputs: a UNet call (sample, timestep, context[, SDXL's added conditions]) and
+    the fixed prompt's token ids for the text encoders."""
     unet_cfg = MODELS[model].MODELS[model]["unet"]
     inputs = {"sample": torch.randn((2, 4, 8, 8), generator=g, dtype=torch.float64).float(),
               "timestep": torch.tensor([999.0, 411.0]),
@@ -218,12 +248,43 @@ def _lora_case(g, dt, *, name: str, model: str, fmts: tuple[str, ...], strengths
     if model == "sdxl":
         inputs["text_embeds"] = torch.randn((2, 24), generator=g, dtype=torch.float64).float()
         inputs["time_ids"] = torch.tensor([[64.0, 64, 0, 0, 64, 64], [48, 56, 4, 8, 64, 64]])
+    return inputs
+
+
+def changed_weights(parts: dict, before: dict) -> dict:
+    """``weight.<component>.<key>`` -> every weight of ``parts`` that differs from ``before`` (the merged
+    LoRA, as the model now holds it)."""
+    return {f"weight.{c}.{k}": v.clone() for c in before for k, v in parts[c].state_dict().items()
+            if not torch.equal(v, before[c][k])}
+
+
+def lora_capture(model: str, parts: dict, before: dict, files: list, strengths, inputs: dict, outputs: dict,
+                 call: str, desc: str) -> Capture:
+    """The op "lora" Capture: the model's weights as borrowed params, the files as ``lora.<i>.<key>``,
+    refsd run in both modes at ``strengths`` ((unet, text encoder) per file)."""
+    params = {f"lora.{i}.{k}": v for i, sd in enumerate(files) for k, v in sd.items()}
+    borrowed = {f"{c}.{k}": v for c in before for k, v in before[c].items()}
+    kwargs = {"model": model, "loras": [{"unet": u, "te": t} for u, t in strengths],
+              **{c: MODELS[model].MODELS[model][c] for c in before}}
+    return Capture("lora", inputs, outputs, call, desc, kwargs=kwargs,
+                   variants=[{"mode": "merged"}, {"mode": "unmerged"}],
+                   params={**borrowed, **params}, params_from=OWNERS[model], borrowed=tuple(borrowed))
+
+
+def _lora_case(g, dt, *, name: str, model: str, fmts: tuple[str, ...], strengths: tuple[tuple[float, float], ...],
+               te: bool, mode: str, alpha: float | None, conv: bool, desc: str) -> Capture:
+    parts = _fresh_parts(model)
+    files = [lora_file(g, parts, f, te=te, alpha=alpha, conv=conv) for f in fmts]
+    inputs = case_inputs(g, model)
     comps = [c for c in ("unet", "text_encoder", "text_encoder_2") if c in parts]
     before = {c: {k: v.clone() for k, v in parts[c].state_dict().items()} for c in comps}
     pipe = _pipeline(model, parts)
     names = [f"lora{i}" for i in range(len(files))]
+    # SD1's load_lora_weights maps LDM block names only when given the UNet config (lora_state_dict's
+    # unet_config, which SDXL's loader always passes): diffusers' own _maybe_map_sgm_blocks_to_diffusers
+    ldm = {"unet_config": pipe.unet.config} if model == "sd1" and "kohya_ldm" in fmts else {}
     for n, sd in zip(names, files):
-        pipe.load_lora_weights({k: v.clone() for k, v in sd.items()}, adapter_name=n)
+        pipe.load_lora_weights({k: v.clone() for k, v in sd.items()}, adapter_name=n, **ldm)
     weights = [{"unet": u, **{c: t for c in comps if c != "unet"}} for u, t in strengths]
     pipe.set_adapters(names, adapter_weights=weights)
     outputs = {}
@@ -231,27 +292,18 @@ def _lora_case(g, dt, *, name: str, model: str, fmts: tuple[str, ...], strengths
         if mode == "fuse":
             pipe.fuse_lora(components=comps, lora_scale=1.0, adapter_names=names)
             pipe.unload_lora_weights()
-            changed = set()
-            for c in comps:
-                for k, v in parts[c].state_dict().items():
-                    if not torch.equal(v, before[c][k]):
-                        outputs[f"weight.{c}.{k}"] = v.clone()
-                        changed.add((c, k))
-            want = {(c, _weight_key(parts, c, n)) for c, n in targets(parts, te=te, conv=conv)}
+            outputs = changed_weights(parts, before)
+            changed = {tuple(k.split(".", 2)[1:]) for k in outputs}
+            want = {(c, _weight_key(parts, c, n)) for c, n in targets(parts, te=te, conv=conv,
+                                                                     attention_only=fmts[0] in ATTENTION_ONLY)}
             assert changed == want, f"{name}: diffusers changed {len(changed)} weights, the files patch {len(want)}"
         outputs.update(_forward(parts, inputs))
-    params = {f"lora.{i}.{k}": v for i, sd in enumerate(files) for k, v in sd.items()}
-    borrowed = {f"{c}.{k}": v for c in comps for k, v in before[c].items()}
-    loras = [{"unet": u, "te": t} for u, t in strengths]
-    kwargs = {"model": model, "loras": loras, "unet": unet_cfg,
-              **{c: MODELS[model].MODELS[model][c] for c in comps if c != "unet"}}
-    call = (f"pipe.load_lora_weights(lora_i, adapter_name=name_i) for each file; pipe.set_adapters(names, "
+    call = (f"pipe.load_lora_weights(lora_i, adapter_name=name_i{', unet_config=pipe.unet.config' if ldm else ''}) "
+            f"for each file; pipe.set_adapters(names, "
             f"adapter_weights=[{{'unet': w, 'text_encoder*': w_te}}, ...])"
             + ("; pipe.fuse_lora(components, lora_scale=1.0, adapter_names=names); pipe.unload_lora_weights()"
                if mode == "fuse" else "") + "; unet(sample, timestep, encoder_hidden_states), text_encoder(input_ids)")
-    return Capture("lora", inputs, outputs, call, desc, kwargs=kwargs,
-                   variants=[{"mode": "merged"}, {"mode": "unmerged"}],
-                   params={**borrowed, **params}, params_from=OWNERS[model], borrowed=tuple(borrowed))
+    return lora_capture(model, parts, before, files, strengths, inputs, outputs, call, desc)
 
 
 def _register(name: str, build=None, **kw):
@@ -264,11 +316,9 @@ def _register(name: str, build=None, **kw):
 
 
 _FORMATS = {"kohya": (8.0, True), "kohya_ldm": (2.0, True), "peft": (None, False), "diffusers_old": (None, False),
-            "peft_dora": (None, False)}
+            "peft_dora": (None, False), "diffusers_proc": (None, False)}
 for _model in ("sd1", "sdxl"):
     for _fmt, (_alpha, _conv) in _FORMATS.items():
-        if (_model, _fmt) in (("sdxl", "diffusers_old"), ("sd1", "kohya_ldm")):
-            continue  # diffusers maps LDM block names for SDXL only (its sgm UNet); old layout: an SD1-era format
         for _te in (False,) if _fmt == "peft_dora" else (False, True):
             for _mode in ("fuse", "adapters"):
                 _s = (0.8, 0.6) if _te else (0.8, 0.0)
@@ -291,7 +341,8 @@ for _model in ("sd1", "sdxl"):
 
 
 def _txt2img_case(g, dt, *, name: str, model: str, fmt: str, alpha: float, strength: tuple[float, float],
-                  prompt: str, negative: str, steps: int, cfg: float, seed: int, desc: str) -> Capture:
+                  prompt: str, negative: str, steps: int, cfg: float, seed: int, desc: str,
+                  embeddings: bool = False) -> Capture:
     import diffusers
 
     parts = _fresh_parts(model)
@@ -300,6 +351,15 @@ def _txt2img_case(g, dt, *, name: str, model: str, fmt: str, alpha: float, stren
     params = {f"{c}.{k}": v.detach().clone() for c in (*comps, "vae") for k, v in parts[c].state_dict().items()}
     pipe = _pipeline(model, parts)
     pipe.set_progress_bar_config(disable=True)
+    ti_inputs, ti_kwargs, ti_call = {}, {}, ""
+    if embeddings:  # a 1-vector diffusers file (<cat-toy>) and a 2-vector A1111 one (token mystyle), first
+        from golden.oracle_embeddings import _load, _sd1_files
+
+        pipe.tokenizer = copy.deepcopy(pipe.tokenizer)  # load_textual_inversion adds tokens: not to the cached one
+        ti_inputs, spec, files = _sd1_files(g)
+        ti_inputs = {k: v for k, v in ti_inputs.items() if not k.startswith("emb.style_embeds.")}
+        ti_kwargs = {"embeddings": [spec[0], spec[2]]}
+        ti_call = _load(pipe, [files[0], files[2]]) + "; "
     pipe.load_lora_weights({k: v.clone() for k, v in sd.items()}, adapter_name="lora0")
     pipe.set_adapters(["lora0"], adapter_weights=[{"unet": strength[0], **{c: strength[1] for c in comps[1:]}}])
     steps_done: list[torch.Tensor] = []
@@ -326,12 +386,12 @@ def _txt2img_case(g, dt, *, name: str, model: str, fmt: str, alpha: float, stren
     kwargs = {"model": model_kw, "loras": [{"unet": strength[0], "te": strength[1]}], "prompt": prompt,
               "negative_prompt": negative, "steps": steps, "cfg": cfg, "sampler": "euler", "seed": seed,
               "width": 64, "height": 64, "parity": "diffusers"}
-    call = (f"pipe.load_lora_weights(lora, adapter_name='lora0'); pipe.set_adapters(['lora0'], [{{'unet': "
+    call = (f"{ti_call}pipe.load_lora_weights(lora, adapter_name='lora0'); pipe.set_adapters(['lora0'], [{{'unet': "
             f"{strength[0]}, 'text_encoder*': {strength[1]}}}]); pipe(prompt, negative_prompt, num_inference_steps="
             f"{steps}, guidance_scale={cfg}, height=64, width=64, generator=torch.Generator('cpu').manual_seed({seed}), "
             f"output_type='np') with EulerDiscreteScheduler.from_config(scheduler_config)")
     lora_params = {f"lora.0.{k}": v for k, v in sd.items()}
-    return Capture("lora_pipeline", {}, outputs, call, desc, kwargs=kwargs,
+    return Capture("lora_pipeline", ti_inputs, outputs, call, desc, kwargs={**kwargs, **ti_kwargs},
                    variants=[{"mode": "merged"}, {"mode": "unmerged"}], tol_component="pipeline",
                    params={**params, **lora_params}, params_from=OWNERS[model], borrowed=tuple(params))
 
@@ -344,3 +404,9 @@ _register("txt2img_sdxl_kohya_ldm", _txt2img_case, model="sdxl", fmt="kohya_ldm"
           prompt="a red cube on a table", negative="blurry", steps=3, cfg=5.0, seed=7,
           desc="tiny SDXL txt2img with a Kohya LoRA in LDM block names (rank 4, alpha 2, UNet 0.7, both "
                "text encoders 0.9): StableDiffusionXLPipeline + load_lora_weights, Euler, 3 steps")
+_register("txt2img_sd1_kohya_ti", _txt2img_case, model="sd1", fmt="kohya", alpha=2.0, strength=(0.8, 0.6),
+          prompt="a photo of <cat-toy> on a beach, mystyle", negative="blurry", steps=4, cfg=7.5, seed=42,
+          embeddings=True,
+          desc="tiny SD1 txt2img with a Kohya LoCon LoRA (rank 4, alpha 2, UNet 0.8, text encoder 0.6) and two "
+               "embeddings (a diffusers <cat-toy>, a 2-vector A1111 file as token mystyle) under --parity "
+               "diffusers: load_textual_inversion, load_lora_weights, Euler, 4 steps")

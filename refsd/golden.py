@@ -527,17 +527,19 @@ def _run_lora(*args, **kwargs):
 
 def _run_lora_pipeline(*, params, model: dict, loras: list, mode: str, prompt: str, negative_prompt: str | None,
                        steps: int, cfg: float, sampler: str, seed: int, width: int, height: int, parity: str,
-                       attention: str = "sliced"):
+                       attention: str = "sliced", embeddings: list | None = None, **tensors):
     """Golden adapter for LoRA txt2img cases (op "lora_pipeline"): the tiny model of ``model`` (weights
     ``param/<component>.<key>``) with the case's LoRA files (``param/lora.<i>.<file key>``) applied in
-    ``mode`` at ``loras`` strengths, then refsd.pipelines.txt2img; outputs as the pipeline goldens'."""
+    ``mode`` at ``loras`` strengths (and the case's ``embeddings``, ``in/emb.<name>.<key>``, attached), then
+    refsd.pipelines.txt2img; outputs as the pipeline goldens'."""
     from dataclasses import replace
 
     from refsd.adapters.golden_ops import lazy_view
     from refsd.adapters.lora import patch_params, recognise_lora
     from refsd.pipelines import txt2img
+    from refsd.text.embeddings import attach_embeddings
 
-    m = _tiny_model(params, model, attention)
+    m = attach_embeddings(_tiny_model(params, model, attention), _embeddings(tensors, embeddings))
     files = [recognise_lora(lazy_view(params.sub(f"lora.{i}")), m, path=f"lora.{i}") for i in range(len(loras))]
     m = replace(m, params=patch_params(m.params, [(f, s["unet"], s["te"]) for f, s in zip(files, loras)], mode=mode))
     steps_done = {}

@@ -1,9 +1,11 @@
 """LoRA files: recognition, ComfyUI's merge rule where diffusers is not the rule, the two modes, bad input.
 
 The diffusers-oracle cases are goldens (golden/oracle_lora.py, run by tests/test_golden.py on every
-backend). Here: what diffusers 0.42.1 does differently from ComfyUI / A1111 (per-module alpha, missing
-alpha, a partial attention LoRA) and what it does not read (LDM block names on SD 1.x, Tucker
-``lora_mid``, DoRA ``dora_scale``, full ``diff`` / ``diff_b``) are checked against a torch restatement
+backend), and so are the peft-oracle ones (golden/oracle_lora_peft.py: LoHa, LoKr, text-encoder DoRA).
+Here: what diffusers 0.42.1 does differently from ComfyUI / A1111 (per-module alpha, missing alpha, a
+partial attention LoRA), where peft's convention is not LyCORIS' (LoKr with both halves full), and what
+neither reads (Tucker ``lora_mid``, DoRA ``dora_scale``, full ``diff`` / ``diff_b``, norm diffs; LoHa and
+LoKr are also kept here against ComfyUI's own rule) are checked against a torch restatement
 of ComfyUI's merge, Comfy-Org/ComfyUI@a125cd84b054a57729b5eecab930ca9408719832 comfy/lora.py
 (load_lora) and comfy/weight_adapter/lora.py (LoRAAdapter.calculate_weight), comfy/weight_adapter/base.py
 (weight_decompose); then merged == unmerged bit for bit, and each bad input's one-line error.
@@ -220,9 +222,10 @@ def test_lycoris_loha_lokr_and_norm_diffs(tmp_path):
 
 
 def test_peft_dora_on_a_text_encoder(tmp_path):
-    """diffusers 0.42.1 leaves a text encoder's DoRA magnitudes unloaded (see golden/oracle_lora.py), so the
-    text-encoder case is checked against peft's merge restated (peft tuners/lora/variants.py
-    DoraLinearVariant.merge_safe, dora.py get_weight_norm): m / ||W + dW||_rows * (W + dW)."""
+    """diffusers 0.42.1 leaves a text encoder's DoRA magnitudes unloaded (see golden/oracle_lora.py); the
+    goldens lora/*_dora_peft_* take peft itself as the oracle. Here also peft's merge restated (peft
+    tuners/lora/variants.py DoraLinearVariant.merge_safe, dora.py get_weight_norm):
+    m / ||W + dW||_rows * (W + dW)."""
     g = torch.Generator().manual_seed(7)
     m = _model(SD1_CASE)
     name = "text_encoder.text_model." + TE_Q
@@ -311,19 +314,55 @@ def test_merged_and_unmerged_agree_and_unmerged_keeps_no_copy(tmp_path):
     assert none["unet"] is m["unet"]  # strength 0: nothing patched
 
 
-def test_the_lora_changes_the_golden_outputs():
-    """The LoRA goldens would catch a LoRA left out: with strengths 0 the UNet output misses by far."""
+@pytest.mark.parametrize("case_id", ["lora/sd1_kohya_unet_te_fuse_f32", "lora/sd1_kohya_ldm_unet_te_fuse_f32",
+                                     "lora/sdxl_diffusers_proc_unet_te_adapters_f32",
+                                     "lora/sdxl_loha_peft_unet_te_adapters_f32", "lora/sd1_lokr_peft_unet_te_fuse_f32",
+                                     "lora/sdxl_dora_peft_unet_te_adapters_f32"])
+def test_the_lora_changes_the_golden_outputs(case_id):
+    """The LoRA goldens would catch a LoRA left out: with strengths 0 the UNet output and every text
+    encoder's output miss by far."""
     from refsd.adapters.golden_ops import run_lora
     from refsd.weights import Params as P
 
-    case = golden.load_case("lora/sd1_kohya_unet_te_fuse_f32")
+    case = golden.load_case(case_id)
     ins = {k: v for k, v in case.group("in").items()}
     kw = dict(case.meta["op"]["kwargs"])
     kw["loras"] = [{"unet": 0.0, "te": 0.0}]
     got = run_lora(**ins, params=P(case.group("param")), mode="unmerged", **kw)
     ref = case.group("out")
     assert np.max(np.abs(got["unet.sample"] - ref["unet.sample"])) > 100 * case.meta["atol"]
-    assert np.max(np.abs(got["text_encoder.last_hidden_state"] - ref["text_encoder.last_hidden_state"])) > 1e-2
+    for c in ("text_encoder", "text_encoder_2"):
+        if f"{c}.last_hidden_state" in ref:
+            assert np.max(np.abs(got[f"{c}.last_hidden_state"] - ref[f"{c}.last_hidden_state"])) > 1e-2
+
+
+def test_lokr_with_both_factors_full_follows_lycoris_not_peft(tmp_path):
+    """LoKr with full w1 and w2 (no factored half): LyCORIS lokr.py and ComfyUI's LoKrAdapter ignore the
+    alpha (scale 1); peft's LoKr layer (tuners/lokr/layer.py update_layer: scaling = alpha / r) does not.
+    refsd follows LyCORIS / ComfyUI under every profile; measured here against peft's own merge, which
+    is exactly alpha / r times refsd's update (the peft golden cases keep off this branch)."""
+    import peft
+
+    g = torch.Generator().manual_seed(10)
+    m = _model(SD1_CASE)
+    w = _w(m, "unet", Q1)
+    layer = torch.nn.Linear(8, 8, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    root = torch.nn.Sequential(layer)
+    peft.inject_adapter_in_model(peft.LoKrConfig(r=8, alpha=2.0, target_modules=["0"]), root, adapter_name="a")
+    assert "a" in root[0].lokr_w1 and "a" in root[0].lokr_w2  # both full at this rank
+    w1, w2 = _rand(g, *root[0].lokr_w1["a"].shape), _rand(g, *root[0].lokr_w2["a"].shape)
+    peft.set_peft_model_state_dict(root, {"0.lokr_w1": w1, "0.lokr_w2": w2}, adapter_name="a")
+    n = "lora_unet_" + Q1.replace(".", "_")
+    lora = read_lora(_write(tmp_path, "lokr.safetensors", {f"{n}.lokr_w1": w1, f"{n}.lokr_w2": w2,
+                                                            f"{n}.alpha": torch.tensor(2.0)}), m)
+    ours = torch.from_numpy(np.array(_patched(m, lora)["unet"][f"{Q1}.weight"]))
+    _close(ours, comfy_lokr(w, 2.0, 1.0, w1=w1, w2=w2))
+    with torch.no_grad():
+        peft_delta = root[0].get_delta_weight("a")
+    _close(peft_delta, (2.0 / 8) * (ours - w).double().float())
+    assert float((peft_delta - (ours - w)).abs().max()) > 1e-2
 
 
 # ---- bad input: one line naming the file and the key
@@ -368,10 +407,12 @@ def test_bad_files_name_the_culprit(tmp_path):
 # ---- end to end
 
 
-@pytest.mark.parametrize("case_id", ["lora/txt2img_sd1_kohya_f32", "lora/txt2img_sdxl_kohya_ldm_f32"])
+@pytest.mark.parametrize("case_id", ["lora/txt2img_sd1_kohya_f32", "lora/txt2img_sdxl_kohya_ldm_f32",
+                                     "lora/txt2img_sd1_kohya_ti_f32"])
 def test_txt2img_with_a_lora_matches_diffusers_to_1e5_of_the_latents(case_id):
-    """The issue's bar: under --parity diffusers, txt2img with a Kohya LoRA equals diffusers' pipeline with
-    the LoRA loaded to <= 1e-5 of max |latent| (the golden's own tolerance is the pipeline table's)."""
+    """The issue's bar: under --parity diffusers, txt2img with a Kohya LoRA (and, _ti, two embeddings)
+    equals diffusers' pipeline with them loaded to <= 1e-5 of max |latent| (the golden's own tolerance
+    is the pipeline table's)."""
     from refsd import xp as rxp
 
     xp, dev = rxp.backend("numpy")

@@ -44,6 +44,10 @@ def loras(tmp_path_factory):
     (d / "bad").mkdir()
     (d / "bad" / "trunc.safetensors").write_bytes(raw[: len(raw) - 100])
     save_safetensors(d / "bad" / "unrelated.safetensors", {"model.layers.0.weight": np.ones((4, 4), np.float32)})
+    first = next(k for k in t if k.startswith("lora_unet_")).split(".")[0]
+    q = {k: v for k, v in t.items() if k.split(".")[0] == first}
+    q[f"{first}.lora_up.weight"] = q[f"{first}.lora_up.weight"][:, :1]  # rank 1 up against a rank 2 down
+    save_safetensors(d / "bad" / "ranks.safetensors", q)
     return d
 
 
@@ -123,6 +127,7 @@ def test_a1111_prompt_tags_equal_the_flag(env, loras, tmp_path):  # noqa: F811
     (["--lora", "{d}/bad/unrelated.safetensors"], ["unrelated.safetensors", "'model.layers.0.weight'",
                                                    "not a LoRA tensor"]),
     (["--lora", "{d}/style.safetensors:1:nan"], ["--lora", "finite"]),
+    (["--lora", "{d}/bad/ranks.safetensors"], ["ranks.safetensors", "ranks differ", "lora_unet_"]),
 ])
 def test_bad_lora_input_one_line_exit_2_no_file(env, loras, tmp_path, args, fragments):  # noqa: F811
     args = [a.format(d=loras) for a in args]

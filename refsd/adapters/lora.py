@@ -298,8 +298,8 @@ def recognise_lora(tensors: Mapping[str, LazyTensor], model, *, path: str | os.P
         raise WeightsError(f"{path}: no tensors; not a LoRA file")
     groups = _group(path, shapes)
     model_shapes = component_shapes(model)
-    names = module_map(model_shapes)
     arch = architecture or getattr(model, "architecture", None)
+    names = module_map(model_shapes, arch)
     hint = architecture_hint(shapes, groups)
     unknown = [m for m in groups if m not in names]
     if unknown:

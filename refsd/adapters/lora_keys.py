@@ -63,7 +63,9 @@ SUFFIXES: dict[str, tuple[str, str]] = {
 }
 _BY_LENGTH = sorted(SUFFIXES, key=len, reverse=True)
 
-KOHYA_TE = {1: {"lora_te_": 0, "lora_te1_": 0}, 2: {"lora_te1_": 0, "lora_te2_": 1}}
+# Kohya text-encoder prefixes -> encoder index, by encoder count; ComfyUI's model_lora_keys_clip also maps
+# lora_te_ onto SDXL's CLIP-L
+KOHYA_TE = {1: {"lora_te_": 0, "lora_te1_": 0}, 2: {"lora_te_": 0, "lora_te1_": 0, "lora_te2_": 1}}
 
 
 def split_key(key: str) -> tuple[str, str] | None:
@@ -79,34 +81,79 @@ def _underscored(path: str) -> str:
 
 
 def _unet_names(module: str, to_ldm: Table | None) -> Iterable[str]:
-    """Every file spelling of a UNet module (diffusers path without ``.weight``)."""
+    """Every file spelling of a UNet module (diffusers path without ``.weight``), as ComfyUI's
+    model_lora_keys_unet lists them: Kohya ``lora_unet_`` (diffusers and LDM paths), SimpleTuner's
+    ``lycoris_``, the generic ``diffusion_model.<LDM path>``, PEFT ``unet.`` and the attention-processor
+    names with and without ``unet.`` (any other layer: its bare diffusers path)."""
     yield "lora_unet_" + _underscored(module)
+    yield "lycoris_" + _underscored(module)
     if to_ldm is not None and (ldm := to_ldm.to_ldm(module)) is not None and ldm[2] == 1:
         yield "lora_unet_" + _underscored(ldm[0])
+        yield "diffusion_model." + ldm[0]
     yield "unet." + module
     # attention-processor layout: attn1.to_q -> attn1.processor.to_q, attn1.to_out.0 -> attn1.processor.to_out
     proc = module.replace(".to_", ".processor.to_")
     if proc != module:
         yield "unet." + proc.removesuffix(".0")
-        yield proc.removesuffix(".0")  # the oldest attention-processor files have no "unet." prefix
+    yield proc.removesuffix(".0") if proc != module else module  # no "unet." prefix (the oldest files)
 
 
-def _text_names(module: str, component: str, index: int, count: int) -> Iterable[str]:
-    """Every file spelling of a text-encoder module (path relative to the text root, no ``text_model.``)."""
-    for prefix, i in KOHYA_TE[min(count, 2)].items():
-        if i == index:
-            yield prefix + "text_model_" + _underscored(module)
+# text-encoder attention projections in diffusers' attention-processor-era layout (``self_attn.to_q_lora
+# .down.weight``; diffusers@0.42.1 utils/state_dict_utils.py DIFFUSERS_OLD_TO_PEFT maps them back)
+TEXT_PROCESSOR = {"self_attn.q_proj": "self_attn.to_q", "self_attn.k_proj": "self_attn.to_k",
+                  "self_attn.v_proj": "self_attn.to_v", "self_attn.out_proj": "self_attn.to_out"}
+
+# ComfyUI's name for each text encoder (comfy/sd1_clip.py clip_l, sd2_clip.py clip_h, sdxl_clip.py clip_l +
+# clip_g, the refiner's clip_g alone): its LoRA keys ``text_encoders.<name>.transformer.<key>`` use it
+COMFY_CLIP = {"sd1": ("clip_l",), "sd2": ("clip_h",)}
+
+
+def _comfy_clip(component: str, count: int, architecture: str | None) -> tuple[str, ...]:
+    """ComfyUI's CLIP name(s) for a text encoder: SDXL's second (and the refiner's only) one is clip_g;
+    a lone first one is SD 1.x's clip_l or SD 2.x's clip_h (both when the architecture is not known)."""
+    if component == "text_encoder_2":
+        return ("clip_g",)
+    if count == 2:
+        return ("clip_l",)
+    family = (architecture or "").split("-")[0]
+    return COMFY_CLIP.get(family, ("clip_l", "clip_h"))
+
+
+def _text_names(module: str, component: str, index: int, count: int, clips: tuple[str, ...]) -> Iterable[str]:
+    """Every file spelling of a text-encoder module (path relative to the text root, no ``text_model.``),
+    as ComfyUI's model_lora_keys_clip lists them (and transformers 4 / 5 PEFT paths): Kohya
+    ``lora_te[1|2]_text_model_``, the refiner's / Stable Cascade's ``lora_prior_te_``, ``lora_te2_text_projection``,
+    diffusers ``text_encoder[_2].text_model.``, the attention-processor ``self_attn.to_q`` and the generic
+    ``text_encoders.<clip>.transformer.text_model.`` (``.transformer.text_projection``)."""
+    lone_g = clips == ("clip_g",) and count == 1
+    prefixes = [p for p, i in KOHYA_TE[min(count, 2)].items() if i == index] + (["lora_prior_te_"] if lone_g else [])
+    if module == "text_projection":
+        if "clip_g" in clips:
+            yield from ("lora_te2_text_projection", "lora_prior_te_text_projection")
+        for clip in clips:
+            yield f"text_encoders.{clip}.transformer.text_projection"
+    for prefix in prefixes:
+        yield prefix + "text_model_" + _underscored(module)
     yield f"{component}.text_model.{module}"
     yield f"{component}.{module}"
+    if lone_g:  # ComfyUI: a clip_g without clip_l takes diffusers' text_encoder. names
+        yield f"text_encoder.text_model.{module}"
+    head, _, tail = module.rpartition(".self_attn.")
+    if tail and (proc := TEXT_PROCESSOR.get(f"self_attn.{tail}")):
+        yield f"{component}.text_model.{head}.{proc}"
+    for clip in clips:
+        yield f"text_encoders.{clip}.transformer.text_model.{module}"
 
 
-def module_map(shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> dict[str, tuple[str, str]]:
+def module_map(shapes: Mapping[str, Mapping[str, tuple[int, ...]]],
+               architecture: str | None = None) -> dict[str, tuple[str, str]]:
     """File module name -> (component, diffusers weight key) for a model's patchable weights.
 
     ``shapes``: component ("unet", "text_encoder", "text_encoder_2") -> key -> shape, the model's
     Params shapes. Every ``*.weight`` (linear, conv, norm, embedding: full diffs and norm diffs reach
     them all) gets all its spellings; text-encoder keys are taken relative to ``text_model.`` where the
-    state dict has it.
+    state dict has it. ``architecture`` ("sd1", "sd2", ...) picks ComfyUI's CLIP name of a lone text
+    encoder (clip_l or clip_h).
     """
     out: dict[str, tuple[str, str]] = {}
     if "unet" in shapes:
@@ -121,10 +168,11 @@ def module_map(shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> dict[str,
                     out.setdefault(name, ("unet", k))
     encoders = [c for c in ("text_encoder", "text_encoder_2") if c in shapes]
     for i, comp in enumerate(encoders):
+        clips = _comfy_clip(comp, len(encoders), architecture)
         for k, s in shapes[comp].items():
             if k.endswith(".weight"):
                 rel = k[: -len(".weight")].removeprefix("text_model.")
-                for name in _text_names(rel, comp, i, len(encoders)):
+                for name in _text_names(rel, comp, i, len(encoders), clips):
                     out.setdefault(name, (comp, k))
     return out
 
