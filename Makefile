@@ -19,16 +19,17 @@ $(STAMP): pyproject.toml requirements/lock.txt
 
 setup: $(STAMP)
 
-# The main job on the embedded default model: a tiny SD1-architecture checkpoint whose seeded random
-# weights refsd writes on first use (17 MB, in $REFSD_CACHE or ~/.cache/refsd; refsd/pipelines/demo.py).
-# Random weights: the PNG shows the pipeline working, not a picture. out/ is git-ignored.
+# The main job on the packaged demo model, refsd-tiny-shapes: a tiny SD1-architecture checkpoint trained
+# here (train/tiny_shapes.py) to draw one coloured shape on a coloured background at 64x64, its native size
+# (refsd/data/, docs/demo_model.md). The prompt is a colour/shape/background combination it never saw in
+# training. out/ is git-ignored.
 DEMO_OUT ?= out/demo.png
+DEMO_PROMPT ?= a blue triangle on a red background
 demo: setup
 	@mkdir -p $(dir $(DEMO_OUT))
-	$(BIN)/python -m refsd generate --demo --prompt "a lighthouse on a cliff at sunset" --seed 42 \
-		--steps 20 --width 512 --height 512 --out $(DEMO_OUT)
-	@echo "refsd demo: wrote $(DEMO_OUT) with the embedded tiny model. Its weights are random, so the image"
-	@echo "shows the pipeline working, not a picture. For a real image, use a checkpoint you have:"
+	@echo 'refsd demo: "$(DEMO_PROMPT)" with the packaged tiny-shapes model (64x64; docs/demo_model.md) ->'
+	@$(BIN)/python -m refsd generate --demo --prompt "$(DEMO_PROMPT)" --seed 7 --steps 20 --out $(DEMO_OUT)
+	@echo 'For other pictures, use a checkpoint you have:'
 	@echo '  $(BIN)/refsd generate --model sd15.safetensors --prompt "a photo of a cat" --out out.png'
 
 # Default tier: re-capture every golden with the oracle and compare, then the test suite.

@@ -28,8 +28,8 @@ from refsd.sweep.cli import add_conformance_parser, add_sweep_parser
 
 EXAMPLES = """\
 examples:
-  refsd generate --demo --prompt "a red cube" --out demo.png
-      the embedded tiny model (random weights: shows the pipeline working, not a picture)
+  refsd generate --demo --prompt "a red circle on a blue background" --out demo.png
+      the packaged tiny model: one coloured shape on a coloured background, 64x64
   refsd generate --model v1-5-pruned-emaonly.safetensors --prompt "a photo of a cat" --out cat.png
   refsd generate --from-png cat.png --steps 30 --out cat30.png
   refsd generate --model sd_xl_base_1.0.safetensors --refiner sd_xl_refiner_1.0.safetensors \\
@@ -73,8 +73,8 @@ no names in common is an error (exit 2).
 
 COMPARE_EXAMPLES = """\
 examples:
-  refsd generate --demo --prompt "a red cube" --out demo.png
-      the embedded tiny model (random weights: shows the pipeline working, not a picture)
+  refsd generate --demo --prompt "a red circle on a blue background" --out demo.png
+      the packaged tiny model: one coloured shape on a coloured background, 64x64
   refsd generate --model v1-5-pruned-emaonly.safetensors --prompt "a photo of a cat" --out cat.png
   refsd generate --from-png cat.png --steps 30 --out cat30.png
   refsd trace --demo --prompt "a red cube" --steps 1 --out trace.safetensors

@@ -69,8 +69,8 @@ re-runs under it). --seed -1 (the default) draws a random seed, recorded in the 
 
 GENERATE_EXAMPLES = """\
 examples:
-  refsd generate --demo --prompt "a red cube" --out demo.png
-      the embedded tiny model: random weights, so it shows the pipeline working, not a picture
+  refsd generate --demo --prompt "a red circle on a blue background" --out demo.png
+      the packaged tiny model: one coloured shape on a coloured background, 64x64
   refsd generate --model sd15.safetensors --prompt "a photo of a cat" --negative "blurry" --out cat.png
   refsd generate --model sd15.safetensors --prompt "a cat" --sampler dpmpp_2m --scheduler karras \\
       --steps 25 --cfg 7 --seed 42 --batch 2 --out cat.png        (writes cat_0.png and cat_1.png)
@@ -117,8 +117,8 @@ def _add_generation_flags(p, *, out_default: str, out_help: str) -> None:
                         "DIR, as A1111 does: by its Model name, then by its Model hash (A1111's short sha256, cached "
                         "in $REFSD_CACHE/hashes.json; or the old 8-digit hash)")
     g.add_argument("--demo", action="store_true",
-                   help="use the embedded tiny SD1 model (random weights, written to $REFSD_CACHE or "
-                        "~/.cache/refsd on first use): shows the pipeline working, not a picture")
+                   help="use refsd's packaged tiny SD1 model, trained to draw 64x64 pictures of one shape in a "
+                        "colour on a background (\"a red circle on a blue background\"; docs/demo_model.md)")
     g.add_argument("--prediction", metavar="KIND",
                    help=f"{' | '.join(PREDICTIONS)}: force the model's prediction type (SD 2.x 768-v "
                         "checkpoints are v_prediction; the weights cannot tell)")
@@ -306,9 +306,11 @@ def _run_pipeline(job: GenerateJob, on_step: Callable | None = None, progress: P
     shown = progress or Progress()
     if not hasattr(pipelines, "load_model"):
         raise RefsdError("this refsd has no generation pipeline (refsd.pipelines.load_model is missing)")
+    config = job.config
     if job.model is None:
         shown.note(demo.NOTICE)
         model_path = demo.ensure()
+        config = demo.UNET_CONFIG if config is None else config
     else:
         model_path = job.model
     for note in job.notes:
@@ -319,7 +321,7 @@ def _run_pipeline(job: GenerateJob, on_step: Callable | None = None, progress: P
     model_hash = _Background(png.model_hash, model_path)  # overlaps the sampling; A1111's short sha256
     refiner_hash = _Background(png.model_hash, job.refiner) if job.refiner is not None else None
     placement = {"backend": s["backend"], "dtype": s["dtype"], "attention": s["attention"]}
-    model = pipelines.load_model(model_path, prediction=s["prediction"], config=job.config, **placement)
+    model = pipelines.load_model(model_path, prediction=s["prediction"], config=config, **placement)
     if job.embeddings is not None:
         from refsd.text.embeddings import attach_embeddings
 

@@ -258,7 +258,7 @@ def _model(args, source: dict):
             raise RefsdError(f"{args.from_png} was made with {made}: pass --model PATH, or --model-dir DIR to "
                              f"find it by its hash and name (or --demo)")
         raise RefsdError("no model: pass --model PATH (a .safetensors checkpoint or a diffusers folder), "
-                         "or --demo for the embedded tiny model")
+                         "or --demo for the packaged tiny model")
     return None, facts_from_configs(demo.NAME, "sd1", demo.CONFIGS)
 
 

@@ -1,4 +1,5 @@
-"""``refsd generate`` with --t2i-adapter / --ip-adapter on the demo model (subprocess), ``refsd info`` on
+"""``refsd generate`` with --t2i-adapter / --ip-adapter on the random-weight demo model (subprocess; its UNet
+has SDXL's level order, no attention at full resolution, so an SDXL T2I-Adapter fits it), ``refsd info`` on
 adapter files, and the bad inputs: each one line, exit status 2, no file written. The adapter files are
 written here with seeded random weights in the layouts users have (a T2I-Adapter .safetensors with
 diffusers keys, an ip-adapter_sd15-layout file, a transformers image-encoder folder)."""
@@ -15,11 +16,18 @@ from refsd.models.unet import UNetConfig
 from refsd.models.vision import CLIPVisionConfig
 from refsd.pipelines import demo
 from refsd.weights import save_safetensors
-from test_cli_generate import SMALL, assert_one_line_error, env, pngs, run  # noqa: F401  (env: a fixture)
+from test_cli_generate import assert_one_line_error, env, pngs, run  # noqa: F401  (env: a fixture)
 
 T2I = T2IAdapterConfig(channels=(32, 64, 64), num_res_blocks=1, downscale_factor=16, adapter_type="full_adapter_xl")
 VISION = CLIPVisionConfig(hidden_size=16, intermediate_size=32, projection_dim=12, num_hidden_layers=2,
                           num_attention_heads=2, image_size=28, patch_size=14, hidden_act="gelu")
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """The generate flags of every run here: the random-weight demo model, 64x64, 2 steps."""
+    model = demo.ensure_random(tmp_path_factory.mktemp("random-demo"))
+    return ["--model", str(model), "--width", "64", "--height", "64", "--steps", "2"]
 
 
 def _random(shapes: dict, seed: int) -> dict:
@@ -29,7 +37,7 @@ def _random(shapes: dict, seed: int) -> dict:
 
 
 def _ip_shapes(embed: int) -> dict:
-    unet = UNetConfig.from_dict(demo.CONFIGS["unet"])
+    unet = UNetConfig.from_dict(demo.RANDOM_CONFIGS["unet"])
     c = unet.cross_attention_dims[0]
     out = {"image_proj.proj.weight": (4 * c, embed), "image_proj.proj.bias": (4 * c,),
            "image_proj.norm.weight": (c,), "image_proj.norm.bias": (c,)}
@@ -64,11 +72,11 @@ def _pixels(path):
     return png.read_image(path).astype(np.int32)
 
 
-def test_t2i_and_ip_adapters_change_the_image(env, files, tmp_path):  # noqa: F811
-    base = run(env, *SMALL, "--seed", "3", "--prompt", "x", "--out", tmp_path / "base.png")
-    t2i = run(env, *SMALL, "--seed", "3", "--prompt", "x", "--t2i-adapter", files / "t2i.safetensors",
+def test_t2i_and_ip_adapters_change_the_image(env, files, small, tmp_path):  # noqa: F811
+    base = run(env, *small, "--seed", "3", "--prompt", "x", "--out", tmp_path / "base.png")
+    t2i = run(env, *small, "--seed", "3", "--prompt", "x", "--t2i-adapter", files / "t2i.safetensors",
               "--adapter-image", files / "control.png", "--adapter-scale", "2", "--out", tmp_path / "t2i.png")
-    ip = run(env, *SMALL, "--seed", "3", "--prompt", "x", "--ip-adapter", files / "ip.safetensors",
+    ip = run(env, *small, "--seed", "3", "--prompt", "x", "--ip-adapter", files / "ip.safetensors",
              "--image-encoder", files / "encoder", "--ip-image", files / "control.png", "--ip-scale", "3",
              "--out", tmp_path / "ip.png")
     for proc in (base, t2i, ip):
@@ -91,8 +99,8 @@ def test_t2i_and_ip_adapters_change_the_image(env, files, tmp_path):  # noqa: F8
     (["--ip-adapter", "{d}/ip.safetensors", "--image-encoder", "{d}/t2i.safetensors", "--ip-image", "{d}/control.png"],
      ["must be a CLIP vision image encoder"]),
 ])
-def test_bad_adapter_input_is_one_line(env, files, tmp_path, extra, fragments):  # noqa: F811
-    proc = run(env, *SMALL, "--prompt", "x", *[a.format(d=files) for a in extra], "--out", tmp_path / "o.png")
+def test_bad_adapter_input_is_one_line(env, files, small, tmp_path, extra, fragments):  # noqa: F811
+    proc = run(env, *small, "--prompt", "x", *[a.format(d=files) for a in extra], "--out", tmp_path / "o.png")
     assert_one_line_error(proc, *fragments)
     assert pngs(tmp_path) == []
 

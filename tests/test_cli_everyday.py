@@ -112,11 +112,11 @@ def test_unknown_name_lists_the_profiles_names(parity, flag, bad, valid, tmp_pat
 
 @pytest.fixture(scope="module")
 def demo_cache(tmp_path_factory):
-    """A private REFSD_CACHE holding the demo model; the environment variable set for the module."""
+    """A private REFSD_CACHE (where load_model("demo-random") writes); the environment variable set for the
+    module."""
     from refsd.pipelines import demo
 
     cache = tmp_path_factory.mktemp("refsd-cache")
-    demo.ensure(cache)
     old = os.environ.get("REFSD_CACHE")
     os.environ["REFSD_CACHE"] = str(cache)
     yield cache
@@ -130,8 +130,10 @@ def test_load_model_demo_and_repr(demo_cache):
     from refsd.pipelines import demo, load_model
 
     m = load_model("demo")
-    assert m.path == demo_cache / demo.FILENAME and m.architecture == "sd1" and m.name == demo.NAME
-    assert repr(m) == f"<refsd Model sd1 'demo-sd1-tiny' float32 on numpy from {demo_cache / demo.FILENAME}>"
+    assert m.path == demo.PATH and m.architecture == "sd1" and m.name == demo.NAME
+    assert repr(m) == f"<refsd Model sd1 'refsd-tiny-shapes' float32 on numpy from {demo.PATH}>"
+    random = load_model("demo-random")  # the seeded random-weight model, written to REFSD_CACHE
+    assert random.path == demo_cache / demo.RANDOM_FILENAME and random.name == demo.RANDOM_NAME
     assert "\n" not in repr(m) and len(repr(m)) < 200  # not the dataclass dump of every Params
 
 
@@ -142,7 +144,7 @@ def test_write_png_and_infotext_take_a_results_info(demo_cache, tmp_path):
     res = txt2img(m, "a cat", "a dog", width=64, height=64, steps=2, seed=3, batch_size=2, parity="a1111")
     text = png.infotext(res.info, index=1)
     assert text.startswith("a cat\nNegative prompt: a dog\nSteps: 2, Sampler: Euler, Schedule type: Normal, "
-                           "CFG scale: 7.5, Seed: 4, Size: 64x64, Model: demo-sd1-tiny, RNG: CPU, ")
+                           "CFG scale: 7.5, Seed: 4, Size: 64x64, Model: refsd-tiny-shapes, RNG: CPU, ")
     assert "refsd batch: 2/2, refsd seed: 3, refsd version: " in text  # a1111: image 1 seeded seed + 1
     path = png.write_png(tmp_path / "cat.png", res.images[1], res.info, index=1)
     params = png.read_parameters(path)
@@ -168,7 +170,7 @@ def test_progress_names_every_stage_in_order(env, tmp_path):
     proc = refsd(*SMALL, "--prompt", "a cube", "--batch", "2", "--out", tmp_path / "c.png", env=env)
     assert proc.returncode == 0, proc.stderr
     err = proc.stderr
-    marks = ["weights are random", "loading demo-sd1-tiny ...", "loading:", "encoding text ...",
+    marks = ["refsd-tiny-shapes model: 64x64 images", "loading refsd-tiny-shapes ...", "loading:", "encoding text ...",
              "sampling:   0%|          | 0/3", "sampling: 100%|", "| 3/3", "decoding ...", "writing ..."]
     at = [err.find(m) for m in marks]
     assert -1 not in at and at == sorted(at), (at, err)
@@ -248,7 +250,7 @@ def models(tmp_path_factory):
     from refsd.weights.safetensors import save_safetensors
 
     d = tmp_path_factory.mktemp("models")
-    tensors = ldm.to_single_file(demo.state_dicts(), "sd1")
+    tensors = ldm.to_single_file(demo.random_state_dicts(), "sd1")
     (d / "sub").mkdir()
     (d / "other").mkdir()
     save_safetensors(d / "sub" / "mine.safetensors", tensors, {"format": "pt", "copy": "mine"})

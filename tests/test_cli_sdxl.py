@@ -70,9 +70,9 @@ def xl(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """A private REFSD_CACHE holding the demo model (an SD 1.x single file)."""
+    """A private REFSD_CACHE, and the packaged demo model (an SD 1.x single file)."""
     cache = tmp_path_factory.mktemp("refsd-cache")
-    return {**os.environ, "REFSD_CACHE": str(cache)}, demo.ensure(cache)
+    return {**os.environ, "REFSD_CACHE": str(cache)}, demo.ensure()
 
 
 def run(env, *args, command="generate"):

@@ -1,4 +1,5 @@
-"""The embedded demo model: deterministic bytes, detected and loaded as an SD 1.x single file."""
+"""The random-weight demo model (load_model("demo-random")): deterministic bytes, detected and loaded as an
+SD 1.x single file. The trained one: tests/test_demo_model.py."""
 
 import os
 
@@ -11,12 +12,12 @@ from refsd.weights import load_checkpoint
 
 @pytest.fixture(scope="module")
 def demo_file(tmp_path_factory):
-    return demo.ensure(tmp_path_factory.mktemp("cache"))
+    return demo.ensure_random(tmp_path_factory.mktemp("cache"))
 
 
 def test_bytes_are_fixed(demo_file):
-    assert demo_file.name == demo.FILENAME
-    assert demo.sha256(demo_file) == demo.SHA256, "the demo weights changed: update demo.SHA256 deliberately"
+    assert demo_file.name == demo.RANDOM_FILENAME
+    assert demo.sha256(demo_file) == demo.RANDOM_SHA256, "the demo weights changed: update demo.RANDOM_SHA256 deliberately"
 
 
 def test_loads_as_sd1(demo_file):
@@ -29,7 +30,7 @@ def test_loads_as_sd1(demo_file):
     assert vae["block_out_channels"] == [32, 32, 64, 64]  # four levels: the real 8x downscale
     assert text["vocab_size"] == 49408 and text["hidden_act"] == "quick_gelu"
     assert ck.tokenizers["tokenizer"].folder is None  # the shipped CLIP vocabulary
-    for comp, cfg in demo.CONFIGS.items():  # what detection inferred is what the model was built from
+    for comp, cfg in demo.RANDOM_CONFIGS.items():  # what detection inferred is what the model was built from
         for k, v in cfg.items():
             got = ck.configs[comp][k]
             assert (list(got) if isinstance(got, tuple) else got) == v, (comp, k)
@@ -38,12 +39,12 @@ def test_loads_as_sd1(demo_file):
 
 
 def test_cache_is_reused_and_repaired(tmp_path):
-    path = demo.ensure(tmp_path)
+    path = demo.ensure_random(tmp_path)
     stamp = path.stat().st_mtime_ns
-    assert demo.ensure(tmp_path) == path and path.stat().st_mtime_ns == stamp  # reused, not rewritten
+    assert demo.ensure_random(tmp_path) == path and path.stat().st_mtime_ns == stamp  # reused, not rewritten
     path.write_bytes(path.read_bytes()[:1000])  # a truncated cache file is replaced
-    assert demo.sha256(demo.ensure(tmp_path)) == demo.SHA256
-    assert sorted(os.listdir(tmp_path)) == [demo.FILENAME]
+    assert demo.sha256(demo.ensure_random(tmp_path)) == demo.RANDOM_SHA256
+    assert sorted(os.listdir(tmp_path)) == [demo.RANDOM_FILENAME]
 
 
 def test_cache_dir_from_environment(monkeypatch, tmp_path):
@@ -56,7 +57,7 @@ def test_cache_dir_from_environment(monkeypatch, tmp_path):
 def test_weights_are_torch_randn_stream():
     """As documented: one torch.Generator().manual_seed(SEED) stream over the sorted keys, scaled."""
     torch = pytest.importorskip("torch")
-    states = demo.state_dicts()
+    states = demo.random_state_dicts()
     g = torch.Generator().manual_seed(demo.SEED)
     for key in sorted(states["unet"])[:6]:
         a = states["unet"][key]

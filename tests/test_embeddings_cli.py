@@ -1,5 +1,5 @@
 """``refsd generate --embedding-dir``, ``refsd info`` on an embedding and ``refsd convert-embedding``, run
-as real subprocesses on the demo model (text encoder 32 wide): the PNG's TI hashes, --from-png
+as real subprocesses on the demo model (text encoder 64 wide): the PNG's TI hashes, --from-png
 resolving them, and each bad input as one line, exit 2, no file."""
 
 import hashlib
@@ -19,7 +19,6 @@ SMALL = ["--demo", "--width", "64", "--height", "64", "--steps", "2", "--seed", 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     cache = tmp_path_factory.mktemp("refsd-cache")
-    demo.ensure(cache)
     return {**os.environ, "REFSD_CACHE": str(cache)}
 
 
@@ -27,7 +26,7 @@ def env(tmp_path_factory):
 def emb(tmp_path_factory):
     d = tmp_path_factory.mktemp("emb")
     rng = np.random.default_rng(3)
-    save_safetensors(d / "mystyle.safetensors", {"emb_params": rng.standard_normal((2, 32)).astype(np.float32)})
+    save_safetensors(d / "mystyle.safetensors", {"emb_params": rng.standard_normal((2, 64)).astype(np.float32)})
     save_safetensors(d / "wide.safetensors", {"emb_params": rng.standard_normal((1, 768)).astype(np.float32)})
     (d / "old.pt").write_bytes(b"PK\x03\x04 a torch.save zip")
     return d
@@ -71,7 +70,7 @@ def test_a1111_stem_changes_the_image_and_from_png_resolves_ti_hashes(env, emb, 
     (["--parity", "comfyui", "--prompt", "a embedding:nope cube"], ["embedding:nope, which is not in"]),
     (["--parity", "comfyui", "--prompt", "a embedding:nope cube", "--embedding-dir", None], ["embedding:nope"]),
     (["--parity", "comfyui", "--prompt", "a embedding:wide cube", "--embedding-dir", None],
-     ["wide.safetensors: embedding vectors are 768 wide (for SD 1.x (CLIP-L)); this model's text_encoder needs 32"]),
+     ["wide.safetensors: embedding vectors are 768 wide (for SD 1.x (CLIP-L)); this model's text_encoder needs 64"]),
     (["--parity", "a1111", "--prompt", "an old cube", "--embedding-dir", None],
      ["old.pt is a pickled embedding", "refsd convert-embedding"]),
     (["--prompt", "a <dog-toy>", "--embedding-dir", None], ["prompt names <dog-toy>"]),
@@ -88,7 +87,7 @@ def test_info_and_convert_embedding(env, emb, tmp_path):
     torch = pytest.importorskip("torch")
     proc = refsd(env, "info", emb / "mystyle.safetensors")
     assert proc.returncode == 0, proc.stderr
-    assert "textual-inversion embedding: A1111 / ComfyUI (emb_params)\nvectors: 2\nwidth: 32\n" in proc.stdout
+    assert "textual-inversion embedding: A1111 / ComfyUI (emb_params)\nvectors: 2\nwidth: 64\n" in proc.stdout
     assert "not a Stable Diffusion checkpoint" not in proc.stdout  # an embedding is not meant to be one
     src = tmp_path / "style.pt"
     torch.save({"string_to_param": {"*": torch.ones(2, 768)}, "name": "style", "step": 1}, src)

@@ -36,7 +36,6 @@ finally:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     cache = tmp_path_factory.mktemp("refsd-cache")
-    demo.ensure(cache)
     return {**os.environ, "REFSD_CACHE": str(cache)}
 
 
@@ -392,7 +391,7 @@ def test_a1111_overflowing_weight_refused(env, tmp_path):
 def test_integer_weights_refused_at_validation(env, tmp_path):
     from refsd.weights import load_numpy, save_safetensors
 
-    tensors, meta = load_numpy(demo.ensure(env["REFSD_CACHE"]))
+    tensors, meta = load_numpy(demo.ensure())
     key = "first_stage_model.decoder.conv_in.weight"
     tensors[key] = tensors[key].astype(np.int32)
     bad = tmp_path / "int32.safetensors"
@@ -406,7 +405,7 @@ def test_integer_weights_refused_at_validation(env, tmp_path):
 
 def test_safetensors_named_bin_is_judged_by_content(env, tmp_path):
     named_bin = tmp_path / "model.bin"
-    named_bin.write_bytes(open(demo.ensure(env["REFSD_CACHE"]), "rb").read())
+    named_bin.write_bytes(open(demo.ensure(), "rb").read())
     rc, out, err, *_ = refsd(env, "info", named_bin)
     assert rc == 0 and "architecture: sd1" in out, err
     pickle_bin = tmp_path / "pickle.bin"

@@ -18,7 +18,7 @@ from refsd.errors import RefsdError
 from refsd.pipelines import get_profile, inspect_model, load_model
 from refsd.pipelines import profiles as P
 from refsd.pipelines.core import check_settings
-from refsd.pipelines.demo import ensure
+from refsd.pipelines.demo import ensure_random
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "refsd"
@@ -156,7 +156,7 @@ def test_profiles_cli_prints_the_table():
 
 def test_check_settings_from_header_equals_loaded(tmp_path):
     """The same facts, hence the same verdicts, from a file's header as from the loaded model."""
-    path = ensure(tmp_path)
+    path = ensure_random(tmp_path)
     facts, model = inspect_model(path), load_model(path)
     assert facts == model.facts and facts.native_size == 512 and facts.text_encoder_layers == (2,)
     args = dict(prompt="x", negative_prompt=None, width=64, height=64, steps=4, cfg=7.0, sampler="euler",

@@ -4,7 +4,7 @@ block, and every ``refsd`` command of the ```sh / ```bash blocks, in order, in o
 The shell commands run in-process (``refsd.cli.main``) with three changes, kept here:
 
 - ``CHECKPOINTS``: the checkpoint file names the README uses are replaced by files that exist here:
-  SD 1.x names by the demo model's cached file (so a PNG made from one names the demo's hash and a
+  SD 1.x names by the packaged demo model's file (so a PNG made from one names the demo's hash and a
   ``--from-png`` re-run finds it), SDXL names by tiny single-file SDXL base / refiner models written
   from the golden cases (test_cli_sdxl.XL), with their configs (``--config`` / ``--refiner-config``
   after ``--model`` / ``--refiner``; the file alone for ``refsd info``);
@@ -54,7 +54,7 @@ def substitute(argv: list[str], cache: Path, xl: XL) -> list[str]:
     out = []
     for prev, arg in zip([None, *argv], argv):
         if arg in SD1:
-            out.append(str(cache / demo.FILENAME))
+            out.append(str(demo.ensure()))
         elif arg in SDXL:
             which = SDXL[arg]
             out.append(str(getattr(xl, which)))
@@ -75,7 +75,6 @@ def scratch(tmp_path, monkeypatch):
     from PIL import Image
 
     cache = tmp_path / "cache"
-    demo.ensure(cache)
     monkeypatch.setenv("REFSD_CACHE", str(cache))
     work = tmp_path / "work"
     work.mkdir()
@@ -97,7 +96,7 @@ def test_readme_python_examples_run(scratch, capsys):
         script.write_text(block)
         runpy.run_path(str(script), run_name="__main__")
     out = capsys.readouterr().out
-    assert "['conv_in']" in out and "<refsd Model sd1 'demo-sd1-tiny' float32 on numpy from " in out
+    assert "['conv_in']" in out and "<refsd Model sd1 'refsd-tiny-shapes' float32 on numpy from " in out
     assert "Seed: 1, Size: 64x64" in out and (work / "cube_1.png").is_file()
 
 
@@ -113,6 +112,6 @@ def test_readme_shell_examples_run(scratch, tmp_path_factory, capsys):
             status = cli.main(argv)
         captured = capsys.readouterr()
         assert status == 0, (line, argv, captured.err[-2000:])
-    for made in ("cat_0.png", "cat_1.png", "cat30.png", "oil.png", "hat.png", "cube.png", "lh.png", "fox.png",
+    for made in ("cat_0.png", "cat_1.png", "cat30.png", "oil.png", "hat.png", "star.png", "lh.png", "fox.png",
                  "fox_refined.png", "out.png", "fast.safetensors", "ref.safetensors"):
         assert (work / made).is_file(), made

@@ -125,7 +125,7 @@ def test_failed_case_is_recorded_and_the_sweep_goes_on(tmp_path):
     from refsd.pipelines import demo
     from refsd.weights import ldm
 
-    states = demo.state_dicts()
+    states = demo.random_state_dicts()
     states["unet"]["conv_in.weight"] = np.full_like(states["unet"]["conv_in.weight"], np.nan)
     bad = tmp_path / "nan-model.safetensors"
     save_safetensors(bad, ldm.to_single_file(states, "sd1"))

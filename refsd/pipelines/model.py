@@ -38,7 +38,8 @@ from refsd.text.tokenizer import CLIPTokenizer
 from refsd.weights.checkpoint import Checkpoint, load_checkpoint
 
 PREDICTIONS = ("epsilon", "v_prediction")
-DEMO = "demo"  # load_model(DEMO): the embedded tiny model (refsd.pipelines.demo)
+DEMO = "demo"  # load_model(DEMO): the packaged trained tiny-shapes model (refsd.pipelines.demo)
+DEMO_RANDOM = "demo-random"  # load_model(DEMO_RANDOM): the seeded random-weight tiny model (tests)
 TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 DEFAULT_PAD = {"text_encoder": 49407, "text_encoder_2": 0}  # SDXL: CLIP-L pads with EOS, bigG with "!"
 # model_index.json flags of the released SDXL pipelines (stabilityai/stable-diffusion-xl-base-1.0,
@@ -300,7 +301,8 @@ def load_model(path_or_checkpoint: str | os.PathLike | Checkpoint, *, backend: s
                config: str | os.PathLike | None = None) -> Model:
     """Open a single-file ``.safetensors`` checkpoint or a diffusers folder for generation;
     ``"demo"`` (the string itself, whatever the working folder holds: pass ``"./demo"`` for a path of
-    that name) is refsd's embedded tiny model (refsd.pipelines.demo: random weights, no download).
+    that name) is refsd's packaged tiny-shapes model (refsd.pipelines.demo, docs/demo_model.md: 64x64
+    pictures of one coloured shape, no download); ``"demo-random"`` the seeded random-weight one.
 
     ``backend``: "numpy" (default), "array-api-strict", "torch", "torch:cuda", "torch:mps", "cupy".
     ``dtype``: "float32" (default), "float16", "bfloat16": how weights are stored; on NumPy (and
@@ -316,7 +318,10 @@ def load_model(path_or_checkpoint: str | os.PathLike | Checkpoint, *, backend: s
     if prediction is not None:
         _check_choice("prediction", prediction, PREDICTIONS)
     if isinstance(path_or_checkpoint, str) and path_or_checkpoint == DEMO:
-        path_or_checkpoint = demo.ensure()  # written to $REFSD_CACHE or ~/.cache/refsd on first use
+        path_or_checkpoint = demo.ensure()  # packaged; its UNet config says the native size (64x64)
+        config = demo.UNET_CONFIG if config is None else config
+    elif isinstance(path_or_checkpoint, str) and path_or_checkpoint == DEMO_RANDOM:
+        path_or_checkpoint = demo.ensure_random()  # written to $REFSD_CACHE or ~/.cache/refsd on first use
     if isinstance(path_or_checkpoint, Checkpoint):
         if backend is not None or dtype is not None or config is not None:
             raise RefsdError("load_model: a loaded Checkpoint keeps its own placement and configs; pass a path to "

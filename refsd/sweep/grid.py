@@ -26,7 +26,7 @@ from refsd.errors import RefsdError
 
 HARD_MAX_CASES = 100_000
 DEFAULT_MAX_CASES = 10_000
-DEMO = "demo"  # the embedded tiny model (refsd.pipelines.demo), by name instead of a path
+DEMO = "demo"  # the packaged tiny model (refsd.pipelines.demo), by name instead of a path
 # refsd's pipeline tolerance against diffusers' pipelines, golden/tolerances.py ("pipeline", "float32");
 # tests/test_sweep.py asserts the two agree (the golden table is not part of the installed package).
 PIPELINE_TOLERANCE = (5e-4, 2e-5)

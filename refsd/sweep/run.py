@@ -41,15 +41,14 @@ BASE_WORKER_BYTES = 400 * 2**20  # an idle worker process with refsd, NumPy and 
 def cached_model(entry: str, backend: str, dtype: str, attention: str):
     """(Model, loaded now?): the process's model for a grid entry ("demo" or a path), loading it
     (and dropping the previous one) when it is not the one kept."""
-    from refsd.pipelines import demo, load_model
+    from refsd.pipelines import load_model
 
     key = (entry, backend, dtype, attention)
     with _MODEL_LOCK:
         if _MODEL[0] == key:
             return _MODEL[1], False
         _MODEL[0] = _MODEL[1] = None  # free the old weights before loading the new ones
-        path = demo.ensure() if entry == DEMO else entry
-        _MODEL[1] = load_model(path, backend=backend, dtype=dtype, attention=attention)
+        _MODEL[1] = load_model(entry, backend=backend, dtype=dtype, attention=attention)  # "demo": load_model's own
         _MODEL[0] = key
         return _MODEL[1], True
 
