@@ -335,7 +335,7 @@ def _run_pipeline(job: GenerateJob, on_step: Callable | None = None, progress: P
     # or a copy to a GPU happens here rather than as a long first step.
     tensors = [(p, key) for m in (model, refiner) if m is not None for p in m.params.values() for key in p]
     for p, key in shown.items(tensors, "loading", "tensor"):
-        p[key]
+        p.place(key)
 
     def callback(step, total, latents):
         shown.step(step, total, latents)
