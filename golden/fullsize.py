@@ -41,7 +41,7 @@ BACKENDS = ("numpy", "torch:cpu")
 # rounding, not refsd's arithmetic, so it has its own bar per dtype, set from the measurement in
 # docs/precision.md (worst case over every full-size case, with margin); REL_TARGET stays the float32 bar.
 HALF_WEIGHTS = ("float16", "bfloat16")
-HALF_REL_TARGET = {"float16": 2e-3, "bfloat16": 2e-2}
+HALF_REL_TARGET = {"float16": 3e-3, "bfloat16": 3e-2}  # measured worst: 1.55e-3, 1.23e-2 (unet_sd15)
 
 
 def split_backend(backend: str) -> tuple[str, str | None]:
