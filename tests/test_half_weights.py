@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import weakref
-
 import ml_dtypes
 import numpy as np
 import pytest
@@ -21,7 +19,8 @@ from refsd import pipelines
 from refsd import xp as rxp
 from refsd.models.unet import unet
 from refsd.weights import Params, save_safetensors
-from refsd.weights.params import _Store, load_params
+from refsd.weights.params import load_params
+from conftest import largest_block_bytes
 
 HALVES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
@@ -122,33 +121,16 @@ def test_demo_unet_is_float32_arithmetic_on_rounded_weights(half):
     assert all(v.dtype == HALVES[half] for k, v in mh.params["unet"]._store.cache.items())
 
 
-def test_float32_copies_live_one_layer_at_a_time(monkeypatch):
-    """Track every float32 copy a read hands out until it is freed: during a UNet call the live ones
+def test_float32_copies_live_one_layer_at_a_time(read_copies):
+    """Every float32 copy a read hands out is tracked until freed: during a UNet call the live ones
     never exceed one top-level block's weights, far below the whole model in float32."""
-    live, peak = [0], [0]
-    read = _Store.read
-
-    def tracked(self, key):
-        v = read(self, key)
-        if v is not self.cache.get(key):
-            live[0] += v.nbytes
-            peak[0] = max(peak[0], live[0])
-            weakref.finalize(v, lambda n=v.nbytes: live.__setitem__(0, live[0] - n))
-        return v
-
-    monkeypatch.setattr(_Store, "read", tracked)
     m = pipelines.load_model("demo", dtype="float16")
     p = m.params["unet"]
     x, t, ctx = _inputs(m)
     unet(p, x, t, ctx, cfg=m.unet_config)
-    sizes = p.shapes()
-    total = 4 * sum(int(np.prod(s)) for s in sizes.values())
-    blocks: dict[str, int] = {}
-    for k, s in sizes.items():
-        head = ".".join(k.split(".")[:2]) if k.startswith(("down_blocks", "up_blocks")) else k.split(".")[0]
-        blocks[head] = blocks.get(head, 0) + 4 * int(np.prod(s))
-    assert 0 < peak[0] <= max(blocks.values()) < total / 2
-    assert live[0] == 0  # every copy freed once the call returned
+    largest, total = largest_block_bytes(p)
+    assert read_copies.count >= len(p) and 0 < read_copies.peak <= largest < total / 2
+    assert read_copies.live == 0  # every copy freed once the call returned
 
 
 def test_lora_unmerged_reads_half_weights_as_float32():
