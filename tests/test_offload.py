@@ -48,3 +48,15 @@ def test_offloaded_unet_matches_and_device_holds_one_block(read_copies):
     assert 0 < read_copies.peak <= largest < total / 2
     assert read_copies.live == 0
     assert len(off._store.cache) == len(off)  # the host copies stay, in the memo
+
+
+def test_cli_offload_on_a_cpu_backend_is_one_line_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "x.png"
+    proc = subprocess.run([sys.executable, "-m", "refsd", "generate", "--demo", "--prompt", "a cat", "--offload",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and not out.exists()
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--offload" in lines[0] and "needs a device backend" in lines[0], proc.stderr
