@@ -196,6 +196,9 @@ def _add_generation_flags(p, *, out_default: str, out_help: str) -> None:
     g.add_argument("--backend", metavar="NAME", help=f"numpy | torch | torch:mps | torch:cuda | cupy "
                                                      f"(default {d['backend']})")
     g.add_argument("--dtype", metavar="DTYPE", help=f"{' | '.join(GENERATE_DTYPES)} (default {d['dtype']})")
+    g.add_argument("--offload", action="store_true",
+                   help="device backends (torch:cuda, torch:mps, cupy): keep the weights in host memory and copy "
+                        "each layer's to the device as it runs (sequential offload; docs/precision.md)")
     g.add_argument("--attention", metavar="STRATEGY", help=f"naive | sliced | tiled (default {d['attention']})")
     g.add_argument("--kernels", metavar="MODE",
                    help="NumPy only: fast (the default; refsd/kernels.py) or reference (refsd/ops.py's plain "
@@ -320,7 +323,7 @@ def _run_pipeline(job: GenerateJob, on_step: Callable | None = None, progress: P
     shown.stage(f"loading {png.model_name(model_path)}")
     model_hash = _Background(png.model_hash, model_path)  # overlaps the sampling; A1111's short sha256
     refiner_hash = _Background(png.model_hash, job.refiner) if job.refiner is not None else None
-    placement = {"backend": s["backend"], "dtype": s["dtype"], "attention": s["attention"]}
+    placement = {"backend": s["backend"], "dtype": s["dtype"], "attention": s["attention"], "offload": job.offload}
     model = pipelines.load_model(model_path, prediction=s["prediction"], config=config, **placement)
     if job.embeddings is not None:
         from refsd.text.embeddings import attach_embeddings
@@ -337,7 +340,7 @@ def _run_pipeline(job: GenerateJob, on_step: Callable | None = None, progress: P
     # or a copy to a GPU happens here rather than as a long first step.
     tensors = [(p, key) for m in (model, refiner) if m is not None for p in m.params.values() for key in p]
     for p, key in shown.items(tensors, "loading", "tensor"):
-        p[key]
+        p.place(key)
 
     def callback(step, total, latents):
         shown.step(step, total, latents)

@@ -71,6 +71,7 @@ class GenerateJob:
     adapters: object = None  # refsd.cli_adapters.AdapterJob (T2I- / IP-Adapters), set by the generate command
     loras: list = field(default_factory=list)  # refsd.adapters.lora_cli.LoraUse, in application order
     lora_mode: str = "unmerged"
+    offload: bool = False  # --offload: load_model(offload=True), weights in host memory (docs/precision.md)
     prompt: str | None = None  # what the pipeline encodes, when it differs from settings' (A1111 <lora:> tags out)
 
 
@@ -126,7 +127,13 @@ def generate_job(args) -> GenerateJob:
     _choice("attention strategy", s["attention"], STRATEGIES)
     if s["prediction"] is not None:
         _choice("prediction type", s["prediction"], PREDICTIONS)
-    rxp.backend(s["backend"])  # an unknown or unavailable backend fails here, before loading
+    xp, dev = rxp.backend(s["backend"])  # an unknown or unavailable backend fails here, before loading
+    offload = bool(getattr(args, "offload", False))
+    if offload:
+        try:
+            rxp.precision(xp, s["dtype"], offload=True, device=dev)
+        except RefsdError as e:
+            raise RefsdError(f"--offload: {e}") from None
     _check_memory(s, facts, refiner_facts)
     images = getattr(args, "command", None) != "trace"  # refsd trace writes one .safetensors file
     outputs = _outputs(args.out, 1 if keep is not None else s["batch"], images=images)
@@ -136,7 +143,8 @@ def generate_job(args) -> GenerateJob:
         _check_loras(loras, model, config, facts.architecture)
     return GenerateJob(s, model, init, mask, outputs, keep, random_seed, notes, mask_options, config=config,
                        refiner=refiner, refiner_config=refiner_config, micro=micro_conditioning(s),
-                       embeddings=embeddings, controls=controls, loras=loras, lora_mode=lora_mode, prompt=prompt)
+                       embeddings=embeddings, controls=controls, loras=loras, lora_mode=lora_mode, offload=offload,
+                       prompt=prompt)
 
 
 def _embeddings(args, s: dict, facts, ti_hashes, notes: list):

@@ -165,6 +165,26 @@ def asarray(obj: Any, *, like: Any = None, xp=None, device=None, dtype=None):
     return xp.asarray(obj, device=device, dtype=dtype)
 
 
+def place(x: Any, *, xp, device, dtype: str):
+    """A new array: ``x`` on ``xp``/``device`` as ``dtype`` (a FLOAT_DTYPES name or integer dtype name), never
+    a view of ``x``. The per-read copy of refsd.weights.params (half weights upcast to float32; a
+    block's weights moved from host to device for sequential offload)."""
+    if _compat.is_torch_array(x) and _compat.is_torch_namespace(xp):
+        # torch moves and casts in one call (host -> GPU copy with the cast on the device side).
+        return x.to(device=device, dtype=_named_dtype(xp, dtype), copy=True)
+    if isinstance(x, np.ndarray) and _compat.is_numpy_namespace(xp):
+        return x.astype(_named_dtype(xp, dtype), copy=True)
+    host = to_numpy(x)  # across libraries: through host memory (bfloat16 via ml_dtypes)
+    target = _named_dtype(np, dtype) if dtype != "bfloat16" else None
+    if target is not None and host.dtype != target:
+        host = host.astype(target)  # upcast on the host: strict / CuPy need no half dtype for it
+    return asarray(np.array(host), xp=xp, device=device, dtype=_named_dtype(xp, dtype))
+
+
+def _named_dtype(xp, name: str):
+    return resolve_dtype(xp, name) if name in FLOAT_DTYPES else getattr(xp, name)
+
+
 # --------------------------------------------------------------------------------------------
 # dtypes
 
@@ -185,24 +205,47 @@ def resolve_dtype(xp, name: str):
 
 @dataclass(frozen=True)
 class Precision:
-    """How weights are stored and in which dtype arithmetic runs.
+    """How weights are stored, where, and in which dtype arithmetic runs (refsd.weights.Params' policy).
 
     On NumPy half-precision arithmetic is unusable (float16 matmul ~0.3 GFLOP/s here; ml_dtypes
-    bfloat16 elementwise 2-18x slower), so halves are stored and compute runs in float32. GPU
-    backends compute in the storage dtype. float32 is the oracle mode; halves are inference modes.
+    bfloat16 elementwise 2-18x slower), so halves are stored and compute runs in float32, each layer's
+    weights upcast as it reads them. GPU backends compute in the storage dtype. float32 is the oracle
+    mode; halves are inference modes. ``home``: the backend the weights are kept on when it is not the
+    compute one (None): host memory under sequential offload, NumPy for halves under array-api-strict.
+    ``offload``: each block's weights are moved to the compute device as read, and dropped after.
     """
 
     storage: str
     compute: str
+    home: str | None = None
+    offload: bool = False
 
 
-def precision(xp, storage: str = "float32") -> Precision:
-    """The compute dtype refsd uses on ``xp`` for weights stored as ``storage``."""
-    resolve_dtype(xp, storage)
+def precision(xp, storage: str = "float32", *, offload: bool = False, device: Any = None) -> Precision:
+    """The placement policy refsd uses on ``xp`` (``device``) for weights stored as ``storage``."""
+    strict = _compat.is_array_api_strict_namespace(xp)
     half = storage in ("float16", "bfloat16")
+    home = None
+    if strict and half:
+        resolve_dtype(np, storage)  # array-api-strict has no half dtypes: NumPy keeps them, reads upcast
+        home = "numpy"
+    else:
+        resolve_dtype(xp, storage)
     # NumPy (and the strict wrapper over it) has no fast half arithmetic: compute in float32.
-    slow_half = _compat.is_numpy_namespace(xp) or _compat.is_array_api_strict_namespace(xp)
-    return Precision(storage, "float32" if half and slow_half else storage)
+    slow_half = _compat.is_numpy_namespace(xp) or strict
+    if offload:
+        home = _offload_home(xp, device)
+    return Precision(storage, "float32" if half and slow_half else storage, home, offload)
+
+
+def _offload_home(xp, device) -> str:
+    """Host memory for a device backend's offloaded weights: torch's CPU, NumPy for CuPy."""
+    if _compat.is_torch_namespace(xp) and getattr(device, "type", str(device)) in ("cuda", "mps"):
+        return "torch:cpu"
+    if _compat.is_cupy_namespace(xp):
+        return "numpy"
+    raise BackendError(f"offload keeps weights in host memory and moves each block to a device: it needs a device "
+                       f"backend (torch:cuda, torch:mps, cupy), not {backend_name(xp)} on {device}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -82,3 +82,53 @@ def device(backend_name):
 def put(xp, device):
     """Host NumPy -> the backend under test."""
     return lambda a, dtype=None: rxp.asarray(a, xp=xp, device=device, dtype=dtype)
+
+
+class ReadCopies:
+    """Every per-read copy a Params store hands out (half weights upcast, offloaded blocks), tracked
+    until freed: ``count``, ``live`` bytes now, ``peak`` live bytes (the "device" weight memory)."""
+
+    def __init__(self):
+        self.count = self.live = self.peak = 0
+
+    def _freed(self, n):
+        self.live -= n
+
+    def add(self, v):
+        import weakref
+
+        n = int(v.nbytes) if hasattr(v, "nbytes") else v.numel() * v.element_size()
+        self.count += 1
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(v, self._freed, n)
+
+
+def largest_block_bytes(params, itemsize: int = 4) -> tuple[int, int]:
+    """(bytes of the largest top-level block -- down_blocks.i, up_blocks.i, mid_block, conv_in, ... --,
+    bytes of all) of ``params`` at ``itemsize`` bytes per element, from the shapes."""
+    import math
+
+    blocks: dict[str, int] = {}
+    for k, s in params.shapes().items():
+        parts = k.split(".")
+        head = ".".join(parts[:2]) if parts[0] in ("down_blocks", "up_blocks") else parts[0]
+        blocks[head] = blocks.get(head, 0) + itemsize * math.prod(s)
+    return max(blocks.values()), sum(blocks.values())
+
+
+@pytest.fixture
+def read_copies(monkeypatch):
+    """A ReadCopies fed by refsd.weights.params._Store.read for the test's duration."""
+    from refsd.weights.params import _Store
+
+    tracker, read = ReadCopies(), _Store.read
+
+    def tracked(self, key):
+        v = read(self, key)
+        if v is not self.cache.get(key):
+            tracker.add(v)
+        return v
+
+    monkeypatch.setattr(_Store, "read", tracked)
+    return tracker

@@ -22,3 +22,18 @@ def test_fullsize(name):
               f"{r.oracle_seconds:.1f} s, peak {r.peak_bytes / 2**30:.2f} vs {r.oracle_peak_bytes / 2**30:.2f} GiB")
         bad = {k: e for k, e in r.errors.items() if e[0] > fullsize.REL_TARGET * e[1]}
         assert not bad, f"{name} on {r.backend}: (max abs err, max |ref|) over the 1e-4 relative target: {bad}"
+
+
+# The cases whose half-weights error is measured in docs/precision.md (HALF_REL_TARGET is set from them).
+HALF_CASES = ("clip_l", "vae_decoder_sd", "unet_sd15")
+
+
+@pytest.mark.parametrize("name", HALF_CASES)
+def test_fullsize_half_weights(name):
+    """Half-precision weights, float32 compute (``--dtype float16|bfloat16`` on NumPy) against the float32
+    oracle, at the half-weights bar of each dtype (golden.fullsize.HALF_REL_TARGET)."""
+    rows = fullsize.run([name], tuple(f"numpy@{h}" for h in fullsize.HALF_WEIGHTS))
+    assert {r.backend for r in rows} == {f"numpy@{h}" for h in fullsize.HALF_WEIGHTS}
+    for r in rows:
+        print(f"\n{r.case} {r.backend}: worst rel {r.worst_rel:.2e} (bar {fullsize.rel_target(r.backend):.0e})")
+        assert r.worst_rel <= fullsize.rel_target(r.backend), (r.backend, r.errors)

@@ -115,7 +115,15 @@ class Model:
         device = str(self.device)
         where = f"{self.backend}" + (f":{device}" if device not in ("cpu", "None", "CPU_DEVICE") else "")
         source = str(self.path) if self.path is not None else "in-memory weights"
-        return f"<refsd Model {self.architecture} {self.name!r} {self.dtype} on {where} from {source}>"
+        dtype = self.dtype if self.weights_dtype == self.dtype else f"{self.weights_dtype} weights, {self.dtype} compute"
+        return f"<refsd Model {self.architecture} {self.name!r} {dtype} on {where} from {source}>"
+
+    @property
+    def weights_dtype(self) -> str:
+        """The dtype the UNet's weights are kept in (``dtype`` is the one layers compute in: they differ
+        for half-precision weights on NumPy, upcast per layer as read; refsd.weights.params)."""
+        unet = self.params["unet"]
+        return getattr(unet, "storage_dtype", None) or self.dtype
 
     @property
     def text_config(self) -> CLIPTextConfig:
@@ -298,7 +306,7 @@ def _check_xl(model: Model, flags: Mapping[str, Any]) -> None:
 
 def load_model(path_or_checkpoint: str | os.PathLike | Checkpoint, *, backend: str | None = None,
                dtype: str | None = None, attention: str = "sliced", prediction: str | None = None,
-               config: str | os.PathLike | None = None) -> Model:
+               config: str | os.PathLike | None = None, offload: bool = False) -> Model:
     """Open a single-file ``.safetensors`` checkpoint or a diffusers folder for generation;
     ``"demo"`` (the string itself, whatever the working folder holds: pass ``"./demo"`` for a path of
     that name) is refsd's packaged tiny-shapes model (refsd.pipelines.demo, docs/demo_model.md: 64x64
@@ -306,12 +314,16 @@ def load_model(path_or_checkpoint: str | os.PathLike | Checkpoint, *, backend: s
 
     ``backend``: "numpy" (default), "array-api-strict", "torch", "torch:cuda", "torch:mps", "cupy".
     ``dtype``: "float32" (default), "float16", "bfloat16": how weights are stored; on NumPy (and
-    array-api-strict) arithmetic is float32 whatever the storage (refsd.xp.precision), so the weights
-    are cast to float32 once. ``attention``: "sliced" (default) | "naive" | "tiled".
+    array-api-strict) arithmetic is float32 whatever the storage (refsd.xp.precision): the weights stay
+    in half precision in memory (memory-mapped when the file is already in that dtype, cast once
+    otherwise) and each layer's weights are upcast to float32 as it reads them, not kept. ``attention``: "sliced" (default) | "naive" | "tiled".
     ``prediction``: None (the folder's scheduler config, else decided from the weights; see the module
     docstring) | "epsilon" | "v_prediction". ``config``: for a single file, a diffusers folder or a
     UNet config.json whose configs replace the detected ones (head counts, upcast_attention,
     scheduler; as diffusers' ``from_single_file(config=)``; see refsd.weights.load_checkpoint).
+    ``offload``: sequential offload on a device backend (torch:cuda, torch:mps, cupy): the weights stay
+    in host memory and each layer's are copied to the device as it reads them, then dropped
+    (refsd.xp.precision; a CPU backend is refused).
     A loaded Checkpoint is used as placed (``backend``, ``dtype`` and ``config`` must then be None).
     Raises RefsdError for architectures the pipelines do not run.
     """
@@ -323,15 +335,17 @@ def load_model(path_or_checkpoint: str | os.PathLike | Checkpoint, *, backend: s
     elif isinstance(path_or_checkpoint, str) and path_or_checkpoint == DEMO_RANDOM:
         path_or_checkpoint = demo.ensure_random()  # written to $REFSD_CACHE or ~/.cache/refsd on first use
     if isinstance(path_or_checkpoint, Checkpoint):
-        if backend is not None or dtype is not None or config is not None:
+        if backend is not None or dtype is not None or config is not None or offload:
             raise RefsdError("load_model: a loaded Checkpoint keeps its own placement and configs; pass a path to "
-                             "choose backend, dtype or config")
+                             "choose backend, dtype, offload or config")
         ck = path_or_checkpoint
     else:
         xp, device = rxp.backend(backend or "numpy")
-        compute = rxp.precision(xp, dtype or "float32").compute
+        prec = rxp.precision(xp, dtype or "float32", offload=offload, device=device)
         extra = {} if config is None else {"config": config}
-        ck = load_checkpoint(path_or_checkpoint, xp=xp, device=device, dtype=compute, **extra)
+        # The Params store keeps the weights as stored (and where: home) and hands layers per-read copies.
+        policy = {"compute": prec.compute, "home": prec.home, "offload": prec.offload}
+        ck = load_checkpoint(path_or_checkpoint, xp=xp, device=device, dtype=prec.storage, policy=policy, **extra)
     path = Path(ck.path)
     name = path.stem if path.is_file() else path.name
     tokenizers, pads = {}, {}

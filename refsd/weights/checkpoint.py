@@ -197,13 +197,16 @@ def load_checkpoint(
     xp=None,
     device=None,
     dtype: str | None = None,
+    policy: Mapping[str, Any] | None = None,
     variant: str | None = None,
     config: str | os.PathLike | None = None,
 ) -> Checkpoint:
     """Open a diffusers folder or a single-file ``.safetensors`` checkpoint (see the module docstring).
 
     ``backend`` (e.g. "torch:cuda") or ``xp``/``device`` place the tensors (default NumPy), ``dtype``
-    casts floating ones on first use (as ``load_params``). ``variant``: a diffusers folder's weight
+    casts floating ones on first use (as ``load_params``); ``policy``: Params' other placement keywords
+    (``compute``, ``home``, ``offload``: half-precision weights read as float32, sequential offload;
+    refsd.xp.precision decides them for load_model). ``variant``: a diffusers folder's weight
     variant, e.g. "fp16" (``diffusion_pytorch_model.fp16.safetensors``). ``config`` (single files
     only): a diffusers folder whose configs replace the inferred ones, or a UNet config.json.
     """
@@ -212,17 +215,17 @@ def load_checkpoint(
     if p.is_dir():
         if config is not None:
             raise WeightsError(f"{p}: a diffusers folder carries its own configs; config= is for single files")
-        return _load_folder(p, xp=xp, device=device, dtype=dtype, variant=variant)
+        return _load_folder(p, xp=xp, device=device, dtype=dtype, policy=policy, variant=variant)
     if not p.exists():
         raise WeightsError(f"{p}: no such file or directory")
-    return _load_single_file(p, xp=xp, device=device, dtype=dtype, config=config)
+    return _load_single_file(p, xp=xp, device=device, dtype=dtype, policy=policy, config=config)
 
 
 # --------------------------------------------------------------------------------------------
 # single files
 
 
-def _load_single_file(path: Path, *, xp, device, dtype, config) -> Checkpoint:
+def _load_single_file(path: Path, *, xp, device, dtype, policy=None, config) -> Checkpoint:
     given = None if config is None else _given_configs(Path(config))
     f = SafeTensorsFile(path)  # refuses pickles, validates the header
     try:
@@ -255,7 +258,7 @@ def _load_single_file(path: Path, *, xp, device, dtype, config) -> Checkpoint:
                 configs["scheduler"] = given.scheduler
         kinds = {c: plan.slots[c].kind for c in order if c in TOKENIZERS}  # (plan is None: a UNet alone)
         tokenizers = _tokenizers(given.folder if given is not None else None, kinds)
-        params = {c: Params(entries[c], xp=xp, device=device, dtype=dtype) for c in order}
+        params = {c: Params(entries[c], xp=xp, device=device, dtype=dtype, **(policy or {})) for c in order}
     except BaseException:
         f.close()
         raise
@@ -514,7 +517,7 @@ def _pad_token(folder: Path, kind: str) -> int:
     return PAD[kind]
 
 
-def _load_folder(folder: Path, *, xp, device, dtype, variant) -> Checkpoint:
+def _load_folder(folder: Path, *, xp, device, dtype, policy=None, variant) -> Checkpoint:
     index = folder / "model_index.json"
     if not index.is_file():
         raise WeightsError(f"{folder}: not a diffusers folder (no model_index.json)")
@@ -542,7 +545,7 @@ def _load_folder(folder: Path, *, xp, device, dtype, variant) -> Checkpoint:
                 want = det.expected_shapes(comp, cfg)
             check_params({k: e.shape for k, e in entries.items()}, want, what=f"{comp} of {folder}")
             configs[comp] = cfg
-            params[comp] = Params(entries, xp=xp, device=device, dtype=dtype)
+            params[comp] = Params(entries, xp=xp, device=device, dtype=dtype, **(policy or {}))
         arch = det.architecture_of(configs, what=str(folder))
         tokenizers = _tokenizers(folder, {c: det.text_kind(configs[c]) for c in TOKENIZERS if c in configs})
         scheduler = folder / "scheduler" / "scheduler_config.json"

@@ -3,7 +3,13 @@
 A layer gets a view scoped to its module path (``p.sub("down_blocks.0.resnets.1")``) and reads
 ``p["conv1.weight"]``. Tensors are placed on the target backend (and cast, if asked) on first
 access and memoised in one store shared by every view, so each is converted once. On NumPy a
-float32 tensor of an aligned safetensors file is never copied: it views the memory map.
+tensor of an aligned safetensors file already in the stored dtype is never copied: it views the
+memory map.
+
+Placement policy (``compute=``): the memo holds each tensor in its *storage* dtype; where the compute
+dtype differs (half-precision weights on NumPy, which has no fast half arithmetic: refsd.xp.precision)
+every read returns a fresh compute-dtype copy that is not memoised. A layer reads its weights as it
+runs, so the float32 copies live one layer at a time and the model stays in half precision in memory.
 """
 
 from __future__ import annotations
@@ -55,23 +61,51 @@ class LazyTensor:
 
 @dataclass
 class _Store:
-    """What all views of one Params share: the sources, the placement, the memo."""
+    """What all views of one Params share: the sources, the placement policy, the memo.
+
+    ``xp``/``device``: where layers get tensors (compute). ``home``: (xp, device) where the memo keeps
+    them (None: the same). Reads are transient copies, not memoised, when the compute dtype differs
+    from storage, when home is elsewhere, or under ``offload`` (a copy per read even where home and
+    compute share a device: the tests' stand-in for a GPU)."""
 
     entries: dict[str, LazyTensor]
     xp: Any
     device: Any
     dtype: str | None
+    compute: str | None = None  # None: layers get the storage dtype
+    home: tuple[Any, Any] | None = None
+    offload: bool = False
     cache: dict[str, Any] = field(default_factory=dict)
     files: list[SafeTensorsFile] = field(default_factory=list)  # kept open while the store lives
 
     def target_dtype(self, key: str) -> str:
+        """The dtype the memo holds ``key`` in (its storage dtype)."""
         stored = self.entries[key].dtype
         return self.dtype if self.dtype is not None and _is_float(stored) else stored
+
+    def working_dtype(self, key: str) -> str:
+        """The dtype a read of ``key`` returns: the compute dtype for floating tensors when one is set."""
+        stored = self.target_dtype(key)
+        return self.compute if self.compute is not None and _is_float(stored) else stored
+
+    def placed(self, key: str):
+        """``key`` as the memo holds it (placed at home and cast to storage now if it was not yet)."""
+        hit = self.cache.get(key)
+        return hit if hit is not None else self.materialise(key)
+
+    def read(self, key: str):
+        """``key`` as a layer gets it: the memoised tensor, or a transient copy on the compute placement
+        in the compute dtype (freed when the layer drops it)."""
+        v = self.placed(key)
+        working = self.working_dtype(key)
+        if not self.offload and self.home is None and working == self.target_dtype(key):
+            return v
+        return rxp.place(v, xp=self.xp, device=self.device, dtype=working)
 
     def materialise(self, key: str):
         e = self.entries[key]
         target = self.target_dtype(key)
-        xp, dev = self.xp, self.device
+        xp, dev = self.home or (self.xp, self.device)
         try:
             v = e.load()
             try:  # already on the target backend and device: no round trip through the host
@@ -88,7 +122,7 @@ class _Store:
         except Exception as exc:
             raise BackendError(
                 f"parameter {key!r} ({e.dtype} {e.shape} from {e.origin}) cannot be placed on "
-                f"{rxp.backend_name(xp)} as {target}: {exc}"
+                f"{rxp.backend_name(xp)} ({dev}) as {target}: {exc}"
             ) from exc
         return self.cache.setdefault(key, out)
 
@@ -136,17 +170,35 @@ class Params(Mapping):
     error naming both).
     ``dtype``: a name from refsd.xp.FLOAT_DTYPES to cast floating tensors to once, when first
     read (integer/bool tensors keep theirs); None keeps the stored dtype.
+    ``compute``: a name from FLOAT_DTYPES that every read of a floating tensor returns, as a fresh copy
+    that is not memoised (the memo keeps ``dtype``); None (default) returns the memoised tensors.
+    ``Params(src, dtype="float16", compute="float32")`` keeps half-precision weights and hands each
+    layer float32 ones as it reads them (``refsd.xp.precision`` decides this for load_model).
+    ``home``: a backend name (as refsd.xp.backend) or (xp, device) where the memo keeps the tensors when
+    that is not ``xp``/``device``: host memory for sequential offload (``"torch:cpu"`` under
+    ``torch:cuda``), NumPy for half weights under array-api-strict (which has no half dtypes); every
+    read is then a transient copy moved to ``xp``/``device``. ``offload``: transient copies per read
+    even when home is the compute placement (tests measure "device" memory this way on a CPU).
+    refsd.xp.precision chooses ``dtype``, ``compute`` and ``home`` for load_model.
     ``prefix``: scope of the returned view (see ``sub``). Defaults: NumPy on the CPU.
     """
 
-    def __init__(self, source: Any, *, xp=None, device=None, dtype: str | None = None, prefix: str = ""):
+    def __init__(self, source: Any, *, xp=None, device=None, dtype: str | None = None, compute: str | None = None,
+                 home: Any = None, offload: bool = False, prefix: str = ""):
         if xp is None:
             xp, default_device = rxp.backend("numpy")
             device = default_device if device is None else device
+        if isinstance(home, str):
+            home = rxp.backend(home)
+        if home is not None and home[0] is xp and home[1] == device:
+            home = None
         if dtype is not None:
-            rxp.resolve_dtype(xp, dtype)  # fail now, not at the first layer, if xp lacks it
+            rxp.resolve_dtype(home[0] if home else xp, dtype)  # fail now, not at the first layer
+        if compute is not None:
+            rxp.resolve_dtype(xp, compute)
         entries, files = _entries_of(source)
-        self._store = _Store(entries, xp, device, dtype, files=files)
+        self._store = _Store(entries, xp, device, dtype, None if compute == dtype else compute, home, bool(offload),
+                             files=files)
         self._prefix = _clean(prefix)
 
     @classmethod
@@ -192,8 +244,15 @@ class Params(Mapping):
         store = self._store
         if full not in store.entries:
             raise KeyError(self._missing(full))
-        hit = store.cache.get(full)
-        return hit if hit is not None else store.materialise(full)
+        return store.read(full)
+
+    def place(self, key: str) -> None:
+        """Read ``key`` from its source into the memo now (placed, in the storage dtype), without handing
+        out a compute-dtype copy: for loading every tensor up front (``refsd generate``'s bar)."""
+        full = self._full(key)
+        if full not in self._store.entries:
+            raise KeyError(self._missing(full))
+        self._store.placed(full)
 
     def _missing(self, full: str) -> str:
         msg = f"no parameter {full!r}"
@@ -224,6 +283,13 @@ class Params(Mapping):
         return Params({rel: self._store.entries[full] for rel, full in self._own()}, xp=self.xp, device=self.device,
                       dtype=dtype)
 
+    def with_compute(self, compute: str | None) -> Params:
+        """This view's tensors as a new Params that keeps this one's storage dtype and reads as ``compute``
+        (see the class docstring); sources are read again, this store's memo is untouched."""
+        st = self._store
+        return Params({rel: st.entries[full] for rel, full in self._own()}, xp=self.xp, device=self.device,
+                      dtype=self.storage_dtype, compute=compute, home=st.home, offload=st.offload)
+
     # ---- without materialising
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -232,6 +298,13 @@ class Params(Mapping):
 
     def dtype_of(self, key: str) -> str:
         """The dtype name ``self[key]`` has (after casting), e.g. "float32", without reading it."""
+        full = self._full(key)
+        if full not in self._store.entries:
+            raise KeyError(self._missing(full))
+        return self._store.working_dtype(full)
+
+    def stored_dtype_of(self, key: str) -> str:
+        """The dtype name ``key`` is kept in memory as (differs from ``dtype_of`` under ``compute``)."""
         full = self._full(key)
         if full not in self._store.entries:
             raise KeyError(self._missing(full))
@@ -247,12 +320,24 @@ class Params(Mapping):
 
     @property
     def dtype(self) -> str | None:
-        """The cast requested for floating tensors, or None (stored dtypes kept)."""
+        """The dtype layers get floating tensors in: the compute dtype if one is set, else the cast
+        requested for storage, or None (stored dtypes kept)."""
+        return self._store.compute or self._store.dtype
+
+    @property
+    def storage_dtype(self) -> str | None:
+        """The cast requested for floating tensors in memory, or None (stored dtypes kept)."""
         return self._store.dtype
+
+    @property
+    def compute_dtype(self) -> str | None:
+        """The dtype reads are upcast to (not memoised), or None (reads return the memo)."""
+        return self._store.compute
 
     def __repr__(self) -> str:
         where = f"{rxp.backend_name(self.xp)}:{self.device}"
-        return f"Params(prefix={self._prefix!r}, {len(self)} keys, {where}, dtype={self.dtype})"
+        extra = f", compute={self.compute_dtype}" if self.compute_dtype else ""
+        return f"Params(prefix={self._prefix!r}, {len(self)} keys, {where}, dtype={self.storage_dtype}{extra})"
 
 
 def _clean(prefix: str) -> str:
@@ -271,10 +356,12 @@ def load_params(
     xp=None,
     device=None,
     dtype: str | None = None,
+    compute: str | None = None,
 ) -> Params:
     """Params over one or several .safetensors files (e.g. a sharded model), memory-mapped.
 
     ``backend`` (e.g. "torch:cuda") or ``xp``/``device`` choose the placement; default NumPy.
+    ``dtype`` / ``compute``: storage cast and per-read compute dtype (see ``Params``).
     A key present in two files is an error naming both.
     """
     if isinstance(paths, (str, os.PathLike)):
@@ -287,7 +374,7 @@ def load_params(
     try:
         for path in paths:
             files.append(SafeTensorsFile(path))
-        return Params(files, xp=xp, device=device, dtype=dtype)
+        return Params(files, xp=xp, device=device, dtype=dtype, compute=compute)
     except BaseException:
         for f in files:
             f.close()
