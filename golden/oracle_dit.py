@@ -21,7 +21,7 @@ import re
 
 import torch
 
-from golden.registry import Capture, case
+from golden.registry import Capture, case, hooked
 
 ATTENTION_VARIANTS = [{"attention": "sliced"}, {"attention": "naive"}, {"attention": "tiled"}]
 
@@ -75,22 +75,7 @@ def _record_parts(name: str, o, record) -> None:
 
 def hooked_dit(model, fn, traced):
     """golden.registry.hooked with the tuple rule: (fn's result, trace)."""
-    trace, calls = {}, {}
-
-    def record(name, o):
-        k = calls.get(name, 0)
-        calls[name] = k + 1
-        trace[name if k == 0 else f"{name}#{k}"] = o.detach().clone()
-
-    hooks = [m.register_forward_hook(lambda _m, _i, o, name=name: _record_parts(name, o, record))
-             for name, m in model.named_modules() if traced(name)]
-    try:
-        with torch.no_grad():
-            out = fn()
-    finally:
-        for h in hooks:
-            h.remove()
-    return out, trace
+    return hooked(model, fn, traced, parts=_record_parts)
 
 
 _FLUX_TRACED = re.compile(r"(x_embedder|time_text_embed|context_embedder|pos_embed|norm_out|proj_out"

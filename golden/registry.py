@@ -130,23 +130,28 @@ def randomise_weights(model, g: torch.Generator) -> None:
             t.copy_(r.to(t.dtype))
 
 
-def hooked(model, fn, traced: Callable[[str], bool]):
+def _first_output(name, o, record):
+    """The default output rule of ``hooked``: the first element of a tuple, ``.sample`` of a diffusers
+    output object."""
+    if isinstance(o, tuple):
+        o = o[0]
+    record(name, o.sample if hasattr(o, "sample") else o)
+
+
+def hooked(model, fn, traced: Callable[[str], bool], parts=_first_output):
     """Run ``fn()`` under torch.no_grad with a forward hook on every module of ``model`` whose name
-    ``traced(name)`` accepts -> (fn's result, trace). The trace maps module name -> its output (the
-    first element of a tuple, ``.sample`` of a diffusers output object), detached copies in execution
-    order; a module called again is recorded as ``name#1``, ``name#2``, ... (refsd.trace's rule)."""
+    ``traced(name)`` accepts -> (fn's result, trace). The trace maps module name -> its output (by
+    default the first element of a tuple, ``.sample`` of a diffusers output object; ``parts(name, o,
+    record)`` may record several named parts instead), detached copies in execution order; a module
+    called again is recorded as ``name#1``, ``name#2``, ... (refsd.trace's rule)."""
     trace, calls = {}, {}
 
     def record(name, o):
-        if isinstance(o, tuple):
-            o = o[0]
-        if hasattr(o, "sample"):
-            o = o.sample
         k = calls.get(name, 0)
         calls[name] = k + 1
         trace[name if k == 0 else f"{name}#{k}"] = o.detach().clone()
 
-    hooks = [m.register_forward_hook(lambda _m, _i, o, name=name: record(name, o))
+    hooks = [m.register_forward_hook(lambda _m, _i, o, name=name: parts(name, o, record))
              for name, m in model.named_modules() if traced(name)]
     try:
         with torch.no_grad():

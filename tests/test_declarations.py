@@ -27,7 +27,7 @@ class RecordingParams(Params):
 
     def __init__(self, source, **kw):
         super().__init__(source, **kw)
-        self._store.read, self._store.absent = {}, set()
+        self._store.reads, self._store.absent = {}, set()
 
     def sub(self, prefix):
         view = super().sub(prefix)
@@ -35,7 +35,7 @@ class RecordingParams(Params):
 
     def __getitem__(self, key):
         value = super().__getitem__(key)
-        self._store.read[self._full(key)] = tuple(value.shape)
+        self._store.reads[self._full(key)] = tuple(value.shape)
         return value
 
     def __contains__(self, key):
@@ -46,7 +46,7 @@ class RecordingParams(Params):
 
     @property
     def read(self) -> dict:
-        return self._store.read
+        return self._store.reads
 
     @property
     def absent(self) -> set:

@@ -29,7 +29,7 @@ def test_policy_needs_a_device_backend():
 
 
 def test_offloaded_unet_matches_and_device_holds_one_block(read_copies):
-    m = pipelines.load_model("demo", backend="torch")
+    m = pipelines.load_model("demo-random", backend="torch")
     base = m.params["unet"]
     tx, cpu = rxp.backend("torch")
     off = Params({k: base._store.entries[k] for k in base}, xp=tx, device=cpu, home=(tx, cpu), offload=True)
