@@ -17,6 +17,8 @@ from refsd import xp as rxp
 from refsd.errors import RefsdError
 from refsd.sampling import schedules as S
 from refsd.sampling.model_sampling import ModelSamplingDiscrete, ModelSamplingDiscreteFlow, linspace_f32
+from tests.test_flow import comfy_normal as comfy_normal_torch
+from tests.test_flow import comfy_simple as comfy_simple_torch
 
 SD15 = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 LINEAR = {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}
@@ -392,22 +394,11 @@ class TorchComfy:
         return self.exp(self.log_sigma(timestep))
 
     # samplers.py
-    def normal(self, steps, sgm=False):
-        start, end = self.timestep(self.sigma_max), self.timestep(self.sigma_min)
-        append_zero = True
-        if sgm:
-            timesteps = torch.linspace(start, end, steps + 1)[:-1]
-        else:
-            if math.isclose(float(self.sigma(end)), 0, abs_tol=0.00001):
-                steps += 1
-                append_zero = False
-            timesteps = torch.linspace(start, end, steps)
-        sigs = [float(self.sigma(timesteps[x])) for x in range(len(timesteps))]
-        return torch.FloatTensor(sigs + [0.0] if append_zero else sigs)
+    def normal(self, steps, sgm=False):  # comfy/samplers.py normal_scheduler: test_flow's torch restatement
+        return comfy_normal_torch(self, steps, sgm)
 
     def simple(self, steps):
-        ss = len(self.sigmas) / steps
-        return torch.FloatTensor([float(self.sigmas[-(1 + int(x * ss))]) for x in range(steps)] + [0.0])
+        return comfy_simple_torch(self, steps)
 
     def ddim_uniform(self, steps):
         return torch.from_numpy(comfy_ddim(type("T", (), {"sigmas": self.sigmas.numpy()})(), steps).astype(np.float32))
