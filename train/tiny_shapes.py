@@ -247,9 +247,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--minutes", type=float, default=60.0, help="total wall-time budget")
-    p.add_argument("--vae-fraction", type=float, default=0.3, help="share of the budget for the VAE")
-    p.add_argument("--images", type=int, default=4000, help="training images (latents encoded once)")
+    p.add_argument("--minutes", type=float, default=80.0, help="total wall-time budget")
+    p.add_argument("--vae-fraction", type=float, default=0.22, help="share of the budget for the VAE")
+    p.add_argument("--images", type=int, default=16000, help="training images (latents encoded once)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the UNet + text encoder")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=64)
     a = p.parse_args(argv)
@@ -288,7 +289,8 @@ def main(argv=None) -> int:
     cap_index = torch.tensor([where[c] for c in captions])
     remaining = budget - (time.time() - t_start) - 60  # a minute for the export
     t = time.time()
-    curve, steps, ema = train_diffusion(unet, text, (mean, std), cap_index, ids, remaining, a.seed, batch=a.batch)
+    curve, steps, ema = train_diffusion(unet, text, (mean, std), cap_index, ids, remaining, a.seed, batch=a.batch,
+                                        lr=a.lr)
     ema.copy_to()
     record["unet_curve"], record["unet_steps"] = curve, steps
     record["unet_seconds"] = round(time.time() - t)
