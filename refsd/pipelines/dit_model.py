@@ -24,12 +24,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from refsd import xp as rxp
 from refsd.attention import STRATEGIES
 from refsd.errors import RefsdError
+from refsd.files import sha256_file
 from refsd.models.dit_configs import FluxConfig, SD3Config
 from refsd.models.vae import VAEConfig
 from refsd.text.clip import CLIPTextConfig
@@ -160,8 +162,36 @@ class DiTModel:
         return self.vae_config.latent_channels
 
     @property
-    def is_xl(self) -> bool:  # the SD pipeline code asks; a DiT model is never SDXL
-        return False
+    def vae_params(self):
+        """The VAE's Params as the pipeline core's VAE steps read them (refsd.pipelines.core.latents)."""
+        return self.params["vae"]
+
+    @property
+    def vae_dtype(self) -> str:
+        return self.dtype
+
+    @property
+    def prediction(self) -> str:
+        """What the transformer predicts: the flow velocity (recorded in a run's info)."""
+        return "flow"
+
+    @cached_property
+    def sha256(self) -> str | None:
+        """sha256 of the single checkpoint file (None for a folder or in-memory weights), on first use."""
+        if self.path is None or not self.path.is_file():
+            return None
+        return sha256_file(self.path, chunk=1 << 24)
+
+    @property
+    def short_hash(self) -> str | None:
+        """A1111's "Model hash" (AutoV2): the first 10 hex digits of the file's sha256."""
+        return None if self.sha256 is None else self.sha256[:10]
+
+    @property
+    def known_short_hash(self) -> str | None:
+        """``short_hash`` if the sha256 was already computed, else None (never reads the file)."""
+        h = self.__dict__.get("sha256")
+        return None if h is None else h[:10]
 
 
 def _place(params: Mapping[str, Any], backend: str | None) -> dict[str, Any]:
