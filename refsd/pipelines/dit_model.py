@@ -238,13 +238,13 @@ def make_dit_model(params: Mapping[str, Params], configs: Mapping[str, dict], *,
                          f"{', '.join(missing)} (found: {', '.join(params) or 'nothing'})")
     tcfg = (SD3Config if family == "sd3" else FluxConfig).from_dict(dict(configs["transformer"]))
     check_vae_channels(configs["vae"], configs["transformer"], family, what=f"{name}: the VAE")
-    text = []
+    text, packaged = [], None
     for comp, tok_name, kind in encoders:
         if comp not in params:
             continue
         tok = tokenizers.get(tok_name)
-        if tok is None and kind == "clip":
-            tok = CLIPTokenizer.from_package()
+        if tok is None and kind == "clip":  # both SD3 CLIPs share the vocabulary: read it once
+            packaged = tok = packaged or CLIPTokenizer.from_package()
         if tok is None:
             raise RefsdError(f"{name}: {comp} (T5) needs its {tok_name} (spiece.model or tokenizer.json)")
         text.append(TextEncoderSlot(comp, kind, _text_config(kind, dict(configs[comp])), tok))
