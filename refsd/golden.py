@@ -501,19 +501,12 @@ def _run_pipeline(init_image=None, mask=None, control_image_0=None, control_imag
     return pipeline_outputs(res, steps_done, mode=mode)
 
 
-def _run_dit_pipeline(init_image=None, *, params, model: dict, mode: str, prompt: str, negative_prompt: str | None,
-                      steps: int, cfg: float, seed: int, batch_size: int, parity: str, width: int, height: int,
-                      max_sequence_length: int | None = None, strength: float | None = None,
-                      attention: str = "sliced"):
-    """Golden adapter for SD3 / Flux pipeline cases (op "dit_pipeline"; golden/oracle_dit_pipelines.py):
-    refsd.pipelines.dit's txt2img / img2img on a tiny DiTModel (make_dit_model over ``param/<component>.<key>``
-    and the configs in ``model``; the T5 tokenizer from the SentencePiece model of the case
-    ``model["t5_tokenizer_case"]``). Outputs as the SD pipeline goldens' (``pipeline_outputs``)."""
+def tiny_dit_model(params, model: dict, attention: str = "sliced"):
+    """A DiTModel over a DiT pipeline case's ``param/<component>.<key>`` weights and ``model`` configs, its T5
+    tokenizer read from the SentencePiece model of the case ``model["t5_tokenizer_case"]``."""
     import tempfile
-    from pathlib import Path
 
     from refsd.pipelines import make_dit_model
-    from refsd.pipelines.dit import dit_img2img, dit_txt2img
     from refsd.pipelines.dit_model import DIT_ARCHITECTURES, TEXT_ENCODERS
     from refsd.text.t5_tokenizer import T5Tokenizer
 
@@ -524,9 +517,23 @@ def _run_dit_pipeline(init_image=None, *, params, model: dict, mode: str, prompt
     family = DIT_ARCHITECTURES[model["architecture"]]
     comps = ["transformer", "vae", *(c for c, _, _ in TEXT_ENCODERS[family] if c in model)]
     tokenizers = {tok: t5 for c, tok, kind in TEXT_ENCODERS[family] if kind == "t5"}
-    m = make_dit_model({c: params.sub(c) for c in comps}, {c: model[c] for c in comps},
-                       architecture=model["architecture"], tokenizers=tokenizers, scheduler_config=model["scheduler"],
-                       attention=attention, name=f"tiny-{model['architecture']}")
+    return make_dit_model({c: params.sub(c) for c in comps}, {c: model[c] for c in comps},
+                          architecture=model["architecture"], tokenizers=tokenizers,
+                          scheduler_config=model["scheduler"], attention=attention,
+                          name=f"tiny-{model['architecture']}")
+
+
+def _run_dit_pipeline(init_image=None, *, params, model: dict, mode: str, prompt: str, negative_prompt: str | None,
+                      steps: int, cfg: float, seed: int, batch_size: int, parity: str, width: int, height: int,
+                      max_sequence_length: int | None = None, strength: float | None = None,
+                      attention: str = "sliced"):
+    """Golden adapter for SD3 / Flux pipeline cases (op "dit_pipeline"; golden/oracle_dit_pipelines.py):
+    refsd.pipelines.dit's txt2img / img2img on a tiny DiTModel (make_dit_model over ``param/<component>.<key>``
+    and the configs in ``model``; the T5 tokenizer from the SentencePiece model of the case
+    ``model["t5_tokenizer_case"]``). Outputs as the SD pipeline goldens' (``pipeline_outputs``)."""
+    from refsd.pipelines.dit import dit_img2img, dit_txt2img
+
+    m = tiny_dit_model(params, model, attention)
     steps_done = {}
     common = dict(steps=steps, cfg=cfg, seed=seed, batch_size=batch_size, parity=parity,
                   max_sequence_length=max_sequence_length,
