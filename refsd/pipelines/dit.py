@@ -34,8 +34,6 @@ families: Flux's 2x2 packing is a permutation, applied around each transformer c
 
 from __future__ import annotations
 
-import numpy as np
-
 from refsd import xp as rxp
 from refsd.errors import RefsdError, check_int
 from refsd.models.flux import flux as _flux
@@ -148,7 +146,7 @@ def _info(model: DiTModel, s: Settings, msl: int, steps_run: int) -> dict:
 
 
 def _ids(model: DiTModel, rows: list[list[int]]):
-    return rxp.asarray(np.asarray(rows, dtype=np.int64), xp=model.xp, device=model.device)
+    return rxp.asarray(rows, xp=model.xp, device=model.device, dtype=model.xp.int64)
 
 
 def _repeat(xp, d: dict, n: int) -> dict:
