@@ -15,6 +15,9 @@ Layout: ``core`` (the shared steps and the denoiser chain; its docstring follows
 ``profiles`` (the parity rules), ``facts`` (what validation needs, read without loading), the entry
 points ``text_to_image`` (txt2img), ``image_to_image`` (img2img), ``inpainting`` (inpaint), ``sdxl``
 (the base + refiner handoff), ``model`` (load_model).
+
+SD3 / SD3.5 / Flux: a ``DiTModel`` (``make_dit_model``, refsd.pipelines.dit_model) goes through the same
+``txt2img`` / ``img2img``, which hand it to refsd.pipelines.dit (flow matching; docs/dit.md).
 """
 
 from refsd.pipelines.core import GenerationResult, MicroConditioning
