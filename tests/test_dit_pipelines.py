@@ -184,3 +184,19 @@ def test_backend_places_every_component(sd3):
                             backend="array-api-strict")
     assert placed.backend == "array-api-strict"
     assert all(p.xp is placed.xp for p in placed.params.values())
+
+
+def test_comfyui_img2img_draw_order_and_schedule():
+    """ComfyUI img2img (VAEEncode + KSampler denoise=strength): the posterior MEAN (no draw), so the added
+    noise is the seed's first draw; ``steps`` steps run from sigma * noise + (1 - sigma) * latents."""
+    m, case = _model("pipeline/dit_flux_dev_img2img_f32")
+    kw = case.meta["op"]["kwargs"]
+    image = np.asarray(case.group("in")["init_image"], dtype=np.uint8)
+    res = img2img(m, image, kw["prompt"], strength=0.6, steps=3, cfg=3.5, seed=kw["seed"], parity="comfyui",
+                  sampler="euler", scheduler="simple", decode=False)
+    first = _rng.generator(kw["seed"], mode="torch-cpu").randn((1, 16, 8, 8), "float32")
+    assert np.array_equal(res.noise, first)
+    assert res.info["steps_run"] == 3
+    lat = rxp.to_numpy(res.image_latents)
+    assert not np.allclose(lat, case.group("out")["image_latents"], atol=1e-3)  # diffusers samples, ComfyUI: mean
+    assert np.isfinite(rxp.to_numpy(res.latents)).all()
