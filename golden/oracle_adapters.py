@@ -39,54 +39,40 @@ def _image(g, dt, shape):
     return torch.rand(shape, generator=g, dtype=torch.float64).to(dt)
 
 
-def _t2i_case(g, dt, config, shape, desc):
-    from diffusers import T2IAdapter
-
-    model = T2IAdapter(**config).eval()
-    randomise_weights(model, g)
-    image = _image(g, dt, shape)
-    feats, trace = hooked(model, lambda: model(image), _adapter_traced)
-    return Capture("t2i_adapter", {"image_0": image}, {f"feature_{i}": f for i, f in enumerate(feats)},
-                   "diffusers.T2IAdapter(**config)(image)", desc, kwargs={"configs": [config]},
-                   tol_component="unet", params={k: v.clone() for k, v in model.state_dict().items()}, trace=trace)
-
-
-@case("adapters", "t2i_full_tiny", dtypes=("float32",))
-def _t2i_full(g, dt):
-    return _t2i_case(g, dt, T2I_FULL_TINY, (2, 3, 64, 64),
-                     "tiny full_adapter (SD1 layout: 4 levels, downscale 8, 1x1 in_conv where widths change), "
-                     "batch 2, 64x64 image -> features 8x8 .. 1x1")
-
-
-@case("adapters", "t2i_light_tiny", dtypes=("float32",))
-def _t2i_light(g, dt):
-    return _t2i_case(g, dt, T2I_LIGHT_TINY, (1, 3, 48, 80),
-                     "tiny light_adapter (3 widths -> 4 levels, mid width out/4, 3x3 block2, out_conv), 48x80 "
-                     "image -> 6x10, 3x5, 2x3, 1x2 (AvgPool2d ceil_mode partial windows)")
-
-
-@case("adapters", "t2i_xl_tiny", dtypes=("float32",))
-def _t2i_xl(g, dt):
-    return _t2i_case(g, dt, T2I_XL_TINY, (1, 3, 64, 96),
-                     "tiny full_adapter_xl (downscale 16, body.1 widens without pooling, only body.2 pools), "
-                     "64x96 image -> 4x6, 4x6, 2x3, 2x3")
-
-
-@case("adapters", "t2i_multi_tiny", dtypes=("float32",))
-def _t2i_multi(g, dt):
+def _t2i_case(g, dt, configs, shapes, desc, weights=None):
+    """One T2IAdapter (``weights`` None) or a MultiAdapter of ``configs`` with ``weights``, fed random images
+    of ``shapes``; outputs its features."""
     from diffusers import MultiAdapter, T2IAdapter
 
-    model = MultiAdapter([T2IAdapter(**T2I_FULL_TINY), T2IAdapter(**T2I_GREY_TINY)]).eval()
+    multi = weights is not None
+    model = (MultiAdapter([T2IAdapter(**c) for c in configs]) if multi else T2IAdapter(**configs[0])).eval()
     randomise_weights(model, g)
-    images = [_image(g, dt, (1, 3, 32, 48)), _image(g, dt, (1, 1, 32, 48))]
-    weights = [0.7, 0.45]
-    feats, trace = hooked(model, lambda: model(images, weights), _adapter_traced)
-    return Capture("t2i_adapter", {"image_0": images[0], "image_1": images[1]},
-                   {f"feature_{i}": f for i, f in enumerate(feats)},
-                   "diffusers.MultiAdapter([T2IAdapter(**c) for c in configs])([image_0, image_1], weights)",
-                   "MultiAdapter of a tiny RGB full_adapter and a 1-channel (grey) one, weights [0.7, 0.45]",
-                   kwargs={"configs": [T2I_FULL_TINY, T2I_GREY_TINY], "weights": weights}, tol_component="unet",
+    images = [_image(g, dt, shape) for shape in shapes]
+    feats, trace = hooked(model, lambda: model(images, weights) if multi else model(images[0]), _adapter_traced)
+    call = ("diffusers.MultiAdapter([T2IAdapter(**c) for c in configs])([image_0, image_1], weights)" if multi else
+            "diffusers.T2IAdapter(**config)(image)")
+    return Capture("t2i_adapter", {f"image_{i}": im for i, im in enumerate(images)},
+                   {f"feature_{i}": f for i, f in enumerate(feats)}, call, desc,
+                   kwargs={"configs": list(configs), **({"weights": weights} if multi else {})}, tol_component="unet",
                    params={k: v.clone() for k, v in model.state_dict().items()}, trace=trace)
+
+
+T2I_CASES = {  # name -> (configs, image shapes, description, MultiAdapter weights or None)
+    "t2i_full_tiny": ([T2I_FULL_TINY], [(2, 3, 64, 64)],
+                      "tiny full_adapter (SD1 layout: 4 levels, downscale 8, 1x1 in_conv where widths change), "
+                      "batch 2, 64x64 image -> features 8x8 .. 1x1", None),
+    "t2i_light_tiny": ([T2I_LIGHT_TINY], [(1, 3, 48, 80)],
+                       "tiny light_adapter (3 widths -> 4 levels, mid width out/4, 3x3 block2, out_conv), 48x80 "
+                       "image -> 6x10, 3x5, 2x3, 1x2 (AvgPool2d ceil_mode partial windows)", None),
+    "t2i_xl_tiny": ([T2I_XL_TINY], [(1, 3, 64, 96)],
+                    "tiny full_adapter_xl (downscale 16, body.1 widens without pooling, only body.2 pools), "
+                    "64x96 image -> 4x6, 4x6, 2x3, 2x3", None),
+    "t2i_multi_tiny": ([T2I_FULL_TINY, T2I_GREY_TINY], [(1, 3, 32, 48), (1, 1, 32, 48)],
+                       "MultiAdapter of a tiny RGB full_adapter and a 1-channel (grey) one, weights [0.7, 0.45]",
+                       [0.7, 0.45]),
+}
+for _name, _args in T2I_CASES.items():
+    case("adapters", _name, dtypes=("float32",))(lambda g, dt, args=_args: _t2i_case(g, dt, *args))
 
 
 def _unet_residual_case(g, dt, config, shapes, desc, *, sdxl=False):
@@ -151,60 +137,20 @@ def _control_image(g, height: int, width: int):
 
 
 def _run_adapter_pipe(pipe, *, old_callback: bool = False, **call) -> dict[str, torch.Tensor]:
-    """Call a pipeline with recorders: noise, init_latents, step.<i>, latents, image and, for SDXL, the
-    encode_prompt outputs and add_time_ids. ``old_callback``: the pipeline has only the old
-    ``callback(i, t, latents)`` (the adapter pipelines), not callback_on_step_end."""
+    """Call a txt2img pipeline with golden.oracle_pipelines' Recorder: noise, init_latents, step.<i>,
+    latents, for SDXL the encode_prompt outputs and add_time_ids, and image. ``old_callback``: the
+    pipeline has only the old ``callback(i, t, latents)`` (the adapter pipelines), not callback_on_step_end."""
     import importlib
 
-    module = importlib.import_module(type(pipe).__module__)
-    rec: dict[str, torch.Tensor] = {}
-    steps_done: list[torch.Tensor] = []
-    encode_prompt, prepare, randn = pipe.encode_prompt, pipe.prepare_latents, module.randn_tensor
-    sdxl = hasattr(pipe, "text_encoder_2")
+    from golden.oracle_pipelines import Recorder
 
-    def recording_encode_prompt(*a, **k):
-        out = encode_prompt(*a, **k)
-        names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
-        rec.update({n: t.clone() for n, t in zip(names, out) if t is not None})
-        return out
-
-    def recording_prepare(*a, **k):
-        out = prepare(*a, **k)
-        rec["init_latents"] = out.clone()
-        return out
-
-    def recording_randn(*a, **k):
-        out = randn(*a, **k)
-        rec.setdefault("noise", out.clone())
-        return out
-
-    def unet_pre_hook(_m, _args, kwargs):
-        rec.setdefault("add_time_ids", kwargs["added_cond_kwargs"]["time_ids"].clone())
-
-    def on_step_end(_pipe, i, t, kw):
-        steps_done.append(kw["latents"].clone())
-        return kw
-
-    pipe.prepare_latents, module.randn_tensor = recording_prepare, recording_randn
-    hook = None
-    if sdxl:
-        pipe.encode_prompt = recording_encode_prompt
-        hook = pipe.unet.register_forward_pre_hook(unet_pre_hook, with_kwargs=True)
-    steps = ({"callback": lambda i, t, latents: steps_done.append(latents.clone()), "callback_steps": 1} if old_callback
-             else {"callback_on_step_end": on_step_end})
-    try:
+    recorder = Recorder(pipe, importlib.import_module(type(pipe).__module__), "txt2img",
+                        xl=hasattr(pipe, "text_encoder_2"))
+    steps = ({"callback": recorder.on_step, "callback_steps": 1} if old_callback
+             else {"callback_on_step_end": recorder.on_step_end})
+    with recorder:
         out = pipe(**call, **steps)
-    finally:
-        module.randn_tensor = randn
-        if hook is not None:
-            hook.remove()
-    outputs = {"noise": rec["noise"], "init_latents": rec["init_latents"]}
-    outputs.update({f"step.{i}": x for i, x in enumerate(steps_done)})
-    outputs["latents"] = steps_done[-1]
-    outputs.update({k: rec[k] for k in ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
-                                        "negative_pooled_prompt_embeds", "add_time_ids") if k in rec})
-    outputs["image"] = torch.from_numpy(out.images)
-    return outputs
+    return recorder.outputs(out)
 
 
 @case("pipeline", "t2i_adapter_sdxl_euler", dtypes=("float32",))
@@ -230,10 +176,8 @@ def _t2i_adapter_sdxl(g, dt):
                                 adapter_conditioning_scale=scale, adapter_conditioning_factor=factor,
                                 generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
     params = {**_params("sdxl"), **{f"adapter.{k}": v.clone() for k, v in adapter.state_dict().items()}}
-    kwargs = {"mode": "txt2img", "model": _model_kwargs("sdxl"), "prompt": prompt, "negative_prompt": negative,
-              "steps": steps, "cfg": cfg, "sampler": "euler", "scheduler": "normal", "seed": seed, "rng": "torch-cpu",
-              "batch_size": 1, "clip_skip": None, "parity": "diffusers", "width": 64, "height": 64,
-              "t2i_adapter": {"config": T2I_XL_PIPE, "scale": scale, "factor": factor}}
+    kwargs = _txt2img_kwargs(_model_kwargs("sdxl"), prompt, negative, steps, cfg, seed,
+                             t2i_adapter={"config": T2I_XL_PIPE, "scale": scale, "factor": factor})
     call = ("diffusers.StableDiffusionXLAdapterPipeline(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, "
             "adapter=T2IAdapter(**t2i_adapter.config), scheduler=EulerDiscreteScheduler.from_config(scheduler_config), "
             f"force_zeros_for_empty_prompt=True)({prompt!r}, negative_prompt={negative!r}, "
@@ -409,26 +353,58 @@ def _flat_ip_file(state: dict) -> dict:
     return {f"{group}.{k}": v.contiguous() for group, d in state.items() for k, v in d.items()}
 
 
-@case("pipeline", "ip_adapter_sd1_euler", dtypes=("float32",))
-def _ip_adapter_sd1(g, dt):
+def _ip_parts(g, unet, vision: dict, state_fn, dim: int):
+    """(a copy of ``unet``, a random CLIPVisionModelWithProjection of config ``vision``, a random IP-Adapter
+    state dict for the copy from ``state_fn(g, unet, dim)``), drawn from ``g`` in that order. The copy:
+    load_ip_adapter rewires the UNet, and the shared tiny model must stay untouched."""
     import copy
+
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    unet = copy.deepcopy(unet)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision, attention_dropout=0.0)).eval()
+    randomise_weights(encoder, g)
+    return unet, encoder, state_fn(g, unet, dim)
+
+
+def _load_ip(pipe, encoder, state: dict, weight_name: str, scale) -> None:
+    """diffusers' own loading: the state as an original-layout file ``weight_name`` and the encoder as a
+    transformers folder, through ``pipe.load_ip_adapter``, then ``set_ip_adapter_scale(scale)``."""
     import tempfile
     from pathlib import Path
 
-    import PIL.Image
-    from diffusers import StableDiffusionPipeline
     from safetensors.torch import save_file
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from diffusers import EulerDiscreteScheduler
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file(_flat_ip_file(state), str(Path(tmp) / weight_name))
+        encoder.save_pretrained(str(Path(tmp) / "image_encoder"))
+        pipe.load_ip_adapter(tmp, subfolder="", weight_name=weight_name, image_encoder_folder="image_encoder",
+                             low_cpu_mem_usage=False)
+    pipe.set_ip_adapter_scale(scale)
 
-    from golden.oracle_pipelines import MODELS as SD_MODELS, _components, _params
+
+def _ip_params(base: dict, encoder, state: dict) -> dict:
+    """The tiny model's params, then the image encoder's and the IP-Adapter file's."""
+    return {**base, **{f"image_encoder.{k}": v.clone() for k, v in encoder.state_dict().items()},
+            **{f"ip_adapter.{k}": v.clone() for k, v in _flat_ip_file(state).items()}}
+
+
+def _txt2img_kwargs(model: dict, prompt: str, negative, steps: int, cfg: float, seed: int, **extra) -> dict:
+    """A 64x64 batch-1 diffusers euler txt2img run's op kwargs, plus ``extra``."""
+    return {"mode": "txt2img", "model": model, "prompt": prompt, "negative_prompt": negative, "steps": steps,
+            "cfg": cfg, "sampler": "euler", "scheduler": "normal", "seed": seed, "rng": "torch-cpu", "batch_size": 1,
+            "clip_skip": None, "parity": "diffusers", "width": 64, "height": 64, **extra}
+
+
+@case("pipeline", "ip_adapter_sd1_euler", dtypes=("float32",))
+def _ip_adapter_sd1(g, dt):
+    import PIL.Image
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    from golden.oracle_pipelines import MODELS as SD_MODELS, _components, _params, model_kwargs
 
     text, unet, vae, tok = _components("sd1")
-    unet = copy.deepcopy(unet)  # load_ip_adapter rewires the UNet: keep the shared tiny model untouched
-    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION_PIPE, attention_dropout=0.0)).eval()
-    randomise_weights(encoder, g)
-    state = _ip_state_dict(g, unet, VISION_PIPE["projection_dim"])
+    unet, encoder, state = _ip_parts(g, unet, VISION_PIPE, _ip_state_dict, VISION_PIPE["projection_dim"])
     image = _control_image(g, 45, 37)
     prompt, negative, steps, cfg, seed, scale = "a cat in a hat", "", 4, 7.0, 3, 0.6
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
@@ -436,24 +412,13 @@ def _ip_adapter_sd1(g, dt):
                                    safety_checker=None,
                                    feature_extractor=None, image_encoder=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_file(_flat_ip_file(state), str(Path(tmp) / "ip-adapter_tiny.safetensors"))
-        encoder.save_pretrained(str(Path(tmp) / "image_encoder"))
-        pipe.load_ip_adapter(tmp, subfolder="", weight_name="ip-adapter_tiny.safetensors",
-                             image_encoder_folder="image_encoder", low_cpu_mem_usage=False)
-    pipe.set_ip_adapter_scale(scale)
+    _load_ip(pipe, encoder, state, "ip-adapter_tiny.safetensors", scale)
     outputs = _run_adapter_pipe(pipe, prompt=prompt, negative_prompt=negative, ip_adapter_image=PIL.Image.fromarray(
         image.numpy()), height=64, width=64, num_inference_steps=steps, guidance_scale=cfg,
         generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
-    params = {**_params("sd1"), **{f"image_encoder.{k}": v.clone() for k, v in encoder.state_dict().items()},
-              **{f"ip_adapter.{k}": v.clone() for k, v in _flat_ip_file(state).items()}}
-    model = {"architecture": "sd1", "unet": SD_MODELS["sd1"]["unet"], "vae": SD_MODELS["sd1"]["vae"],
-             "text_encoder": SD_MODELS["sd1"]["text_encoder"], "scheduler": SD_MODELS["sd1"]["scheduler"],
-             "pad_token": SD_MODELS["sd1"]["pad"][1]}
-    kwargs = {"mode": "txt2img", "model": model, "prompt": prompt, "negative_prompt": negative, "steps": steps,
-              "cfg": cfg, "sampler": "euler", "scheduler": "normal", "seed": seed, "rng": "torch-cpu", "batch_size": 1,
-              "clip_skip": None, "parity": "diffusers", "width": 64, "height": 64,
-              "ip_adapter": {"image_encoder": VISION_PIPE, "scale": scale}}
+    params = _ip_params(_params("sd1"), encoder, state)
+    kwargs = _txt2img_kwargs(model_kwargs("sd1"), prompt, negative, steps, cfg, seed,
+                             ip_adapter={"image_encoder": VISION_PIPE, "scale": scale})
     call = ("pipe = diffusers.StableDiffusionPipeline(vae, text_encoder, tokenizer, unet, scheduler=EulerDiscreteScheduler"
             ".from_config(scheduler_config), safety_checker=None, feature_extractor=None, image_encoder=None); "
             "pipe.load_ip_adapter(dir, subfolder='', weight_name='ip-adapter_tiny.safetensors' (param/ip_adapter.*, the "
@@ -506,22 +471,13 @@ def _sdxl_ip_plus(g, dt):
 
 @case("pipeline", "ip_adapter_plus_sdxl_euler", dtypes=("float32",))
 def _ip_adapter_plus_sdxl(g, dt):
-    import copy
-    import tempfile
-    from pathlib import Path
-
     import PIL.Image
     from diffusers import StableDiffusionXLPipeline
-    from safetensors.torch import save_file
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from golden.oracle_sdxl import _components, _model_kwargs, _params, _run, _scheduler
 
     parts = _components("sdxl")
-    unet = copy.deepcopy(parts["unet"])  # load_ip_adapter rewires the UNet: keep the shared tiny model untouched
-    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION_H_TINY, attention_dropout=0.0)).eval()
-    randomise_weights(encoder, g)
-    state = _ip_plus_state_dict(g, unet, VISION_H_TINY["hidden_size"])
+    unet, encoder, state = _ip_parts(g, parts["unet"], VISION_H_TINY, _ip_plus_state_dict, VISION_H_TINY["hidden_size"])
     image = _control_image(g, 33, 50)
     prompt, negative, steps, cfg, seed, scale = "a red cube on a table", None, 4, 5.0, 21, 0.7
     pipe = StableDiffusionXLPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"],
@@ -530,21 +486,13 @@ def _ip_adapter_plus_sdxl(g, dt):
                                      scheduler=_scheduler("sdxl", "euler", "normal"), image_encoder=None,
                                      feature_extractor=None, force_zeros_for_empty_prompt=True, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_file(_flat_ip_file(state), str(Path(tmp) / "ip-adapter-plus_tiny.safetensors"))
-        encoder.save_pretrained(str(Path(tmp) / "image_encoder"))
-        pipe.load_ip_adapter(tmp, subfolder="", weight_name="ip-adapter-plus_tiny.safetensors",
-                             image_encoder_folder="image_encoder", low_cpu_mem_usage=False)
-    pipe.set_ip_adapter_scale(scale)
+    _load_ip(pipe, encoder, state, "ip-adapter-plus_tiny.safetensors", scale)
     outputs, _ = _run(pipe, "txt2img", prompt=prompt, negative_prompt=negative, height=64, width=64,
                       ip_adapter_image=PIL.Image.fromarray(image.numpy()), num_inference_steps=steps,
                       guidance_scale=cfg, generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
-    params = {**_params("sdxl"), **{f"image_encoder.{k}": v.clone() for k, v in encoder.state_dict().items()},
-              **{f"ip_adapter.{k}": v.clone() for k, v in _flat_ip_file(state).items()}}
-    kwargs = {"mode": "txt2img", "model": _model_kwargs("sdxl"), "prompt": prompt, "negative_prompt": negative,
-              "steps": steps, "cfg": cfg, "sampler": "euler", "scheduler": "normal", "seed": seed, "rng": "torch-cpu",
-              "batch_size": 1, "clip_skip": None, "parity": "diffusers", "width": 64, "height": 64,
-              "ip_adapter": {"image_encoder": VISION_H_TINY, "scale": scale}}
+    params = _ip_params(_params("sdxl"), encoder, state)
+    kwargs = _txt2img_kwargs(_model_kwargs("sdxl"), prompt, negative, steps, cfg, seed,
+                             ip_adapter={"image_encoder": VISION_H_TINY, "scale": scale})
     call = ("pipe = diffusers.StableDiffusionXLPipeline(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, "
             "scheduler=EulerDiscreteScheduler.from_config(scheduler_config), image_encoder=None, feature_extractor=None, "
             "force_zeros_for_empty_prompt=True, add_watermarker=False); pipe.load_ip_adapter(dir, subfolder='', "

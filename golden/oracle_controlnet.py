@@ -157,11 +157,12 @@ def _controlnet_pipeline_case(g, dt, *, name: str, model: str, sampler: str, pro
         MODELS,
         OWNER,
         SCHEDULERS,
+        Recorder,
         _components,
         _init_image,
         _mask,
         _params,
-        denoising_outputs,
+        model_kwargs,
     )
 
     inpaint = strength is not None
@@ -176,39 +177,6 @@ def _controlnet_pipeline_case(g, dt, *, name: str, model: str, sampler: str, pro
                 controlnet=nets[0] if len(nets) == 1 else nets, scheduler=sched, safety_checker=None,
                 feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-
-    rec: dict[str, torch.Tensor] = {}
-    steps_done: list[torch.Tensor] = []
-    encoded: list[torch.Tensor] = []
-    prepare = pipe.prepare_latents
-
-    def prepare_latents(*a, **k):
-        out = prepare(*a, **k)
-        if inpaint:
-            rec["init_latents"], rec["noise"] = out[0], out[1]
-        else:
-            rec["init_latents"] = out
-        return out
-
-    pipe.prepare_latents = prepare_latents
-    if inpaint:
-        encode_vae_image = pipe._encode_vae_image
-
-        def recording_encode(*a, **k):
-            encoded.append(encode_vae_image(*a, **k))
-            return encoded[-1]
-
-        pipe._encode_vae_image = recording_encode
-    randn = module.randn_tensor
-
-    def recording_randn(*a, **k):
-        out = randn(*a, **k)
-        rec.setdefault("noise", out.clone())
-        return out
-
-    def on_step_end(_pipe, i, t, kw):
-        steps_done.append(kw["latents"].clone())
-        return kw
 
     inputs, images = {}, []
     for i, c in enumerate(controls):
@@ -227,18 +195,14 @@ def _controlnet_pipeline_case(g, dt, *, name: str, model: str, sampler: str, pro
     scales = [c.get("scale", 1.0) for c in controls]
     starts = [c.get("start", 0.0) for c in controls]
     ends = [c.get("end", 1.0) for c in controls]
-    module.randn_tensor = recording_randn
-    try:
+    recorder = Recorder(pipe, module, "inpaint" if inpaint else "txt2img")
+    with recorder:
         out = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=cfg,
                    num_images_per_prompt=batch, generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
                    controlnet_conditioning_scale=scales[0] if one else scales, guess_mode=guess_mode,
                    control_guidance_start=starts[0] if one else starts, control_guidance_end=ends[0] if one else ends,
-                   callback_on_step_end=on_step_end, **kwargs)
-    finally:
-        module.randn_tensor = randn
-    outputs = denoising_outputs(rec, encoded, steps_done, inpaint=inpaint, strength=strength,
-                                blend=spec["unet"]["in_channels"] == 4)
-    outputs["image"] = torch.from_numpy(out.images)
+                   callback_on_step_end=recorder.on_step_end, **kwargs)
+    outputs = recorder.outputs(out, strength=strength, blend=spec["unet"]["in_channels"] == 4)
 
     base = _params(model)
     params = dict(base)
@@ -246,8 +210,7 @@ def _controlnet_pipeline_case(g, dt, *, name: str, model: str, sampler: str, pro
         params.update({f"controlnet.{i}.{k}": v.detach().clone() for k, v in net.state_dict().items()})
     op_kwargs = {
         "mode": "inpaint" if inpaint else "txt2img",
-        "model": {"architecture": model, "text_encoder": spec["text_encoder"], "unet": spec["unet"],
-                  "vae": spec["vae"], "scheduler": spec["scheduler"], "pad_token": spec["pad"][1]},
+        "model": model_kwargs(model),
         "prompt": prompt, "negative_prompt": negative, "steps": steps, "cfg": cfg, "sampler": sampler,
         "scheduler": "normal", "seed": seed, "rng": "torch-cpu", "batch_size": batch, "clip_skip": None,
         "parity": "diffusers", "width": width, "height": height,

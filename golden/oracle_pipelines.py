@@ -167,47 +167,6 @@ def _pipeline_case(g, dt, *, name: str, model: str, sampler: str, scheduler: str
         pipe.text_encoder, pipe.tokenizer = copy.deepcopy(text), copy.deepcopy(tok)
         loaded = load(pipe)
 
-    rec: dict[str, torch.Tensor] = {}
-    steps_done: list[torch.Tensor] = []
-    prepare = pipe.prepare_latents
-
-    def prepare_latents(*a, **k):
-        out = prepare(*a, **k)
-        if inpaint:  # (latents, noise[, image_latents])
-            rec["init_latents"], rec["noise"] = out[0], out[1]
-        else:
-            rec["init_latents"] = out
-        return out
-
-    pipe.prepare_latents = prepare_latents
-    encoded: list[torch.Tensor] = []
-    if inpaint:  # the init image's (strength < 1) and the masked image's sampled latents, in order
-        encode_vae_image = pipe._encode_vae_image
-
-        def recording_encode(*a, **k):
-            encoded.append(encode_vae_image(*a, **k))
-            return encoded[-1]
-
-        pipe._encode_vae_image = recording_encode
-    if img2img:
-        add_noise = sched.add_noise
-
-        def recording_add_noise(original, noise, timesteps):
-            rec["image_latents"], rec["noise"] = original.clone(), noise.clone()
-            return add_noise(original, noise, timesteps)
-
-        sched.add_noise = recording_add_noise
-    randn = sd_module.randn_tensor
-
-    def recording_randn(*a, **k):
-        out = randn(*a, **k)
-        rec.setdefault("noise", out.clone())
-        return out
-
-    def on_step_end(_pipe, i, t, kw):
-        steps_done.append(kw["latents"].clone())
-        return kw
-
     kwargs = {}
     inputs = dict(loaded[0])
     if img2img or inpaint:
@@ -220,24 +179,19 @@ def _pipeline_case(g, dt, *, name: str, model: str, sampler: str, scheduler: str
         kwargs.update(mask_image=PIL.Image.fromarray(mask.numpy()), height=height, width=width)
     elif not img2img:
         kwargs.update(height=height, width=width)
-    sd_module.randn_tensor = recording_randn
-    try:
+    recorder = Recorder(pipe, sd_module, mode)
+    with recorder:
         out = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=cfg,
                    num_images_per_prompt=batch, generator=torch.Generator("cpu").manual_seed(seed),
                    output_type="np", clip_skip=None if clip_skip is None else clip_skip - 1,
-                   callback_on_step_end=on_step_end, **kwargs)
-    finally:
-        sd_module.randn_tensor = randn
-    outputs = denoising_outputs(rec, encoded, steps_done, inpaint=inpaint, strength=strength,
-                                blend=spec["unet"]["in_channels"] == 4)
-    outputs["image"] = torch.from_numpy(out.images)
+                   callback_on_step_end=recorder.on_step_end, **kwargs)
+    outputs = recorder.outputs(out, strength=strength, blend=spec["unet"]["in_channels"] == 4)
 
     case_id = f"pipeline/{name}_f32"
     owner = OWNER.setdefault(MODELS[model].get("base", model), case_id)
     op_kwargs = {
         "mode": mode,
-        "model": {"architecture": model, "text_encoder": spec["text_encoder"], "unet": spec["unet"],
-                  "vae": spec["vae"], "scheduler": spec["scheduler"], "pad_token": spec["pad"][1]},
+        "model": model_kwargs(model),
         "prompt": prompt, "negative_prompt": negative, "steps": steps, "cfg": cfg, "sampler": sampler,
         "scheduler": scheduler, "seed": seed, "rng": "torch-cpu", "batch_size": batch, "clip_skip": clip_skip,
         "parity": "diffusers",
@@ -260,6 +214,107 @@ def _pipeline_case(g, dt, *, name: str, model: str, sampler: str, scheduler: str
     borrowed = None if "base" not in MODELS[model] else tuple(k for k in params if not k.startswith("unet."))
     return Capture("pipeline", inputs, outputs, call, desc, kwargs=op_kwargs, params=params,
                    params_from=None if owner == case_id else owner, borrowed=borrowed)
+
+
+class Recorder:
+    """Records a diffusers SD pipeline's run under the goldens' names (the module docstring's list):
+    ``prepare_latents`` (init_latents; inpainting: and the noise), ``_encode_vae_image`` (inpainting: the
+    sampled latents, in order), the scheduler's ``add_noise`` (img2img: image_latents and noise), the first
+    ``randn_tensor`` draw of the pipeline's ``module`` (txt2img's noise; patched only inside ``with``), and
+    the latents after each step (pass ``on_step_end`` as ``callback_on_step_end``, or ``on_step`` as the
+    older ``callback``). ``mode``: "txt2img" | "img2img" | "inpaint". ``xl``: also SDXL's ``encode_prompt``
+    outputs and the UNet's first ``add_time_ids`` (a forward pre-hook inside ``with``). Used by the
+    ControlNet and adapter pipelines too."""
+
+    XL_ENCODED = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    XL_OUTPUTS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds",
+                  "add_time_ids")  # the goldens' order
+
+    def __init__(self, pipe, module, mode: str, *, xl: bool = False):
+        self.pipe, self.module, self.mode, self.xl = pipe, module, mode, xl
+        self.rec: dict[str, torch.Tensor] = {}
+        self.encoded: list[torch.Tensor] = []
+        self.steps: list[torch.Tensor] = []
+        prepare = pipe.prepare_latents
+
+        def prepare_latents(*a, **k):
+            out = prepare(*a, **k)
+            if mode == "inpaint":  # (latents, noise[, image_latents])
+                self.rec["init_latents"], self.rec["noise"] = out[0].clone(), out[1].clone()
+            else:
+                self.rec["init_latents"] = out.clone()
+            return out
+
+        pipe.prepare_latents = prepare_latents
+        if mode == "inpaint":  # the init image's (strength < 1) and the masked image's sampled latents, in order
+            encode_vae_image = pipe._encode_vae_image
+
+            def recording_encode(*a, **k):
+                self.encoded.append(encode_vae_image(*a, **k))
+                return self.encoded[-1]
+
+            pipe._encode_vae_image = recording_encode
+        if mode == "img2img":
+            add_noise = pipe.scheduler.add_noise
+
+            def recording_add_noise(original, noise, timesteps):
+                self.rec["image_latents"], self.rec["noise"] = original.clone(), noise.clone()
+                return add_noise(original, noise, timesteps)
+
+            pipe.scheduler.add_noise = recording_add_noise
+        if xl:
+            encode_prompt = pipe.encode_prompt
+
+            def recording_encode_prompt(*a, **k):
+                out = encode_prompt(*a, **k)
+                self.rec.update({n: t.clone() for n, t in zip(self.XL_ENCODED, out) if t is not None})
+                return out
+
+            pipe.encode_prompt = recording_encode_prompt
+
+    def on_step_end(self, _pipe, i, t, kw):
+        self.steps.append(kw["latents"].clone())
+        return kw
+
+    def on_step(self, i, t, latents):
+        self.steps.append(latents.clone())
+
+    def __enter__(self):
+        randn = self._randn = self.module.randn_tensor
+
+        def recording_randn(*a, **k):
+            out = randn(*a, **k)
+            self.rec.setdefault("noise", out.clone())
+            return out
+
+        def unet_pre_hook(_m, _args, kwargs):
+            self.rec.setdefault("add_time_ids", kwargs["added_cond_kwargs"]["time_ids"].clone())
+
+        self.module.randn_tensor = recording_randn
+        self._hook = self.pipe.unet.register_forward_pre_hook(unet_pre_hook, with_kwargs=True) if self.xl else None
+        return self
+
+    def __exit__(self, *exc):
+        self.module.randn_tensor = self._randn
+        if self._hook is not None:
+            self._hook.remove()
+
+    def outputs(self, out, *, strength=None, blend: bool = False, image: bool = True) -> dict:
+        """``denoising_outputs`` of the recorded run, SDXL's recorded conditioning, then ``image`` (the
+        pipeline's ``output_type="np"``; ``image=False`` for ``output_type="latent"``)."""
+        outputs = denoising_outputs(self.rec, self.encoded, self.steps, inpaint=self.mode == "inpaint",
+                                    strength=strength, blend=blend)
+        outputs.update({k: self.rec[k] for k in self.XL_OUTPUTS if k in self.rec})
+        if image:
+            outputs["image"] = torch.from_numpy(out.images)
+        return outputs
+
+
+def model_kwargs(model: str) -> dict:
+    """A tiny model as the goldens' op kwargs name it (architecture, configs, pad token id)."""
+    spec = MODELS[model]
+    return {"architecture": model, "text_encoder": spec["text_encoder"], "unet": spec["unet"],
+            "vae": spec["vae"], "scheduler": spec["scheduler"], "pad_token": spec["pad"][1]}
 
 
 def denoising_outputs(rec: dict, encoded: list, steps_done: list, *, inpaint: bool, strength, blend: bool) -> dict:

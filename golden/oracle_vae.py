@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from golden.registry import Capture, case, hooked, randomise_weights
+from golden.registry import Capture, case, hooked, randn, randomise_weights
 
 VAE_TINY = {
     "in_channels": 3, "out_channels": 3,
@@ -47,31 +47,49 @@ def _params(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+def _decode_case(g, dt, model, shape, traced, call: str, desc: str, kwargs: dict, *, scale: float = 1.0,
+                 name: str = "z", to_vae=None, **capture) -> Capture:
+    """A decode case: ``name`` ~ N(0, 1) of ``shape`` (times ``scale``) drawn from ``g``, decoded by ``model``
+    (after ``to_vae``, the pipeline's unscaling, if given) with ``traced`` modules hooked."""
+    z = randn(g, shape, dt, scale)
+    sample, trace = hooked(model, lambda: model.decode(z if to_vae is None else to_vae(z)).sample, traced)
+    return Capture("vae", {name: z}, {"sample": sample}, call, desc, kwargs=kwargs, params=_params(model), trace=trace,
+                   **capture)
+
+
+def _encode_case(g, dt, model, shape, traced, call: str, desc: str, kwargs: dict, *, scale: float = 1.0,
+                 to_latents=None, **capture) -> Capture:
+    """An encode case: x ~ N(0, 1) of ``shape`` (times ``scale``) and the posterior's noise drawn from ``g``;
+    outputs the posterior's mean and logvar, its sample mean + std * noise (DiagonalGaussianDistribution.sample
+    with this noise) and, with ``to_latents``, the pipeline's latents of that sample."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    x = randn(g, shape, dt, scale)
+    f = 2 ** (len(model.config.block_out_channels) - 1)
+    noise = randn(g, (shape[0], model.config.latent_channels, shape[2] // f, shape[3] // f), dt)
+    dist, trace = hooked(model, lambda: model.encode(x).latent_dist, traced)
+    assert isinstance(dist, DiagonalGaussianDistribution)
+    z = dist.mean + dist.std * noise
+    outputs = {"mean": dist.mean, "logvar": dist.logvar, "latent_sample": z}
+    if to_latents is not None:
+        outputs["latents"] = to_latents(z)
+    return Capture("vae", {"x": x, "noise": noise}, outputs, call, desc, kwargs=kwargs, params=_params(model),
+                   trace=trace, **capture)
+
+
 @case("vae", "decode_tiny", dtypes=("float32",))
 def _decode_tiny(g, dt):
-    model = _model(g, dt)
-    z = torch.randn((1, 4, 8, 8), generator=g, dtype=torch.float64).to(dt)
-    sample, trace = hooked(model, lambda: model.decode(z).sample, _traced)
-    return Capture("vae", {"z": z}, {"sample": sample}, "diffusers.AutoencoderKL(**config).decode(z).sample",
-                   "tiny AutoencoderKL (2 blocks, 8/16 channels, 1 layer per block, mid attention): decode",
-                   kwargs={"config": VAE_TINY, "mode": "decode"}, params=_params(model), trace=trace)
+    return _decode_case(g, dt, _model(g, dt), (1, 4, 8, 8), _traced, "diffusers.AutoencoderKL(**config).decode(z).sample",
+                        "tiny AutoencoderKL (2 blocks, 8/16 channels, 1 layer per block, mid attention): decode",
+                        {"config": VAE_TINY, "mode": "decode"})
 
 
 @case("vae", "encode_tiny", dtypes=("float32",))
 def _encode_tiny(g, dt):
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-    model = _model(g, dt)
-    x = torch.randn((1, 3, 16, 16), generator=g, dtype=torch.float64).to(dt)
-    noise = torch.randn((1, 4, 8, 8), generator=g, dtype=torch.float64).to(dt)
-    dist, trace = hooked(model, lambda: model.encode(x).latent_dist, _traced)
-    assert isinstance(dist, DiagonalGaussianDistribution)
-    latent = dist.mean + dist.std * noise  # DiagonalGaussianDistribution.sample with this noise
-    return Capture("vae", {"x": x, "noise": noise},
-                   {"mean": dist.mean, "logvar": dist.logvar, "latent_sample": latent},
-                   "d = diffusers.AutoencoderKL(**config).encode(x).latent_dist; (d.mean, d.logvar, d.mean + d.std * noise)",
-                   "tiny AutoencoderKL (2 blocks, 8/16 channels, 1 layer per block, mid attention): encode + posterior",
-                   kwargs={"config": VAE_TINY, "mode": "encode"}, params=_params(model), trace=trace)
+    return _encode_case(g, dt, _model(g, dt), (1, 3, 16, 16), _traced,
+                        "d = diffusers.AutoencoderKL(**config).encode(x).latent_dist; (d.mean, d.logvar, d.mean + d.std * noise)",
+                        "tiny AutoencoderKL (2 blocks, 8/16 channels, 1 layer per block, mid attention): encode + posterior",
+                        {"config": VAE_TINY, "mode": "encode"})
 
 
 # Tiled cases: diffusers' enable_tiling() on the same tiny VAE. sample_size 32 -> pixel tiles of 32,
@@ -87,36 +105,27 @@ def _decode_tiled_tiny(g, dt):
     model = _model(g, dt)
     model.enable_tiling()
     assert (model.tile_sample_min_size, model.tile_latent_min_size, model.tile_overlap_factor) == (32, 16, 0.25)
-    z = torch.randn((1, 4, 40, 24), generator=g, dtype=torch.float64).to(dt)
-    sample, trace = hooked(model, lambda: model.decode(z).sample, lambda n: n == "decoder.conv_out")
-    assert len(trace) == 8  # 4 x 2 tiles: the tiled path ran
-    return Capture("vae", {"z": z}, {"sample": sample},
-                   "m = diffusers.AutoencoderKL(**config); m.enable_tiling(); m.decode(z).sample",
-                   "tiny AutoencoderKL, tiled decode (enable_tiling: 16-latent tiles, overlap 0.25, 4x2 tiles); "
-                   "trace: each tile's decoder output before blending",
-                   kwargs={"config": VAE_TINY, "mode": "decode", "tiling": {"sample_size": None, "overlap": 0.25}},
-                   params=_params(model), trace=trace)
+    cap = _decode_case(g, dt, model, (1, 4, 40, 24), lambda n: n == "decoder.conv_out",
+                       "m = diffusers.AutoencoderKL(**config); m.enable_tiling(); m.decode(z).sample",
+                       "tiny AutoencoderKL, tiled decode (enable_tiling: 16-latent tiles, overlap 0.25, 4x2 tiles); "
+                       "trace: each tile's decoder output before blending",
+                       {"config": VAE_TINY, "mode": "decode", "tiling": {"sample_size": None, "overlap": 0.25}})
+    assert len(cap.trace) == 8  # 4 x 2 tiles: the tiled path ran
+    return cap
 
 
 @case("vae", "encode_tiled_tiny", dtypes=("float32",))
 def _encode_tiled_tiny(g, dt):
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
     model = _model(g, dt)
     model.enable_tiling()
-    x = torch.randn((1, 3, 80, 48), generator=g, dtype=torch.float64).to(dt)
-    noise = torch.randn((1, 4, 40, 24), generator=g, dtype=torch.float64).to(dt)
-    dist, trace = hooked(model, lambda: model.encode(x).latent_dist, lambda n: n == "quant_conv")
-    assert isinstance(dist, DiagonalGaussianDistribution) and len(trace) == 8
-    latent = dist.mean + dist.std * noise
-    return Capture("vae", {"x": x, "noise": noise},
-                   {"mean": dist.mean, "logvar": dist.logvar, "latent_sample": latent},
-                   "m = diffusers.AutoencoderKL(**config); m.enable_tiling(); d = m.encode(x).latent_dist; "
-                   "(d.mean, d.logvar, d.mean + d.std * noise)",
-                   "tiny AutoencoderKL, tiled encode (enable_tiling: 32-pixel tiles, overlap 0.25, 4x2 tiles) + "
-                   "posterior; trace: each tile's moments before blending",
-                   kwargs={"config": VAE_TINY, "mode": "encode", "tiling": {"sample_size": None, "overlap": 0.25}},
-                   params=_params(model), trace=trace)
+    cap = _encode_case(g, dt, model, (1, 3, 80, 48), lambda n: n == "quant_conv",
+                       "m = diffusers.AutoencoderKL(**config); m.enable_tiling(); d = m.encode(x).latent_dist; "
+                       "(d.mean, d.logvar, d.mean + d.std * noise)",
+                       "tiny AutoencoderKL, tiled encode (enable_tiling: 32-pixel tiles, overlap 0.25, 4x2 tiles) + "
+                       "posterior; trace: each tile's moments before blending",
+                       {"config": VAE_TINY, "mode": "encode", "tiling": {"sample_size": None, "overlap": 0.25}})
+    assert len(cap.trace) == 8
+    return cap
 
 
 # Porting cases (trace depth 2): the input and conv_in's bias scaled by 1e-2, so the first
@@ -139,12 +148,10 @@ def _decode_porting_tiny(g, dt):
     model = _model(g, dt)
     with torch.no_grad():
         model.decoder.conv_in.bias.mul_(1e-2)
-    z = torch.randn((1, 4, 8, 8), generator=g, dtype=torch.float64).to(dt) * 1e-2
-    sample, trace = hooked(model, lambda: model.decode(z).sample, _traced_fine)
-    return Capture("vae", {"z": z}, {"sample": sample}, "diffusers.AutoencoderKL(**config).decode(z).sample",
-                   "porting case: tiny AutoencoderKL decode, z and decoder.conv_in bias scaled by 1e-2 (GroupNorm "
-                   "eps visible), every submodule traced (depth 2)",
-                   kwargs={"config": VAE_TINY, "mode": "decode"}, params=_params(model), trace=trace, trace_depth=2)
+    return _decode_case(g, dt, model, (1, 4, 8, 8), _traced_fine, "diffusers.AutoencoderKL(**config).decode(z).sample",
+                        "porting case: tiny AutoencoderKL decode, z and decoder.conv_in bias scaled by 1e-2 (GroupNorm "
+                        "eps visible), every submodule traced (depth 2)",
+                        {"config": VAE_TINY, "mode": "decode"}, scale=1e-2, trace_depth=2)
 
 
 @case("vae", "encode_porting_tiny", dtypes=("float32",))
@@ -152,16 +159,11 @@ def _encode_porting_tiny(g, dt):
     model = _model(g, dt)
     with torch.no_grad():
         model.encoder.conv_in.bias.mul_(1e-2)
-    x = torch.randn((1, 3, 16, 16), generator=g, dtype=torch.float64).to(dt) * 1e-2
-    noise = torch.randn((1, 4, 8, 8), generator=g, dtype=torch.float64).to(dt)
-    dist, trace = hooked(model, lambda: model.encode(x).latent_dist, _traced_fine)
-    latent = dist.mean + dist.std * noise
-    return Capture("vae", {"x": x, "noise": noise},
-                   {"mean": dist.mean, "logvar": dist.logvar, "latent_sample": latent},
-                   "d = diffusers.AutoencoderKL(**config).encode(x).latent_dist; (d.mean, d.logvar, d.mean + d.std * noise)",
-                   "porting case: tiny AutoencoderKL encode + posterior, x and encoder.conv_in bias scaled by 1e-2 "
-                   "(GroupNorm eps visible), every submodule traced (depth 2)",
-                   kwargs={"config": VAE_TINY, "mode": "encode"}, params=_params(model), trace=trace, trace_depth=2)
+    return _encode_case(g, dt, model, (1, 3, 16, 16), _traced_fine,
+                        "d = diffusers.AutoencoderKL(**config).encode(x).latent_dist; (d.mean, d.logvar, d.mean + d.std * noise)",
+                        "porting case: tiny AutoencoderKL encode + posterior, x and encoder.conv_in bias scaled by 1e-2 "
+                        "(GroupNorm eps visible), every submodule traced (depth 2)",
+                        {"config": VAE_TINY, "mode": "encode"}, scale=1e-2, trace_depth=2)
 
 
 # 16-channel VAEs (SD3 / SD3.5, Flux): latent_channels 16, no quant_conv / post_quant_conv, and the
@@ -190,36 +192,27 @@ def _decode16(family):
     def fn(g, dt):
         config = VAE16[family]
         model = _model16(g, dt, config)
-        latents = torch.randn((1, 16, 8, 8), generator=g, dtype=torch.float64).to(dt)
         scale, shift = model.config.scaling_factor, model.config.shift_factor
-        sample, trace = hooked(model, lambda: model.decode(latents / scale + shift).sample, _traced)
-        return Capture("vae", {"latents": latents}, {"sample": sample},
-                       "m = diffusers.AutoencoderKL(**config); m.decode(latents / scaling_factor + shift_factor).sample",
-                       f"tiny 16-channel AutoencoderKL ({family} latent scaling, no quant convs): the pipeline's "
-                       "unscale + shift, then decode",
-                       kwargs={"config": config, "mode": "decode_latents"}, params=_params(model), trace=trace)
+        return _decode_case(g, dt, model, (1, 16, 8, 8), _traced,
+                            "m = diffusers.AutoencoderKL(**config); m.decode(latents / scaling_factor + shift_factor).sample",
+                            f"tiny 16-channel AutoencoderKL ({family} latent scaling, no quant convs): the pipeline's "
+                            "unscale + shift, then decode",
+                            {"config": config, "mode": "decode_latents"}, name="latents",
+                            to_vae=lambda latents: latents / scale + shift)
     return fn
 
 
 def _encode16(family):
     def fn(g, dt):
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
         config = VAE16[family]
         model = _model16(g, dt, config)
-        x = torch.randn((1, 3, 16, 16), generator=g, dtype=torch.float64).to(dt)
-        noise = torch.randn((1, 16, 8, 8), generator=g, dtype=torch.float64).to(dt)
-        dist, trace = hooked(model, lambda: model.encode(x).latent_dist, _traced)
-        assert isinstance(dist, DiagonalGaussianDistribution)
-        z = dist.mean + dist.std * noise
-        latents = (z - model.config.shift_factor) * model.config.scaling_factor
-        return Capture("vae", {"x": x, "noise": noise},
-                       {"mean": dist.mean, "logvar": dist.logvar, "latent_sample": z, "latents": latents},
-                       "d = diffusers.AutoencoderKL(**config).encode(x).latent_dist; z = d.mean + d.std * noise; "
-                       "(d.mean, d.logvar, z, (z - shift_factor) * scaling_factor)",
-                       f"tiny 16-channel AutoencoderKL ({family} latent scaling, no quant convs): encode, posterior "
-                       "sample, the pipeline's shift + scale",
-                       kwargs={"config": config, "mode": "encode_latents"}, params=_params(model), trace=trace)
+        scale, shift = model.config.scaling_factor, model.config.shift_factor
+        return _encode_case(g, dt, model, (1, 3, 16, 16), _traced,
+                            "d = diffusers.AutoencoderKL(**config).encode(x).latent_dist; z = d.mean + d.std * noise; "
+                            "(d.mean, d.logvar, z, (z - shift_factor) * scaling_factor)",
+                            f"tiny 16-channel AutoencoderKL ({family} latent scaling, no quant convs): encode, posterior "
+                            "sample, the pipeline's shift + scale",
+                            {"config": config, "mode": "encode_latents"}, to_latents=lambda z: (z - shift) * scale)
     return fn
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 
 import numpy as np
 import pytest
@@ -687,27 +686,6 @@ def test_nan_latents_name_the_step():
                        architecture="sd1", pad_token=49407)
     with pytest.raises(RefsdError, match="NaN/Inf after step 1 of 2"):
         txt2img(model, "a cat", width=64, height=64, steps=2)
-
-
-def test_params_from_check_catches_altered_weights(tmp_path):
-    """A case that borrows its weights (params_from) fails `golden.capture --check` when the file holding
-    them is altered, even though its own file is intact."""
-    import shutil
-    import subprocess
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    dst = tmp_path / "golden"
-    shutil.copytree(root / "golden", dst, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
-    owner = dst / json.loads((dst / "MANIFEST.json").read_text())["cases"][SD1]["path"]
-    data = bytearray(owner.read_bytes())
-    data[-1] ^= 0x01  # the last tensor by name: a param/vae.* weight
-    owner.write_bytes(bytes(data))
-    r = subprocess.run([sys.executable, "-m", "golden.capture", "--check", "--root", str(dst), "--only",
-                        "pipeline/txt2img_sd1_ddim_cfg1"], check=False, cwd=root, capture_output=True, text=True, timeout=300,
-                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 1, r.stdout + r.stderr
-    assert f"(stored in {SD1}) differs from a fresh seeded draw" in r.stdout
 
 
 # --------------------------------------------------------------------------------------------
