@@ -83,7 +83,8 @@ def test_png_records_offload_and_from_png_does_not_repeat_it(tmp_path):
         png.settings(png.parse_parameters(text.replace("refsd offload: True", "refsd offload: yes")))
 
     made = tmp_path / "made.png"
-    png.write_png(made, np.zeros((64, 64, 3), np.uint8), text.replace("refsd backend: torch:cuda", "refsd backend: numpy"))
+    on_numpy = text.replace("refsd backend: torch:cuda", "refsd backend: numpy")
+    png.write_png(made, np.zeros((64, 64, 3), np.uint8), on_numpy)
     job = generate_job(build_parser().parse_args(["generate", "--demo", "--from-png", str(made), "--out",
                                                   str(tmp_path / "again.png")]))
     assert job.offload is False and job.settings["offload"] is False and job.settings["dtype"] == "float16"
