@@ -54,7 +54,7 @@ HALF_REL_TARGET = {"float16": 3e-3, "bfloat16": 3e-2}  # measured worst: 1.55e-3
 # from the measurement in docs/precision.md.
 HALF_COMPUTE_REL_TARGET = {"float16": 5e-3, "bfloat16": 4e-2}  # measured (clip_l): 2.28e-3, 1.81e-2
 # The cases measured with half weights (docs/precision.md's table; the slow tier runs them at their bars).
-HALF_CASES = ("clip_l", "openclip_bigg", "vae_decoder_sd", "unet_sd15")
+HALF_CASES = ("clip_l", "openclip_bigg", "vae_decoder_sd", "unet_sd15", "controlnet_sd15")
 HALF_COMPUTE_CASES = ("clip_l",)
 
 
@@ -407,6 +407,7 @@ def run_one(name: str, backends=BACKENDS) -> list[Row]:
         ref = {k: v.detach().numpy() for k, v in oracle().items()}
         oracle_s, oracle_peak = time.perf_counter() - t0, _peak_bytes()
     rows = []
+    inputs = {n: c.cell_contents for n, c in zip(oracle.__code__.co_freevars, oracle.__closure__ or ())}
     # the oracle's own half run casts the model in place: after every refsd row, which shares its tensors
     for backend in sorted(backends, key=lambda b: b.startswith("oracle")):
         name_, weights = split_backend(backend)
@@ -414,7 +415,7 @@ def run_one(name: str, backends=BACKENDS) -> list[Row]:
         t0 = time.perf_counter()
         with torch.no_grad():
             if name_ == "oracle":
-                out = _oracle_half(model, oracle, weights)
+                out = _oracle_half(model, oracle, weights, state, inputs)
             else:
                 out = _refsd(refsd, state, name_, weights, keep=_float32_inputs(oracle))
         seconds, peak = time.perf_counter() - t0, _peak_bytes()
@@ -459,22 +460,23 @@ def _refsd(refsd, state, backend: str, weights: str | None, keep: set[int] = fro
     return {k: rxp.to_numpy(v) for k, v in refsd(params, put).items()}
 
 
-def _oracle_half(model, oracle, weights: str) -> dict:
+def _oracle_half(model, oracle, weights: str, state: dict, inputs: dict) -> dict:
     """The oracle run in ``weights`` (a half dtype) throughout: the model cast in place, and the floating inputs
-    its ``oracle`` closure captured (tensors, or dicts of them) cast as a half-precision pipeline passes them."""
+    its ``oracle`` closure captured (tensors, or dicts of them) cast as a half-precision pipeline passes them.
+    Both are rounded once, from the float32 originals (``state``: the model's float32 tensors, which ``.to``
+    leaves alive; ``inputs``: the closure's variables as they were), whatever ran before."""
     dtype = getattr(torch, weights)
     model.to(dtype)
+    model.load_state_dict(state)  # copy_ rounds the float32 originals, not an earlier half cast of them
 
     def cast(v):
         if isinstance(v, torch.Tensor) and v.is_floating_point():
             return v.to(dtype)
-        if isinstance(v, dict):
-            v.update({k: cast(x) for k, x in v.items()})
-        return v
+        return {k: cast(x) for k, x in v.items()} if isinstance(v, dict) else v
 
     for name, cell in zip(oracle.__code__.co_freevars, oracle.__closure__ or ()):
         if name not in FLOAT32_INPUTS:
-            cell.cell_contents = cast(cell.cell_contents)
+            cell.cell_contents = cast(inputs[name])
     return {k: v.float().numpy() for k, v in oracle().items()}
 
 
