@@ -177,3 +177,24 @@ def test_cli_dtype_is_recorded_and_rerun_from_png(tmp_path):
     np.testing.assert_array_equal(pixels[1], pixels[0])
     assert np.abs(pixels[2] - pixels[0]).max() > 0
     assert png.read_parameters(f32)["refsd dtype"] == "float32"
+
+
+@pytest.mark.parametrize("half", list(HALVES))
+def test_attention_on_half_inputs_runs_in_float32(half):
+    """On torch's half compute, attention upcasts as the reference's SDPA accumulates (float32, softmax
+    included): the result is float32 attention of the half inputs, rounded once to the half dtype, and
+    within an ulp or so of torch's own half-precision SDPA (measured: 9.8e-4 float16, 7.8e-3 bfloat16
+    at |out| < 2, where the half-dtype softmax was twice that)."""
+    import torch
+
+    from refsd.attention import attention
+
+    g = torch.Generator().manual_seed(0)
+    dt = getattr(torch, half)
+    q, k, v = (torch.randn(1, 2, 77, 64, generator=g).to(dt) for _ in range(3))
+    got = attention(q, k, v, causal=True)
+    assert got.dtype == dt
+    assert torch.equal(got, attention(q.float(), k.float(), v.float(), causal=True).to(dt))
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).float()
+    eps = torch.finfo(dt).eps
+    assert (got.float() - sdpa).abs().max() <= 2 * eps * sdpa.abs().max()
