@@ -12,6 +12,10 @@ without a copy (``tensor.numpy()`` for the NumPy backend, the tensors themselves
 whole case costs one set of weights in memory. This is the one golden module that imports refsd: it
 compares, it never produces a golden.
 
+Backends: a refsd backend name ("numpy", "torch:cpu"), or with "@float16" / "@bfloat16" that dtype under
+refsd.xp.precision's policy (NumPy: half weights, float32 compute; torch: true half compute), or
+"oracle@float16" / "oracle@bfloat16": the oracle itself cast to that dtype, for scale.
+
 Target (issue #3): max |refsd - oracle| <= 1e-4 x max |oracle| on every output, float32. Each case runs
 in a fresh subprocess so its peak memory is its own; peaks are per phase (Linux VmHWM, reset between
 phases through /proc/self/clear_refs) and include the weights.
@@ -43,6 +47,15 @@ BACKENDS = ("numpy", "torch:cpu")
 # docs/precision.md (worst case over every full-size case, with margin); REL_TARGET stays the float32 bar.
 HALF_WEIGHTS = ("float16", "bfloat16")
 HALF_REL_TARGET = {"float16": 3e-3, "bfloat16": 3e-2}  # measured worst: 1.55e-3, 1.23e-2 (unet_sd15)
+# True half compute (torch: weights, activations and arithmetic in the half dtype, refsd.xp.precision's policy
+# for torch and cupy): "torch:cpu@float16" runs refsd that way, with every floating input cast to the half
+# dtype as a half-precision pipeline passes it; "oracle@float16" runs the oracle itself cast to the half dtype
+# (diffusers / transformers ``model.to(dtype)``) for scale. Both against the float32 oracle: their own bar,
+# from the measurement in docs/precision.md.
+HALF_COMPUTE_REL_TARGET = {"float16": 5e-3, "bfloat16": 4e-2}  # measured (clip_l): 2.69e-3, 1.70e-2
+# The cases measured with half weights (docs/precision.md's table; the slow tier runs them at their bars).
+HALF_CASES = ("clip_l", "openclip_bigg", "vae_decoder_sd", "unet_sd15", "controlnet_sd15", "sd35_large_2")
+HALF_COMPUTE_CASES = ("clip_l",)
 
 
 def split_backend(backend: str) -> tuple[str, str | None]:
@@ -53,8 +66,10 @@ def split_backend(backend: str) -> tuple[str, str | None]:
 
 def rel_target(backend: str) -> float:
     """The bar a row of ``backend`` must meet: REL_TARGET, or the half-weights bar of its dtype."""
-    weights = split_backend(backend)[1]
-    return REL_TARGET if weights is None else HALF_REL_TARGET[weights]
+    name, weights = split_backend(backend)
+    if weights is None:
+        return REL_TARGET
+    return HALF_REL_TARGET[weights] if name.startswith(("numpy", "array-api")) else HALF_COMPUTE_REL_TARGET[weights]
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,10 +395,8 @@ class Row:
 
 
 def run_one(name: str, backends=BACKENDS) -> list[Row]:
-    """One case in this process: oracle forward, then refsd on each backend with zero-copy weights."""
-    from refsd import xp as rxp
-    from refsd.weights.params import Params
-
+    """One case in this process: oracle forward, then refsd on each backend with zero-copy weights (then the
+    oracle's own half-precision runs, "oracle@<half>", if asked)."""
     torch.manual_seed(0)  # nothing should draw from it; a fixed state anyway
     model, oracle, refsd, what = CASES[name]()
     state = model.state_dict()  # views of the model's own storage
@@ -394,25 +407,77 @@ def run_one(name: str, backends=BACKENDS) -> list[Row]:
         ref = {k: v.detach().numpy() for k, v in oracle().items()}
         oracle_s, oracle_peak = time.perf_counter() - t0, _peak_bytes()
     rows = []
-    for backend in backends:
+    inputs = {n: c.cell_contents for n, c in zip(oracle.__code__.co_freevars, oracle.__closure__ or ())}
+    # the oracle's own half run casts the model in place: after every refsd row, which shares its tensors
+    for backend in sorted(backends, key=lambda b: b.startswith("oracle")):
         name_, weights = split_backend(backend)
-        xp, dev = rxp.backend(name_)
-        if name_.startswith("torch"):
-            params = Params(dict(state), xp=xp, device=dev)  # the oracle's tensors themselves
-        else:  # weights: None, or kept in half precision and upcast per read (--dtype on NumPy)
-            params = Params({k: v.numpy() for k, v in state.items()}, xp=xp, device=dev, dtype=weights,
-                            compute=weights and "float32")
-        put = lambda a, xp=xp, dev=dev: rxp.asarray(a.numpy(), xp=xp, device=dev)  # noqa: E731
         _reset_peak()
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = {k: rxp.to_numpy(v) for k, v in refsd(params, put).items()}
+            if name_ == "oracle":
+                out = _oracle_half(model, oracle, weights, state, inputs)
+            else:
+                out = _refsd(refsd, state, name_, weights, keep=_float32_inputs(oracle))
         seconds, peak = time.perf_counter() - t0, _peak_bytes()
         errors = {k: (float(np.max(np.abs(out[k].astype(np.float64) - ref[k]))), float(np.max(np.abs(ref[k]))))
                   for k in ref}
         rows.append(Row(name, what, n_params, backend, seconds, oracle_s, peak, oracle_peak, errors))
-        del params, out
+        del out
     return rows
+
+
+# Inputs a half-precision pipeline passes in float32 whatever the model's dtype: the scheduler's timesteps
+# (diffusers pipeline_stable_diffusion(_xl) / pipeline_stable_diffusion_3 call the model with ``t`` as the
+# scheduler holds it) and Flux's guidance (pipeline_flux.py: torch.full(..., dtype=torch.float32)). The
+# oracle closures' variable names.
+FLOAT32_INPUTS = ("t", "guidance")
+
+
+def _float32_inputs(oracle) -> set[int]:
+    """ids of the tensors the ``oracle`` closure holds under FLOAT32_INPUTS' names (refsd gets the same ones)."""
+    cells = zip(oracle.__code__.co_freevars, oracle.__closure__ or ())
+    return {id(c.cell_contents) for n, c in cells if n in FLOAT32_INPUTS}
+
+
+def _refsd(refsd, state, backend: str, weights: str | None, keep: set[int] = frozenset()) -> dict:
+    """refsd's outputs (as NumPy) on ``backend`` with the oracle's weights under ``refsd.xp.precision``'s policy
+    for ``weights`` (None: float32, the oracle's tensors themselves on torch, zero-copy on NumPy)."""
+    from refsd import xp as rxp
+    from refsd.weights.params import Params
+
+    xp, dev = rxp.backend(backend)
+    prec = rxp.precision(xp, weights or "float32", device=dev)
+    torch_side = backend.startswith("torch")
+    tensors = dict(state) if torch_side else {k: v.numpy() for k, v in state.items()}
+    params = Params(tensors, xp=xp, device=dev, dtype=weights, compute=weights and prec.compute)
+    compute = rxp.resolve_dtype(xp, prec.compute)
+
+    def put(a):
+        v = rxp.asarray(a.numpy(), xp=xp, device=dev)
+        half = a.is_floating_point() and id(a) not in keep and weights and prec.compute != "float32"
+        return xp.astype(v, compute) if half else v
+
+    return {k: rxp.to_numpy(v) for k, v in refsd(params, put).items()}
+
+
+def _oracle_half(model, oracle, weights: str, state: dict, inputs: dict) -> dict:
+    """The oracle run in ``weights`` (a half dtype) throughout: the model cast in place, and the floating inputs
+    its ``oracle`` closure captured (tensors, or dicts of them) cast as a half-precision pipeline passes them.
+    Both are rounded once, from the float32 originals (``state``: the model's float32 tensors, which ``.to``
+    leaves alive; ``inputs``: the closure's variables as they were), whatever ran before."""
+    dtype = getattr(torch, weights)
+    model.to(dtype)
+    model.load_state_dict(state)  # copy_ rounds the float32 originals, not an earlier half cast of them
+
+    def cast(v):
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.to(dtype)
+        return {k: cast(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+    for name, cell in zip(oracle.__code__.co_freevars, oracle.__closure__ or ()):
+        if name not in FLOAT32_INPUTS:
+            cell.cell_contents = cast(inputs[name])
+    return {k: v.float().numpy() for k, v in oracle().items()}
 
 
 def run(names, backends=BACKENDS) -> list[Row]:

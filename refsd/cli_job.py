@@ -53,7 +53,7 @@ MICRO_FLAGS = {
 class GenerateJob:
     """Everything ``refsd generate`` will do, resolved and checked, before anything heavy runs."""
 
-    settings: dict  # GENERATE_DEFAULTS' keys, final values (the PNG records them)
+    settings: dict  # GENERATE_DEFAULTS' keys and offload (the flag), final values (the PNG records them)
     model: Path | None  # None: the demo model
     init_image: np.ndarray | None  # uint8 (H, W, 3)
     mask: np.ndarray | None  # float32 (H, W) in [0, 1], 1 = repaint (refsd.pipelines.masks.load_mask)
@@ -129,6 +129,10 @@ def generate_job(args) -> GenerateJob:
         _choice("prediction type", s["prediction"], PREDICTIONS)
     xp, dev = rxp.backend(s["backend"])  # an unknown or unavailable backend fails here, before loading
     offload = bool(getattr(args, "offload", False))
+    if s.get("offload") and not offload:  # the PNG's record (refsd.pipelines.png): placement, not pixels
+        notes.append(f"note: {args.from_png} was made with --offload, which leaves the pixels as they are: "
+                     f"not repeated (pass --offload to use it)")
+    s["offload"] = offload  # recorded in the PNG
     if offload:
         try:
             rxp.precision(xp, s["dtype"], offload=True, device=dev)

@@ -25,7 +25,7 @@ def test_fullsize(name):
 
 
 # The cases whose half-weights error is measured in docs/precision.md (HALF_REL_TARGET is set from them).
-HALF_CASES = ("clip_l", "vae_decoder_sd", "unet_sd15")
+HALF_CASES = fullsize.HALF_CASES
 
 
 @pytest.mark.parametrize("name", HALF_CASES)
@@ -37,3 +37,19 @@ def test_fullsize_half_weights(name):
     for r in rows:
         print(f"\n{r.case} {r.backend}: worst rel {r.worst_rel:.2e} (bar {fullsize.rel_target(r.backend):.0e})")
         assert r.worst_rel <= fullsize.rel_target(r.backend), (r.backend, r.errors)
+
+
+@pytest.mark.parametrize("name", fullsize.HALF_COMPUTE_CASES)
+def test_fullsize_half_compute_torch(name):
+    """True half compute on torch (``--dtype float16|bfloat16``: weights, activations and arithmetic in the half
+    dtype) against the float32 oracle, at HALF_COMPUTE_REL_TARGET; and no worse than twice the oracle's own
+    error in the same dtype (the model cast with ``.to(dtype)``), the scale a half-precision run has anyway."""
+    backends = tuple(f"{b}@{h}" for h in fullsize.HALF_WEIGHTS for b in ("torch:cpu", "oracle"))
+    rows = {r.backend: r for r in fullsize.run([name], backends)}
+    assert set(rows) == set(backends)
+    for h in fullsize.HALF_WEIGHTS:
+        ours, theirs = rows[f"torch:cpu@{h}"], rows[f"oracle@{h}"]
+        print(f"\n{name} {h}: refsd torch {ours.worst_rel:.2e}, oracle's own {theirs.worst_rel:.2e} "
+              f"(bar {fullsize.rel_target(ours.backend):.0e})")
+        assert ours.worst_rel <= fullsize.rel_target(ours.backend), (h, ours.errors)
+        assert ours.worst_rel <= 2 * theirs.worst_rel, (h, ours.errors, theirs.errors)

@@ -60,3 +60,33 @@ def test_cli_offload_on_a_cpu_backend_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2 and not out.exists()
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--offload" in lines[0] and "needs a device backend" in lines[0], proc.stderr
+
+
+def test_png_records_offload_and_from_png_does_not_repeat_it(tmp_path):
+    """--offload is written to the PNG as provenance ("refsd offload: True"; absent otherwise) and read back
+    as ``offload``; a --from-png re-run leaves it off unless --offload is given (placement, not pixels: the
+    offloaded UNet's output is identical above), with a note saying so."""
+    from refsd.cli import build_parser
+    from refsd.cli_job import generate_job
+    from refsd.errors import RefsdError
+    from refsd.pipelines import png
+
+    s = {"prompt": "a cat", "negative_prompt": None, "steps": 2, "cfg": 7.5, "sampler": "euler",
+         "scheduler": "normal", "seed": 1, "rng": "torch-cpu", "width": 64, "height": 64, "batch": 1,
+         "parity": "diffusers", "backend": "torch:cuda", "dtype": "float16", "attention": "sliced"}
+    text = png.infotext({**s, "offload": True}, seed=1)
+    assert "refsd offload: True" in text and "refsd offload" not in png.infotext({**s, "offload": False}, seed=1)
+    back = png.settings(png.parse_parameters(text))
+    assert back["offload"] is True and back["dtype"] == "float16"
+    assert "offload" not in png.settings(png.parse_parameters(png.infotext(s, seed=1)))
+    with pytest.raises(RefsdError, match="refsd offload 'yes' is not True"):
+        png.settings(png.parse_parameters(text.replace("refsd offload: True", "refsd offload: yes")))
+
+    made = tmp_path / "made.png"
+    on_numpy = text.replace("refsd backend: torch:cuda", "refsd backend: numpy")
+    png.write_png(made, np.zeros((64, 64, 3), np.uint8), on_numpy)
+    job = generate_job(build_parser().parse_args(["generate", "--demo", "--from-png", str(made), "--out",
+                                                  str(tmp_path / "again.png")]))
+    assert job.offload is False and job.settings["offload"] is False and job.settings["dtype"] == "float16"
+    assert any("made with --offload" in n and "not repeated" in n for n in job.notes), job.notes
+    assert "refsd offload" not in png.infotext(job.settings, seed=1)

@@ -26,7 +26,11 @@ prefixed ``refsd `` so no other tool mistakes them for its settings (A1111 keeps
 ignores them): ``refsd sampler`` / ``refsd scheduler`` (the ComfyUI names refsd uses; the A1111
 "Sampler" / "Schedule type" are display names from ``A1111_SAMPLERS`` / ``A1111_SCHEDULERS``, or the
 refsd name where A1111 has no equivalent), ``refsd rng``, ``refsd parity``, ``refsd backend``,
-``refsd dtype``, ``refsd attention``, ``refsd prediction`` (when forced), ``refsd batch`` ("i/B",
+``refsd dtype`` (the weights' dtype: it changes the pixels, so --from-png re-runs with it),
+``refsd offload`` (True when the weights were offloaded, else absent: a placement choice that leaves the
+pixels as they are, like A1111's --medvram / --lowvram, which are command-line options its infotext never
+records; read back as ``offload`` for the record, and --from-png does not repeat it, as with ``refsd
+backend``), ``refsd attention``, ``refsd prediction`` (when forced), ``refsd batch`` ("i/B",
 1-based, for an image of a batch of B > 1) with ``refsd seed`` (the seed the batch was generated
 from; Seed is this image's own seed), ``refsd version``.
 
@@ -443,7 +447,7 @@ def infotext(s: Mapping[str, Any], *, seed: int | None = None, index: int = 0, b
              extra: Mapping[str, Any] | None = None) -> str:
     """The infotext for image ``index`` of a batch generated with settings ``s``: the keys of
     ``refsd generate`` (prompt, negative_prompt (None: not given), steps, cfg, sampler, scheduler,
-    seed, rng, width, height, batch, clip_skip, strength, parity, backend, dtype, attention,
+    seed, rng, width, height, batch, clip_skip, strength, parity, backend, dtype, offload, attention,
     prediction; SDXL: refiner_switch and the ``MICRO_KEYS`` fields, sizes (width, height), crops
     (top, left)), or a pipeline result's ``info`` as it comes (``GenerationResult.info``: it names
     the model, refiner and their hashes when known, and refsd's version is added).
@@ -484,6 +488,7 @@ def infotext(s: Mapping[str, Any], *, seed: int | None = None, index: int = 0, b
         "refsd parity": s["parity"],
         "refsd backend": s.get("backend"),
         "refsd dtype": s.get("dtype"),
+        "refsd offload": "True" if s.get("offload") else None,
         "refsd attention": s.get("attention"),
         "refsd prediction": s.get("prediction"),
         **{key: _micro_text(kind, s[k]) for k, (key, kind) in MICRO_KEYS.items() if s.get(k) is not None},
@@ -656,6 +661,10 @@ def settings(params: Mapping[str, str], *, what: str = "parameters") -> dict[str
     for key in ("dtype", "attention", "prediction"):
         if f"refsd {key}" in params:
             out[key] = params[f"refsd {key}"]
+    if "refsd offload" in params:  # provenance: a placement choice, the caller decides whether to repeat it
+        if params["refsd offload"] != "True":
+            raise RefsdError(f"{what}: refsd offload {params['refsd offload']!r} is not True")
+        out["offload"] = True
     if "Refiner" in params:
         out["refiner"] = params["Refiner"]
         if "Refiner switch at" in params:
