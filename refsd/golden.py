@@ -501,6 +501,46 @@ def _run_pipeline(init_image=None, mask=None, control_image_0=None, control_imag
     return pipeline_outputs(res, steps_done, mode=mode)
 
 
+def _run_dit_pipeline(init_image=None, *, params, model: dict, mode: str, prompt: str, negative_prompt: str | None,
+                      steps: int, cfg: float, seed: int, batch_size: int, parity: str, width: int, height: int,
+                      max_sequence_length: int | None = None, strength: float | None = None,
+                      attention: str = "sliced"):
+    """Golden adapter for SD3 / Flux pipeline cases (op "dit_pipeline"; golden/oracle_dit_pipelines.py):
+    refsd.pipelines.dit's txt2img / img2img on a tiny DiTModel (make_dit_model over ``param/<component>.<key>``
+    and the configs in ``model``; the T5 tokenizer from the SentencePiece model of the case
+    ``model["t5_tokenizer_case"]``). Outputs as the SD pipeline goldens' (``pipeline_outputs``)."""
+    import tempfile
+    from pathlib import Path
+
+    from refsd.pipelines import make_dit_model
+    from refsd.pipelines.dit import dit_img2img, dit_txt2img
+    from refsd.pipelines.dit_model import DIT_ARCHITECTURES, TEXT_ENCODERS
+    from refsd.text.t5_tokenizer import T5Tokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        spiece = load_case(model["t5_tokenizer_case"]).group("in")["spiece_model"]
+        (Path(d) / "spiece.model").write_bytes(np.asarray(spiece, dtype=np.uint8).tobytes())
+        t5 = T5Tokenizer.from_folder(d)
+    family = DIT_ARCHITECTURES[model["architecture"]]
+    comps = ["transformer", "vae", *(c for c, _, _ in TEXT_ENCODERS[family] if c in model)]
+    tokenizers = {tok: t5 for c, tok, kind in TEXT_ENCODERS[family] if kind == "t5"}
+    m = make_dit_model({c: params.sub(c) for c in comps}, {c: model[c] for c in comps},
+                       architecture=model["architecture"], tokenizers=tokenizers, scheduler_config=model["scheduler"],
+                       attention=attention, name=f"tiny-{model['architecture']}")
+    steps_done = {}
+    common = dict(steps=steps, cfg=cfg, seed=seed, batch_size=batch_size, parity=parity,
+                  max_sequence_length=max_sequence_length,
+                  callback=lambda i, total, latents: steps_done.__setitem__(i, latents))
+    if mode == "txt2img":
+        res = dit_txt2img(m, prompt, negative_prompt, width=width, height=height, **common)
+    elif mode == "img2img":
+        res = dit_img2img(m, rxp.to_numpy(init_image), prompt, negative_prompt, strength=strength, width=width,
+                          height=height, **common)
+    else:
+        raise GoldenError(f"dit pipeline golden: unknown mode {mode!r}")
+    return pipeline_outputs(res, steps_done, mode=mode)
+
+
 def _golden_controls(params, controlnets: list, images, model) -> list:
     """The pipeline goldens' ControlNets as refsd.pipelines.control.ControlUnits (weights from the case)."""
     from pathlib import Path
@@ -622,6 +662,7 @@ OPS = {
     "clip_vision": _run_clip_vision,
     "clip_image_processor": _run_clip_image_processor,
     "pipeline": _run_pipeline,
+    "dit_pipeline": _run_dit_pipeline,
     "prompt_embeds": _run_prompt_embeds,
     "lora": _run_lora,
     "lora_pipeline": _run_lora_pipeline,

@@ -18,6 +18,7 @@ points ``text_to_image`` (txt2img), ``image_to_image`` (img2img), ``inpainting``
 """
 
 from refsd.pipelines.core import GenerationResult, MicroConditioning
+from refsd.pipelines.dit_model import DiTModel, make_dit_model
 from refsd.pipelines.facts import ModelFacts, inspect_model
 from refsd.pipelines.image_to_image import img2img
 from refsd.pipelines.inpainting import inpaint
@@ -27,6 +28,7 @@ from refsd.pipelines.text_to_image import txt2img
 
 __all__ = [
            "DIFFUSERS_SAMPLERS",
+           "DiTModel",
            "DIFFUSERS_SCHEDULERS",
            "PARITIES",
            "GenerationResult",
@@ -39,6 +41,7 @@ __all__ = [
            "inpaint",
            "inspect_model",
            "load_model",
+           "make_dit_model",
            "make_model",
            "txt2img",
 ]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from refsd import xp as rxp
 from refsd.pipelines import control as _control
+from refsd.pipelines import dit as _dit
 from refsd.pipelines.core import (
     Callback,
     GenerationResult,
@@ -38,10 +39,11 @@ from refsd.pipelines.core import (
     tail,
     to_profile,
 )
+from refsd.pipelines.dit_model import DiTModel
 from refsd.pipelines.model import Model
 
 
-def img2img(model: Model, init_image, prompt: str, negative_prompt: str | None = None, *, strength: float = 0.75,
+def img2img(model: Model | DiTModel, init_image, prompt: str, negative_prompt: str | None = None, *, strength: float = 0.75,
             width: int | None = None, height: int | None = None, steps: int = 20, cfg: float = 7.5,
             sampler: str = "euler", scheduler: str = "normal", seed: int = 0, rng: str = "torch-cpu",
             batch_size: int = 1, clip_skip: int | None = None, parity: str = "diffusers", micro=None,
@@ -58,6 +60,13 @@ def img2img(model: Model, init_image, prompt: str, negative_prompt: str | None =
     round(steps * denoising_start), add_noise disabled). ``micro``: SDXL micro-conditioning (as
     txt2img). ``controls`` / ``guess_mode``: ControlNets as txt2img's, their images resized to the init
     image's size. Other arguments as ``txt2img``."""
+    if isinstance(model, DiTModel):  # SD3 / SD3.5 / Flux: refsd.pipelines.dit
+        _dit.refuse_options(model, micro=micro, denoising_start=denoising_start, controls=controls,
+                            guess_mode=guess_mode)
+        return _dit.dit_img2img(model, init_image, prompt, negative_prompt, strength=strength, width=width,
+                                height=height, steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, seed=seed,
+                                rng=rng, batch_size=batch_size, clip_skip=clip_skip, parity=parity, decode=decode,
+                                callback=callback)
     controls = _control.check_controls(controls, model, parity=parity)
     common = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, cfg=cfg, sampler=sampler,
                   scheduler=scheduler, seed=seed, rng=rng, clip_skip=clip_skip, parity=parity, micro=micro,

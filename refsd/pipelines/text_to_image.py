@@ -23,6 +23,7 @@ from __future__ import annotations
 from refsd import xp as rxp
 from refsd.errors import RefsdError
 from refsd.pipelines import control as _control
+from refsd.pipelines import dit as _dit
 from refsd.pipelines import sdxl as _sdxl
 from refsd.pipelines.core import (
     Callback,
@@ -40,17 +41,19 @@ from refsd.pipelines.core import (
     run_sampler,
 )
 from refsd.pipelines.adapters import IPRun, adapter_features, adapter_residuals
+from refsd.pipelines.dit_model import DiTModel
 from refsd.pipelines.model import Model
 
 
-def txt2img(model: Model, prompt: str, negative_prompt: str | None = None, *, width: int | None = None,
+def txt2img(model: Model | DiTModel, prompt: str, negative_prompt: str | None = None, *, width: int | None = None,
             height: int | None = None, steps: int = 20, cfg: float = 7.5, sampler: str = "euler",
             scheduler: str = "normal", seed: int = 0, rng: str = "torch-cpu", batch_size: int = 1,
             clip_skip: int | None = None, parity: str = "diffusers", micro=None, denoising_end: float | None = None,
             refiner: Model | None = None, refiner_switch: float = 0.8, decode: bool = True,
             callback: Callback | None = None, controls=None, guess_mode: bool = False, t2i_adapters=None,
             adapter_factor: float = 1.0, ip_adapters=None) -> GenerationResult:
-    """Generate ``batch_size`` images from text.
+    """Generate ``batch_size`` images from text. A DiTModel (SD3 / SD3.5 / Flux) runs
+    refsd.pipelines.dit.dit_txt2img (``cfg``: SD3's CFG scale, Flux-dev's embedded guidance).
 
     ``sampler`` / ``scheduler``: ComfyUI names (``refsd.sampling.SAMPLERS`` / ``SCHEDULERS``; under
     parity="diffusers" the pairs in ``refsd.pipelines.profiles.DIFFUSERS_SAMPLERS`` /
@@ -81,6 +84,12 @@ def txt2img(model: Model, prompt: str, negative_prompt: str | None = None, *, wi
     "diffusers"). ``ip_adapters``: a list of refsd.pipelines.adapters.IPAdapter (image, encoder, scale):
     their image tokens join every cross-attention (negative: the zero image embedding, as diffusers).
     """
+    if isinstance(model, DiTModel):  # SD3 / SD3.5 / Flux: refsd.pipelines.dit
+        _dit.refuse_options(model, micro=micro, denoising_end=denoising_end, refiner=refiner, controls=controls,
+                            guess_mode=guess_mode, t2i_adapters=t2i_adapters, ip_adapters=ip_adapters)
+        return _dit.dit_txt2img(model, prompt, negative_prompt, width=width, height=height, steps=steps, cfg=cfg,
+                                sampler=sampler, scheduler=scheduler, seed=seed, rng=rng, batch_size=batch_size,
+                                clip_skip=clip_skip, parity=parity, decode=decode, callback=callback)
     controls = _control.check_controls(controls, model, parity=parity)
     if controls and refiner is not None:
         raise RefsdError("ControlNet with a refiner is not supported (diffusers' ControlNet pipelines have none)")
