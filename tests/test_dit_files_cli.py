@@ -5,6 +5,7 @@ Params (array_equal on every key); every bad input is one line naming the culpri
 
 import json
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -156,6 +157,11 @@ def test_every_layout_loads_the_folders_params(layouts, tmp_path):
     assert load_dit_files(path, vae=files["vae"], t5_tokenizer=files["t5_tokenizer"]).origins["vae"] == files["vae"]
     assert dit_family(folder) == dit_family(path) == dit_family(files["model"]) == family
     assert dit_family(files["vae"]) is None
+    from refsd.pipelines.dit_files import describe_part
+    from refsd.weights import read_header
+
+    shapes = {k: t.shape for k, t in read_header(files["vae"]).tensors.items()}
+    assert describe_part(shapes) == ["kind: VAE (16-channel latents): SD3's / Flux's --vae"]
 
 
 def test_tokenizers(layouts):
@@ -270,3 +276,141 @@ def test_checks_read_no_weights(layouts, monkeypatch):
     with pytest.raises(WeightsError):
         load_dit_files(files["model"], vae=files["vae"])
     assert read == []
+
+
+# --------------------------------------------------------------------------------------------
+# refsd generate end to end: the oracle's image (diffusers StableDiffusion3Pipeline on the golden case's
+# tiny model), from a diffusers folder and from the separate files ComfyUI users have
+
+
+def _run(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "refsd", *map(str, args)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+SD3_CASE = "pipeline/dit_sd3_txt2img_f32"
+
+
+@pytest.fixture(scope="module")
+def sd3_case_files(tmp_path_factory):
+    """The golden case's weights as (a) a whole diffusers folder, (b) a folder of transformer only plus
+    clip_l / clip_g / t5xxl / ae single files (ae in LDM names) and the T5 spiece.model."""
+    case = golden.load_case(SD3_CASE)
+    model = case.meta["op"]["kwargs"]["model"]
+    params = {k: np.asarray(v) for k, v in case.group("param").items()}
+    comps = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+    state = {c: {k[len(c) + 1:]: v for k, v in params.items() if k.startswith(c + ".")} for c in comps}
+    root = tmp_path_factory.mktemp("sd3case")
+    full = _write_folder(root / "full", "sd3", {c: (state[c], model[c]) for c in comps})
+    (full / "scheduler").mkdir()
+    (full / "scheduler" / "scheduler_config.json").write_text(json.dumps(model["scheduler"]))
+    # the separate files: T5 (its config is all in the weights: heads from the relative-attention bias);
+    # the tiny CLIPs' 8-wide heads are not (refsd.models.infer.text_config reads 64-wide heads, as released),
+    # nor the tiny VAE's 4 norm groups (32 released), so they stay in the folder here; their files' loading
+    # is proven tensor for tensor by test_every_layout_loads_the_folders_params
+    alone = _write_folder(root / "alone", "sd3", {c: (state[c], model[c]) for c in comps[:4]})
+    _write_folder(root / "bare", "sd3", {c: (state[c], model[c]) for c in comps[:2]})  # transformer + VAE
+    files = {"--t5": root / "t5xxl_fp32.safetensors", "--t5-tokenizer": root / "spiece.model"}
+    save_safetensors(files["--t5"], state["text_encoder_3"])
+    files["--t5-tokenizer"].write_bytes(SPIECE)
+    return case, full, alone, files
+
+
+def _case_flags(case):
+    kw = case.meta["op"]["kwargs"]
+    return ["--prompt", kw["prompt"], "--negative", kw["negative_prompt"], "--steps", kw["steps"], "--cfg", kw["cfg"],
+            "--seed", kw["seed"], "--width", kw["width"], "--height", kw["height"]]
+
+
+def _image(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB")), im.info.get("parameters", "")
+
+
+def test_generate_from_folder_and_separate_files_matches_diffusers(sd3_case_files, tmp_path):
+    case, full, alone, files = sd3_case_files
+    ref = np.round(np.asarray(case.group("out")["image"])[0].astype(np.float64) * 255)  # diffusers' uint8 rounding
+    out_a = tmp_path / "folder.png"
+    proc = _run("generate", "--model", full, *_case_flags(case), "--out", out_a, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    a, text_a = _image(out_a)
+    assert np.abs(a - ref).max() <= 1, np.abs(a - ref).max()
+    assert "Model: full" in text_a and "T5 hash" not in text_a
+    out_b = tmp_path / "files.png"
+    flags = [x for f, p in files.items() for x in (f, p)]
+    proc = _run("generate", "--model", alone, *flags, *_case_flags(case), "--out", out_b, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    b, text_b = _image(out_b)
+    assert np.array_equal(a, b)  # the same weights read from other files: the same numbers
+    from refsd.pipelines import png
+
+    got = png.parse_parameters(text_b)
+    assert got["T5"] == "t5xxl_fp32" and got["T5 hash"] == png.model_hash(files["--t5"])
+    assert not {"VAE", "CLIP-L", "CLIP-G"} & set(got)
+    # --from-png: the PNG names the component files but not where they are
+    out_c = tmp_path / "again.png"
+    proc = _run("generate", "--from-png", out_b, "--model", alone, "--out", out_c)
+    assert_one_line_error(proc, f"{out_b} was made with --t5 t5xxl_fp32, hash {png.model_hash(files['--t5'])}: pass "
+                          "--t5 PATH")
+    assert not out_c.exists()
+    proc = _run("generate", "--from-png", out_b, "--model", alone, *flags, "--out", out_c, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert np.array_equal(_image(out_c)[0], b)
+
+
+def test_generate_bad_input_exit_2_nothing_written(sd3_case_files, tmp_path):
+    case, full, alone, files = sd3_case_files
+    out = tmp_path / "x.png"
+    flags = dict(files)
+    common = [*_case_flags(case), "--out", out]
+
+    def run(**change):
+        f = {**flags, **change}
+        return _run("generate", "--model", alone, *[x for k, v in f.items() if v is not None for x in (k, v)], *common)
+
+    bare = alone.parent / "bare"
+    assert_one_line_error(_run("generate", "--model", bare, *[x for k, v in flags.items() for x in (k, v)], *common),
+                          "bare: a sd3-medium file without its text_encoder, text_encoder_2: give --clip-l (CLIP-L",
+                          "--clip-g (OpenCLIP bigG")
+    assert_one_line_error(run(**{"--t5-tokenizer": None}), "T5's tokenizer is not in the weights file",
+                          "give --t5-tokenizer PATH")
+    t5_dir = tmp_path / "t5"
+    t5_dir.mkdir()
+    (t5_dir / "model.safetensors").symlink_to(files["--t5"])
+    assert_one_line_error(run(**{"--t5-tokenizer": None, "--t5": t5_dir}),
+                          f"--t5 {t5_dir}: a T5 folder without its tokenizer")
+    from diffusers import AutoencoderKL
+
+    vae4 = tmp_path / "sd-vae.safetensors"
+    m = _randomise(AutoencoderKL(**{**VAE16_TINY, "latent_channels": 4}), 5)
+    save_safetensors(vae4, {k: v.detach().numpy() for k, v in m.state_dict().items()})
+    assert_one_line_error(run(**{"--vae": vae4}), f"--vae {vae4}: a 4-channel VAE (latent_channels 4), but the sd3 "
+                          "transformer works on 16-channel latents")
+    assert_one_line_error(run(**{"--clip-g": files["--t5"]}), f"--clip-g {files['--t5']}: not a CLIP text encoder (a T5 "
+                          "encoder)")
+    assert_one_line_error(_run("generate", "--demo", "--t5", files["--t5"], "--prompt", "x", "--out", out),
+                          "--t5 is for SD3 / Flux models; the demo model is sd1")
+    assert_one_line_error(run(**{"--mask": files["--t5-tokenizer"]}), "--mask is not supported for SD3 / Flux models")
+    assert not out.exists() and not list(tmp_path.glob("*.png"))
+
+
+def test_info_names_the_model_and_the_parts(sd3_case_files):
+    _, full, alone, files = sd3_case_files
+    proc = _run("info", full)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.splitlines()
+    assert "architecture: sd3-medium (Stable Diffusion 3 Medium (MMDiT, CLIP-L + OpenCLIP-bigG + T5-XXL, 16-channel VAE))" \
+        in out
+    comps = [line.split() for line in out if re.match(r"^  \S+ +[\d,]+ parameters", line)]
+    assert [c[0] for c in comps] == ["transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"]
+    assert "tokenizers: tokenizer (CLIPTokenizer), tokenizer_2 (CLIPTokenizer), tokenizer_3 (T5Tokenizer)" in out
+    # a folder lacking its text encoders: one line naming them and the flags
+    assert_one_line_error(_run("info", alone.parent / "bare"), "bare: a sd3-medium file without its text_encoder, "
+                          "text_encoder_2, text_encoder_3: give --clip-l")
+    kinds = [x for x in _run("info", files["--t5"]).stdout.splitlines() if x.startswith("kind:")]
+    assert kinds == ["kind: T5 encoder (T5EncoderModel: d_model 64, 2 layers, 4 heads, gated-gelu): SD3's / Flux's --t5"]

@@ -40,6 +40,7 @@ Flux = CLIP-L + T5 from separate files), comfy/text_encoders/sd3_clip.py and flu
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -476,9 +477,59 @@ def load_dit_model(path: str | os.PathLike, *, t5=None, clip_l=None, clip_g=None
     policy = {"compute": prec.compute, "home": prec.home, "offload": prec.offload}
     files = load_dit_files(path, t5=t5, clip_l=clip_l, clip_g=clip_g, vae=vae, t5_tokenizer=t5_tokenizer, xp=xp,
                            device=device, dtype=prec.storage, policy=policy)
-    try:
-        from refsd.pipelines.dit_model import make_dit_model
-    except ImportError:
-        raise WeightsError(f"{path}: this refsd has no DiT pipeline yet (refsd.pipelines.dit_model)") from None
+    from refsd.pipelines.dit_model import make_dit_model
+
+    p = Path(path)
     return make_dit_model(files.params, files.configs, architecture=files.architecture, tokenizers=files.tokenizers,
-                          scheduler_config=files.scheduler_config, backend=backend, **options)
+                          scheduler_config=files.scheduler_config, name=p.stem if p.is_file() else p.name, path=p,
+                          checkpoint=files, **options)
+
+
+# --------------------------------------------------------------------------------------------
+# refsd info
+
+
+def summary(files: DiTFiles) -> list[str]:
+    """``refsd info`` lines of a DiT model's parts: architecture, each component (parameters, tensors,
+    dtypes, where from), the tokenizers."""
+    lines = [f"architecture: {files.architecture} ({dit.DESCRIPTIONS[files.architecture]})", "components:"]
+    width = max(len(c) for c in files.params)
+    for comp, p in files.params.items():
+        shapes = p.shapes()
+        n = sum(math.prod(s) for s in shapes.values())
+        dtypes = sorted({p.dtype_of(k) for k in shapes})
+        where = "" if files.origins[comp] == files.path else f"  from {files.origins[comp]}"
+        lines.append(f"  {comp:<{width}}  {n:>15,} parameters  {len(shapes):>5,} tensors  {', '.join(dtypes)}{where}")
+    lines.append("tokenizers: " + ", ".join(f"{t} ({type(v).__name__})" for t, v in files.tokenizers.items()))
+    return lines
+
+
+def describe_part(shapes: Mapping[str, tuple]) -> list[str]:
+    """``refsd info`` of a lone text encoder or VAE file as SD3 / Flux take them (``--t5``, ``--clip-l``,
+    ``--clip-g``, ``--vae``), from its key names and shapes; [] for anything else."""
+    keys = {re.sub(r"^text_encoders\.\w+\.transformer\.", "", k): tuple(s) for k, s in shapes.items()}
+    if any(k.startswith("encoder.block.") for k in keys):
+        keys = _untied(keys)
+        try:
+            c = dit.t5_config(keys)
+        except WeightsError:
+            return []
+        return [f"kind: T5 encoder (T5EncoderModel: d_model {c['d_model']}, {c['num_layers']} layers, {c['num_heads']} "
+                f"heads, {c['feed_forward_proj']}): SD3's / Flux's --t5"]
+    if any(k.endswith("embeddings.token_embedding.weight") for k in keys) and not dit.family_of(keys):
+        w = next(s for k, s in keys.items() if k.endswith("embeddings.token_embedding.weight"))[1]
+        layers = len({m.group(1) for k in keys if (m := re.search(r"encoder\.layers\.(\d+)\.", k))})
+        role = {v: r for r, v in RELEASED_WIDTH.items()}.get(w)
+        flag = f": {FLAGS[role]}" if role else ""
+        proj = "with" if "text_projection.weight" in keys else "without"
+        return [f"kind: CLIP text encoder ({w} wide, {layers} layers, {proj} text_projection){flag}"]
+    if any(re.match(r"(first_stage_model\.|vae\.)?(encoder\.down|decoder\.up)", k) for k in keys) \
+            and not dit.family_of(keys):
+        try:
+            p = dit.vae_plan(keys, what="VAE")
+            c = vae_config(p.shapes["vae"])
+        except (WeightsError, KeyError):
+            return []
+        use = ": SD3's / Flux's --vae" if c["latent_channels"] == 16 else " (SD's; SD3 / Flux need 16 channels)"
+        return [f"kind: VAE ({c['latent_channels']}-channel latents){use}"]
+    return []
