@@ -28,11 +28,16 @@ from tests.test_dit_files import VAE16_TINY, _randomise, _to_file  # noqa: E402
 SD3_CFG = dict(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=2,
                joint_attention_dim=48, caption_projection_dim=16, pooled_projection_dim=36, out_channels=16,
                pos_embed_max_size=12, qk_norm="rms_norm")
-FLUX_CFG = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
-                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
-                axes_dims_rope=(2, 2, 4))
-T5_CFG = dict(vocab_size=40, d_kv=4, d_ff=24, num_layers=2, num_heads=3, feed_forward_proj="gated-gelu",
-              is_encoder_decoder=False)
+# Flux: one 128-wide head, so the rotary axes (16, 56, 56) are what a single file implies (not in the weights)
+FLUX_CFG = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
+                num_attention_heads=1, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+T5_CFG = dict(vocab_size=1002, d_kv=4, d_ff=24, num_layers=2, num_heads=3, feed_forward_proj="gated-gelu",
+              is_encoder_decoder=False)  # the vocabulary of SPIECE below
+# CLIP's real vocabulary (refsd ships its BPE) and one head: 64-wide heads are what refsd reads from a
+# single file (refsd.models.infer.text_config), 1 for these 16- / 24-wide encoders
+CLIP_L = {**CLIP_TINY, "vocab_size": 49408, "num_attention_heads": 1}
+CLIP_G = {**OPENCLIP_TINY, "vocab_size": 49408, "num_attention_heads": 1}
 SPIECE = bytes(golden.load_case("text/t5_tokenize_f64").group("in")["spiece_model"])
 
 
@@ -48,10 +53,15 @@ def _build(family, seed):
     sd3_family = family == "sd3"
     tcls, tcfg = (SD3Transformer2DModel, SD3_CFG) if sd3_family else (FluxTransformer2DModel, FLUX_CFG)
     t5cfg = T5Config(d_model=tcfg["joint_attention_dim"], **T5_CFG)
-    models = {"transformer": tcls(**tcfg), "vae": AutoencoderKL(**VAE16_TINY),
-              "text_encoder": (CLIPTextModelWithProjection if sd3_family else CLIPTextModel)(CLIPTextConfig(**CLIP_TINY))}
+    # Flux: the released VAE's factors, and 4 levels (8x: refsd.pipelines.diffusers_schedulers.flow_latent_shape
+    # assumes it, as the released VAEs are)
+    factors = {} if sd3_family else {"scaling_factor": 0.3611, "shift_factor": 0.1159, "block_out_channels": [32] * 4,
+                                     "down_block_types": ["DownEncoderBlock2D"] * 4,
+                                     "up_block_types": ["UpDecoderBlock2D"] * 4}
+    models = {"transformer": tcls(**tcfg), "vae": AutoencoderKL(**{**VAE16_TINY, **factors}),
+              "text_encoder": (CLIPTextModelWithProjection if sd3_family else CLIPTextModel)(CLIPTextConfig(**CLIP_L))}
     if sd3_family:
-        models["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_TINY))
+        models["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G))
     models["text_encoder_3" if sd3_family else "text_encoder_2"] = T5EncoderModel(t5cfg)
     out = {}
     for i, (comp, m) in enumerate(models.items()):
@@ -284,11 +294,17 @@ def test_checks_read_no_weights(layouts, monkeypatch):
 
 
 def _run(*args):
-    import subprocess
-    import sys
+    """``refsd ARGS`` in this process (refsd.cli.main: the exit status and the stdout / stderr text)."""
+    import contextlib
+    import io
+    import types
 
-    return subprocess.run([sys.executable, "-m", "refsd", *map(str, args)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    from refsd import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main([str(a) for a in args])
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 SD3_CASE = "pipeline/dit_sd3_txt2img_f32"
@@ -397,6 +413,29 @@ def test_generate_bad_input_exit_2_nothing_written(sd3_case_files, tmp_path):
                           "--t5 is for SD3 / Flux models; the demo model is sd1")
     assert_one_line_error(run(**{"--mask": files["--t5-tokenizer"]}), "--mask is not supported for SD3 / Flux models")
     assert not out.exists() and not list(tmp_path.glob("*.png"))
+
+
+def test_flux_generate_from_separate_files_equals_the_folder(layouts, tmp_path):
+    """BFL's transformer file + ae / clip_l / t5xxl files + spiece.model give the folder's image exactly
+    (txt2img), and img2img from it runs from the same files."""
+    family, _, folder, files = layouts
+    if family != "flux":
+        pytest.skip("the SD3 run is test_generate_from_folder_and_separate_files_matches_diffusers")
+    common = ["--prompt", "a red cube", "--steps", "2", "--seed", "5", "--width", "32", "--height", "32", "--quiet"]
+    proc = _run("generate", "--model", folder, *common, "--out", tmp_path / "folder.png")
+    assert proc.returncode == 0, proc.stderr
+    flags = [x for r, f in (("vae", "--vae"), ("clip_l", "--clip-l"), ("t5", "--t5"), ("t5_tokenizer", "--t5-tokenizer"))
+             for x in (f, files[r])]
+    proc = _run("generate", "--model", files["model"], *flags, *common, "--out", tmp_path / "files.png")
+    assert proc.returncode == 0, proc.stderr
+    a, b = _image(tmp_path / "folder.png"), _image(tmp_path / "files.png")
+    assert np.array_equal(a[0], b[0]) and a[0].std() > 0
+    assert "CFG scale: 3.5" in b[1] and "Model: model" in b[1] and "T5: t5xxl" in b[1]
+    proc = _run("generate", "--model", files["model"], *flags, *common, "--init-image", tmp_path / "files.png",
+                "--strength", "0.5", "--out", tmp_path / "img2img.png")
+    assert proc.returncode == 0, proc.stderr
+    c = _image(tmp_path / "img2img.png")
+    assert c[0].shape == (32, 32, 3) and "Denoising strength: 0.5" in c[1]
 
 
 def test_info_names_the_model_and_the_parts(sd3_case_files):
