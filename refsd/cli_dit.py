@@ -54,9 +54,13 @@ def components_given(args) -> dict[str, Path]:
 
 
 def is_dit(path: Path | None) -> bool:
+    """Whether ``path`` is an SD3 / Flux folder or file; anything unreadable is left to the SD path's errors."""
     from refsd.pipelines.dit_files import dit_family
 
-    return path is not None and path.exists() and dit_family(path) is not None
+    try:
+        return path is not None and path.exists() and dit_family(path) is not None
+    except RefsdError:
+        return False
 
 
 def refuse_for_sd(args, model: Path | None, architecture: str) -> None:
@@ -147,12 +151,16 @@ def dit_job(args, s: dict, explicit: dict, source: dict, keep, notes: list, mode
 
 
 def run_dit(job, callback, shown):
-    """Load the DiT model (placed, with a bar) and run txt2img / img2img -> (result, infotext names)."""
+    """Load the DiT model (placed, with a bar) and run txt2img / img2img -> (result, infotext names). The
+    files' short hashes are computed on background threads meanwhile (a T5-XXL file is ~9 GB)."""
     from refsd import pipelines
+    from refsd.cli_generate import _Background
     from refsd.pipelines import png
 
     s = job.settings
     shown.stage(f"loading {png.model_name(job.model)}")
+    hashes = {kw: _Background(png.model_hash, path) for kw, path in {"model": job.model, **job.dit}.items()
+              if kw != "t5_tokenizer"}
     model = pipelines.load_model(job.model, backend=s["backend"], dtype=s["dtype"], attention=s["attention"], **job.dit)
     tensors = [(p, key) for p in model.params.values() for key in p]
     for p, key in shown.items(tensors, "loading", "tensor"):
@@ -165,11 +173,12 @@ def run_dit(job, callback, shown):
                                    **common)
     else:
         result = pipelines.txt2img(model, s["prompt"], s["negative_prompt"], **common)
-    return result, {"model": png.model_name(job.model), "model_hash": png.model_hash(job.model),
-                    "extra": png_entries(job.dit)}
+    done = {kw: h.result() for kw, h in hashes.items()}
+    return result, {"model": png.model_name(job.model), "model_hash": done.pop("model"),
+                    "extra": png_entries(job.dit, done)}
 
 
-def png_entries(given: dict[str, Path]) -> dict[str, str | None]:
+def png_entries(given: dict[str, Path], hashes: dict[str, str | None]) -> dict[str, str | None]:
     """The PNG keys of the component files given by flags: name (file stem) and A1111-style short hash."""
     from refsd.pipelines import png
 
@@ -177,5 +186,5 @@ def png_entries(given: dict[str, Path]) -> dict[str, str | None]:
     for _, kw, key in COMPONENT_FLAGS.values():
         if key is not None and kw in given:
             out[key] = png.model_name(given[kw])
-            out[f"{key} hash"] = png.model_hash(given[kw])
+            out[f"{key} hash"] = hashes.get(kw)
     return out

@@ -95,7 +95,7 @@ def generate_job(args) -> GenerateJob:
 
     s, explicit, keep, source, png_refiner, ti_hashes = _settings(args)
     notes: list[str] = []
-    if getattr(args, "model", None) and is_dit(Path(args.model)):  # SD3 / Flux: refsd.cli_dit
+    if getattr(args, "model", None) and not args.demo and is_dit(Path(args.model)):  # SD3 / Flux: refsd.cli_dit
         return dit_job(args, s, explicit, source, keep, notes, Path(args.model))
     model, facts = _model(args, source)
     refuse_for_sd(args, model, facts.architecture)

@@ -147,7 +147,10 @@ def test_every_layout_loads_the_folders_params(layouts, tmp_path):
     separate = load_dit_files(files["model"], **flags)
     assert separate.format == "single-file" and separate.architecture == ref.architecture
     _assert_same(separate, ref)
-    assert set(separate.component_hashes()) == {"--vae", "--clip-l", "--t5"} | ({"--clip-g"} if family == "sd3" else set())
+    assert {c: o.name for c, o in separate.origins.items()} == {
+        "transformer": "model.safetensors", "vae": "ae.safetensors", "text_encoder": "clip_l.safetensors",
+        **({"text_encoder_2": "clip_g.safetensors", "text_encoder_3": "t5xxl.safetensors"} if family == "sd3"
+           else {"text_encoder_2": "t5xxl.safetensors"})}
     # everything bundled in one file (SD3 "incl. clips", ComfyUI-saved Flux): tokenizer still given
     slots = sd3.SLOTS if family == "sd3" else flux.SLOTS
     bundled = _transformer_file(family, built, 0)
@@ -162,7 +165,7 @@ def test_every_layout_loads_the_folders_params(layouts, tmp_path):
     save_safetensors(path, bundled)
     one = load_dit_files(path, t5_tokenizer=files["t5_tokenizer"])
     _assert_same(one, ref)
-    assert one.component_hashes() == {}
+    assert set(one.origins.values()) == {path}
     # a separately given component replaces the bundled one
     assert load_dit_files(path, vae=files["vae"], t5_tokenizer=files["t5_tokenizer"]).origins["vae"] == files["vae"]
     assert dit_family(folder) == dit_family(path) == dit_family(files["model"]) == family

@@ -50,7 +50,6 @@ from types import MappingProxyType
 from typing import Any
 
 from refsd.errors import WeightsError
-from refsd.files import sha256_file
 from refsd.models.infer import TEXT_FAMILIES, text_config, vae_config
 from refsd.text.t5 import T5Config
 from refsd.weights import detect as det
@@ -95,16 +94,6 @@ class DiTFiles:
     tokenizers: Mapping[str, Any]
     scheduler_config: dict | None = None
     origins: Mapping[str, Path] = field(default_factory=dict)
-
-    def component_hashes(self) -> dict[str, str]:
-        """Flag -> A1111-style short sha256 (10 hex digits) of each separately supplied single file
-        (``--vae``, ``--clip-l``, ``--clip-g``, ``--t5``), for the PNG parameters."""
-        role = {c: r for r, c in ROLES[self.family].items()}
-        out = {}
-        for comp, origin in self.origins.items():
-            if origin != self.path and comp in role and origin.is_file():
-                out[FLAGS[role[comp]]] = sha256_file(origin, chunk=1 << 24)[:10]
-        return out
 
 
 def dit_family(path: str | os.PathLike) -> str | None:

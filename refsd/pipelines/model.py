@@ -335,8 +335,13 @@ def load_model(path_or_checkpoint: str | os.PathLike | Checkpoint, *, backend: s
     from refsd.pipelines.dit_files import dit_family, load_dit_model
 
     parts = {"t5": t5, "clip_l": clip_l, "clip_g": clip_g, "vae": vae, "t5_tokenizer": t5_tokenizer}
-    if isinstance(path_or_checkpoint, (str, os.PathLike)) and path_or_checkpoint not in (DEMO, DEMO_RANDOM) \
-            and dit_family(path_or_checkpoint) is not None:
+    family = None
+    if isinstance(path_or_checkpoint, (str, os.PathLike)) and path_or_checkpoint not in (DEMO, DEMO_RANDOM):
+        try:
+            family = dit_family(path_or_checkpoint)
+        except RefsdError:
+            family = None  # unreadable: load_checkpoint below says why, as for any SD file
+    if family is not None:
         if prediction is not None or config is not None:
             raise RefsdError(f"{path_or_checkpoint}: prediction= and config= are for SD models; an SD3 / Flux "
                              "model's configs come from its keys")
