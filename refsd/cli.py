@@ -521,7 +521,11 @@ def describe_folder(folder: Path, *, depth: int = 1) -> list[str]:
     files = sorted(f for f in folder.rglob("*.safetensors") if f.is_file())
     if not files:
         raise WeightsError(f"{folder}: no .safetensors files in it or its sub-folders")
-    if claims_checkpoint(folder):
+    from refsd.pipelines.dit_files import dit_family, load_dit_files, summary
+
+    if dit_family(folder) is not None:  # an SD3 / Flux pipeline folder (refsd.pipelines.dit_files)
+        lines += summary(load_dit_files(folder))
+    elif claims_checkpoint(folder):
         lines += load_checkpoint(folder).summary()
     for f in files:
         lines += ["", f"== {f.relative_to(folder)}"]
@@ -636,6 +640,17 @@ def _checkpoint(header, depth: int) -> list[str]:
     return load_checkpoint(header.path).summary()
 
 
+def _dit_part(header, depth: int) -> list[str]:
+    """A lone T5 / CLIP text encoder or VAE, as SD3 / Flux take them (refsd.pipelines.dit_files)."""
+    from refsd.weights.checkpoint import claims_checkpoint
+
+    if claims_checkpoint(header.path, header.tensors):
+        return []
+    from refsd.pipelines.dit_files import describe_part
+
+    return describe_part({k: t.shape for k, t in header.tensors.items()})
+
+
 def _controlnet(header, depth: int) -> list[str]:
     """A ControlNet file (diffusers or lllyasviel keys): its kind and base architecture."""
     from refsd.weights.controlnet import controlnet_layout, load_controlnet
@@ -667,8 +682,8 @@ def _lora(header, depth: int) -> list[str]:
 
 
 # Sections of describe_file, in print order; each (header, depth) -> lines.
-FILE_SECTIONS: list[Callable] = [_counts, _dtypes, _prefixes, _metadata, _golden, _checkpoint, _embedding, _controlnet,
-                                 _adapter, _lora]
+FILE_SECTIONS: list[Callable] = [_counts, _dtypes, _prefixes, _metadata, _golden, _checkpoint, _dit_part, _embedding,
+                                 _controlnet, _adapter, _lora]
 
 
 def _si(n: float) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 from refsd import __version__
 from refsd import xp as rxp
 from refsd.cli_control import add_control_flags, control_units
+from refsd.cli_dit import add_dit_flags
 from refsd.cli_job import (
     DEFAULT_REFINER_SWITCH,
     GENERATE_DEFAULTS,
@@ -183,6 +184,7 @@ def _add_generation_flags(p, *, out_default: str, out_help: str) -> None:
                                                                                 "the negative branch (default 2.5)")
     add_control_flags(p)
     add_adapter_flags(p)
+    add_dit_flags(p)
     g = p.add_argument_group("LoRA", "see docs/lora.md for the file formats and how strengths scale")
     g.add_argument("--lora", action="append", metavar="PATH[:UNET_W[:TE_W]]",
                    help="apply a LoRA file (repeatable, applied in order) with a UNet and a text-encoder strength "
@@ -307,6 +309,20 @@ def _run_pipeline(job: GenerateJob, on_step: Callable | None = None, progress: P
 
     s = job.settings
     shown = progress or Progress()
+    if job.dit is not None:  # SD3 / Flux (refsd.cli_dit)
+        from refsd.cli_dit import run_dit
+
+        def on_dit_step(step, total, latents):
+            shown.step(step, total, latents)
+            if on_step is not None:
+                on_step(step, total, latents)
+
+        with core_progress.listen(shown.stage), warnings.catch_warnings():
+            warnings.showwarning = _warning_line
+            try:
+                return run_dit(job, on_dit_step, shown)
+            finally:
+                shown.close()
     if not hasattr(pipelines, "load_model"):
         raise RefsdError("this refsd has no generation pipeline (refsd.pipelines.load_model is missing)")
     config = job.config

@@ -73,6 +73,7 @@ class GenerateJob:
     lora_mode: str = "unmerged"
     offload: bool = False  # --offload: load_model(offload=True), weights in host memory (docs/precision.md)
     prompt: str | None = None  # what the pipeline encodes, when it differs from settings' (A1111 <lora:> tags out)
+    dit: dict | None = None  # SD3 / Flux: refsd.cli_dit's component paths (load_dit_files keywords); None for SD
 
 
 def _choice(what: str, value, valid) -> None:
@@ -90,9 +91,14 @@ def generate_job(args) -> GenerateJob:
     from refsd.pipelines.facts import inspect_model
     from refsd.pipelines.profiles import get_profile
 
+    from refsd.cli_dit import dit_job, is_dit, refuse_for_sd
+
     s, explicit, keep, source, png_refiner, ti_hashes = _settings(args)
     notes: list[str] = []
+    if getattr(args, "model", None) and not args.demo and is_dit(Path(args.model)):  # SD3 / Flux: refsd.cli_dit
+        return dit_job(args, s, explicit, source, keep, notes, Path(args.model))
     model, facts = _model(args, source)
+    refuse_for_sd(args, model, facts.architecture)
     refiner, refiner_facts = _refiner(args, model, png_refiner)
     config = _config_path(args.config, "--config", "--model", model)
     refiner_config = _config_path(args.refiner_config, "--refiner-config", "--refiner", refiner)

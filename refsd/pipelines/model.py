@@ -306,7 +306,8 @@ def _check_xl(model: Model, flags: Mapping[str, Any]) -> None:
 
 def load_model(path_or_checkpoint: str | os.PathLike | Checkpoint, *, backend: str | None = None,
                dtype: str | None = None, attention: str = "sliced", prediction: str | None = None,
-               config: str | os.PathLike | None = None, offload: bool = False) -> Model:
+               config: str | os.PathLike | None = None, offload: bool = False, t5=None, clip_l=None, clip_g=None,
+               vae=None, t5_tokenizer=None):
     """Open a single-file ``.safetensors`` checkpoint or a diffusers folder for generation;
     ``"demo"`` (the string itself, whatever the working folder holds: pass ``"./demo"`` for a path of
     that name) is refsd's packaged tiny-shapes model (refsd.pipelines.demo, docs/demo_model.md: 64x64
@@ -326,7 +327,29 @@ def load_model(path_or_checkpoint: str | os.PathLike | Checkpoint, *, backend: s
     (refsd.xp.precision; a CPU backend is refused).
     A loaded Checkpoint is used as placed (``backend``, ``dtype`` and ``config`` must then be None).
     Raises RefsdError for architectures the pipelines do not run.
+
+    An SD3 / SD3.5 / Flux folder or file (told by its keys) gives a ``DiTModel``
+    (refsd.pipelines.dit_files.load_dit_model); ``t5``, ``clip_l``, ``clip_g``, ``vae``, ``t5_tokenizer``
+    supply the components a transformer-only file lacks (docs/dit_files.md).
     """
+    from refsd.pipelines.dit_files import dit_family, load_dit_model
+
+    parts = {"t5": t5, "clip_l": clip_l, "clip_g": clip_g, "vae": vae, "t5_tokenizer": t5_tokenizer}
+    family = None
+    if isinstance(path_or_checkpoint, (str, os.PathLike)) and path_or_checkpoint not in (DEMO, DEMO_RANDOM):
+        try:
+            family = dit_family(path_or_checkpoint)
+        except RefsdError:
+            family = None  # unreadable: load_checkpoint below says why, as for any SD file
+    if family is not None:
+        if prediction is not None or config is not None:
+            raise RefsdError(f"{path_or_checkpoint}: prediction= and config= are for SD models; an SD3 / Flux "
+                             "model's configs come from its keys")
+        return load_dit_model(path_or_checkpoint, backend=backend, dtype=dtype, offload=offload, attention=attention,
+                              **parts)
+    given = [k for k, v in parts.items() if v is not None]
+    if given:
+        raise RefsdError(f"load_model: {', '.join(given)} are for SD3 / Flux models; {path_or_checkpoint} is not one")
     if prediction is not None:
         _check_choice("prediction", prediction, PREDICTIONS)
     if isinstance(path_or_checkpoint, str) and path_or_checkpoint == DEMO:
