@@ -53,6 +53,48 @@ def agree(name, *args, dtype=np.float32, **kwargs):
 
 
 @SETTINGS
+@given(st.integers(1, 2), st.integers(1, 12), st.integers(1, 9), st.integers(1, 23), st.integers(1, 23),
+       st.tuples(*[st.integers(0, 2)] * 4), st.booleans(), st.sampled_from([np.float32, np.float64]))
+def test_winograd_agrees(b, c, o, h, w, pads, bias, dtype):
+    """Winograd F(2x2, 3x3) on any size (odd outputs crop a half tile), any asymmetric padding, at
+    channel counts below the ones conv2d routes to it (the path itself is size-agnostic)."""
+    top, bottom, left, right = pads
+    if h + top + bottom < 3 or w + left + right < 3:
+        return
+    rng = np.random.default_rng(h * 41 + w)
+    x, wt = randn(rng, b, c, h, w, dtype=dtype), randn(rng, o, c, 3, 3, scale=0.2, dtype=dtype)
+    bv = randn(rng, o, dtype=dtype) if bias else None
+    fast, ref = K._conv_winograd(x, wt, bv, pads), ops.conv2d.reference(x, wt, bv, padding=pads)
+    assert fast.shape == ref.shape and fast.dtype == ref.dtype == dtype
+    assert rel_err(fast, ref) <= (F32_BOUND["conv2d"] if dtype == np.float32 else 1e-14)
+
+
+@pytest.mark.parametrize("band_bytes", [1, 20000, 1 << 30])
+def test_winograd_bands_agree(monkeypatch, band_bytes):
+    """Winograd's tile-row bands (down to one tile row) give the same result as one band."""
+    rng = np.random.default_rng(2)
+    x, w, bias = rng.standard_normal((2, 40, 13, 11)), rng.standard_normal((33, 40, 3, 3)), rng.standard_normal(33)
+    monkeypatch.setattr(K, "BAND_BYTES", 1 << 30)
+    whole = K.conv2d(x, w, bias, padding=1)
+    monkeypatch.setattr(K, "BAND_BYTES", band_bytes)
+    assert np.allclose(K.conv2d(x, w, bias, padding=1), whole, rtol=0, atol=1e-12)
+    assert rel_err(K.conv2d(x, w, bias, padding=1), ops.conv2d.reference(x, w, bias, padding=1)) < 1e-14
+
+
+def test_conv2d_picks_winograd_for_wide_3x3(monkeypatch):
+    """Stride-1 3x3 convs with >= WINOGRAD_MIN_CHANNELS in and out channels take the Winograd path;
+    narrower ones, strided ones and other kernel sizes do not."""
+    calls = []
+    monkeypatch.setattr(K, "_conv_winograd", lambda *a: calls.append(a[1].shape) or np.zeros(1))
+    x = np.zeros((1, 32, 6, 6), np.float32)
+    K.conv2d(x, np.zeros((32, 32, 3, 3), np.float32), padding=1)
+    K.conv2d(x, np.zeros((4, 32, 3, 3), np.float32), padding=1)
+    K.conv2d(x, np.zeros((32, 32, 3, 3), np.float32), stride=2, padding=1)
+    K.conv2d(x, np.zeros((32, 32, 1, 1), np.float32))
+    assert calls == [(32, 32, 3, 3)]
+
+
+@SETTINGS
 @given(st.integers(1, 2), st.integers(1, 12), st.integers(1, 9), st.integers(1, 40), st.integers(1, 40),
        st.sampled_from([(1, 1), (3, 3), (1, 3), (4, 2)]), st.sampled_from([1, 2]), st.integers(0, 2),
        st.booleans(), st.sampled_from([np.float32, np.float64]))
@@ -131,6 +173,8 @@ def test_activations_overflow_quietly():
 SD_CASES = [  # (op, shapes, kwargs): SD1.5 UNet / CLIP shapes
     ("conv2d", [(2, 320, 64, 64), (320, 320, 3, 3), (320,)], {"padding": 1}),
     ("conv2d", [(2, 640, 32, 32), (640, 640, 3, 3), (640,)], {"padding": 1}),
+    ("conv2d", [(2, 1280, 16, 16), (1280, 1280, 3, 3), (1280,)], {"padding": 1}),
+    ("conv2d", [(2, 320, 64, 64), (4, 320, 3, 3), (4,)], {"padding": 1}),
     ("conv2d", [(2, 320, 64, 64), (320, 320, 3, 3), (320,)], {"stride": 2, "padding": (0, 1, 0, 1)}),
     ("group_norm", [(2, 320, 64, 64), (320,), (320,)], {"groups": 32}),
     ("layer_norm", [(2, 4096, 320), (320,), (320,)], {}),
