@@ -317,12 +317,13 @@ def _conv_strided(xpad, weight, bias, stride):
 # normalisation
 
 
-def group_norm(x, weight, bias, groups: int, eps: float = 1e-5):
+def group_norm(x, weight, bias, groups: int, eps: float = 1e-5, then=None):
     """ops.group_norm with each (batch, group) row normalised on its own CPU thread, in place.
 
     Measured float32 error vs the definition: 1.3e-7 of max |ref| (2x320x64x64, 32 groups, N(3, 2^2)
     input): a dot product (BLAS) instead of a pairwise sum for the variance, and weight / std folded
-    into one scale.
+    into one scale. ``then``: an elementwise chunk step applied in place to each normalised block
+    (group_norm_silu below).
     """
     b, c = x.shape[0], x.shape[1]
     per_group = c // groups
@@ -332,9 +333,31 @@ def group_norm(x, weight, bias, groups: int, eps: float = 1e-5):
         v = np.full((c,), default, dtype=x.dtype) if v is None else v
         return np.broadcast_to(v.reshape(1, groups, per_group), (b, groups, per_group)).reshape(b * groups, per_group, 1)
 
-    y = map_rows(lambda s, w, o, out=None: _group_norm_rows(s, w, o, eps, out=out),
+    y = map_rows(lambda s, w, o, out=None: _group_norm_blocks(s, w, o, eps, then, out=out),
                  slabs, affine(weight, 1.0), affine(bias, 0.0))
     return y.reshape(x.shape)
+
+
+def group_norm_silu(x, weight, bias, groups: int, eps: float = 1e-5):
+    """ops.group_norm_silu: group_norm above with SiLU applied to each block of rows while it is in
+    cache (timings at _group_norm_blocks). Measured float32 error vs the definition in float64: 1.6e-7
+    of max |ref| at 2x320x64x64, 2x640x32x32 and 2x1280x16x16 (N(1, 2^2) input, 32 groups), the same
+    as group_norm followed by silu (the fused kernel does exactly their arithmetic)."""
+    return group_norm(x, weight, bias, groups, eps, then=_silu_chunk)
+
+
+def _group_norm_blocks(s, weight, bias, eps, then=None, out=None):
+    """_group_norm_rows on this thread's block of rows, then ``then(chunk, out=chunk)`` (an elementwise
+    step, if given) in place over the result in CHUNK_ELEMS chunks, on the same thread. GroupNorm + SiLU
+    this way, one thread-block each, measured 1.4-2x less CPU time than group_norm then silu (2x320x64x64
+    11.4 -> 6.0 ms, 2x1280x16x16 2.9 -> 1.3, VAE 1x128x256x256 23.5 -> 18.8; running every step on
+    L2-sized row blocks instead gained nothing more and slowed GroupNorm alone by per-block overhead)."""
+    d = _group_norm_rows(s, weight, bias, eps, out=out)
+    if then is not None:
+        flat = d.reshape(-1)
+        for i in range(0, flat.size, CHUNK_ELEMS):
+            then(flat[i : i + CHUNK_ELEMS], out=flat[i : i + CHUNK_ELEMS])
+    return d
 
 
 def _group_norm_rows(s, weight, bias, eps, out=None):
@@ -471,7 +494,8 @@ def softmax(x, axis: int = -1):
 
 
 # The table refsd.xp.kernels_for returns for NumPy in "fast" mode: op name -> kernel.
-FAST = {"linear": linear, "conv2d": conv2d, "group_norm": group_norm, "layer_norm": layer_norm, "erf": erf,
+FAST = {"linear": linear, "conv2d": conv2d, "group_norm": group_norm, "group_norm_silu": group_norm_silu,
+        "layer_norm": layer_norm, "erf": erf,
         "gelu": gelu, "silu": silu, "quick_gelu": quick_gelu, "softmax": softmax}
 
 

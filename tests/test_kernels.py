@@ -19,7 +19,7 @@ from refsd import xp as rxp
 from refsd.errors import BackendError
 
 SETTINGS = settings(max_examples=20, deadline=None)
-F32_BOUND = {"conv2d": 1e-6, "group_norm": 3e-7, "layer_norm": 3e-7, "gelu": 4e-7, "silu": 2e-7,
+F32_BOUND = {"conv2d": 1e-6, "group_norm": 3e-7, "group_norm_silu": 4e-7, "layer_norm": 3e-7, "gelu": 4e-7, "silu": 2e-7,
              "quick_gelu": 2e-7, "linear": 1e-6}
 EXACT = ("erf", "softmax")
 
@@ -127,6 +127,19 @@ def test_group_norm_agrees(b, cg, hw, offset, affine, dtype):
     x = randn(rng, b, c, hw, 3, scale=2.0, loc=offset, dtype=dtype)
     w, bias = (randn(rng, c, dtype=dtype), randn(rng, c, dtype=dtype)) if affine else (None, None)
     agree("group_norm", x, w, bias, groups, 1e-5, dtype=dtype)
+    agree("group_norm_silu", x, w, bias, groups, 1e-5, dtype=dtype)
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 16])
+def test_group_norm_silu_is_group_norm_then_silu(monkeypatch, chunk):
+    """The fused kernel's SiLU chunks (any size, across row boundaries) give exactly the fast
+    group_norm followed by the fast silu; the definition is silu(group_norm(...)) by construction."""
+    monkeypatch.setattr(K, "CHUNK_ELEMS", chunk)
+    rng = np.random.default_rng(3)
+    x, w, bias = randn(rng, 2, 64, 9, 11, scale=3.0), randn(rng, 64), randn(rng, 64)
+    assert np.array_equal(K.group_norm_silu(x, w, bias, 32), K.silu(K.group_norm(x, w, bias, 32)))
+    ref = ops.group_norm_silu.reference(x, w, bias, 32)
+    assert np.array_equal(ref, ops.silu.reference(ops.group_norm.reference(x, w, bias, 32)))
 
 
 @SETTINGS
@@ -177,6 +190,7 @@ SD_CASES = [  # (op, shapes, kwargs): SD1.5 UNet / CLIP shapes
     ("conv2d", [(2, 320, 64, 64), (4, 320, 3, 3), (4,)], {"padding": 1}),
     ("conv2d", [(2, 320, 64, 64), (320, 320, 3, 3), (320,)], {"stride": 2, "padding": (0, 1, 0, 1)}),
     ("group_norm", [(2, 320, 64, 64), (320,), (320,)], {"groups": 32}),
+    ("group_norm_silu", [(2, 320, 64, 64), (320,), (320,)], {"groups": 32}),
     ("layer_norm", [(2, 4096, 320), (320,), (320,)], {}),
     ("linear", [(2, 4096, 320), (1280, 320), (1280,)], {}),
     ("gelu", [(2, 1024, 5120)], {}),
@@ -189,7 +203,7 @@ SD_CASES = [  # (op, shapes, kwargs): SD1.5 UNet / CLIP shapes
 @pytest.mark.parametrize("name, shapes, kwargs", SD_CASES, ids=[f"{c[0]}-{'x'.join(map(str, c[1][0]))}" for c in SD_CASES])
 def test_sd_shapes_agree(name, shapes, kwargs):
     rng = np.random.default_rng(0)
-    args = [randn(rng, *shapes[0], scale=2.0, loc=3.0 if name == "group_norm" else 0.0)]
+    args = [randn(rng, *shapes[0], scale=2.0, loc=3.0 if name.startswith("group_norm") else 0.0)]
     args += [randn(rng, *s, scale=0.02 if len(s) > 1 else 1.0) for s in shapes[1:]]
     agree(name, *args, **kwargs)
 
