@@ -278,13 +278,10 @@ def main(argv=None) -> int:
         print(json.dumps(side(args.side, args.repeats, model=args.model, latent=args.latent, warmup=args.warmup,
                               out=args.out, kernels=args.kernels or "fast")))
         return 0
+    from bench.common import report
+
     print(_header())
-    res = from_args(args, ap.error)
-    print(summary(res))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
-    return 0
+    return report(summary, from_args(args, ap.error), args.json)
 
 
 if __name__ == "__main__":
