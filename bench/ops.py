@@ -77,7 +77,10 @@ def run(repeats: int = 3, quick: bool = False, kernels: tuple[str, ...] = KERNEL
     g = randn(2, 4096, 5120, scale=2.0)
     tg = torch.from_numpy(g)
     measure("gelu (erf) 2x4096x5120 (GEGLU gate)", lambda: ops.gelu(g), lambda: F.gelu(tg), target=3.0)
-    del g, tg
+    hid = randn(2, 4096, 5120)
+    thid = torch.from_numpy(hid)
+    measure("geglu 2x4096x5120 (hidden * gelu(gate))", lambda: ops.geglu(hid, g), lambda: thid * F.gelu(tg))
+    del g, tg, hid, thid
 
     q, k, v = (randn(2, 8, 4096, 40) for _ in range(3))
     tq, tk, tv = map(torch.from_numpy, (q, k, v))

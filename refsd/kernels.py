@@ -52,16 +52,17 @@ def _on_threads(run, n: int) -> None:
         list(pool.map(run, range(n)))
 
 
-def map_chunks(fn, x, chunk: int = CHUNK_ELEMS):
-    """An elementwise ``fn(x, out=None)`` (same shape and dtype out) over ``x`` in flat chunks of
-    ``chunk`` elements, split across CPU threads; ``fn`` writes each chunk's result into ``out``.
+def map_chunks(fn, x, *extras, chunk: int = CHUNK_ELEMS):
+    """An elementwise ``fn(x, *extras, out=None)`` (same shape and dtype out) over ``x`` in flat chunks
+    of ``chunk`` elements, split across CPU threads; ``fn`` writes each chunk's result into ``out``.
+    ``extras``: arrays of x's shape, chunked alongside it.
 
     A chain of ufuncs over a cache-resident chunk runs 2-3x faster than over a whole activation, and
     writing the last step straight into the result saves a copy (GELU 2x4096x5120: 239 -> 181 ms).
     """
     if x.size <= chunk:
-        return fn(x)
-    flat = x.reshape(-1)
+        return fn(x, *extras)
+    flat, flat_extras = x.reshape(-1), [e.reshape(-1) for e in extras]
     out = np.empty_like(flat)
     n = max(1, min(CPU_THREADS, x.size // chunk))
     bounds = [round(i * flat.size / n) for i in range(n + 1)]
@@ -69,7 +70,7 @@ def map_chunks(fn, x, chunk: int = CHUNK_ELEMS):
     def run(part):
         for i in range(bounds[part], bounds[part + 1], chunk):
             j = min(i + chunk, bounds[part + 1])
-            fn(flat[i:j], out=out[i:j])
+            fn(flat[i:j], *(e[i:j] for e in flat_extras), out=out[i:j])
 
     _on_threads(run, n)
     return out.reshape(x.shape)
@@ -449,6 +450,19 @@ def _gelu_chunk(x, out=None):
     return np.multiply(h, x, out=out)
 
 
+def geglu(hidden, gate):
+    """ops.geglu in one chunked pass: each chunk's GELU and the product are done while it is in cache
+    (instead of a GELU pass, then a single-threaded multiply over the whole activation). The same
+    arithmetic as gelu then multiply: bit-identical to ``hidden * FAST gelu(gate)``; vs the definition,
+    gelu's error (1.8e-7) times |hidden|."""
+    return map_chunks(_geglu_chunk, gate, hidden)
+
+
+def _geglu_chunk(gate, hidden, out=None):
+    h = _gelu_chunk(gate, out=out)
+    return np.multiply(h, hidden, out=h)
+
+
 def _gelu_tanh_chunk(x, out=None):
     inner = x * x
     inner *= 0.044715
@@ -495,7 +509,7 @@ def softmax(x, axis: int = -1):
 
 # The table refsd.xp.kernels_for returns for NumPy in "fast" mode: op name -> kernel.
 FAST = {"linear": linear, "conv2d": conv2d, "group_norm": group_norm, "group_norm_silu": group_norm_silu,
-        "layer_norm": layer_norm, "erf": erf,
+        "layer_norm": layer_norm, "erf": erf, "geglu": geglu,
         "gelu": gelu, "silu": silu, "quick_gelu": quick_gelu, "softmax": softmax}
 
 

@@ -216,6 +216,13 @@ def gelu(x, approximate: str = "none"):
     return 0.5 * x * (1.0 + erf.reference(x / math.sqrt(2.0)))
 
 
+@_op(check=lambda hidden, gate: _same_dtype("geglu", hidden, gate))
+def geglu(hidden, gate):
+    """hidden * gelu(gate): the GEGLU gating of diffusers' ``GEGLU`` (models/activations.py; Shazeer
+    2020), given the projection's two halves. One op so that a kernel can do both in one pass."""
+    return hidden * gelu.reference(gate)
+
+
 def sigmoid(x):
     """1 / (1 + exp(-x)), evaluated as e^x / (1 + e^x) for x < 0 so that exp never overflows."""
     xp = rxp.namespace(x)

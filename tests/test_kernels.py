@@ -19,7 +19,7 @@ from refsd import xp as rxp
 from refsd.errors import BackendError
 
 SETTINGS = settings(max_examples=20, deadline=None)
-F32_BOUND = {"conv2d": 1e-6, "group_norm": 3e-7, "group_norm_silu": 4e-7, "layer_norm": 3e-7, "gelu": 4e-7, "silu": 2e-7,
+F32_BOUND = {"conv2d": 1e-6, "group_norm": 3e-7, "group_norm_silu": 4e-7, "geglu": 4e-7, "layer_norm": 3e-7, "gelu": 4e-7, "silu": 2e-7,
              "quick_gelu": 2e-7, "linear": 1e-6}
 EXACT = ("erf", "softmax")
 
@@ -128,6 +128,16 @@ def test_group_norm_agrees(b, cg, hw, offset, affine, dtype):
     w, bias = (randn(rng, c, dtype=dtype), randn(rng, c, dtype=dtype)) if affine else (None, None)
     agree("group_norm", x, w, bias, groups, 1e-5, dtype=dtype)
     agree("group_norm_silu", x, w, bias, groups, 1e-5, dtype=dtype)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 300, 257), (2, 1024, 1280)])
+def test_geglu_agrees(shape):
+    """geglu in one chunked pass: bit for bit the fast gelu times hidden, and within gelu's bound of
+    the definition hidden * gelu(gate) (relative to max |hidden * gelu(gate)|)."""
+    rng = np.random.default_rng(len(shape))
+    hidden, gate = randn(rng, *shape, scale=2.0), randn(rng, *shape, scale=2.0)
+    assert np.array_equal(K.geglu(hidden, gate), K.gelu(gate) * hidden)
+    agree("geglu", hidden, gate)
 
 
 @pytest.mark.parametrize("chunk", [7, 1 << 16])

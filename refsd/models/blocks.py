@@ -20,7 +20,7 @@ from __future__ import annotations
 from refsd import xp as rxp
 from refsd.attention import attention as _attention
 from refsd.errors import BackendError
-from refsd.ops import conv2d, gelu, group_norm, group_norm_silu, layer_norm, linear, pad, silu, upsample_nearest2x
+from refsd.ops import conv2d, geglu, group_norm, group_norm_silu, layer_norm, linear, pad, silu, upsample_nearest2x
 from refsd.trace import detail, emit, tracing
 from refsd.weights.params import wb
 
@@ -176,9 +176,8 @@ def feed_forward(p, x):
     w, bias = wb(p, "net.0.proj")
     f = w.shape[0] // 2
     hidden = linear(x, w[:f, ...], None if bias is None else bias[:f])
-    gate = gelu(linear(x, w[f:, ...], None if bias is None else bias[f:]))
-    gate *= hidden
-    return detail(p, "net.2", linear(detail(p, "net.0", gate), *wb(p, "net.2")))
+    gated = geglu(hidden, linear(x, w[f:, ...], None if bias is None else bias[f:]))
+    return detail(p, "net.2", linear(detail(p, "net.0", gated), *wb(p, "net.2")))
 
 
 def transformer_block(p, x, context, *, heads: int, upcast: bool = False, attention: str = "sliced"):
