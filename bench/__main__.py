@@ -1,7 +1,7 @@
 """python -m bench ops [--repeats N] [--quick] [--kernels fast|reference|both] [--json PATH]
 python -m bench brownian [--repeats N] [--json PATH]
 python -m bench lora [--repeats N] [--json PATH]
-python -m bench unet [--model sd15|sdxl] [--latent N] [--warmup W] [--repeats N] [--rounds R] [--kernels fast|reference] [--json PATH]
+python -m bench unet [--model sd15|sdxl] [--batch B] [--latent N] [--warmup W] [--repeats N] [--rounds R] [--kernels fast|reference] [--json PATH]
 python -m bench sweep [--size PIXELS] [--steps N] [--seeds N] [--json PATH]
 python -m bench dit [--repeats N] [--rounds R] [--json PATH]
 python -m bench vae [--model sd15|sdxl] [--warmup W] [--repeats N] [--rounds R] [--no-tiled] [--json PATH]"""
