@@ -210,7 +210,7 @@ def _conv_flat(xpad, weight, bias):
 # 16x16 180 -> 120 (of which 38 ms is the weight transform, done per call: caching the transformed
 # weights would hold 16/9 of every 3x3 conv's weights again).
 WINOGRAD_MIN_CHANNELS = 32  # below this the transforms cost more than the multiplications saved
-WINOGRAD_BAND_BYTES = 8 << 20  # a band's transformed input (16 x C x tiles), unless the weights' is larger
+WINOGRAD_BAND_BYTES = BAND_BYTES  # a band's transformed input (16 x C x tiles), unless the weights' is larger
 _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
 
@@ -288,8 +288,11 @@ def _conv_winograd(x, weight, bias, pads):
     g = np.asarray(_WINOGRAD_G, dtype=x.dtype)
     u = np.matmul(np.kron(g, g), weight.reshape(o * c, 9).T).reshape(16, o, c)  # G g G^T per tap
     out = np.empty((b, o, 2 * nh, 2 * nw), dtype=x.dtype)
-    # Bands of ~8 MiB keep each band's transforms and GEMM operands near cache (VAE 1x128x512x512: 1.9 s
-    # one thread, 1.57 s in 64 MiB bands, 0.96 s in 8 MiB); a band is never smaller than the transformed
+    # Band size: with one BLAS thread, 8 MiB bands were fastest (VAE 1x128x512x512 CPU time 0.96 s vs
+    # 1.57 s in 64 MiB bands, GEMM path 1.9 s), but each band is 16 more sgemm calls, and on a loaded
+    # machine with two BLAS threads every call's thread hand-off costs: 2x320x64x64 took 26-42 s wall /
+    # 1.5 s CPU in 8 MiB bands vs 8.7-9.0 s / 0.4 s in one 64 MiB band (GEMM path 5.6-6.7 s / 0.3 s),
+    # so bands are 64 MiB (one band at UNet sizes). A band is never smaller than the transformed
     # weights, which every band's GEMM reads again (UNet 2x1280x16x16: u is 105 MB, one band).
     band_bytes = max(WINOGRAD_BAND_BYTES, u.nbytes)
     rows = max(1, min(nh, band_bytes // (16 * c * b * nw * x.dtype.itemsize)))
