@@ -209,7 +209,12 @@ def _conv_flat(xpad, weight, bias):
 # CPU time, one thread (2026-12-06, loaded 2-core machine): 64x64 170 -> 121 ms, 32x32 165 -> 94,
 # 16x16 180 -> 120 (of which 38 ms is the weight transform, done per call: caching the transformed
 # weights would hold 16/9 of every 3x3 conv's weights again).
-WINOGRAD_MIN_CHANNELS = 32  # below this the transforms cost more than the multiplications saved
+# Wall time, 2 BLAS threads, machine lightly loaded (2026-12-06 21:20), Winograd vs GEMM path: 2x320x64x64
+# 80-92 vs 98-100 ms, 2x640x32x32 68-75 vs 97-99, 2x1280x16x16 70-76 vs 90-91, 2x320x128x128 (SDXL)
+# 375-1168 vs 778-1528; but the VAE's narrow, large layers lost: 1x256x256x256 580-610 vs 517-548,
+# 1x128x512x512 3372-3599 vs 2544-2700 (1x512x128x128 mixed: 1370-2178 vs 1474-1877). So Winograd
+# only from 320 channels in and out (every SD UNet 3x3 conv but conv_in / conv_out; the VAE's 512s).
+WINOGRAD_MIN_CHANNELS = 320
 WINOGRAD_BAND_BYTES = BAND_BYTES  # a band's transformed input (16 x C x tiles), unless the weights' is larger
 _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 

@@ -85,14 +85,15 @@ def test_winograd_bands_agree(monkeypatch, band_bytes):
 def test_conv2d_picks_winograd_for_wide_3x3(monkeypatch):
     """Stride-1 3x3 convs with >= WINOGRAD_MIN_CHANNELS in and out channels take the Winograd path;
     narrower ones, strided ones and other kernel sizes do not."""
-    calls = []
+    calls, n = [], K.WINOGRAD_MIN_CHANNELS
     monkeypatch.setattr(K, "_conv_winograd", lambda *a: calls.append(a[1].shape) or np.zeros(1))
-    x = np.zeros((1, 32, 6, 6), np.float32)
-    K.conv2d(x, np.zeros((32, 32, 3, 3), np.float32), padding=1)
-    K.conv2d(x, np.zeros((4, 32, 3, 3), np.float32), padding=1)
-    K.conv2d(x, np.zeros((32, 32, 3, 3), np.float32), stride=2, padding=1)
-    K.conv2d(x, np.zeros((32, 32, 1, 1), np.float32))
-    assert calls == [(32, 32, 3, 3)]
+    x = np.zeros((1, n, 4, 4), np.float32)
+    K.conv2d(x, np.zeros((n, n, 3, 3), np.float32), padding=1)
+    K.conv2d(x, np.zeros((4, n, 3, 3), np.float32), padding=1)
+    K.conv2d(x[:, : n - 1], np.zeros((n, n - 1, 3, 3), np.float32), padding=1)
+    K.conv2d(x, np.zeros((n, n, 3, 3), np.float32), stride=2, padding=1)
+    K.conv2d(x, np.zeros((n, n, 1, 1), np.float32))
+    assert calls == [(n, n, 3, 3)]
 
 
 @SETTINGS
