@@ -103,3 +103,15 @@ def format_table(rows: list[Row], ours: str, ref: str) -> str:
         lines.append(f"{r.case:44} {r.ours_s * 1e3:11.1f} {r.ref_s * 1e3:11.1f} {r.ratio:6.2f} {tgt:>7} "
                      f"{mib(r.ours_mib):>10} {mib(r.ref_mib):>10}{flag}")
     return "\n".join(lines)
+
+
+def report(summary, res, json_path: str | None) -> int:
+    """The benchmarks' common ending: print ``summary(res)``, write ``res`` as JSON to ``json_path`` if
+    given; -> exit status 0."""
+    import json
+
+    print(summary(res))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0

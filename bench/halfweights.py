@@ -114,12 +114,9 @@ def main(argv=None) -> int:
     if args.side:
         print(json.dumps(side(args.side, args.model, args.latent, args.dtype)))
         return 0
-    res = run(args.model, args.latent, args.dtype)
-    print(summary(res))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
-    return 0
+    from bench.common import report
+
+    return report(summary, run(args.model, args.latent, args.dtype), args.json)
 
 
 if __name__ == "__main__":

@@ -70,12 +70,17 @@ def run(repeats: int = 3, quick: bool = False, kernels: tuple[str, ...] = KERNEL
     tx, tgw, tgb = map(torch.from_numpy, (x, gw, gb))
     measure("group_norm 2x320x64x64 (32 groups)", lambda: ops.group_norm(x, gw, gb, 32, 1e-5),
             lambda: F.group_norm(tx, 32, tgw, tgb, 1e-5), target=3.0)
+    measure("group_norm_silu 2x320x64x64 (fused)", lambda: ops.group_norm_silu(x, gw, gb, 32, 1e-5),
+            lambda: F.silu(F.group_norm(tx, 32, tgw, tgb, 1e-5)))
     measure("silu 2x320x64x64", lambda: ops.silu(x), lambda: F.silu(tx))
 
     g = randn(2, 4096, 5120, scale=2.0)
     tg = torch.from_numpy(g)
     measure("gelu (erf) 2x4096x5120 (GEGLU gate)", lambda: ops.gelu(g), lambda: F.gelu(tg), target=3.0)
-    del g, tg
+    hid = randn(2, 4096, 5120)
+    thid = torch.from_numpy(hid)
+    measure("geglu 2x4096x5120 (hidden * gelu(gate))", lambda: ops.geglu(hid, g), lambda: thid * F.gelu(tg))
+    del g, tg, hid, thid
 
     q, k, v = (randn(2, 8, 4096, 40) for _ in range(3))
     tq, tk, tv = map(torch.from_numpy, (q, k, v))

@@ -10,7 +10,7 @@ over all timed forwards of a side is reported. Subprocesses alternate (torch, re
 so drift on a shared machine hits both. Each side saves its last output, and the two are compared:
 max |refsd - torch| / max |torch|, from identical inputs.
 
-``python -m bench unet`` runs the SD1.5 default; ``python -m bench.unet [--model sdxl] [--latent N]
+``python -m bench unet`` runs the SD1.5 default; ``python -m bench.unet [--model sdxl] [--batch B] [--latent N]
 [--warmup W] [--repeats N] [--rounds R] [--kernels fast|reference] [--json PATH]`` takes every option
 (``--kernels``: refsd.ops' kernel mode on the refsd side, default fast) (``python -m bench.unet
 --side torch|refsd ...`` is one subprocess, printing its result as one JSON line).
@@ -37,8 +37,9 @@ MODELS = {
 }
 
 
-def latent_shape(model: str, latent: int | None) -> tuple[int, int, int, int]:
-    return (2, 4, latent or MODELS[model][2], latent or MODELS[model][2])
+def latent_shape(model: str, latent: int | None, batch: int = 1) -> tuple[int, int, int, int]:
+    """The UNet input of one CFG step for ``batch`` images: (2 * batch, 4, side, side)."""
+    return (2 * batch, 4, latent or MODELS[model][2], latent or MODELS[model][2])
 
 
 def time_ids(latent: int) -> list[float]:
@@ -61,7 +62,7 @@ def plan(repeats: int, rounds: int | None = None) -> tuple[int, int]:
     return rounds, max(1, repeats // rounds)
 
 
-def _build(model: str, latent: int | None):
+def _build(model: str, latent: int | None, batch: int = 1):
     """The diffusers UNet with seeded random weights, and the inputs: (net, x, t, ctx, added or None)."""
     import torch
     from diffusers import UNet2DConditionModel
@@ -70,7 +71,7 @@ def _build(model: str, latent: int | None):
     from golden.registry import randomise_weights
 
     _, config, _, width, pooled = MODELS[model]
-    shape = latent_shape(model, latent)
+    shape = latent_shape(model, latent, batch)
     g = torch.Generator().manual_seed(SEED)
     # Allocate without diffusers' default init (2.6 B random draws for SDXL, all overwritten): the
     # UNet has no buffers, and randomise_weights writes every state-dict tensor in place, so the
@@ -90,7 +91,7 @@ def _build(model: str, latent: int | None):
 
 
 def side(which: str, repeats: int, *, model: str = "sd15", latent: int | None = None, warmup: int = 1,
-         out: str | None = None, kernels: str = "fast") -> dict:
+         out: str | None = None, kernels: str = "fast", batch: int = 1) -> dict:
     """Run one side in this process: seconds per timed forward, peak/base resident bytes (of the
     timed forwards), build seconds and build peak; saves the last output to ``out`` (.npy) if given.
     ``kernels``: refsd.xp.set_kernels mode for the refsd side."""
@@ -100,7 +101,7 @@ def side(which: str, repeats: int, *, model: str = "sd15", latent: int | None = 
     from bench.common import _malloc_trim, _status_kib
 
     t0 = time.perf_counter()
-    net, x, t, ctx, added = _build(model, latent)
+    net, x, t, ctx, added = _build(model, latent, batch)
     build_s, build_peak = time.perf_counter() - t0, _status_kib("VmHWM") * 1024
     if which == "torch":
         def fwd():
@@ -142,7 +143,7 @@ def side(which: str, repeats: int, *, model: str = "sd15", latent: int | None = 
 
 
 def run(repeats: int = 1, rounds: int = 2, *, model: str = "sd15", latent: int | None = None, warmup: int = 1,
-        log=None, kernels: str = "fast") -> dict:
+        log=None, kernels: str = "fast", batch: int = 1) -> dict:
     """``rounds`` x (torch subprocess, refsd subprocess), each ``warmup`` + ``repeats`` forwards.
 
     -> {"meta": what was run, "torch": [per-subprocess results], "refsd": [...], "agreement": ...}.
@@ -150,8 +151,8 @@ def run(repeats: int = 1, rounds: int = 2, *, model: str = "sd15", latent: int |
     """
     import numpy as np
 
-    shape = latent_shape(model, latent)
-    res = {"meta": {"model": model, "label": MODELS[model][0], "latent": list(shape), "rounds": rounds,
+    shape = latent_shape(model, latent, batch)
+    res = {"meta": {"model": model, "label": MODELS[model][0], "latent": list(shape), "batch": batch, "rounds": rounds,
                     "warmup": warmup, "repeats": repeats, "dtype": "float32", "attention": "sliced", "kernels": kernels,
                     "timestep": TIMESTEP, "tokens": TOKENS, "seed": SEED},
            "torch": [], "refsd": []}
@@ -163,7 +164,7 @@ def run(repeats: int = 1, rounds: int = 2, *, model: str = "sd15", latent: int |
             for which in ("torch", "refsd"):
                 cmd = [sys.executable, "-m", "bench.unet", "--side", which, "--model", model, "--latent",
                        str(shape[2]), "--warmup", str(warmup), "--repeats", str(repeats), "--out", outs[which],
-                       "--kernels", kernels]
+                       "--kernels", kernels, "--batch", str(batch)]
                 t0 = time.perf_counter()
                 proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
                 if proc.returncode:
@@ -194,8 +195,11 @@ def summary(res: dict) -> str:
     for k in sides:
         runs = ", ".join(f"{s:.1f}" for r in res[k] for s in r["times"])
         lines.append(f"| {k} | {med[k]:.1f} | {runs} | {peak[k] / gib:.2f} | {extra[k] / gib:.2f} |")
-    lines.append(f"time ratio refsd/torch {med['refsd'] / med['torch']:.2f} (target <= 1.5); "
+    lines.append(f"time ratio refsd/torch {med['refsd'] / med['torch']:.2f} (target <= 1.0); "
                  f"peak memory ratio {peak['refsd'] / peak['torch']:.2f} (target <= 1.2)")
+    batch = res.get("meta", {}).get("batch", 1)
+    lines.append(f"batch {batch} image(s) per CFG step: s per image refsd {med['refsd'] / batch:.2f}, "
+                 f"torch {med['torch'] / batch:.2f} (compare runs with --batch 1 and --batch 4)")
     if "meta" in res:
         m = res["meta"]
         ids = f", time_ids {m['time_ids']}" if "time_ids" in m else ""
@@ -230,6 +234,8 @@ def add_options(ap: argparse.ArgumentParser) -> None:
     """The unet suite's options (shared by ``python -m bench unet`` and ``python -m bench.unet``)."""
     ap.add_argument("--model", choices=sorted(MODELS), default="sd15",
                     help="unet: sd15 (SD1.5, text width 768) or sdxl (SDXL base: text width 2048, text_embeds, time_ids)")
+    ap.add_argument("--batch", type=int, default=1,
+                    help="unet: images per CFG step (the UNet batch is 2x this); the summary gives seconds per image")
     ap.add_argument("--latent", type=int, default=None,
                     help="unet: latent side, batch 2 x 4 channels (default 64 for sd15, 128 = 1024x1024 px for sdxl)")
     ap.add_argument("--warmup", type=int, default=1, help="unet: untimed forwards per subprocess before timing (0 allowed)")
@@ -240,8 +246,9 @@ def add_options(ap: argparse.ArgumentParser) -> None:
                          "refsd side; ops: both (default), fast or reference, each row against torch")
 
 
-def describe(model: str, latent: int | None, rounds: int, warmup: int, per_round: int, kernels: str = "fast") -> str:
-    return (f"# unet: {MODELS[model][0]}, latent {'x'.join(map(str, latent_shape(model, latent)))}, fp32; per side "
+def describe(model: str, latent: int | None, rounds: int, warmup: int, per_round: int, kernels: str = "fast",
+             batch: int = 1) -> str:
+    return (f"# unet: {MODELS[model][0]}, latent {'x'.join(map(str, latent_shape(model, latent, batch)))}, fp32; per side "
             f"{rounds} round(s) x ({warmup} warm-up + {per_round} timed forward(s)), each round a fresh subprocess; "
             f"refsd kernels {kernels}")
 
@@ -256,12 +263,14 @@ def from_args(args: argparse.Namespace, error) -> dict:
         error("--warmup must be >= 0")
     if args.latent is not None and args.latent < 1:
         error("--latent must be >= 1")
+    if args.batch < 1:
+        error("--batch must be >= 1")
     if args.kernels == "both":
         error("--kernels both applies to the ops suite; the unet suite takes fast or reference")
     kernels = args.kernels or "fast"
-    print(describe(args.model, args.latent, rounds, args.warmup, per_round, kernels), flush=True)
+    print(describe(args.model, args.latent, rounds, args.warmup, per_round, kernels, args.batch), flush=True)
     return run(repeats=per_round, rounds=rounds, model=args.model, latent=args.latent, warmup=args.warmup,
-               log=lambda line: print(line, flush=True), kernels=kernels)
+               log=lambda line: print(line, flush=True), kernels=kernels, batch=args.batch)
 
 
 def main(argv=None) -> int:
@@ -276,15 +285,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.side:
         print(json.dumps(side(args.side, args.repeats, model=args.model, latent=args.latent, warmup=args.warmup,
-                              out=args.out, kernels=args.kernels or "fast")))
+                              out=args.out, kernels=args.kernels or "fast", batch=args.batch)))
         return 0
+    from bench.common import report
+
     print(_header())
-    res = from_args(args, ap.error)
-    print(summary(res))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
-    return 0
+    return report(summary, from_args(args, ap.error), args.json)
 
 
 if __name__ == "__main__":

@@ -52,16 +52,17 @@ def _on_threads(run, n: int) -> None:
         list(pool.map(run, range(n)))
 
 
-def map_chunks(fn, x, chunk: int = CHUNK_ELEMS):
-    """An elementwise ``fn(x, out=None)`` (same shape and dtype out) over ``x`` in flat chunks of
-    ``chunk`` elements, split across CPU threads; ``fn`` writes each chunk's result into ``out``.
+def map_chunks(fn, x, *extras, chunk: int = CHUNK_ELEMS):
+    """An elementwise ``fn(x, *extras, out=None)`` (same shape and dtype out) over ``x`` in flat chunks
+    of ``chunk`` elements, split across CPU threads; ``fn`` writes each chunk's result into ``out``.
+    ``extras``: arrays of x's shape, chunked alongside it.
 
     A chain of ufuncs over a cache-resident chunk runs 2-3x faster than over a whole activation, and
     writing the last step straight into the result saves a copy (GELU 2x4096x5120: 239 -> 181 ms).
     """
     if x.size <= chunk:
-        return fn(x)
-    flat = x.reshape(-1)
+        return fn(x, *extras)
+    flat, flat_extras = x.reshape(-1), [e.reshape(-1) for e in extras]
     out = np.empty_like(flat)
     n = max(1, min(CPU_THREADS, x.size // chunk))
     bounds = [round(i * flat.size / n) for i in range(n + 1)]
@@ -69,7 +70,7 @@ def map_chunks(fn, x, chunk: int = CHUNK_ELEMS):
     def run(part):
         for i in range(bounds[part], bounds[part + 1], chunk):
             j = min(i + chunk, bounds[part + 1])
-            fn(flat[i:j], out=out[i:j])
+            fn(flat[i:j], *(e[i:j] for e in flat_extras), out=out[i:j])
 
     _on_threads(run, n)
     return out.reshape(x.shape)
@@ -141,6 +142,8 @@ def conv2d(x, weight, bias=None, *, stride: int = 1, padding=0):
     kh, kw = weight.shape[2], weight.shape[3]
     if kh == kw == 1 and stride == 1 and not any((top, bottom, left, right)):
         return _conv1x1(x, weight, bias)
+    if stride == 1 and kh == kw == 3 and min(x.shape[1], weight.shape[0]) >= WINOGRAD_MIN_CHANNELS:
+        return _conv_winograd(x, weight, bias, (top, bottom, left, right))
     if stride == 1:
         # One extra zero row at the bottom keeps the last tap's flat slice in bounds.
         return _conv_flat(_pad(x, top, bottom + 1, left, right), weight, bias)
@@ -189,6 +192,125 @@ def _conv_flat(xpad, weight, bias):
     return _add_bias(y, bias).reshape(b, o, ho, wp)[:, :, :, :wo]
 
 
+# Winograd F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016) for
+# stride-1 3x3 convolutions: each 2x2 block of output pixels is A^T [(G g G^T) * (B^T d B)] A for its
+# 4x4 input tile d, so the 9 multiply-adds per output pixel and channel pair become 16 per 2x2 block
+# (2.25x fewer): 16 channel GEMMs (O, C) @ (C, tiles), one per tile position, batched through matmul.
+# The transforms are additions only (B^T, A^T have entries 0, +-1; G has +-1/2, exact in binary), done
+# as in-place ufuncs on strided views, split over channel blocks on CPU threads.
+#   B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
+#   G   = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]
+#   A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]
+# Measured float32 error vs ops.conv2d.reference in float64 (max |diff| / max |ref|, N(0, 1) input,
+# weights N(0, 0.02^2)): 2x320x64x64 5.7e-7, 2x640x32x32 5.5e-7, 2x1280x16x16 6.1e-7 (the GEMM paths:
+# 4.0e-7, 3.7e-7, 3.7e-7). F(4x4, 3x3) (36 GEMMs per 4x4 block, 4x fewer multiplications) measured
+# 1.5e-5, 9.7e-6, 1.1e-5 on the same inputs -- its transforms' larger coefficients (up to 8 and 1/24)
+# cost two decimal digits, not well inside the UNet golden tolerance (2e-5 relative), so it is not used.
+# CPU time, one thread (2026-12-06, loaded 2-core machine): 64x64 170 -> 121 ms, 32x32 165 -> 94,
+# 16x16 180 -> 120 (of which 38 ms is the weight transform, done per call: caching the transformed
+# weights would hold 16/9 of every 3x3 conv's weights again).
+# Wall time, 2 BLAS threads, machine lightly loaded (2026-12-06 21:20), Winograd vs GEMM path: 2x320x64x64
+# 80-92 vs 98-100 ms, 2x640x32x32 68-75 vs 97-99, 2x1280x16x16 70-76 vs 90-91, 2x320x128x128 (SDXL)
+# 375-1168 vs 778-1528; but the VAE's narrow, large layers lost: 1x256x256x256 580-610 vs 517-548,
+# 1x128x512x512 3372-3599 vs 2544-2700 (1x512x128x128 mixed: 1370-2178 vs 1474-1877). So Winograd
+# only from 320 channels in and out (every SD UNet 3x3 conv but conv_in / conv_out; the VAE's 512s).
+WINOGRAD_MIN_CHANNELS = 320
+WINOGRAD_BAND_BYTES = BAND_BYTES  # a band's transformed input (16 x C x tiles), unless the weights' is larger
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def _channel_blocks(n: int):
+    """[(lo, hi), ...]: n channels split into one contiguous block per CPU thread."""
+    parts = max(1, min(CPU_THREADS, n))
+    return [(round(i * n / parts), round((i + 1) * n / parts)) for i in range(parts)]
+
+
+def _winograd_bt(r0, r1, r2, r3, outs):
+    """The four B^T combinations of four tile rows (or columns), written into ``outs``."""
+    np.subtract(r0, r2, out=outs[0])
+    np.add(r1, r2, out=outs[1])
+    np.subtract(r2, r1, out=outs[2])
+    np.subtract(r1, r3, out=outs[3])
+
+
+def _winograd_input(xb, nb: int, nw: int, v):
+    """B^T d B for every 4x4 tile (stride 2) of xb (B, C, 2 nb + 2, 2 nw + 2) -> v (16, C, B, nb, nw):
+    rows first (on whole padded rows), then columns, written straight into v."""
+
+    def run(part):
+        lo, hi = blocks[part]
+        x = xb[:, lo:hi]
+        rows = [x[:, :, k : k + 2 * nb - 1 : 2, :] for k in range(4)]
+        mixed = [np.empty(rows[0].shape, x.dtype) for _ in range(4)]
+        _winograd_bt(*rows, mixed)
+        for i, m in enumerate(mixed):
+            cols = [m[..., k : k + 2 * nw - 1 : 2] for k in range(4)]
+            _winograd_bt(*cols, [v[4 * i + j, lo:hi].transpose(1, 0, 2, 3) for j in range(4)])
+
+    blocks = _channel_blocks(xb.shape[1])
+    _on_threads(run, len(blocks))
+
+
+def _winograd_output(m, bias, out):
+    """A^T M A (+ bias) for every tile: m (16, O, B, nb, nw) -> out (B, O, 2 nb, 2 nw), the 2x2 output
+    block of tile (i, j) at rows 2i, 2i + 1 and columns 2j, 2j + 1. The bias is added once per row
+    sum (to the middle term both output columns share)."""
+
+    def run(part):
+        lo, hi = blocks[part]
+        mb = m[:, lo:hi]
+        top = [mb[j] + mb[4 + j] for j in range(4)]  # A^T's first row over the tile rows
+        bottom = [mb[4 + j] - mb[8 + j] for j in range(4)]  # and its second
+        for j in range(4):
+            top[j] += mb[8 + j]
+            bottom[j] -= mb[12 + j]
+        if bias is not None:
+            b = bias[lo:hi].reshape(-1, 1, 1, 1)
+            top[1] += b
+            bottom[1] += b
+        for r, (p0, p1, p2, p3) in enumerate((top, bottom)):
+            y0 = out[:, lo:hi, r::2, 0::2].transpose(1, 0, 2, 3)
+            y1 = out[:, lo:hi, r::2, 1::2].transpose(1, 0, 2, 3)
+            np.add(p0, p1, out=y0)
+            y0 += p2
+            np.subtract(p1, p2, out=y1)
+            y1 -= p3
+
+    blocks = _channel_blocks(m.shape[1])
+    _on_threads(run, len(blocks))
+
+
+def _conv_winograd(x, weight, bias, pads):
+    """Stride-1 3x3 conv by Winograd F(2x2, 3x3) (above), in bands of tile rows (BAND_BYTES bounds a
+    band's transformed input)."""
+    top, bottom, left, right = pads
+    b, c, h, w = x.shape
+    o = weight.shape[0]
+    ho, wo = h + top + bottom - 2, w + left + right - 2
+    nh, nw = -(-ho // 2), -(-wo // 2)
+    # 2 nh + 2 by 2 nw + 2 padded input: tile (i, j) covers rows 2i..2i+3, columns 2j..2j+3.
+    xpad = _pad(x, top, 2 * nh + 2 - h - top, left, 2 * nw + 2 - w - left)
+    g = np.asarray(_WINOGRAD_G, dtype=x.dtype)
+    u = np.matmul(np.kron(g, g), weight.reshape(o * c, 9).T).reshape(16, o, c)  # G g G^T per tap
+    out = np.empty((b, o, 2 * nh, 2 * nw), dtype=x.dtype)
+    # Band size: with one BLAS thread, 8 MiB bands were fastest (VAE 1x128x512x512 CPU time 0.96 s vs
+    # 1.57 s in 64 MiB bands, GEMM path 1.9 s), but each band is 16 more sgemm calls, and on a loaded
+    # machine with two BLAS threads every call's thread hand-off costs: 2x320x64x64 took 26-42 s wall /
+    # 1.5 s CPU in 8 MiB bands vs 8.7-9.0 s / 0.4 s in one 64 MiB band (GEMM path 5.6-6.7 s / 0.3 s),
+    # so bands are 64 MiB (one band at UNet sizes). A band is never smaller than the transformed
+    # weights, which every band's GEMM reads again (UNet 2x1280x16x16: u is 105 MB, one band).
+    band_bytes = max(WINOGRAD_BAND_BYTES, u.nbytes)
+    rows = max(1, min(nh, band_bytes // (16 * c * b * nw * x.dtype.itemsize)))
+    for r0 in range(0, nh, rows):
+        nb = min(rows, nh - r0)
+        v = np.empty((16, c, b, nb, nw), dtype=x.dtype)
+        _winograd_input(xpad[:, :, 2 * r0 : 2 * r0 + 2 * nb + 2], nb, nw, v)
+        m = np.matmul(u, v.reshape(16, c, b * nb * nw)).reshape(16, o, b, nb, nw)
+        del v
+        _winograd_output(m, bias, out[:, :, 2 * r0 : 2 * r0 + 2 * nb])
+    return out if (2 * nh, 2 * nw) == (ho, wo) else out[:, :, :ho, :wo]
+
+
 def _conv_strided(xpad, weight, bias, stride):
     b, c, hp, wp = xpad.shape
     o, _, kh, kw = weight.shape
@@ -204,12 +326,13 @@ def _conv_strided(xpad, weight, bias, stride):
 # normalisation
 
 
-def group_norm(x, weight, bias, groups: int, eps: float = 1e-5):
+def group_norm(x, weight, bias, groups: int, eps: float = 1e-5, then=None):
     """ops.group_norm with each (batch, group) row normalised on its own CPU thread, in place.
 
     Measured float32 error vs the definition: 1.3e-7 of max |ref| (2x320x64x64, 32 groups, N(3, 2^2)
     input): a dot product (BLAS) instead of a pairwise sum for the variance, and weight / std folded
-    into one scale.
+    into one scale. ``then``: an elementwise chunk step applied in place to each normalised block
+    (group_norm_silu below).
     """
     b, c = x.shape[0], x.shape[1]
     per_group = c // groups
@@ -219,9 +342,31 @@ def group_norm(x, weight, bias, groups: int, eps: float = 1e-5):
         v = np.full((c,), default, dtype=x.dtype) if v is None else v
         return np.broadcast_to(v.reshape(1, groups, per_group), (b, groups, per_group)).reshape(b * groups, per_group, 1)
 
-    y = map_rows(lambda s, w, o, out=None: _group_norm_rows(s, w, o, eps, out=out),
+    y = map_rows(lambda s, w, o, out=None: _group_norm_blocks(s, w, o, eps, then, out=out),
                  slabs, affine(weight, 1.0), affine(bias, 0.0))
     return y.reshape(x.shape)
+
+
+def group_norm_silu(x, weight, bias, groups: int, eps: float = 1e-5):
+    """ops.group_norm_silu: group_norm above with SiLU applied to each block of rows while it is in
+    cache (timings at _group_norm_blocks). Measured float32 error vs the definition in float64: 1.6e-7
+    of max |ref| at 2x320x64x64, 2x640x32x32 and 2x1280x16x16 (N(1, 2^2) input, 32 groups), the same
+    as group_norm followed by silu (the fused kernel does exactly their arithmetic)."""
+    return group_norm(x, weight, bias, groups, eps, then=_silu_chunk)
+
+
+def _group_norm_blocks(s, weight, bias, eps, then=None, out=None):
+    """_group_norm_rows on this thread's block of rows, then ``then(chunk, out=chunk)`` (an elementwise
+    step, if given) in place over the result in CHUNK_ELEMS chunks, on the same thread. GroupNorm + SiLU
+    this way, one thread-block each, measured 1.4-2x less CPU time than group_norm then silu (2x320x64x64
+    11.4 -> 6.0 ms, 2x1280x16x16 2.9 -> 1.3, VAE 1x128x256x256 23.5 -> 18.8; running every step on
+    L2-sized row blocks instead gained nothing more and slowed GroupNorm alone by per-block overhead)."""
+    d = _group_norm_rows(s, weight, bias, eps, out=out)
+    if then is not None:
+        flat = d.reshape(-1)
+        for i in range(0, flat.size, CHUNK_ELEMS):
+            then(flat[i : i + CHUNK_ELEMS], out=flat[i : i + CHUNK_ELEMS])
+    return d
 
 
 def _group_norm_rows(s, weight, bias, eps, out=None):
@@ -313,6 +458,19 @@ def _gelu_chunk(x, out=None):
     return np.multiply(h, x, out=out)
 
 
+def geglu(hidden, gate):
+    """ops.geglu in one chunked pass: each chunk's GELU and the product are done while it is in cache
+    (instead of a GELU pass, then a single-threaded multiply over the whole activation). The same
+    arithmetic as gelu then multiply: bit-identical to ``hidden * FAST gelu(gate)``; vs the definition,
+    gelu's error (1.8e-7) times |hidden|."""
+    return map_chunks(_geglu_chunk, gate, hidden)
+
+
+def _geglu_chunk(gate, hidden, out=None):
+    h = _gelu_chunk(gate, out=out)
+    return np.multiply(h, hidden, out=h)
+
+
 def _gelu_tanh_chunk(x, out=None):
     inner = x * x
     inner *= 0.044715
@@ -358,7 +516,8 @@ def softmax(x, axis: int = -1):
 
 
 # The table refsd.xp.kernels_for returns for NumPy in "fast" mode: op name -> kernel.
-FAST = {"linear": linear, "conv2d": conv2d, "group_norm": group_norm, "layer_norm": layer_norm, "erf": erf,
+FAST = {"linear": linear, "conv2d": conv2d, "group_norm": group_norm, "group_norm_silu": group_norm_silu,
+        "layer_norm": layer_norm, "erf": erf, "geglu": geglu,
         "gelu": gelu, "silu": silu, "quick_gelu": quick_gelu, "softmax": softmax}
 
 

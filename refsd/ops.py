@@ -147,6 +147,15 @@ def group_norm(x, weight, bias, groups: int, eps: float = 1e-5):
     return _affine(xp, y, weight, bias, (-1,) + (1,) * (x.ndim - 2))
 
 
+@_op(check=_check_group_norm)
+def group_norm_silu(x, weight, bias, groups: int, eps: float = 1e-5):
+    """silu(group_norm(x, weight, bias, groups, eps)): the pair every ResnetBlock2D and the UNet's / VAE's
+    norm_out run (diffusers models/resnet.py: ``norm1`` then ``nonlinearity``). One op so that a kernel
+    can apply SiLU while each normalised group is still in cache; models call it only where the
+    GroupNorm output itself is not traced."""
+    return silu.reference(group_norm.reference(x, weight, bias, groups, eps))
+
+
 @_op(check=lambda x, weight, bias, eps=1e-5: _same_dtype("layer_norm", x, weight, bias))
 def layer_norm(x, weight, bias, eps: float = 1e-5):
     """torch.nn.functional.layer_norm over the last axis: (x - mean) / sqrt(var + eps) * weight + bias.
@@ -205,6 +214,13 @@ def gelu(x, approximate: str = "none"):
     if approximate == "tanh":
         return 0.5 * x * (1.0 + xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
     return 0.5 * x * (1.0 + erf.reference(x / math.sqrt(2.0)))
+
+
+@_op(check=lambda hidden, gate: _same_dtype("geglu", hidden, gate))
+def geglu(hidden, gate):
+    """hidden * gelu(gate): the GEGLU gating of diffusers' ``GEGLU`` (models/activations.py; Shazeer
+    2020), given the projection's two halves. One op so that a kernel can do both in one pass."""
+    return hidden * gelu.reference(gate)
 
 
 def sigmoid(x):

@@ -19,7 +19,7 @@ from refsd import xp as rxp
 from refsd.errors import BackendError
 
 SETTINGS = settings(max_examples=20, deadline=None)
-F32_BOUND = {"conv2d": 1e-6, "group_norm": 3e-7, "layer_norm": 3e-7, "gelu": 4e-7, "silu": 2e-7,
+F32_BOUND = {"conv2d": 1e-6, "group_norm": 3e-7, "group_norm_silu": 4e-7, "geglu": 4e-7, "layer_norm": 3e-7, "gelu": 4e-7, "silu": 2e-7,
              "quick_gelu": 2e-7, "linear": 1e-6}
 EXACT = ("erf", "softmax")
 
@@ -50,6 +50,50 @@ def agree(name, *args, dtype=np.float32, **kwargs):
 
 # --------------------------------------------------------------------------------------------
 # fast == reference within the stated error
+
+
+@SETTINGS
+@given(st.integers(1, 2), st.integers(1, 12), st.integers(1, 9), st.integers(1, 23), st.integers(1, 23),
+       st.tuples(*[st.integers(0, 2)] * 4), st.booleans(), st.sampled_from([np.float32, np.float64]))
+def test_winograd_agrees(b, c, o, h, w, pads, bias, dtype):
+    """Winograd F(2x2, 3x3) on any size (odd outputs crop a half tile), any asymmetric padding, at
+    channel counts below the ones conv2d routes to it (the path itself is size-agnostic)."""
+    top, bottom, left, right = pads
+    if h + top + bottom < 3 or w + left + right < 3:
+        return
+    rng = np.random.default_rng(h * 41 + w)
+    x, wt = randn(rng, b, c, h, w, dtype=dtype), randn(rng, o, c, 3, 3, scale=0.2, dtype=dtype)
+    bv = randn(rng, o, dtype=dtype) if bias else None
+    fast, ref = K._conv_winograd(x, wt, bv, pads), ops.conv2d.reference(x, wt, bv, padding=pads)
+    assert fast.shape == ref.shape and fast.dtype == ref.dtype == dtype
+    assert rel_err(fast, ref) <= (F32_BOUND["conv2d"] if dtype == np.float32 else 1e-14)
+
+
+@pytest.mark.parametrize("band_bytes", [1, 20000, 1 << 30])
+def test_winograd_bands_agree(monkeypatch, band_bytes):
+    """Winograd's tile-row bands (down to the transformed weights' size: 2 tile rows here) give the same
+    result as one band."""
+    rng = np.random.default_rng(2)
+    x, w, bias = rng.standard_normal((2, 40, 13, 11)), rng.standard_normal((33, 40, 3, 3)), rng.standard_normal(33)
+    monkeypatch.setattr(K, "WINOGRAD_BAND_BYTES", 1 << 30)
+    whole = K.conv2d(x, w, bias, padding=1)
+    monkeypatch.setattr(K, "WINOGRAD_BAND_BYTES", band_bytes)
+    assert np.allclose(K.conv2d(x, w, bias, padding=1), whole, rtol=0, atol=1e-12)
+    assert rel_err(K.conv2d(x, w, bias, padding=1), ops.conv2d.reference(x, w, bias, padding=1)) < 1e-14
+
+
+def test_conv2d_picks_winograd_for_wide_3x3(monkeypatch):
+    """Stride-1 3x3 convs with >= WINOGRAD_MIN_CHANNELS in and out channels take the Winograd path;
+    narrower ones, strided ones and other kernel sizes do not."""
+    calls, n = [], K.WINOGRAD_MIN_CHANNELS
+    monkeypatch.setattr(K, "_conv_winograd", lambda *a: calls.append(a[1].shape) or np.zeros(1))
+    x = np.zeros((1, n, 4, 4), np.float32)
+    K.conv2d(x, np.zeros((n, n, 3, 3), np.float32), padding=1)
+    K.conv2d(x, np.zeros((4, n, 3, 3), np.float32), padding=1)
+    K.conv2d(x[:, : n - 1], np.zeros((n, n - 1, 3, 3), np.float32), padding=1)
+    K.conv2d(x, np.zeros((n, n, 3, 3), np.float32), stride=2, padding=1)
+    K.conv2d(x, np.zeros((n, n, 1, 1), np.float32))
+    assert calls == [(n, n, 3, 3)]
 
 
 @SETTINGS
@@ -85,6 +129,29 @@ def test_group_norm_agrees(b, cg, hw, offset, affine, dtype):
     x = randn(rng, b, c, hw, 3, scale=2.0, loc=offset, dtype=dtype)
     w, bias = (randn(rng, c, dtype=dtype), randn(rng, c, dtype=dtype)) if affine else (None, None)
     agree("group_norm", x, w, bias, groups, 1e-5, dtype=dtype)
+    agree("group_norm_silu", x, w, bias, groups, 1e-5, dtype=dtype)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 300, 257), (2, 1024, 1280)])
+def test_geglu_agrees(shape):
+    """geglu in one chunked pass: bit for bit the fast gelu times hidden, and within gelu's bound of
+    the definition hidden * gelu(gate) (relative to max |hidden * gelu(gate)|)."""
+    rng = np.random.default_rng(len(shape))
+    hidden, gate = randn(rng, *shape, scale=2.0), randn(rng, *shape, scale=2.0)
+    assert np.array_equal(K.geglu(hidden, gate), K.gelu(gate) * hidden)
+    agree("geglu", hidden, gate)
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 16])
+def test_group_norm_silu_is_group_norm_then_silu(monkeypatch, chunk):
+    """The fused kernel's SiLU chunks (any size, across row boundaries) give exactly the fast
+    group_norm followed by the fast silu; the definition is silu(group_norm(...)) by construction."""
+    monkeypatch.setattr(K, "CHUNK_ELEMS", chunk)
+    rng = np.random.default_rng(3)
+    x, w, bias = randn(rng, 2, 64, 9, 11, scale=3.0), randn(rng, 64), randn(rng, 64)
+    assert np.array_equal(K.group_norm_silu(x, w, bias, 32), K.silu(K.group_norm(x, w, bias, 32)))
+    ref = ops.group_norm_silu.reference(x, w, bias, 32)
+    assert np.array_equal(ref, ops.silu.reference(ops.group_norm.reference(x, w, bias, 32)))
 
 
 @SETTINGS
@@ -131,8 +198,11 @@ def test_activations_overflow_quietly():
 SD_CASES = [  # (op, shapes, kwargs): SD1.5 UNet / CLIP shapes
     ("conv2d", [(2, 320, 64, 64), (320, 320, 3, 3), (320,)], {"padding": 1}),
     ("conv2d", [(2, 640, 32, 32), (640, 640, 3, 3), (640,)], {"padding": 1}),
+    ("conv2d", [(2, 1280, 16, 16), (1280, 1280, 3, 3), (1280,)], {"padding": 1}),
+    ("conv2d", [(2, 320, 64, 64), (4, 320, 3, 3), (4,)], {"padding": 1}),
     ("conv2d", [(2, 320, 64, 64), (320, 320, 3, 3), (320,)], {"stride": 2, "padding": (0, 1, 0, 1)}),
     ("group_norm", [(2, 320, 64, 64), (320,), (320,)], {"groups": 32}),
+    ("group_norm_silu", [(2, 320, 64, 64), (320,), (320,)], {"groups": 32}),
     ("layer_norm", [(2, 4096, 320), (320,), (320,)], {}),
     ("linear", [(2, 4096, 320), (1280, 320), (1280,)], {}),
     ("gelu", [(2, 1024, 5120)], {}),
@@ -145,7 +215,7 @@ SD_CASES = [  # (op, shapes, kwargs): SD1.5 UNet / CLIP shapes
 @pytest.mark.parametrize("name, shapes, kwargs", SD_CASES, ids=[f"{c[0]}-{'x'.join(map(str, c[1][0]))}" for c in SD_CASES])
 def test_sd_shapes_agree(name, shapes, kwargs):
     rng = np.random.default_rng(0)
-    args = [randn(rng, *shapes[0], scale=2.0, loc=3.0 if name == "group_norm" else 0.0)]
+    args = [randn(rng, *shapes[0], scale=2.0, loc=3.0 if name.startswith("group_norm") else 0.0)]
     args += [randn(rng, *s, scale=0.02 if len(s) > 1 else 1.0) for s in shapes[1:]]
     agree(name, *args, **kwargs)
 

@@ -74,7 +74,8 @@ def ln_eps_clip(mp):  # CLIP LayerNorm eps 1e-6 instead of layer_norm_eps 1e-5
 
 
 def tanh_gelu(mp):  # GEGLU with tanh-approximate GELU instead of erf GELU
-    _wrap(mp, _blocks(), "gelu", lambda f: lambda x: f(x, approximate="tanh"))
+    from refsd import ops
+    mp.setattr(_blocks(), "geglu", lambda hidden, gate: hidden * ops.gelu(gate, approximate="tanh"))
 
 
 def gelu_for_quick_gelu(mp):  # CLIP-L's quick_gelu (x * sigmoid(1.702 x)) replaced by GELU

@@ -97,13 +97,15 @@ def tanh_gelu_trace(tmp_path_factory):
 
     case = load_case("unet/sd1_tiny_f32")
     traces, params = _names(case)
-    original = blocks.gelu
-    blocks.gelu = lambda x: original(x, approximate="tanh")
+    from refsd import ops
+
+    original = blocks.geglu
+    blocks.geglu = lambda hidden, gate: hidden * ops.gelu(gate, approximate="tanh")
     try:
         with record() as rec:
             _run_unet(**case.group("in"), params=Params(case.group("param")), **case.meta["op"]["kwargs"])
     finally:
-        blocks.gelu = original
+        blocks.geglu = original
     m = name_map("ldm", "unet", traces + params)
     path = tmp_path_factory.mktemp("names") / "ldm_trace.safetensors"
     save_safetensors(path, {m.from_reference(n): rec[n] for n in rec})  # plain names: file order alphabetical

@@ -20,7 +20,7 @@ from __future__ import annotations
 from refsd import xp as rxp
 from refsd.attention import attention as _attention
 from refsd.errors import BackendError
-from refsd.ops import conv2d, gelu, group_norm, layer_norm, linear, pad, silu, upsample_nearest2x
+from refsd.ops import conv2d, geglu, group_norm, group_norm_silu, layer_norm, linear, pad, silu, upsample_nearest2x
 from refsd.trace import detail, emit, tracing
 from refsd.weights.params import wb
 
@@ -32,6 +32,14 @@ LAYER_NORM_EPS = 1e-5  # BasicTransformerBlock norm1/2/3: Transformer2DModel's n
 # resnets and resampling
 
 
+def norm_silu(p, name: str, x, groups: int, eps: float):
+    """SiLU of GroupNorm ``name`` of ``p``: one fused op (ops.group_norm_silu), or, while a depth-2 trace
+    records the GroupNorm's own output, the two ops with that output emitted in between."""
+    if tracing(2):
+        return silu(detail(p, name, group_norm(x, *wb(p, name), groups, eps)))
+    return group_norm_silu(x, *wb(p, name), groups, eps)
+
+
 def resnet_block(p, x, temb=None, *, groups: int, eps: float, output_scale_factor: float = 1.0):
     """ResnetBlock2D (time_embedding_norm "default"). x: (B, C, H, W) -> (B, C_out, H, W).
 
@@ -40,13 +48,11 @@ def resnet_block(p, x, temb=None, *, groups: int, eps: float, output_scale_facto
     have no ``time_emb_proj``. A ``conv_shortcut`` (1x1) maps x to C_out when the widths differ.
     """
     xp = rxp.namespace(x)
-    h = detail(p, "norm1", group_norm(x, *wb(p, "norm1"), groups, eps))
-    h = detail(p, "conv1", conv2d(silu(h), *wb(p, "conv1"), padding=1))
+    h = detail(p, "conv1", conv2d(norm_silu(p, "norm1", x, groups, eps), *wb(p, "conv1"), padding=1))
     if temb is not None:
         t = detail(p, "time_emb_proj", linear(temb, *wb(p, "time_emb_proj")))
         h += xp.reshape(t, (*t.shape, 1, 1))
-    h = detail(p, "norm2", group_norm(h, *wb(p, "norm2"), groups, eps))
-    h = detail(p, "conv2", conv2d(silu(h), *wb(p, "conv2"), padding=1))
+    h = detail(p, "conv2", conv2d(norm_silu(p, "norm2", h, groups, eps), *wb(p, "conv2"), padding=1))
     h += detail(p, "conv_shortcut", conv2d(x, *wb(p, "conv_shortcut"))) if "conv_shortcut.weight" in p else x
     if output_scale_factor != 1:
         h /= output_scale_factor
@@ -170,9 +176,8 @@ def feed_forward(p, x):
     w, bias = wb(p, "net.0.proj")
     f = w.shape[0] // 2
     hidden = linear(x, w[:f, ...], None if bias is None else bias[:f])
-    gate = gelu(linear(x, w[f:, ...], None if bias is None else bias[f:]))
-    gate *= hidden
-    return detail(p, "net.2", linear(detail(p, "net.0", gate), *wb(p, "net.2")))
+    gated = geglu(hidden, linear(x, w[f:, ...], None if bias is None else bias[f:]))
+    return detail(p, "net.2", linear(detail(p, "net.0", gated), *wb(p, "net.2")))
 
 
 def transformer_block(p, x, context, *, heads: int, upcast: bool = False, attention: str = "sliced"):

@@ -39,10 +39,10 @@ from __future__ import annotations
 
 from refsd import xp as rxp
 from refsd.errors import BackendError
-from refsd.models.blocks import _as, batch_values, downsample, resnet_block, transformer_2d, upsample
+from refsd.models.blocks import _as, batch_values, downsample, norm_silu, resnet_block, transformer_2d, upsample
 from refsd.models.configs import UNetConfig
 from refsd.numerics import timestep_frequencies_f32
-from refsd.ops import conv2d, group_norm, linear, silu
+from refsd.ops import conv2d, linear, silu
 from refsd.trace import detail, emit, tracing
 from refsd.weights.params import wb
 
@@ -95,8 +95,7 @@ def unet(params, sample, timestep, encoder_hidden_states, *, cfg: UNetConfig, te
     for i in range(len(cfg.up_block_types)):
         h, skips = up_block(params.sub(f"up_blocks.{i}"), h, temb, context, skips, index=i, cfg=cfg,
                             attention=attention)
-    h = silu(detail(params, "conv_norm_out", group_norm(h, *wb(params, "conv_norm_out"), cfg.norm_num_groups,
-                                                         cfg.norm_eps)))
+    h = norm_silu(params, "conv_norm_out", h, cfg.norm_num_groups, cfg.norm_eps)
     return emit(params.sub("conv_out"), conv2d(h, *wb(params, "conv_out"), padding=cfg.conv_out_kernel // 2))
 
 

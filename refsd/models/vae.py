@@ -44,9 +44,9 @@ from dataclasses import dataclass
 
 from refsd import xp as rxp
 from refsd.errors import BackendError
-from refsd.models.blocks import downsample, resnet_block, spatial_self_attention, upsample
+from refsd.models.blocks import downsample, norm_silu, resnet_block, spatial_self_attention, upsample
 from refsd.models.configs import VAEConfig
-from refsd.ops import conv2d, group_norm, silu
+from refsd.ops import conv2d
 from refsd.trace import detail, emit
 from refsd.weights.params import wb
 
@@ -132,7 +132,7 @@ def encoder(p, x, *, cfg: VAEConfig, attention: str = "sliced"):
     for i in range(n):
         h = down_block(p.sub(f"down_blocks.{i}"), h, cfg=cfg, last=i == n - 1)
     h = mid_block(p.sub("mid_block"), h, cfg=cfg, attention=attention)
-    h = silu(detail(p, "conv_norm_out", group_norm(h, *wb(p, "conv_norm_out"), cfg.norm_num_groups, EPS)))
+    h = norm_silu(p, "conv_norm_out", h, cfg.norm_num_groups, EPS)
     return emit(p.sub("conv_out"), conv2d(h, *wb(p, "conv_out"), padding=1))
 
 
@@ -143,7 +143,7 @@ def decoder(p, z, *, cfg: VAEConfig, attention: str = "sliced"):
     n = len(cfg.block_out_channels)
     for i in range(n):
         h = up_block(p.sub(f"up_blocks.{i}"), h, cfg=cfg, last=i == n - 1)
-    h = silu(detail(p, "conv_norm_out", group_norm(h, *wb(p, "conv_norm_out"), cfg.norm_num_groups, EPS)))
+    h = norm_silu(p, "conv_norm_out", h, cfg.norm_num_groups, EPS)
     return emit(p.sub("conv_out"), conv2d(h, *wb(p, "conv_out"), padding=1))
 
 
