@@ -11,11 +11,9 @@ from refsd.weights import load_checkpoint
 from train import judge, shapes
 from train.evaluate import draw, draw_held_out
 
-# Per attribute. The shipped model measured colour 0.57, shape 0.46, background 0.43 (docs/demo_model.md);
-# chance is 1/7, 1/4, 1/7. FLOOR says it draws what the prompt asks far above chance; ISSUE_FLOOR is the
-# issue's acceptance (0.8 each), which this model does NOT reach (test_reaches_the_issue_floor: xfail).
-FLOOR = {"colour": 0.45, "shape": 0.35, "background": 0.35}
-ISSUE_FLOOR = 0.8
+# Per attribute: the issue's acceptance, at least 80% on each. The shipped model (run D) measured colour
+# 26/28, shape 23/28, background 28/28 on these prompts and seeds (docs/demo_model.md; chance 1/7, 1/4, 1/7).
+FLOOR = {"colour": 0.8, "shape": 0.8, "background": 0.8}
 STEPS = 20
 
 
@@ -93,9 +91,3 @@ def accuracy():
 
 def test_draws_held_out_prompts(accuracy):
     assert all(accuracy[k] >= v for k, v in FLOOR.items()), accuracy
-
-
-@pytest.mark.xfail(strict=True, reason="the shipped model measures 0.57 / 0.46 / 0.43 (docs/demo_model.md): "
-                                       "the issue's 0.8 per attribute needs a better-trained model")
-def test_reaches_the_issue_floor(accuracy):
-    assert all(v >= ISSUE_FLOOR for v in accuracy.values()), accuracy
