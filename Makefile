@@ -34,7 +34,7 @@ demo: setup
 
 # Default tier: re-capture every golden with the oracle and compare, then the test suite.
 test: setup golden-check
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # The teaching notebooks alone (tests/test_notebooks.py runs the same check under make test).
 notebooks: setup

@@ -72,14 +72,14 @@ def refuse_for_sd(args, model: Path | None, architecture: str) -> None:
                              f"encoders and VAE")
 
 
-def _refuse_sd_only(args, s: dict) -> None:
+def refuse_sd_only(args, s: dict) -> None:
     for key, flag in SD_ONLY.items():
         v = s.get(key) if key in s else getattr(args, key, None)
         if v not in (None, False, [], ()):
             raise RefsdError(f"{flag} is not supported for SD3 / Flux models")
 
 
-def _png_components(source: dict, given: dict[str, Path], notes: list[str], what: str) -> None:
+def png_components(source: dict, given: dict[str, Path], notes: list[str], what: str) -> None:
     """Components a --from-png PNG names: each must be given again; a differing hash is noted."""
     from refsd.pipelines import png
 
@@ -94,88 +94,6 @@ def _png_components(source: dict, given: dict[str, Path], notes: list[str], what
         got = png.model_hash(given[kw])
         if want and got and got != want:
             notes.append(f"note: {flag} {given[kw]} has hash {got}, the PNG's {key} had {want}")
-
-
-def dit_job(args, s: dict, explicit: dict, source: dict, keep, notes: list, model: Path):
-    """The GenerateJob of an SD3 / Flux run, checked as ``refsd.cli_job.generate_job`` checks SD's: the
-    files from their headers (refsd.pipelines.dit_files), the settings by the pipeline's own
-    check_dit_settings, the outputs' paths; nothing is written and no weight is read."""
-    import secrets
-
-    from refsd import xp as rxp
-    from refsd.attention import STRATEGIES
-    from refsd.cli_job import GENERATE_DTYPES, GenerateJob, _choice, _images, _outputs
-    from refsd.pipelines import png
-    from refsd.pipelines.dit import check_dit_settings
-    from refsd.pipelines.dit_files import load_dit_files
-    from refsd.pipelines.dit_model import make_dit_model
-
-    _refuse_sd_only(args, s)
-    given = components_given(args)
-    if args.from_png:
-        _png_components(source, given, notes, args.from_png)
-    files = load_dit_files(model, **given)
-    dm = make_dit_model(files.params, files.configs, architecture=files.architecture, tokenizers=files.tokenizers,
-                        scheduler_config=files.scheduler_config, name=png.model_name(model))
-    from_png = set(png.settings(source, what=str(args.from_png))) if args.from_png else set()
-    for key, default in (("steps", dm.defaults["steps"]), ("cfg", dm.defaults["guidance_scale"])):
-        if key not in explicit and key not in from_png:
-            s[key] = default
-    init, _, _ = _images(args, s, explicit)
-    if s["prompt"] is None:
-        raise RefsdError("--prompt is required (or --from-png IMAGE to reuse a PNG's)")
-    if init is None:
-        side = dm.transformer_config.sample_size * dm.vae_scale_factor if dm.family == "sd3" else 1024
-        s["width"] = side if s["width"] is None else s["width"]
-        s["height"] = side if s["height"] is None else s["height"]
-    else:
-        s["width"], s["height"] = init.shape[1], init.shape[0]
-        s["strength"] = 0.75 if s["strength"] is None else s["strength"]
-    random_seed = s["seed"] == -1
-    if random_seed:
-        s["seed"] = secrets.randbelow(2**32)
-    elif s["seed"] < 0:
-        raise RefsdError(f"--seed must be -1 (random) or at least 0, got {s['seed']}")
-    check_dit_settings(dm, prompt=s["prompt"], negative_prompt=s["negative_prompt"], width=s["width"],
-                       height=s["height"], steps=s["steps"], cfg=s["cfg"], sampler=s["sampler"],
-                       scheduler=s["scheduler"], seed=s["seed"], rng=s["rng"], batch_size=s["batch"],
-                       clip_skip=s["clip_skip"], parity=s["parity"], strength=s["strength"] if init is not None else None)
-    _choice("dtype", s["dtype"], GENERATE_DTYPES)
-    _choice("attention strategy", s["attention"], STRATEGIES)
-    rxp.backend(s["backend"])
-    images = getattr(args, "command", None) != "trace"
-    outputs = _outputs(args.out, 1 if keep is not None else s["batch"], images=images)
-    job = GenerateJob(s, model, init, None, outputs, keep, random_seed, notes)
-    job.dit = given
-    return job
-
-
-def run_dit(job, callback, shown):
-    """Load the DiT model (placed, with a bar) and run txt2img / img2img -> (result, infotext names). The
-    files' short hashes are computed on background threads meanwhile (a T5-XXL file is ~9 GB)."""
-    from refsd import pipelines
-    from refsd.cli_generate import _Background
-    from refsd.pipelines import png
-
-    s = job.settings
-    shown.stage(f"loading {png.model_name(job.model)}")
-    hashes = {kw: _Background(png.model_hash, path) for kw, path in {"model": job.model, **job.dit}.items()
-              if kw != "t5_tokenizer"}
-    model = pipelines.load_model(job.model, backend=s["backend"], dtype=s["dtype"], attention=s["attention"], **job.dit)
-    tensors = [(p, key) for p in model.params.values() for key in p]
-    for p, key in shown.items(tensors, "loading", "tensor"):
-        p.place(key)
-    common = {"width": s["width"], "height": s["height"], "steps": s["steps"], "cfg": s["cfg"],
-              "sampler": s["sampler"], "scheduler": s["scheduler"], "seed": s["seed"], "rng": s["rng"],
-              "batch_size": s["batch"], "clip_skip": s["clip_skip"], "parity": s["parity"], "callback": callback}
-    if job.init_image is not None:
-        result = pipelines.img2img(model, job.init_image, s["prompt"], s["negative_prompt"], strength=s["strength"],
-                                   **common)
-    else:
-        result = pipelines.txt2img(model, s["prompt"], s["negative_prompt"], **common)
-    done = {kw: h.result() for kw, h in hashes.items()}
-    return result, {"model": png.model_name(job.model), "model_hash": done.pop("model"),
-                    "extra": png_entries(job.dit, done)}
 
 
 def png_entries(given: dict[str, Path], hashes: dict[str, str | None]) -> dict[str, str | None]:

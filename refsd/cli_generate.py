@@ -310,8 +310,6 @@ def _run_pipeline(job: GenerateJob, on_step: Callable | None = None, progress: P
     s = job.settings
     shown = progress or Progress()
     if job.dit is not None:  # SD3 / Flux (refsd.cli_dit)
-        from refsd.cli_dit import run_dit
-
         def on_dit_step(step, total, latents):
             shown.step(step, total, latents)
             if on_step is not None:
@@ -320,7 +318,7 @@ def _run_pipeline(job: GenerateJob, on_step: Callable | None = None, progress: P
         with core_progress.listen(shown.stage), warnings.catch_warnings():
             warnings.showwarning = _warning_line
             try:
-                return run_dit(job, on_dit_step, shown)
+                return _run_dit(job, on_dit_step, shown)
             finally:
                 shown.close()
     if not hasattr(pipelines, "load_model"):
@@ -501,3 +499,31 @@ def _cmd_trace(args) -> int:
     save_safetensors(out, tensors, meta)
     print(out)
     return 0
+
+
+def _run_dit(job, callback, shown):
+    """Load the DiT model (placed, with a bar) and run txt2img / img2img -> (result, infotext names). The
+    files' short hashes are computed on background threads meanwhile (a T5-XXL file is ~9 GB)."""
+    from refsd import pipelines
+    from refsd.cli_dit import png_entries
+    from refsd.pipelines import png
+
+    s = job.settings
+    shown.stage(f"loading {png.model_name(job.model)}")
+    hashes = {kw: _Background(png.model_hash, path) for kw, path in {"model": job.model, **job.dit}.items()
+              if kw != "t5_tokenizer"}
+    model = pipelines.load_model(job.model, backend=s["backend"], dtype=s["dtype"], attention=s["attention"], **job.dit)
+    tensors = [(p, key) for p in model.params.values() for key in p]
+    for p, key in shown.items(tensors, "loading", "tensor"):
+        p.place(key)
+    common = {"width": s["width"], "height": s["height"], "steps": s["steps"], "cfg": s["cfg"],
+              "sampler": s["sampler"], "scheduler": s["scheduler"], "seed": s["seed"], "rng": s["rng"],
+              "batch_size": s["batch"], "clip_skip": s["clip_skip"], "parity": s["parity"], "callback": callback}
+    if job.init_image is not None:
+        result = pipelines.img2img(model, job.init_image, s["prompt"], s["negative_prompt"], strength=s["strength"],
+                                   **common)
+    else:
+        result = pipelines.txt2img(model, s["prompt"], s["negative_prompt"], **common)
+    done = {kw: h.result() for kw, h in hashes.items()}
+    return result, {"model": png.model_name(job.model), "model_hash": done.pop("model"),
+                    "extra": png_entries(job.dit, done)}

@@ -91,12 +91,12 @@ def generate_job(args) -> GenerateJob:
     from refsd.pipelines.facts import inspect_model
     from refsd.pipelines.profiles import get_profile
 
-    from refsd.cli_dit import dit_job, is_dit, refuse_for_sd
+    from refsd.cli_dit import is_dit, refuse_for_sd
 
     s, explicit, keep, source, png_refiner, ti_hashes = _settings(args)
     notes: list[str] = []
     if getattr(args, "model", None) and not args.demo and is_dit(Path(args.model)):  # SD3 / Flux: refsd.cli_dit
-        return dit_job(args, s, explicit, source, keep, notes, Path(args.model))
+        return _dit_job(args, s, explicit, source, keep, notes, Path(args.model))
     model, facts = _model(args, source)
     refuse_for_sd(args, model, facts.architecture)
     refiner, refiner_facts = _refiner(args, model, png_refiner)
@@ -434,3 +434,55 @@ def _config_path(value: str | None, flag: str, owner: str, model: Path | None) -
     if not q.exists():
         raise RefsdError(f"{flag} {value}: no such file or directory")
     return q
+
+
+def _dit_job(args, s: dict, explicit: dict, source: dict, keep, notes: list, model: Path):
+    """The GenerateJob of an SD3 / Flux run, checked as ``refsd.cli_job.generate_job`` checks SD's: the
+    files from their headers (refsd.pipelines.dit_files), the settings by the pipeline's own
+    check_dit_settings, the outputs' paths; nothing is written and no weight is read."""
+    from refsd import xp as rxp
+    from refsd.attention import STRATEGIES
+    from refsd.cli_dit import components_given, png_components, refuse_sd_only
+    from refsd.pipelines import png
+    from refsd.pipelines.dit import check_dit_settings
+    from refsd.pipelines.dit_files import load_dit_files
+    from refsd.pipelines.dit_model import make_dit_model
+
+    refuse_sd_only(args, s)
+    given = components_given(args)
+    if args.from_png:
+        png_components(source, given, notes, args.from_png)
+    files = load_dit_files(model, **given)
+    dm = make_dit_model(files.params, files.configs, architecture=files.architecture, tokenizers=files.tokenizers,
+                        scheduler_config=files.scheduler_config, name=png.model_name(model))
+    from_png = set(png.settings(source, what=str(args.from_png))) if args.from_png else set()
+    for key, default in (("steps", dm.defaults["steps"]), ("cfg", dm.defaults["guidance_scale"])):
+        if key not in explicit and key not in from_png:
+            s[key] = default
+    init, _, _ = _images(args, s, explicit)
+    if s["prompt"] is None:
+        raise RefsdError("--prompt is required (or --from-png IMAGE to reuse a PNG's)")
+    if init is None:
+        side = dm.transformer_config.sample_size * dm.vae_scale_factor if dm.family == "sd3" else 1024
+        s["width"] = side if s["width"] is None else s["width"]
+        s["height"] = side if s["height"] is None else s["height"]
+    else:
+        s["width"], s["height"] = init.shape[1], init.shape[0]
+        s["strength"] = 0.75 if s["strength"] is None else s["strength"]
+    random_seed = s["seed"] == -1
+    if random_seed:
+        s["seed"] = secrets.randbelow(2**32)
+    elif s["seed"] < 0:
+        raise RefsdError(f"--seed must be -1 (random) or at least 0, got {s['seed']}")
+    check_dit_settings(dm, prompt=s["prompt"], negative_prompt=s["negative_prompt"], width=s["width"],
+                       height=s["height"], steps=s["steps"], cfg=s["cfg"], sampler=s["sampler"],
+                       scheduler=s["scheduler"], seed=s["seed"], rng=s["rng"], batch_size=s["batch"],
+                       clip_skip=s["clip_skip"], parity=s["parity"], strength=s["strength"] if init is not None else None)
+    _choice("dtype", s["dtype"], GENERATE_DTYPES)
+    _choice("attention strategy", s["attention"], STRATEGIES)
+    rxp.backend(s["backend"])
+    images = getattr(args, "command", None) != "trace"
+    outputs = _outputs(args.out, 1 if keep is not None else s["batch"], images=images)
+    job = GenerateJob(s, model, init, None, outputs, keep, random_seed, notes)
+    job.dit = given
+    return job

@@ -7,7 +7,9 @@ where a GPU is present. ``xp`` and ``device`` derive from it.
 Kernels: the id "numpy" runs NumPy with refsd's fast kernels (refsd/kernels.py), "numpy-reference"
 runs NumPy on the definitions in refsd/ops.py (``refsd.xp.use_kernels``); the other backends always
 run the definitions. ``KERNEL_BACKENDS`` (every golden case runs on it) adds "numpy-reference" to
-``BACKENDS``; parametrize ``backend_name`` with it to cover both kernel modes.
+``BACKENDS``; parametrize ``backend_name`` with it to cover both kernel modes. The "numpy-reference" runs are
+in the slow tier (CI runs it): the default tier already runs the definitions on every case through
+array-api-strict (the fast kernels are NumPy-only), and these 291 runs cost 38 s of its time.
 """
 
 import importlib.util
@@ -52,7 +54,8 @@ def _available_backends():
 
 
 BACKENDS = _available_backends()
-KERNEL_BACKENDS = [*BACKENDS[:BACKENDS.index("numpy") + 1], "numpy-reference", *BACKENDS[BACKENDS.index("numpy") + 1:]]
+KERNEL_BACKENDS = [*BACKENDS[:BACKENDS.index("numpy") + 1], pytest.param("numpy-reference", marks=pytest.mark.slow),
+                   *BACKENDS[BACKENDS.index("numpy") + 1:]]
 _VARIANTS = {"numpy-reference": ("numpy", "reference")}  # test id -> (backend, kernel mode)
 
 

@@ -52,7 +52,7 @@ from refsd.pipelines.diffusers_schedulers import (
     sample_flow_match_euler,
 )
 from refsd.pipelines.dit_model import DiTModel
-from refsd.pipelines.profiles import get_profile
+from refsd.pipelines.profiles import get_profile, profiles
 from refsd.pipelines.profiles.comfyui import COMFYUI, comfyui_plan
 from refsd.sampling import SAMPLERS
 from refsd.sampling import rng as _rng
@@ -61,7 +61,7 @@ from refsd.sampling.guidance import CFGDenoiser, GuidanceInput
 from refsd.sampling.model_sampling import calculate_shift, comfyui_flow_model_sampling, const_noise_scaling
 from refsd.text.dit_conditioning import flux_prompt_embeds, flux_tokens, sd3_prompt_embeds, sd3_tokens
 
-PARITIES = ("diffusers", "comfyui")
+PARITIES = tuple(p.name for p in profiles() if p.flow is not None)  # the profiles that run SD3 / Flux
 MAX_SEQUENCE_LENGTH = 512  # diffusers' SD3 / Flux check_inputs refuse more
 
 # --------------------------------------------------------------------------------------------
@@ -72,9 +72,9 @@ def check_dit_settings(model: DiTModel, *, prompt, negative_prompt, width, heigh
                        seed, rng, batch_size, clip_skip, parity, strength=None,
                        max_sequence_length=None) -> tuple[Settings, int]:
     """Validate every argument of a DiT run (RefsdError naming the culprit): (Settings, max_sequence_length)."""
-    if parity not in PARITIES:
-        raise RefsdError(f"parity {parity!r} is not implemented for {model.architecture}; valid: {', '.join(PARITIES)}")
     profile = get_profile(parity)
+    if profile.flow is None:
+        raise RefsdError(f"parity {parity!r} is not implemented for {model.architecture}; valid: {', '.join(PARITIES)}")
     if not isinstance(prompt, str):
         raise RefsdError(f"prompt must be a str, got {type(prompt).__name__}")
     if negative_prompt is not None and not isinstance(negative_prompt, str):
@@ -96,7 +96,7 @@ def check_dit_settings(model: DiTModel, *, prompt, negative_prompt, width, heigh
     cfg = check_float("cfg", cfg)
     if not isinstance(sampler, str) or not isinstance(scheduler, str):
         raise RefsdError(f"sampler and scheduler must be names (str), got {sampler!r}, {scheduler!r}")
-    if parity == "diffusers":
+    if profile.flow == "scheduler":
         if (sampler, scheduler) != ("euler", "normal"):
             raise RefsdError(f"sampler {sampler!r} / scheduler {scheduler!r}: under parity='diffusers' a "
                              f"{model.family} model samples with FlowMatchEulerDiscreteScheduler only "
@@ -127,7 +127,7 @@ def check_dit_settings(model: DiTModel, *, prompt, negative_prompt, width, heigh
         strength = check_float("strength", strength)
         if not 0.0 < strength <= 1.0:
             raise RefsdError(f"strength must be in (0, 1], got {strength}")
-        if parity == "diffusers" and steps - int(max(steps - steps * strength, 0)) < 1:
+        if profile.flow == "scheduler" and steps - int(max(steps - steps * strength, 0)) < 1:
             raise RefsdError(f"strength {strength} x steps {steps}: diffusers would run no step; raise either")
     settings = Settings(prompt, negative_prompt, width, height, steps, cfg, sampler, scheduler, seed, rng,
                         batch_size, clip_skip, profile, strength)
@@ -331,7 +331,7 @@ def dit_txt2img(model: DiTModel, prompt: str, negative_prompt: str | None = None
     gen = make_generator(s)
     noise_host = gen.randn(shape, "float32")
     noise = rxp.asarray(noise_host, xp=model.xp, device=model.device, dtype=model.dtype)
-    if s.parity == "diffusers":
+    if s.profile.flow == "scheduler":
         plan = _diffusers_plan(model, s, shape, 1.0)
         progress.stage("sampling", len(plan.timesteps))
         latents = _run_diffusers(model, s, noise, cond, uncond, plan, callback)
@@ -375,7 +375,7 @@ def dit_img2img(model: DiTModel, init_image, prompt: str, negative_prompt: str |
     shape = flow_latent_shape(model.family, s.batch_size, model.latent_channels, s.height, s.width)
     gen = make_generator(s)
     image_latents = encode_image(model, s, image, gen)  # diffusers: posterior sample, the 1st draw; ComfyUI: mean
-    if s.parity == "diffusers":
+    if s.profile.flow == "scheduler":
         plan = _diffusers_plan(model, s, shape, s.strength)
         ms = None
         sigma0 = plan.sigmas[0]
@@ -386,7 +386,7 @@ def dit_img2img(model: DiTModel, init_image, prompt: str, negative_prompt: str |
     noise_host = gen.randn(shape, "float32")  # diffusers: the 2nd draw; ComfyUI: its own seeded generator, 1st
     noise = rxp.asarray(noise_host, like=image_latents, dtype=image_latents.dtype)
     x = const_noise_scaling(sigma0, noise, image_latents)  # scale_noise / CONST.noise_scaling
-    if s.parity == "diffusers":
+    if s.profile.flow == "scheduler":
         progress.stage("sampling", len(plan.timesteps))
         latents = _run_diffusers(model, s, x, cond, uncond, plan, callback)
         steps_run = len(plan.timesteps)

@@ -51,6 +51,7 @@ from typing import Any
 
 from refsd.errors import WeightsError
 from refsd.models.infer import TEXT_FAMILIES, text_config, vae_config
+from refsd.pipelines.dit_model import make_dit_model
 from refsd.text.t5 import T5Config
 from refsd.weights import detect as det
 from refsd.weights import dit, flux, sd3
@@ -466,7 +467,6 @@ def load_dit_model(path: str | os.PathLike, *, t5=None, clip_l=None, clip_g=None
     policy = {"compute": prec.compute, "home": prec.home, "offload": prec.offload}
     files = load_dit_files(path, t5=t5, clip_l=clip_l, clip_g=clip_g, vae=vae, t5_tokenizer=t5_tokenizer, xp=xp,
                            device=device, dtype=prec.storage, policy=policy)
-    from refsd.pipelines.dit_model import make_dit_model
 
     p = Path(path)
     return make_dit_model(files.params, files.configs, architecture=files.architecture, tokenizers=files.tokenizers,

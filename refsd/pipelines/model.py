@@ -32,6 +32,7 @@ from refsd.files import sha256_file
 from refsd.models.unet import UNetConfig
 from refsd.models.vae import VAEConfig
 from refsd.pipelines import demo
+from refsd.pipelines.dit_files import dit_family, load_dit_model
 from refsd.pipelines.facts import TEXT_ENCODERS, XL_ARCHITECTURES, ModelFacts, check_architecture
 from refsd.text.clip import CLIPTextConfig
 from refsd.text.tokenizer import CLIPTokenizer
@@ -332,7 +333,6 @@ def load_model(path_or_checkpoint: str | os.PathLike | Checkpoint, *, backend: s
     (refsd.pipelines.dit_files.load_dit_model); ``t5``, ``clip_l``, ``clip_g``, ``vae``, ``t5_tokenizer``
     supply the components a transformer-only file lacks (docs/dit_files.md).
     """
-    from refsd.pipelines.dit_files import dit_family, load_dit_model
 
     parts = {"t5": t5, "clip_l": clip_l, "clip_g": clip_g, "vae": vae, "t5_tokenizer": t5_tokenizer}
     family = None

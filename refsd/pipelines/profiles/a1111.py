@@ -88,7 +88,7 @@ A1111 = register(A1111Profile(
     prompt_syntax="a1111", negative_clip_skip=True, zero_uncond_without_negative=False, guided_above_one=False,
     cfg_on="x0", noise_table="ldm_float32", per_image_seeds=True, ancestral_noise="generator",
     img2img_posterior=None, img2img_schedule=None, inpaint_blend=None, pixels="plus_one", uint8="truncate",
-    sdxl=None, split_by_timestep=False, controlnet=None, brownian_per_image=A1111_BROWNIAN, fallback="comfyui",
+    sdxl=None, split_by_timestep=False, controlnet=None, flow=None, brownian_per_image=A1111_BROWNIAN, fallback="comfyui",
     refusals={"sdxl": "A1111's SDXL conditioning is not reproduced here",
               "img2img": "A1111 samples the VAE posterior from torch's global RNG, which no seed reproduces"},
     notes={

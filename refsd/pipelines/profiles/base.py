@@ -150,6 +150,14 @@ EXPLAIN: dict[str, dict[Any, str]] = {
                        "CFG halves; refsd.pipelines.control",
         None: "not reproduced: a clear error (A1111's ControlNet is the sd-webui-controlnet extension)",
     },
+    "flow": {
+        "scheduler": "FlowMatchEulerDiscreteScheduler (SD3: shift 3.0; Flux: dynamic shift from the image sequence "
+                     "length), euler / normal only; img2img runs steps - int(steps - steps x strength) steps; "
+                     "refsd.pipelines.dit",
+        "ksampler": "ModelSamplingDiscreteFlow / ModelSamplingFlux with every KSampler sampler and scheduler; "
+                    "img2img denoise = strength; refsd.pipelines.dit",
+        None: "not reproduced: a clear error (A1111 has no SD3 / Flux pipeline)",
+    },
     "split_by_timestep": {
         True: "denoising_end / refiner switch: the steps whose timestep >= int(round(T - fraction * T))",
         False: "denoising_end / refiner switch: KSamplerAdvanced's step split, round(steps * fraction)",
@@ -186,6 +194,7 @@ class Profile:
     refiner_from_noise: bool = rule("SDXL refiner", True)
     split_by_timestep: bool = rule("split schedules", False)
     controlnet: str | None = rule("ControlNet", "sigma_range")  # "step_fraction" (diffusers') | "sigma_range" | None
+    flow: str | None = rule("SD3 / Flux", "ksampler")  # "scheduler" (diffusers') | "ksampler" (ComfyUI's) | None
     brownian_per_image: frozenset = frozenset()  # SDE samplers whose Brownian tree is per image seed (A1111)
     fallback: str | None = None  # the nearest profile for a PNG's run this one cannot reproduce (the CLI)
     refusals: Mapping[str, str] = field(default_factory=dict)  # "sdxl" | "img2img" -> why, in the error

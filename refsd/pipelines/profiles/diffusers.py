@@ -37,7 +37,7 @@ DIFFUSERS = register(DiffusersProfile(
     prompt_syntax="diffusers", negative_clip_skip=False, zero_uncond_without_negative=True, guided_above_one=True,
     cfg_on="eps", noise_table="config", per_image_seeds=False, ancestral_noise="generator",
     img2img_posterior="sample", img2img_schedule="tail", inpaint_blend="after_step", pixels="half", uint8="round",
-    sdxl="pipelines", refiner_from_noise=False, split_by_timestep=True, controlnet="step_fraction",
+    sdxl="pipelines", refiner_from_noise=False, split_by_timestep=True, controlnet="step_fraction", flow="scheduler",
     own_samplers={"pndm": DIFFUSERS_SAMPLERS["pndm"][0]},
     notes={
         "samplers": ", ".join(f"`{s}`" for s in DIFFUSERS_SAMPLERS) + " (diffusers' scheduler classes, "
