@@ -24,16 +24,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from refsd import xp as rxp
 from refsd.attention import STRATEGIES
 from refsd.errors import RefsdError
-from refsd.files import sha256_file
 from refsd.models.dit_configs import FluxConfig, SD3Config
 from refsd.models.vae import VAEConfig
+from refsd.pipelines.placed import PlacedModel
 from refsd.text.clip import CLIPTextConfig
 from refsd.text.t5 import T5Config
 from refsd.text.t5_tokenizer import FLUX_MAX_SEQUENCE_LENGTH, SD3_MAX_SEQUENCE_LENGTH
@@ -99,7 +98,7 @@ class TextEncoderSlot:
 
 
 @dataclass(frozen=True)
-class DiTModel:
+class DiTModel(PlacedModel):
     """An SD3 / SD3.5 / Flux model ready for ``txt2img`` / ``img2img``.
 
     ``family``: "sd3" | "flux"; ``architecture``: one of DIT_ARCHITECTURES; ``params``: component ->
@@ -108,6 +107,8 @@ class DiTModel:
     ``scheduler_config``: FlowMatchEulerDiscreteScheduler's config dict; ``attention``: the
     refsd.attention strategy; ``dtype``: the compute dtype.
     """
+
+    DENOISER = "transformer"
 
     name: str
     family: str
@@ -141,27 +142,6 @@ class DiTModel:
         return self.family == "flux" and self.transformer_config.guidance_embeds
 
     @property
-    def xp(self):
-        return self.params["transformer"].xp
-
-    @property
-    def device(self):
-        return self.params["transformer"].device
-
-    @property
-    def backend(self) -> str:
-        return rxp.backend_name(self.xp)
-
-    @property
-    def vae_scale_factor(self) -> int:
-        """Pixels per latent along each axis (8): 2 ** (VAE blocks - 1)."""
-        return self.vae_config.downscale
-
-    @property
-    def latent_channels(self) -> int:
-        return self.vae_config.latent_channels
-
-    @property
     def vae_params(self):
         """The VAE's Params as the pipeline core's VAE steps read them (refsd.pipelines.core.latents)."""
         return self.params["vae"]
@@ -175,23 +155,8 @@ class DiTModel:
         """What the transformer predicts: the flow velocity (recorded in a run's info)."""
         return "flow"
 
-    @cached_property
-    def sha256(self) -> str | None:
-        """sha256 of the single checkpoint file (None for a folder or in-memory weights), on first use."""
-        if self.path is None or not self.path.is_file():
-            return None
-        return sha256_file(self.path, chunk=1 << 24)
 
-    @property
-    def short_hash(self) -> str | None:
-        """A1111's "Model hash" (AutoV2): the first 10 hex digits of the file's sha256."""
-        return None if self.sha256 is None else self.sha256[:10]
 
-    @property
-    def known_short_hash(self) -> str | None:
-        """``short_hash`` if the sha256 was already computed, else None (never reads the file)."""
-        h = self.__dict__.get("sha256")
-        return None if h is None else h[:10]
 
 
 def _place(params: Mapping[str, Any], backend: str | None) -> dict[str, Any]:

@@ -28,12 +28,12 @@ from typing import Any
 from refsd import xp as rxp
 from refsd.attention import STRATEGIES
 from refsd.errors import RefsdError
-from refsd.files import sha256_file
 from refsd.models.unet import UNetConfig
 from refsd.models.vae import VAEConfig
 from refsd.pipelines import demo
 from refsd.pipelines.dit_files import dit_family, load_dit_model
 from refsd.pipelines.facts import TEXT_ENCODERS, XL_ARCHITECTURES, ModelFacts, check_architecture
+from refsd.pipelines.placed import PlacedModel
 from refsd.text.clip import CLIPTextConfig
 from refsd.text.tokenizer import CLIPTokenizer
 from refsd.weights.checkpoint import Checkpoint, load_checkpoint
@@ -83,7 +83,7 @@ class TextEncoder:
 
 
 @dataclass(frozen=True)
-class Model:
+class Model(PlacedModel):
     """A Stable Diffusion 1.x / 2.x / XL model ready for ``txt2img`` / ``img2img`` / ``inpaint``.
 
     ``params``: component ("unet", "vae", "text_encoder", "text_encoder_2") -> Params; ``*_config``:
@@ -179,46 +179,13 @@ class Model:
     def vae_dtype(self) -> str:
         return "float32" if self.vae_params is not self.params["vae"] else self.dtype
 
-    @property
-    def xp(self):
-        return self.params["unet"].xp
 
-    @property
-    def device(self):
-        return self.params["unet"].device
 
-    @property
-    def backend(self) -> str:
-        return rxp.backend_name(self.xp)
 
-    @property
-    def vae_scale_factor(self) -> int:
-        """Pixels per latent along each axis (8 for SD): 2 ** (VAE blocks - 1)."""
-        return self.vae_config.downscale
 
-    @property
-    def latent_channels(self) -> int:
-        return self.vae_config.latent_channels
 
-    @cached_property
-    def sha256(self) -> str | None:
-        """sha256 of the single checkpoint file (None for a folder or in-memory weights); computed on
-        first use (seconds for a multi-GB file) and kept."""
-        if self.path is None or not self.path.is_file():
-            return None
-        return sha256_file(self.path, chunk=1 << 24)
 
-    @property
-    def short_hash(self) -> str | None:
-        """A1111's "Model hash" (AutoV2): the first 10 hex digits of the file's sha256 (computed now if
-        it was not yet)."""
-        return None if self.sha256 is None else self.sha256[:10]
 
-    @property
-    def known_short_hash(self) -> str | None:
-        """``short_hash`` if the sha256 was already computed, else None (never reads the file)."""
-        h = self.__dict__.get("sha256")
-        return None if h is None else h[:10]
 
 
 def _check_choice(what: str, value, valid) -> None:
