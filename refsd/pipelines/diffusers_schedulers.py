@@ -175,13 +175,14 @@ def flux_sigmas(steps: int) -> list[float]:
     return _linspace_numpy(1.0, 1.0 / steps, steps)
 
 
-def flow_latent_shape(family: str, batch: int, channels: int, height: int, width: int) -> tuple:
-    """The (B, C, h, w) shape diffusers' prepare_latents draws its initial noise in: SD3 (H // 8, W // 8);
-    Flux 2 * (H // 16) (even, for 2x2 packing; the draw is unpacked, packing is the transformer's)."""
+def flow_latent_shape(family: str, batch: int, channels: int, height: int, width: int, scale: int = 8) -> tuple:
+    """The (B, C, h, w) shape diffusers' prepare_latents draws its initial noise in, for a VAE of ``scale``
+    pixels per latent (8 for the released ones): SD3 (H // scale, W // scale); Flux 2 * (H // (2 scale))
+    (even, for 2x2 packing; the draw is unpacked, packing is the transformer's)."""
     if family == "sd3":
-        return (batch, channels, int(height) // 8, int(width) // 8)
+        return (batch, channels, int(height) // scale, int(width) // scale)
     if family == "flux":
-        return (batch, channels, 2 * (int(height) // 16), 2 * (int(width) // 16))
+        return (batch, channels, 2 * (int(height) // (2 * scale)), 2 * (int(width) // (2 * scale)))
     raise RefsdError(f"flow family {family!r} unknown; valid: sd3, flux")
 
 

@@ -327,7 +327,8 @@ def dit_txt2img(model: DiTModel, prompt: str, negative_prompt: str | None = None
                                 batch_size=batch_size, clip_skip=clip_skip, parity=parity,
                                 max_sequence_length=max_sequence_length)
     cond, uncond = encode_dit_text(model, s, msl)
-    shape = flow_latent_shape(model.family, s.batch_size, model.latent_channels, s.height, s.width)
+    shape = flow_latent_shape(model.family, s.batch_size, model.latent_channels, s.height, s.width,
+                              model.vae_scale_factor)
     gen = make_generator(s)
     noise_host = gen.randn(shape, "float32")
     noise = rxp.asarray(noise_host, xp=model.xp, device=model.device, dtype=model.dtype)
@@ -372,7 +373,8 @@ def dit_img2img(model: DiTModel, init_image, prompt: str, negative_prompt: str |
                                 batch_size=batch_size, clip_skip=clip_skip, parity=parity, strength=strength,
                                 max_sequence_length=max_sequence_length)
     cond, uncond = encode_dit_text(model, s, msl)
-    shape = flow_latent_shape(model.family, s.batch_size, model.latent_channels, s.height, s.width)
+    shape = flow_latent_shape(model.family, s.batch_size, model.latent_channels, s.height, s.width,
+                              model.vae_scale_factor)
     gen = make_generator(s)
     image_latents = encode_image(model, s, image, gen)  # diffusers: posterior sample, the 1st draw; ComfyUI: mean
     if s.profile.flow == "scheduler":
