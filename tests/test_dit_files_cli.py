@@ -456,3 +456,21 @@ def test_info_names_the_model_and_the_parts(sd3_case_files):
                           "text_encoder_2, text_encoder_3: give --clip-l")
     kinds = [x for x in _run("info", files["--t5"]).stdout.splitlines() if x.startswith("kind:")]
     assert kinds == ["kind: T5 encoder (T5EncoderModel: d_model 64, 2 layers, 4 heads, gated-gelu): SD3's / Flux's --t5"]
+
+
+def test_trace_records_the_dit_run_as_the_oracle_did(sd3_case_files, tmp_path):
+    """``refsd trace`` on SD3 (the same command as SD): layer outputs of every component and the pipeline's
+    tensors, which equal diffusers' (the golden case's ``out`` group) within the pipeline tolerance."""
+    from refsd.weights.safetensors import load_numpy
+
+    case, full, _, _ = sd3_case_files
+    out = tmp_path / "trace.safetensors"
+    proc = _run("trace", "--model", full, *_case_flags(case), "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    trace, _ = load_numpy(out)
+    for layer in ("transformer_blocks.0", "encoder.block.0", "text_model.encoder.layers.0", "decoder.up_blocks.0"):
+        assert f"trace/{layer}" in trace, layer  # transformer, T5, CLIP, VAE
+    ref = case.group("out")
+    assert np.array_equal(trace["out/noise"], np.asarray(ref["noise"]))
+    for key in ("step.0", "latents", "image"):
+        assert np.allclose(trace[f"out/{key}"], np.asarray(ref[key]), atol=5e-4, rtol=2e-5), key  # ("pipeline", "float32")
