@@ -200,3 +200,24 @@ def test_comfyui_img2img_draw_order_and_schedule():
     lat = rxp.to_numpy(res.image_latents)
     assert not np.allclose(lat, case.group("out")["image_latents"], atol=1e-3)  # diffusers samples, ComfyUI: mean
     assert np.isfinite(rxp.to_numpy(res.latents)).all()
+
+
+def test_memory_is_checked_before_the_run(sd3, schnell, monkeypatch):
+    """SD3 / Flux runs are bounded as SD's are: the transformer step over the joint sequence and the decode
+    are estimated before anything is allocated, and a run over the available memory is one clear line."""
+    from refsd.pipelines import preflight
+
+    sm, _ = sd3
+    fm, _ = schnell
+    small = preflight.estimate_dit(sm, width=64, height=64, batch_size=1, guided=True, text_tokens=77 + 256)
+    big = preflight.estimate_dit(sm, width=64, height=64, batch_size=4, guided=True, text_tokens=77 + 256)
+    assert 0 < small.total < big.total and big.unet == 4 * small.unet  # the step grows with the CFG batch
+    unguided = preflight.estimate_dit(fm, width=64, height=64, batch_size=1, guided=False, text_tokens=512)
+    naive = preflight.estimate_dit(fm, width=1024, height=1024, batch_size=1, guided=False, text_tokens=512)
+    assert naive.attention > unguided.attention
+    monkeypatch.setattr(preflight, "available_memory", lambda: small.total - 1)
+    _expect(r"this run needs about .* of memory .* is available: use a smaller --width/--height", txt2img, sm,
+            "a cat", width=64, height=64, cfg=5.0, steps=1)
+    _expect("use a smaller --batch", txt2img, fm, "a cat", width=64, height=64, batch_size=8, steps=1)
+    monkeypatch.setattr(preflight, "available_memory", lambda: small.total)
+    assert txt2img(sm, "a cat", width=64, height=64, cfg=5.0, steps=1).images[0].shape == (64, 64, 3)

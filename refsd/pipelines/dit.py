@@ -131,6 +131,9 @@ def check_dit_settings(model: DiTModel, *, prompt, negative_prompt, width, heigh
             raise RefsdError(f"strength {strength} x steps {steps}: diffusers would run no step; raise either")
     settings = Settings(prompt, negative_prompt, width, height, steps, cfg, sampler, scheduler, seed, rng,
                         batch_size, clip_skip, profile, strength)
+    guided = model.family == "sd3" and settings.guided  # SD3: true CFG batch; Flux: guidance embedded
+    preflight.check_dit_memory(model, width=width, height=height, batch_size=batch_size, guided=guided,
+                               text_tokens=msl + (77 if model.family == "sd3" else 0))
     return settings, msl
 
 

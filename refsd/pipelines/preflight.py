@@ -25,7 +25,9 @@ refuses a run only when the estimate exceeds the memory the kernel reports avail
 (/proc/meminfo MemAvailable), and only on host backends (a GPU's memory is the GPU's business). The
 weights count only where the facts carry a parameter count (``ModelFacts.parameters``, read from the
 file headers before loading); a loaded Model's facts carry none, since its weights are already
-resident and MemAvailable no longer includes them.
+resident and MemAvailable no longer includes them. SD3 / Flux (``check_dit_memory``, called by
+refsd.pipelines.dit on every run of a loaded DiTModel): the transformer step over the joint sequence
+(2x2-patch image tokens + text tokens) in place of the UNet's, the same VAE and host terms.
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ HOST_BYTES_PER_PIXEL = 3 * 4 + 3
 _ATTENTION_LEVEL = {"sd1": (8, 1), "sd1-inpaint": (8, 1), "sd2": (5, 1), "sd2-inpaint": (5, 1)}
 _XL_ATTENTION_LEVEL = (10, 4)  # SDXL's first block has no attention; level 1: 640 channels / 64
 SLICE_ROWS, TILE_BLOCK = 1024, 512  # refsd.attention's chunk / block defaults
+# SD3 / Flux: float32 (tokens x inner width) buffers live in a transformer block at its peak: both streams'
+# input, q, k, v, the attention output, the modulated input and the MLP's 4x-wide hidden (4)
+DIT_LIVE = 10
 
 
 def check_bounds(*, width: int, height: int, batch_size: int, steps: int, cfg: float) -> None:
@@ -124,6 +129,23 @@ class Estimate:
     host: int
 
 
+def _scores(attention: str, rows: int, heads: int, tokens: int) -> int:
+    """Bytes of attention score buffers live at once for one attention call (module docstring)."""
+    if attention == "naive":
+        return 3 * rows * heads * tokens * tokens * 4  # scores, exp, normalised: whole matrices
+    workers = os.cpu_count() or 1
+    if attention == "tiled":
+        return 3 * workers * min(SLICE_ROWS, tokens) * min(TILE_BLOCK, tokens) * 4
+    return 2 * workers * min(SLICE_ROWS, tokens) * tokens * 4  # sliced: chunk rows of a full score row per worker
+
+
+def _decode(n: int, width: int, height: int, batch_size: int, attention: str) -> tuple[int, int]:
+    """(VAE decode of one image at full resolution, host pixels of the batch) in bytes: n latent pixels."""
+    pixels = width * height
+    vae = max(pixels * VAE_C * 4 * VAE_LIVE, n * VAE_MID_C * 4 * 3 + _scores(attention, 1, 1, n))
+    return vae, batch_size * pixels * HOST_BYTES_PER_PIXEL
+
+
 def estimate(facts, *, width: int, height: int, batch_size: int, guided: bool, attention: str,
              dtype: str = "float32") -> Estimate:
     """The peak memory of a run (module docstring): weights + max(UNet step, VAE decode + host pixels)."""
@@ -131,24 +153,38 @@ def estimate(facts, *, width: int, height: int, batch_size: int, guided: bool, a
     n = (height // f) * (width // f)  # latent pixels
     rows = batch_size * (2 if guided else 1)  # the UNet's CFG batch
     heads, per_token = _XL_ATTENTION_LEVEL if facts.is_xl else _ATTENTION_LEVEL.get(facts.architecture, (8, 1))
-    tokens = max(1, n // per_token)
-    workers = os.cpu_count() or 1
-    if attention == "naive":
-        scores = 3 * rows * heads * tokens * tokens * 4  # scores, exp, normalised: whole matrices
-        vae_scores = 3 * n * n * 4
-    elif attention == "tiled":
-        scores = vae_scores = 3 * workers * min(SLICE_ROWS, tokens) * min(TILE_BLOCK, tokens) * 4
-    else:  # sliced: chunk rows of the full score row per worker
-        scores = 2 * workers * min(SLICE_ROWS, tokens) * tokens * 4
-        vae_scores = 2 * workers * min(SLICE_ROWS, n) * n * 4
+    scores = _scores(attention, rows, heads, max(1, n // per_token))
     itemsize = 2 if dtype in ("float16", "bfloat16") else 4
     weights = (getattr(facts, "parameters", None) or 0) * itemsize
     unet = rows * n * UNET_C0 * 4 * UNET_LIVE
-    pixels = width * height
-    vae = max(pixels * VAE_C * 4 * VAE_LIVE, n * VAE_MID_C * 4 * 3 + vae_scores)
-    host = batch_size * pixels * HOST_BYTES_PER_PIXEL
+    vae, host = _decode(n, width, height, batch_size, attention)
     total = weights + max(unet + scores, vae + host)
     return Estimate(total, weights, unet, scores, vae, host)
+
+
+def estimate_dit(model, *, width: int, height: int, batch_size: int, guided: bool, text_tokens: int) -> Estimate:
+    """The working memory of an SD3 / Flux run on a loaded DiTModel (its weights are resident already, as
+    for a loaded Model): the transformer step on the CFG batch, (image tokens of 2x2 latent patches +
+    ``text_tokens``) x the inner width x ``DIT_LIVE`` float32 buffers, plus one attention call's scores
+    over the joint sequence; or the VAE decode + host pixels, as for SD."""
+    cfg = model.transformer_config
+    f = model.vae_scale_factor
+    n = (height // f) * (width // f)
+    rows = batch_size * (2 if guided else 1)
+    tokens = n // 4 + text_tokens
+    step = rows * tokens * cfg.num_attention_heads * cfg.attention_head_dim * 4 * DIT_LIVE
+    scores = _scores(model.attention, rows, cfg.num_attention_heads, tokens)
+    vae, host = _decode(n, width, height, batch_size, model.attention)
+    return Estimate(max(step + scores, vae + host), 0, step, scores, vae, host)
+
+
+def check_dit_memory(model, *, width: int, height: int, batch_size: int, guided: bool, text_tokens: int,
+                     available: int | None = None) -> Estimate:
+    """``check_memory`` for a loaded DiTModel (``estimate_dit``): a refusal names what to change."""
+    est = estimate_dit(model, width=width, height=height, batch_size=batch_size, guided=guided,
+                       text_tokens=text_tokens)
+    return _refuse_over(est, model.attention, width, height, batch_size,
+                        available if on_host(model.backend, model.device) else -1)
 
 
 def available_memory() -> int | None:
@@ -174,7 +210,14 @@ def check_memory(facts, *, width: int, height: int, batch_size: int, guided: boo
     ``available_memory()``), naming what to change. GPU backends are not checked here."""
     est = estimate(facts, width=width, height=height, batch_size=batch_size, guided=guided, attention=attention,
                    dtype=dtype)
-    if not on_host(backend, device):
+    return _refuse_over(est, attention, width, height, batch_size, available if on_host(backend, device) else -1)
+
+
+def _refuse_over(est: Estimate, attention: str, width: int, height: int, batch_size: int,
+                 available: int | None) -> Estimate:
+    """``est`` back, or a RefsdError when it exceeds ``available`` bytes (None: ``available_memory()``;
+    -1: not checked, a device backend)."""
+    if available == -1:
         return est
     avail = available_memory() if available is None else available
     if avail is None or est.total <= avail:
@@ -182,7 +225,7 @@ def check_memory(facts, *, width: int, height: int, batch_size: int, guided: boo
     fixes = []
     if attention == "naive" and est.attention > est.total // 4:
         fixes.append("--attention tiled (naive holds the whole attention matrix)")
-    if batch_size > 1:  # the UNet's activations and the host pixels grow with it
+    if batch_size > 1:  # the denoiser's activations and the host pixels grow with it
         fixes.append("a smaller --batch")
     fixes.append("a smaller --width/--height")
     raise RefsdError(f"this run needs about {_gib(est.total)} of memory ({_gib(est.weights)} weights, "
