@@ -44,7 +44,7 @@ from refsd.pipelines import preflight
 from refsd.pipelines.core import progress
 from refsd.pipelines.core.denoise import _check_finite
 from refsd.pipelines.core.latents import decode_images, encode_image, make_generator
-from refsd.pipelines.core.settings import Callback, GenerationResult, Settings, check_float
+from refsd.pipelines.core.settings import Callback, GenerationResult, Settings, check_float, check_run
 from refsd.pipelines.diffusers_schedulers import (
     flow_latent_shape,
     flow_match_plan,
@@ -55,7 +55,6 @@ from refsd.pipelines.dit_model import DiTModel
 from refsd.pipelines.profiles import get_profile, profiles
 from refsd.pipelines.profiles.comfyui import COMFYUI, comfyui_plan
 from refsd.sampling import SAMPLERS
-from refsd.sampling import rng as _rng
 from refsd.sampling.denoisers import Denoiser
 from refsd.sampling.guidance import CFGDenoiser, GuidanceInput
 from refsd.sampling.model_sampling import calculate_shift, comfyui_flow_model_sampling, const_noise_scaling
@@ -103,13 +102,8 @@ def check_dit_settings(model: DiTModel, *, prompt, negative_prompt, width, heigh
                              f"(sampler 'euler', scheduler 'normal'); parity='comfyui' runs the other samplers")
     else:
         COMFYUI.check_sampler(sampler, scheduler)
-    if rng not in _rng.MODES:
-        raise RefsdError(f"unknown rng {rng!r}; valid: {', '.join(_rng.MODES)}")
-    seed = _rng._check_seed(seed)
-    batch_size = check_int("batch_size", batch_size, 1)
-    preflight.check_bounds(width=width, height=height, batch_size=batch_size, steps=steps, cfg=cfg)
-    for what, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-        preflight.check_text(text, what)
+    seed, batch_size = check_run(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
+                                 steps=steps, cfg=cfg, rng=rng, seed=seed, batch_size=batch_size)
     if clip_skip is not None:
         clip_skip = check_int("clip_skip", clip_skip, 1)
         if model.family != "sd3":

@@ -97,6 +97,20 @@ class Settings:
                 **({"micro_conditioning": self.micro.as_dict()} if self.micro is not None else {})}
 
 
+def check_run(*, prompt, negative_prompt, width: int, height: int, steps: int, cfg: float, rng: str, seed,
+              batch_size) -> tuple[int, int]:
+    """The checks every pipeline (SD's and refsd.pipelines.dit's) makes of a run: the rng mode, the seed,
+    the batch size, the pre-flight bounds and the prompts' text. -> (seed, batch_size), validated."""
+    if rng not in _rng.MODES:
+        raise RefsdError(f"unknown rng {rng!r}; valid: {', '.join(_rng.MODES)}")
+    seed = _rng._check_seed(seed)
+    batch_size = check_int("batch_size", batch_size, 1)
+    preflight.check_bounds(width=width, height=height, batch_size=batch_size, steps=steps, cfg=cfg)
+    for what, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        preflight.check_text(text, what)
+    return seed, batch_size
+
+
 def check_float(name: str, v) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) and not hasattr(v, "__float__"):
         raise RefsdError(f"{name} must be a number, got {type(v).__name__} {v!r}")
@@ -158,13 +172,9 @@ def check_settings(model, *, prompt, negative_prompt, width, height, steps, cfg,
     profile.check_sampler(sampler, scheduler)
     if split:
         profile.check_split(sampler)
-    if rng not in _rng.MODES:
-        raise RefsdError(f"unknown rng {rng!r}; valid: {', '.join(_rng.MODES)}")
-    seed = _rng._check_seed(seed)
-    batch_size = check_int("batch_size", batch_size, 1)
-    preflight.check_bounds(width=width, height=height, batch_size=batch_size, steps=steps, cfg=cfg)
+    seed, batch_size = check_run(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
+                                 steps=steps, cfg=cfg, rng=rng, seed=seed, batch_size=batch_size)
     for what, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-        preflight.check_text(text, what)
         if text is not None:
             preflight.check_prompt_weights(text, profile.prompt_syntax, what)
     if clip_skip is not None:
