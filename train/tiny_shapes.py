@@ -73,8 +73,11 @@ def lr_at(frac: float, peak: float, warm: float = 0.03) -> float:
 
 
 def train_vae(vae, images: np.ndarray, seconds: float, seed: int, batch: int = 16, crop: int = 32,
-              kl_weight: float = 1e-4, lr: float = 2e-3) -> list[tuple[int, float]]:
-    """MSE + kl_weight * KL (per latent element) on random crops; stops after ``seconds``."""
+              kl_weight: float = 1e-4, lr: float = 2e-3, full_from: float = 0.7) -> list[tuple[int, float]]:
+    """MSE + kl_weight * KL (per latent element); stops after ``seconds``. Random crops (a quarter of the
+    cost) for the first ``full_from`` of the time, then whole images: the mid-block attention sees a 4x4
+    latent on a crop and 8x8 on an image, and a VAE trained on crops alone reconstructed whole images with
+    4x its crop error (runs C / D: 0.049 vs 0.011), the colours included."""
     g = np.random.default_rng(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     curve, t0, step, avg = [], time.time(), 0, None
@@ -82,8 +85,9 @@ def train_vae(vae, images: np.ndarray, seconds: float, seed: int, batch: int = 1
         for group in opt.param_groups:
             group["lr"] = lr_at(frac, lr)
         idx = g.integers(len(images), size=batch)
-        y0, x0 = g.integers(0, shapes.SIZE - crop + 1, size=2)
-        x = to_model_range(images[idx, y0:y0 + crop, x0:x0 + crop])
+        side = crop if frac < full_from else shapes.SIZE
+        y0, x0 = g.integers(0, shapes.SIZE - side + 1, size=2)
+        x = to_model_range(images[idx, y0:y0 + side, x0:x0 + side])
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         mse = torch.mean((rec - x) ** 2)
@@ -141,6 +145,34 @@ def caption_ids(captions: list[str]) -> tuple[list[str], torch.Tensor]:
     return distinct, torch.tensor([tok(c) for c in distinct], dtype=torch.long)
 
 
+class UsedRows:
+    """Train only the rows of CLIP's 49408-token embedding that the captions use (about 20): a small
+    embedding of those rows stands in for the table while training, and ``restore`` writes them back.
+
+    The same training as the whole table's, not an approximation: an unused row's gradient is zero every
+    step, so AdamW (no weight decay) never moves it (its moments stay zero), it adds nothing to the
+    clipped gradient norm, and its EMA is its initial value. What it saves is AdamW's, the clipping's and
+    the EMA's pass over 3.2 M idle parameters each step (measured here: ~0.04 s of a 0.34 s step at
+    batch 32, one thread)."""
+
+    def __init__(self, text, ids: torch.Tensor):
+        self.text = text
+        self.table = text.get_input_embeddings()
+        self.rows = torch.unique(ids)
+        remap = torch.full((self.table.num_embeddings,), -1, dtype=torch.long)
+        remap[self.rows] = torch.arange(len(self.rows))
+        self.ids = remap[ids]  # caption ids in the small table's numbering
+        self.small = torch.nn.Embedding(len(self.rows), self.table.embedding_dim)
+        with torch.no_grad():
+            self.small.weight.copy_(self.table.weight[self.rows])
+        text.set_input_embeddings(self.small)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        self.table.weight[self.rows] = self.small.weight
+        self.text.set_input_embeddings(self.table)
+
+
 class EMA:
     """Exponential moving average of parameters (decay warms up as min(decay, (1 + n) / (10 + n)))."""
 
@@ -164,10 +196,14 @@ class EMA:
 def train_diffusion(unet, text, latents: tuple[torch.Tensor, torch.Tensor], cap_index: torch.Tensor,
                     ids: torch.Tensor, seconds: float, seed: int, batch: int = 64, lr: float = 6e-4,
                     drop: float = 0.1, snr_gamma: float = 5.0, ema_decay: float = 0.999):
-    """Epsilon-prediction training of unet + text jointly; returns (loss curve, steps, EMA)."""
+    """Epsilon-prediction training of unet + text jointly, left holding the EMA weights; returns (loss
+    curve, steps)."""
     g = torch.Generator().manual_seed(seed)
     mean, std = latents
     ac = alphas_cumprod()
+    used = UsedRows(text, ids)
+    ids = used.ids
+    unet.to(memory_format=torch.channels_last)  # oneDNN's convolutions: ~11% faster per step here
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     ema = EMA(params, ema_decay)
@@ -183,7 +219,7 @@ def train_diffusion(unet, text, latents: tuple[torch.Tensor, torch.Tensor], cap_
         t = torch.randint(0, 1000, (batch,), generator=g)
         noise = torch.randn(z0.shape, generator=g)
         a = ac[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        zt = (a.sqrt() * z0 + (1 - a).sqrt() * noise).contiguous(memory_format=torch.channels_last)
         context = text(ids[cap]).last_hidden_state
         pred = unet(zt, t, encoder_hidden_states=context).sample
         snr = ac[t] / (1 - ac[t])
@@ -201,7 +237,10 @@ def train_diffusion(unet, text, latents: tuple[torch.Tensor, torch.Tensor], cap_
             curve.append((step, round(avg, 6)))
             log(f"unet step {step} eps-mse {avg:.5f} lr {opt.param_groups[0]['lr']:.2e} "
                 f"({(time.time() - t0) / step:.2f} s/step)")
-    return curve, step, ema
+    ema.copy_to()
+    used.restore()
+    unet.to(memory_format=torch.contiguous_format)
+    return curve, step
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,7 +291,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=16000, help="training images (latents encoded once)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the UNet + text encoder")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=32, help="UNet + text encoder batch")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -289,9 +328,7 @@ def main(argv=None) -> int:
     cap_index = torch.tensor([where[c] for c in captions])
     remaining = budget - (time.time() - t_start) - 60  # a minute for the export
     t = time.time()
-    curve, steps, ema = train_diffusion(unet, text, (mean, std), cap_index, ids, remaining, a.seed, batch=a.batch,
-                                        lr=a.lr)
-    ema.copy_to()
+    curve, steps = train_diffusion(unet, text, (mean, std), cap_index, ids, remaining, a.seed, batch=a.batch, lr=a.lr)
     record["unet_curve"], record["unet_steps"] = curve, steps
     record["unet_seconds"] = round(time.time() - t)
     torch.save({"unet": unet.state_dict(), "text_encoder": text.state_dict()}, a.out / "unet_text_ema.pt")
