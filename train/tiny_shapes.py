@@ -5,15 +5,17 @@
 Three parts, the real classes (diffusers / transformers), tiny widths (``CONFIGS``):
 
 1. VAE (AutoencoderKL: four levels = the real 8x downscale, 4 latent channels), MSE + a small KL, on
-   random 32x32 crops of the 64x64 images (it is fully convolutional; crops cost a quarter). Then it is
+   random 32x32 crops of the 64x64 images (it is fully convolutional; crops cost a quarter) for 70% of
+   its time, then on whole images (what its mid-block attention sees when it is used). Then it is
    frozen and rescaled exactly (``rescale_vae``: quant_conv / post_quant_conv) so that latents times
    SD's scaling factor 0.18215 have unit standard deviation, as SD 1.x's VAE does.
 2. The training images' latents are encoded once (posterior mean and std; each step samples).
 3. UNet2DConditionModel (SD 1.x: convolutional proj_in/proj_out, 8 heads, cross-attention) and
    CLIPTextModel (CLIP-L layout, the full 49408-token vocabulary, refsd's shipped CLIP tokenizer) from
    scratch, jointly: epsilon prediction, SD's scaled_linear betas (0.00085..0.012, 1000 steps), min-SNR-5
-   loss weights, 10% of captions dropped to "" (classifier-free guidance), AdamW, an EMA of the weights
-   (what is exported). Training stops by wall time (``--minutes``), the learning rate follows the
+   loss weights, 10% of captions dropped to "" (classifier-free guidance), AdamW, batch 32, an EMA of
+   the weights (what is exported). Only the token-embedding rows the captions use are in the optimiser
+   (``UsedRows``: the same training, cheaper); the UNet runs channels-last. Training stops by wall time (``--minutes``), the learning rate follows the
    elapsed fraction (warm-up, cosine).
 
 Output in ``--out``: ``refsd-tiny-shapes.safetensors`` (ONE single-file checkpoint, LDM keys, fp16, written by
@@ -194,7 +196,7 @@ class EMA:
 
 
 def train_diffusion(unet, text, latents: tuple[torch.Tensor, torch.Tensor], cap_index: torch.Tensor,
-                    ids: torch.Tensor, seconds: float, seed: int, batch: int = 64, lr: float = 6e-4,
+                    ids: torch.Tensor, seconds: float, seed: int, batch: int = 32, lr: float = 1e-3,
                     drop: float = 0.1, snr_gamma: float = 5.0, ema_decay: float = 0.999):
     """Epsilon-prediction training of unet + text jointly, left holding the EMA weights; returns (loss
     curve, steps)."""
