@@ -13,16 +13,15 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 import textwrap
-import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from refsd import __version__
+from refsd import __version__, cli_signals
 from refsd.cli_generate import add_generate_parser, add_trace_parser
+from refsd.cli_signals import Terminated
 from refsd.errors import RefsdError, WeightsError
 from refsd.sweep.cli import add_conformance_parser, add_sweep_parser
 
@@ -134,15 +133,10 @@ examples:
 EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + 13, 128 + 2, 128 + 15
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread like KeyboardInterrupt so every cleanup runs (atomic_write
-    removes its temporary file) before ``main`` reports it."""
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the ``refsd`` command line; return the exit status (module docstring)."""
     args = build_parser().parse_args(argv)
-    previous = _raise_on_sigterm()
+    restore = cli_signals.install()
     try:
         status = args.run(args)
         sys.stdout.flush()  # a closed pipe shows here, not as an "Exception ignored" at exit
@@ -159,21 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"refsd: error: {message}", file=sys.stderr)
         return 2
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _raise_on_sigterm():
-    """Make SIGTERM raise ``Terminated`` in the main thread (the default handler would kill the process
-    before any cleanup); returns the previous handler, or None off the main thread, where Python
-    cannot install one."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum, frame):
-        raise Terminated
-
-    return signal.signal(signal.SIGTERM, handler)
+        restore()
 
 
 def _stopped(what: str, status: int) -> int:

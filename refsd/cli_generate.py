@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from refsd import __version__
+from refsd import __version__, cli_signals
 from refsd import xp as rxp
 from refsd.cli_control import add_control_flags, control_units
 from refsd.cli_dit import add_dit_flags
@@ -241,6 +241,7 @@ class Progress:
 
     def stage(self, name: str, total: int | None = None) -> None:
         """A stage starts: the sampling bar (one over both stages of a base + refiner run), or a line."""
+        cli_signals.checkpoint()
         if name == "sampling":
             if self.bar is None and not self.quiet:
                 from tqdm import tqdm
@@ -251,18 +252,21 @@ class Progress:
         self.note(f"{name} ...")
 
     def step(self, i: int, total: int, latents=None) -> None:
+        cli_signals.checkpoint()
         if self.bar is not None:
             if self.bar.total != total:
                 self.bar.total = total
             self.bar.update(max(0, i + 1 - self.bar.n))
 
     def items(self, seq, desc: str, unit: str):
-        """``seq`` with a transient bar (none when quiet)."""
-        if self.quiet:
-            return seq
-        from tqdm import tqdm
+        """``seq`` with a transient bar (none when quiet), a stop checkpoint before each item."""
+        if not self.quiet:
+            from tqdm import tqdm
 
-        return tqdm(seq, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False)
+            seq = tqdm(seq, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False)
+        for item in seq:
+            cli_signals.checkpoint()
+            yield item
 
     def close(self) -> None:
         if self.bar is not None:

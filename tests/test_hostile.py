@@ -487,7 +487,12 @@ def test_signal_during_sampling(env, tmp_path, sig, status, word):
     assert b"sampling" in seen, seen
     time.sleep(0.5)  # into the steps (not inside the bar's first display)
     proc.send_signal(getattr(signal, sig))
-    stdout, rest = proc.communicate(timeout=60)
+    try:
+        stdout, rest = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # kill it: a run left sampling would slow every test after this one
+        proc.kill()
+        stdout, rest = proc.communicate()
+        pytest.fail(f"still running 60 s after {sig}: {(seen + rest).decode()[-2000:]!r}")
     err = (seen + rest).decode()
     assert proc.returncode == status, err[-2000:]
     assert "Traceback" not in err and stdout == b""
