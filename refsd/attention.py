@@ -56,6 +56,9 @@ def attention(q, k, v, *, mask=None, causal: bool = False, scale: float | None =
         mask = xp.broadcast_to(mask, (*mask.shape[:3], k.shape[2]))  # key blocks slice its last axis
     if strategy == "naive":
         return _naive(xp, q, k, v, mask, causal, scale)
+    fast = rxp.kernels_for(xp).get("attention") if strategy == "sliced" else None
+    if fast is not None:  # NumPy's fast kernels: the same softmax, blocked and fused (refsd/kernels.py)
+        return fast(q, k, v, mask, causal, scale, chunk)
     b, h, nq, _ = q.shape
     step = _tiled_rows if strategy == "tiled" else _sliced_rows
     chunk = max(1, min(chunk, nq))

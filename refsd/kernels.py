@@ -142,7 +142,8 @@ def conv2d(x, weight, bias=None, *, stride: int = 1, padding=0):
     kh, kw = weight.shape[2], weight.shape[3]
     if kh == kw == 1 and stride == 1 and not any((top, bottom, left, right)):
         return _conv1x1(x, weight, bias)
-    if stride == 1 and kh == kw == 3 and min(x.shape[1], weight.shape[0]) >= WINOGRAD_MIN_CHANNELS:
+    if (stride == 1 and kh == kw == 3 and min(x.shape[1], weight.shape[0]) >= WINOGRAD_MIN_CHANNELS
+            and x.shape[2] * x.shape[3] >= WINOGRAD_MIN_PIXELS):
         return _conv_winograd(x, weight, bias, (top, bottom, left, right))
     if stride == 1:
         # One extra zero row at the bottom keeps the last tap's flat slice in bounds.
@@ -215,6 +216,12 @@ def _conv_flat(xpad, weight, bias):
 # 1x128x512x512 3372-3599 vs 2544-2700 (1x512x128x128 mixed: 1370-2178 vs 1474-1877). So Winograd
 # only from 320 channels in and out (every SD UNet 3x3 conv but conv_in / conv_out; the VAE's 512s).
 WINOGRAD_MIN_CHANNELS = 320
+# ... and only from 16x16 input pixels: at 8x8 the 16 GEMMs have 32 columns (2 images x 16 tiles) and
+# the weight transform (16/9 of the weights, written every call) costs more than the multiplications it
+# saves. Wall time, 2 BLAS threads, idle machine (2026-12-07), Winograd vs GEMM path vs torch: 2x1280x8x8
+# 44.6 vs 30.0 vs 41.3 ms, 2x2560x8x8 -> 1280 102.3 vs 58.2 vs 72.9; 2x1280x16x16 69.4 vs 94.5 vs 84.0,
+# 2x2560x16x16 -> 1280 130.1 vs 184.3 vs 177.3.
+WINOGRAD_MIN_PIXELS = 16 * 16
 WINOGRAD_BAND_BYTES = BAND_BYTES  # a band's transformed input (16 x C x tiles), unless the weights' is larger
 _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
@@ -515,10 +522,75 @@ def softmax(x, axis: int = -1):
     return e
 
 
+# --------------------------------------------------------------------------------------------
+# attention
+#
+# refsd.attention's "sliced" strategy (the exact softmax over every key, a block of query rows at a
+# time; (batch, head) pairs on CPU threads, BLAS pinned to one thread each), reordered:
+# - Scores are computed transposed, S^T = (scale K) Q_block^T, (Nk, rows): with the head width d (40 in
+#   SD1.5) as the inner dimension, OpenBLAS runs this shape 1.5x faster than Q_block K^T (one thread,
+#   4096 keys, 256 rows: 14.3 vs 21.5 ms per head). The softmax then reduces over axis 0.
+# - Blocks of ATTENTION_ROWS query rows (4 MiB of scores at 4096 keys, which stay in L3) instead of the
+#   caller's chunk (1024: 16 MiB), in one score buffer per head instead of a fresh one per block.
+# - The denominator comes out of the P V product: V^T gets a row of ones, so [V | 1]^T P^T =
+#   [(P V)^T ; row sums of P] (one GEMM 1/dv larger instead of a separate pass over P).
+# - The output is written in (B, Nq, H, dv) order and returned as a (B, H, Nq, dv) view, so merging the
+#   heads back into (B, Nq, H * dv) tokens is a reshape, not a copy.
+# Measured per (batch, head) at 4096x4096x40, one thread (2026-12-07, idle machine): 65.9 ms (the
+# definition's order, 1024-row blocks) -> 44.9 ms (256 rows; 128: 47.0, 512: 47.5, 64: 51.8). float32
+# error vs the definition 2e-7 of max |out| (scale applied to K instead of Q; the row sums accumulate
+# in the GEMM's order instead of NumPy's pairwise sum).
+ATTENTION_ROWS = 256
+
+
+def attention(q, k, v, mask, causal: bool, scale: float, chunk: int):
+    """refsd.attention's "sliced" strategy on NumPy, for validated float arguments: q (B, H, Nq, d),
+    k (B, H, Nk, d), v (B, H, Nk, dv), mask None or additive and broadcast to (b', h', Nq or 1, Nk).
+    -> (B, H, Nq, dv), a view of a (B, Nq, H, dv) array. Rows whose keys are all masked are NaN, as in
+    the definition."""
+    from threadpoolctl import threadpool_limits
+
+    b, h, nq, _ = q.shape
+    nk, dv = k.shape[2], v.shape[3]
+    rows = max(1, min(chunk, ATTENTION_ROWS, nq))
+    out = np.empty((b, nq, h, dv), dtype=q.dtype)
+
+    def head(bh):
+        i, j = divmod(bh, h)
+        ks = k[i, j] * q.dtype.type(scale)  # (Nk, d), contiguous
+        v1t = np.empty((dv + 1, nk), dtype=q.dtype)  # [V | 1]^T
+        v1t[:dv] = v[i, j].T
+        v1t[dv] = 1.0
+        s_buf, mx_buf = np.empty((nk, rows), dtype=q.dtype), np.empty((1, rows), dtype=q.dtype)
+        m = None if mask is None else mask[min(i, mask.shape[0] - 1), min(j, mask.shape[1] - 1)]
+        for r0 in range(0, nq, rows):
+            r1 = min(nq, r0 + rows)
+            s, mx = s_buf[:, : r1 - r0], mx_buf[:, : r1 - r0]
+            np.matmul(ks, q[i, j, r0:r1].T, out=s)  # (Nk, rows): S^T
+            if m is not None:
+                s += (m if m.shape[0] == 1 else m[r0:r1]).T
+            if causal:  # key > query is forbidden
+                s[np.arange(nk)[:, None] > np.arange(r0, r1)[None, :]] = -math.inf
+            np.max(s, axis=0, keepdims=True, out=mx)
+            s -= mx
+            _exp_(s)
+            o = np.matmul(v1t, s)  # (dv + 1, rows): (P V)^T over the row sums of P
+            np.divide(o[:dv], o[dv:], out=out[i, r0:r1, j].T)
+
+    n = min(CPU_THREADS, b * h)
+    if n == 1:
+        for bh in range(b * h):
+            head(bh)
+    else:
+        with threadpool_limits(limits=1, user_api="blas"):
+            _on_threads(lambda part: [head(bh) for bh in range(part, b * h, n)], n)
+    return out.transpose(0, 2, 1, 3)
+
+
 # The table refsd.xp.kernels_for returns for NumPy in "fast" mode: op name -> kernel.
 FAST = {"linear": linear, "conv2d": conv2d, "group_norm": group_norm, "group_norm_silu": group_norm_silu,
         "layer_norm": layer_norm, "erf": erf, "geglu": geglu,
-        "gelu": gelu, "silu": silu, "quick_gelu": quick_gelu, "softmax": softmax}
+        "gelu": gelu, "silu": silu, "quick_gelu": quick_gelu, "softmax": softmax, "attention": attention}
 
 
 # --------------------------------------------------------------------------------------------
