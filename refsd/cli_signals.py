@@ -2,8 +2,9 @@
 again at the next progress checkpoint if Python swallowed the first one.
 
 Python runs a signal's handler in the main thread between two bytecodes, wherever it is. When that is
-inside a finalizer or a weakref callback (NumPy work here creates and drops a ThreadPoolExecutor per
-threaded call, whose weakref callbacks run in the main thread), the exception cannot propagate: Python
+inside a finalizer or a weakref callback (until 2026-12-07 NumPy work here created and dropped a
+ThreadPoolExecutor per threaded call, whose weakref callbacks ran in the main thread; refsd.kernels now
+keeps one pool, but any library's finalizer can be interrupted the same way), the exception cannot propagate: Python
 reports it through ``sys.unraisablehook`` ("Exception ignored in ...") and carries on, and a Ctrl-C
 once sampling has started was lost (seen once in CI: the run kept sampling). So the handlers also
 record the stop, ``checkpoint()`` (called by the CLI's progress at every stage, step and loaded

