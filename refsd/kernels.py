@@ -279,6 +279,12 @@ WINOGRAD_MIN_CHANNELS = 320
 # 2x2560x16x16 -> 1280 130.1 vs 184.3 vs 177.3.
 WINOGRAD_MIN_PIXELS = 16 * 16
 WINOGRAD_BAND_BYTES = BAND_BYTES  # a band's transformed input (16 x C x tiles), unless the weights' is larger
+# A transform step's temporaries (a core's L2): each thread's channels go through the input and output
+# transforms a few at a time, so the intermediate rows are read back from L2. Wall ms, median of 5, 3
+# alternations, 2 threads, idle machine (2026-12-07), whole thread block -> 1 MiB steps: 2x320x64x64
+# 75-79 -> 72-75, 2x640->320x64x64 133-138 -> 126-144, 2x320x128x128 305-328 -> 274-297, 2x640x32x32
+# 57-58 -> 55-59, 2x1280x16x16 65-69 -> 67-70, 1x512x128x128 312-322 -> 289-307 (bit-identical).
+WINOGRAD_STEP_BYTES = 1 << 20
 _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
 
@@ -286,6 +292,13 @@ def _channel_blocks(n: int):
     """[(lo, hi), ...]: n channels split into one contiguous block per CPU thread."""
     parts = max(1, min(CPU_THREADS, n))
     return [(round(i * n / parts), round((i + 1) * n / parts)) for i in range(parts)]
+
+
+def _sub_blocks(lo: int, hi: int, per_channel_bytes: int):
+    """lo:hi split into runs of channels whose temporaries (per_channel_bytes each) fit
+    WINOGRAD_STEP_BYTES, so each transform's intermediate results are read back from L2."""
+    step = max(1, WINOGRAD_STEP_BYTES // max(1, per_channel_bytes))
+    return [(i, min(hi, i + step)) for i in range(lo, hi, step)]
 
 
 def _winograd_bt(r0, r1, r2, r3, outs):
@@ -301,14 +314,14 @@ def _winograd_input(xb, nb: int, nw: int, v):
     rows first (on whole padded rows), then columns, written straight into v."""
 
     def run(part):
-        lo, hi = blocks[part]
-        x = xb[:, lo:hi]
-        rows = [x[:, :, k : k + 2 * nb - 1 : 2, :] for k in range(4)]
-        mixed = [np.empty(rows[0].shape, x.dtype) for _ in range(4)]
-        _winograd_bt(*rows, mixed)
-        for i, m in enumerate(mixed):
-            cols = [m[..., k : k + 2 * nw - 1 : 2] for k in range(4)]
-            _winograd_bt(*cols, [v[4 * i + j, lo:hi].transpose(1, 0, 2, 3) for j in range(4)])
+        for lo, hi in _sub_blocks(*blocks[part], 4 * xb.shape[0] * nb * xb.shape[3] * xb.itemsize):
+            x = xb[:, lo:hi]
+            rows = [x[:, :, k : k + 2 * nb - 1 : 2, :] for k in range(4)]
+            mixed = [np.empty(rows[0].shape, x.dtype) for _ in range(4)]
+            _winograd_bt(*rows, mixed)
+            for i, m in enumerate(mixed):
+                cols = [m[..., k : k + 2 * nw - 1 : 2] for k in range(4)]
+                _winograd_bt(*cols, [v[4 * i + j, lo:hi].transpose(1, 0, 2, 3) for j in range(4)])
 
     blocks = _channel_blocks(xb.shape[1])
     _on_threads(run, len(blocks))
@@ -320,7 +333,10 @@ def _winograd_output(m, bias, out):
     sum (to the middle term both output columns share)."""
 
     def run(part):
-        lo, hi = blocks[part]
+        for lo, hi in _sub_blocks(*blocks[part], 8 * m[0, 0].nbytes):
+            one_block(lo, hi)
+
+    def one_block(lo, hi):
         mb = m[:, lo:hi]
         top = [mb[j] + mb[4 + j] for j in range(4)]  # A^T's first row over the tile rows
         bottom = [mb[4 + j] - mb[8 + j] for j in range(4)]  # and its second

@@ -70,16 +70,20 @@ def test_winograd_agrees(b, c, o, h, w, pads, bias, dtype):
 
 
 @pytest.mark.parametrize("band_bytes", [1, 20000, 1 << 30])
-def test_winograd_bands_agree(monkeypatch, band_bytes):
-    """Winograd's tile-row bands (down to the transformed weights' size: 2 tile rows here) give the same
-    result as one band."""
+@pytest.mark.parametrize("step_bytes", [1, 30000, 1 << 30])  # 1, 5 or all channels a step
+def test_winograd_bands_and_steps_agree(monkeypatch, band_bytes, step_bytes):
+    """Winograd's tile-row bands (down to the transformed weights' size: 2 tile rows here) and its
+    transform steps (down to one channel) give the same result as one band in one step."""
     rng = np.random.default_rng(2)
     x, w, bias = rng.standard_normal((2, 40, 13, 11)), rng.standard_normal((33, 40, 3, 3)), rng.standard_normal(33)
     monkeypatch.setattr(K, "WINOGRAD_BAND_BYTES", 1 << 30)
-    whole = K.conv2d(x, w, bias, padding=1)
+    monkeypatch.setattr(K, "WINOGRAD_STEP_BYTES", 1 << 30)
+    whole = K._conv_winograd(x, w, bias, (1, 1, 1, 1))
     monkeypatch.setattr(K, "WINOGRAD_BAND_BYTES", band_bytes)
-    assert np.allclose(K.conv2d(x, w, bias, padding=1), whole, rtol=0, atol=1e-12)
-    assert rel_err(K.conv2d(x, w, bias, padding=1), ops.conv2d.reference(x, w, bias, padding=1)) < 1e-14
+    monkeypatch.setattr(K, "WINOGRAD_STEP_BYTES", step_bytes)
+    got = K._conv_winograd(x, w, bias, (1, 1, 1, 1))
+    assert np.allclose(got, whole, rtol=0, atol=1e-12)
+    assert rel_err(got, ops.conv2d.reference(x, w, bias, padding=1)) < 1e-14
 
 
 def test_conv2d_picks_winograd_for_wide_3x3(monkeypatch):
