@@ -14,6 +14,7 @@ import os
 import platform
 import sys
 
+from bench.common import blas_timeout as _blas_timeout
 from bench.common import report
 from bench.unet import add_options as unet_options
 from bench.vae import add_options as vae_options
@@ -50,7 +51,8 @@ def main(argv=None) -> int:
 
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, numpy {np.__version__}, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '')}")
+          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '')}, "
+          f"OpenBLAS thread timeout {_blas_timeout()}")
     if args.tune_allocator:
         from refsd.kernels import tune_allocator
 

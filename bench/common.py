@@ -115,3 +115,11 @@ def report(summary, res, json_path: str | None) -> int:
         with open(json_path, "w") as f:
             json.dump(res, f, indent=1)
     return 0
+
+
+def blas_timeout() -> str:
+    """OpenBLAS's idle-thread spin as the benchmark header prints it (refsd/__init__.py sets 2^20)."""
+    from refsd.kernels import openblas_thread_timeout
+
+    n = openblas_thread_timeout()
+    return "n/a" if n is None else f"2^{n if n else 28} cycles" + ("" if n else " (built-in)")

@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 
+from bench.common import blas_timeout as _blas_timeout
+
 SEED = 1234
 TIMESTEP = 999.0
 TOKENS = 77
@@ -227,7 +229,8 @@ def _header() -> str:
 
     return (f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, numpy {version('numpy')}, "
             f"torch {version('torch')}, diffusers {version('diffusers')}, "
-            f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '')}")
+            f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '')}, "
+            f"OpenBLAS thread timeout {_blas_timeout()}")
 
 
 def add_options(ap: argparse.ArgumentParser) -> None:

@@ -94,12 +94,28 @@ def run_parallel(fn, items) -> list:
 def blas_single_thread():
     """Context pinning NumPy's BLAS to one thread while Python threads split the work (the library scan
     done once: a fresh threadpool_limits reads /proc/self/maps each time, ~2.6 ms)."""
+    return _controller().limit(limits=1, user_api="blas")
+
+
+def _controller():
     global _blas_controller
     if _blas_controller is None:
         from threadpoolctl import ThreadpoolController
 
         _blas_controller = ThreadpoolController()
-    return _blas_controller.limit(limits=1, user_api="blas")
+    return _blas_controller
+
+
+def openblas_thread_timeout() -> int | None:
+    """The spin OpenBLAS's idle threads use, as log2 of cycles (the OPENBLAS_THREAD_TIMEOUT it read when
+    NumPy loaded it; 0 = its built-in 28), or None where NumPy's BLAS is not OpenBLAS. refsd/__init__.py
+    sets 20 when it is imported before NumPy (docs/kernels.md)."""
+    for lib in _controller().select(internal_api="openblas").lib_controllers:
+        fn = getattr(ctypes.CDLL(lib.filepath), "openblas_thread_timeout", None)
+        if fn is not None:
+            fn.restype = ctypes.c_int
+            return int(fn())
+    return None
 
 
 def _on_threads(run, n: int) -> None:
@@ -645,36 +661,40 @@ def attention(q, k, v, mask, causal: bool, scale: float, chunk: int):
     out = np.empty((b, nq, h, dv), dtype=q.dtype)
     log2_scale = q.dtype.type(scale / math.log(2.0))
 
-    def head(bh):
-        i, j = divmod(bh, h)
-        ks = k[i, j] * log2_scale  # (Nk, d), contiguous; scores in log2 units
+    def heads(part, n):
+        """(batch, head) pairs part, part + n, ...: buffers allocated once per thread, not per head (a
+        fresh 4 MiB score buffer per head cost ~40 ms of page faults per SD1.5 4096-token call)."""
+        ks = np.empty((nk, k.shape[3]), dtype=q.dtype)
         v1t = np.empty((dv + 1, nk), dtype=q.dtype)  # [V | 1]^T
-        v1t[:dv] = v[i, j].T
         v1t[dv] = 1.0
         s_buf, mx_buf = np.empty((nk, rows), dtype=q.dtype), np.empty((1, rows), dtype=q.dtype)
-        m = None if mask is None else mask[min(i, mask.shape[0] - 1), min(j, mask.shape[1] - 1)]
-        for r0 in range(0, nq, rows):
-            r1 = min(nq, r0 + rows)
-            s, mx = s_buf[:, : r1 - r0], mx_buf[:, : r1 - r0]
-            np.matmul(ks, q[i, j, r0:r1].T, out=s)  # (Nk, rows): S^T
-            if m is not None:
-                s += (m if m.shape[0] == 1 else m[r0:r1]).T * q.dtype.type(1.0 / math.log(2.0))  # in log2 units
-            if causal:  # key > query is forbidden
-                s[np.arange(nk)[:, None] > np.arange(r0, r1)[None, :]] = -math.inf
-            np.max(s, axis=0, keepdims=True, out=mx)
-            s -= mx
-            with np.errstate(over="ignore"):  # as _exp_; a +inf mask entry gives inf
-                np.exp2(s, out=s)
-            o = np.matmul(v1t, s)  # (dv + 1, rows): (P V)^T over the row sums of P
-            np.divide(o[:dv], o[dv:], out=out[i, r0:r1, j].T)
+        o_buf = np.empty((dv + 1, rows), dtype=q.dtype)
+        for bh in range(part, b * h, n):
+            i, j = divmod(bh, h)
+            np.multiply(k[i, j], log2_scale, out=ks)  # scores in log2 units
+            v1t[:dv] = v[i, j].T
+            m = None if mask is None else mask[min(i, mask.shape[0] - 1), min(j, mask.shape[1] - 1)]
+            for r0 in range(0, nq, rows):
+                r1 = min(nq, r0 + rows)
+                s, mx, o = s_buf[:, : r1 - r0], mx_buf[:, : r1 - r0], o_buf[:, : r1 - r0]
+                np.matmul(ks, q[i, j, r0:r1].T, out=s)  # (Nk, rows): S^T
+                if m is not None:
+                    s += (m if m.shape[0] == 1 else m[r0:r1]).T * q.dtype.type(1.0 / math.log(2.0))  # in log2 units
+                if causal:  # key > query is forbidden
+                    s[np.arange(nk)[:, None] > np.arange(r0, r1)[None, :]] = -math.inf
+                np.max(s, axis=0, keepdims=True, out=mx)
+                s -= mx
+                with np.errstate(over="ignore"):  # as _exp_; a +inf mask entry gives inf
+                    np.exp2(s, out=s)
+                np.matmul(v1t, s, out=o)  # (dv + 1, rows): (P V)^T over the row sums of P
+                np.divide(o[:dv], o[dv:], out=out[i, r0:r1, j].T)
 
     n = min(CPU_THREADS, b * h)
     if n == 1:
-        for bh in range(b * h):
-            head(bh)
+        heads(0, 1)
     else:
         with blas_single_thread():
-            _on_threads(lambda part: [head(bh) for bh in range(part, b * h, n)], n)
+            _on_threads(lambda part: heads(part, n), n)
     return out.transpose(0, 2, 1, 3)
 
 

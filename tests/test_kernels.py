@@ -393,3 +393,25 @@ def test_run_parallel_in_a_forked_child():
 
 def _square_in_parallel(n):
     return K.run_parallel(lambda i: i * i, range(n))
+
+
+def test_import_refsd_first_sets_openblas_spin():
+    """refsd imported before NumPy makes OpenBLAS's idle threads spin 2^20 cycles instead of 2^28 (a
+    value the user set is kept; imported after NumPy it changes nothing OpenBLAS reads)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import {first}; import {second}; from refsd.kernels import openblas_thread_timeout as t; print(t())"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+
+    def spin(first, second, **extra):
+        out = subprocess.run([sys.executable, "-c", code.format(first=first, second=second)], env={**env, **extra},
+                             capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+
+    if K.openblas_thread_timeout() is None:
+        pytest.skip("NumPy's BLAS is not OpenBLAS here")
+    assert spin("refsd", "numpy") == "20"
+    assert spin("refsd", "numpy", OPENBLAS_THREAD_TIMEOUT="24") == "24"
+    assert spin("numpy", "refsd") == "0"  # OpenBLAS's built-in 2^28, read before refsd could set it
