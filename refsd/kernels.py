@@ -285,16 +285,27 @@ def _conv_flat(xpad, weight, bias):
 # Wall time, 2 BLAS threads, machine lightly loaded (2026-12-06 21:20), Winograd vs GEMM path: 2x320x64x64
 # 80-92 vs 98-100 ms, 2x640x32x32 68-75 vs 97-99, 2x1280x16x16 70-76 vs 90-91, 2x320x128x128 (SDXL)
 # 375-1168 vs 778-1528; but the VAE's narrow, large layers lost: 1x256x256x256 580-610 vs 517-548,
-# 1x128x512x512 3372-3599 vs 2544-2700 (1x512x128x128 mixed: 1370-2178 vs 1474-1877). So Winograd
-# only from 320 channels in and out (every SD UNet 3x3 conv but conv_in / conv_out; the VAE's 512s).
-WINOGRAD_MIN_CHANNELS = 320
+# 1x128x512x512 3372-3599 vs 2544-2700 (1x512x128x128 mixed: 1370-2178 vs 1474-1877). Those losses
+# were OpenBLAS's idle threads spinning on the core the transforms' Python threads needed (refsd now
+# sets OPENBLAS_THREAD_TIMEOUT, docs/kernels.md) and whole-block transforms (now in L2-sized steps):
+# re-measured 2026-12-07, idle machine, 2 threads, 16 MiB bands, Winograd vs GEMM path vs torch, ms:
+# 1x128x512x512 454 vs 989 vs 515, 1x256x512x512 1318 vs 1949 vs 1756, 1x256->128x512x512 978 vs 1260
+# vs 924, 1x256x256x256 467 vs 513 vs 423, 1x512x256x256 1070 vs 1935 vs 1495, 1x512x128x128 253 vs 431
+# vs 388; 1x64x512x512 218 vs 267 vs 177 and 1x96x256x256 96 vs 109 vs 52 also win, 1x32x512x512 150 vs
+# 96 loses. Errors (vs float64, as above): 1x128x128x128 5.5e-7 (GEMM path 6.3e-7), 1x256x64x64 6.9e-7
+# (5.4e-7), 1x512x64x64 6.1e-7 (5.5e-7), 2x320x64x64 7.8e-7 (5.1e-7). So Winograd from 128 channels in
+# and out: every SD UNet 3x3 conv but conv_in / conv_out, and every VAE decoder 3x3 conv but conv_in / out.
+WINOGRAD_MIN_CHANNELS = 128
 # ... and only from 16x16 input pixels: at 8x8 the 16 GEMMs have 32 columns (2 images x 16 tiles) and
 # the weight transform (16/9 of the weights, written every call) costs more than the multiplications it
 # saves. Wall time, 2 BLAS threads, idle machine (2026-12-07), Winograd vs GEMM path vs torch: 2x1280x8x8
 # 44.6 vs 30.0 vs 41.3 ms, 2x2560x8x8 -> 1280 102.3 vs 58.2 vs 72.9; 2x1280x16x16 69.4 vs 94.5 vs 84.0,
 # 2x2560x16x16 -> 1280 130.1 vs 184.3 vs 177.3.
 WINOGRAD_MIN_PIXELS = 16 * 16
-WINOGRAD_BAND_BYTES = BAND_BYTES  # a band's transformed input (16 x C x tiles), unless the weights' is larger
+# A band's transformed input (16 x C x tiles), unless the weights' is larger. 16 MiB (was 64) since the
+# spin fix: 1x128x512x512 536 -> 454 ms, 1x256x256x256 663 -> 467, 1x512x128x128 402 -> 253 (8 MiB: 487,
+# 376, 250 but 1x512x256x256 934 vs 593); UNet shapes the same (2x320x64x64 63 vs 63).
+WINOGRAD_BAND_BYTES = 16 << 20
 # A transform step's temporaries (a core's L2): each thread's channels go through the input and output
 # transforms a few at a time, so the intermediate rows are read back from L2. Wall ms, median of 5, 3
 # alternations, 2 threads, idle machine (2026-12-07), whole thread block -> 1 MiB steps: 2x320x64x64
