@@ -6,8 +6,10 @@ torch.nn.functional.scaled_dot_product_attention does (dropout 0). Strategies:
 - ``naive``: the formula over all batch*heads at once. Materialises (B, H, Nq, Nk) scores, several
   times over; the readable definition and the test reference.
 - ``sliced`` (default): one (batch, head) at a time and at most ``chunk`` query rows per step, the
-  softmax done in place on the score block. On NumPy the slices run on CPU threads (BLAS pinned to
-  one thread each): measured at 2x8x4096x40 on 2 cores 0.62 s vs torch SDPA 0.35 s.
+  softmax done in place on the score block. On NumPy with the fast kernels this runs as
+  ``refsd.kernels.attention`` (transposed scores, exp2, the denominator from the P V GEMM; heads on CPU
+  threads, BLAS pinned to one thread each): 2x8x4096x40 on 2 cores 0.33-0.34 s vs torch SDPA
+  0.31-0.34 s (docs/kernels.md); the code below is its definition (``--kernels reference``).
 - ``tiled``: flash-attention style online softmax over key blocks of ``block`` columns (Dao et al.
   2022, "FlashAttention", Alg. 1; Milakov & Gimelshein 2018, "Online normalizer calculation for
   softmax"). Never holds more than chunk x block scores per worker: the memory-bounded option.

@@ -45,9 +45,11 @@ BAND_BYTES = 64 << 20  # conv2d: bound on one band's stacked taps (one band at U
 
 
 # One process-wide pool of CPU_THREADS worker threads serves every threaded kernel (and
-# refsd.xp.parallel_map). A pool per call cost a thread start per worker and part: in one SD1.5 UNet
-# forward, 366 thread starts took 0.69 s of the main thread's time (cProfile, 2026-12-07). Work
-# submitted from a worker runs serially on that worker, so nested use cannot deadlock.
+# refsd.xp.parallel_map), instead of a ThreadPoolExecutor per call: cProfile put 0.69 s of one SD1.5 UNet
+# forward's main-thread time in starting 366 threads (2026-12-07), though the forward's wall time did not
+# measurably change (the starts overlap the first parts' work); it also leaves no executor finalizers
+# for a signal to land in (refsd/cli_signals.py). Work submitted from a worker runs serially on that
+# worker, so nested use cannot deadlock.
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 _local = threading.local()  # .busy: this thread is running a pool task
@@ -176,7 +178,6 @@ def linear(x, weight, bias=None):
     if bias is not None:
         y += bias
     return y.reshape(*x.shape[:-1], weight.shape[0])
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,7 +497,7 @@ def layer_norm(x, weight, bias, eps: float = 1e-5):
     """ops.layer_norm on blocks of rows that stay in L2 (CHUNK_ELEMS elements), the blocks split over
     CPU threads: centre, a dot product of each centred row with itself for the variance, one multiply
     by 1 / std, then the affine, all in place on the result. 2x4096x320, 2 threads, idle machine
-    (2026-12-07): 11.0 -> ~2 ms (one-thread whole-array ufuncs before; torch 0.7). Measured float32 error
+    (2026-12-07): 11.0 -> 2.9-3.3 ms (one-thread whole-array ufuncs before; torch 0.5-0.7). Measured float32 error
     vs the definition: 1.3e-7 of max |ref| (2x4096x320, N(0, 2^2)): 1 / std multiplied instead of
     divided, the variance as a dot product instead of a pairwise sum."""
     d = x.shape[-1]
@@ -648,14 +649,14 @@ def softmax(x, axis: int = -1):
 # - The exponential is exp2 of scores in log2 units (K scaled by scale / ln 2): NumPy's float32 exp2 runs
 #   2x faster than its exp (4.4 vs 8.8 ms per 4096x256 block set) and is within 1 ulp (exp: 2.4 ulp).
 # - Blocks of ATTENTION_ROWS query rows (4 MiB of scores at 4096 keys, which stay in L3) instead of the
-#   caller's chunk (1024: 16 MiB), in one score buffer per head instead of a fresh one per block.
+#   caller's chunk (1024: 16 MiB), in one score buffer per thread instead of a fresh one per block.
 # - The denominator comes out of the P V product: V^T gets a row of ones, so [V | 1]^T P^T =
 #   [(P V)^T ; row sums of P] (one GEMM 1/dv larger instead of a separate pass over P).
 # - The output is written in (B, Nq, H, dv) order and returned as a (B, H, Nq, dv) view, so merging the
 #   heads back into (B, Nq, H * dv) tokens is a reshape, not a copy.
 # Measured per (batch, head) at 4096x4096x40, one thread (2026-12-07, idle machine): 65.9 ms (the
 # definition's order, 1024-row blocks) -> 44.9 ms (256 rows; 128: 47.0, 512: 47.5, 64: 51.8) before
-# exp2; 2x8x4096x40 on 2 threads 446 -> 347-381 ms (torch SDPA 312-343). float32 error vs a float64
+# exp2, 40 ms with it; 2x8x4096x40 on 2 threads 446 -> 330-340 ms (torch SDPA 312-343). float32 error vs a float64
 # evaluation 9.4e-7 of max |out| (the definition's order: 9.5e-7; with 3x sharper logits 2.5e-6 vs
 # 1.7e-6); fast vs definition 1.2e-6 (the row sums accumulate in the GEMM's order, exp2 instead of exp).
 ATTENTION_ROWS = 256
@@ -673,8 +674,7 @@ def attention(q, k, v, mask, causal: bool, scale: float, chunk: int):
     log2_scale = q.dtype.type(scale / math.log(2.0))
 
     def heads(part, n):
-        """(batch, head) pairs part, part + n, ...: buffers allocated once per thread, not per head (a
-        fresh 4 MiB score buffer per head cost ~40 ms of page faults per SD1.5 4096-token call)."""
+        """(batch, head) pairs part, part + n, ...; the buffers are allocated once per thread."""
         ks = np.empty((nk, k.shape[3]), dtype=q.dtype)
         v1t = np.empty((dv + 1, nk), dtype=q.dtype)  # [V | 1]^T
         v1t[dv] = 1.0
