@@ -246,7 +246,9 @@ class Progress:
             if self.bar is None and not self.quiet:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total, desc="sampling", unit="step", file=sys.stderr, dynamic_ncols=True)
+                # mininterval 0: every step is shown (tqdm's default 0.1 s skipped steps of small images)
+                self.bar = tqdm(total=total, desc="sampling", unit="step", file=sys.stderr, dynamic_ncols=True,
+                                mininterval=0)
             return
         self.close()
         self.note(f"{name} ...")

@@ -648,6 +648,8 @@ def softmax(x, axis: int = -1):
 #   4096 keys, 256 rows: 14.3 vs 21.5 ms per head). The softmax then reduces over axis 0.
 # - The exponential is exp2 of scores in log2 units (K scaled by scale / ln 2): NumPy's float32 exp2 runs
 #   2x faster than its exp (4.4 vs 8.8 ms per 4096x256 block set) and is within 1 ulp (exp: 2.4 ulp).
+#   With an additive mask (T5, user masks) scores stay in natural units and exp is used: the mask is
+#   in natural units, and T5's finfo.min would overflow to -inf if rescaled.
 # - Blocks of ATTENTION_ROWS query rows (4 MiB of scores at 4096 keys, which stay in L3) instead of the
 #   caller's chunk (1024: 16 MiB), in one score buffer per thread instead of a fresh one per block.
 # - The denominator comes out of the P V product: V^T gets a row of ones, so [V | 1]^T P^T =
@@ -671,7 +673,12 @@ def attention(q, k, v, mask, causal: bool, scale: float, chunk: int):
     nk, dv = k.shape[2], v.shape[3]
     rows = max(1, min(chunk, ATTENTION_ROWS, nq))
     out = np.empty((b, nq, h, dv), dtype=q.dtype)
-    log2_scale = q.dtype.type(scale / math.log(2.0))
+    # exp2 of scores in log2 units, but exp of natural ones where an additive mask comes (its values are
+    # natural-log units, and T5's finfo.min would overflow to -inf if rescaled: a fully masked row must
+    # stay uniform, as in the definition).
+    natural = mask is not None
+    k_scale = q.dtype.type(scale if natural else scale / math.log(2.0))
+    exp = np.exp if natural else np.exp2
 
     def heads(part, n):
         """(batch, head) pairs part, part + n, ...; the buffers are allocated once per thread."""
@@ -682,7 +689,7 @@ def attention(q, k, v, mask, causal: bool, scale: float, chunk: int):
         o_buf = np.empty((dv + 1, rows), dtype=q.dtype)
         for bh in range(part, b * h, n):
             i, j = divmod(bh, h)
-            np.multiply(k[i, j], log2_scale, out=ks)  # scores in log2 units
+            np.multiply(k[i, j], k_scale, out=ks)
             v1t[:dv] = v[i, j].T
             m = None if mask is None else mask[min(i, mask.shape[0] - 1), min(j, mask.shape[1] - 1)]
             for r0 in range(0, nq, rows):
@@ -690,13 +697,13 @@ def attention(q, k, v, mask, causal: bool, scale: float, chunk: int):
                 s, mx, o = s_buf[:, : r1 - r0], mx_buf[:, : r1 - r0], o_buf[:, : r1 - r0]
                 np.matmul(ks, q[i, j, r0:r1].T, out=s)  # (Nk, rows): S^T
                 if m is not None:
-                    s += (m if m.shape[0] == 1 else m[r0:r1]).T * q.dtype.type(1.0 / math.log(2.0))  # in log2 units
+                    s += (m if m.shape[0] == 1 else m[r0:r1]).T
                 if causal:  # key > query is forbidden
                     s[np.arange(nk)[:, None] > np.arange(r0, r1)[None, :]] = -math.inf
                 np.max(s, axis=0, keepdims=True, out=mx)
                 s -= mx
                 with np.errstate(over="ignore"):  # as _exp_; a +inf mask entry gives inf
-                    np.exp2(s, out=s)
+                    exp(s, out=s)
                 np.matmul(v1t, s, out=o)  # (dv + 1, rows): (P V)^T over the row sums of P
                 np.divide(o[:dv], o[dv:], out=out[i, r0:r1, j].T)
 

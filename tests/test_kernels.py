@@ -415,3 +415,22 @@ def test_import_refsd_first_sets_openblas_spin():
     assert spin("refsd", "numpy") == "20"
     assert spin("refsd", "numpy", OPENBLAS_THREAD_TIMEOUT="24") == "24"
     assert spin("numpy", "refsd") == "0"  # OpenBLAS's built-in 2^28, read before refsd could set it
+
+
+def test_attention_kernel_finfo_min_mask_stays_finite():
+    """T5's additive mask uses finfo(float32).min: a fully masked row attends uniformly (no overflow to
+    -inf and NaN), as in the definition."""
+    from refsd import attention as att
+
+    rng = np.random.default_rng(4)
+    q, k, v = (randn(rng, 1, 2, 6, 4) for _ in range(3))
+    mask = np.zeros((1, 1, 6, 6), np.float32)
+    mask[..., 2, :] = np.finfo(np.float32).min
+    mask[..., 4, 3:] = np.finfo(np.float32).min
+    with rxp.use_kernels("fast"):
+        fast = att.attention(q, k, v, mask=mask)
+    with rxp.use_kernels("reference"):
+        ref = att.attention(q, k, v, mask=mask)
+    assert np.isfinite(fast).all()
+    assert rel_err(fast, ref) < 1e-6
+    assert np.allclose(fast[:, :, 2], v.mean(axis=2), atol=1e-6)
