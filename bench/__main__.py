@@ -36,8 +36,6 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write the rows as JSON")
     unet_options(ap)  # --model, --latent, --warmup, --rounds, --kernels (vae: --model, --warmup, --rounds)
     vae_options(ap)  # --no-tiled
-    ap.add_argument("--tune-allocator", action="store_true",
-                    help="call refsd.kernels.tune_allocator() first (keeps freed heap memory mapped; affects torch too)")
     ap.add_argument("--size", type=int, default=256, help="sweep: image width = height in pixels (default 256)")
     ap.add_argument("--steps", type=int, default=4, help="sweep: sampler steps per case (default 4)")
     ap.add_argument("--seeds", type=int, default=4, help="sweep: seeds (x 3 samplers x 2 prompts cases; default 4)")
@@ -53,10 +51,12 @@ def main(argv=None) -> int:
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '')}, "
           f"OpenBLAS thread timeout {_blas_timeout()}")
-    if args.tune_allocator:
+    if args.suite == "ops" and os.environ.get("REFSD_ALLOCATOR") != "system":
+        # Both sides share this process, and so the allocator settings refsd's fast kernels apply on
+        # first use: apply them before the first torch row too.
         from refsd.kernels import tune_allocator
 
-        print(f"# tune_allocator(): {tune_allocator()}")
+        print(f"# allocator: refsd.kernels.tune_allocator() {tune_allocator()} (REFSD_ALLOCATOR=system: glibc's defaults)")
     if args.suite == "unet":
         from bench import unet
 

@@ -93,10 +93,12 @@ def _build(model: str, latent: int | None, batch: int = 1):
 
 
 def side(which: str, repeats: int, *, model: str = "sd15", latent: int | None = None, warmup: int = 1,
-         out: str | None = None, kernels: str = "fast", batch: int = 1) -> dict:
+         out: str | None = None, kernels: str = "fast", batch: int = 1, torch_allocator: str = "system") -> dict:
     """Run one side in this process: seconds per timed forward, peak/base resident bytes (of the
-    timed forwards), build seconds and build peak; saves the last output to ``out`` (.npy) if given.
-    ``kernels``: refsd.xp.set_kernels mode for the refsd side."""
+    forwards), build seconds and build peak; saves the last output to ``out`` (.npy) if given.
+    ``kernels``: refsd.xp.set_kernels mode for the refsd side (its fast kernels tune glibc's allocator
+    themselves, refsd.kernels.tune_allocator); ``torch_allocator`` "tuned": the same allocator settings
+    for the torch side."""
     import numpy as np
     import torch
 
@@ -106,6 +108,11 @@ def side(which: str, repeats: int, *, model: str = "sd15", latent: int | None = 
     net, x, t, ctx, added = _build(model, latent, batch)
     build_s, build_peak = time.perf_counter() - t0, _status_kib("VmHWM") * 1024
     if which == "torch":
+        if torch_allocator == "tuned":
+            from refsd.kernels import tune_allocator
+
+            tune_allocator()
+
         def fwd():
             with torch.no_grad():
                 return net(x, t, ctx, added_cond_kwargs=added).sample.numpy()
@@ -123,15 +130,18 @@ def side(which: str, repeats: int, *, model: str = "sd15", latent: int | None = 
 
         def fwd():
             return unet(params, xs, ts, cs, cfg=cfg, **extra)
-    y = None
-    for _ in range(warmup):  # first touch of every weight page, torch's primitive caches
-        y = fwd()
-    del y
-    time.sleep(0.3)  # let torch's OpenMP workers (still spinning after the build) go idle
+    # Base: the built weights and libraries, before any forward (the build wrote every weight, so
+    # they are resident). Trimming here, not after the warm-up, leaves the timed forwards the memory
+    # the warm-up freed, as every sampling step after the first has it.
     _malloc_trim()
     base = _status_kib("VmRSS") * 1024
     with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
+        f.write("5")  # reset VmHWM to the current RSS: the peak covers the warm-up and the timed forwards
+    y = None
+    for _ in range(warmup):  # torch's primitive caches, refsd's kernel pool and allocator
+        y = fwd()
+    del y
+    time.sleep(0.3)  # let torch's OpenMP workers (still spinning after the build) go idle
     times = []
     for _ in range(repeats):
         t1 = time.perf_counter()
@@ -145,7 +155,7 @@ def side(which: str, repeats: int, *, model: str = "sd15", latent: int | None = 
 
 
 def run(repeats: int = 1, rounds: int = 2, *, model: str = "sd15", latent: int | None = None, warmup: int = 1,
-        log=None, kernels: str = "fast", batch: int = 1) -> dict:
+        log=None, kernels: str = "fast", batch: int = 1, torch_allocator: str = "system") -> dict:
     """``rounds`` x (torch subprocess, refsd subprocess), each ``warmup`` + ``repeats`` forwards.
 
     -> {"meta": what was run, "torch": [per-subprocess results], "refsd": [...], "agreement": ...}.
@@ -156,7 +166,8 @@ def run(repeats: int = 1, rounds: int = 2, *, model: str = "sd15", latent: int |
     shape = latent_shape(model, latent, batch)
     res = {"meta": {"model": model, "label": MODELS[model][0], "latent": list(shape), "batch": batch, "rounds": rounds,
                     "warmup": warmup, "repeats": repeats, "dtype": "float32", "attention": "sliced", "kernels": kernels,
-                    "timestep": TIMESTEP, "tokens": TOKENS, "seed": SEED},
+                    "timestep": TIMESTEP, "tokens": TOKENS, "seed": SEED,
+                    "torch_allocator": torch_allocator},
            "torch": [], "refsd": []}
     if MODELS[model][4] is not None:
         res["meta"]["time_ids"] = time_ids(shape[2])
@@ -166,7 +177,7 @@ def run(repeats: int = 1, rounds: int = 2, *, model: str = "sd15", latent: int |
             for which in ("torch", "refsd"):
                 cmd = [sys.executable, "-m", "bench.unet", "--side", which, "--model", model, "--latent",
                        str(shape[2]), "--warmup", str(warmup), "--repeats", str(repeats), "--out", outs[which],
-                       "--kernels", kernels, "--batch", str(batch)]
+                       "--kernels", kernels, "--batch", str(batch), "--torch-allocator", torch_allocator]
                 t0 = time.perf_counter()
                 proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
                 if proc.returncode:
@@ -207,7 +218,8 @@ def summary(res: dict) -> str:
         ids = f", time_ids {m['time_ids']}" if "time_ids" in m else ""
         lines.append(f"run: {m['rounds']} round(s), each a torch then a refsd subprocess of {m['warmup']} warm-up + "
                      f"{m['repeats']} timed forward(s); timestep {m['timestep']:g}, {m['tokens']} tokens{ids}; "
-                     f"refsd attention {m['attention']}, kernels {m.get('kernels', 'fast')}")
+                     f"refsd attention {m['attention']}, kernels {m.get('kernels', 'fast')}, "
+                     f"torch allocator {m.get('torch_allocator', 'system')}")
         base = {k: max(r["base"] for r in res[k]) for k in sides}
         build = {k: max(r.get("build_peak", 0) for r in res[k]) for k in sides}
         build_s = {k: statistics.median([r.get("build_s", 0.0) for r in res[k]]) for k in sides}
@@ -247,6 +259,9 @@ def add_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kernels", choices=["fast", "reference", "both"], default=None,
                     help="refsd.ops kernel mode (refsd.xp.set_kernels): unet: fast (default) or reference on the "
                          "refsd side; ops: both (default), fast or reference, each row against torch")
+    ap.add_argument("--torch-allocator", choices=["system", "tuned"], default="system",
+                    help="unet: glibc malloc as it comes (default) or with the settings refsd's fast kernels apply "
+                         "to their own process (refsd.kernels.tune_allocator) for the torch side too")
 
 
 def describe(model: str, latent: int | None, rounds: int, warmup: int, per_round: int, kernels: str = "fast",
@@ -273,7 +288,8 @@ def from_args(args: argparse.Namespace, error) -> dict:
     kernels = args.kernels or "fast"
     print(describe(args.model, args.latent, rounds, args.warmup, per_round, kernels, args.batch), flush=True)
     return run(repeats=per_round, rounds=rounds, model=args.model, latent=args.latent, warmup=args.warmup,
-               log=lambda line: print(line, flush=True), kernels=kernels, batch=args.batch)
+               log=lambda line: print(line, flush=True), kernels=kernels, batch=args.batch,
+               torch_allocator=args.torch_allocator)
 
 
 def main(argv=None) -> int:
@@ -288,7 +304,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.side:
         print(json.dumps(side(args.side, args.repeats, model=args.model, latent=args.latent, warmup=args.warmup,
-                              out=args.out, kernels=args.kernels or "fast", batch=args.batch)))
+                              out=args.out, kernels=args.kernels or "fast", batch=args.batch,
+                              torch_allocator=args.torch_allocator)))
         return 0
     from bench.common import report
 

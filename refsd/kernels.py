@@ -14,7 +14,8 @@ What makes them faster, measured on the project's 2-core machines (numbers in DE
   (``map_rows``). NumPy releases the GIL inside ufuncs and BLAS, so Python threads scale.
 - Convolution: one GEMM per kernel row over contiguous offsets of the flattened padded image instead
   of one per tap over strided copies (see ``conv2d``).
-- Allocation: ``tune_allocator`` (opt-in) keeps freed memory mapped.
+- Allocation: ``tune_allocator`` (applied when the fast kernels are first used; $REFSD_ALLOCATOR=system
+  opts out) makes glibc reuse freed activations instead of page-faulting fresh ones.
 
 Every kernel states next to it its measured float32 error against the definition (random inputs at
 Stable Diffusion 1.5 shapes, max |fast - reference| / max |reference|; tests/test_kernels.py asserts
@@ -726,21 +727,44 @@ FAST = {"linear": linear, "conv2d": conv2d, "group_norm": group_norm, "group_nor
 # allocation
 
 
-def tune_allocator() -> bool:
-    """Opt-in: make glibc keep freed memory mapped instead of returning it to the OS every time.
+ALLOCATOR_ENV = "REFSD_ALLOCATOR"  # "system": leave glibc's malloc settings alone
+_allocator_tuned: bool | None = None  # None: not tried yet
 
-    NumPy allocates a fresh buffer for every temporary; glibc serves large ones with mmap and
-    unmaps them on free, so each reuse page-faults its memory in again (~0.25 us per 4 KiB page:
-    ~3 ms for a 10 MB activation). After this call blocks up to 32 MiB come from the heap and stay
-    there (M_MMAP_THRESHOLD = 32 MiB, M_TRIM_THRESHOLD = 2 GiB, M_TOP_PAD = 64 MiB): measured
-    before on this machine, VAE conv 1030 -> 727 ms and GELU 205 -> 121 ms, for ~600 MB more
-    resident memory. Process-wide and irreversible; never called by refsd itself. Returns False
-    where it does not apply (not glibc).
+
+def tune_allocator() -> bool:
+    """Make glibc serve every block from its heap and keep freed memory there, instead of mapping each
+    large block on allocation and unmapping it on free (the first time only; later calls return the
+    first result). refsd.xp.kernels_for calls this when it first hands out the NumPy fast kernels,
+    unless $REFSD_ALLOCATOR is "system".
+
+    Why: NumPy allocates a fresh buffer for every result and temporary; glibc maps blocks above its
+    mmap threshold (128 KiB rising to at most 32 MiB) fresh and unmaps them on free, so every such
+    activation is page-faulted and zeroed by the kernel again: one SD1.5 UNet forward (2x4x64x64)
+    took ~49,000 minor faults and 1.0-1.6 s of system CPU time in 9.5-10.5 s. With M_MMAP_MAX = 0 (no
+    mmap blocks), M_TRIM_THRESHOLD = 2 GiB and M_TOP_PAD = 64 MiB, freed activations are reused: 10-14
+    faults, 0.1-0.15 s system time, 8.8 s; the peak RSS rose 0.14 GiB (4.15 -> 4.29 GiB with the
+    weights), and the memory stays resident after the call for the next one (what torch's caching
+    allocators do on GPUs). Batch 4: 40.0-40.3 -> 35.0-35.9 s, peak 4.93 -> 4.96 GiB (2026-12-07, idle
+    2-core machine, scratch runs of the forward in one process). Process-wide and irreversible (other
+    libraries in the process share the heap); False where it does not apply (not glibc, or refused).
     """
+    global _allocator_tuned
+    if _allocator_tuned is None:
+        _allocator_tuned = _mallopt_heap_only()
+    return _allocator_tuned
+
+
+def allocator_tuned() -> bool:
+    """Whether tune_allocator has changed glibc's settings in this process."""
+    return bool(_allocator_tuned)
+
+
+def _mallopt_heap_only() -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
         return False
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # <malloc.h>
-    return all(libc.mallopt(param, value) == 1 for param, value in (
-        (m_mmap_threshold, 32 << 20), (m_trim_threshold, (2 << 30) - 1), (m_top_pad, 64 << 20)))
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # <malloc.h>
+    return all(mallopt(param, value) == 1 for param, value in (
+        (m_mmap_max, 0), (m_trim_threshold, (2 << 30) - 1), (m_top_pad, 64 << 20)))

@@ -289,8 +289,12 @@ def kernels_for(xp) -> Mapping[str, Callable]:
     """The kernel table refsd.ops uses on ``xp``: op name -> fast implementation. NumPy in "fast" mode
     gets refsd.kernels.FAST; array-api-strict, torch and cupy always get {} (the definitions in
     refsd/ops.py): the fast kernels are NumPy ufunc/BLAS code, and those libraries fuse or
-    parallelise internally (array-api-strict exists to run the standard definitions)."""
+    parallelise internally (array-api-strict exists to run the standard definitions). The first time
+    it hands out the NumPy table it also applies refsd.kernels.tune_allocator (glibc keeps freed
+    activations for reuse), unless $REFSD_ALLOCATOR is "system"."""
     if _compat.is_numpy_namespace(xp) and kernels_mode() == "fast":
+        if _kernels._allocator_tuned is None and os.environ.get(_kernels.ALLOCATOR_ENV) != "system":
+            _kernels.tune_allocator()
         return _kernels.FAST
     return _NO_KERNELS
 

@@ -418,6 +418,48 @@ def test_import_refsd_first_sets_openblas_spin():
     assert spin("numpy", "refsd") == "0"  # OpenBLAS's built-in 2^28, read before refsd could set it
 
 
+_FAULTS = """
+import resource, sys
+import numpy as np
+from refsd import kernels, ops, xp
+xp.set_kernels(sys.argv[1])
+ops.silu(np.ones(4, np.float32))  # the first op: the fast kernels tune the allocator here
+faults = []
+for i in range(6):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = np.ones(16 << 20, np.float32)  # 64 MiB, every page written
+    del a
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(kernels.allocator_tuned(), sum(faults[1:]))
+"""
+
+
+def test_fast_kernels_tune_the_allocator_once_used():
+    """The first NumPy fast-kernel op makes glibc reuse freed blocks: a 64 MiB array allocated and freed
+    again and again page-faults only the first time (glibc's default maps and unmaps it each time:
+    >= 32 faults per round even with 2 MiB transparent huge pages). ``REFSD_ALLOCATOR=system`` and the
+    reference kernels leave glibc alone."""
+    import os
+    import subprocess
+    import sys
+
+    if os.uname().sysname != "Linux":
+        pytest.skip("glibc's malloc settings apply on Linux only")
+    env = {k: v for k, v in os.environ.items() if k != "REFSD_ALLOCATOR"}
+
+    def run(mode, **extra):
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], env={**env, **extra}, capture_output=True,
+                             text=True, check=True)
+        tuned, faults = out.stdout.split()
+        return tuned == "True", int(faults)
+
+    tuned, faults = run("fast")
+    assert tuned and faults <= 8, faults
+    for mode, extra in (("fast", {"REFSD_ALLOCATOR": "system"}), ("reference", {})):
+        tuned, faults = run(mode, **extra)
+        assert not tuned and faults >= 5 * 32, (mode, faults)
+
+
 def test_attention_kernel_finfo_min_mask_stays_finite():
     """T5's additive mask uses finfo(float32).min: a fully masked row attends uniformly (no overflow to
     -inf and NaN), as in the definition."""
