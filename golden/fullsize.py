@@ -46,7 +46,7 @@ BACKENDS = ("numpy", "torch:cpu")
 # rounding, not refsd's arithmetic, so it has its own bar per dtype, set from the measurement in
 # docs/precision.md (worst case over every full-size case, with margin); REL_TARGET stays the float32 bar.
 HALF_WEIGHTS = ("float16", "bfloat16")
-HALF_REL_TARGET = {"float16": 3e-3, "bfloat16": 3e-2}  # measured worst: 1.55e-3, 1.23e-2 (unet_sd15)
+HALF_REL_TARGET = {"float16": 3e-3, "bfloat16": 3e-2}  # measured worst: 1.99e-3 (controlnet_sdxl), 1.51e-2 (unet_sdxl)
 # True half compute (torch: weights, activations and arithmetic in the half dtype, refsd.xp.precision's policy
 # for torch and cupy): "torch:cpu@float16" runs refsd that way, with every floating input cast to the half
 # dtype as a half-precision pipeline passes it; "oracle@float16" runs the oracle itself cast to the half dtype
@@ -54,7 +54,8 @@ HALF_REL_TARGET = {"float16": 3e-3, "bfloat16": 3e-2}  # measured worst: 1.55e-3
 # from the measurement in docs/precision.md.
 HALF_COMPUTE_REL_TARGET = {"float16": 5e-3, "bfloat16": 4e-2}  # measured (clip_l): 2.69e-3, 1.70e-2
 # The cases measured with half weights (docs/precision.md's table; the slow tier runs them at their bars).
-HALF_CASES = ("clip_l", "openclip_bigg", "vae_decoder_sd", "unet_sd15", "controlnet_sd15", "sd35_large_2")
+HALF_CASES = ("clip_l", "openclip_bigg", "vae_decoder_sd", "unet_sd15", "controlnet_sd15", "sd35_large_2", "clip_vision_h",
+              "t5_xxl_2layers", "flux_dev_2x2", "controlnet_sdxl", "unet_sdxl")
 HALF_COMPUTE_CASES = ("clip_l",)
 
 
