@@ -52,11 +52,11 @@ HALF_REL_TARGET = {"float16": 3e-3, "bfloat16": 3e-2}  # measured worst: 1.99e-3
 # dtype as a half-precision pipeline passes it; "oracle@float16" runs the oracle itself cast to the half dtype
 # (diffusers / transformers ``model.to(dtype)``) for scale. Both against the float32 oracle: their own bar,
 # from the measurement in docs/precision.md.
-HALF_COMPUTE_REL_TARGET = {"float16": 5e-3, "bfloat16": 4e-2}  # measured (clip_l): 2.69e-3, 1.70e-2
+HALF_COMPUTE_REL_TARGET = {"float16": 5e-3, "bfloat16": 4e-2}  # measured worst: 2.59e-3, 2.10e-2 (unet_sd15)
 # The cases measured with half weights (docs/precision.md's table; the slow tier runs them at their bars).
 HALF_CASES = ("clip_l", "openclip_bigg", "vae_decoder_sd", "unet_sd15", "controlnet_sd15", "sd35_large_2", "clip_vision_h",
               "t5_xxl_2layers", "flux_dev_2x2", "controlnet_sdxl", "unet_sdxl")
-HALF_COMPUTE_CASES = ("clip_l",)
+HALF_COMPUTE_CASES = ("clip_l", "unet_sd15")
 
 
 def split_backend(backend: str) -> tuple[str, str | None]:

@@ -3,7 +3,9 @@
 Each function below is the readable definition of its op: the math in plain sight, standard Array API
 calls only, the same on numpy, array-api-strict, torch and cupy. Layouts are torch's: activations
 NCHW, conv weights (out, in, kh, kw), linear weights (out, in). Every op keeps its input dtype and
-refuses mixed dtypes instead of promoting.
+refuses mixed dtypes instead of promoting. On half-precision input (float16, bfloat16) the
+activations, norms and softmax compute in float32 and round once, as torch's kernels do (``_op``'s
+``opmath``).
 
 Kernels. A public op is its definition wrapped by ``_op``: the wrapper validates the arguments, then
 makes one lookup, ``refsd.xp.kernels_for(xp)[name]``, and runs the faster implementation found there
@@ -32,9 +34,15 @@ from refsd.errors import BackendError
 from refsd.numerics import ERF_MAX_ABS_ERROR, ERF_P, ERF_Q  # noqa: F401  (ERF_MAX_ABS_ERROR: re-exported)
 
 
-def _op(check=None):
+def _op(check=None, opmath: bool = False):
     """Decorator: the public op runs ``check(*args)`` (raises on bad arguments, returns the namespace),
-    then ``rxp.kernels_for(xp).get(name, definition)``: a fast kernel where the backend has one."""
+    then ``rxp.kernels_for(xp).get(name, definition)``: a fast kernel where the backend has one.
+
+    ``opmath``: on half-precision input (float16, bfloat16) the op computes in float32 and rounds its
+    result once to the input's dtype, as torch's CPU and CUDA kernels for these ops do (their "opmath"
+    type, aten/src/ATen/OpMathType.h: a float16 GELU, norm or softmax is evaluated in float32). Computed
+    in the half dtype instead, GELU's erf polynomial loses its small coefficients (float16 flushes
+    2.7e-10 to zero) and came out 2e-2 off torch's float16 GELU against its 3e-4."""
 
     def wrap(definition):
         name = definition.__name__
@@ -42,12 +50,25 @@ def _op(check=None):
         @functools.wraps(definition)
         def op(x, *args, **kwargs):
             xp = rxp.namespace(x) if check is None else check(x, *args, **kwargs)
-            return rxp.kernels_for(xp).get(name, definition)(x, *args, **kwargs)
+            run = rxp.kernels_for(xp).get(name, definition)
+            if opmath and _dtype_name(x.dtype) in HALF_DTYPES:
+                half = x.dtype
+                up = [xp.astype(a, xp.float32) if getattr(a, "dtype", None) == half else a for a in (x, *args)]
+                return xp.astype(run(*up, **kwargs), half)
+            return run(x, *args, **kwargs)
 
         op.reference = definition
         return op
 
     return wrap
+
+
+HALF_DTYPES = ("float16", "bfloat16")  # computed in float32 by the ops marked opmath (above)
+
+
+def _dtype_name(dtype) -> str:
+    """"float16" for numpy.float16, torch.float16, ml_dtypes' bfloat16, ..."""
+    return str(dtype).rsplit(".", 1)[-1]
 
 
 def _same_dtype(op: str, x, *others):
@@ -134,7 +155,7 @@ def _affine(xp, y, weight, bias, shape):
     return y
 
 
-@_op(check=_check_group_norm)
+@_op(check=_check_group_norm, opmath=True)
 def group_norm(x, weight, bias, groups: int, eps: float = 1e-5):
     """torch.nn.functional.group_norm: y = (x - mean) / sqrt(var + eps) * weight + bias, with mean and
     (biased) variance over each group of C/G channels and all positions. x: (B, C, *spatial);
@@ -147,7 +168,7 @@ def group_norm(x, weight, bias, groups: int, eps: float = 1e-5):
     return _affine(xp, y, weight, bias, (-1,) + (1,) * (x.ndim - 2))
 
 
-@_op(check=_check_group_norm)
+@_op(check=_check_group_norm, opmath=True)
 def group_norm_silu(x, weight, bias, groups: int, eps: float = 1e-5):
     """silu(group_norm(x, weight, bias, groups, eps)): the pair every ResnetBlock2D and the UNet's / VAE's
     norm_out run (diffusers models/resnet.py: ``norm1`` then ``nonlinearity``). One op so that a kernel
@@ -156,7 +177,7 @@ def group_norm_silu(x, weight, bias, groups: int, eps: float = 1e-5):
     return silu.reference(group_norm.reference(x, weight, bias, groups, eps))
 
 
-@_op(check=lambda x, weight, bias, eps=1e-5: _same_dtype("layer_norm", x, weight, bias))
+@_op(check=lambda x, weight, bias, eps=1e-5: _same_dtype("layer_norm", x, weight, bias), opmath=True)
 def layer_norm(x, weight, bias, eps: float = 1e-5):
     """torch.nn.functional.layer_norm over the last axis: (x - mean) / sqrt(var + eps) * weight + bias.
     x: (..., D); weight, bias: (D,) or None."""
@@ -166,7 +187,7 @@ def layer_norm(x, weight, bias, eps: float = 1e-5):
     return _affine(xp, (x - mean) / xp.sqrt(var + eps), weight, bias, (-1,))
 
 
-@_op(check=lambda x, weight, eps=1e-6: _same_dtype("rms_norm", x, weight))
+@_op(check=lambda x, weight, eps=1e-6: _same_dtype("rms_norm", x, weight), opmath=True)
 def rms_norm(x, weight, eps: float = 1e-6):
     """Root-mean-square norm over the last axis, no centring and no bias: x / sqrt(mean(x^2) + eps) * weight.
     T5 (transformers ``T5LayerNorm``), SD3 / Flux QK norms (diffusers ``RMSNorm``) and
@@ -189,7 +210,7 @@ def _polynomial(coefs, u):
     return acc
 
 
-@_op()
+@_op(opmath=True)
 def erf(x):
     """Error function, Eigen's rational approximation: erf(x) ~= t * P(t^2) / Q(t^2), t = clip(x, -4, 4)
     (|erf(4)| rounds to 1 in float32). Max abs error: ERF_MAX_ABS_ERROR (refsd/numerics.py)."""
@@ -205,7 +226,7 @@ def _check_gelu(x, approximate: str = "none"):
     return rxp.namespace(x)
 
 
-@_op(check=_check_gelu)
+@_op(check=_check_gelu, opmath=True)
 def gelu(x, approximate: str = "none"):
     """torch.nn.functional.gelu: x * Phi(x) = x/2 * (1 + erf(x / sqrt 2)), or the tanh approximation
     x/2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))). The tanh form differs from the exact one by up
@@ -216,7 +237,7 @@ def gelu(x, approximate: str = "none"):
     return 0.5 * x * (1.0 + erf.reference(x / math.sqrt(2.0)))
 
 
-@_op(check=lambda hidden, gate: _same_dtype("geglu", hidden, gate))
+@_op(check=lambda hidden, gate: _same_dtype("geglu", hidden, gate), opmath=True)
 def geglu(hidden, gate):
     """hidden * gelu(gate): the GEGLU gating of diffusers' ``GEGLU`` (models/activations.py; Shazeer
     2020), given the projection's two halves. One op so that a kernel can do both in one pass."""
@@ -230,19 +251,19 @@ def sigmoid(x):
     return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
-@_op()
+@_op(opmath=True)
 def silu(x):
     """SiLU (swish): x * sigmoid(x)."""
     return x * sigmoid(x)
 
 
-@_op()
+@_op(opmath=True)
 def quick_gelu(x):
     """x * sigmoid(1.702 x): OpenAI CLIP's activation (CLIP-L in SD1.x)."""
     return x * sigmoid(1.702 * x)
 
 
-@_op()
+@_op(opmath=True)
 def softmax(x, axis: int = -1):
     """exp(x - max) / sum(exp(x - max)) along ``axis`` (subtracting the max keeps exp finite)."""
     xp = rxp.namespace(x)

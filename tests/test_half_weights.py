@@ -198,3 +198,41 @@ def test_attention_on_half_inputs_runs_in_float32(half):
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).float()
     eps = torch.finfo(dt).eps
     assert (got.float() - sdpa).abs().max() <= 2 * eps * sdpa.abs().max()
+
+
+@pytest.mark.parametrize("half", list(HALVES))
+def test_elementwise_and_norm_ops_on_half_inputs_compute_in_float32(half):
+    """On torch's half compute, GELU, SiLU, the norms and softmax evaluate in float32 and round once, as
+    torch's own kernels do (opmath): equal to the op on float32 copies rounded to the half dtype, and
+    within about an ulp of torch's half-precision functional op. Evaluated in float16 instead, GELU's erf
+    polynomial flushed its small coefficients and was 2e-2 off torch's float16 GELU (against 3e-4), and
+    the SD1.5 UNet at full size came out 0.36 off the float32 oracle (docs/precision.md)."""
+    import torch
+    import torch.nn.functional as F
+
+    from refsd import ops
+
+    g = torch.Generator().manual_seed(1)
+    dt = getattr(torch, half)
+    x = (torch.randn(2, 64, 8, 8, generator=g) * 10).to(dt)
+    w, b = (torch.randn(64, generator=g).to(dt) for _ in range(2))
+    t = x.reshape(2, 64, 64).transpose(1, 2).contiguous()
+    cases = {
+        "gelu": (lambda a, w, b: ops.gelu(a), lambda a, w, b: F.gelu(a)),
+        "silu": (lambda a, w, b: ops.silu(a), lambda a, w, b: F.silu(a)),
+        "quick_gelu": (lambda a, w, b: ops.quick_gelu(a), lambda a, w, b: a * torch.sigmoid(1.702 * a)),
+        "group_norm": (lambda a, w, b: ops.group_norm(a, w, b, 32), lambda a, w, b: F.group_norm(a, 32, w, b)),
+        "group_norm_silu": (lambda a, w, b: ops.group_norm_silu(a, w, b, 32),
+                            lambda a, w, b: F.silu(F.group_norm(a, 32, w, b))),
+        "softmax": (lambda a, w, b: ops.softmax(a, axis=-1), lambda a, w, b: torch.softmax(a, dim=-1)),
+    }
+    for name, (ours, theirs) in cases.items():
+        got = ours(x, w, b)
+        assert got.dtype == dt, name
+        assert torch.equal(got, ours(x.float(), w.float(), b.float()).to(dt)), name
+        ref = theirs(x, w, b).float()
+        assert (got.float() - ref).abs().max() <= 2 * torch.finfo(dt).eps * ref.abs().max(), name
+    got = ops.layer_norm(t, w, b)
+    assert torch.equal(got, ops.layer_norm(t.float(), w.float(), b.float()).to(dt))
+    ref = F.layer_norm(t, (64,), w, b).float()
+    assert (got.float() - ref).abs().max() <= 2 * torch.finfo(dt).eps * ref.abs().max()
