@@ -26,7 +26,6 @@ from refsd import xp as rxp
 from refsd.errors import BackendError
 
 STRATEGIES = ("naive", "sliced", "tiled")
-HALF = ("float16", "bfloat16")  # dtypes whose attention runs in float32 (below)
 
 
 def attention(q, k, v, *, mask=None, causal: bool = False, scale: float | None = None,
@@ -39,14 +38,12 @@ def attention(q, k, v, *, mask=None, causal: bool = False, scale: float | None =
     if strategy not in STRATEGIES:
         raise BackendError(f"unknown attention strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
     xp = rxp.namespace(q, k, v, mask)
-    if str(q.dtype).rsplit(".", 1)[-1] in HALF:
+    if rxp.is_half(q):
         # Half inputs: the reference's SDPA accumulates in float32, softmax included (torch
         # aten/src/ATen/native/cpu/FlashAttentionKernel.cpp: accum_t = opmath_type<scalar_t>; flash attention
         # on CUDA likewise): the same here, the result cast back to the half dtype.
-        f32 = [None if a is None or a.dtype == xp.bool else xp.astype(a, xp.float32) for a in (q, k, v, mask)]
-        mask32 = mask if f32[3] is None else f32[3]
-        out = attention(*f32[:3], mask=mask32, causal=causal, scale=scale, strategy=strategy, chunk=chunk, block=block)
-        return xp.astype(out, q.dtype)
+        return rxp.in_float32(attention, q, k, v, mask=mask, causal=causal, scale=scale, strategy=strategy,
+                              chunk=chunk, block=block)
     if q.ndim != 4 or k.shape[:2] != q.shape[:2] or v.shape[:3] != k.shape[:3] or k.shape[3] != q.shape[3]:
         raise BackendError(f"attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale

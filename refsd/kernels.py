@@ -729,13 +729,25 @@ FAST = {"linear": linear, "conv2d": conv2d, "group_norm": group_norm, "group_nor
 
 ALLOCATOR_ENV = "REFSD_ALLOCATOR"  # "system": leave glibc's malloc settings alone
 _allocator_tuned: bool | None = None  # None: not tried yet
+_allocator_policy_done = False
+
+
+def fast_table():
+    """FAST, for refsd.xp.kernels_for; the first call applies tune_allocator unless $REFSD_ALLOCATOR is
+    "system" (the environment is read once)."""
+    global _allocator_policy_done
+    if not _allocator_policy_done:
+        _allocator_policy_done = True
+        if os.environ.get(ALLOCATOR_ENV) != "system":
+            tune_allocator()
+    return FAST
 
 
 def tune_allocator() -> bool:
     """Make glibc serve every block from its heap and keep freed memory there, instead of mapping each
     large block on allocation and unmapping it on free (the first time only; later calls return the
-    first result). refsd.xp.kernels_for calls this when it first hands out the NumPy fast kernels,
-    unless $REFSD_ALLOCATOR is "system".
+    first result). ``fast_table`` calls this when refsd.xp.kernels_for first hands out the NumPy fast
+    kernels, unless $REFSD_ALLOCATOR is "system".
 
     Why: NumPy allocates a fresh buffer for every result and temporary; glibc maps blocks above its
     mmap threshold (128 KiB rising to at most 32 MiB) fresh and unmaps them on free, so every such

@@ -51,24 +51,14 @@ def _op(check=None, opmath: bool = False):
         def op(x, *args, **kwargs):
             xp = rxp.namespace(x) if check is None else check(x, *args, **kwargs)
             run = rxp.kernels_for(xp).get(name, definition)
-            if opmath and _dtype_name(x.dtype) in HALF_DTYPES:
-                half = x.dtype
-                up = [xp.astype(a, xp.float32) if getattr(a, "dtype", None) == half else a for a in (x, *args)]
-                return xp.astype(run(*up, **kwargs), half)
+            if opmath and rxp.is_half(x):
+                return rxp.in_float32(run, x, *args, **kwargs)
             return run(x, *args, **kwargs)
 
         op.reference = definition
         return op
 
     return wrap
-
-
-HALF_DTYPES = ("float16", "bfloat16")  # computed in float32 by the ops marked opmath (above)
-
-
-def _dtype_name(dtype) -> str:
-    """"float16" for numpy.float16, torch.float16, ml_dtypes' bfloat16, ..."""
-    return str(dtype).rsplit(".", 1)[-1]
 
 
 def _same_dtype(op: str, x, *others):

@@ -28,6 +28,7 @@ from refsd.errors import BackendError
 
 BACKENDS = ("numpy", "array-api-strict", "torch", "torch:cpu", "torch:mps", "torch:cuda", "cupy")
 FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
+HALF_DTYPES = ("float16", "bfloat16")
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,6 +54,32 @@ def namespace(*arrays: Any):
         where = ", ".join(f"#{i}: {d}" for i, d in enumerate(devs))
         raise BackendError(f"arrays live on different devices ({where}); move them with refsd.xp.asarray first")
     return xp
+
+
+def dtype_name(dt: Any) -> str:
+    """A backend-neutral dtype name: np.dtype('float32'), torch.float32, xp.float32 -> 'float32'
+    (ml_dtypes' bfloat16 -> 'bfloat16')."""
+    return dt.name if isinstance(dt, np.dtype) else str(dt).rsplit(".", 1)[-1]
+
+
+def is_half(x: Any) -> bool:
+    """Whether ``x`` is a float16 or bfloat16 array."""
+    return dtype_name(x.dtype) in HALF_DTYPES
+
+
+def in_float32(run: Callable, x: Any, *args: Any, **kwargs: Any):
+    """``run(x, *args, **kwargs)`` evaluated in float32 and rounded once to x's half dtype: every array
+    argument of x's dtype is passed as a float32 copy (others as they are). How torch's kernels treat
+    half-precision input to their activations, norms and softmax (the "opmath" type,
+    aten/src/ATen/OpMathType.h) and its SDPA (float32 accumulation): refsd.ops and refsd.attention use it."""
+    xp = namespace(x)
+    half = x.dtype
+
+    def up(a):
+        return xp.astype(a, xp.float32) if getattr(a, "dtype", None) == half else a
+
+    out = run(up(x), *(up(a) for a in args), **{k: up(a) for k, a in kwargs.items()})
+    return xp.astype(out, half)
 
 
 def device(x: Any):
@@ -223,7 +250,7 @@ class Precision:
 def precision(xp, storage: str = "float32", *, offload: bool = False, device: Any = None) -> Precision:
     """The placement policy refsd uses on ``xp`` (``device``) for weights stored as ``storage``."""
     strict = _compat.is_array_api_strict_namespace(xp)
-    half = storage in ("float16", "bfloat16")
+    half = storage in HALF_DTYPES
     home = None
     if strict and half:
         resolve_dtype(np, storage)  # array-api-strict has no half dtypes: NumPy keeps them, reads upcast
@@ -293,9 +320,7 @@ def kernels_for(xp) -> Mapping[str, Callable]:
     it hands out the NumPy table it also applies refsd.kernels.tune_allocator (glibc keeps freed
     activations for reuse), unless $REFSD_ALLOCATOR is "system"."""
     if _compat.is_numpy_namespace(xp) and kernels_mode() == "fast":
-        if _kernels._allocator_tuned is None and os.environ.get(_kernels.ALLOCATOR_ENV) != "system":
-            _kernels.tune_allocator()
-        return _kernels.FAST
+        return _kernels.fast_table()
     return _NO_KERNELS
 
 

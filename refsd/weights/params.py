@@ -30,11 +30,6 @@ from refsd.weights.safetensors import DTYPES, SafeTensorsFile
 MAX_PROBLEM_LINES = 50
 
 
-def _dtype_name(dt: Any) -> str:
-    """A backend-neutral dtype name: np.dtype('float32'), torch.float32 and xp.float32 -> 'float32'."""
-    return dt.name if isinstance(dt, np.dtype) else str(dt).rsplit(".", 1)[-1]
-
-
 def _is_float(name: str) -> bool:
     return name.startswith(("float", "bfloat"))  # float8_e4m3fn and friends included
 
@@ -158,7 +153,7 @@ def _entries_of(source: Any) -> tuple[dict[str, LazyTensor], list[SafeTensorsFil
         if isinstance(v, LazyTensor):  # read on first use, like a file's tensors
             entries[k] = v
             continue
-        entries[k] = LazyTensor(lambda v=v: v, tuple(int(d) for d in v.shape), _dtype_name(v.dtype), "<mapping>")
+        entries[k] = LazyTensor(lambda v=v: v, tuple(int(d) for d in v.shape), rxp.dtype_name(v.dtype), "<mapping>")
     return entries, []
 
 
