@@ -154,6 +154,15 @@ def _upsample(g, dt):
                    "torch.nn.functional.interpolate(x, scale_factor=2.0, mode='nearest')", "nearest 2x upsample")
 
 
+@case("ops", "upsample_nearest2x_conv2d")
+def _upsample_conv(g, dt):
+    x, w, b = randn(g, (2, 6, 5, 7), dt), randn(g, (4, 6, 3, 3), dt, 0.2), randn(g, (4,), dt)
+    y = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, b, padding=1)
+    return Capture("upsample_nearest2x_conv2d", {"x": x, "weight": w, "bias": b}, {"y": y},
+                   "torch.nn.functional.conv2d(F.interpolate(x, scale_factor=2.0, mode='nearest'), weight, bias, padding=1)",
+                   "diffusers Upsample2D: nearest 2x, then 3x3 conv with padding 1", kwargs={"padding": 1})
+
+
 @case("ops", "pad")
 def _pad(g, dt):
     x = randn(g, (2, 3, 4, 5), dt)

@@ -648,6 +648,7 @@ OPS = {
     "erf": ops.erf,
     "softmax": ops.softmax,
     "upsample_nearest2x": ops.upsample_nearest2x,
+    "upsample_nearest2x_conv2d": ops.upsample_nearest2x_conv2d,
     "pad": ops.pad,
     "attention": _attention.attention,
     "sample": _run_sample,

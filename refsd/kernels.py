@@ -430,6 +430,94 @@ def _conv_strided(xpad, weight, bias, stride):
     return _add_bias(y, bias).reshape(b, o, ho, wo)
 
 
+# Upsample2D's nearest 2x then 3x3 conv (padding 1), without the upsampled image: output pixel
+# (2i + a, 2j + b) reads upsampled rows 2i + a - 1 .. 2i + a + 1, which are low-resolution rows
+# i - 1, i, i (a = 0) or i, i, i + 1 (a = 1), and the same for columns. So each of the four output
+# phases (a, b) is a 2x2 convolution of the low-resolution input (padded by 1) whose taps are sums of
+# the 3x3 taps (kernel rows folded as [w0, w1 + w2] for a = 0 and [w0 + w1, w2] for a = 1, columns the
+# same): 16 multiply-adds per 2x2 output block and channel pair instead of 36 (the 2.25x Winograd
+# F(2x2, 3x3) saves), as plain GEMMs with no transforms, and the 4x larger upsampled input is never
+# written. Per band of input rows: the three horizontal shifts of the flattened padded rows stacked
+# along channels (as flat3), and per phase two GEMMs (O, 2C) @ (2C, rows * Wp), one per folded kernel
+# row, whose results are written to the phase's strided output positions on CPU threads.
+# Measured float32 error vs the definition in float64 (max |diff| / max |ref|, N(0, 1) input, weights and
+# bias N(0, 0.02^2)): 1x512x32x32 5.7e-7, 2x640x32x32 5.8e-7, 2x1280x16x16 4.2e-7, 1x256x64x64 6.2e-7;
+# conv2d (Winograd) on the upsampled input 6.6e-7, 7.6e-7, 7.2e-7, 9.1e-7; the definition in float32
+# 3.2e-7, 3.7e-7, 3.8e-7, 4.5e-7.
+
+
+def _fold_upsampled_taps(weight):
+    """(O, C, 3, 3) -> w2[a][b][da]: (O, 2C) matrices, columns in (db, c) order: phase (a, b)'s folded 2x2
+    kernel row da. The sums are of 2 or 4 taps of one output channel, in float32 like the weights."""
+    o, c = weight.shape[:2]
+    rows = ((weight[:, :, 0], weight[:, :, 1] + weight[:, :, 2]), (weight[:, :, 0] + weight[:, :, 1], weight[:, :, 2]))
+
+    def cols(r, b):  # r: (O, C, 3) one folded kernel row -> (O, 2, C) its two folded columns for phase b
+        pair = (r[..., 0], r[..., 1] + r[..., 2]) if b == 0 else (r[..., 0] + r[..., 1], r[..., 2])
+        return np.stack(pair, axis=1).reshape(o, 2 * c)
+
+    return [[[cols(rows[a][da], b) for da in range(2)] for b in range(2)] for a in range(2)]
+
+
+# The folded phases from 32x32 input pixels: below, the folded weights (16/9 of the weights, written every
+# call, as Winograd's) cost more than the GEMMs save. Wall ms, median of 3, 2 threads, idle machine
+# (2026-12-07), conv2d on the upsampled input (Winograd) vs folded vs torch (interpolate + conv2d):
+# 1x512x64x64 347 vs 211 vs 409, 1x512x128x128 1113 vs 774 vs 1468, 1x256x256x256 1778 vs 876 vs 1620
+# (the SD VAE decoder's three upsamplers: 3.24 -> 1.86 s), 2x640x32x32 214 vs 171 vs 337, but 2x1280x16x16
+# 188 vs 229 vs 313 and 2x1280x8x8 66 vs 117 vs 124.
+UPSAMPLE_FOLD_MIN_PIXELS = 32 * 32
+
+
+def upsample_nearest2x_conv2d(x, weight, bias=None, *, padding=0):
+    """ops.upsample_nearest2x_conv2d: the folded phases above for a 3x3 kernel with padding 1 (what
+    Upsample2D runs) on >= UPSAMPLE_FOLD_MIN_PIXELS input pixels, else the upsampled image through conv2d."""
+    pads = (padding,) * 4 if isinstance(padding, int) else tuple(padding)
+    b, c, h, w = x.shape
+    if weight.shape[2:] == (3, 3) and pads == (1, 1, 1, 1) and h * w >= UPSAMPLE_FOLD_MIN_PIXELS:
+        return _upsample_conv_folded(x, weight, bias)
+    up = np.broadcast_to(x.reshape(b, c, h, 1, w, 1), (b, c, h, 2, w, 2)).reshape(b, c, 2 * h, 2 * w)
+    return conv2d(up, weight, bias, padding=padding)
+
+
+def _upsample_conv_folded(x, weight, bias):
+    """The four folded 2x2 phases (above) of nearest 2x then a 3x3 conv with padding 1."""
+    b, c, h, w = x.shape
+    o = weight.shape[0]
+    wp = w + 2
+    flat = _pad(x, 1, 2, 1, 1).reshape(b, c, (h + 3) * wp)  # one extra zero row keeps the shifts in bounds
+    w2 = _fold_upsampled_taps(weight)
+    out = np.empty((b, o, 2 * h, 2 * w), dtype=x.dtype)
+    rows = max(1, min(h, BAND_BYTES // (b * 3 * c * wp * x.dtype.itemsize)))
+    for r0 in range(0, h, rows):
+        n = min(rows, h - r0)
+        base, n_in, n_out = r0 * wp, (n + 2) * wp, n * wp
+        shifts = np.stack([flat[:, :, base + dj : base + dj + n_in] for dj in range(3)], axis=1)
+        shifts = shifts.reshape(b, 3 * c, n_in)  # channel block dj: the input shifted dj columns
+        for a in range(2):
+            for bb in range(2):
+                cols = shifts[:, bb * c : (bb + 2) * c]  # shifts bb, bb + 1: the phase's two tap columns
+                acc = np.matmul(w2[a][bb][0], cols[:, :, a * wp : a * wp + n_out])
+                acc += np.matmul(w2[a][bb][1], cols[:, :, (a + 1) * wp : (a + 1) * wp + n_out])
+                _scatter_phase(acc.reshape(b, o, n, wp), bias, out[:, :, 2 * r0 + a : 2 * (r0 + n) : 2, bb::2])
+    return out
+
+
+def _scatter_phase(acc, bias, dst):
+    """dst (B, O, n, W), a strided view = acc[..., :W] (+ bias), split over output channels on threads."""
+    w = dst.shape[3]
+    blocks = _channel_blocks(dst.shape[1])
+
+    def run(part):
+        lo, hi = blocks[part]
+        src = acc[:, lo:hi, :, :w]
+        if bias is None:
+            np.copyto(dst[:, lo:hi], src)
+        else:
+            np.add(src, bias[lo:hi].reshape(-1, 1, 1), out=dst[:, lo:hi])
+
+    _on_threads(run, len(blocks))
+
+
 # --------------------------------------------------------------------------------------------
 # normalisation
 
@@ -469,12 +557,45 @@ def _group_norm_blocks(s, weight, bias, eps, then=None, out=None):
     this way, one thread-block each, measured 1.4-2x less CPU time than group_norm then silu (2x320x64x64
     11.4 -> 6.0 ms, 2x1280x16x16 2.9 -> 1.3, VAE 1x128x256x256 23.5 -> 18.8; running every step on
     L2-sized row blocks instead gained nothing more and slowed GroupNorm alone by per-block overhead)."""
+    if s.shape[1] * s.shape[2] >= GROUP_NORM_LARGE_ROW:
+        return _group_norm_large_rows(s, weight, bias, eps, then, out=out)
     d = _group_norm_rows(s, weight, bias, eps, out=out)
     if then is not None:
         flat = d.reshape(-1)
         for i in range(0, flat.size, CHUNK_ELEMS):
             then(flat[i : i + CHUNK_ELEMS], out=flat[i : i + CHUNK_ELEMS])
     return d
+
+
+# Rows of at least this many elements (1 MiB of float32: the VAE's GroupNorms from 128x128 pixels) are
+# normalised one at a time, so that the centred row is still in L3 for the variance, and the affine
+# and ``then`` run per channel in L2-sized chunks, instead of each step passing over the thread's whole
+# block of rows in memory. GroupNorm + SiLU, 32 groups, wall ms, median of 5, 2 threads, idle machine
+# (2026-12-07), whole block -> one row at a time vs torch: 1x128x512x512 44.8 -> 31.1 vs 17.6,
+# 1x256x256x256 26.1 -> 15.7 vs 7.7, 1x512x128x128 13.3 -> 13.2 vs 3.9 (the same arithmetic, errors
+# vs float64 unchanged: 4.4e-7, 2.4e-7, 2.3e-7).
+GROUP_NORM_LARGE_ROW = 4 * CHUNK_ELEMS
+
+
+def _group_norm_large_rows(s, weight, bias, eps, then=None, out=None):
+    """_group_norm_blocks for rows of >= GROUP_NORM_LARGE_ROW elements: the same steps (centre, two-pass
+    variance by a dot product, scale by weight / std, shift), one row at a time, the scale, shift and
+    ``then`` per channel in CHUNK_ELEMS chunks."""
+    out = np.empty_like(s) if out is None else out
+    n = s.shape[1] * s.shape[2]
+    for r in range(s.shape[0]):
+        d = np.subtract(s[r], s[r].mean(), out=out[r])
+        flat = d.reshape(n)
+        scale = weight[r, :, 0] / np.sqrt(np.vecdot(flat, flat) / n + eps)
+        for ch in range(d.shape[0]):
+            row = d[ch]
+            for i in range(0, row.size, CHUNK_ELEMS):
+                part = row[i : i + CHUNK_ELEMS]
+                part *= scale[ch]
+                part += bias[r, ch, 0]
+                if then is not None:
+                    then(part, out=part)
+    return out
 
 
 def _group_norm_rows(s, weight, bias, eps, out=None):
@@ -719,7 +840,7 @@ def attention(q, k, v, mask, causal: bool, scale: float, chunk: int):
 
 # The table refsd.xp.kernels_for returns for NumPy in "fast" mode: op name -> kernel.
 FAST = {"linear": linear, "conv2d": conv2d, "group_norm": group_norm, "group_norm_silu": group_norm_silu,
-        "layer_norm": layer_norm, "erf": erf, "geglu": geglu,
+        "upsample_nearest2x_conv2d": upsample_nearest2x_conv2d, "layer_norm": layer_norm, "erf": erf, "geglu": geglu,
         "gelu": gelu, "silu": silu, "quick_gelu": quick_gelu, "softmax": softmax, "attention": attention}
 
 

@@ -274,6 +274,15 @@ def upsample_nearest2x(x):
     return xp.reshape(y, (b, c, 2 * h, 2 * w))
 
 
+@_op(check=_check_conv2d)
+def upsample_nearest2x_conv2d(x, weight, bias=None, *, padding: int | tuple[int, int, int, int] = 0):
+    """conv2d(upsample_nearest2x(x), weight, bias, padding=padding): diffusers Upsample2D's interpolate then
+    conv (models/upsampling.py), one op so that a kernel can compute the convolution from the
+    low-resolution input without writing the 4x larger upsampled one (refsd/kernels.py folds the 3x3
+    taps into four 2x2 convolutions). x: (B, C, H, W) -> (B, O, 2H + ..., 2W + ...) as conv2d's."""
+    return conv2d.reference(upsample_nearest2x.reference(x), weight, bias, padding=padding)
+
+
 def _check_pad(x, widths, value=0.0):
     if min(widths) < 0:
         raise BackendError(f"pad: widths must be >= 0, got {widths}")

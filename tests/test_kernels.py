@@ -19,7 +19,7 @@ from refsd import xp as rxp
 from refsd.errors import BackendError
 
 SETTINGS = settings(max_examples=20, deadline=None)
-F32_BOUND = {"conv2d": 1e-6, "group_norm": 3e-7, "group_norm_silu": 6e-7, "geglu": 4e-7, "layer_norm": 3e-7, "gelu": 4e-7, "silu": 2e-7,
+F32_BOUND = {"conv2d": 1e-6, "upsample_nearest2x_conv2d": 1e-6, "group_norm": 3e-7, "group_norm_silu": 6e-7, "geglu": 4e-7, "layer_norm": 3e-7, "gelu": 4e-7, "silu": 2e-7,
              "quick_gelu": 2e-7, "linear": 1e-6}
 EXACT = ("erf", "softmax")
 
@@ -130,6 +130,54 @@ def test_conv_bands_agree(monkeypatch, band_bytes):
 
 
 @SETTINGS
+@given(st.integers(1, 2), st.integers(1, 12), st.integers(1, 9), st.integers(1, 21), st.integers(1, 21),
+       st.sampled_from([(3, 3), (1, 1), (2, 3)]), st.sampled_from([1, 0, (0, 1, 2, 0)]), st.booleans(),
+       st.sampled_from([np.float32, np.float64]))
+def test_upsample_conv_agrees(b, c, o, h, w, k, padding, bias, dtype):
+    """Upsample2D's nearest 2x + conv: the folded 2x2 phases (3x3, padding 1, on any size down to a 1x1
+    input) and the op (which falls back to conv2d on the upsampled input for other kernels, paddings and
+    small inputs) agree with the definition."""
+    top, bottom, left, right = (padding,) * 4 if isinstance(padding, int) else padding
+    if 2 * h + top + bottom < k[0] or 2 * w + left + right < k[1]:
+        return
+    rng = np.random.default_rng(h * 23 + w)
+    x, wt = randn(rng, b, c, h, w, dtype=dtype), randn(rng, o, c, *k, scale=0.2, dtype=dtype)
+    bv = randn(rng, o, dtype=dtype) if bias else None
+    agree("upsample_nearest2x_conv2d", x, wt, bv, padding=padding, dtype=dtype)
+    if k == (3, 3):
+        fast, ref = K._upsample_conv_folded(x, wt, bv), ops.upsample_nearest2x_conv2d.reference(x, wt, bv, padding=1)
+        assert fast.shape == ref.shape and fast.dtype == ref.dtype == dtype
+        assert rel_err(fast, ref) <= (F32_BOUND["conv2d"] if dtype == np.float32 else 1e-14)
+
+
+@pytest.mark.parametrize("band_bytes", [1, 5000, 1 << 30])
+def test_upsample_conv_bands_agree(monkeypatch, band_bytes):
+    """The folded phases in bands of input rows (down to one row) give one unbanded pass's result."""
+    rng = np.random.default_rng(3)
+    x, w, bias = rng.standard_normal((2, 5, 13, 10)), rng.standard_normal((7, 5, 3, 3)), rng.standard_normal(7)
+    monkeypatch.setattr(K, "BAND_BYTES", 1 << 30)
+    whole = K._upsample_conv_folded(x, w, bias)
+    monkeypatch.setattr(K, "BAND_BYTES", band_bytes)
+    got = K._upsample_conv_folded(x, w, bias)
+    assert np.allclose(got, whole, rtol=0, atol=1e-12)
+    assert rel_err(got, ops.upsample_nearest2x_conv2d.reference(x, w, bias, padding=1)) < 1e-14
+
+
+def test_upsample_conv_folds_from_32x32(monkeypatch):
+    """The 3x3, padding-1 case (every Upsample2D) on >= 32x32 input pixels runs the folded phases, not
+    conv2d on a 4x larger input; smaller inputs and other kernels go through conv2d."""
+    calls = []
+    monkeypatch.setattr(K, "conv2d", lambda x, *a, **k: calls.append(x.shape) or np.zeros(1))
+    assert K.UPSAMPLE_FOLD_MIN_PIXELS == 32 * 32
+    x = np.ones((1, 4, 32, 32), np.float32)
+    K.upsample_nearest2x_conv2d(x, np.ones((4, 4, 3, 3), np.float32), padding=1)
+    K.upsample_nearest2x_conv2d(x[:, :, :16], np.ones((4, 4, 3, 3), np.float32), padding=(1, 1, 1, 1))
+    assert calls == [(1, 4, 32, 64)]
+    K.upsample_nearest2x_conv2d(x, np.ones((4, 4, 1, 1), np.float32))
+    assert calls[1:] == [(1, 4, 64, 64)]
+
+
+@SETTINGS
 @given(st.integers(1, 3), st.sampled_from([(4, 1), (4, 2), (8, 4), (6, 3), (64, 32)]), st.integers(1, 20),
        st.floats(-10, 10), st.booleans(), st.sampled_from([np.float32, np.float64]))
 def test_group_norm_agrees(b, cg, hw, offset, affine, dtype):
@@ -148,6 +196,23 @@ def test_geglu_agrees(shape):
     hidden, gate = randn(rng, *shape, scale=2.0), randn(rng, *shape, scale=2.0)
     assert np.array_equal(K.geglu(hidden, gate), K.gelu(gate) * hidden)
     agree("geglu", hidden, gate)
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_group_norm_large_rows_agree(monkeypatch, chunk, dtype):
+    """Rows from GROUP_NORM_LARGE_ROW elements (the VAE's) are normalised one at a time, scale, shift and
+    SiLU in chunks per channel (any chunk size, down to ones that split channels unevenly): within the
+    bounds of the definition, and within a few float32 ulps of the whole-block path."""
+    monkeypatch.setattr(K, "CHUNK_ELEMS", chunk)
+    rng = np.random.default_rng(9)
+    x, w, bias = randn(rng, 2, 12, 9, 11, scale=2.0, loc=3.0, dtype=dtype), randn(rng, 12, dtype=dtype), randn(rng, 12, dtype=dtype)
+    monkeypatch.setattr(K, "GROUP_NORM_LARGE_ROW", 1 << 30)
+    whole = {name: K.FAST[name](x, w, bias, 4, 1e-5) for name in ("group_norm", "group_norm_silu")}
+    monkeypatch.setattr(K, "GROUP_NORM_LARGE_ROW", 1)
+    for name, y in whole.items():
+        assert rel_err(K.FAST[name](x, w, bias, 4, 1e-5), y) < (1e-6 if dtype == np.float32 else 1e-14)
+        agree(name, x, w, bias, 4, 1e-5, dtype=dtype)
 
 
 @pytest.mark.parametrize("chunk", [7, 1 << 16])
@@ -209,8 +274,10 @@ SD_CASES = [  # (op, shapes, kwargs): SD1.5 UNet / CLIP shapes
     ("conv2d", [(2, 1280, 16, 16), (1280, 1280, 3, 3), (1280,)], {"padding": 1}),
     ("conv2d", [(2, 320, 64, 64), (4, 320, 3, 3), (4,)], {"padding": 1}),
     ("conv2d", [(2, 320, 64, 64), (320, 320, 3, 3), (320,)], {"stride": 2, "padding": (0, 1, 0, 1)}),
+    ("upsample_nearest2x_conv2d", [(2, 640, 32, 32), (640, 640, 3, 3), (640,)], {"padding": 1}),  # up_blocks.1
     ("group_norm", [(2, 320, 64, 64), (320,), (320,)], {"groups": 32}),
     ("group_norm_silu", [(2, 320, 64, 64), (320,), (320,)], {"groups": 32}),
+    ("group_norm_silu", [(1, 128, 256, 256), (128,), (128,)], {"groups": 32}),  # VAE: rows of 4 x 65536
     ("layer_norm", [(2, 4096, 320), (320,), (320,)], {}),
     ("linear", [(2, 4096, 320), (1280, 320), (1280,)], {}),
     ("gelu", [(2, 1024, 5120)], {}),

@@ -20,7 +20,7 @@ from __future__ import annotations
 from refsd import xp as rxp
 from refsd.attention import attention as _attention
 from refsd.errors import BackendError
-from refsd.ops import conv2d, geglu, group_norm, group_norm_silu, layer_norm, linear, pad, silu, upsample_nearest2x
+from refsd.ops import conv2d, geglu, group_norm, group_norm_silu, layer_norm, linear, pad, silu, upsample_nearest2x_conv2d
 from refsd.trace import detail, emit, tracing
 from refsd.weights.params import wb
 
@@ -80,10 +80,8 @@ def upsample_nearest(x, size: tuple[int, int]):
 def upsample(p, x, size: tuple[int, int] | None = None):
     """Upsample2D (use_conv): nearest 2x (or to ``size``, diffusers' upsample_size), then 3x3 conv."""
     if size is None or (size[0] == 2 * x.shape[2] and size[1] == 2 * x.shape[3]):
-        x = upsample_nearest2x(x)
-    else:
-        x = upsample_nearest(x, size)
-    return conv2d(x, *wb(p, "conv"), padding=1)
+        return upsample_nearest2x_conv2d(x, *wb(p, "conv"), padding=1)
+    return conv2d(upsample_nearest(x, size), *wb(p, "conv"), padding=1)
 
 
 # --------------------------------------------------------------------------------------------
