@@ -147,12 +147,13 @@ def replicate_padding(mp):  # 3x3 convs padded by replicating the edge instead o
 
 def bilinear_upsample(mp):  # Upsample2D with bilinear instead of nearest interpolation
     torch = pytest.importorskip("torch")
+    from refsd.ops import conv2d
 
-    def up(x):
+    def up_conv(x, weight, bias=None, *, padding=0):  # blocks.upsample's one op, interpolation swapped
         t = torch.nn.functional.interpolate(torch.from_numpy(np.ascontiguousarray(x)), scale_factor=2.0,
                                             mode="bilinear", align_corners=False)
-        return t.numpy()
-    mp.setattr(_blocks(), "upsample_nearest2x", up)
+        return conv2d(t.numpy(), weight, bias, padding=padding)
+    mp.setattr(_blocks(), "upsample_nearest2x_conv2d", up_conv)
 
 
 def head_dim_meaning(mp):  # SD1's attention_head_dim read as the head width (it is the head count)
