@@ -210,9 +210,14 @@ def _pad(x, top, bottom, left, right):
     return out
 
 
+def _pads(padding) -> tuple[int, int, int, int]:
+    """conv2d's padding, an int or (top, bottom, left, right) -> (top, bottom, left, right)."""
+    return (padding,) * 4 if isinstance(padding, int) else tuple(padding)
+
+
 def conv2d(x, weight, bias=None, *, stride: int = 1, padding=0):
     """ops.conv2d: picks the formulation above by shape."""
-    top, bottom, left, right = (padding,) * 4 if isinstance(padding, int) else tuple(padding)
+    top, bottom, left, right = _pads(padding)
     kh, kw = weight.shape[2], weight.shape[3]
     if kh == kw == 1 and stride == 1 and not any((top, bottom, left, right)):
         return _conv1x1(x, weight, bias)
@@ -471,9 +476,8 @@ UPSAMPLE_FOLD_MIN_PIXELS = 32 * 32
 def upsample_nearest2x_conv2d(x, weight, bias=None, *, padding=0):
     """ops.upsample_nearest2x_conv2d: the folded phases above for a 3x3 kernel with padding 1 (what
     Upsample2D runs) on >= UPSAMPLE_FOLD_MIN_PIXELS input pixels, else the upsampled image through conv2d."""
-    pads = (padding,) * 4 if isinstance(padding, int) else tuple(padding)
     b, c, h, w = x.shape
-    if weight.shape[2:] == (3, 3) and pads == (1, 1, 1, 1) and h * w >= UPSAMPLE_FOLD_MIN_PIXELS:
+    if weight.shape[2:] == (3, 3) and _pads(padding) == (1, 1, 1, 1) and h * w >= UPSAMPLE_FOLD_MIN_PIXELS:
         return _upsample_conv_folded(x, weight, bias)
     up = np.broadcast_to(x.reshape(b, c, h, 1, w, 1), (b, c, h, 2, w, 2)).reshape(b, c, 2 * h, 2 * w)
     return conv2d(up, weight, bias, padding=padding)
@@ -557,8 +561,11 @@ def _group_norm_blocks(s, weight, bias, eps, then=None, out=None):
     this way, one thread-block each, measured 1.4-2x less CPU time than group_norm then silu (2x320x64x64
     11.4 -> 6.0 ms, 2x1280x16x16 2.9 -> 1.3, VAE 1x128x256x256 23.5 -> 18.8; running every step on
     L2-sized row blocks instead gained nothing more and slowed GroupNorm alone by per-block overhead)."""
-    if s.shape[1] * s.shape[2] >= GROUP_NORM_LARGE_ROW:
-        return _group_norm_large_rows(s, weight, bias, eps, then, out=out)
+    if s.shape[0] > 1 and s.shape[1] * s.shape[2] >= GROUP_NORM_LARGE_ROW:
+        out = np.empty_like(s) if out is None else out
+        for r in range(s.shape[0]):
+            _group_norm_blocks(s[r : r + 1], weight[r : r + 1], bias[r : r + 1], eps, then, out=out[r : r + 1])
+        return out
     d = _group_norm_rows(s, weight, bias, eps, out=out)
     if then is not None:
         flat = d.reshape(-1)
@@ -567,35 +574,13 @@ def _group_norm_blocks(s, weight, bias, eps, then=None, out=None):
     return d
 
 
-# Rows of at least this many elements (1 MiB of float32: the VAE's GroupNorms from 128x128 pixels) are
-# normalised one at a time, so that the centred row is still in L3 for the variance, and the affine
-# and ``then`` run per channel in L2-sized chunks, instead of each step passing over the thread's whole
-# block of rows in memory. GroupNorm + SiLU, 32 groups, wall ms, median of 5, 2 threads, idle machine
-# (2026-12-07), whole block -> one row at a time vs torch: 1x128x512x512 44.8 -> 31.1 vs 17.6,
-# 1x256x256x256 26.1 -> 15.7 vs 7.7, 1x512x128x128 13.3 -> 13.2 vs 3.9 (the same arithmetic, errors
-# vs float64 unchanged: 4.4e-7, 2.4e-7, 2.3e-7).
+# Rows of at least this many elements (1 MiB of float32: the VAE's GroupNorms from 128x128 pixels) go
+# through the steps above one row at a time, so that each step reads the row back from L3 instead of
+# passing over the thread's whole block of rows in memory. GroupNorm + SiLU, 32 groups, wall ms, median
+# of 5, 2 threads, idle machine (2026-12-07), whole block -> one row at a time: 1x128x512x512 49.1 -> 31.9,
+# 1x256x256x256 27.2 -> 15.8, 1x512x128x128 14.6 -> 8.4 (torch 17.6, 7.7, 3.9 in an earlier run);
+# bit-identical, the same arithmetic per row.
 GROUP_NORM_LARGE_ROW = 4 * CHUNK_ELEMS
-
-
-def _group_norm_large_rows(s, weight, bias, eps, then=None, out=None):
-    """_group_norm_blocks for rows of >= GROUP_NORM_LARGE_ROW elements: the same steps (centre, two-pass
-    variance by a dot product, scale by weight / std, shift), one row at a time, the scale, shift and
-    ``then`` per channel in CHUNK_ELEMS chunks."""
-    out = np.empty_like(s) if out is None else out
-    n = s.shape[1] * s.shape[2]
-    for r in range(s.shape[0]):
-        d = np.subtract(s[r], s[r].mean(), out=out[r])
-        flat = d.reshape(n)
-        scale = weight[r, :, 0] / np.sqrt(np.vecdot(flat, flat) / n + eps)
-        for ch in range(d.shape[0]):
-            row = d[ch]
-            for i in range(0, row.size, CHUNK_ELEMS):
-                part = row[i : i + CHUNK_ELEMS]
-                part *= scale[ch]
-                part += bias[r, ch, 0]
-                if then is not None:
-                    then(part, out=part)
-    return out
 
 
 def _group_norm_rows(s, weight, bias, eps, out=None):
