@@ -156,7 +156,8 @@ def _upsample(g, dt):
 
 @case("ops", "upsample_nearest2x_conv2d")
 def _upsample_conv(g, dt):
-    x, w, b = randn(g, (2, 6, 5, 7), dt), randn(g, (4, 6, 3, 3), dt, 0.2), randn(g, (4,), dt)
+    # 32x33 input pixels: refsd's NumPy kernel folds the taps from 32x32 (kernels.UPSAMPLE_FOLD_MIN_PIXELS)
+    x, w, b = randn(g, (2, 3, 32, 33), dt), randn(g, (4, 3, 3, 3), dt, 0.2), randn(g, (4,), dt)
     y = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, b, padding=1)
     return Capture("upsample_nearest2x_conv2d", {"x": x, "weight": w, "bias": b}, {"y": y},
                    "torch.nn.functional.conv2d(F.interpolate(x, scale_factor=2.0, mode='nearest'), weight, bias, padding=1)",
