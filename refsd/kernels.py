@@ -319,6 +319,20 @@ WINOGRAD_BAND_BYTES = 16 << 20
 # 75-79 -> 72-75, 2x640->320x64x64 133-138 -> 126-144, 2x320x128x128 305-328 -> 274-297, 2x640x32x32
 # 57-58 -> 55-59, 2x1280x16x16 65-69 -> 67-70, 1x512x128x128 312-322 -> 289-307 (bit-identical).
 WINOGRAD_STEP_BYTES = 1 << 20
+# Large images (>= 4096 tiles, 128x128 output pixels a batch) run as one pipeline per CPU thread
+# instead: each thread takes bands of tile rows start to end (input transform, 16 GEMMs on one BLAS
+# thread, output transform), so a band's transformed input and GEMM result (2 MiB each) are read back
+# from L3 instead of memory, and the transforms of one band overlap the GEMMs of another. Bands of at
+# least 256 tiles (narrower GEMMs lose more than the cache saves) and 2 MiB. The same arithmetic per
+# tile (bit-identical at the shapes below in float32). Min ms of 3, 2 threads, idle machine (2026-12-07),
+# BLAS-threaded bands (two runs) -> pipelines: 1x128x512x512 559-683 -> 369, 1x256->128x512x512
+# 953-1083 -> 701, 1x256x256x256 376-384 -> 311, 1x512x128x128 261-270 -> 268, 2x320x128x128 (SDXL)
+# 259-280 -> 245; 1, 4 and 8 MiB bands were within 10%. Below 4096 tiles the pipelines lose:
+# 2x320x64x64 69 -> 79, 2x640x64x64 219 -> 213 (2048 tiles, even), 1x512x64x64 82 -> 90, 2x640x32x32
+# 56 -> 74.
+WINOGRAD_PIPELINE_MIN_TILES = 4096
+WINOGRAD_PIPELINE_TILES = 256
+WINOGRAD_PIPELINE_BYTES = 2 << 20
 _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
 
@@ -344,53 +358,60 @@ def _winograd_bt(r0, r1, r2, r3, outs):
 
 
 def _winograd_input(xb, nb: int, nw: int, v):
-    """B^T d B for every 4x4 tile (stride 2) of xb (B, C, 2 nb + 2, 2 nw + 2) -> v (16, C, B, nb, nw):
-    rows first (on whole padded rows), then columns, written straight into v."""
+    """B^T d B for every 4x4 tile (stride 2) of xb (B, C, 2 nb + 2, 2 nw + 2) -> v (16, C, B, nb, nw),
+    each thread's channels a step at a time."""
 
     def run(part):
         for lo, hi in _sub_blocks(*blocks[part], 4 * xb.shape[0] * nb * xb.shape[3] * xb.itemsize):
-            x = xb[:, lo:hi]
-            rows = [x[:, :, k : k + 2 * nb - 1 : 2, :] for k in range(4)]
-            mixed = [np.empty(rows[0].shape, x.dtype) for _ in range(4)]
-            _winograd_bt(*rows, mixed)
-            for i, m in enumerate(mixed):
-                cols = [m[..., k : k + 2 * nw - 1 : 2] for k in range(4)]
-                _winograd_bt(*cols, [v[4 * i + j, lo:hi].transpose(1, 0, 2, 3) for j in range(4)])
+            _winograd_input_step(xb[:, lo:hi], nb, nw, v[:, lo:hi])
 
     blocks = _channel_blocks(xb.shape[1])
     _on_threads(run, len(blocks))
 
 
+def _winograd_input_step(x, nb: int, nw: int, v):
+    """_winograd_input on one thread: rows first (on whole padded rows), then columns, written straight
+    into v."""
+    rows = [x[:, :, k : k + 2 * nb - 1 : 2, :] for k in range(4)]
+    mixed = [np.empty(rows[0].shape, x.dtype) for _ in range(4)]
+    _winograd_bt(*rows, mixed)
+    for i, m in enumerate(mixed):
+        cols = [m[..., k : k + 2 * nw - 1 : 2] for k in range(4)]
+        _winograd_bt(*cols, [v[4 * i + j].transpose(1, 0, 2, 3) for j in range(4)])
+
+
 def _winograd_output(m, bias, out):
-    """A^T M A (+ bias) for every tile: m (16, O, B, nb, nw) -> out (B, O, 2 nb, 2 nw), the 2x2 output
-    block of tile (i, j) at rows 2i, 2i + 1 and columns 2j, 2j + 1. The bias is added once per row
-    sum (to the middle term both output columns share)."""
+    """A^T M A (+ bias) for every tile: m (16, O, B, nb, nw) -> out (B, O, 2 nb, 2 nw), each thread's
+    output channels a step at a time."""
 
     def run(part):
         for lo, hi in _sub_blocks(*blocks[part], 8 * m[0, 0].nbytes):
-            one_block(lo, hi)
-
-    def one_block(lo, hi):
-        mb = m[:, lo:hi]
-        top = [mb[j] + mb[4 + j] for j in range(4)]  # A^T's first row over the tile rows
-        bottom = [mb[4 + j] - mb[8 + j] for j in range(4)]  # and its second
-        for j in range(4):
-            top[j] += mb[8 + j]
-            bottom[j] -= mb[12 + j]
-        if bias is not None:
-            b = bias[lo:hi].reshape(-1, 1, 1, 1)
-            top[1] += b
-            bottom[1] += b
-        for r, (p0, p1, p2, p3) in enumerate((top, bottom)):
-            y0 = out[:, lo:hi, r::2, 0::2].transpose(1, 0, 2, 3)
-            y1 = out[:, lo:hi, r::2, 1::2].transpose(1, 0, 2, 3)
-            np.add(p0, p1, out=y0)
-            y0 += p2
-            np.subtract(p1, p2, out=y1)
-            y1 -= p3
+            _winograd_output_step(m[:, lo:hi], None if bias is None else bias[lo:hi], out[:, lo:hi])
 
     blocks = _channel_blocks(m.shape[1])
     _on_threads(run, len(blocks))
+
+
+def _winograd_output_step(m, bias, out):
+    """_winograd_output on one thread. The 2x2 output block of tile (i, j) is at rows 2i, 2i + 1 and
+    columns 2j, 2j + 1; the bias is added once per row sum (to the middle term both output columns
+    share)."""
+    top = [m[j] + m[4 + j] for j in range(4)]  # A^T's first row over the tile rows
+    bottom = [m[4 + j] - m[8 + j] for j in range(4)]  # and its second
+    for j in range(4):
+        top[j] += m[8 + j]
+        bottom[j] -= m[12 + j]
+    if bias is not None:
+        b = bias.reshape(-1, 1, 1, 1)
+        top[1] += b
+        bottom[1] += b
+    for r, (p0, p1, p2, p3) in enumerate((top, bottom)):
+        y0 = out[:, :, r::2, 0::2].transpose(1, 0, 2, 3)
+        y1 = out[:, :, r::2, 1::2].transpose(1, 0, 2, 3)
+        np.add(p0, p1, out=y0)
+        y0 += p2
+        np.subtract(p1, p2, out=y1)
+        y1 -= p3
 
 
 def _conv_winograd(x, weight, bias, pads):
@@ -412,8 +433,19 @@ def _conv_winograd(x, weight, bias, pads):
     # 1.5 s CPU in 8 MiB bands vs 8.7-9.0 s / 0.4 s in one 64 MiB band (GEMM path 5.6-6.7 s / 0.3 s),
     # so bands are 64 MiB (one band at UNet sizes). A band is never smaller than the transformed
     # weights, which every band's GEMM reads again (UNet 2x1280x16x16: u is 105 MB, one band).
+    row_bytes = 16 * c * b * nw * x.dtype.itemsize  # one tile row's transformed input
+    if b * nh * nw >= WINOGRAD_PIPELINE_MIN_TILES:
+        rows = min(nh, max(-(-WINOGRAD_PIPELINE_TILES // (b * nw)), -(-WINOGRAD_PIPELINE_BYTES // row_bytes)))
+
+        def band(r0):
+            nb = min(rows, nh - r0)
+            _winograd_band(xpad[:, :, 2 * r0 : 2 * r0 + 2 * nb + 2], nb, nw, u, bias, out[:, :, 2 * r0 : 2 * r0 + 2 * nb])
+
+        with blas_single_thread():
+            run_parallel(band, range(0, nh, rows))
+        return out if (2 * nh, 2 * nw) == (ho, wo) else out[:, :, :ho, :wo]
     band_bytes = max(WINOGRAD_BAND_BYTES, u.nbytes)
-    rows = max(1, min(nh, band_bytes // (16 * c * b * nw * x.dtype.itemsize)))
+    rows = max(1, min(nh, band_bytes // row_bytes))
     for r0 in range(0, nh, rows):
         nb = min(rows, nh - r0)
         v = np.empty((16, c, b, nb, nw), dtype=x.dtype)
@@ -422,6 +454,17 @@ def _conv_winograd(x, weight, bias, pads):
         del v
         _winograd_output(m, bias, out[:, :, 2 * r0 : 2 * r0 + 2 * nb])
     return out if (2 * nh, 2 * nw) == (ho, wo) else out[:, :, :ho, :wo]
+
+
+def _winograd_band(xb, nb: int, nw: int, u, bias, out):
+    """One band of tile rows start to end on the calling thread: input transform, the 16 GEMMs (on
+    one BLAS thread: see _conv_winograd's caller), output transform into out (B, O, 2 nb, 2 nw)."""
+    b, c = xb.shape[:2]
+    v = np.empty((16, c, b, nb, nw), dtype=xb.dtype)
+    _winograd_input_step(xb, nb, nw, v)
+    m = np.matmul(u, v.reshape(16, c, b * nb * nw)).reshape(16, u.shape[1], b, nb, nw)
+    del v
+    _winograd_output_step(m, bias, out)
 
 
 def _conv_strided(xpad, weight, bias, stride):
