@@ -415,8 +415,9 @@ def _winograd_output_step(m, bias, out):
 
 
 def _conv_winograd(x, weight, bias, pads):
-    """Stride-1 3x3 conv by Winograd F(2x2, 3x3) (above), in bands of tile rows (BAND_BYTES bounds a
-    band's transformed input)."""
+    """Stride-1 3x3 conv by Winograd F(2x2, 3x3) (above), in bands of tile rows: on the calling thread
+    with threaded transforms and BLAS (WINOGRAD_BAND_BYTES bounds a band's transformed input), or for
+    large images one pipeline per CPU thread (WINOGRAD_PIPELINE_*)."""
     top, bottom, left, right = pads
     b, c, h, w = x.shape
     o = weight.shape[0]
@@ -439,7 +440,8 @@ def _conv_winograd(x, weight, bias, pads):
 
         def band(r0):
             nb = min(rows, nh - r0)
-            _winograd_band(xpad[:, :, 2 * r0 : 2 * r0 + 2 * nb + 2], nb, nw, u, bias, out[:, :, 2 * r0 : 2 * r0 + 2 * nb])
+            xb, ob = xpad[:, :, 2 * r0 : 2 * r0 + 2 * nb + 2], out[:, :, 2 * r0 : 2 * r0 + 2 * nb]
+            _winograd_band(xb, nb, nw, u, bias, ob)
 
         with blas_single_thread():
             run_parallel(band, range(0, nh, rows))
