@@ -435,38 +435,36 @@ def _conv_winograd(x, weight, bias, pads):
     # so bands are 64 MiB (one band at UNet sizes). A band is never smaller than the transformed
     # weights, which every band's GEMM reads again (UNet 2x1280x16x16: u is 105 MB, one band).
     row_bytes = 16 * c * b * nw * x.dtype.itemsize  # one tile row's transformed input
-    if b * nh * nw >= WINOGRAD_PIPELINE_MIN_TILES:
+    pipelines = b * nh * nw >= WINOGRAD_PIPELINE_MIN_TILES
+    if pipelines:
         rows = min(nh, max(-(-WINOGRAD_PIPELINE_TILES // (b * nw)), -(-WINOGRAD_PIPELINE_BYTES // row_bytes)))
+    else:
+        rows = max(1, min(nh, max(WINOGRAD_BAND_BYTES, u.nbytes) // row_bytes))
 
-        def band(r0):
-            nb = min(rows, nh - r0)
-            xb, ob = xpad[:, :, 2 * r0 : 2 * r0 + 2 * nb + 2], out[:, :, 2 * r0 : 2 * r0 + 2 * nb]
-            _winograd_band(xb, nb, nw, u, bias, ob)
+    def band(r0):
+        nb = min(rows, nh - r0)
+        xb, ob = xpad[:, :, 2 * r0 : 2 * r0 + 2 * nb + 2], out[:, :, 2 * r0 : 2 * r0 + 2 * nb]
+        _winograd_band(xb, nb, nw, u, bias, ob, threaded=not pipelines)
 
+    if pipelines:
         with blas_single_thread():
             run_parallel(band, range(0, nh, rows))
-        return out if (2 * nh, 2 * nw) == (ho, wo) else out[:, :, :ho, :wo]
-    band_bytes = max(WINOGRAD_BAND_BYTES, u.nbytes)
-    rows = max(1, min(nh, band_bytes // row_bytes))
-    for r0 in range(0, nh, rows):
-        nb = min(rows, nh - r0)
-        v = np.empty((16, c, b, nb, nw), dtype=x.dtype)
-        _winograd_input(xpad[:, :, 2 * r0 : 2 * r0 + 2 * nb + 2], nb, nw, v)
-        m = np.matmul(u, v.reshape(16, c, b * nb * nw)).reshape(16, o, b, nb, nw)
-        del v
-        _winograd_output(m, bias, out[:, :, 2 * r0 : 2 * r0 + 2 * nb])
+    else:
+        for r0 in range(0, nh, rows):
+            band(r0)
     return out if (2 * nh, 2 * nw) == (ho, wo) else out[:, :, :ho, :wo]
 
 
-def _winograd_band(xb, nb: int, nw: int, u, bias, out):
-    """One band of tile rows start to end on the calling thread: input transform, the 16 GEMMs (on
-    one BLAS thread: see _conv_winograd's caller), output transform into out (B, O, 2 nb, 2 nw)."""
+def _winograd_band(xb, nb: int, nw: int, u, bias, out, *, threaded: bool):
+    """One band of tile rows: input transform, the 16 GEMMs, output transform into out (B, O, 2 nb,
+    2 nw). threaded: the transforms split over CPU threads (and the GEMMs over BLAS's); else all on the
+    calling thread (a pipeline, BLAS pinned to one thread by _conv_winograd)."""
     b, c = xb.shape[:2]
     v = np.empty((16, c, b, nb, nw), dtype=xb.dtype)
-    _winograd_input_step(xb, nb, nw, v)
+    (_winograd_input if threaded else _winograd_input_step)(xb, nb, nw, v)
     m = np.matmul(u, v.reshape(16, c, b * nb * nw)).reshape(16, u.shape[1], b, nb, nw)
     del v
-    _winograd_output_step(m, bias, out)
+    (_winograd_output if threaded else _winograd_output_step)(m, bias, out)
 
 
 def _conv_strided(xpad, weight, bias, stride):
@@ -500,13 +498,18 @@ def _fold_upsampled_taps(weight):
     """(O, C, 3, 3) -> w2[a][b][da]: (O, 2C) matrices, columns in (db, c) order: phase (a, b)'s folded 2x2
     kernel row da. The sums are of 2 or 4 taps of one output channel, in float32 like the weights."""
     o, c = weight.shape[:2]
-    rows = ((weight[:, :, 0], weight[:, :, 1] + weight[:, :, 2]), (weight[:, :, 0] + weight[:, :, 1], weight[:, :, 2]))
+    rows = [_fold_taps(weight.swapaxes(2, 3), a) for a in range(2)]  # rows[a][da]: (O, C, 3), kernel rows folded
 
-    def cols(r, b):  # r: (O, C, 3) one folded kernel row -> (O, 2, C) its two folded columns for phase b
-        pair = (r[..., 0], r[..., 1] + r[..., 2]) if b == 0 else (r[..., 0] + r[..., 1], r[..., 2])
-        return np.stack(pair, axis=1).reshape(o, 2 * c)
+    def cols(r, b):  # r: (O, C, 3) one folded kernel row -> (O, 2C) its two folded columns for phase b
+        return np.stack(_fold_taps(r, b), axis=1).reshape(o, 2 * c)
 
     return [[[cols(rows[a][da], b) for da in range(2)] for b in range(2)] for a in range(2)]
+
+
+def _fold_taps(t, phase: int):
+    """Three taps on t's last axis -> the two an output phase reads: [t0, t1 + t2] (phase 0) or
+    [t0 + t1, t2] (phase 1)."""
+    return (t[..., 0], t[..., 1] + t[..., 2]) if phase == 0 else (t[..., 0] + t[..., 1], t[..., 2])
 
 
 # The folded phases from 32x32 input pixels: below, the folded weights (16/9 of the weights, written every

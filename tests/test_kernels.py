@@ -96,7 +96,12 @@ def test_winograd_pipelines_agree(monkeypatch, tiles, nbytes, bands):
     monkeypatch.setattr(K, "WINOGRAD_PIPELINE_MIN_TILES", 1 << 40)
     whole = K._conv_winograd(x, w, bias, (1, 1, 1, 1))
     calls, band = [], K._winograd_band
-    monkeypatch.setattr(K, "_winograd_band", lambda xb, nb, *a: calls.append(nb) or band(xb, nb, *a))
+    def spy(xb, nb, *a, threaded):  # records the pipelines' bands
+        if not threaded:
+            calls.append(nb)
+        return band(xb, nb, *a, threaded=threaded)
+
+    monkeypatch.setattr(K, "_winograd_band", spy)
     monkeypatch.setattr(K, "WINOGRAD_PIPELINE_MIN_TILES", 2 * 7 * 6)
     monkeypatch.setattr(K, "WINOGRAD_PIPELINE_TILES", tiles)
     monkeypatch.setattr(K, "WINOGRAD_PIPELINE_BYTES", nbytes)
@@ -164,7 +169,7 @@ def test_upsample_conv_agrees(b, c, o, h, w, k, padding, bias, dtype):
     """Upsample2D's nearest 2x + conv: the folded 2x2 phases (3x3, padding 1, on any size down to a 1x1
     input) and the op (which falls back to conv2d on the upsampled input for other kernels, paddings and
     small inputs) agree with the definition."""
-    top, bottom, left, right = (padding,) * 4 if isinstance(padding, int) else padding
+    top, bottom, left, right = K._pads(padding)
     if 2 * h + top + bottom < k[0] or 2 * w + left + right < k[1]:
         return
     rng = np.random.default_rng(h * 23 + w)
@@ -175,6 +180,28 @@ def test_upsample_conv_agrees(b, c, o, h, w, k, padding, bias, dtype):
         fast, ref = K._upsample_conv_folded(x, wt, bv), ops.upsample_nearest2x_conv2d.reference(x, wt, bv, padding=1)
         assert fast.shape == ref.shape and fast.dtype == ref.dtype == dtype
         assert rel_err(fast, ref) <= (F32_BOUND["conv2d"] if dtype == np.float32 else 1e-14)
+
+
+@pytest.mark.parametrize("mode", ["fast", "reference"])
+def test_upsample_block_matches_diffusers_upsample2d(mode):
+    """blocks.upsample (one ops.upsample_nearest2x_conv2d) against diffusers' own Upsample2D
+    (models/upsampling.py: F.interpolate nearest 2x, then its 3x3 conv), in float64 on a 32x33 input, so
+    the fast kernel's folded phases run, and with diffusers' output_size (nearest to a given size)."""
+    torch = pytest.importorskip("torch")
+    upsampling = pytest.importorskip("diffusers.models.upsampling")
+    from refsd.models.blocks import upsample
+    from refsd.weights.params import Params
+
+    torch.manual_seed(0)
+    module = upsampling.Upsample2D(6, use_conv=True, out_channels=5).double()  # weights and bias nonzero
+    params = Params({k: v.numpy() for k, v in module.state_dict().items()}, xp=cnp)
+    x = torch.randn(2, 6, 32, 33, dtype=torch.float64)
+    with torch.no_grad():
+        want, want_sized = module(x).numpy(), module(x, output_size=(67, 65)).numpy()
+    with rxp.use_kernels(mode):
+        got, got_sized = upsample(params, x.numpy()), upsample(params, x.numpy(), (67, 65))
+    assert got.shape == want.shape == (2, 5, 64, 66) and got_sized.shape == want_sized.shape
+    assert rel_err(got, want) < 1e-14 and rel_err(got_sized, want_sized) < 1e-14
 
 
 @pytest.mark.parametrize("band_bytes", [1, 5000, 1 << 30])
